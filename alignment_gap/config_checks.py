@@ -1,0 +1,110 @@
+"""Start-up validation: a bad config stops with one line naming the field and the fix.
+
+`validate(config, num_devices)` runs before anything is built or compiled. It checks only the
+sections a config has, so every entry point (demo, trainers, study) shares it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from alignment_gap.losses import POLICY_LOSSES
+
+DTYPES = ("float32", "bfloat16")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one line: field, problem, fix."""
+
+
+def _fail(field: str, problem: str, fix: str):
+    raise ConfigError(f"config.{field}: {problem}; {fix}")
+
+
+def _positive(c, prefix, *names):
+    for name in names:
+        if int(c[name]) <= 0:
+            field = f"{prefix}.{name}" if prefix else name
+            _fail(field, f"must be positive, got {c[name]}", "set it to >= 1")
+
+
+def check_model(m, prefix="model"):
+    _positive(m, prefix, "vocab_size", "width", "num_layers", "num_heads", "num_kv_heads",
+              "mlp_dim", "max_len")
+    if m.width % m.num_heads:
+        _fail(f"{prefix}.num_heads", f"{m.num_heads} does not divide {prefix}.width={m.width}",
+              f"use a divisor of {m.width}")
+    if m.num_heads % m.num_kv_heads:
+        _fail(f"{prefix}.num_kv_heads",
+              f"{m.num_kv_heads} does not divide {prefix}.num_heads={m.num_heads}",
+              f"use a divisor of {m.num_heads}")
+    if (m.width // m.num_heads) % 2:
+        _fail(f"{prefix}.num_heads", f"head dim {m.width // m.num_heads} is odd (RoPE needs even)",
+              "choose num_heads so width/num_heads is even")
+    if m.dtype not in DTYPES:
+        _fail(f"{prefix}.dtype", f"{m.dtype!r} is not supported", f"use one of {DTYPES}")
+
+
+def mesh_shape(mesh, num_devices: int) -> tuple[int, ...]:
+    shape = [int(mesh[a]) for a in MESH_AXES]
+    for axis, size in zip(MESH_AXES, shape, strict=True):
+        if size == 0 or size < -1:
+            _fail(f"mesh.{axis}", f"must be >= 1 or -1 (fill), got {size}", "fix the mesh shape")
+    if shape.count(-1) > 1:
+        _fail("mesh", f"more than one axis is -1 ({shape})", "let at most one axis fill")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            _fail("mesh", f"fixed axes multiply to {known}, which does not divide the "
+                  f"{num_devices} devices", "change the fixed axes")
+        shape[shape.index(-1)] = num_devices // known
+    elif known != num_devices:
+        _fail("mesh", f"data*fsdp*tensor = {known} but {num_devices} devices are available",
+              f"make the product {num_devices} or set one axis to -1")
+    return tuple(shape)
+
+
+def check_model_on_mesh(m, shape, prefix="model"):
+    _, fsdp, tensor = shape
+    for name in ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"):
+        if m[name] % tensor:
+            _fail(f"{prefix}.{name}", f"{m[name]} is not divisible by mesh.tensor={tensor}",
+                  "use a smaller tensor axis or a divisible size")
+    if m.width % fsdp:
+        _fail(f"{prefix}.width", f"{m.width} is not divisible by mesh.fsdp={fsdp}",
+              "use a smaller fsdp axis or a divisible width")
+
+
+def check_sampling(s):
+    if s.temperature < 0:
+        _fail("sampling.temperature", f"must be >= 0, got {s.temperature}", "0 means greedy")
+    if s.top_k < 0:
+        _fail("sampling.top_k", f"must be >= 0, got {s.top_k}", "0 turns it off")
+    if not 0.0 < s.top_p <= 1.0:
+        _fail("sampling.top_p", f"must be in (0, 1], got {s.top_p}", "1.0 turns it off")
+    _positive(s, "sampling", "max_new_tokens")
+
+
+def validate(config, num_devices: int) -> None:
+    """Raise ConfigError on the first problem found."""
+    shape = mesh_shape(config.mesh, num_devices) if "mesh" in config else (1, 1, 1)
+    for name in ("model", "reference_model", "preference_model"):
+        if name in config:
+            check_model(config[name], name)
+            check_model_on_mesh(config[name], shape, name)
+    if "sampling" in config:
+        check_sampling(config.sampling)
+    if "loss" in config and config.loss not in POLICY_LOSSES:
+        _fail("loss", f"{config.loss!r} is unknown", f"use one of {POLICY_LOSSES}")
+    if "batch_size" in config:
+        _positive(config, "", "batch_size")
+        rows = shape[0] * shape[1]
+        if config.batch_size % rows:
+            _fail("batch_size", f"{config.batch_size} is not divisible by mesh data*fsdp={rows}",
+                  f"use a multiple of {rows}")
+    if "model" in config and "prompt_len" in config and "response_len" in config:
+        needed = config.prompt_len + config.response_len
+        if needed > config.model.max_len:
+            _fail("model.max_len", f"{config.model.max_len} is shorter than prompt_len + "
+                  f"response_len = {needed}", f"set it to >= {needed}")

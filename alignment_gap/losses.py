@@ -1,0 +1,64 @@
+"""Losses as pure functions of log-probabilities (Tang et al. 2024, Sec. 2; PAPER.md).
+
+The offline and online paths call the same functions. Policy losses take summed sequence
+log-probs of the winner `w` and loser `l` under the policy and the SFT reference and return a
+per-example loss; callers average.
+
+IPO scale: we use Azar et al.'s `(h - 1/(2 beta))^2`. The paper's appendix writes
+`(beta h - 1/2)^2`, which has the same minimiser and a gradient scaled by `beta^2`; with ours a
+given learning rate means the same step size at every beta.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+POLICY_LOSSES = ("ipo", "dpo", "slic", "best_of_two")
+
+
+def margin(policy_w, policy_l, ref_w, ref_l):
+    """`h = log pi(yw)/pi_ref(yw) - log pi(yl)/pi_ref(yl)`."""
+    return (policy_w - ref_w) - (policy_l - ref_l)
+
+
+def ipo(h, beta):
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def dpo(h, beta):
+    return -jax.nn.log_sigmoid(beta * h)
+
+
+def slic(h, beta):
+    return jnp.maximum(0.0, 1.0 - beta * h)
+
+
+def best_of_two(policy_w):
+    """Non-contrastive: SFT on the winner of each pair; no reference, no beta."""
+    return -policy_w
+
+
+def policy_loss(name: str, beta: float, policy_w, policy_l, ref_w, ref_l):
+    """Per-example loss of the named method."""
+    if name == "best_of_two":
+        return best_of_two(policy_w)
+    h = margin(policy_w, policy_l, ref_w, ref_l)
+    if name == "ipo":
+        return ipo(h, beta)
+    if name == "dpo":
+        return dpo(h, beta)
+    if name == "slic":
+        return slic(h, beta)
+    raise ValueError(f"loss {name!r} is unknown; choose one of {POLICY_LOSSES}")
+
+
+def next_token_loss(per_token_logprobs, mask):
+    """SFT: mean negative log-likelihood over valid tokens."""
+    mask = mask.astype(jnp.float32)
+    return -(per_token_logprobs * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def preference_model_loss(logit_w_first, logit_l_first):
+    """Pairwise model likelihood, `-(1/2 log r(x,yw,yl) + 1/2 log(1 - r(x,yl,yw)))` (App. A)."""
+    return -0.5 * (jax.nn.log_sigmoid(logit_w_first) + jax.nn.log_sigmoid(-logit_l_first))

@@ -1,0 +1,46 @@
+"""Entry point: `python -m alignment_gap.main --config configs/X.py:variant --workdir DIR`.
+
+Any field can be overridden with `--config.field=value` (e.g. `--config.model.num_layers=4`).
+The config is validated before anything is built; a bad value exits with one line naming the
+field and the fix.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from alignment_gap import config_checks, sharding
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file path[:variant].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _tasks():
+    from alignment_gap import demo
+
+    return {"demo": demo.run}
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    tasks = _tasks()
+    try:
+        if config.task not in tasks:
+            raise config_checks.ConfigError(
+                f"config.task: {config.task!r} is unknown; use one of {sorted(tasks)}")
+        sharding.initialize_distributed(config.distributed)
+        config_checks.validate(config, jax.device_count())
+    except config_checks.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    tasks[config.task](config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

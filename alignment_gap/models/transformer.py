@@ -1,0 +1,207 @@
+"""Decoder-only transformer backbone: RoPE, RMSNorm, gated MLP, grouped-query attention, KV cache.
+
+Every parameter carries logical axis names (`embed`, `heads`, `mlp`, ...); `sharding.py` maps
+them onto the mesh. Sequences follow one layout everywhere: a left-padded prompt followed by one
+or more right-padded responses. `positions` count valid tokens only (so padding never shifts
+RoPE) and `mask` marks valid tokens, which are the only keys attention may read.
+
+The KV cache is a plain pytree (`KVCache`) passed in and returned, so the sampler can run it
+through `jax.lax.while_loop` under `jax.jit` without any mutable module state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alignment_gap import sharding
+
+_MASKED = -1e30  # Finite, so a query with no visible key (a pad slot) gives no NaN.
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    width: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_dim: int
+    max_len: int = 512
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+    tie_embeddings: bool = False
+    num_segments: int = 0  # >0 adds learned segment embeddings (the preference model's 3 parts).
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @classmethod
+    def from_config(cls, c, **overrides) -> TransformerConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in c.items() if k in fields}
+        values.update(overrides)
+        return cls(**values)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer, `[layers, batch, slots, kv_heads, head_dim]` each."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: TransformerConfig, batch: int, slots: int) -> KVCache:
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        dtype = jnp.dtype(cfg.dtype)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def param(rngs: nnx.Rngs, init, shape, axes) -> nnx.Param:
+    """A float32 parameter annotated with logical axes; placed on devices by sharding.py."""
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes,
+                     eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, width: int, eps: float, rngs: nnx.Rngs):
+        self.scale = param(rngs, nnx.initializers.ones, (width,), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...]).astype(x.dtype)
+
+
+def apply_rope(x_BxLxNxH, positions_BxL, theta: float):
+    half = x_BxLxNxH.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions_BxL[..., None].astype(jnp.float32) * freqs  # B x L x half
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxNxH.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        d, n, k, h = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init = nnx.initializers.normal(stddev=d**-0.5)
+        self.q = param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"))
+        self.k = param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"))
+        self.v = param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"))
+        out_init = nnx.initializers.normal(stddev=(n * h) ** -0.5 / (2 * cfg.num_layers) ** 0.5)
+        self.o = param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"))
+        self.cfg = cfg
+
+    def __call__(self, x_BxLxD, positions_BxL, key_mask_BxS, cache_kv=None, cache_index=None):
+        """Full attention when `cache_kv` is None; else write this chunk at `cache_index`."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        q = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.q[...].astype(dt))
+        k = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.k[...].astype(dt))
+        v = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.v[...].astype(dt))
+        q = apply_rope(q, positions_BxL, cfg.rope_theta)
+        k = apply_rope(k, positions_BxL, cfg.rope_theta)
+        length = x_BxLxD.shape[1]
+        new_kv = (k, v)
+        if cache_kv is None:
+            query_slot = jnp.arange(length)
+        else:
+            k_cache, v_cache = cache_kv
+            write = jax.lax.dynamic_update_slice_in_dim
+            k = write(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+            v = write(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+            query_slot = cache_index + jnp.arange(length)
+        key_slot = jnp.arange(k.shape[1])
+        visible_BxLxS = (key_slot[None, :] <= query_slot[:, None])[None] & key_mask_BxS[:, None, :]
+
+        b, groups = x_BxLxD.shape[0], cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, length, cfg.num_kv_heads, groups, cfg.head_dim)
+        scores = jnp.einsum("blkgh,bskh->bkgls", q, k.astype(dt)).astype(jnp.float32)
+        scores = scores * cfg.head_dim**-0.5
+        scores = jnp.where(visible_BxLxS[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgls,bskh->blkgh", probs, v.astype(dt))
+        out = out.reshape(b, length, cfg.num_heads, cfg.head_dim)
+        y = jnp.einsum("blnh,nhd->bld", out, self.o[...].astype(dt))
+        return y, new_kv
+
+
+class GatedMLP(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        d, f = cfg.width, cfg.mlp_dim
+        init = nnx.initializers.normal(stddev=d**-0.5)
+        self.gate = param(rngs, init, (d, f), ("embed", "mlp"))
+        self.up = param(rngs, init, (d, f), ("embed", "mlp"))
+        out_init = nnx.initializers.normal(stddev=f**-0.5 / (2 * cfg.num_layers) ** 0.5)
+        self.down = param(rngs, out_init, (f, d), ("mlp", "embed"))
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x_BxLxD):
+        dt = self.dtype
+        gate = jnp.einsum("bld,df->blf", x_BxLxD, self.gate[...].astype(dt))
+        up = jnp.einsum("bld,df->blf", x_BxLxD, self.up[...].astype(dt))
+        hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return jnp.einsum("blf,fd->bld", hidden, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.width, cfg.norm_eps, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.width, cfg.norm_eps, rngs)
+        self.mlp = GatedMLP(cfg, rngs)
+
+    def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None):
+        y, new_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, cache_index)
+        x = x + y
+        x = x + self.mlp(self.mlp_norm(x))
+        return sharding.constrain(x, ("batch", "length", "embed_act")), new_kv
+
+
+class Transformer(nnx.Module):
+    """Embeddings, blocks and final norm; returns hidden states `[batch, length, width]`."""
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = param(rngs, nnx.initializers.normal(stddev=1.0),
+                           (cfg.vocab_size, cfg.width), ("vocab", "embed"))
+        if cfg.num_segments:
+            self.segment_embed = param(rngs, nnx.initializers.normal(stddev=1.0),
+                                       (cfg.num_segments, cfg.width), ("segments", "embed"))
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.width, cfg.norm_eps, rngs)
+
+    def __call__(self, tokens_BxL, positions_BxL, key_mask_BxS, *, segments_BxL=None,
+                 cache: KVCache | None = None, cache_index=None):
+        dt = jnp.dtype(self.cfg.dtype)
+        # Gather from a replicated copy: a gather from a table sharded on (vocab, embed) into a
+        # batch-sharded output is a layout XLA's SPMD partitioner can only do by rematerialising.
+        table = sharding.constrain(self.embed[...], (None, None))
+        x = jnp.take(table, tokens_BxL, axis=0).astype(dt)
+        if segments_BxL is not None:
+            segment_table = sharding.constrain(self.segment_embed[...], (None, None))
+            x = x + jnp.take(segment_table, segments_BxL, axis=0).astype(dt)
+        x = sharding.constrain(x, ("batch", "length", "embed_act"))
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, (k, v) = block(x, positions_BxL, key_mask_BxS, layer_cache, cache_index)
+            if cache is not None:  # Write only this chunk into the stacked cache (in place in XLA).
+                at = (i, 0, cache_index, 0, 0)
+                cache = KVCache(
+                    jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
+                    jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))
+        return self.final_norm(x), cache
+
+
+def positions_from_mask(mask_BxL):
+    """Position of each token among the valid ones (pads repeat a neighbour's; they are masked)."""
+    return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)

@@ -1,0 +1,164 @@
+"""Jitted sampling from a language model: prefill + KV-cache decode loop.
+
+Prompts are left-padded, so every row's first response token goes to the same cache slot and
+one scalar `cache_index` drives the whole batch. Each step draws with
+`fold_in(key, step)`, so the cached sampler and the naive full-recompute one
+(`use_cache=False`, kept as the reference the tests and benchmarks compare against) draw the
+same tokens from the same key.
+
+Returned log-probs are those of the policy itself (temperature 1, no top-k/top-p), which is
+what losses and KL estimates need; temperature / top-k / top-p only shape the draw.
+Rows stop at their first EOS (kept, mask 1); later slots are padding (mask 0). The loop exits
+early once every row is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alignment_gap import sharding
+from alignment_gap.logprobs import token_logprobs
+from alignment_gap.models.transformer import KVCache, positions_from_mask
+
+_CACHE_AXES = (None, "batch", "length", "kv_heads", "head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0: greedy.
+    top_k: int = 0  # 0: off.
+    top_p: float = 1.0  # 1: off.
+    eos_id: int = 1
+    pad_id: int = 0
+
+    @classmethod
+    def from_config(cls, c) -> SamplingConfig:
+        return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls) if f.name in c})
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array  # [batch, R] int32, pad after EOS.
+    logprobs: jax.Array  # [batch, R] float32 log pi(token), 0 at padding.
+    mask: jax.Array  # [batch, R] bool, True up to and including EOS.
+
+
+def choose_tokens(logits_BxV, key, cfg: SamplingConfig):
+    """Draw one token per row after temperature, top-k and top-p."""
+    if cfg.temperature == 0.0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits = logits_BxV / cfg.temperature
+    if cfg.top_k:
+        kth_largest = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if cfg.top_p < 1.0:
+        sorted_desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Smallest logit still inside the nucleus (the top token always is).
+        cutoff = jnp.min(jnp.where(mass_before < cfg.top_p, sorted_desc, jnp.inf), axis=-1)
+        logits = jnp.where(logits < cutoff[:, None], -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+class _Loop(NamedTuple):
+    step: jax.Array
+    logits: jax.Array  # Logits for the token at `step`, [batch, vocab].
+    cache: KVCache | None
+    cache_mask: jax.Array  # [batch, P + R]; in the naive sampler, the sequence mask.
+    sequence: jax.Array  # [batch, P + R] prompt then sampled tokens (naive sampler only).
+    tokens: jax.Array
+    logprobs: jax.Array
+    done: jax.Array
+
+
+def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache: bool = True):
+    """Sample up to `cfg.max_new_tokens` tokens per prompt. Traceable; see `Sampler`."""
+    batch, p = prompt_BxP.shape
+    r = cfg.max_new_tokens
+    prompt_mask_BxP = prompt_mask_BxP.astype(bool)
+    seq_mask = jnp.concatenate([prompt_mask_BxP, jnp.zeros((batch, r), bool)], axis=1)
+    sequence = jnp.concatenate([prompt_BxP, jnp.full((batch, r), cfg.pad_id, jnp.int32)], axis=1)
+    first_position = prompt_mask_BxP.sum(axis=1).astype(jnp.int32)
+
+    if use_cache:
+        cache = KVCache.zeros(lm.cfg, batch, p + r)
+        cache = KVCache(sharding.constrain(cache.k, _CACHE_AXES),
+                        sharding.constrain(cache.v, _CACHE_AXES))
+        logits, cache = lm(prompt_BxP, prompt_mask_BxP, cache=cache, cache_index=0,
+                           cache_mask_BxS=seq_mask)
+    else:
+        cache = None
+        logits, _ = lm(prompt_BxP, prompt_mask_BxP)
+
+    def cond(s: _Loop):
+        return (s.step < r) & ~jnp.all(s.done)
+
+    def body(s: _Loop):
+        step_key = jax.random.fold_in(key, s.step)
+        token = choose_tokens(s.logits, step_key, cfg)
+        logprob = token_logprobs(s.logits[:, None], token[:, None])[:, 0]
+        live = ~s.done
+        token = jnp.where(live, token, cfg.pad_id)
+        tokens = s.tokens.at[:, s.step].set(token)
+        logprobs = s.logprobs.at[:, s.step].set(jnp.where(live, logprob, 0.0))
+        done = s.done | (token == cfg.eos_id)
+        slot = p + s.step
+        cache_mask = s.cache_mask.at[:, slot].set(live)
+        sequence = s.sequence.at[:, slot].set(token)
+        if use_cache:
+            positions = (first_position + s.step)[:, None]
+            logits, cache = lm(token[:, None], live[:, None], positions_BxL=positions,
+                               cache=s.cache, cache_index=slot, cache_mask_BxS=cache_mask)
+            next_logits = logits[:, 0]
+        else:
+            cache = None
+            logits, _ = lm(sequence, cache_mask, positions_BxL=positions_from_mask(cache_mask))
+            next_logits = jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False)
+        return _Loop(s.step + 1, next_logits, cache, cache_mask, sequence, tokens, logprobs, done)
+
+    init = _Loop(
+        step=jnp.int32(0), logits=logits[:, -1], cache=cache, cache_mask=seq_mask,
+        sequence=sequence, tokens=jnp.full((batch, r), cfg.pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, r), jnp.float32), done=jnp.zeros((batch,), bool))
+    final = jax.lax.while_loop(cond, body, init)
+    mask = final.cache_mask[:, p:]
+    return SampleOutput(final.tokens, final.logprobs, mask)
+
+
+class Sampler:
+    """`sample` jitted once on the training mesh, reading parameters where they already live.
+
+    Call with the policy's current state (`nnx.state(policy)`): parameters are inputs with the
+    same shardings the trainer keeps them in, so nothing is re-sharded between update and sample.
+    """
+
+    def __init__(self, lm, mesh, rules, cfg: SamplingConfig, use_cache: bool = True):
+        self.mesh, self.rules, self.cfg = mesh, rules, cfg
+        graphdef, state = nnx.split(lm)
+        with sharding.use(mesh, rules):
+            state_sh = sharding.state_shardings(state, mesh)
+        rows = sharding.batch_sharding(mesh, rules, 2)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        def run(state, prompt, prompt_mask, key):
+            return sample(nnx.merge(graphdef, state), prompt, prompt_mask, key, cfg, use_cache)
+
+        self._run = jax.jit(run, in_shardings=(state_sh, rows, rows, replicated),
+                            out_shardings=SampleOutput(rows, rows, rows))
+
+    def __call__(self, state, prompt_BxP, prompt_mask_BxP, key) -> SampleOutput:
+        with sharding.use(self.mesh, self.rules):
+            return self._run(state, prompt_BxP, prompt_mask_BxP, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def sample_unsharded(graphdef, state, prompt_BxP, prompt_mask_BxP, key, cfg, use_cache=True):
+    """Single-device convenience for notebooks and tests: no mesh, no rules."""
+    return sample(nnx.merge(graphdef, state), prompt_BxP, prompt_mask_BxP, key, cfg, use_cache)

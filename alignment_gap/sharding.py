@@ -1,0 +1,112 @@
+"""One mesh for every model: distributed start-up, mesh from config, logical-axis rules, batches.
+
+Models name their axes (`embed`, `heads`, `batch`, ...); the config's rule table maps names to
+mesh axes. Everything that traces a model runs inside `use(mesh, rules)`, so parameter
+shardings, activation constraints and batch shardings all come from the same table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def initialize_distributed(dist_cfg) -> None:
+    """Start `jax.distributed` when the config asks for several processes; no-op otherwise."""
+    if dist_cfg.local_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", int(dist_cfg.local_cpu_devices))
+    if dist_cfg.from_environment:
+        jax.distributed.initialize(
+            initialization_timeout=dist_cfg.initialization_timeout_s,
+            heartbeat_timeout_seconds=dist_cfg.heartbeat_timeout_s,
+        )
+    elif dist_cfg.num_processes > 1:
+        jax.distributed.initialize(
+            coordinator_address=dist_cfg.coordinator_address,
+            num_processes=dist_cfg.num_processes,
+            process_id=dist_cfg.process_id,
+            initialization_timeout=dist_cfg.initialization_timeout_s,
+            heartbeat_timeout_seconds=dist_cfg.heartbeat_timeout_s,
+        )
+    else:
+        return
+    logging.info("jax.distributed: process %d of %d, %d global devices",
+                 jax.process_index(), jax.process_count(), jax.device_count())
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+    """Fill the one -1 axis; config_checks.py has already verified the product divides."""
+    shape = [int(mesh_cfg[a]) for a in MESH_AXES]
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        shape[shape.index(-1)] = num_devices // known
+    return tuple(shape)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(mesh_cfg, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+@contextlib.contextmanager
+def use(mesh, rules):
+    """The mesh and rule table that model code traces under."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(tuple(r) for r in rules)):
+        yield
+
+
+def logical_spec(logical_axes) -> P:
+    """PartitionSpec for logical axis names under the active rules (unknown names: replicated)."""
+    rules = dict(flax_spmd.get_logical_axis_rules())
+    return P(*(rules.get(name) for name in logical_axes))
+
+
+def constrain(x, logical_axes):
+    """Sharding constraint on an activation; a no-op outside `use(...)`."""
+    if not flax_spmd.get_logical_axis_rules() or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes))
+
+
+def state_shardings(abstract_state, mesh):
+    """NamedShardings of an nnx state from its parameters' logical annotations."""
+    return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def create_sharded(build_fn, mesh, rules):
+    """Build an nnx module with every parameter created directly in its sharded layout.
+
+    `build_fn()` must construct the module (e.g. `lambda: LanguageModel(cfg, nnx.Rngs(0))`).
+    Initialisation is one jitted program with explicit out_shardings, so it works the same on
+    one device, a fake CPU mesh and several processes, and never materialises a full copy.
+    """
+    with use(mesh, rules):
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(build_fn))
+        shardings = state_shardings(abstract_state, mesh)
+        state = jax.jit(lambda: nnx.state(build_fn()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh, rules, ndim: int) -> NamedSharding:
+    """Leading axis over the batch mesh axes, the rest replicated."""
+    batch_axes = dict(tuple(r) for r in rules).get("batch")
+    return NamedSharding(mesh, P(batch_axes, *([None] * (ndim - 1))))
+
+
+def global_batch(local_tree, mesh, rules):
+    """Process-local numpy batch (this process's rows) -> global jax arrays sharded on batch."""
+    def to_global(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x)
+    return jax.tree.map(to_global, local_tree)

@@ -1,0 +1,1 @@
+"""Train state, the jitted update step, and (later) the trainer loops."""

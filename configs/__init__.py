@@ -1,0 +1,1 @@
+"""Config files (`get_config(arg) -> ConfigDict`); importable so that files can share presets."""

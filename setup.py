@@ -1,0 +1,39 @@
+"""alignment_gap: online vs offline preference optimisation in JAX (Tang et al. 2024)."""
+
+from setuptools import find_packages, setup
+
+# Ranges admit the tested set pinned in constraints.txt (CI installs with `-c constraints.txt`).
+# flax <= 0.12.8 breaks on jax >= 0.11.1, and jax >= 0.11 needs Python >= 3.12: keep them together.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.12.9",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "ml-collections>=1.1.0",
+    "clu>=0.0.12",
+    "sentencepiece>=0.2.0",
+    "tensorflow-datasets>=4.9.10",
+    "grain>=0.2.18",
+    "array-record>=0.8.6",
+    "matplotlib>=3.10",
+    "absl-py>=2.1",
+    "numpy>=2.0",
+]
+
+EXTRAS = {
+    "test": ["pytest>=9.0", "ruff>=0.17"],
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
+    "notebooks": ["jupyter", "nbconvert", "ipykernel", "pandas"],
+    "bench": ["tabulate"],
+}
+
+setup(
+    name="alignment_gap",
+    version="0.1.0",
+    description="Online vs offline preference optimisation at matched KL, laptop CPU to TPU pods.",
+    packages=find_packages(include=["alignment_gap", "alignment_gap.*", "configs"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,143 @@
+"""Models: same numbers on every mesh, padding and causality invariants, preference head."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from alignment_gap import logprobs, losses, sharding
+from alignment_gap.models import both_order_margin
+from alignment_gap.train.state import init_train_state, make_update_step
+from tests.conftest import random_prompts
+from tests.helpers import language_model, preference_model
+
+MESHES = [(2, 2, 2), (1, 4, 2), (8, 1, 1)]
+
+
+def _batch(mini_config, rows=8, prompt_len=7, response_len=5, seed=0):
+    rng = np.random.default_rng(seed)
+    prompt, prompt_mask = random_prompts(rng, rows, prompt_len, mini_config.vocab_size)
+    response = rng.integers(2, mini_config.vocab_size, (rows, response_len)).astype(np.int32)
+    lengths = rng.integers(1, response_len + 1, rows)
+    response_mask = np.arange(response_len)[None, :] < lengths[:, None]
+    return {"prompt": prompt, "prompt_mask": prompt_mask,
+            "response": np.where(response_mask, response, 0), "response_mask": response_mask}
+
+
+def _loss(model, batch):
+    per_token, _ = logprobs.sequence_logprobs(model, batch["prompt"], batch["prompt_mask"],
+                                              batch["response"], batch["response_mask"])
+    return losses.next_token_loss(per_token, batch["response_mask"]), {}
+
+
+def _forward_logprobs_and_two_steps(mini_config, shape):
+    lm, mesh, rules = language_model(mini_config, shape)
+    batch = sharding.global_batch(_batch(mini_config), mesh, rules)
+    with sharding.use(mesh, rules):
+        logits, _ = jax.jit(lambda m, t, k: m(t, k))(lm, batch["prompt"], batch["prompt_mask"])
+        per_token, _ = jax.jit(logprobs.sequence_logprobs)(
+            lm, batch["prompt"], batch["prompt_mask"], batch["response"], batch["response_mask"])
+    tx = optax.sgd(0.5)  # Linear in the gradient: Adam would amplify float noise in ~0 grads.
+    graphdef, state, state_sh = init_train_state(lm, tx, mesh, rules)
+    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+    step = make_update_step(graphdef, tx, _loss, mesh, rules, state_sh, batch_sh)
+    state, first = step(state, batch)
+    state, second = step(state, batch)
+    head = state.params["head"][...]
+    return (np.asarray(logits), np.asarray(per_token), float(first["loss"]),
+            float(first["grad_norm"]), float(second["loss"]), np.asarray(head), head.sharding)
+
+
+@pytest.fixture(scope="module")
+def single_device_reference():
+    from configs import models
+    return _forward_logprobs_and_two_steps(models.get_config("mini"), (1, 1, 1))
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_same_numbers_on_every_mesh(mini_config, shape, single_device_reference):
+    got = _forward_logprobs_and_two_steps(mini_config, shape)
+    ref = single_device_reference
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-4)  # logits
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-4, atol=1e-4)  # response log-probs
+    np.testing.assert_allclose(got[2:5], ref[2:5], rtol=1e-5)  # loss, grad norm, loss after step
+    np.testing.assert_allclose(got[5], ref[5], rtol=1e-4, atol=1e-5)  # updated parameters
+    # The updated parameters stay where their annotations put them (embed -> fsdp, vocab -> tensor).
+    assert got[6].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_left_padding_does_not_change_response_logprobs(mini_config):
+    lm, _, _ = language_model(mini_config)
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(2, 512, (1, 5)).astype(np.int32)
+    response = rng.integers(2, 512, (1, 4)).astype(np.int32)
+    ones = np.ones((1, 4), bool)
+    _, tight = logprobs.sequence_logprobs(lm, prompt, np.ones((1, 5), bool), response, ones)
+    padded = np.concatenate([np.zeros((1, 3), np.int32), prompt], axis=1)
+    padded_mask = np.concatenate([np.zeros((1, 3), bool), np.ones((1, 5), bool)], axis=1)
+    _, loose = logprobs.sequence_logprobs(lm, padded, padded_mask, response, ones)
+    np.testing.assert_allclose(loose, tight, rtol=1e-5)
+
+
+def test_causal_later_tokens_do_not_change_earlier_logits(mini_config):
+    lm, _, _ = language_model(mini_config)
+    tokens = np.arange(2, 12, dtype=np.int32)[None]
+    changed = tokens.copy()
+    changed[0, 6:] = 99
+    mask = np.ones_like(tokens, bool)
+    a, _ = lm(tokens, mask)
+    b, _ = lm(changed, mask)
+    np.testing.assert_allclose(a[:, :6], b[:, :6], rtol=1e-6)
+    assert not np.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_grouped_query_attention_and_bf16_run(mini_config):
+    gqa, _, _ = language_model(mini_config, num_kv_heads=2)
+    assert gqa.backbone.blocks[0].attn.k.shape == (64, 2, 16)
+    tokens = np.arange(2, 10, dtype=np.int32)[None]
+    mask = np.ones_like(tokens, bool)
+    gqa_logits, _ = gqa(tokens, mask)
+    assert np.all(np.isfinite(gqa_logits))
+    f32, _, _ = language_model(mini_config)
+    bf16, _, _ = language_model(mini_config, dtype="bfloat16")
+    out32, _ = f32(tokens, mask)
+    out16, _ = bf16(tokens, mask)
+    assert out16.dtype == jnp.float32  # logits come back in float32 whatever the compute dtype
+    np.testing.assert_allclose(out16, out32, atol=0.1)
+    assert not np.allclose(out16, out32, atol=1e-6)  # bf16 really was used
+
+
+def test_preference_model_reads_both_responses_and_sign_rule_is_antisymmetric(mini_config):
+    pm, mesh, rules = preference_model(mini_config, (2, 2, 2))
+    b = _batch(mini_config, rows=8)
+    y2 = np.roll(b["response"], 1, axis=0)
+    y2_mask = np.roll(b["response_mask"], 1, axis=0)
+    args = (b["prompt"], b["prompt_mask"], b["response"], b["response_mask"], y2, y2_mask)
+    with sharding.use(mesh, rules):
+        logits = jax.jit(lambda m, *a: m(*a))(pm, *args)
+        forward = jax.jit(both_order_margin)(pm, *args)
+        swapped = jax.jit(both_order_margin)(
+            pm, b["prompt"], b["prompt_mask"], y2, y2_mask, b["response"], b["response_mask"])
+    assert logits.shape == (8,)
+    np.testing.assert_allclose(forward, -swapped, atol=1e-6)
+    assert np.all(np.abs(forward) > 0)  # order matters to r itself, so the rule has work to do
+    # Changing only the second response changes the score: the head sees both.
+    other = np.where(y2_mask, (y2 + 7) % 500 + 2, 0)
+    changed = pm(b["prompt"], b["prompt_mask"], b["response"], b["response_mask"], other, y2_mask)
+    assert not np.allclose(changed, logits)
+
+
+def test_parameters_carry_logical_axes(mini_config):
+    lm, mesh, rules = language_model(mini_config, (1, 4, 2))
+    specs = nnx.get_partition_spec(nnx.state(lm))
+    with sharding.use(mesh, rules):
+        names = jax.tree.leaves(
+            jax.tree.map(lambda v: v.get_metadata().get("out_sharding"), nnx.state(lm),
+                         is_leaf=lambda v: isinstance(v, nnx.Variable)),
+            is_leaf=lambda x: isinstance(x, tuple))
+    assert all(isinstance(n, tuple) and n for n in names)  # every parameter is annotated
+    q = lm.backbone.blocks[0].attn.q
+    assert q[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    assert specs is not None
