@@ -103,6 +103,11 @@ def validate(config, num_devices: int) -> None:
         if config.batch_size % rows:
             _fail("batch_size", f"{config.batch_size} is not divisible by mesh data*fsdp={rows}",
                   f"use a multiple of {rows}")
+    if "num_steps" in config:
+        _positive(config, "", "num_steps")
+        if config.get("warmup_steps", 0) >= config.num_steps:
+            _fail("warmup_steps", f"{config.warmup_steps} is not below num_steps="
+                  f"{config.num_steps}", "shorten the warm-up or train longer")
     if "model" in config and "prompt_len" in config and "response_len" in config:
         needed = config.prompt_len + config.response_len
         if needed > config.model.max_len:

@@ -7,6 +7,7 @@ sampler, and compared with its initial self by the exact per-token KL.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from alignment_gap import logprobs, losses, sharding
 from alignment_gap.models import LanguageModel, TransformerConfig
@@ -69,7 +71,8 @@ def run(config, workdir: str) -> dict:
     batch_sh = {"prompt": rows, "prompt_mask": rows, "response": rows, "response_mask": rows}
     update = make_update_step(graphdef, tx, sft_loss, mesh, rules, state_sh, batch_sh)
 
-    local_rows = config.batch_size // jax.process_count()
+    rows = sharding.process_rows(mesh, rules, config.batch_size)
+    local_rows = rows.stop - rows.start
     rng = np.random.default_rng([config.seed, jax.process_index()])
     is_chief = jax.process_index() == 0
     start, metrics = time.perf_counter(), None
@@ -87,7 +90,8 @@ def run(config, workdir: str) -> dict:
 
     policy = nnx.merge(graphdef, state.params)
     sampler = Sampler(policy, mesh, rules, SamplingConfig.from_config(config.sampling))
-    eval_rows = config.eval_prompts // jax.process_count()
+    eval_slice = sharding.process_rows(mesh, rules, config.eval_prompts)
+    eval_rows = eval_slice.stop - eval_slice.start
     eval_batch = sorting_batch(np.random.default_rng([config.seed, 10_000 + jax.process_index()]),
                                eval_rows, config)
     prompts = sharding.global_batch({k: eval_batch[k] for k in ("prompt", "prompt_mask")},
@@ -99,19 +103,27 @@ def run(config, workdir: str) -> dict:
         sampler(state.params, prompts["prompt"], prompts["prompt_mask"], key))
     sample_s = time.perf_counter() - t0
 
-    with sharding.use(mesh, rules):
-        kl = jax.jit(logprobs.sequence_kl)(policy, initial, prompts["prompt"],
-                                           prompts["prompt_mask"], sample.tokens, sample.mask)
     expected = sharding.global_batch({"r": eval_batch["response"]}, mesh, rules)["r"]
-    exact = jnp.all(jnp.where(sample.mask, sample.tokens, 0) == expected, axis=1)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def evaluate(policy, initial, prompt, prompt_mask, sample, expected):
+        kl = logprobs.sequence_kl(policy, initial, prompt, prompt_mask, sample.tokens, sample.mask)
+        exact = jnp.all(jnp.where(sample.mask, sample.tokens, 0) == expected, axis=1)
+        return {"kl": jnp.mean(kl), "exact": jnp.mean(exact), "tokens": jnp.sum(sample.mask)}
+
+    with sharding.use(mesh, rules):
+        stats = evaluate(policy, initial, prompts["prompt"], prompts["prompt_mask"], sample,
+                         expected)
+    sampled_tokens = multihost_utils.process_allgather(sample.tokens, tiled=True)
 
     summary = {
         "steps": config.num_steps,
         "final_loss": final_loss,
         "train_steps_per_s": config.num_steps / train_s,
-        "exact_sort_rate": float(jnp.mean(exact)),
-        "kl_to_initial_nats": float(jnp.mean(kl)),
-        "sampled_tokens_per_s": float(jnp.sum(sample.mask)) / sample_s,
+        "exact_sort_rate": float(stats["exact"]),
+        "kl_to_initial_nats": float(stats["kl"]),
+        "sampled_tokens_per_s": float(stats["tokens"]) / sample_s,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "mesh": dict(mesh.shape),
@@ -122,7 +134,7 @@ def run(config, workdir: str) -> dict:
             json.dump(summary, f, indent=2)
         for k, v in summary.items():
             print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
-        _show_examples(eval_batch, np.asarray(jax.device_get(sample.tokens))[:3])
+        _show_examples(eval_batch, sampled_tokens[eval_slice][:3])
     logging.info("demo finished: %s", summary)
     return summary
 

@@ -104,9 +104,37 @@ def batch_sharding(mesh, rules, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(batch_axes, *([None] * (ndim - 1))))
 
 
+def _row_blocks(mesh, rules, global_rows: int) -> list[tuple[int, int]]:
+    """Distinct [start, stop) row blocks of a global batch held by this process's devices."""
+    index_map = batch_sharding(mesh, rules, 1).addressable_devices_indices_map((global_rows,))
+    return sorted({(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop)
+                   for i in index_map.values()})
+
+
+def process_rows(mesh, rules, global_rows: int) -> slice:
+    """The rows of a global batch this process must supply (a data loader reads only these)."""
+    blocks = _row_blocks(mesh, rules, global_rows)
+    start, stop = blocks[0][0], blocks[-1][1]
+    if sum(b - a for a, b in blocks) != stop - start:
+        raise ValueError(f"this process's batch rows {blocks} are not contiguous; order the mesh "
+                         "devices so each process holds one block of the batch axis")
+    return slice(start, stop)
+
+
 def global_batch(local_tree, mesh, rules):
-    """Process-local numpy batch (this process's rows) -> global jax arrays sharded on batch."""
+    """Process-local numpy rows (see `process_rows`) -> global jax arrays sharded on batch."""
     def to_global(x):
         x = np.asarray(x)
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x)
+        shards = int(np.prod([mesh.shape[a] for a in _batch_axes(rules)]))
+        local_shards = len(_row_blocks(mesh, rules, shards))
+        global_shape = (x.shape[0] * shards // local_shards, *x.shape[1:])
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x,
+                                                      global_shape)
     return jax.tree.map(to_global, local_tree)
+
+
+def _batch_axes(rules) -> tuple[str, ...]:
+    axes = dict(tuple(r) for r in rules).get("batch")
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)

@@ -1,0 +1,69 @@
+"""Run `alignment_gap.main` as N processes on this machine, joined by `jax.distributed`.
+
+The multi-host code path (process-sharded data, collectives across processes, process-0-only
+writes) on one laptop, with CPU devices per process:
+
+    python launch/local_multiprocess.py --num_processes 2 --devices_per_process 2 -- \\
+        --config configs/demo.py:mini --workdir /tmp/demo_2proc
+
+If one process fails, the others are stopped and the launcher exits with its status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(num_processes: int, devices_per_process: int, main_args: list[str],
+           port: int | None = None, timeout_s: float | None = None) -> int:
+    address = f"127.0.0.1:{port or free_port()}"
+    procs = []
+    for i in range(num_processes):
+        cmd = [sys.executable, "-m", "alignment_gap.main", *main_args,
+               f"--config.distributed.coordinator_address={address}",
+               f"--config.distributed.num_processes={num_processes}",
+               f"--config.distributed.process_id={i}",
+               f"--config.distributed.local_cpu_devices={devices_per_process}"]
+        procs.append(subprocess.Popen(cmd))
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    status = 0
+    while any(p.poll() is None for p in procs):
+        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        late = deadline is not None and time.monotonic() > deadline
+        if failed or late:
+            status = failed[0] if failed else 124
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.wait()
+    return status or next((p.returncode for p in procs if p.returncode), 0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num_processes", type=int, default=2)
+    parser.add_argument("--devices_per_process", type=int, default=1)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--timeout_s", type=float, default=None)
+    parser.add_argument("main_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
+    return launch(args.num_processes, args.devices_per_process, main_args, args.port,
+                  args.timeout_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""One process of the multi-process equivalence test: two update steps on a fixed batch.
+
+    python tests/multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID DEVICES OUT.json
+
+Every process builds the same global batch from a seed and supplies only its own rows, so
+the result must not depend on how devices are split across processes.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from alignment_gap import logprobs, losses, sharding
+from alignment_gap.models import LanguageModel, TransformerConfig
+from alignment_gap.train.state import init_train_state, make_update_step
+from configs import meshes, models
+
+GLOBAL_ROWS = 8
+
+
+def loss_fn(model, batch):
+    per_token, mask = logprobs.next_token_logprobs(model, batch["tokens"], batch["mask"])
+    return losses.next_token_loss(per_token, mask), {}
+
+
+def main(coordinator, num_processes, process_id, devices, out_path):
+    dist = meshes.distributed_config()
+    dist.coordinator_address = coordinator
+    dist.num_processes, dist.process_id = int(num_processes), int(process_id)
+    dist.local_cpu_devices = int(devices)
+    dist.initialization_timeout_s = 60
+    sharding.initialize_distributed(dist)
+
+    mesh_cfg = meshes.get_config("cpu")
+    mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 1, 2, 2
+    mesh = sharding.make_mesh(mesh_cfg)
+    rules = mesh_cfg.rules
+    cfg = TransformerConfig.from_config(models.get_config("mini"))
+    lm = sharding.create_sharded(lambda: LanguageModel(cfg, nnx.Rngs(0)), mesh, rules)
+    tx = optax.adamw(1e-3)
+    graphdef, state, state_sh = init_train_state(lm, tx, mesh, rules)
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 512, (GLOBAL_ROWS, 12)).astype(np.int32)
+    mask = np.arange(12)[None] < rng.integers(4, 13, (GLOBAL_ROWS, 1))
+    mine = sharding.process_rows(mesh, rules, GLOBAL_ROWS)
+    batch = sharding.global_batch({"tokens": tokens[mine], "mask": mask[mine]}, mesh, rules)
+    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+    step = make_update_step(graphdef, tx, loss_fn, mesh, rules, state_sh, batch_sh)
+    state, first = step(state, batch)
+    state, second = step(state, batch)
+    result = {"loss": float(first["loss"]), "grad_norm": float(first["grad_norm"]),
+              "loss_after_step": float(second["loss"]), "processes": jax.process_count(),
+              "devices": jax.device_count(), "rows": [mine.start, mine.stop]}
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
+    # Don't let a lagging peer's shutdown barrier turn a finished test into a timeout.
+    jax.distributed.shutdown() if jax.process_count() > 1 else None

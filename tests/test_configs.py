@@ -1,0 +1,98 @@
+"""Named sizes have the parameters their names promise; bad configs fail in one clear line."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from alignment_gap import config_checks
+from alignment_gap.models import LanguageModel, TransformerConfig
+from configs import demo, meshes, models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NOMINAL = {"60m": 60e6, "250m": 250e6, "770m": 770e6, "3b": 3e9, "11b": 11e9}
+
+
+@pytest.mark.parametrize("size", sorted(models.SIZES))
+def test_sizes_have_their_nominal_parameter_count(size):
+    cfg = TransformerConfig.from_config(models.get_config(size))
+    abstract = nnx.eval_shape(lambda: LanguageModel(cfg, nnx.Rngs(0)))  # no memory used
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    if size in NOMINAL:
+        assert 0.85 * NOMINAL[size] <= count <= 1.15 * NOMINAL[size], count
+    else:
+        assert count < 2e6  # the CPU sizes stay tiny
+
+
+def _demo(**changes):
+    c = demo.get_config("mini")
+    for path, value in changes.items():
+        node = c
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.mark.parametrize("changes,devices,field", [
+    ({"model.num_heads": 5}, 1, "config.model.num_heads: 5 does not divide model.width=64"),
+    ({"model.num_kv_heads": 3}, 1, "config.model.num_kv_heads"),
+    ({"model.dtype": "float16"}, 1, "config.model.dtype"),
+    ({"mesh.data": 3}, 8, "config.mesh: data*fsdp*tensor = 3 but 8 devices"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, 8, "config.mesh: more than one axis is -1"),
+    ({"mesh.data": -1, "mesh.tensor": 3}, 8, "config.mesh: fixed axes multiply to 3"),
+    ({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8}, 8, "config.model.num_heads: 4 is not "
+     "divisible by mesh.tensor=8"),
+    ({"batch_size": 60}, 8, "config.batch_size: 60 is not divisible by mesh data*fsdp=8"),
+    ({"sampling.top_p": 0.0}, 1, "config.sampling.top_p"),
+    ({"sampling.temperature": -1.0}, 1, "config.sampling.temperature"),
+    ({"warmup_steps": 5000}, 1, "config.warmup_steps"),
+    ({"model.max_len": 8}, 1, "config.model.max_len"),
+])
+def test_bad_values_name_the_field_and_the_fix(changes, devices, field):
+    with pytest.raises(config_checks.ConfigError) as err:
+        config_checks.validate(_demo(**changes), devices)
+    message = str(err.value)
+    assert field in message and "\n" not in message and ";" in message  # field; problem; fix
+
+
+def test_unknown_loss_is_a_clear_error():
+    c = _demo()
+    c.loss = "ppo"
+    with pytest.raises(config_checks.ConfigError, match=r"config.loss: 'ppo' is unknown; use"):
+        config_checks.validate(c, 1)
+
+
+def test_good_configs_pass():
+    config_checks.validate(_demo(), 1)
+    config_checks.validate(_demo(**{"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 2}), 8)
+    for name in meshes.SHAPES:
+        assert meshes.get_config(name).rules == meshes.RULES
+
+
+def _main(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "alignment_gap.main", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_bad_override_exits_with_one_line():
+    done = _main("--config", "configs/demo.py:mini", "--workdir", "/nonexistent",
+                 "--config.model.num_heads=5")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: config.model.num_heads: 5")
+
+
+def test_cli_overrides_apply_and_a_finished_workdir_is_left_alone(tmp_path):
+    args = ["--config", "configs/demo.py:mini", "--workdir", str(tmp_path),
+            "--config.num_steps=6", "--config.warmup_steps=1", "--config.log_every=2",
+            "--config.eval_prompts=16", "--config.model.num_layers=1"]
+    first = _main(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "steps: 6" in first.stdout and (tmp_path / "demo_summary.json").exists()
+    again = _main(*args)
+    assert again.returncode == 0 and "already holds a finished demo" in again.stdout
