@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "clu>=0.0.12",
     "sentencepiece>=0.2.0",
     "tensorflow-datasets>=4.9.10",
+    "importlib-resources>=6.0",  # tfds needs it to build datasets defined in a package
     "grain>=0.2.18",
     "array-record>=0.8.6",
     "matplotlib>=3.10",

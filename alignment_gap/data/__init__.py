@@ -1,0 +1,1 @@
+"""Data: the synthetic world, tokenizer, TFDS builders and grain pipelines."""

@@ -1,0 +1,136 @@
+"""TFDS builders writing ArrayRecord (no TensorFlow needed): the synthetic world and relabels.
+
+Every preference dataset shares one record shape, `{prompt, chosen, rejected}` as text (plus
+builder-specific extras), so grain pipelines read the synthetic world, TL;DR and Anthropic HH
+alike. Text, not token ids, is stored: a dataset outlives any one tokenizer.
+
+    builder = synthetic_builder("comparisons", data_dir, WorldConfig(seed=0), train=20_000)
+    source = prepare(builder)["train"]   # built once (skipped when present); random access
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from alignment_gap.data import world as world_lib
+
+VERSION = tfds.core.Version("1.0.0")
+FILE_FORMAT = "array_record"  # Random access for grain; written without TensorFlow.
+# Post indices of each split never overlap, whatever the sizes.
+SPLIT_OFFSETS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
+KINDS = ("comparisons", "sft", "prompts")
+
+
+class DataError(ValueError):
+    """A malformed source record: the message names the file, the record index and the field."""
+
+
+def comparison_features(**extra):
+    return tfds.features.FeaturesDict({
+        "id": tfds.features.Text(), "prompt": tfds.features.Text(),
+        "chosen": tfds.features.Text(), "rejected": tfds.features.Text(), **extra})
+
+
+@dataclasses.dataclass
+class SyntheticConfig(tfds.core.BuilderConfig):
+    kind: str = "comparisons"  # comparisons (D_initial) | sft (demonstrations) | prompts
+    world_seed: int = 0
+    label_temperature: float = 0.25
+    train: int = 20_000
+    validation: int = 1_000
+    test: int = 1_000
+
+    def world(self) -> world_lib.WorldConfig:
+        return world_lib.WorldConfig(seed=self.world_seed,
+                                     label_temperature=self.label_temperature)
+
+
+class SyntheticWorld(tfds.core.GeneratorBasedBuilder):
+    """The synthetic summarisation world (alignment_gap/data/world.py) as a TFDS dataset."""
+
+    VERSION = VERSION
+    BUILDER_CONFIGS = [SyntheticConfig(name="comparisons")]
+
+    def _info(self):
+        kind = self.builder_config.kind
+        if kind == "comparisons":
+            features = comparison_features(chosen_score=np.float32, rejected_score=np.float32)
+        elif kind == "sft":
+            features = tfds.features.FeaturesDict({
+                "id": tfds.features.Text(), "prompt": tfds.features.Text(),
+                "response": tfds.features.Text()})
+        else:
+            features = tfds.features.FeaturesDict({
+                "id": tfds.features.Text(), "prompt": tfds.features.Text()})
+        return tfds.core.DatasetInfo(builder=self, features=features,
+                                     description=world_lib.__doc__.splitlines()[0])
+
+    def _split_generators(self, dl_manager):
+        c = self.builder_config
+        sizes = {"train": c.train, "validation": c.validation, "test": c.test}
+        return {split: self._generate_examples(split, n) for split, n in sizes.items() if n}
+
+    def _generate_examples(self, split, n):
+        c, world = self.builder_config, self.builder_config.world()
+        for index in range(SPLIT_OFFSETS[split], SPLIT_OFFSETS[split] + n):
+            key = f"post{index}"
+            if c.kind == "comparisons":
+                x = world_lib.make_comparison(world, index)
+                yield key, {"id": key, "prompt": x.prompt, "chosen": x.chosen,
+                            "rejected": x.rejected, "chosen_score": x.chosen_score,
+                            "rejected_score": x.rejected_score}
+            elif c.kind == "sft":
+                prompt, response = world_lib.make_demonstration(world, index)
+                yield key, {"id": key, "prompt": prompt, "response": response}
+            else:
+                yield key, {"id": key,
+                            "prompt": world_lib.prompt_text(world_lib.make_post(world, index))}
+
+
+def synthetic_builder(kind: str, data_dir: str, world: world_lib.WorldConfig, train: int,
+                      validation: int = 1_000, test: int = 1_000) -> SyntheticWorld:
+    if kind not in KINDS:
+        raise ValueError(f"synthetic dataset kind {kind!r} is unknown; use one of {KINDS}")
+    name = (f"{kind}-seed{world.seed}-t{world.label_temperature:g}"
+            f"-n{train}-{validation}-{test}")
+    config = SyntheticConfig(name=name, version=VERSION, kind=kind, world_seed=world.seed,
+                             label_temperature=world.label_temperature, train=train,
+                             validation=validation, test=test)
+    return SyntheticWorld(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+
+
+class Comparisons(tfds.core.GeneratorBasedBuilder):
+    """Preference pairs handed over as Python records, e.g. a relabelled `D_golden`.
+
+    The producer is given at construction (`splits`: split -> iterable of dicts with `id`,
+    `prompt`, `chosen`, `rejected`); the builder config's name is the dataset's name.
+    """
+
+    VERSION = VERSION
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default")]
+
+    def __init__(self, *, name: str, splits=None, **kwargs):
+        self._splits = splits or {}
+        kwargs.setdefault("file_format", FILE_FORMAT)
+        super().__init__(config=tfds.core.BuilderConfig(name=name, version=VERSION), **kwargs)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=comparison_features())
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(records) for split, records in self._splits.items()}
+
+    def _generate_examples(self, records):
+        for record in records:
+            yield record["id"], {k: record[k] for k in ("id", "prompt", "chosen", "rejected")}
+
+
+def prepare(builder, manual_dir: str | None = None):
+    """Build the dataset unless already built; return split -> random-access data sources."""
+    tfds.disable_progress_bar()
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+    builder.download_and_prepare(download_config=config)
+    return builder.as_data_source()

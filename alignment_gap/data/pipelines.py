@@ -1,0 +1,142 @@
+"""grain pipelines: text records -> tokenised, padded, shuffled, process-sharded batches.
+
+    it = iter(preference_pipeline(source, tokenizer, shape, seed=0))
+    batch = next(it)                       # PreferenceBatch of numpy arrays, this process's rows
+    state = it.get_state()                 # checkpointable (see alignment_gap/checkpoint.py)
+
+Global order is fixed by the seed alone: global batch k holds records `[k*B, (k+1)*B)` of the
+shuffled (and, across epochs, reshuffled) source, and each process reads only the rows of that
+batch its devices hold (`sharding.process_rows`). So the global batch is identical however the
+devices are split over processes, and restoring an iterator's state continues with exactly the
+next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import grain
+import numpy as np
+
+from alignment_gap.batches import PreferenceBatch, PromptBatch, SFTBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    global_batch_size: int
+    prompt_len: int
+    response_len: int
+    rows: slice | None = None  # This process's rows of each global batch (None: all).
+
+    @property
+    def local_rows(self) -> slice:
+        return self.rows if self.rows is not None else slice(0, self.global_batch_size)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def encode_prompt(tokenizer, text: str, length: int):
+    """Left-padded ids and mask; a long prompt keeps its end (where `TL;DR:` is)."""
+    ids = tokenizer.encode(text)[-length:] if length else []
+    out = np.full(length, tokenizer.pad_id, np.int32)
+    mask = np.zeros(length, bool)
+    if ids:
+        out[length - len(ids):] = ids
+        mask[length - len(ids):] = True
+    return out, mask
+
+
+def encode_response(tokenizer, text: str, length: int):
+    """Right-padded ids + EOS (dropped only when the response fills the whole length)."""
+    ids = (tokenizer.encode(text) + [tokenizer.eos_id])[:length]
+    out = np.full(length, tokenizer.pad_id, np.int32)
+    out[: len(ids)] = ids
+    mask = np.zeros(length, bool)
+    mask[: len(ids)] = True
+    return out, mask
+
+
+def _global_order(source, seed: int, shuffle: bool, num_epochs: int | None):
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(num_epochs)
+
+
+def _local_records(ordered, shape: BatchShape):
+    """This process's records of every global batch, batch after batch."""
+    rows, b = shape.local_rows, shape.global_batch_size
+    local_b = rows.stop - rows.start
+    if len(ordered) == sys.maxsize:
+        count = sys.maxsize // b * local_b
+    else:
+        count = len(ordered) // b * local_b  # drop the last partial global batch
+    return grain.MapDataset.range(count).map(
+        lambda i: ordered[(i // local_b) * b + rows.start + i % local_b]), local_b
+
+
+def _finish(ds, local_b: int, to_batch, num_threads: int, prefetch: int):
+    ds = ds.batch(local_b, drop_remainder=True).map(lambda d: to_batch(**d))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                prefetch_buffer_size=prefetch))
+
+
+def preference_pipeline(source, tokenizer, shape: BatchShape, *, seed: int, shuffle: bool = True,
+                        num_epochs: int | None = None, num_threads: int = 2, prefetch: int = 8):
+    """`{prompt, chosen, rejected}` records -> PreferenceBatch."""
+    def encode(record):
+        prompt, prompt_mask = encode_prompt(tokenizer, _text(record["prompt"]), shape.prompt_len)
+        chosen, chosen_mask = encode_response(tokenizer, _text(record["chosen"]),
+                                              shape.response_len)
+        rejected, rejected_mask = encode_response(tokenizer, _text(record["rejected"]),
+                                                  shape.response_len)
+        return {"prompt": prompt, "prompt_mask": prompt_mask, "chosen": chosen,
+                "chosen_mask": chosen_mask, "rejected": rejected, "rejected_mask": rejected_mask}
+
+    records, local_b = _local_records(_global_order(source, seed, shuffle, num_epochs), shape)
+    return _finish(records.map(encode), local_b, PreferenceBatch, num_threads, prefetch)
+
+
+def sft_pipeline(source, tokenizer, shape: BatchShape, *, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = None, num_threads: int = 2, prefetch: int = 8,
+                 responses=("response",)):
+    """Records -> SFTBatch, one example per named response field.
+
+    `responses=("chosen", "rejected")` trains on both sides of a comparison dataset, as the
+    paper's SFT does.
+    """
+    expanded = grain.MapDataset.source(source)
+    if len(responses) > 1:
+        n = len(responses)
+        expanded = grain.MapDataset.range(len(source) * n).map(
+            lambda i: {"prompt": source[i // n]["prompt"],
+                       "response": source[i // n][responses[i % n]]})
+        source_like = expanded
+    else:
+        field = responses[0]
+        source_like = expanded.map(lambda r: {"prompt": r["prompt"], "response": r[field]})
+
+    def encode(record):
+        prompt, prompt_mask = encode_prompt(tokenizer, _text(record["prompt"]), shape.prompt_len)
+        response, response_mask = encode_response(tokenizer, _text(record["response"]),
+                                                  shape.response_len)
+        return {"prompt": prompt, "prompt_mask": prompt_mask, "response": response,
+                "response_mask": response_mask}
+
+    records, local_b = _local_records(_global_order(source_like, seed, shuffle, num_epochs),
+                                      shape)
+    return _finish(records.map(encode), local_b, SFTBatch, num_threads, prefetch)
+
+
+def prompt_pipeline(source, tokenizer, shape: BatchShape, *, seed: int, shuffle: bool = True,
+                    num_epochs: int | None = None, num_threads: int = 2, prefetch: int = 8):
+    """Records with a `prompt` -> PromptBatch (for online sampling and evaluation)."""
+    def encode(record):
+        prompt, prompt_mask = encode_prompt(tokenizer, _text(record["prompt"]), shape.prompt_len)
+        return {"prompt": prompt, "prompt_mask": prompt_mask}
+
+    records, local_b = _local_records(_global_order(source, seed, shuffle, num_epochs), shape)
+    return _finish(records.map(encode), local_b, PromptBatch, num_threads, prefetch)

@@ -1,0 +1,150 @@
+"""TFDS builders on real files: the synthetic world, TL;DR and HH fixtures in their formats."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from alignment_gap.data import builders, real_data, relabel, tokenizer
+from alignment_gap.data import world as W
+
+WORLD = W.WorldConfig(seed=1)
+
+
+def _text(x):
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def test_synthetic_world_builds_every_kind_with_disjoint_splits(tmp_path):
+    sizes = dict(train=60, validation=10, test=10)
+    comparisons = builders.prepare(builders.synthetic_builder("comparisons", str(tmp_path),
+                                                              WORLD, **sizes))
+    assert {k: len(v) for k, v in comparisons.items()} == sizes
+    ids = {split: {_text(comparisons[split][i]["id"]) for i in range(n)}
+           for split, n in sizes.items()}
+    assert not ids["train"] & ids["validation"] and not ids["train"] & ids["test"]
+    record = comparisons["train"][0]
+    index = int(_text(record["id"])[len("post"):])
+    expected = W.make_comparison(WORLD, index)
+    assert _text(record["chosen"]) == expected.chosen and _text(record["prompt"]).endswith(W.TLDR)
+    sft = builders.prepare(builders.synthetic_builder("sft", str(tmp_path), WORLD, **sizes))
+    prompts = builders.prepare(builders.synthetic_builder("prompts", str(tmp_path), WORLD,
+                                                          **sizes))
+    assert _text(sft["train"][0]["response"]) and len(prompts["test"]) == 10
+    # The same prompt set: every D_initial train prompt is an online-training prompt.
+    train_prompts = {_text(prompts["train"][i]["prompt"]) for i in range(60)}
+    assert all(_text(comparisons["train"][i]["prompt"]) in train_prompts for i in range(60))
+
+
+def _tldr_line(i, split="train", choice=0, **overrides):
+    record = {"info": {"id": f"t3_{i}", "post": f"my cat knocked over plant number {i}",
+                       "title": "cat trouble", "subreddit": "pets"},
+              "summaries": [{"text": f" cat broke plant {i}", "policy": "sup"},
+                            {"text": " plant", "policy": "ref"}],
+              "choice": choice, "split": split, "worker": "w1", "batch": "batch1"}
+    record.update(overrides)
+    return json.dumps(record)
+
+
+def test_tldr_comparisons_from_the_published_layout(tmp_path):
+    manual = tmp_path / "manual" / "comparisons"
+    manual.mkdir(parents=True)
+    (manual / "batch1.json").write_text("\n".join(
+        [_tldr_line(0), _tldr_line(1, choice=1), _tldr_line(2, "valid1"),
+         _tldr_line(3, "valid2")]) + "\n")
+    sources = builders.prepare(real_data.tldr_builder(str(tmp_path / "data")),
+                               manual_dir=str(tmp_path / "manual"))
+    assert {k: len(v) for k, v in sources.items()} == {"train": 2, "validation": 1, "test": 1}
+    rows = {_text(sources["train"][i]["post_id"]): sources["train"][i] for i in range(2)}
+    assert _text(rows["t3_0"]["chosen"]) == "cat broke plant 0"
+    assert _text(rows["t3_1"]["chosen"]) == "plant"  # choice=1 picks the second summary
+    assert _text(rows["t3_0"]["prompt"]) == ("SUBREDDIT: r/pets\nTITLE: cat trouble\n"
+                                             "POST: my cat knocked over plant number 0\nTL;DR:")
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"choice": None}, "record 1: field 'choice' is None; expected 0 or 1"),
+    ({"summaries": [{"text": "x"}]}, "record 1: field 'summaries' must hold exactly 2"),
+    ({"info": {"id": "t3_9", "title": "t"}}, "record 1: field 'info.post' is missing"),
+    ({"split": "valid3"}, "record 1: field 'split' is 'valid3'"),
+])
+def test_malformed_tldr_record_names_file_record_and_field(tmp_path, bad, message):
+    manual = tmp_path / "manual" / "comparisons"
+    manual.mkdir(parents=True)
+    lines = [_tldr_line(0), _tldr_line(1, **bad)]
+    (manual / "batch7.json").write_text("\n".join(lines) + "\n")
+    with pytest.raises(Exception) as err:
+        builders.prepare(real_data.tldr_builder(str(tmp_path / "data")),
+                         manual_dir=str(tmp_path / "manual"))
+    assert "batch7.json" in str(err.value) and message in str(err.value)
+
+
+def _write_hh(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def test_anthropic_hh_extracts_the_shared_prompt(tmp_path):
+    manual = tmp_path / "manual"
+    turn = "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in water.\n\nHuman: Then?"
+    _write_hh(manual / "helpful-base" / "train.jsonl.gz", [
+        {"chosen": turn + "\n\nAssistant: Boil for 8 minutes.",
+         "rejected": turn + "\n\nAssistant: No idea."},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?",
+         "rejected": "\n\nHuman: Hi\n\nAssistant: What."}])
+    _write_hh(manual / "helpful-base" / "test.jsonl.gz", [
+        {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4",
+         "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"}])
+    sources = builders.prepare(real_data.hh_builder(str(tmp_path / "data")),
+                               manual_dir=str(manual))
+    assert len(sources["train"]) == 2 and len(sources["test"]) == 1
+    rows = [sources["train"][i] for i in range(2)]
+    egg = next(r for r in rows if b"egg" in r["prompt"])
+    assert _text(egg["prompt"]) == turn + "\n\nAssistant:"
+    assert _text(egg["chosen"]) == "Boil for 8 minutes." and _text(egg["rejected"]) == "No idea."
+
+
+def test_malformed_hh_record_names_file_record_and_field(tmp_path):
+    manual = tmp_path / "manual"
+    _write_hh(manual / "helpful-base" / "train.jsonl.gz", [
+        {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
+        {"chosen": "\n\nHuman: a\n\nAssistant: b"}])
+    _write_hh(manual / "helpful-base" / "test.jsonl.gz", [])
+    with pytest.raises(Exception, match=r"train.jsonl.gz: record 1: field 'rejected' is missing"):
+        builders.prepare(real_data.hh_builder(str(tmp_path / "data")), manual_dir=str(manual))
+
+
+def test_tokenizer_trains_caches_round_trips_and_checks_fingerprints(tmp_path):
+    tok = tokenizer.synthetic_tokenizer(str(tmp_path), WORLD, vocab_size=256, corpus_posts=300)
+    again = tokenizer.synthetic_tokenizer(str(tmp_path), WORLD, vocab_size=256)
+    assert again.fingerprint == tok.fingerprint and (tok.pad_id, tok.eos_id) == (0, 1)
+    prompt = W.prompt_text(W.make_post(WORLD, 3))
+    ids = tok.encode(prompt)
+    assert tok.decode(ids + [tok.eos_id, 5, 6]) == prompt
+    assert len(ids) < 2 * len(prompt.split())  # whole words, mostly one piece each
+    other = tokenizer.Tokenizer.train(["completely different text"] * 50, 40)
+    with pytest.raises(ValueError, match="was built with tokenizer .* point the config"):
+        tokenizer.check_fingerprint(other, tok.fingerprint, "checkpoint /x/ckpt")
+    with pytest.raises(ValueError, match="config.model.vocab_size: 8 is smaller"):
+        tokenizer.check_fits_model(tok, 8)
+
+
+def test_relabel_with_the_oracle_writes_a_new_dataset(tmp_path):
+    noisy = W.WorldConfig(seed=1, label_temperature=2.0)  # many labels against the oracle
+    source = builders.prepare(builders.synthetic_builder(
+        "comparisons", str(tmp_path), noisy, train=80, validation=0, test=0))["train"]
+    judge = relabel.oracle_judge(noisy)
+    before = judge([relabel._decoded(source[i]) for i in range(80)])
+    assert not before.all()
+    golden = relabel.relabel({"train": source}, judge, "d_golden-test", str(tmp_path))["train"]
+    records = [relabel._decoded(golden[i]) for i in range(len(golden))]
+    assert len(records) == 80  # nothing dropped
+    assert judge(records).all()
+    pairs = {r["id"]: {r["chosen"], r["rejected"]} for r in records}
+    for i in range(80):  # the same pairs, some swapped
+        r = relabel._decoded(source[i])
+        assert pairs[r["id"]] == {r["chosen"], r["rejected"]}
+    assert np.sum(~before) > 0
