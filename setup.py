@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "grain>=0.2.18",
     "array-record>=0.8.6",
     "matplotlib>=3.10",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "absl-py>=2.1",
     "numpy>=2.0",
 ]

@@ -12,6 +12,7 @@ from alignment_gap.losses import POLICY_LOSSES
 
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp", "tensor")
+SOURCES = ("online", "offline")
 
 
 class ConfigError(ValueError):
@@ -83,13 +84,14 @@ def check_sampling(s):
         _fail("sampling.top_k", f"must be >= 0, got {s.top_k}", "0 turns it off")
     if not 0.0 < s.top_p <= 1.0:
         _fail("sampling.top_p", f"must be in (0, 1], got {s.top_p}", "1.0 turns it off")
-    _positive(s, "sampling", "max_new_tokens")
+    if "max_new_tokens" in s:
+        _positive(s, "sampling", "max_new_tokens")
 
 
 def validate(config, num_devices: int) -> None:
     """Raise ConfigError on the first problem found."""
     shape = mesh_shape(config.mesh, num_devices) if "mesh" in config else (1, 1, 1)
-    for name in ("model", "reference_model", "preference_model"):
+    for name in ("model", "proxy_model"):
         if name in config:
             check_model(config[name], name)
             check_model_on_mesh(config[name], shape, name)
@@ -108,8 +110,22 @@ def validate(config, num_devices: int) -> None:
         if config.get("warmup_steps", 0) >= config.num_steps:
             _fail("warmup_steps", f"{config.warmup_steps} is not below num_steps="
                   f"{config.num_steps}", "shorten the warm-up or train longer")
-    if "model" in config and "prompt_len" in config and "response_len" in config:
-        needed = config.prompt_len + config.response_len
-        if needed > config.model.max_len:
-            _fail("model.max_len", f"{config.model.max_len} is shorter than prompt_len + "
-                  f"response_len = {needed}", f"set it to >= {needed}")
+    if "source" in config and config.source not in SOURCES:
+        _fail("source", f"{config.source!r} is unknown", f"use one of {SOURCES}")
+    if "beta" in config and config.beta <= 0:
+        _fail("beta", f"must be positive, got {config.beta}", "the paper uses 0.1")
+    lengths = config.data if "data" in config else config
+    if "prompt_len" in lengths and "response_len" in lengths:
+        pair = config.get("task") == "preference_model"  # reads [prompt | y1 | y2]
+        _check_max_len(config, "model", lengths, 2 if pair else 1)
+        _check_max_len(config, "proxy_model", lengths, 2)
+
+
+def _check_max_len(config, name, lengths, responses):
+    if name not in config:
+        return
+    needed = lengths.prompt_len + responses * lengths.response_len
+    if needed > config[name].max_len:
+        _fail(f"{name}.max_len", f"{config[name].max_len} is shorter than the "
+              f"{needed} tokens it reads (prompt_len + {responses} x response_len)",
+              f"set it to >= {needed}")

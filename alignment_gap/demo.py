@@ -43,7 +43,7 @@ def sorting_batch(rng: np.random.Generator, rows: int, config):
             "response": response, "response_mask": response != pad}
 
 
-def sft_loss(model, batch):
+def sft_loss(model, batch, extras):
     per_token, _ = logprobs.sequence_logprobs(model, batch["prompt"], batch["prompt_mask"],
                                               batch["response"], batch["response_mask"])
     return losses.next_token_loss(per_token, batch["response_mask"]), {}

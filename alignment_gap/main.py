@@ -20,10 +20,23 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _clear_errors():
+    from alignment_gap.checkpoint import IncompatibleCheckpoint
+    from alignment_gap.data.builders import DataError
+    from alignment_gap.train.loop import NonFiniteLoss
+
+    return (config_checks.ConfigError, IncompatibleCheckpoint, DataError, NonFiniteLoss)
+
+
+_CLEAR_ERRORS = _clear_errors()
+
+
 def _tasks():
     from alignment_gap import demo
+    from alignment_gap.train import policy, preference, sft
 
-    return {"demo": demo.run}
+    return {"demo": demo.run, "sft": sft.run, "preference_model": preference.run,
+            "policy": policy.run}
 
 
 def main(argv):
@@ -39,7 +52,11 @@ def main(argv):
     except config_checks.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    tasks[config.task](config, _WORKDIR.value)
+    try:
+        tasks[config.task](config, _WORKDIR.value)
+    except _CLEAR_ERRORS as e:  # Bad input or a diverged run: one line, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

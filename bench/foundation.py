@@ -70,7 +70,7 @@ def bench_update(size: str, mesh, rules, peak: float) -> dict:
     tx = optax.adamw(1e-4)
     graphdef, state, state_sh = init_train_state(lm, tx, mesh, rules)
 
-    def loss_fn(model, b):
+    def loss_fn(model, b, extras):
         per_token, mask = logprobs.next_token_logprobs(model, b["tokens"], b["mask"])
         return losses.next_token_loss(per_token, mask), {}
 

@@ -22,7 +22,7 @@ from configs import meshes, models
 GLOBAL_ROWS = 8
 
 
-def loss_fn(model, batch):
+def loss_fn(model, batch, extras):
     per_token, mask = logprobs.next_token_logprobs(model, batch["tokens"], batch["mask"])
     return losses.next_token_loss(per_token, mask), {}
 

@@ -26,7 +26,7 @@ def _batch(mini_config, rows=8, prompt_len=7, response_len=5, seed=0):
             "response": np.where(response_mask, response, 0), "response_mask": response_mask}
 
 
-def _loss(model, batch):
+def _loss(model, batch, extras):
     per_token, _ = logprobs.sequence_logprobs(model, batch["prompt"], batch["prompt_mask"],
                                               batch["response"], batch["response_mask"])
     return losses.next_token_loss(per_token, batch["response_mask"]), {}

@@ -1,8 +1,9 @@
 """Train state and the one jitted, sharded, state-donating update step every trainer uses.
 
-A trainer supplies `loss_fn(model, batch) -> (loss, metrics)`; `make_update_step` turns it into
-`step(state, batch) -> (state, metrics)` compiled once with explicit in/out shardings taken from
-the parameters' logical annotations, the train state donated (updated in place).
+A trainer supplies `loss_fn(model, batch, extras) -> (loss, metrics)`; `make_update_step` turns
+it into `step(state, batch, extras) -> (state, metrics)`, compiled once with explicit in/out
+shardings taken from the parameters' logical annotations, the train state donated (updated in
+place) and the extras (frozen models, keys) never donated.
 """
 
 from __future__ import annotations
@@ -42,12 +43,17 @@ def init_train_state(model, tx: optax.GradientTransformation, mesh, rules):
     return graphdef, state, shardings
 
 
-def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_shardings):
-    """Jit `loss_fn` into a donated update step; metrics gain `loss` and `grad_norm`."""
+def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_shardings,
+                     extras_shardings=None):
+    """Jit `loss_fn(model, batch, extras) -> (loss, metrics)` into a donated update step.
 
-    def step(state: TrainState, batch):
+    `extras` carries what the loss reads but never trains or donates: frozen models' states
+    (the reference policy), RNG keys. Metrics gain `loss` and `grad_norm`; all are replicated.
+    """
+
+    def step(state: TrainState, batch, extras):
         def loss_of_params(params):
-            return loss_fn(nnx.merge(graphdef, params), batch)
+            return loss_fn(nnx.merge(graphdef, params), batch, extras)
 
         (loss, metrics), grads = jax.value_and_grad(loss_of_params, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -56,12 +62,26 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
         return TrainState(state.step + 1, params, opt_state), metrics
 
     replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, extras_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
 
-    def run(state, batch):
+    def run(state, batch, extras=None):
         with sharding.use(mesh, rules):
-            return jitted(state, batch)
+            return jitted(state, batch, extras)
 
     run.jitted = jitted
     return run
+
+
+def make_optimizer(c) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then cosine decay to `end_lr_fraction`, global-norm clipping.
+
+    Reads `learning_rate`, `warmup_steps`, `num_steps`, `weight_decay`, `grad_clip`,
+    `end_lr_fraction` from the trainer config.
+    """
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, c.learning_rate, c.warmup_steps, c.num_steps,
+        end_value=c.learning_rate * c.get("end_lr_fraction", 0.0))
+    parts = [optax.clip_by_global_norm(c.grad_clip)] if c.get("grad_clip", 0.0) else []
+    parts.append(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=c.get("weight_decay", 0.0)))
+    return optax.chain(*parts)

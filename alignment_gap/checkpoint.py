@@ -1,0 +1,129 @@
+"""orbax checkpoints: train state + data iterator + RNG + metadata; read-only model loads.
+
+A checkpoint directory holds one orbax step directory per save, each with the items
+`params`, `opt_state`, `loop` (`step`, RNG key data), `data` (the grain iterator's state) and
+`meta` (JSON: model config, tokenizer fingerprint, kind). orbax writes each step to a temporary
+directory and renames it when complete, so a crash never corrupts the last good checkpoint.
+
+Frozen models (the reference policy, the preference models) are loaded read-only from another
+run's checkpoints: only `params` and `meta` are read, straight into the target shardings, and
+every incompatibility is reported before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from alignment_gap.train.state import TrainState
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings (restore lands directly there)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+class Checkpointer:
+    def __init__(self, directory: str, max_to_keep: int = 3):
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                                 create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, rng, meta: dict, data_iterator=None):
+        step = int(jax.device_get(state.step))
+        items = {"params": ocp.args.StandardSave(state.params),
+                 "opt_state": ocp.args.StandardSave(state.opt_state),
+                 "loop": ocp.args.StandardSave({"step": state.step,
+                                                "rng": jax.random.key_data(rng)}),
+                 "meta": ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items))
+        return step
+
+    def restore(self, state: TrainState, shardings: TrainState, data_iterator=None,
+                step: int | None = None):
+        """(state, rng, meta) at `step` (default latest); the iterator is restored in place."""
+        step = self.latest_step() if step is None else step
+        items = {"params": ocp.args.StandardRestore(abstract_like(state.params,
+                                                                  shardings.params)),
+                 "opt_state": ocp.args.StandardRestore(abstract_like(state.opt_state,
+                                                                     shardings.opt_state)),
+                 "loop": ocp.args.StandardRestore(),
+                 "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        loop = restored["loop"]
+        new_state = TrainState(jax.device_put(loop["step"], shardings.step),
+                               restored["params"], restored["opt_state"])
+        rng = jax.random.wrap_key_data(jax.device_get(loop["rng"]))
+        return new_state, rng, restored["meta"]
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class IncompatibleCheckpoint(ValueError):
+    """A frozen model's checkpoint is missing or does not match the configuration."""
+
+
+def read_meta(directory: str, what: str) -> tuple[int, dict]:
+    """(step, meta) of the latest checkpoint in `directory`; clear errors when there is none."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise IncompatibleCheckpoint(f"{what}: checkpoint directory {directory} does not exist; "
+                                     "train that model first or fix the path")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    step = manager.latest_step()
+    if step is None:
+        raise IncompatibleCheckpoint(f"{what}: {directory} holds no finished checkpoint; "
+                                     "train that model first or fix the path")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    manager.close()
+    return step, meta
+
+
+def check_compatible(meta: dict, *, what: str, directory: str, kind: str, model: dict,
+                     tokenizer_fingerprint: str):
+    if meta.get("kind") != kind:
+        raise IncompatibleCheckpoint(f"{what}: {directory} holds a {meta.get('kind')!r} model, "
+                                     f"not a {kind!r} one; point to a {kind} checkpoint")
+    saved = meta.get("model", {})
+    diffs = [f"{k}={saved.get(k)!r} (configured {v!r})" for k, v in sorted(model.items())
+             if k in ("vocab_size", "width", "num_layers", "num_heads", "num_kv_heads",
+                      "mlp_dim", "tie_embeddings") and saved.get(k) != v]
+    if diffs:
+        raise IncompatibleCheckpoint(f"{what}: {directory} was trained with {', '.join(diffs)}; "
+                                     "set the model config to match the checkpoint")
+    if meta.get("tokenizer") != tokenizer_fingerprint:
+        raise IncompatibleCheckpoint(
+            f"{what}: {directory} was trained with tokenizer {meta.get('tokenizer')}, but the "
+            f"configured one is {tokenizer_fingerprint}; use the tokenizer it was trained with")
+
+
+def load_params(directory: str, params_like, shardings, step: int | None = None):
+    """Read only the parameters of a checkpoint, into `shardings` (read-only model loads)."""
+    manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                    options=ocp.CheckpointManagerOptions(create=False,
+                                                                         read_only=True))
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_like(params_like, shardings))))
+    manager.close()
+    return restored["params"]

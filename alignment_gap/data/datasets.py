@@ -1,0 +1,76 @@
+"""From a `config.data` section to the tokenizer and random-access sources every trainer reads.
+
+`data.kind` picks the world: `synthetic` (built on first use and cached under `data.dir`),
+`tldr` or `hh` (built from `data.manual_dir`). `data.comparisons` optionally names a relabelled
+comparisons dataset in `data.dir` (e.g. the study's `D_golden`) to use instead of `D_initial`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from alignment_gap.data import builders, real_data
+from alignment_gap.data import world as world_lib
+from alignment_gap.data.tokenizer import Tokenizer, synthetic_tokenizer
+
+KINDS = ("synthetic", "tldr", "hh")
+
+
+def world_config(d) -> world_lib.WorldConfig:
+    return world_lib.WorldConfig(seed=d.world_seed, label_temperature=d.label_temperature)
+
+
+def _sizes(d) -> dict:
+    return {"train": d.train_pairs, "validation": d.validation_pairs, "test": d.test_pairs}
+
+
+def tokenizer(d) -> Tokenizer:
+    if d.tokenizer:
+        return Tokenizer.load(d.tokenizer)
+    if d.kind != "synthetic":
+        raise ValueError(f"config.data.tokenizer: empty, but data.kind={d.kind!r} needs an "
+                         "existing sentencepiece .model file; set its path")
+    return synthetic_tokenizer(d.dir, world_config(d), d.vocab_size)
+
+
+def initial_comparisons(d) -> dict:
+    """`D_initial`: the world's (or the real dataset's) labelled pairs, split -> source."""
+    if d.kind == "synthetic":
+        return builders.prepare(builders.synthetic_builder("comparisons", d.dir, world_config(d),
+                                                           **_sizes(d)))
+    if not d.manual_dir or not os.path.isdir(d.manual_dir):
+        raise ValueError(f"config.data.manual_dir: {d.manual_dir!r} is not a directory; put the "
+                         f"{d.kind} files there and set the path")
+    if d.kind == "tldr":
+        return builders.prepare(real_data.tldr_builder(d.dir), manual_dir=d.manual_dir)
+    if d.kind == "hh":
+        return builders.prepare(real_data.hh_builder(d.dir, d.hh_subset),
+                                manual_dir=d.manual_dir)
+    raise ValueError(f"config.data.kind: {d.kind!r} is unknown; use one of {KINDS}")
+
+
+def comparisons(d) -> dict:
+    """The comparisons a trainer reads: `data.comparisons` if named, else `D_initial`."""
+    if not d.comparisons:
+        return initial_comparisons(d)
+    builder = builders.Comparisons(name=d.comparisons, data_dir=d.dir)
+    if not builder.is_prepared():
+        raise ValueError(f"config.data.comparisons: no dataset {d.comparisons!r} under "
+                         f"{d.dir}/comparisons; run the stage that writes it (e.g. relabel)")
+    return builder.as_data_source()
+
+
+def prompts(d) -> dict:
+    """Prompt sets, split -> source: the same prompts the comparisons are about."""
+    if d.kind == "synthetic":
+        return builders.prepare(builders.synthetic_builder("prompts", d.dir, world_config(d),
+                                                           **_sizes(d)))
+    return initial_comparisons(d)
+
+
+def demonstrations(d) -> dict:
+    """SFT data: the synthetic writers' demonstrations, or a real dataset's comparisons."""
+    if d.kind == "synthetic" and d.sft_source == "demonstrations":
+        return builders.prepare(builders.synthetic_builder("sft", d.dir, world_config(d),
+                                                           **_sizes(d)))
+    return initial_comparisons(d)

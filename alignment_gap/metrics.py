@@ -1,0 +1,88 @@
+"""Metric aggregation (clu.metrics) and writers: JSONL + TensorBoard event files, process 0 only.
+
+TensorBoard files are written with tensorboardX, so a CPU install needs no TensorFlow
+(clu.metric_writers would import it). Every run writes `metrics.jsonl`, one JSON object per
+logged step; notebooks and the study's report read that file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from clu import metrics as clu_metrics
+
+
+class Window:
+    """Averages each metric over the steps since the last `reset()` (clu.metrics.Average)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._averages: dict[str, clu_metrics.Average] = {}
+
+    def add(self, metrics: dict):
+        for name, value in metrics.items():
+            update = clu_metrics.Average.from_model_output(np.asarray(value, np.float32)
+                                                           .reshape(-1))
+            old = self._averages.get(name)
+            self._averages[name] = update if old is None else old.merge(update)
+
+    def compute(self) -> dict[str, float]:
+        return {name: float(avg.compute()) for name, avg in self._averages.items()}
+
+
+class Writer:
+    """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/<name>`."""
+
+    def __init__(self, workdir: str, name: str = "train"):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name))
+
+    def write(self, step: int, scalars: dict, prefix: str = ""):
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{f"{prefix}{k}": float(v) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in scalars.items():
+            self._tb.add_scalar(f"{prefix}{name}", float(value), int(step))
+        self._tb.flush()
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """`step 120/400  loss 0.512  31.4 steps/s  eta 9s` lines, from process 0 only."""
+
+    def __init__(self, total_steps: int, first_step: int = 0):
+        self.total, self.first = total_steps, first_step
+        self.start = time.perf_counter()
+
+    def line(self, step: int, scalars: dict, keys=("loss",)) -> str:
+        elapsed = time.perf_counter() - self.start
+        rate = (step - self.first) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        shown = "  ".join(f"{k} {scalars[k]:.4g}" for k in keys if k in scalars)
+        return f"step {step}/{self.total}  {shown}  {rate:.1f} steps/s  eta {eta:.0f}s"
+
+    def print(self, step: int, scalars: dict, keys=("loss",)):
+        if jax.process_index() == 0:
+            print(self.line(step, scalars, keys), flush=True)

@@ -1,0 +1,183 @@
+"""The two batch sources of policy optimisation; both yield the same `PreferenceBatch`.
+
+* `OfflineSource`: the next batch of a preference dataset (`D_golden`), or a replay of a
+  recorded online stream - in order ("tandem"), shuffled uniformly, or shuffled within windows
+  of k batches (the paper's partial shuffling, Sec. 5.1).
+* `OnlineSource`: the next batch of prompts from the same prompt set; two responses per prompt
+  sampled from the *current* policy with the jitted KV-cache sampler; ranked by the proxy
+  preference model's both-order sign rule.
+
+`OnlineSource` can record every batch it produces, token-exact and in order (`StreamRecorder`):
+that is `D_online`. Chunks are sealed at each checkpoint, so a resumed run's stream holds each
+step exactly once.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from array_record.python import array_record_module
+from flax import nnx, serialization
+from jax.experimental import multihost_utils
+
+from alignment_gap import sharding
+from alignment_gap.batches import PreferenceBatch
+from alignment_gap.data import pipelines
+from alignment_gap.models.heads import both_order_margin
+from alignment_gap.sampling import Sampler, SamplingConfig
+
+FIELDS = ("prompt", "prompt_mask", "chosen", "chosen_mask", "rejected", "rejected_mask")
+REPLAY_ORDERS = ("tandem", "shuffle", "window")
+
+
+class OfflineSource:
+    """Batches of a preference dataset; `next_batch` ignores the policy."""
+
+    def __init__(self, iterator, to_global):
+        self.iterator, self.to_global = iterator, to_global
+        self.stats: dict = {}
+
+    def next_batch(self, policy_params, key) -> PreferenceBatch:
+        return self.to_global(next(self.iterator))
+
+
+def dataset_iterator(source, tokenizer, shape, seed, num_threads=2):
+    """The usual offline path: tokenised comparisons (e.g. D_golden), shuffled per epoch."""
+    return iter(pipelines.preference_pipeline(source, tokenizer, shape, seed=seed,
+                                              num_threads=num_threads))
+
+
+class StreamRecorder:
+    """Writes every example of every batch, in order, as ArrayRecord chunks (process 0)."""
+
+    def __init__(self, directory: str, start_step: int):
+        self.directory = directory
+        self.enabled = jax.process_index() == 0
+        self.first = start_step + 1
+        self._writer = None
+        if self.enabled:
+            os.makedirs(directory, exist_ok=True)
+            for stale in glob.glob(os.path.join(directory, "*.tmp")):  # after the last seal
+                os.remove(stale)
+            for path in stream_chunks(directory):  # chunks past a resumed checkpoint
+                if _chunk_range(path)[0] > start_step:
+                    os.remove(path)
+
+    def _tmp(self):
+        return os.path.join(self.directory, "open.array_record.tmp")
+
+    def record(self, step: int, batch: PreferenceBatch):
+        host = {f: np.asarray(multihost_utils.process_allgather(getattr(batch, f), tiled=True))
+                for f in FIELDS}
+        if not self.enabled:
+            return
+        if self._writer is None:
+            self._writer = array_record_module.ArrayRecordWriter(self._tmp(), "group_size:1")
+        for row in range(host["prompt"].shape[0]):
+            example = {f: host[f][row] for f in FIELDS}
+            example["step"] = np.int64(step)
+            self._writer.write(serialization.msgpack_serialize(example))
+
+    def seal(self, step: int):
+        """Close the open chunk as `steps-<first>-<last>.array_record` (called at checkpoints)."""
+        if not self.enabled or self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        os.replace(self._tmp(), os.path.join(self.directory,
+                                             f"steps-{self.first:08d}-{step:08d}.array_record"))
+        self.first = step + 1
+
+
+def _chunk_range(path: str) -> tuple[int, int]:
+    first, last = os.path.basename(path).split(".")[0].split("-")[1:]
+    return int(first), int(last)
+
+
+def stream_chunks(directory: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(directory, "steps-*.array_record")))
+
+
+def replay_iterator(directory: str, shape, order: str = "tandem", window: int = 1, seed: int = 0):
+    """Batches of a recorded stream: `tandem` (as recorded), `shuffle`, or `window` (k batches)."""
+    chunks = stream_chunks(directory)
+    if not chunks:
+        raise ValueError(f"config.replay.stream: {directory} holds no recorded stream chunks; "
+                         "run an online policy with record_stream=True first")
+    if order not in REPLAY_ORDERS:
+        raise ValueError(f"config.replay.order: {order!r} is unknown; use one of {REPLAY_ORDERS}")
+    records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(chunks))
+    records = records.map(lambda raw: serialization.msgpack_restore(raw))
+    n, b = len(records), shape.global_batch_size
+    if order == "shuffle":
+        records = records.shuffle(seed=seed)
+    elif order == "window":
+        span = window * b
+        perms = {}
+
+        def position(i):  # shuffle within each window of `window` batches
+            start = (i // span) * span
+            size = min(span, n - start)
+            if start not in perms:
+                perms[start] = np.random.default_rng([seed, start]).permutation(size)
+            return start + int(perms[start][i - start])
+        records = grain.MapDataset.range(n).map(lambda i, base=records: base[position(i)])
+    ordered = records.repeat(None)
+    local, local_b = pipelines._local_records(ordered, shape)
+    batches = local.batch(local_b, drop_remainder=True).map(
+        lambda d: PreferenceBatch(**{f: d[f] for f in FIELDS}))
+    return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+
+
+class OnlineSource:
+    """Sample two responses per prompt from the current policy; the proxy model ranks them."""
+
+    def __init__(self, prompt_iterator, to_global, policy, proxy, mesh, rules,
+                 sampling: SamplingConfig, recorder: StreamRecorder | None = None):
+        self.prompts, self.to_global, self.recorder = prompt_iterator, to_global, recorder
+        self.mesh, self.rules = mesh, rules
+        self.sampler = Sampler(policy, mesh, rules, sampling)
+        proxy_graphdef, self.proxy_state = nnx.split(proxy)
+        rows = sharding.batch_sharding(mesh, rules, 2)
+        with sharding.use(mesh, rules):
+            proxy_shardings = sharding.state_shardings(self.proxy_state, mesh)
+
+        def rank(proxy_state, prompt, prompt_mask, y1, y1_mask, y2, y2_mask):
+            margin = both_order_margin(nnx.merge(proxy_graphdef, proxy_state), prompt,
+                                       prompt_mask, y1, y1_mask, y2, y2_mask)
+            first = (margin >= 0)[:, None]
+            pick = lambda a, b: jnp.where(first, a, b)
+            return PreferenceBatch(prompt, prompt_mask, pick(y1, y2), pick(y1_mask, y2_mask),
+                                   pick(y2, y1), pick(y2_mask, y1_mask))
+
+        self._rank = jax.jit(rank, in_shardings=(proxy_shardings,) + (rows,) * 6,
+                             out_shardings=PreferenceBatch(*[rows] * 6))
+        self.stats: dict = {}
+        self.step = 0
+
+    def next_batch(self, policy_params, key) -> PreferenceBatch:
+        prompts = self.to_global(next(self.prompts))
+        k1, k2 = jax.random.split(key)
+        t0 = time.perf_counter()
+        y1 = self.sampler(policy_params, prompts.prompt, prompts.prompt_mask, k1)
+        y2 = self.sampler(policy_params, prompts.prompt, prompts.prompt_mask, k2)
+        jax.block_until_ready((y1.tokens, y2.tokens))
+        t1 = time.perf_counter()
+        with sharding.use(self.mesh, self.rules):
+            batch = self._rank(self.proxy_state, prompts.prompt, prompts.prompt_mask,
+                               y1.tokens, y1.mask, y2.tokens, y2.mask)
+        jax.block_until_ready(batch.chosen)
+        t2 = time.perf_counter()
+        sampled = float(jnp.sum(y1.mask) + jnp.sum(y2.mask))
+        self.stats = {"sample_s": t1 - t0, "score_s": t2 - t1,
+                      "sample_tokens_per_s": sampled / max(t1 - t0, 1e-9)}
+        self.step += 1
+        if self.recorder is not None:
+            self.recorder.record(self.step, batch)
+        return batch

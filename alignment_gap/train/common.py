@@ -1,0 +1,83 @@
+"""What every trainer sets up the same way: mesh, tokenizer, batch shape, models, metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from flax import nnx
+
+from alignment_gap import checkpoint, sharding
+from alignment_gap.data import datasets
+from alignment_gap.data.pipelines import BatchShape
+from alignment_gap.data.tokenizer import Tokenizer, check_fits_model
+from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
+from alignment_gap.train.loop import write_json
+
+MODEL_KINDS = {"lm": LanguageModel, "preference": PreferenceModel}
+
+
+@dataclasses.dataclass
+class Runtime:
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tokenizer: Tokenizer
+    shape: BatchShape  # This process's rows of each global batch.
+
+    def global_batch(self, local):
+        return sharding.global_batch(local, self.mesh, self.rules)
+
+    def batch_shardings(self, batch_cls):
+        rows = sharding.batch_sharding(self.mesh, self.rules, 2)
+        return batch_cls(*[rows] * len(dataclasses.fields(batch_cls)))
+
+    def replicated(self):
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+
+def runtime(config, workdir: str) -> Runtime:
+    mesh = sharding.make_mesh(config.mesh)
+    tok = datasets.tokenizer(config.data)
+    check_fits_model(tok, config.model.vocab_size)
+    rows = sharding.process_rows(mesh, config.mesh.rules, config.batch_size)
+    shape = BatchShape(config.batch_size, config.data.prompt_len, config.data.response_len, rows)
+    write_json(workdir, "config.json", config.to_dict())
+    return Runtime(mesh, config.mesh.rules, tok, shape)
+
+
+def model_config(model_cfg) -> TransformerConfig:
+    return TransformerConfig.from_config(model_cfg)
+
+
+def new_model(kind: str, model_cfg, rt: Runtime, seed: int):
+    cfg = model_config(model_cfg)
+    return sharding.create_sharded(lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(seed)), rt.mesh,
+                                   rt.rules)
+
+
+def meta(kind: str, model_cfg, rt: Runtime) -> dict:
+    return {"kind": kind, "model": model_cfg.to_dict(), "tokenizer": rt.tokenizer.fingerprint}
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints")
+
+
+def check_frozen(kind: str, run_dir: str, model_cfg, rt: Runtime, what: str):
+    """Fail before any compile if `run_dir` cannot provide the configured frozen model."""
+    directory = checkpoint_dir(run_dir)
+    _, saved = checkpoint.read_meta(directory, what)
+    checkpoint.check_compatible(saved, what=what, directory=directory, kind=kind,
+                                model=model_cfg.to_dict(), tokenizer_fingerprint=rt.tokenizer
+                                .fingerprint)
+
+
+def load_frozen(kind: str, run_dir: str, model_cfg, rt: Runtime):
+    """A model with the latest parameters of another run, created directly in its shardings."""
+    model = new_model(kind, model_cfg, rt, seed=0)
+    graphdef, params = nnx.split(model)
+    with sharding.use(rt.mesh, rt.rules):
+        shardings = sharding.state_shardings(params, rt.mesh)
+    restored = checkpoint.load_params(checkpoint_dir(run_dir), params, shardings)
+    return nnx.merge(graphdef, restored)

@@ -1,0 +1,129 @@
+"""The training loop every trainer runs, and the run-directory conventions around it.
+
+    for step in start+1 .. num_steps:
+        batch = next_batch(state, key)          # offline: the next dataset batch;
+                                                # online: sample with the current policy
+        state, metrics = update(state, batch, key)   # one jitted, donated update step
+        read the previous step's metrics          # one step late: the next step is in flight
+        every checkpoint_every steps and at the end: verify, evaluate, checkpoint
+
+A non-finite metric stops the run with its step and the last good checkpoint named; the bad
+state is never checkpointed. A run directory holds `config.json`, `checkpoints/`,
+`metrics.jsonl`, `tensorboard/` and, once finished, `DONE.json`; re-running a finished run says
+so and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+
+import jax
+
+from alignment_gap import metrics as metrics_lib
+from alignment_gap.checkpoint import Checkpointer
+
+DONE = "DONE.json"
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Raised with the failing step and the last good checkpoint named."""
+
+
+def finished_step(workdir: str) -> int | None:
+    path = os.path.join(workdir, DONE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return int(json.load(f)["step"])
+
+
+def already_finished(workdir: str, num_steps: int) -> bool:
+    """True (and says so) when `workdir` holds a run finished at >= num_steps steps."""
+    step = finished_step(workdir)
+    if step is not None and step >= num_steps:
+        if jax.process_index() == 0:
+            print(f"{workdir} already holds a finished run ({step} steps, {DONE}); "
+                  "nothing to do.", flush=True)
+        return True
+    return False
+
+
+def write_json(workdir: str, name: str, payload: dict):
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, os.path.join(workdir, name))
+
+
+@dataclasses.dataclass
+class Loop:
+    """What a trainer hands the loop. `update(state, batch, key) -> (state, metrics)`."""
+
+    config: object
+    workdir: str
+    update: Callable
+    next_batch: Callable  # (state, key) -> batch
+    checkpointer: Checkpointer
+    meta: dict
+    data_iterator: object = None
+    evaluate: Callable | None = None  # state -> (metrics, stop?)
+    on_checkpoint: Callable | None = None  # step -> None (e.g. seal the recorded stream)
+    progress_keys: tuple = ("loss",)
+
+    def run(self, state, rng) -> tuple[object, dict]:
+        c = self.config
+        writer, window = metrics_lib.Writer(self.workdir), metrics_lib.Window()
+        start = int(jax.device_get(state.step))
+        progress = metrics_lib.Progress(c.num_steps, start)
+        self.last_good = self.checkpointer.latest_step()
+        pending, last, stop = None, {}, False
+        for step in range(start + 1, c.num_steps + 1):
+            rng, key = jax.random.split(rng)
+            batch = self.next_batch(state, key)
+            state, step_metrics = self.update(state, batch, key)
+            if pending is not None:
+                last = self._record(*pending, window, writer, progress)
+            pending = (step, step_metrics)
+            if step % c.checkpoint_every == 0 or step == c.num_steps:
+                last = self._record(*pending, window, writer, progress)
+                pending = None
+                if self.evaluate is not None:
+                    scores, stop = self.evaluate(state)
+                    writer.write(step, scores, prefix="eval/")
+                    last.update({f"eval/{k}": v for k, v in scores.items()})
+                self.checkpointer.save(state, rng, self.meta, self.data_iterator)
+                self.checkpointer.wait()
+                self.last_good = step
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(step)
+                if stop:
+                    if jax.process_index() == 0:
+                        print(f"step {step}: stopping early (validation plateau)", flush=True)
+                    break
+        writer.close()
+        final_step = int(jax.device_get(state.step))
+        write_json(self.workdir, DONE, {"step": final_step, "metrics": last})
+        return state, last
+
+    def _record(self, step, step_metrics, window, writer, progress) -> dict:
+        host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        bad = {k: v for k, v in host.items() if not math.isfinite(v)}
+        if bad:
+            where = (self.checkpointer.path(self.last_good) if self.last_good is not None
+                     else "none (no checkpoint was written yet)")
+            raise NonFiniteLoss(f"step {step}: non-finite {bad}; stopped without checkpointing "
+                                f"this state; last good checkpoint: {where}")
+        window.add(host)
+        if step % self.config.log_every == 0 or step == self.config.num_steps:
+            averaged = window.compute()
+            window.reset()
+            writer.write(step, averaged)
+            progress.print(step, averaged, self.progress_keys)
+        return host

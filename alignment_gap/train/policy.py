@@ -1,0 +1,146 @@
+"""Policy optimisation (IPO, DPO, SLiC, Best-of-2) fed online or offline through one update step.
+
+The policy starts from the SFT checkpoint, which is also the frozen reference. `config.source`
+picks where batches come from - `online` (sample from the current policy, rank with the frozen
+proxy preference model) or `offline` (a preference dataset, or a replay of a recorded online
+stream) - and nothing else changes: the same jitted update step, compiled once, takes either.
+
+    python -m alignment_gap.main --config configs/policy.py:online_mini --workdir DIR
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alignment_gap import logprobs, losses, sharding
+from alignment_gap.batches import PreferenceBatch
+from alignment_gap.checkpoint import Checkpointer
+from alignment_gap.data import datasets, pipelines
+from alignment_gap.sampling import SamplingConfig
+from alignment_gap.sources import (
+    OfflineSource,
+    OnlineSource,
+    StreamRecorder,
+    dataset_iterator,
+    replay_iterator,
+)
+from alignment_gap.train import common
+from alignment_gap.train.loop import Loop, already_finished
+from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
+
+
+def _pair_logits(model, batch: PreferenceBatch):
+    """Response logits of chosen and rejected in one forward pass over 2B sequences."""
+    prompt = jnp.concatenate([batch.prompt, batch.prompt])
+    prompt_mask = jnp.concatenate([batch.prompt_mask, batch.prompt_mask])
+    responses = jnp.concatenate([batch.chosen, batch.rejected])
+    masks = jnp.concatenate([batch.chosen_mask, batch.rejected_mask])
+    return logprobs.response_logits(model, prompt, prompt_mask, responses, masks), responses, masks
+
+
+def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
+    """`loss_fn(policy, batch, extras)` for `make_update_step`; extras hold the reference."""
+
+    def loss_fn(policy, batch: PreferenceBatch, extras):
+        reference = nnx.merge(reference_graphdef, extras["reference"])
+        logits, responses, masks = _pair_logits(policy, batch)
+        ref_logits = jax.lax.stop_gradient(_pair_logits(reference, batch)[0])
+        per_token = jnp.where(masks, logprobs.token_logprobs(logits, responses), 0.0)
+        ref_per_token = jnp.where(masks, logprobs.token_logprobs(ref_logits, responses), 0.0)
+        seq, ref_seq = per_token.sum(-1), ref_per_token.sum(-1)
+        b = batch.prompt.shape[0]
+        policy_w, policy_l, ref_w, ref_l = seq[:b], seq[b:], ref_seq[:b], ref_seq[b:]
+        loss = jnp.mean(losses.policy_loss(name, beta, policy_w, policy_l, ref_w, ref_l))
+        h = losses.margin(policy_w, policy_l, ref_w, ref_l)
+        kl = logprobs.per_token_kl(logits, ref_logits, masks)
+        lengths = masks.sum(-1)
+        last = jnp.take_along_axis(responses, jnp.maximum(lengths - 1, 0)[:, None], -1)[:, 0]
+        return loss, {
+            "h": jnp.mean(h),
+            "chosen_logratio": jnp.mean(policy_w - ref_w),
+            "rejected_logratio": jnp.mean(policy_l - ref_l),
+            "classifier_accuracy": jnp.mean(h > 0),
+            "kl_per_token": kl.sum() / jnp.maximum(masks.sum(), 1),
+            "kl_sequence": jnp.mean(kl.sum(-1)),
+            "response_length": jnp.mean(lengths),
+            "eos_rate": jnp.mean((lengths > 0) & (last == eos_id)),
+        }
+
+    return loss_fn
+
+
+def sampling_config(config) -> SamplingConfig:
+    s = config.sampling
+    return SamplingConfig(max_new_tokens=config.data.response_len, temperature=s.temperature,
+                          top_k=s.top_k, top_p=s.top_p, eos_id=1, pad_id=0)
+
+
+def run(config, workdir: str):
+    if already_finished(workdir, config.num_steps):
+        return
+    rt = common.runtime(config, workdir)
+    # Every frozen input is checked before anything is built or compiled.
+    common.check_frozen("lm", config.sft_checkpoint, config.model, rt, "config.sft_checkpoint")
+    if config.source == "online":
+        common.check_frozen("preference", config.proxy_checkpoint, config.proxy_model, rt,
+                            "config.proxy_checkpoint")
+
+    policy = common.load_frozen("lm", config.sft_checkpoint, config.model, rt)
+    reference = common.load_frozen("lm", config.sft_checkpoint, config.model, rt)
+    ref_graphdef, ref_params = nnx.split(reference)
+    with sharding.use(rt.mesh, rt.rules):
+        ref_shardings = sharding.state_shardings(ref_params, rt.mesh)
+    tx = make_optimizer(config)
+    graphdef, state, shardings = init_train_state(policy, tx, rt.mesh, rt.rules)
+    loss_fn = make_policy_loss(config.loss, config.beta, rt.tokenizer.eos_id, ref_graphdef)
+    update = make_update_step(graphdef, tx, loss_fn, rt.mesh, rt.rules, shardings,
+                              rt.batch_shardings(PreferenceBatch), {"reference": ref_shardings})
+
+    ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
+    source, data_iterator, recorder = _source(config, rt, policy, workdir, ckpt)
+    rng = jax.random.key(config.seed)
+    if ckpt.latest_step() is not None:
+        state, rng, _ = ckpt.restore(state, shardings, data_iterator)
+    if isinstance(source, OnlineSource):
+        source.step = int(jax.device_get(state.step))  # stream records carry the loop's step
+
+    def step(state, batch, key):
+        state, metrics = update(state, batch, {"reference": ref_params})
+        return state, {**metrics, **source.stats}
+
+    loop = Loop(config, workdir, update=step,
+                next_batch=lambda s, key: source.next_batch(s.params, key),
+                checkpointer=ckpt, meta=common.meta("lm", config.model, rt),
+                data_iterator=data_iterator,
+                on_checkpoint=recorder.seal if recorder is not None else None,
+                progress_keys=("loss", "kl_sequence", "classifier_accuracy"))
+    state, _ = loop.run(state, rng)
+    ckpt.close()
+    return state
+
+
+def _source(config, rt, policy, workdir, ckpt):
+    """(source, checkpointable iterator, stream recorder or None)."""
+    if config.source == "offline":
+        if config.replay.stream:
+            iterator = replay_iterator(config.replay.stream, rt.shape, config.replay.order,
+                                       config.replay.window, config.seed)
+        else:
+            comparisons = datasets.comparisons(config.data)
+            iterator = dataset_iterator(comparisons["train"], rt.tokenizer, rt.shape,
+                                        config.seed, config.data.num_threads)
+        return OfflineSource(iterator, rt.global_batch), iterator, None
+    proxy = common.load_frozen("preference", config.proxy_checkpoint, config.proxy_model, rt)
+    prompts = datasets.prompts(config.data)["train"]
+    iterator = iter(pipelines.prompt_pipeline(prompts, rt.tokenizer, rt.shape, seed=config.seed,
+                                              num_threads=config.data.num_threads))
+    latest = ckpt.latest_step() or 0
+    recorder = (StreamRecorder(os.path.join(workdir, "stream"), latest)
+                if config.record_stream else None)
+    source = OnlineSource(iterator, rt.global_batch, policy, proxy, rt.mesh, rt.rules,
+                          sampling_config(config), recorder)
+    return source, iterator, recorder

@@ -1,0 +1,74 @@
+"""SFT trainer: next-token loss on responses (the paper trains on winners and losers alike).
+
+    python -m alignment_gap.main --config configs/sft.py:mini --workdir workdir/sft
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignment_gap import logprobs, losses, sharding
+from alignment_gap.batches import SFTBatch
+from alignment_gap.checkpoint import Checkpointer
+from alignment_gap.data import datasets, pipelines
+from alignment_gap.train import common
+from alignment_gap.train.loop import Loop, already_finished
+from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
+
+
+def sft_loss(model, batch: SFTBatch, extras=None):
+    per_token, _ = logprobs.sequence_logprobs(model, batch.prompt, batch.prompt_mask,
+                                              batch.response, batch.response_mask)
+    loss = losses.next_token_loss(per_token, batch.response_mask)
+    return loss, {"tokens": jnp.sum(batch.response_mask).astype(jnp.float32)}
+
+
+def responses_field(d) -> tuple[str, ...]:
+    if d.kind == "synthetic" and d.sft_source == "demonstrations":
+        return ("response",)
+    return ("chosen", "rejected")
+
+
+def run(config, workdir: str):
+    if already_finished(workdir, config.num_steps):
+        return
+    rt = common.runtime(config, workdir)
+    sources = datasets.demonstrations(config.data)
+    fields = responses_field(config.data)
+
+    def pipeline(split, seed, **kw):
+        return pipelines.sft_pipeline(sources[split], rt.tokenizer, rt.shape, seed=seed,
+                                      responses=fields, num_threads=config.data.num_threads, **kw)
+
+    model = common.new_model("lm", config.model, rt, config.seed)
+    tx = make_optimizer(config)
+    graphdef, state, shardings = init_train_state(model, tx, rt.mesh, rt.rules)
+    update = make_update_step(graphdef, tx, sft_loss, rt.mesh, rt.rules, shardings,
+                              rt.batch_shardings(SFTBatch))
+    train_iter = iter(pipeline("train", config.seed))
+    ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
+    rng = jax.random.key(config.seed)
+    if ckpt.latest_step() is not None:
+        state, rng, _ = ckpt.restore(state, shardings, train_iter)
+
+    eval_loss = jax.jit(lambda params, b: sft_loss(nnx.merge(graphdef, params), b)[0],
+                        out_shardings=rt.replicated())
+
+    def evaluate(state):
+        batches = pipeline("validation", 0, shuffle=False, num_epochs=1)
+        with sharding.use(rt.mesh, rt.rules):
+            values = [float(eval_loss(state.params, rt.global_batch(b)))
+                      for _, b in zip(range(config.eval_batches), batches, strict=False)]
+        return {"loss": float(np.mean(values))}, False
+
+    loop = Loop(config, workdir,
+                update=lambda s, b, key: update(s, b),
+                next_batch=lambda s, key: rt.global_batch(next(train_iter)),
+                checkpointer=ckpt, meta=common.meta("lm", config.model, rt),
+                data_iterator=train_iter, evaluate=evaluate)
+    state, _ = loop.run(state, rng)
+    ckpt.close()
+    return state
