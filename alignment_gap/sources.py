@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from alignment_gap import sharding
 from alignment_gap.batches import PreferenceBatch
+from alignment_gap.config_checks import ConfigError
 from alignment_gap.data import pipelines
 from alignment_gap.models.heads import both_order_margin
 from alignment_gap.sampling import Sampler, SamplingConfig
@@ -108,10 +109,10 @@ def replay_iterator(directory: str, shape, order: str = "tandem", window: int = 
     """Batches of a recorded stream: `tandem` (as recorded), `shuffle`, or `window` (k batches)."""
     chunks = stream_chunks(directory)
     if not chunks:
-        raise ValueError(f"config.replay.stream: {directory} holds no recorded stream chunks; "
+        raise ConfigError(f"config.replay.stream: {directory} holds no recorded stream chunks; "
                          "run an online policy with record_stream=True first")
     if order not in REPLAY_ORDERS:
-        raise ValueError(f"config.replay.order: {order!r} is unknown; use one of {REPLAY_ORDERS}")
+        raise ConfigError(f"config.replay.order: {order!r} is unknown; use one of {REPLAY_ORDERS}")
     records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(chunks))
     records = records.map(lambda raw: serialization.msgpack_restore(raw))
     n, b = len(records), shape.global_batch_size

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from alignment_gap.config_checks import ConfigError
 from alignment_gap.data import builders, real_data
 from alignment_gap.data import world as world_lib
 from alignment_gap.data.tokenizer import Tokenizer, synthetic_tokenizer
@@ -28,7 +29,7 @@ def tokenizer(d) -> Tokenizer:
     if d.tokenizer:
         return Tokenizer.load(d.tokenizer)
     if d.kind != "synthetic":
-        raise ValueError(f"config.data.tokenizer: empty, but data.kind={d.kind!r} needs an "
+        raise ConfigError(f"config.data.tokenizer: empty, but data.kind={d.kind!r} needs an "
                          "existing sentencepiece .model file; set its path")
     return synthetic_tokenizer(d.dir, world_config(d), d.vocab_size)
 
@@ -39,14 +40,14 @@ def initial_comparisons(d) -> dict:
         return builders.prepare(builders.synthetic_builder("comparisons", d.dir, world_config(d),
                                                            **_sizes(d)))
     if not d.manual_dir or not os.path.isdir(d.manual_dir):
-        raise ValueError(f"config.data.manual_dir: {d.manual_dir!r} is not a directory; put the "
+        raise ConfigError(f"config.data.manual_dir: {d.manual_dir!r} is not a directory; put the "
                          f"{d.kind} files there and set the path")
     if d.kind == "tldr":
         return builders.prepare(real_data.tldr_builder(d.dir), manual_dir=d.manual_dir)
     if d.kind == "hh":
         return builders.prepare(real_data.hh_builder(d.dir, d.hh_subset),
                                 manual_dir=d.manual_dir)
-    raise ValueError(f"config.data.kind: {d.kind!r} is unknown; use one of {KINDS}")
+    raise ConfigError(f"config.data.kind: {d.kind!r} is unknown; use one of {KINDS}")
 
 
 def comparisons(d) -> dict:
@@ -55,7 +56,7 @@ def comparisons(d) -> dict:
         return initial_comparisons(d)
     builder = builders.Comparisons(name=d.comparisons, data_dir=d.dir)
     if not builder.is_prepared():
-        raise ValueError(f"config.data.comparisons: no dataset {d.comparisons!r} under "
+        raise ConfigError(f"config.data.comparisons: no dataset {d.comparisons!r} under "
                          f"{d.dir}/comparisons; run the stage that writes it (e.g. relabel)")
     return builder.as_data_source()
 

@@ -83,7 +83,9 @@ def check_fingerprint(tokenizer: Tokenizer, recorded: str, what: str) -> None:
 
 def check_fits_model(tokenizer: Tokenizer, vocab_size: int, field: str = "model.vocab_size"):
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"config.{field}: {vocab_size} is smaller than tokenizer "
+        from alignment_gap.config_checks import ConfigError
+
+        raise ConfigError(f"config.{field}: {vocab_size} is smaller than tokenizer "
                          f"{tokenizer.path}'s {tokenizer.vocab_size} pieces; set it to >= "
                          f"{tokenizer.vocab_size}")
 
