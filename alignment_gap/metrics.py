@@ -75,6 +75,14 @@ class Progress:
     def __init__(self, total_steps: int, first_step: int = 0):
         self.total, self.first = total_steps, first_step
         self.start = time.perf_counter()
+        self._last_time, self._last_step = self.start, first_step
+
+    def window_rate(self, step: int) -> float:
+        """Steps per second since the previous call (the logging window)."""
+        now = time.perf_counter()
+        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, step
+        return rate
 
     def line(self, step: int, scalars: dict, keys=("loss",)) -> str:
         elapsed = time.perf_counter() - self.start

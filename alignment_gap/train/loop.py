@@ -124,6 +124,9 @@ class Loop:
         if step % self.config.log_every == 0 or step == self.config.num_steps:
             averaged = window.compute()
             window.reset()
+            averaged["steps_per_s"] = progress.window_rate(step)
+            if "tokens" in averaged:  # tokens through the update per step -> tokens/s
+                averaged["update_tokens_per_s"] = averaged["tokens"] * averaged["steps_per_s"]
             writer.write(step, averaged)
             progress.print(step, averaged, self.progress_keys)
         return host

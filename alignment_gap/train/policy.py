@@ -68,6 +68,7 @@ def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
             "kl_sequence": jnp.mean(kl.sum(-1)),
             "response_length": jnp.mean(lengths),
             "eos_rate": jnp.mean((lengths > 0) & (last == eos_id)),
+            "tokens": (2 * batch.prompt_mask.sum() + masks.sum()).astype(jnp.float32),
         }
 
     return loss_fn
