@@ -18,6 +18,7 @@ from alignment_gap.models.transformer import (
     KVCache,
     Transformer,
     TransformerConfig,
+    dense,
     param,
     positions_from_mask,
 )
@@ -45,9 +46,9 @@ class LanguageModel(nnx.Module):
                                       cache_index=cache_index)
         dt = jnp.dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:
-            logits = jnp.einsum("bld,vd->blv", hidden, self.backbone.embed[...].astype(dt))
+            logits = dense(hidden, self.backbone.embed[...].astype(dt).T)
         else:
-            logits = jnp.einsum("bld,dv->blv", hidden, self.head[...].astype(dt))
+            logits = dense(hidden, self.head[...].astype(dt))
         logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         return logits, cache
 
