@@ -16,6 +16,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from alignment_gap.train.state import TrainState
@@ -41,8 +42,10 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         items = {"params": ocp.args.StandardSave(state.params),
                  "opt_state": ocp.args.StandardSave(state.opt_state),
-                 "loop": ocp.args.StandardSave({"step": state.step,
-                                                "rng": jax.random.key_data(rng)}),
+                 # Host numpy, not a device array: the key lives on one local device, which
+                 # orbax cannot save from several processes.
+                 "loop": ocp.args.StandardSave({"step": np.asarray(jax.device_get(state.step)),
+                                                "rng": np.asarray(jax.random.key_data(rng))}),
                  "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -57,15 +60,17 @@ class Checkpointer:
                                                                   shardings.params)),
                  "opt_state": ocp.args.StandardRestore(abstract_like(state.opt_state,
                                                                      shardings.opt_state)),
-                 "loop": ocp.args.StandardRestore(),
+                 "loop": ocp.args.StandardRestore({"step": np.zeros((), np.int32),
+                                                   "rng": np.asarray(jax.random.key_data(
+                                                       jax.random.key(0)))}),
                  "meta": ocp.args.JsonRestore()}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         loop = restored["loop"]
-        new_state = TrainState(jax.device_put(loop["step"], shardings.step),
-                               restored["params"], restored["opt_state"])
-        rng = jax.random.wrap_key_data(jax.device_get(loop["rng"]))
+        step_array = jax.device_put(np.asarray(loop["step"], np.int32), shardings.step)
+        new_state = TrainState(step_array, restored["params"], restored["opt_state"])
+        rng = jax.random.wrap_key_data(np.asarray(loop["rng"]))
         return new_state, rng, restored["meta"]
 
     def path(self, step: int) -> str:
@@ -107,7 +112,8 @@ def check_compatible(meta: dict, *, what: str, directory: str, kind: str, model:
     saved = meta.get("model", {})
     diffs = [f"{k}={saved.get(k)!r} (configured {v!r})" for k, v in sorted(model.items())
              if k in ("vocab_size", "width", "num_layers", "num_heads", "num_kv_heads",
-                      "mlp_dim", "tie_embeddings") and saved.get(k) != v]
+                      "mlp_dim", "tie_embeddings", "rope_theta", "norm_eps")
+             and saved.get(k) != v]
     if diffs:
         raise IncompatibleCheckpoint(f"{what}: {directory} was trained with {', '.join(diffs)}; "
                                      "set the model config to match the checkpoint")

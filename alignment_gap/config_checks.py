@@ -91,10 +91,13 @@ def check_sampling(s):
 def validate(config, num_devices: int) -> None:
     """Raise ConfigError on the first problem found."""
     shape = mesh_shape(config.mesh, num_devices) if "mesh" in config else (1, 1, 1)
-    for name in ("model", "proxy_model"):
-        if name in config:
-            check_model(config[name], name)
-            check_model_on_mesh(config[name], shape, name)
+    models = [("model", config.get("model")), ("proxy_model", config.get("proxy_model"))]
+    if "eval" in config:
+        models.append(("eval.golden_model", config.eval.get("golden_model")))
+    for name, model in models:
+        if model is not None:
+            check_model(model, name)
+            check_model_on_mesh(model, shape, name)
     if "sampling" in config:
         check_sampling(config.sampling)
     if "loss" in config and config.loss not in POLICY_LOSSES:
@@ -112,6 +115,24 @@ def validate(config, num_devices: int) -> None:
                   f"{config.num_steps}", "shorten the warm-up or train longer")
     if "source" in config and config.source not in SOURCES:
         _fail("source", f"{config.source!r} is unknown", f"use one of {SOURCES}")
+    if config.get("source") == "online" and config.sampling.temperature <= 0:
+        _fail("sampling.temperature", "0 (greedy) makes both online samples identical, so "
+              "there is nothing to learn from", "use a temperature > 0 online")
+    if "sampling" in config and "model" in config and config.sampling.top_k > \
+            config.model.vocab_size:
+        _fail("sampling.top_k", f"{config.sampling.top_k} exceeds model.vocab_size="
+              f"{config.model.vocab_size}", "use a smaller top_k or 0 (off)")
+    for name in ("log_every", "checkpoint_every", "eval_batches", "max_to_keep"):
+        if name in config:
+            _positive(config, "", name)
+    if "data" in config:
+        _positive(config.data, "data", "prompt_len", "response_len")
+    if "eval" in config and "mesh" in config:
+        rows = shape[0] * shape[1]
+        for name in ("prompts", "pairs"):
+            if config.eval.get(name, 0) % rows:
+                _fail(f"eval.{name}", f"{config.eval[name]} is not divisible by mesh "
+                      f"data*fsdp={rows}", f"use a multiple of {rows}")
     if "beta" in config and config.beta <= 0:
         _fail("beta", f"must be positive, got {config.beta}", "the paper uses 0.1")
     lengths = config.data if "data" in config else config
@@ -119,13 +140,15 @@ def validate(config, num_devices: int) -> None:
         pair = config.get("task") == "preference_model"  # reads [prompt | y1 | y2]
         _check_max_len(config, "model", lengths, 2 if pair else 1)
         _check_max_len(config, "proxy_model", lengths, 2)
+        if "eval" in config:
+            _check_max_len(config.eval, "golden_model", lengths, 2, prefix="eval.")
 
 
-def _check_max_len(config, name, lengths, responses):
+def _check_max_len(config, name, lengths, responses, prefix=""):
     if name not in config:
         return
     needed = lengths.prompt_len + responses * lengths.response_len
     if needed > config[name].max_len:
-        _fail(f"{name}.max_len", f"{config[name].max_len} is shorter than the "
+        _fail(f"{prefix}{name}.max_len", f"{config[name].max_len} is shorter than the "
               f"{needed} tokens it reads (prompt_len + {responses} x response_len)",
               f"set it to >= {needed}")

@@ -33,10 +33,11 @@ _CLEAR_ERRORS = _clear_errors()
 
 def _tasks():
     from alignment_gap import demo
+    from alignment_gap.study import run as study
     from alignment_gap.train import policy, preference, sft
 
     return {"demo": demo.run, "sft": sft.run, "preference_model": preference.run,
-            "policy": policy.run}
+            "policy": policy.run, "study": study.run}
 
 
 def main(argv):

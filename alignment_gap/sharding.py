@@ -116,8 +116,10 @@ def process_rows(mesh, rules, global_rows: int) -> slice:
     blocks = _row_blocks(mesh, rules, global_rows)
     start, stop = blocks[0][0], blocks[-1][1]
     if sum(b - a for a, b in blocks) != stop - start:
-        raise ValueError(f"this process's batch rows {blocks} are not contiguous; order the mesh "
-                         "devices so each process holds one block of the batch axis")
+        from alignment_gap.config_checks import ConfigError
+
+        raise ConfigError(f"config.mesh: this process's batch rows {blocks} are not contiguous; "
+                          "order the mesh so each process holds one block of the batch axis")
     return slice(start, stop)
 
 

@@ -116,6 +116,17 @@ def replay_iterator(directory: str, shape, order: str = "tandem", window: int = 
     records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(chunks))
     records = records.map(lambda raw: serialization.msgpack_restore(raw))
     n, b = len(records), shape.global_batch_size
+    steps = [int(records[i]["step"]) for i in range(min(b + 1, n))]
+    if n < b or len(set(steps[:b])) != 1 or (n > b and steps[b] == steps[0]):
+        raise ConfigError(f"config.batch_size: {b} does not match the recorded stream in "
+                          f"{directory} (its first step holds {steps.count(steps[0])} pairs); "
+                          "replay with the batch size it was recorded with")
+    first = records[0]
+    if first["prompt"].shape[0] != shape.prompt_len or \
+            first["chosen"].shape[0] != shape.response_len:
+        raise ConfigError(f"config.data: prompt_len/response_len {shape.prompt_len}/"
+                          f"{shape.response_len} do not match the stream's "
+                          f"{first['prompt'].shape[0]}/{first['chosen'].shape[0]}; use those")
     if order == "shuffle":
         records = records.shuffle(seed=seed)
     elif order == "window":

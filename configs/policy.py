@@ -43,8 +43,16 @@ def get_config(variant: str = "online_mini") -> ml_collections.ConfigDict:
     c.sampling.temperature = 1.0  # Policy sampling temperature (online).
     c.sampling.top_k = 0  # 0: off.
     c.sampling.top_p = 1.0  # 1: off.
-    c.model.max_len = c.proxy_model.max_len = 128
+    c.eval = ml_collections.ConfigDict()
+    c.eval.golden_checkpoint = ""  # Run directory of the golden preference model; empty: no eval.
+    c.eval.golden_model = models.get_config("mini")  # The golden model's architecture.
+    c.eval.opponent_checkpoint = ""  # Run directory of the opponent policy; empty: the SFT policy.
+    c.eval.prompts = 512  # Fixed test prompts for win rates (the paper uses 2048).
+    c.eval.kl_prompts = 256  # Of those, prompts whose samples give the KL budget (paper: 256).
+    c.eval.pairs = 256  # Held-out comparisons for classifier accuracy and likelihood drift.
+    c.model.max_len = c.proxy_model.max_len = c.eval.golden_model.max_len = 128
     if variant.endswith("tiny"):
         c.data.train_pairs, c.data.validation_pairs, c.data.test_pairs = 200, 32, 32
         c.log_every, c.checkpoint_every = 2, 3
+        c.eval.prompts, c.eval.kl_prompts, c.eval.pairs = 16, 8, 16
     return c

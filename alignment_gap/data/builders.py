@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from alignment_gap.data import world as world_lib
 
@@ -129,8 +131,15 @@ class Comparisons(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(builder, manual_dir: str | None = None):
-    """Build the dataset unless already built; return split -> random-access data sources."""
+    """Build the dataset unless already built; return split -> random-access data sources.
+
+    With several processes, process 0 builds and the others wait, then all read.
+    """
     tfds.disable_progress_bar()
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-    builder.download_and_prepare(download_config=config)
+    if jax.process_index() == 0:
+        builder.download_and_prepare(download_config=config)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"prepare {builder.name}/{builder.builder_config.name}")
+        builder.download_and_prepare(download_config=config)  # finds it built: reads its info
     return builder.as_data_source()

@@ -8,6 +8,8 @@ dropped; the new dataset is written atomically by TFDS (a crash leaves no partia
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from flax import nnx
@@ -60,7 +62,9 @@ def model_judge(model, tokenizer, prompt_len: int, response_len: int, mesh, rule
     """A pairwise preference model as judge: chosen wins iff r(x,c,r) - r(x,r,c) >= 0."""
     graphdef, state = nnx.split(model)
 
-    @jax.jit
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    @functools.partial(jax.jit, out_shardings=replicated)
     def margins(state, prompt, prompt_mask, first, first_mask, second, second_mask):
         return both_order_margin(nnx.merge(graphdef, state), prompt, prompt_mask, first,
                                  first_mask, second, second_mask)

@@ -26,7 +26,9 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str) -> Tokenizer:
         if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer {path} does not exist; train one with "
+            from alignment_gap.config_checks import ConfigError
+
+            raise ConfigError(f"config.data.tokenizer: {path} does not exist; train one with "
                                     "Tokenizer.train(...) or point the config at a .model file")
         with open(path, "rb") as f:
             return cls(f.read(), path)
@@ -66,11 +68,14 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def decode(self, ids) -> str:
-        """Decode up to the first EOS; padding is dropped."""
+        """Decode up to the first EOS; padding is dropped; ids past the tokenizer's pieces (a
+        model's vocabulary may be larger) decode as unknown."""
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
-        return self.sp.decode([i for i in ids if i != self.pad_id])
+        unk = self.sp.unk_id()
+        return self.sp.decode([i if i < self.vocab_size else unk for i in ids
+                               if i != self.pad_id])
 
 
 def check_fingerprint(tokenizer: Tokenizer, recorded: str, what: str) -> None:
@@ -92,10 +97,15 @@ def check_fits_model(tokenizer: Tokenizer, vocab_size: int, field: str = "model.
 
 def synthetic_tokenizer(data_dir: str, world, vocab_size: int = 512, corpus_posts: int = 4000):
     """The synthetic world's tokenizer, trained once and cached beside its datasets."""
+    import jax
+    from jax.experimental import multihost_utils
+
     from alignment_gap.data import world as world_lib
 
     path = os.path.join(data_dir, "synthetic_world",
                         f"tokenizer-seed{world.seed}-v{vocab_size}.model")
-    if os.path.exists(path):
-        return Tokenizer.load(path)
-    return Tokenizer.train(world_lib.corpus(world, corpus_posts), vocab_size, path)
+    if not os.path.exists(path) and jax.process_index() == 0:
+        Tokenizer.train(world_lib.corpus(world, corpus_posts), vocab_size, path)
+    if jax.process_count() > 1:  # the others wait for process 0's file
+        multihost_utils.sync_global_devices(f"tokenizer {path}")
+    return Tokenizer.load(path)

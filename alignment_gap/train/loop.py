@@ -41,10 +41,20 @@ def finished_step(workdir: str) -> int | None:
         return int(json.load(f)["step"])
 
 
+def is_finished(workdir: str, num_steps: int) -> bool:
+    """Finished at >= num_steps steps, or stopped early (validation plateau) before that."""
+    path = os.path.join(workdir, DONE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        done = json.load(f)
+    return int(done["step"]) >= num_steps or bool(done.get("stopped_early"))
+
+
 def already_finished(workdir: str, num_steps: int) -> bool:
-    """True (and says so) when `workdir` holds a run finished at >= num_steps steps."""
+    """True (and says so) when `workdir` holds a finished run."""
     step = finished_step(workdir)
-    if step is not None and step >= num_steps:
+    if is_finished(workdir, num_steps):
         if jax.process_index() == 0:
             print(f"{workdir} already holds a finished run ({step} steps, {DONE}); "
                   "nothing to do.", flush=True)
@@ -76,6 +86,7 @@ class Loop:
     evaluate: Callable | None = None  # state -> (metrics, stop?)
     on_checkpoint: Callable | None = None  # step -> None (e.g. seal the recorded stream)
     progress_keys: tuple = ("loss",)
+    evaluate_at_start: bool = False  # Also evaluate the starting point (step 0) of a fresh run.
 
     def run(self, state, rng) -> tuple[object, dict]:
         c = self.config
@@ -84,6 +95,8 @@ class Loop:
         progress = metrics_lib.Progress(c.num_steps, start)
         self.last_good = self.checkpointer.latest_step()
         pending, last, stop = None, {}, False
+        if self.evaluate is not None and self.evaluate_at_start and start == 0:
+            writer.write(0, self.evaluate(state)[0], prefix="eval/")
         for step in range(start + 1, c.num_steps + 1):
             rng, key = jax.random.split(rng)
             batch = self.next_batch(state, key)
@@ -98,18 +111,19 @@ class Loop:
                     scores, stop = self.evaluate(state)
                     writer.write(step, scores, prefix="eval/")
                     last.update({f"eval/{k}": v for k, v in scores.items()})
+                if self.on_checkpoint is not None:  # before saving: a crash in between then
+                    self.on_checkpoint(step)         # leaves a chunk a resume will drop
                 self.checkpointer.save(state, rng, self.meta, self.data_iterator)
                 self.checkpointer.wait()
                 self.last_good = step
-                if self.on_checkpoint is not None:
-                    self.on_checkpoint(step)
                 if stop:
                     if jax.process_index() == 0:
                         print(f"step {step}: stopping early (validation plateau)", flush=True)
                     break
         writer.close()
         final_step = int(jax.device_get(state.step))
-        write_json(self.workdir, DONE, {"step": final_step, "metrics": last})
+        write_json(self.workdir, DONE, {"step": final_step, "metrics": last,
+                                        "stopped_early": stop})
         return state, last
 
     def _record(self, step, step_metrics, window, writer, progress) -> dict:

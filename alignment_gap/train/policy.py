@@ -20,6 +20,7 @@ from alignment_gap import logprobs, losses, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
+from alignment_gap.evaluation import Evaluator
 from alignment_gap.sampling import SamplingConfig
 from alignment_gap.sources import (
     OfflineSource,
@@ -74,10 +75,11 @@ def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
     return loss_fn
 
 
-def sampling_config(config) -> SamplingConfig:
+def sampling_config(config, tokenizer) -> SamplingConfig:
     s = config.sampling
     return SamplingConfig(max_new_tokens=config.data.response_len, temperature=s.temperature,
-                          top_k=s.top_k, top_p=s.top_p, eos_id=1, pad_id=0)
+                          top_k=s.top_k, top_p=s.top_p, eos_id=tokenizer.eos_id,
+                          pad_id=tokenizer.pad_id)
 
 
 def run(config, workdir: str):
@@ -89,6 +91,12 @@ def run(config, workdir: str):
     if config.source == "online":
         common.check_frozen("preference", config.proxy_checkpoint, config.proxy_model, rt,
                             "config.proxy_checkpoint")
+    if config.eval.golden_checkpoint:
+        common.check_frozen("preference", config.eval.golden_checkpoint, config.eval.golden_model,
+                            rt, "config.eval.golden_checkpoint")
+    if config.eval.opponent_checkpoint:
+        common.check_frozen("lm", config.eval.opponent_checkpoint, config.model, rt,
+                            "config.eval.opponent_checkpoint")
 
     policy = common.load_frozen("lm", config.sft_checkpoint, config.model, rt)
     reference = common.load_frozen("lm", config.sft_checkpoint, config.model, rt)
@@ -113,11 +121,16 @@ def run(config, workdir: str):
         state, metrics = update(state, batch, {"reference": ref_params})
         return state, {**metrics, **source.stats}
 
+    evaluator = None
+    if config.eval.golden_checkpoint:
+        evaluator = _evaluator(config, rt, policy, ref_params)
     loop = Loop(config, workdir, update=step,
                 next_batch=lambda s, key: source.next_batch(s.params, key),
                 checkpointer=ckpt, meta=common.meta("lm", config.model, rt),
                 data_iterator=data_iterator,
                 on_checkpoint=recorder.seal if recorder is not None else None,
+                evaluate=(lambda s: (evaluator(s.params), False)) if evaluator else None,
+                evaluate_at_start=True,
                 progress_keys=("loss", "kl_sequence", "classifier_accuracy"))
     state, _ = loop.run(state, rng)
     ckpt.close()
@@ -143,5 +156,34 @@ def _source(config, rt, policy, workdir, ckpt):
     recorder = (StreamRecorder(os.path.join(workdir, "stream"), latest)
                 if config.record_stream else None)
     source = OnlineSource(iterator, rt.global_batch, policy, proxy, rt.mesh, rt.rules,
-                          sampling_config(config), recorder)
+                          sampling_config(config, rt.tokenizer), recorder)
     return source, iterator, recorder
+
+
+def _evaluator(config, rt, policy, sft_params) -> Evaluator:
+    """Win rate vs the opponent (golden judge), KL to SFT, classifier accuracy, drift."""
+    e, d = config.eval, config.data
+    golden = common.load_frozen("preference", e.golden_checkpoint, e.golden_model, rt)
+    opponent = (nnx.state(common.load_frozen("lm", e.opponent_checkpoint, config.model, rt))
+                if e.opponent_checkpoint else sft_params)
+
+    def fixed(rows: int) -> pipelines.BatchShape:
+        return pipelines.BatchShape(rows, d.prompt_len, d.response_len,
+                                    sharding.process_rows(rt.mesh, rt.rules, rows))
+
+    prompt_source = datasets.prompts(d)["test"]
+    count = min(e.prompts, len(prompt_source))
+    prompts = next(iter(pipelines.prompt_pipeline(prompt_source, rt.tokenizer, fixed(count),
+                                                  seed=0, shuffle=False, num_epochs=1)))
+    texts = [pipelines._text(prompt_source[i]["prompt"]) for i in range(count)]
+    pairs = None
+    if e.pairs:
+        pair_source = datasets.comparisons(d)["validation"]
+        n = min(e.pairs, len(pair_source))
+        pairs = rt.global_batch(next(iter(pipelines.preference_pipeline(
+            pair_source, rt.tokenizer, fixed(n), seed=0, shuffle=False, num_epochs=1))))
+    world = datasets.world_config(d) if d.kind == "synthetic" else None
+    return Evaluator(lm=policy, sft_params=sft_params, golden=golden, opponent_params=opponent,
+                     prompts=rt.global_batch(prompts), pairs=pairs, mesh=rt.mesh, rules=rt.rules,
+                     sampling=sampling_config(config, rt.tokenizer), kl_prompts=e.kl_prompts,
+                     tokenizer=rt.tokenizer, prompt_texts=texts, world=world, seed=config.seed)

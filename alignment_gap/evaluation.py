@@ -1,0 +1,115 @@
+"""Evaluating a policy the way the paper does (Tang et al. 2024, Sec. 3; PAPER.md).
+
+* **Win rate** against a fixed opponent (the SFT policy, or a "golden policy"), judged by the
+  golden preference model's both-order sign rule on a fixed prompt subset (a tie counts 1/2).
+* **KL budget**: one sample per prompt, the exact per-token KL to the SFT policy summed over
+  tokens, averaged over prompts.
+* **Oracle win rate** (synthetic world only): the same comparison judged by the exact oracle.
+* **Policy-as-classifier accuracy** on held-out `D_golden` pairs (`h(yw, yl) > 0`) and
+  **likelihood drift** `E[log pi(yw) - log pi_sft(yw)]` (paper Fig. 6-8).
+
+Prompts and samples are fixed per evaluator (the same keys at every checkpoint), so curves
+move only because the policy moves. The opponent's responses are sampled once and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from alignment_gap import logprobs, sharding
+from alignment_gap.batches import PreferenceBatch, PromptBatch
+from alignment_gap.data import world as world_lib
+from alignment_gap.models.heads import both_order_margin
+from alignment_gap.sampling import Sampler, SamplingConfig
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class Evaluator:
+    def __init__(self, *, lm, sft_params, golden, opponent_params, prompts: PromptBatch,
+                 pairs: PreferenceBatch | None, mesh, rules, sampling: SamplingConfig,
+                 kl_prompts: int, tokenizer=None, prompt_texts=None, world=None, seed: int = 0):
+        self.mesh, self.rules = mesh, rules
+        self.graphdef, _ = nnx.split(lm)
+        self.sft_params, self.prompts, self.pairs = sft_params, prompts, pairs
+        self.kl_prompts, self.tokenizer, self.world = kl_prompts, tokenizer, world
+        self.post_words = ([world_lib.post_words_from_prompt(t) for t in prompt_texts]
+                           if world is not None else None)
+        self.sampler = Sampler(lm, mesh, rules, sampling)
+        self.key = jax.random.key(seed)
+        golden_graphdef, self.golden_state = nnx.split(golden)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        graphdef = self.graphdef
+
+        @functools.partial(jax.jit, out_shardings=replicated)
+        def judge(golden_state, prompt, prompt_mask, ours, ours_mask, theirs, theirs_mask):
+            margin = both_order_margin(nnx.merge(golden_graphdef, golden_state), prompt,
+                                       prompt_mask, ours, ours_mask, theirs, theirs_mask)
+            return jnp.where(margin > 0, 1.0, jnp.where(margin < 0, 0.0, 0.5))
+
+        @functools.partial(jax.jit, out_shardings=replicated)
+        def kl(params, sft_params, prompt, prompt_mask, response, response_mask):
+            return logprobs.sequence_kl(nnx.merge(graphdef, params),
+                                        nnx.merge(graphdef, sft_params), prompt, prompt_mask,
+                                        response, response_mask)
+
+        @functools.partial(jax.jit, out_shardings=replicated)
+        def classify(params, sft_params, b: PreferenceBatch):
+            policy, sft = nnx.merge(graphdef, params), nnx.merge(graphdef, sft_params)
+            seq = lambda m, y, ym: logprobs.sequence_logprobs(m, b.prompt, b.prompt_mask, y,
+                                                              ym)[1]
+            pw, pl = seq(policy, b.chosen, b.chosen_mask), seq(policy, b.rejected, b.rejected_mask)
+            sw, sl = seq(sft, b.chosen, b.chosen_mask), seq(sft, b.rejected, b.rejected_mask)
+            h = (pw - sw) - (pl - sl)
+            return {"classifier_accuracy": jnp.mean(h > 0), "likelihood_drift": jnp.mean(pw - sw)}
+
+        self._judge, self._kl, self._classify = judge, kl, classify
+        self.opponent = self._sample(opponent_params, jax.random.fold_in(self.key, 1))
+
+    def _sample(self, params, key):
+        with sharding.use(self.mesh, self.rules):
+            return self.sampler(params, self.prompts.prompt, self.prompts.prompt_mask, key)
+
+    def __call__(self, params) -> dict:
+        ours = self._sample(params, jax.random.fold_in(self.key, 2))
+        p = self.prompts
+        with sharding.use(self.mesh, self.rules):
+            wins = self._judge(self.golden_state, p.prompt, p.prompt_mask, ours.tokens, ours.mask,
+                               self.opponent.tokens, self.opponent.mask)
+            kls = self._kl(params, self.sft_params, p.prompt, p.prompt_mask, ours.tokens,
+                           ours.mask)
+            result = {"win_rate": float(jnp.mean(wins)),
+                      "kl": float(jnp.mean(kls[: self.kl_prompts])),
+                      "response_length": float(jnp.mean(ours.mask.sum(-1)))}
+            if self.pairs is not None:
+                result.update({k: float(v) for k, v in
+                               self._classify(params, self.sft_params, self.pairs).items()})
+        if self.world is not None:
+            result["oracle_win_rate"] = self._oracle_win_rate(ours)
+        return result
+
+    def _oracle_win_rate(self, ours) -> float:
+        mine, theirs = _host(ours.tokens), _host(self.opponent.tokens)
+        scores = []
+        for words, a, b in zip(self.post_words, mine, theirs, strict=True):
+            sa = world_lib.oracle_score(self.world, words, self.tokenizer.decode(a).split())
+            sb = world_lib.oracle_score(self.world, words, self.tokenizer.decode(b).split())
+            scores.append(1.0 if sa > sb else 0.0 if sa < sb else 0.5)
+        return float(np.mean(scores))
+
+    def samples(self, params, count: int = 8) -> list[dict]:
+        """A few (prompt, policy sample, opponent sample) texts for reports and notebooks."""
+        ours = self._sample(params, jax.random.fold_in(self.key, 2))
+        prompts, mine, theirs = (_host(x) for x in (self.prompts.prompt, ours.tokens,
+                                                    self.opponent.tokens))
+        return [{"prompt": self.tokenizer.decode(prompts[i]),
+                 "policy": self.tokenizer.decode(mine[i]),
+                 "opponent": self.tokenizer.decode(theirs[i])} for i in range(count)]

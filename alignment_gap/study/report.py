@@ -1,0 +1,105 @@
+"""The Fig. 1 style plot and the Markdown report a person reads."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from alignment_gap.study import results  # noqa: E402
+
+COLORS = {"online": "tab:blue", "offline": "tab:orange"}
+
+
+def frontier_plot(rows, path: str):
+    """x = log KL, y = golden win rate (left) and oracle win rate (right); one dot per
+    checkpoint, online runs per seed, offline as the best frontier over its sweep."""
+    metrics = [("win_rate", "golden-model win rate")]
+    if any(np.isfinite(r["oracle_win_rate"]) for r in rows):
+        metrics.append(("oracle_win_rate", "oracle win rate (synthetic world)"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], metrics, strict=True):
+        for method in ("online", "offline"):
+            pts = [(r["kl"], r[metric]) for r in rows
+                   if r["method"] == method and r["step"] > 0 and r["kl"] > 0]
+            if not pts:
+                continue
+            kl, value = np.array(pts).T
+            ax.scatter(kl, value, s=14, alpha=0.35, color=COLORS[method])
+            edge = results.frontier(pts)
+            ax.plot(*np.array(edge).T, "-o", ms=4, color=COLORS[method],
+                    label=f"{method} (frontier)")
+        ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("KL(policy || SFT), nats (log scale)")
+        ax.set_ylabel(label)
+        ax.legend(loc="best")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Online vs offline IPO at matched KL (cf. Tang et al. 2024, Fig. 1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(mean_ci) -> str:
+    mean, half = mean_ci
+    if not np.isfinite(mean):
+        return "-"
+    return f"{mean:.3f}" + (f" +- {half:.3f}" if np.isfinite(half) else "")
+
+
+def markdown(study, rows, timings: dict, extras: dict) -> str:
+    p, g = results.peaks(rows), results.peaks(rows, "oracle_win_rate")
+    lines = ["# Online vs offline: the controlled study", "",
+             f"**{results.verdict(rows)}**", "",
+             "![frontier](frontier.png)", "",
+             "## Peak win rate (best checkpoint per seed; offline: best over its sweep)", "",
+             "| method | golden win rate | oracle win rate | seeds |", "| --- | --- | --- | --- |"]
+    for method in sorted(p):
+        lines.append(f"| {method} | {_fmt(p[method]['mean_ci'])} | "
+                     f"{_fmt(g.get(method, {}).get('mean_ci', (np.nan, np.nan)))} | "
+                     f"{len(p[method]['per_seed'])} |")
+    lines += ["", "## Win rate at matched KL budgets (best checkpoint in each bin, mean over "
+              "seeds +- 95% CI)", "", "| KL (nats) | online | offline |", "| --- | --- | --- |"]
+    for entry in results.matched_kl(rows):
+        lo, hi = entry["kl_bin"]
+        lines.append(f"| [{lo:g}, {hi:g}) | {_fmt(entry.get('online', (np.nan,) * 2))} | "
+                     f"{_fmt(entry.get('offline', (np.nan,) * 2))} |")
+    lines += ["", "## Setting", "",
+              f"- opponent: {study.opponent}; judge: the golden preference model (both-order "
+              "sign rule); oracle: the synthetic world's exact score",
+              f"- policy `{study.model.name}`, proxy `{study.proxy_model.name}`, golden "
+              f"`{study.golden_model.name}`; loss {study.policy.loss}, online beta "
+              f"{study.policy.beta}; seeds {list(study.seeds)}",
+              f"- D_initial {study.data.train_pairs} pairs; evaluation on {study.eval.prompts} "
+              f"prompts, KL on {study.eval.kl_prompts}",
+              f"- offline sweep: lr {list(study.offline_learning_rates)} x beta "
+              f"{list(study.offline_betas)} x steps {list(study.offline_steps)}"]
+    for key, value in extras.items():
+        lines.append(f"- {key}: {value}")
+    lines += ["", "## Stage wall time (this machine, seconds; skipped stages keep earlier "
+              "times)", "", "| stage | s |", "| --- | --- |"]
+    lines += [f"| {name} | {sec:.0f} |" for name, sec in timings.items()]
+    lines += ["", f"Total: {sum(timings.values()):.0f} s. Results: `results.csv`, "
+              "`results.json`; every run's metrics: `stages/*/metrics.jsonl`.", ""]
+    return "\n".join(lines)
+
+
+def write_report(study, rows, timings, extras, workdir: str) -> str:
+    frontier_plot(rows, os.path.join(workdir, "frontier.png"))
+    text = markdown(study, rows, timings, extras)
+    path = os.path.join(workdir, "report.md")
+    with open(path, "w") as f:
+        f.write(text)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump({"verdict": results.verdict(rows), "peaks": results.peaks(rows),
+                   "oracle_peaks": results.peaks(rows, "oracle_win_rate"),
+                   "matched_kl": results.matched_kl(rows), "timings": timings, **extras},
+                  f, indent=2, default=str)
+    return path

@@ -1,0 +1,86 @@
+"""Entry point of the study task: run the stages, then the table, the plot and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from alignment_gap.study import pipeline, report, results
+
+
+def _done(stage, workdir) -> dict:
+    path = os.path.join(stage.directory(workdir), "DONE.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def run(config, workdir: str):
+    stages = pipeline.build_stages(config, workdir)
+    pending = [s.name for s in stages
+               if not pipeline.is_finished(s.directory(workdir), s.config.get("num_steps", 1))]
+    if not pending and jax.process_index() == 0:
+        print(f"{workdir}: every stage is already finished; rewriting the report only.")
+    timings = pipeline.run_stages(stages, workdir)
+    samples = side_by_side(config, stages, workdir)  # every process: it runs the models
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, "samples.json"), "w") as f:
+        json.dump(samples, f, indent=1)
+    rows = results.collect(stages, workdir)
+    results.write(rows, workdir)
+    by_name = {s.name: s for s in stages}
+    extras = {
+        "golden model validation accuracy (vs D_initial labels)":
+            _done(by_name["golden"], workdir).get("metrics", {}).get("eval/accuracy"),
+        "proxy model validation accuracy (vs D_golden labels)":
+            _done(by_name["proxy"], workdir).get("metrics", {}).get("eval/accuracy"),
+        "D_initial labels kept by the golden relabelling":
+            _done(by_name["relabel"], workdir).get("kept_initial_label"),
+    }
+    path = report.write_report(config, rows, timings, extras, workdir)
+    print(results.verdict(rows))
+    print(f"report: {path}")
+
+
+def side_by_side(config, stages, workdir: str, count: int = 8) -> dict:
+    """Test posts with the SFT, online and best offline policies' (greedy) summaries."""
+    import numpy as np
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    from alignment_gap import sharding
+    from alignment_gap.data import datasets, pipelines
+    from alignment_gap.sampling import Sampler, SamplingConfig
+    from alignment_gap.train import common
+
+    rows = results.collect(stages, workdir)
+    best_offline = max((r for r in rows if r["method"] == "offline"),
+                       key=lambda r: r["win_rate"], default=None)
+    policies = {"sft": next(s for s in stages if s.name == "sft")}
+    online = [s for s in stages if s.meta.get("method") == "online"]
+    if online:
+        policies["online"] = online[0]
+    if best_offline is not None:
+        policies["offline"] = next(s for s in stages if s.name == best_offline["stage"])
+    stage_cfg = policies["sft"].config
+    rt = common.runtime(stage_cfg, os.path.join(workdir, "stages", "samples"))
+    source = datasets.prompts(config.data)["test"]
+    shape = pipelines.BatchShape(count, config.data.prompt_len, config.data.response_len,
+                                 sharding.process_rows(rt.mesh, rt.rules, count))
+    prompts = rt.global_batch(next(iter(pipelines.prompt_pipeline(
+        source, rt.tokenizer, shape, seed=0, shuffle=False, num_epochs=1))))
+    sampling = SamplingConfig(max_new_tokens=config.data.response_len, temperature=0.0)
+    out = [{"prompt": pipelines._text(source[i]["prompt"])} for i in range(count)]
+    for name, stage in policies.items():
+        lm = common.load_frozen("lm", stage.directory(workdir), config.model, rt)
+        tokens = Sampler(lm, rt.mesh, rt.rules, sampling)(
+            nnx.state(lm), prompts.prompt, prompts.prompt_mask, jax.random.key(0)).tokens
+        tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+        for row, ids in zip(out, tokens, strict=True):
+            row[name] = rt.tokenizer.decode(ids)
+    return {"policies": {k: v.name for k, v in policies.items()}, "greedy": True,
+            "samples": out}

@@ -1,0 +1,80 @@
+"""The controlled study (PAPER.md, Fig. 1) end to end, from one command.
+
+    python -m alignment_gap.main --config configs/study.py:mini --workdir workdir/study
+Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini` (the default
+of `make study`: meaningful in under 15 minutes on 2 cores), `mini_golden_opponent` (the
+paper's golden-policy opponent), and accelerator presets (`tpu_v5p_3b`, `gpu_h100_770m`) that
+swap only the model sizes and the mesh.
+"""
+
+import ml_collections
+
+from configs import common, meshes, models
+
+
+def _stage(steps, batch_size, learning_rate):
+    s = ml_collections.ConfigDict()
+    s.steps = steps  # Update steps.
+    s.batch_size = batch_size  # Global batch.
+    s.learning_rate = learning_rate  # Peak learning rate.
+    return s
+
+
+def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "study"  # Which entry point main.py runs.
+    c.seeds = [0, 1, 2]  # Policy-run seeds (online and offline); headline numbers average them.
+    common.add_runtime(c, model_size="mini")  # c.model: the policy (and SFT, reference) size.
+    c.batch_size = 32  # Pairs per policy step (the paper's 32 prompts, one pair each).
+    c.golden_model = models.get_config("mini")  # The golden preference model (paper: 11B).
+    c.proxy_model = models.get_config("mini")  # The proxy preference model (paper: 770M).
+    c.sft = _stage(1500, 32, 3e-3)  # SFT on D_initial's responses, winners and losers.
+    c.golden = _stage(3000, 32, 1e-3)  # Golden preference model on D_initial.
+    c.proxy = _stage(2000, 32, 1e-3)  # Proxy preference model on D_golden, from SFT.
+    c.policy = ml_collections.ConfigDict()
+    c.policy.loss = "ipo"  # The policy loss of every run (ipo | dpo | slic | best_of_two).
+    c.policy.beta = 0.1  # KL strength of the online runs (the paper's default).
+    c.policy.steps = 400  # Online steps per run.
+    c.policy.checkpoint_every = 50  # Checkpoint and evaluation interval (one curve point each).
+    c.policy.temperature = 1.0  # Sampling temperature of the online policy and evaluations.
+    c.online_learning_rates = [2e-4]  # Online runs per seed (one each).
+    c.offline_learning_rates = [5e-4, 1e-3]  # The offline sweep: lr x beta x steps per seed.
+    c.offline_betas = [0.1]
+    c.offline_steps = [400]
+    c.opponent = "sft"  # sft | golden_policy: whom win rates are against.
+    c.golden_policy_steps = 400  # golden_policy: online IPO steps against the golden model.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.prompts = 512  # Fixed test prompts per evaluation (paper: 2048).
+    c.eval.kl_prompts = 256  # Prompts whose samples measure the KL budget (paper: 256).
+    c.eval.pairs = 256  # Held-out D_golden pairs for classifier accuracy and drift.
+    c.data.train_pairs = 20_000
+    c.data.label_temperature = 0.15  # Label noise: the proxy must find a learnable signal.
+    for m in (c.model, c.golden_model, c.proxy_model):
+        m.max_len = c.data.prompt_len + 2 * c.data.response_len
+    if variant in ("smoke", "tiny"):
+        c.seeds = [0]
+        c.data.train_pairs, c.data.validation_pairs, c.data.test_pairs = 400, 64, 64
+        c.sft, c.golden, c.proxy = _stage(60, 16, 3e-3), _stage(60, 16, 1e-3), _stage(40, 16,
+                                                                                        1e-3)
+        c.batch_size = 8
+        c.policy.steps, c.policy.checkpoint_every = 12, 6
+        c.offline_learning_rates, c.offline_steps = [5e-4], [12]
+        c.golden_policy_steps = 6
+        c.eval.prompts, c.eval.kl_prompts, c.eval.pairs = 32, 16, 32
+    elif variant == "mini_golden_opponent":
+        c.opponent = "golden_policy"
+    elif variant == "tpu_v5p_3b":  # Same study, bigger models, FSDP x tensor on a pod slice.
+        c.model, c.proxy_model, c.golden_model = (models.get_config(s) for s in
+                                                  ("3b", "770m", "11b"))
+        c.mesh = meshes.get_config("fsdp_tp4")
+    elif variant == "gpu_h100_770m":
+        c.model, c.proxy_model, c.golden_model = (models.get_config(s) for s in
+                                                  ("770m", "770m", "3b"))
+        c.mesh = meshes.get_config("fsdp")
+    elif variant != "mini":
+        raise ValueError(f"study variant {variant!r} is unknown")
+    if variant.startswith(("tpu", "gpu")):
+        for m in (c.model, c.golden_model, c.proxy_model):
+            m.dtype = "bfloat16"
+            m.max_len = c.data.prompt_len + 2 * c.data.response_len
+    return c
