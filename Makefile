@@ -16,7 +16,7 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 lint: install
 	$(BIN)/ruff check .

@@ -23,7 +23,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=9.0", "ruff>=0.17", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+    "test": ["pytest>=9.0", "pytest-xdist>=3.6", "ruff>=0.17", "nbclient>=0.10", "nbformat>=5.10",
+             "ipykernel>=6.29"],
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
     "notebooks": ["jupyter", "nbconvert", "ipykernel", "pandas"],
