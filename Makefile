@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-WORKDIR ?= workdir/demo
+WORKDIR ?= workdir/study
 
 .PHONY: install test lint study bench clean
 
@@ -22,7 +22,7 @@ lint: install
 	$(BIN)/ruff check .
 
 study: install
-	$(BIN)/python -m alignment_gap.main --config configs/demo.py:mini --workdir $(WORKDIR)
+	$(BIN)/python -m alignment_gap.main --config configs/study.py:mini --workdir $(WORKDIR)
 
 bench: install
 	$(BIN)/python bench/foundation.py

@@ -26,7 +26,7 @@ from alignment_gap import sharding
 from alignment_gap.logprobs import token_logprobs
 from alignment_gap.models.transformer import KVCache, positions_from_mask
 
-_CACHE_AXES = (None, "batch", "length", "kv_heads", "head_dim")
+_CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +89,7 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
 
     if use_cache:
         cache = KVCache.zeros(lm.cfg, batch, p + r)
-        cache = KVCache(sharding.constrain(cache.k, _CACHE_AXES),
-                        sharding.constrain(cache.v, _CACHE_AXES))
+        cache = jax.tree.map(lambda x: sharding.constrain(x, _CACHE_AXES), cache)
         logits, cache = lm(prompt_BxP, prompt_mask_BxP, cache=cache, cache_index=0,
                            cache_mask_BxS=seq_mask)
     else:
@@ -111,7 +110,7 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
         done = s.done | (token == cfg.eos_id)
         slot = p + s.step
         cache_mask = s.cache_mask.at[:, slot].set(live)
-        sequence = s.sequence.at[:, slot].set(token)
+        sequence = s.sequence if use_cache else s.sequence.at[:, slot].set(token)
         if use_cache:
             positions = (first_position + s.step)[:, None]
             logits, cache = lm(token[:, None], live[:, None], positions_BxL=positions,

@@ -53,16 +53,21 @@ class TransformerConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer, `[layers, batch, slots, kv_heads, head_dim]` each."""
+    """Keys and values, one `[batch, slots, kv_heads, head_dim]` array per layer.
 
-    k: jax.Array
-    v: jax.Array
+    Separate arrays (not one stacked array) let XLA update each layer's buffer in place inside
+    the decode loop; slicing a layer out of a stacked cache would copy it every step.
+    """
+
+    k: tuple
+    v: tuple
 
     @classmethod
     def zeros(cls, cfg: TransformerConfig, batch: int, slots: int) -> KVCache:
-        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
         dtype = jnp.dtype(cfg.dtype)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 
 
 def param(rngs: nnx.Rngs, init, shape, axes) -> nnx.Param:
@@ -124,7 +129,6 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions_BxL, cfg.rope_theta)
         k = apply_rope(k, positions_BxL, cfg.rope_theta)
         length = x_BxLxD.shape[1]
-        new_kv = (k, v)
         if cache_kv is None:
             query_slot = jnp.arange(length)
         else:
@@ -133,6 +137,7 @@ class Attention(nnx.Module):
             k = write(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
             v = write(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
             query_slot = cache_index + jnp.arange(length)
+        new_kv = (k, v)  # The whole updated buffers when caching.
         key_slot = jnp.arange(k.shape[1])
         visible_BxLxS = (key_slot[None, :] <= query_slot[:, None])[None] & key_mask_BxS[:, None, :]
 
@@ -204,15 +209,14 @@ class Transformer(nnx.Module):
             segment_table = sharding.constrain(self.segment_embed[...], (None, None))
             x = x + jnp.take(segment_table, segments_BxL, axis=0).astype(dt)
         x = sharding.constrain(x, ("batch", "length", "embed_act"))
+        new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x, (k, v) = block(x, positions_BxL, key_mask_BxS, layer_cache, cache_index)
-            if cache is not None:  # Write only this chunk into the stacked cache (in place in XLA).
-                at = (i, 0, cache_index, 0, 0)
-                cache = KVCache(
-                    jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
-                    jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))
-        return self.final_norm(x), cache
+            new_k.append(k)
+            new_v.append(v)
+        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v))
+        return self.final_norm(x), new_cache
 
 
 def positions_from_mask(mask_BxL):
