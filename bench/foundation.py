@@ -1,6 +1,8 @@
 """Foundation benchmark: update-step throughput vs the machine's matmul peak; sampler speed.
 
     python bench/foundation.py [--sizes mini,60m] [--out bench/out/foundation.json]
+    # one GPU (H100 class), bf16, under 5 minutes:
+    python bench/foundation.py --sizes 250m,770m --sampler_sizes 250m,770m --dtype bfloat16
 
 All figures come from one process in one sitting, so the ratios (fraction of peak, cache
 speed-up) are the numbers to compare across machines. Prints a table and writes JSON.
@@ -31,7 +33,9 @@ from alignment_gap.train.state import init_train_state, make_update_step
 from configs import meshes, models
 
 # size: (batch, sequence length) for the update step.
-TRAIN_SHAPES = {"mini": (32, 128), "peer": (32, 48), "60m": (8, 256), "250m": (4, 256)}
+TRAIN_SHAPES = {"mini": (32, 128), "peer": (32, 48), "60m": (8, 256), "250m": (4, 256),
+                "770m": (8, 512)}
+GPU_TRAIN_SHAPES = {"250m": (32, 512), "770m": (16, 512)}  # when an accelerator is present
 
 
 def timed(fn, repeats: int) -> float:
@@ -46,6 +50,8 @@ def timed(fn, repeats: int) -> float:
 
 
 def matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
+    if jax.default_backend() != "cpu":
+        n = 8192  # big enough to saturate an accelerator
     a = jnp.ones((n, n), dtype)
     dot = jax.jit(lambda x: x @ x)
     return 2 * n**3 / timed(lambda: dot(a), 10)
@@ -59,13 +65,18 @@ def train_flops_per_token(cfg: TransformerConfig, context: int) -> float:
     return 6 * matmul_params + 12 * cfg.num_layers * cfg.width * context
 
 
+DTYPE = "float32"
+
+
 def _lm(size: str, mesh, rules, **overrides):
-    cfg = TransformerConfig.from_config(models.get_config(size), **overrides)
+    cfg = TransformerConfig.from_config(models.get_config(size), dtype=DTYPE, **overrides)
     return cfg, sharding.create_sharded(lambda: LanguageModel(cfg, nnx.Rngs(0)), mesh, rules)
 
 
 def bench_update(size: str, mesh, rules, peak: float) -> dict:
-    batch, length = TRAIN_SHAPES[size]
+    shapes = TRAIN_SHAPES if jax.default_backend() == "cpu" else {**TRAIN_SHAPES,
+                                                                  **GPU_TRAIN_SHAPES}
+    batch, length = shapes[size]
     cfg, lm = _lm(size, mesh, rules, max_len=max(length, 64))
     tx = optax.adamw(1e-4)
     graphdef, state, state_sh = init_train_state(lm, tx, mesh, rules)
@@ -116,18 +127,22 @@ def main():
     parser.add_argument("--sizes", default="mini,60m")
     parser.add_argument("--sampler_sizes", default="mini,peer")
     parser.add_argument("--out", default="bench/out/foundation.json")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
+    global DTYPE
+    DTYPE = args.dtype
 
     mesh_cfg = meshes.get_config("cpu")
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
     rules = mesh_cfg.rules
-    peak = matmul_peak()
+    peak = matmul_peak(dtype=jnp.dtype(args.dtype))
     rows = [bench_update(s, mesh, rules, peak) for s in args.sizes.split(",") if s]
     samplers = [bench_sampler(s, mesh, rules) for s in args.sampler_sizes.split(",") if s]
 
     device = jax.devices()[0]
     print(f"\n{device.platform} ({device.device_kind}), {os.cpu_count()} cores, "
-          f"jax {jax.__version__}; float32 matmul peak (2048^2): {peak / 1e9:.0f} GFLOP/s\n")
+          f"jax {jax.__version__}; {args.dtype} matmul peak measured: {peak / 1e9:.0f} GFLOP/s "
+          "(MFU below is against this measured peak)\n")
     print("| update step | batch x len | s/step | tokens/s | GFLOP/s | of peak |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:

@@ -110,8 +110,35 @@ def verdict(rows) -> str:
                f"{ci(off_ci)} ({seeds} seed{'s' * (seeds != 1)})")
     separated = np.isfinite(on_ci) and np.isfinite(off_ci) and (on - on_ci) > (off + off_ci)
     if on > off and separated:
-        return f"Online beats offline: {numbers}; the 95% intervals do not overlap."
-    if on > off:
-        return (f"Online is ahead but not clearly: {numbers}; the difference is within the "
+        peak = f"Online beats offline: {numbers}; the 95% intervals do not overlap."
+    elif on > off:
+        peak = (f"Online is ahead but not clearly: {numbers}; the difference is within the "
                 "noise of this many seeds and prompts.")
-    return f"Online does NOT beat offline here: {numbers}."
+    else:
+        peak = f"Online does NOT beat offline here: {numbers}."
+    return f"{peak} {_matched_sentence(rows)}"
+
+
+def _matched_sentence(rows) -> str:
+    both, ahead, clear = [], [], []
+    for entry in matched_kl(rows):
+        (on, on_h), (off, off_h) = entry.get("online", (np.nan,) * 2), entry.get(
+            "offline", (np.nan,) * 2)
+        if not (np.isfinite(on) and np.isfinite(off)):
+            continue
+        lo, hi = entry["kl_bin"]
+        both.append((lo, hi))
+        if on > off:
+            ahead.append((on - off, lo, hi))
+            if np.isfinite(on_h) and np.isfinite(off_h) and on - on_h > off + off_h:
+                clear.append((lo, hi))
+    if not both:
+        return "No KL budget was reached by both methods, so none can be matched."
+    text = (f"At matched KL, online leads in {len(ahead)} of {len(both)} budgets both methods "
+            f"reached")
+    if ahead:
+        lead, lo, hi = max(ahead)
+        text += f" (largest lead {lead:.3f} at KL [{lo:g}, {hi:g}))"
+    if clear:
+        text += f", with non-overlapping 95% intervals in {len(clear)}"
+    return text + "."

@@ -73,6 +73,24 @@ def check_frozen(kind: str, run_dir: str, model_cfg, rt: Runtime, what: str):
                                 .fingerprint)
 
 
+def check_resume(saved: dict, kind: str, model_cfg, rt: Runtime, workdir: str):
+    """A resumed run must continue with the model and tokenizer it was started with."""
+    checkpoint.check_compatible(saved, what=f"resuming {workdir}", directory=checkpoint_dir(
+        workdir), kind=kind, model=model_cfg.to_dict(), tokenizer_fingerprint=rt.tokenizer
+        .fingerprint)
+
+
+def validation_batches(pipeline, count: int, global_batch, what: str) -> list:
+    """The first `count` batches of a validation pipeline; a clear error when there are none."""
+    batches = [global_batch(b) for _, b in zip(range(count), pipeline, strict=False)]
+    if not batches:
+        from alignment_gap.config_checks import ConfigError
+
+        raise ConfigError(f"config.data.validation_pairs: the {what} validation split holds "
+                          "fewer examples than one batch; make it larger or batch_size smaller")
+    return batches
+
+
 def load_frozen(kind: str, run_dir: str, model_cfg, rt: Runtime):
     """A model with the latest parameters of another run, created directly in its shardings."""
     model = new_model(kind, model_cfg, rt, seed=0)

@@ -76,7 +76,8 @@ def run(config, workdir: str):
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
     rng = jax.random.key(config.seed)
     if ckpt.latest_step() is not None:
-        state, rng, _ = ckpt.restore(state, shardings, train_iter)
+        state, rng, saved = ckpt.restore(state, shardings, train_iter)
+        common.check_resume(saved, "preference", config.model, rt, workdir)
 
     accuracy = jax.jit(lambda params, b: sign_rule_accuracy(nnx.merge(graphdef, params), b),
                        out_shardings=rt.replicated())
@@ -84,9 +85,10 @@ def run(config, workdir: str):
 
     def evaluate(state):
         batches = pipeline("validation", 0, shuffle=False, num_epochs=1)
+        batches = common.validation_batches(batches, config.eval_batches, rt.global_batch,
+                                            "comparisons")
         with sharding.use(rt.mesh, rt.rules):
-            values = [float(accuracy(state.params, rt.global_batch(b)))
-                      for _, b in zip(range(config.eval_batches), batches, strict=False)]
+            values = [float(accuracy(state.params, b)) for b in batches]
         score = float(np.mean(values))
         history.append(score)
         best_before = max(history[:-config.patience], default=-1.0)

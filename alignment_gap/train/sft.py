@@ -52,16 +52,17 @@ def run(config, workdir: str):
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
     rng = jax.random.key(config.seed)
     if ckpt.latest_step() is not None:
-        state, rng, _ = ckpt.restore(state, shardings, train_iter)
+        state, rng, saved = ckpt.restore(state, shardings, train_iter)
+        common.check_resume(saved, "lm", config.model, rt, workdir)
 
     eval_loss = jax.jit(lambda params, b: sft_loss(nnx.merge(graphdef, params), b)[0],
                         out_shardings=rt.replicated())
 
     def evaluate(state):
         batches = pipeline("validation", 0, shuffle=False, num_epochs=1)
+        batches = common.validation_batches(batches, config.eval_batches, rt.global_batch, "SFT")
         with sharding.use(rt.mesh, rt.rules):
-            values = [float(eval_loss(state.params, rt.global_batch(b)))
-                      for _, b in zip(range(config.eval_batches), batches, strict=False)]
+            values = [float(eval_loss(state.params, b)) for b in batches]
         return {"loss": float(np.mean(values))}, False
 
     loop = Loop(config, workdir,
