@@ -3,8 +3,9 @@
     python bench/memory_table.py
 
 For each (policy size, accelerator preset): the policy's float32 parameters and AdamW moments,
-the frozen float32 reference and proxy, each sharded by the rule table on the preset's mesh
-(exact: `NamedSharding.shard_shape` on an abstract mesh, no devices needed), plus an estimate of
+the frozen float32 reference, proxy and golden judge (loaded for evaluation), each sharded by
+the rule table on the preset's mesh (exact: `NamedSharding.shard_shape` on an abstract mesh,
+no devices needed), plus an estimate of
 the update step's saved activations in bfloat16 (no rematerialisation):
 per layer `B L (6 d + 3 f) + B H L^2` values, plus float32 logits `B L V` twice, with the batch
 split over data x fsdp and heads / MLP / vocab over tensor. Batch: 32 prompts x 2 responses,
@@ -33,14 +34,15 @@ PRESETS = {
     "H100 x 8": ("H100 80 GB", 80, (1, 8, 1)),
     "H100 x 16 (2 nodes)": ("H100 80 GB", 80, (1, 16, 1)),
 }
-RUNS = [("3b", "770m", ["v5p x 8 chips", "v4 x 32 chips", "H100 x 8"]),
-        ("11b", "770m", ["v5p x 32 chips", "v5e x 64 chips", "H100 x 16 (2 nodes)"])]
+# (policy, proxy, golden judge loaded for evaluation, presets)
+RUNS = [("3b", "770m", "11b", ["v5p x 8 chips", "v4 x 32 chips", "H100 x 8"]),
+        ("11b", "770m", "11b", ["v5p x 32 chips", "v5e x 64 chips", "H100 x 16 (2 nodes)"])]
 SEQUENCES, LENGTH = 64, 576
 
 
 def state_bytes_per_device(cfg, cls, mesh) -> int:
     abstract = nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0)))
-    with sharding.use(mesh, meshes.RULES):
+    with nnx.logical_axis_rules(meshes.RULES):  # an abstract mesh needs no mesh context
         specs = nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
     total = 0
     for leaf, spec in zip(jax.tree.leaves(nnx.state(abstract, nnx.Param)),
@@ -60,26 +62,29 @@ def activation_bytes_per_device(cfg, shape) -> float:
 
 def main():
     rows = []
-    for policy_size, proxy_size, presets in RUNS:
+    for policy_size, proxy_size, golden_size, presets in RUNS:
         policy_cfg = TransformerConfig.from_config(models.get_config(policy_size))
         proxy_cfg = TransformerConfig.from_config(models.get_config(proxy_size))
+        golden_cfg = TransformerConfig.from_config(models.get_config(golden_size))
         for name in presets:
             accel, hbm, shape = PRESETS[name]
             mesh = AbstractMesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
             params = state_bytes_per_device(policy_cfg, LanguageModel, mesh)
             proxy = state_bytes_per_device(proxy_cfg, PreferenceModel, mesh)
+            golden = state_bytes_per_device(golden_cfg, PreferenceModel, mesh)
             acts = activation_bytes_per_device(policy_cfg, shape)
-            total = 4 * params + proxy + acts  # params + 2 Adam moments + reference
-            rows.append((policy_size, proxy_size, name, shape, params, proxy, acts, total, hbm))
+            total = 4 * params + proxy + golden + acts  # params, 2 Adam moments, reference
+            rows.append((f"{policy_size} ({proxy_size}, {golden_size})", name, shape, params,
+                         proxy, golden, acts, total, hbm))
     print(f"\nOnline policy run, {SEQUENCES} sequences x {LENGTH} tokens per step; "
           "GiB per device\n")
-    print("| policy (proxy) | preset | mesh d x f x t | params | Adam | reference | proxy "
-          "| activations (est.) | total | device | fits |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for pol, prx, name, shape, params, proxy, acts, total, hbm in rows:
-        print(f"| {pol} ({prx}) | {name} | {'x'.join(map(str, shape))} | {params / GIB:.1f} | "
+    print("| policy (proxy, golden) | preset | mesh d x f x t | params | Adam | reference | proxy "
+          "| golden | activations (est.) | total | device | fits |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for run, name, shape, params, proxy, golden, acts, total, hbm in rows:
+        print(f"| {run} | {name} | {'x'.join(map(str, shape))} | {params / GIB:.1f} | "
               f"{2 * params / GIB:.1f} | {params / GIB:.1f} | {proxy / GIB:.2f} | "
-              f"{acts / GIB:.1f} | {total / GIB:.1f} | {hbm} | "
+              f"{golden / GIB:.1f} | {acts / GIB:.1f} | {total / GIB:.1f} | {hbm} | "
               f"{'yes' if total / GIB < 0.9 * hbm else 'NO'} |")
 
 
