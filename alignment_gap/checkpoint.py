@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -48,7 +47,10 @@ class Checkpointer:
                                                 "rng": np.asarray(jax.random.key_data(rng))}),
                  "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            # Our pipelines' state counts global batches, the same on every process, so one
+            # JSON copy restores under any process layout (grain's own handler writes one file
+            # per process and cannot restore into a different process count).
+            items["data"] = ocp.args.JsonSave(data_iterator.get_state())
         self.manager.save(step, args=ocp.args.Composite(**items))
         return step
 
@@ -65,8 +67,10 @@ class Checkpointer:
                                                        jax.random.key(0)))}),
                  "meta": ocp.args.JsonRestore()}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if data_iterator is not None:
+            data_iterator.set_state(restored["data"])
         loop = restored["loop"]
         step_array = jax.device_put(np.asarray(loop["step"], np.int32), shardings.step)
         new_state = TrainState(step_array, restored["params"], restored["opt_state"])
