@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/study
 
-.PHONY: install test lint study bench clean
+.PHONY: install test lint study hypotheses bench clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: install
 
 study: install
 	$(BIN)/python -m alignment_gap.main --config configs/study.py:mini --workdir $(WORKDIR)
+
+# The paper's five hypotheses as study variants, in the same workdir (reuses the study's stages).
+hypotheses: install
+	$(BIN)/python -m alignment_gap.main --config configs/study.py:hypotheses --workdir $(WORKDIR)
 
 bench: install
 	$(BIN)/python bench/foundation.py

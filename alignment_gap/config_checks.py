@@ -135,6 +135,17 @@ def validate(config, num_devices: int) -> None:
                       f"data*fsdp={rows}", f"use a multiple of {rows}")
     if "beta" in config and config.beta <= 0:
         _fail("beta", f"must be positive, got {config.beta}", "the paper uses 0.1")
+    if "sweep" in config:
+        _positive(config.sweep, "sweep", "shards", "poll_s", "wait_timeout_s")
+        if not 0 <= config.sweep.shard < config.sweep.shards:
+            _fail("sweep.shard", f"{config.sweep.shard} is not in [0, sweep.shards="
+                  f"{config.sweep.shards})", "number the hosts 0 .. shards-1")
+    if "hypotheses" in config:
+        from alignment_gap.study.hypotheses import NAMES
+
+        for name in config.hypotheses:
+            if name not in NAMES:
+                _fail("hypotheses", f"{name!r} is unknown", f"use some of {NAMES}")
     lengths = config.data if "data" in config else config
     if "prompt_len" in lengths and "response_len" in lengths:
         pair = config.get("task") == "preference_model"  # reads [prompt | y1 | y2]

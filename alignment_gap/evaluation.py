@@ -5,7 +5,8 @@
 * **KL budget**: one sample per prompt, the exact per-token KL to the SFT policy summed over
   tokens, averaged over prompts.
 * **Oracle win rate** (synthetic world only): the same comparison judged by the exact oracle.
-* **Policy-as-classifier accuracy** on held-out `D_golden` pairs (`h(yw, yl) > 0`) and
+* **Policy-as-classifier accuracy** on held-out `D_golden` pairs (`h(yw, yl) > 0`; a tie, as
+  for the SFT policy itself where h = 0, counts 1/2) and
   **likelihood drift** `E[log pi(yw) - log pi_sft(yw)]` (paper Fig. 6-8).
 
 Prompts and samples are fixed per evaluator (the same keys at every checkpoint), so curves
@@ -22,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from alignment_gap import logprobs, sharding
+from alignment_gap import logprobs, losses, sharding
 from alignment_gap.batches import PreferenceBatch, PromptBatch
 from alignment_gap.data import world as world_lib
 from alignment_gap.models.heads import both_order_margin
@@ -69,7 +70,8 @@ class Evaluator:
             pw, pl = seq(policy, b.chosen, b.chosen_mask), seq(policy, b.rejected, b.rejected_mask)
             sw, sl = seq(sft, b.chosen, b.chosen_mask), seq(sft, b.rejected, b.rejected_mask)
             h = (pw - sw) - (pl - sl)
-            return {"classifier_accuracy": jnp.mean(h > 0), "likelihood_drift": jnp.mean(pw - sw)}
+            return {"classifier_accuracy": jnp.mean(losses.tie_half(h)),
+                    "likelihood_drift": jnp.mean(pw - sw)}
 
         self._judge, self._kl, self._classify = judge, kl, classify
         self.opponent = self._sample(opponent_params, jax.random.fold_in(self.key, 1))

@@ -22,6 +22,12 @@ def margin(policy_w, policy_l, ref_w, ref_l):
     return (policy_w - ref_w) - (policy_l - ref_l)
 
 
+def tie_half(h):
+    """Classifier credit of a margin: 1 if h > 0, 0 if h < 0, 1/2 for a tie (e.g. the reference
+    itself, where h = 0)."""
+    return jnp.where(h > 0, 1.0, jnp.where(h < 0, 0.0, 0.5))
+
+
 def ipo(h, beta):
     return (h - 1.0 / (2.0 * beta)) ** 2
 

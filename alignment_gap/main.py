@@ -23,12 +23,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _clear_errors():
     from alignment_gap.checkpoint import IncompatibleCheckpoint
     from alignment_gap.data.builders import DataError
+    from alignment_gap.study.pipeline import StageFailed
     from alignment_gap.train.loop import NonFiniteLoss
 
-    return (config_checks.ConfigError, IncompatibleCheckpoint, DataError, NonFiniteLoss)
+    return (config_checks.ConfigError, IncompatibleCheckpoint, DataError, NonFiniteLoss,
+            StageFailed)
 
 
 _CLEAR_ERRORS = _clear_errors()
+BUCKET_PREFIXES = ("gs://", "s3://", "az://")
 
 
 def _tasks():
@@ -48,6 +51,11 @@ def main(argv):
         if config.task not in tasks:
             raise config_checks.ConfigError(
                 f"config.task: {config.task!r} is unknown; use one of {sorted(tasks)}")
+        if _WORKDIR.value.startswith(BUCKET_PREFIXES):
+            raise config_checks.ConfigError(
+                f"--workdir: {_WORKDIR.value} is a bucket URL, but metrics, streams and reports "
+                "are written as local files; mount the bucket (launch/tpu_vm.sh --bucket NAME "
+                "mounts gs://NAME at /mnt/gcs/NAME on every worker) and pass that path")
         sharding.initialize_distributed(config.distributed)
         config_checks.validate(config, jax.device_count())
     except config_checks.ConfigError as e:

@@ -10,7 +10,9 @@ import ml_collections
 # name: (width, layers, heads, kv_heads, mlp_dim, vocab)
 SIZES = {
     # Seconds on a laptop CPU; the synthetic world's tokenizer is small.
+    "nano": (32, 2, 4, 4, 128, 512),  # ~66k parameters: the small end of the scaling variant
     "mini": (64, 2, 4, 4, 256, 512),
+    "small": (96, 3, 4, 4, 384, 512),  # ~540k: 8x nano, for the CPU scaling variant
     # The shape ../shared/peerbench uses for TRL and Tunix (4 layers, width 128, vocab 512).
     "peer": (128, 4, 4, 4, 512, 512),
     "60m": (512, 8, 8, 8, 2048, 32_128),

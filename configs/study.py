@@ -5,6 +5,11 @@ Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini
 of `make study`: meaningful in under 15 minutes on 2 cores), `mini_golden_opponent` (the
 paper's golden-policy opponent), and accelerator presets (`tpu_v5p_3b`, `gpu_h100_770m`) that
 swap only the model sizes and the mesh.
+
+The paper's hypotheses (PAPER.md, "Hypotheses tested") are variants too, each adding its runs,
+figure and verdict rows to the same stages and caches: `coverage`, `quality`,
+`classification`, `noncontrastive`, `scaling`, or `hypotheses` for all five; `smoke_<name>`
+is the same at smoke scale (tests). Run them in the main study's workdir to reuse its stages.
 """
 
 import ml_collections
@@ -20,7 +25,48 @@ def _stage(steps, batch_size, learning_rate):
     return s
 
 
+HYPOTHESES = ("coverage", "quality", "classification", "noncontrastive", "scaling")
+
+
 def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
+    scale, _, hypothesis = variant.partition("_")
+    if scale in ("smoke", "mini") and (hypothesis in HYPOTHESES or hypothesis == "hypotheses"):
+        pass  # smoke_coverage, ..., smoke_hypotheses
+    elif variant in HYPOTHESES or variant == "hypotheses":
+        scale, hypothesis = "mini", variant
+    else:
+        return _main(variant)
+    c = _main(scale)
+    c.hypotheses = list(HYPOTHESES) if hypothesis == "hypotheses" else [hypothesis]
+    if scale == "mini":
+        c.seeds = [0, 1]  # Two seeds per arm keep all five variants under an hour on 2 cores.
+    else:
+        c.quality.pairs = 4 * c.batch_size
+    return c
+
+
+def _hypothesis_sections(c):
+    c.hypotheses = []  # Hypothesis variants whose runs, figures and verdicts to add.
+    c.coverage = ml_collections.ConfigDict()
+    # Replay orders of D_online: (label, order, batches per shuffled window). The paper's
+    # windows of 4 and 500 batches in 4k-step runs; 500/4000 scales to steps // 8 here.
+    c.coverage.orders = [("tandem", "tandem", 1), ("window4", "window", 4),
+                         ("window_eighth", "window", max(2, c.policy.steps // 8)),
+                         ("shuffled", "shuffle", 1)]
+    c.quality = ml_collections.ConfigDict()
+    c.quality.pairs = 4096  # Train pairs sampled for each of D_4k vs 4k, D_sft vs 800, ...
+    c.quality.early_step = c.policy.steps // 5  # The paper's 800 of 4k steps, scaled.
+    c.quality.learning_rates = [c.offline_learning_rates[0]]  # Offline lr on each dataset.
+    c.classification = ml_collections.ConfigDict()
+    c.classification.stream_pairs = 2 * c.batch_size  # Online-stream pairs at each checkpoint.
+    c.noncontrastive = ml_collections.ConfigDict()
+    c.noncontrastive.learning_rate = c.online_learning_rates[0]  # Best-of-2, online and offline.
+    c.scaling = ml_collections.ConfigDict()
+    c.scaling.sizes = ["nano", "mini", "small"]  # Policy sizes (>= 8x params), same proxy.
+    c.scaling.quantile = 0.9  # "best" = this quantile of a method's run peaks at a size.
+
+
+def _main(variant: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "study"  # Which entry point main.py runs.
     c.seeds = [0, 1, 2]  # Policy-run seeds (online and offline); headline numbers average them.
@@ -43,6 +89,11 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
     c.offline_steps = [300]
     c.opponent = "sft"  # sft | golden_policy: whom win rates are against.
     c.golden_policy_steps = 300  # golden_policy: online IPO steps against the golden model.
+    c.sweep = ml_collections.ConfigDict()  # Fan the runs out over hosts sharing the workdir:
+    c.sweep.shard = 0  # this host's share (runs round-robin; shared stages and report: 0),
+    c.sweep.shards = 1  # out of this many independent jobs (launch/local_sweep.py, ...).
+    c.sweep.poll_s = 5.0  # How often a host looks for stages other hosts are finishing.
+    c.sweep.wait_timeout_s = 86_400.0  # Give up (clear error) waiting this long for them.
     c.eval = ml_collections.ConfigDict()
     c.eval.prompts = 256  # Fixed test prompts per evaluation (paper: 2048).
     c.eval.kl_prompts = 256  # Prompts whose samples measure the KL budget (paper: 256).
@@ -72,9 +123,12 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
                                                   ("770m", "770m", "3b"))
         c.mesh = meshes.get_config("fsdp")
     elif variant != "mini":
-        raise ValueError(f"study variant {variant!r} is unknown")
+        raise ValueError(f"study variant {variant!r} is unknown; use smoke, mini, "
+                         "mini_golden_opponent, tpu_v5p_3b, gpu_h100_770m, hypotheses, "
+                         f"one of {HYPOTHESES} or smoke_<that>")
     if variant.startswith(("tpu", "gpu")):
         for m in (c.model, c.golden_model, c.proxy_model):
             m.dtype = "bfloat16"
             m.max_len = c.data.prompt_len + 2 * c.data.response_len
+    _hypothesis_sections(c)
     return c

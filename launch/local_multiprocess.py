@@ -6,6 +6,12 @@ writes) on one laptop, with CPU devices per process:
     python launch/local_multiprocess.py --num_processes 2 --devices_per_process 2 -- \\
         --config configs/demo.py:mini --workdir /tmp/demo_2proc
 
+`--sweep` starts N independent jobs instead (no jax.distributed), shard i of N of a study's
+runs, sharing one workdir - how a sweep fans out over hosts (`config.sweep`):
+
+    python launch/local_multiprocess.py --sweep --num_processes 2 -- \\
+        --config configs/study.py:smoke --workdir /tmp/smoke_sweep
+
 If one process fails, the others are stopped and the launcher exits with its status.
 """
 
@@ -25,15 +31,18 @@ def free_port() -> int:
 
 
 def launch(num_processes: int, devices_per_process: int, main_args: list[str],
-           port: int | None = None, timeout_s: float | None = None) -> int:
+           port: int | None = None, timeout_s: float | None = None, sweep: bool = False) -> int:
     address = f"127.0.0.1:{port or free_port()}"
     procs = []
     for i in range(num_processes):
-        cmd = [sys.executable, "-m", "alignment_gap.main", *main_args,
-               f"--config.distributed.coordinator_address={address}",
-               f"--config.distributed.num_processes={num_processes}",
-               f"--config.distributed.process_id={i}",
-               f"--config.distributed.local_cpu_devices={devices_per_process}"]
+        cmd = [sys.executable, "-m", "alignment_gap.main", *main_args]
+        if sweep:
+            cmd += [f"--config.sweep.shard={i}", f"--config.sweep.shards={num_processes}"]
+        else:
+            cmd += [f"--config.distributed.coordinator_address={address}",
+                    f"--config.distributed.num_processes={num_processes}",
+                    f"--config.distributed.process_id={i}",
+                    f"--config.distributed.local_cpu_devices={devices_per_process}"]
         procs.append(subprocess.Popen(cmd))
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     status = 0
@@ -58,11 +67,13 @@ def main() -> int:
     parser.add_argument("--devices_per_process", type=int, default=1)
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--timeout_s", type=float, default=None)
+    parser.add_argument("--sweep", action="store_true",
+                        help="independent jobs, one sweep shard each, sharing the workdir")
     parser.add_argument("main_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
     return launch(args.num_processes, args.devices_per_process, main_args, args.port,
-                  args.timeout_s)
+                  args.timeout_s, args.sweep)
 
 
 if __name__ == "__main__":

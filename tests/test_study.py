@@ -78,3 +78,53 @@ def test_notebook_runs_on_the_smoke_study(smoke):
                    resources={"metadata": {"path": ROOT}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "evaluated checkpoints" in outputs and "POST:" in outputs
+
+
+def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke):
+    workdir, args, _ = smoke
+    before = json.loads((workdir / "timings.json").read_text())
+    hyp_args = [a.replace("study.py:smoke", "study.py:smoke_hypotheses") for a in args]
+    out = subprocess.run(hyp_args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "== stage sft " not in out.stdout and "== stage online-s0" not in out.stdout
+    timings = json.loads((workdir / "timings.json").read_text())
+    assert all(timings[name] == sec for name, sec in before.items())  # shared stages reused
+    for stage in ("tandem-s0", "shuffled-s0", "quality-data", "d_sft_vs_800-s0",
+                  "classification-stream", "online-best_of_two-s0", "shuffled_b2-s0", "sft-nano",
+                  "online-small-s0"):
+        assert any(name.startswith(stage) for name in timings), stage
+    report = (workdir / "report.md").read_text()
+    table = report[report.index("## Verdicts: what the paper found"):]
+    summary = json.loads((workdir / "summary.json").read_text())["hypotheses"]
+    assert [f["name"] for f in summary] == list(study_configs.HYPOTHESES)
+    for finding in summary:
+        assert "## Hypothesis" in report and finding["title"] in report
+        assert finding["verdicts"]
+        for verdict in finding["verdicts"]:  # every verdict row lands in the closing table
+            assert f"| {finding['name']} | {verdict['claim']} |" in table
+    for figure in ("coverage.png", "quality.png", "classification.png", "noncontrastive.png",
+                   "scaling.png"):
+        assert (workdir / figure).stat().st_size > 10_000, figure
+    # Tandem replay retraces the online run it replays (the token stream is exact).
+    coverage = next(f for f in summary if f["name"] == "coverage")
+    assert coverage["verdicts"][0]["agree"] is True, coverage["verdicts"][0]
+    rows = json.loads((workdir / "results.json").read_text())
+    online = {r["step"]: r["win_rate"] for r in rows if r["stage"].startswith("online-s0")}
+    tandem = {r["step"]: r["win_rate"] for r in rows if r["stage"].startswith("tandem-s0")}
+    assert tandem and all(tandem[s] == pytest.approx(online[s], abs=1e-6) for s in tandem)
+    # The quality datasets keep D_golden's validation split, so evaluations stay comparable.
+    done = json.loads(next((workdir / "stages").glob("quality-data-*/DONE.json")).read_text())
+    assert set(done["datasets"]) == {"d_4k_vs_4k", "d_sft_vs_800", "d_800_vs_4k"}
+    assert all(d["pairs"] == 32 for d in done["datasets"].values())
+    stream = json.loads(next((workdir / "stages").glob("classification-stream-*/DONE.json"))
+                        .read_text())["checkpoints"]
+    assert [p["step"] for p in stream] == [0, 6]  # the pairs sampled after each checkpoint
+    assert all(0.0 <= p[k] <= 1.0 for p in stream for k in p if "/" in k)
+
+
+def test_unknown_hypothesis_is_a_one_line_error():
+    from alignment_gap.config_checks import ConfigError
+    from alignment_gap.study import hypotheses
+
+    with pytest.raises(ConfigError, match="config.hypotheses: 'luck' is unknown"):
+        hypotheses.get("luck")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -14,34 +15,39 @@ import numpy as np  # noqa: E402
 from alignment_gap.study import results  # noqa: E402
 
 COLORS = {"online": "tab:blue", "offline": "tab:orange"}
+FIG1_TITLE = "Online vs offline IPO at matched KL (cf. Tang et al. 2024, Fig. 1)"
 
 
-def frontier_plot(rows, path: str):
+def color(method: str, index: int) -> str:
+    return COLORS.get(method, f"C{(index + 2) % 10}")
+
+
+def frontier_plot(rows, path: str, methods=("online", "offline"), title: str = FIG1_TITLE):
     """x = log KL, y = golden win rate (left) and oracle win rate (right); one dot per
-    checkpoint, online runs per seed, offline as the best frontier over its sweep."""
+    checkpoint of every run of a method, and the method's Pareto frontier over its runs."""
     metrics = [("win_rate", "golden-model win rate")]
     if any(np.isfinite(r["oracle_win_rate"]) for r in rows):
         metrics.append(("oracle_win_rate", "oracle win rate (synthetic world)"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
     for ax, (metric, label) in zip(axes[0], metrics, strict=True):
-        for method in ("online", "offline"):
+        for index, method in enumerate(methods):
             pts = [(r["kl"], r[metric]) for r in rows
                    if r["method"] == method and r["step"] > 0 and r["kl"] > 0]
             if not pts:
                 continue
             kl, value = np.array(pts).T
-            ax.scatter(kl, value, s=14, alpha=0.35, color=COLORS[method])
+            ax.scatter(kl, value, s=14, alpha=0.35, color=color(method, index))
             edge = results.frontier(pts)
-            ax.plot(*np.array(edge).T, "-o", ms=4, color=COLORS[method],
+            ax.plot(*np.array(edge).T, "-o", ms=4, color=color(method, index),
                     label=f"{method} (frontier)")
         ax.axhline(0.5, color="gray", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("KL(policy || SFT), nats (log scale)")
         ax.set_ylabel(label)
-        ax.legend(loc="best")
+        ax.legend(loc="best", fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle("Online vs offline IPO at matched KL (cf. Tang et al. 2024, Fig. 1)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -54,7 +60,7 @@ def _fmt(mean_ci) -> str:
     return f"{mean:.3f}" + (f" +- {half:.3f}" if np.isfinite(half) else "")
 
 
-def markdown(study, rows, timings: dict, extras: dict) -> str:
+def markdown(study, rows, timings: dict, extras: dict, findings=()) -> str:
     p, g = results.peaks(rows), results.peaks(rows, "oracle_win_rate")
     lines = ["# Online vs offline: the controlled study", "",
              f"**{results.verdict(rows)}**", "",
@@ -88,18 +94,39 @@ def markdown(study, rows, timings: dict, extras: dict) -> str:
     lines += [f"| {name} | {sec:.0f} |" for name, sec in timings.items()]
     lines += ["", f"Total: {sum(timings.values()):.0f} s. Results: `results.csv`, "
               "`results.json`; every run's metrics: `stages/*/metrics.jsonl`.", ""]
+    if findings:
+        lines += hypotheses_markdown(study, findings)
     return "\n".join(lines)
 
 
-def write_report(study, rows, timings, extras, workdir: str) -> str:
+def hypotheses_markdown(study, findings) -> list[str]:
+    """One section per hypothesis variant, then the table that ends the report."""
+    lines = []
+    for i, finding in enumerate(findings, 1):
+        lines += [f"## Hypothesis {i}: {finding.title}", "", *finding.lines, ""]
+    lines += ["## Verdicts: what the paper found, what this run found", "",
+              f"Seeds {list(study.seeds)}; judge: the golden model (the oracle's view is in each "
+              "section's figure and tables). Thresholds are stated in "
+              "`alignment_gap/study/hypotheses/`; differences are reported, not tuned away.", "",
+              "| hypothesis | the paper found | this run found | agree? |",
+              "| --- | --- | --- | --- |"]
+    for finding in findings:
+        for v in finding.verdicts:
+            agree = {True: "agree", False: "**differ**", None: "undecided"}[v.agree]
+            lines.append(f"| {finding.name} | {v.claim} | {v.ours} | {agree} |")
+    return lines + [""]
+
+
+def write_report(study, rows, timings, extras, workdir: str, findings=()) -> str:
     frontier_plot(rows, os.path.join(workdir, "frontier.png"))
-    text = markdown(study, rows, timings, extras)
+    text = markdown(study, rows, timings, extras, findings)
     path = os.path.join(workdir, "report.md")
     with open(path, "w") as f:
         f.write(text)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump({"verdict": results.verdict(rows), "peaks": results.peaks(rows),
                    "oracle_peaks": results.peaks(rows, "oracle_win_rate"),
-                   "matched_kl": results.matched_kl(rows), "timings": timings, **extras},
+                   "matched_kl": results.matched_kl(rows), "timings": timings, **extras,
+                   "hypotheses": [dataclasses.asdict(f) for f in findings]},
                   f, indent=2, default=str)
     return path

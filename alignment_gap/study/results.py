@@ -14,8 +14,9 @@ import numpy as np
 
 from alignment_gap.metrics import read_jsonl
 
-COLUMNS = ("stage", "method", "seed", "learning_rate", "beta", "steps", "step", "kl", "win_rate",
-           "oracle_win_rate", "classifier_accuracy", "likelihood_drift", "response_length")
+COLUMNS = ("stage", "group", "size", "method", "seed", "learning_rate", "beta", "steps", "step",
+           "kl", "win_rate", "oracle_win_rate", "classifier_accuracy", "likelihood_drift",
+           "response_length")
 
 
 def collect(stages, workdir: str) -> list[dict]:
@@ -30,7 +31,8 @@ def collect(stages, workdir: str) -> list[dict]:
         for record in read_jsonl(path):
             if "eval/win_rate" not in record:
                 continue
-            row = {"stage": stage.name, **stage.meta, "step": record["step"]}
+            row = {"stage": stage.name, "size": stage.config.model.name, **stage.meta,
+                   "step": record["step"]}
             row.update({k[len("eval/"):]: v for k, v in record.items() if k.startswith("eval/")})
             rows.append({c: row.get(c, float("nan")) for c in COLUMNS})
     return rows

@@ -7,7 +7,7 @@ import os
 
 import jax
 
-from alignment_gap.study import pipeline, report, results
+from alignment_gap.study import hypotheses, pipeline, report, results
 
 
 def _done(stage, workdir) -> dict:
@@ -19,19 +19,33 @@ def _done(stage, workdir) -> dict:
 
 
 def run(config, workdir: str):
-    stages = pipeline.build_stages(config, workdir)
+    plan = pipeline.build_plan(config, workdir)
+    stages = plan.stages
     pending = [s.name for s in stages
                if not pipeline.is_finished(s.directory(workdir), s.config.get("num_steps", 1))]
     if not pending and jax.process_index() == 0:
         print(f"{workdir}: every stage is already finished; rewriting the report only.")
-    timings = pipeline.run_stages(stages, workdir)
+    sweep = config.sweep
+    pipeline.run_stages(stages, workdir, sweep.shard, sweep.shards, sweep.poll_s,
+                        sweep.wait_timeout_s)
+    if sweep.shard != 0:  # a sweep host: shard 0 writes the report once every run is done
+        if jax.process_index() == 0:
+            print(f"shard {sweep.shard} of {sweep.shards}: its stages are finished; shard 0 "
+                  "writes the report.")
+        return
+    pipeline.wait_for(stages, workdir, sweep.poll_s, sweep.wait_timeout_s,
+                      "the report needs every run")
+    timings = pipeline.merged_timings(workdir)
     samples = side_by_side(config, stages, workdir)  # every process: it runs the models
     if jax.process_index() != 0:
         return
     with open(os.path.join(workdir, "samples.json"), "w") as f:
         json.dump(samples, f, indent=1)
-    rows = results.collect(stages, workdir)
-    results.write(rows, workdir)
+    all_rows = results.collect(stages, workdir)
+    results.write(all_rows, workdir)
+    rows = [r for r in all_rows if r["group"] == "main"]
+    findings = [hypotheses.get(name).analyse(plan, all_rows, workdir)
+                for name in config.hypotheses]
     by_name = {s.name: s for s in stages}
     extras = {
         "golden model validation accuracy (vs D_initial labels)":
@@ -41,8 +55,12 @@ def run(config, workdir: str):
         "D_initial labels kept by the golden relabelling":
             _done(by_name["relabel"], workdir).get("kept_initial_label"),
     }
-    path = report.write_report(config, rows, timings, extras, workdir)
+    path = report.write_report(config, rows, timings, extras, workdir, findings)
     print(results.verdict(rows))
+    for finding in findings:
+        agree = sum(v.agree is True for v in finding.verdicts)
+        print(f"hypothesis {finding.name}: the paper's findings reproduce in {agree} of "
+              f"{len(finding.verdicts)}")
     print(f"report: {path}")
 
 
@@ -57,11 +75,12 @@ def side_by_side(config, stages, workdir: str, count: int = 8) -> dict:
     from alignment_gap.sampling import Sampler, SamplingConfig
     from alignment_gap.train import common
 
-    rows = results.collect(stages, workdir)
+    rows = [r for r in results.collect(stages, workdir) if r["group"] == "main"]
     best_offline = max((r for r in rows if r["method"] == "offline"),
                        key=lambda r: r["win_rate"], default=None)
     policies = {"sft": next(s for s in stages if s.name == "sft")}
-    online = [s for s in stages if s.meta.get("method") == "online"]
+    online = [s for s in stages
+              if s.meta.get("method") == "online" and s.meta.get("group") == "main"]
     if online:
         policies["online"] = online[0]
     if best_offline is not None:

@@ -91,11 +91,12 @@ def validation_batches(pipeline, count: int, global_batch, what: str) -> list:
     return batches
 
 
-def load_frozen(kind: str, run_dir: str, model_cfg, rt: Runtime):
-    """A model with the latest parameters of another run, created directly in its shardings."""
+def load_frozen(kind: str, run_dir: str, model_cfg, rt: Runtime, step: int | None = None):
+    """A model with the parameters of another run (its latest, or checkpoint `step`), created
+    directly in its shardings."""
     model = new_model(kind, model_cfg, rt, seed=0)
     graphdef, params = nnx.split(model)
     with sharding.use(rt.mesh, rt.rules):
         shardings = sharding.state_shardings(params, rt.mesh)
-    restored = checkpoint.load_params(checkpoint_dir(run_dir), params, shardings)
+    restored = checkpoint.load_params(checkpoint_dir(run_dir), params, shardings, step)
     return nnx.merge(graphdef, restored)

@@ -64,7 +64,7 @@ def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
             "h": jnp.mean(h),
             "chosen_logratio": jnp.mean(policy_w - ref_w),
             "rejected_logratio": jnp.mean(policy_l - ref_l),
-            "classifier_accuracy": jnp.mean(h > 0),
+            "classifier_accuracy": jnp.mean(losses.tie_half(h)),
             "kl_per_token": kl.sum() / jnp.maximum(masks.sum(), 1),
             "kl_sequence": jnp.mean(kl.sum(-1)),
             "response_length": jnp.mean(lengths),

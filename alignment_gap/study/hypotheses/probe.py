@@ -1,0 +1,133 @@
+"""Policies of finished runs at any checkpoint, sampled and judged: the analysis stages' tools.
+
+`Probe` loads the SFT policy (the reference), a run's policy at a given checkpoint, the golden
+and proxy preference models, and offers batched sampling, policy-as-classifier margins `h`,
+preference margins (both-order sign rule) and the synthetic world's oracle. Everything runs on
+the study's mesh; inputs are host arrays of the whole batch (one process, or identical on all).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from alignment_gap import logprobs, sharding
+from alignment_gap.data import datasets, pipelines
+from alignment_gap.data import world as world_lib
+from alignment_gap.models.heads import both_order_margin
+from alignment_gap.sampling import Sampler, SamplingConfig
+from alignment_gap.train import common
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class Probe:
+    def __init__(self, plan, out_dir: str, chunk: int = 128):
+        s = self.study = plan.study
+        self.plan, self.chunk = plan, chunk
+        self.rt = rt = common.runtime(plan.sft.config, out_dir)
+        tok = rt.tokenizer
+        self.world = datasets.world_config(s.data) if s.data.kind == "synthetic" else None
+        self.lm = common.load_frozen("lm", plan.dir(plan.sft), s.model, rt)
+        self.graphdef, self.sft_params = nnx.split(self.lm)
+        self.sampler = Sampler(self.lm, rt.mesh, rt.rules, SamplingConfig(
+            max_new_tokens=s.data.response_len, temperature=s.policy.temperature,
+            eos_id=tok.eos_id, pad_id=tok.pad_id))
+        replicated = rt.replicated()
+        graphdef = self.graphdef
+
+        @functools.partial(jax.jit, out_shardings=replicated)
+        def h(params, sft_params, prompt, prompt_mask, a, a_mask, b, b_mask):
+            seq = lambda p, y, m: logprobs.sequence_logprobs(nnx.merge(graphdef, p), prompt,
+                                                             prompt_mask, y, m)[1]
+            return ((seq(params, a, a_mask) - seq(sft_params, a, a_mask))
+                    - (seq(params, b, b_mask) - seq(sft_params, b, b_mask)))
+
+        self._h = h
+        self._judges = {}
+
+    def policy(self, stage, step: int | None = None):
+        """The parameters of `stage`'s policy at checkpoint `step` (None: the latest)."""
+        lm = common.load_frozen("lm", self.plan.dir(stage), self.study.model, self.rt, step)
+        return nnx.state(lm)
+
+    def preference_model(self, which: str):
+        """The study's `golden` or `proxy` preference model."""
+        stage = {"golden": self.plan.golden, "proxy": self.plan.proxy}[which]
+        cfg = {"golden": self.study.golden_model, "proxy": self.study.proxy_model}[which]
+        return common.load_frozen("preference", self.plan.dir(stage), cfg, self.rt)
+
+    def _judge(self, which: str):
+        if which not in self._judges:
+            graphdef, state = nnx.split(self.preference_model(which))
+
+            @functools.partial(jax.jit, out_shardings=self.rt.replicated())
+            def margin(state, prompt, prompt_mask, a, a_mask, b, b_mask):
+                return both_order_margin(nnx.merge(graphdef, state), prompt, prompt_mask, a,
+                                         a_mask, b, b_mask)
+            self._judges[which] = (margin, state)
+        return self._judges[which]
+
+    def _chunks(self, fn, *arrays) -> np.ndarray:
+        """Apply `fn` to row chunks of host arrays (the last chunk padded) and join the results."""
+        n, out = arrays[0].shape[0], []
+        for start in range(0, n, self.chunk):
+            part = [a[start: start + self.chunk] for a in arrays]
+            rows = part[0].shape[0]
+            if rows < self.chunk:
+                part = [np.concatenate([p, np.repeat(p[-1:], self.chunk - rows, 0)]) for p in part]
+            with sharding.use(self.rt.mesh, self.rt.rules):
+                out.append(fn(*part)[:rows])
+        return np.concatenate(out)
+
+    def margin(self, which: str, prompt, prompt_mask, a, a_mask, b, b_mask) -> np.ndarray:
+        """r(x, a, b) - r(x, b, a) of the golden or proxy model: > 0 where `a` wins."""
+        fn, state = self._judge(which)
+        return self._chunks(lambda *xs: _host(fn(state, *xs)), prompt, prompt_mask, a, a_mask,
+                            b, b_mask)
+
+    def h(self, params, prompt, prompt_mask, a, a_mask, b, b_mask) -> np.ndarray:
+        """The policy's implicit margin vs SFT: > 0 where it classifies `a` as the winner."""
+        return self._chunks(lambda *xs: _host(self._h(params, self.sft_params, *xs)), prompt,
+                            prompt_mask, a, a_mask, b, b_mask)
+
+    def sample(self, params, prompt, prompt_mask, key) -> tuple[np.ndarray, np.ndarray]:
+        keys = iter(jax.random.split(key, -(-prompt.shape[0] // self.chunk)))
+
+        def one(p, m):
+            out = self.sampler(params, p, m, next(keys))
+            return np.concatenate([_host(out.tokens), _host(out.mask)], axis=1)
+        both = self._chunks(one, prompt, prompt_mask)
+        r = self.study.data.response_len
+        return both[:, :r], both[:, r:].astype(bool)
+
+    def prompts(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        encoded = [pipelines.encode_prompt(self.rt.tokenizer, t, self.study.data.prompt_len)
+                   for t in texts]
+        return np.stack([e[0] for e in encoded]), np.stack([e[1] for e in encoded])
+
+    def decode(self, tokens) -> list[str]:
+        return [self.rt.tokenizer.decode(t) for t in tokens]
+
+    def oracle_margin(self, prompt_texts, a_texts, b_texts) -> np.ndarray | None:
+        """Exact oracle score of `a` minus that of `b` (None outside the synthetic world)."""
+        if self.world is None:
+            return None
+        out = []
+        for prompt, a, b in zip(prompt_texts, a_texts, b_texts, strict=True):
+            post = world_lib.post_words_from_prompt(prompt)
+            out.append(world_lib.oracle_score(self.world, post, a.split())
+                       - world_lib.oracle_score(self.world, post, b.split()))
+        return np.asarray(out, float)
+
+
+def accuracy(prediction_margin, label_margin) -> float:
+    """How often a classifier's margin picks the label's winner (ties 1/2; label ties: `a`)."""
+    pred = np.where(prediction_margin > 0, 1.0, np.where(prediction_margin < 0, 0.0, 0.5))
+    return float(np.mean(np.where(label_margin >= 0, pred, 1.0 - pred)))

@@ -1,0 +1,145 @@
+"""Hypothesis 2 (and Sec. 6), data quality: is offline IPO held back by D_golden's responses?
+
+From the seed-0 online run, three new comparison datasets are sampled on the training prompts
+and labelled by the golden model (paper Fig. 5 and 12, step counts scaled to this run):
+
+* `D_4k vs 4k`: both responses from the final online policy;
+* `D_sft vs 800`: one from SFT, one from the online policy a fifth of the way in;
+* `D_800 vs 4k`: that early policy against the final one.
+
+Offline IPO then trains on each (the validation split is D_golden's, so every evaluation reads
+the same held-out pairs). The paper: high-quality pairs alone barely beat SFT; keeping one side
+near SFT helps most.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+
+from alignment_gap.data import datasets
+from alignment_gap.data.relabel import model_judge, relabel
+from alignment_gap.study.hypotheses import Finding, Verdict, probe, shared
+from alignment_gap.train.loop import write_json
+
+NAME, TITLE = "quality", "Data quality: offline IPO on on-policy pairs"
+DATASETS = {  # tag: (first side, second side): "sft", "early" or "final" online policy
+    "d_4k_vs_4k": ("final", "final"),
+    "d_sft_vs_800": ("sft", "early"),
+    "d_800_vs_4k": ("early", "final"),
+}
+
+
+def early_step(study) -> int:
+    """The checkpoint nearest `quality.early_step` (the paper's 800 of 4k steps)."""
+    every = min(study.policy.checkpoint_every, study.policy.steps)
+    return int(max(every, round(study.quality.early_step / every) * every))
+
+
+def data_stage(plan):
+    from alignment_gap.study.pipeline import Stage
+
+    s = plan.study
+    online = plan.online(s.seeds[0])
+    cfg = ml_collections.ConfigDict({"pairs": s.quality.pairs, "early": early_step(s),
+                                     "final": s.policy.steps, "data": s.data.to_dict(),
+                                     "model": s.model.to_dict()})
+    stage = Stage("quality-data", cfg, None, (online, plan.golden, plan.relabel, plan.sft))
+    names = {tag: f"{tag}-{stage.key}" for tag in DATASETS}
+    stage.run = lambda cfg, out: _build(plan, online, names, out)
+    stage.meta["datasets"] = names
+    return plan.add(stage)
+
+
+def runs(plan) -> dict:
+    s = plan.study
+    data = data_stage(plan)
+    out = {"online": [plan.online(seed) for seed in s.seeds]}
+    for tag, name in data.meta["datasets"].items():
+        out[tag] = [plan.offline(seed, lr, s.policy.beta, s.policy.steps, method=tag, group=NAME,
+                                 comparisons=name, upstream=(data,))
+                    for seed in s.seeds for lr in s.quality.learning_rates]
+    out["offline"] = [st for st in plan.stages
+                      if st.meta.get("group") == "main" and st.meta.get("method") == "offline"]
+    return out
+
+
+def add_stages(plan):
+    runs(plan)
+
+
+def _build(plan, online, names: dict, out: str):
+    s = plan.study
+    p = probe.Probe(plan, out)
+    train = datasets.prompts(s.data)["train"]
+    n = min(s.quality.pairs, len(train))
+    texts = [probe.pipelines._text(train[i]["prompt"]) for i in range(n)]
+    prompt, prompt_mask = p.prompts(texts)
+    policies = {"sft": p.sft_params, "early": p.policy(online, early_step(s)),
+                "final": p.policy(online, s.policy.steps)}
+    judge = model_judge(p.preference_model("golden"), p.rt.tokenizer, s.data.prompt_len,
+                        s.data.response_len, p.rt.mesh, p.rt.rules)
+    golden_validation = _golden_validation(plan)
+    stats = {}
+    for i, (tag, (first, second)) in enumerate(DATASETS.items()):
+        key = jax.random.fold_in(jax.random.key(1234), i)
+        a = p.decode(p.sample(policies[first], prompt, prompt_mask, jax.random.fold_in(key, 0))[0])
+        b = p.decode(p.sample(policies[second], prompt, prompt_mask,
+                              jax.random.fold_in(key, 1))[0])
+        records = [{"id": f"{tag}-{j}", "prompt": t, "chosen": x, "rejected": y}
+                   for j, (t, x, y) in enumerate(zip(texts, a, b, strict=True))]
+        first_wins = np.concatenate([judge(records[j: j + 256])
+                                     for j in range(0, len(records), 256)])
+        relabel({"train": records, "validation": golden_validation}, judge, names[tag],
+                s.data.dir)
+        stats[tag] = {"dataset": names[tag], "pairs": n, "first_side": first,
+                      "second_side": second, "first_side_wins": float(np.mean(first_wins)),
+                      "identical_pairs": float(np.mean([x == y for x, y in zip(a, b,
+                                                                              strict=True)]))}
+    write_json(out, "DONE.json", {"step": 1, "datasets": stats})
+
+
+def _golden_validation(plan):
+    d = ml_collections.ConfigDict(plan.study.data.to_dict())
+    d.comparisons = plan.golden_data
+    return datasets.comparisons(d)["validation"]
+
+
+def analyse(plan, rows, workdir: str) -> Finding:
+    import json
+    import os
+
+    r = runs(plan)
+    rows = shared.labelled(rows, r)
+    labels = list(r)
+    with open(os.path.join(plan.dir(data_stage(plan)), "DONE.json")) as f:
+        stats = json.load(f)["datasets"]
+    early = early_step(plan.study)
+    describe = {"online": "online IPO (seed 0 supplies the policies below)",
+                "offline": "offline IPO on D_golden (the main sweep)"}
+    for tag, st in stats.items():
+        side = {"sft": "SFT", "early": f"online@{early}",
+                "final": f"online@{plan.study.policy.steps}"}.get
+        describe[tag] = (f"{side(st['first_side'])} vs {side(st['second_side'])}; first side "
+                         f"wins {st['first_side_wins']:.2f}")
+    lines = [shared.figure(rows, labels, workdir, "quality.png",
+                           "Data quality: offline IPO on on-policy pairs (cf. Fig. 5, 12)"), ""]
+    lines += shared.peak_table(rows, labels, describe)
+    lines += ["", f"Each dataset: {next(iter(stats.values()))['pairs']} training pairs sampled on "
+              f"the training prompts, labelled by the golden model; step {early} stands for the "
+              f"paper's 800 and step {plan.study.policy.steps} for its 4k."]
+    peak = {label: shared.seed_peaks(rows, label)[0] for label in labels}
+    lift = lambda k: peak[k] - 0.5
+    verdicts = []
+    if peak["online"] > 0.5:
+        share = lift("d_4k_vs_4k") / lift("online")
+        verdicts.append(Verdict(
+            "Offline on D_4k vs 4k (high-quality pairs) barely beats SFT",
+            f"win rate vs SFT {peak['d_4k_vs_4k']:.3f} ({100 * share:.0f}% of online's "
+            f"lift; online {peak['online']:.3f})", bool(share < 0.5)))
+    best = max(DATASETS, key=lambda k: peak[k])
+    verdicts.append(Verdict(
+        "Keeping one side near SFT (D_sft vs 800) helps most of the three",
+        ", ".join(f"{k} {peak[k]:.3f}" for k in DATASETS), bool(best == "d_sft_vs_800")))
+    return Finding(NAME, TITLE, lines, verdicts)

@@ -1,0 +1,61 @@
+"""What the hypothesis analyses share: rows of a set of runs, peaks, tables, small statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from alignment_gap.study import report, results
+
+
+def labelled(rows: list[dict], runs: dict) -> list[dict]:
+    """The rows of each label's stages, with `method` set to the label."""
+    out = []
+    for label, stages in runs.items():
+        names = {s.name for s in stages}
+        out += [dict(r, method=label) for r in rows if r["stage"] in names]
+    return out
+
+
+def run_peaks(rows: list[dict], label: str, metric: str = "win_rate") -> list[float]:
+    """The best checkpoint (past step 0) of each run of `label`."""
+    best = {}
+    for r in rows:
+        if r["method"] == label and r["step"] > 0 and np.isfinite(r[metric]):
+            best[r["stage"]] = max(best.get(r["stage"], -np.inf), r[metric])
+    return list(best.values())
+
+
+def seed_peaks(rows, label: str, metric: str = "win_rate"):
+    """(mean, 95% half-width) over seeds of each seed's best checkpoint over its runs."""
+    return results.peaks([r for r in rows if r["method"] == label], metric).get(
+        label, {"mean_ci": (float("nan"), float("nan"))})["mean_ci"]
+
+
+def peak_table(rows, labels, describe: dict) -> list[str]:
+    lines = ["| runs | what | golden win rate (peak) | oracle win rate (peak) | runs |",
+             "| --- | --- | --- | --- | --- |"]
+    for label in labels:
+        n = len(run_peaks(rows, label))
+        lines.append(f"| {label} | {describe.get(label, '')} | "
+                     f"{report._fmt(seed_peaks(rows, label))} | "
+                     f"{report._fmt(seed_peaks(rows, label, 'oracle_win_rate'))} | {n} |")
+    return lines
+
+
+def figure(rows, labels, workdir: str, filename: str, title: str) -> str:
+    import os
+
+    report.frontier_plot(rows, os.path.join(workdir, filename), methods=labels, title=title)
+    return f"![{filename}]({filename})"
+
+
+def overlap(a, b) -> bool:
+    """Do two (mean, half-width) intervals overlap (a missing width counts as overlapping)?"""
+    (ma, ha), (mb, hb) = a, b
+    if not (np.isfinite(ha) and np.isfinite(hb)):
+        return True
+    return abs(ma - mb) <= ha + hb
+
+
+def num(x: float, digits: int = 3) -> str:
+    return "-" if not np.isfinite(x) else f"{x:.{digits}f}"

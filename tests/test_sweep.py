@@ -1,0 +1,115 @@
+"""A study's runs fanned out over independent hosts sharing one workdir (`config.sweep`).
+
+Real processes run the stage scheduler on a small stage graph whose stages only record when
+and where they ran: every stage runs exactly once, on its owner, after its inputs; a failure on
+one host stops the others with the failing stage named instead of a hang.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = r'''
+import sys, time
+import ml_collections
+from alignment_gap.study.pipeline import Stage, run_stages, wait_for
+from alignment_gap.train.loop import write_json
+
+workdir, shard, shards, fail = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+def job(name):
+    def run(cfg, out):
+        start = time.time()
+        if name == fail:
+            raise RuntimeError(f"{name} broke")
+        time.sleep(0.2)
+        write_json(out, "DONE.json", {"step": 1, "shard": shard, "start": start,
+                                      "end": time.time()})
+    return run
+
+def stage(name, upstream=(), run=False):
+    return Stage(name, ml_collections.ConfigDict({"name": name}), job(name), tuple(upstream),
+                 {"method": "m"} if run else {})
+
+base = stage("base")
+runs = [stage(f"run{i}", [base], run=True) for i in range(4)]
+analysis = stage("analysis", [runs[1], runs[2]])
+late = stage("late_base")  # a shared stage listed after work that other hosts wait for
+late_runs = [stage(f"late_run{i}", [late], run=True) for i in range(2)]
+stages = [base, *runs, analysis, late, *late_runs]
+run_stages(stages, workdir, shard, shards, poll_s=0.05, timeout_s=60)
+if shard == 0:
+    wait_for(stages, workdir, 0.05, 60, "the report")
+print("exit", shard)
+'''
+
+
+def _sweep(workdir, shards, fail=""):
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(workdir), str(k), str(shards),
+                               fail], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for k in range(shards)]
+    return [(p.wait(timeout=120), *p.communicate()) for p in procs]
+
+
+def _done(workdir):
+    out = {}
+    for path in (workdir / "stages").glob("*/DONE.json"):
+        out[path.parent.name.rsplit("-", 1)[0]] = json.loads(path.read_text())
+    return out
+
+
+UPSTREAM = {"run0": ["base"], "run1": ["base"], "run2": ["base"], "run3": ["base"],
+            "analysis": ["run1", "run2"], "late_run0": ["late_base"],
+            "late_run1": ["late_base"]}
+
+
+def test_every_stage_runs_once_on_its_owner_after_its_inputs(tmp_path):
+    results = _sweep(tmp_path, 2)
+    for rc, _, err in results:
+        assert rc == 0, err[-2000:]
+    printed = [line.split()[2] for _, out, _ in results for line in out.splitlines()
+               if line.startswith("== stage")]
+    assert sorted(printed) == sorted(["base", "analysis", "late_base", *UPSTREAM.keys() -
+                                      {"analysis"}])  # each exactly once
+    done = _done(tmp_path)
+    # Runs go round-robin over the hosts; shared stages run on shard 0.
+    assert {name: d["shard"] for name, d in done.items()} == {
+        "base": 0, "analysis": 0, "late_base": 0, "run0": 0, "run1": 1, "run2": 0, "run3": 1,
+        "late_run0": 0, "late_run1": 1}
+    for name, inputs in UPSTREAM.items():
+        assert all(done[name]["start"] >= done[u]["end"] for u in inputs), name
+
+
+def test_a_failed_stage_stops_the_hosts_waiting_for_it(tmp_path):
+    (rc0, out0, err0), (rc1, _, err1) = _sweep(tmp_path, 2, fail="run1")
+    assert rc1 != 0 and "run1 broke" in err1
+    assert rc0 != 0 and "stage run1 failed" in err0 and "run1 broke" in err0
+    assert "exit 0" not in out0
+    assert json.loads(next(tmp_path.glob("stages/run1-*/FAILED.json")).read_text())["error"] \
+        == "RuntimeError: run1 broke"
+
+
+@pytest.mark.parametrize("shard", [-1, 2])
+def test_shard_out_of_range_is_a_one_line_error(shard):
+    from alignment_gap.config_checks import ConfigError, validate
+    from configs import study
+
+    c = study.get_config("smoke")
+    c.sweep.shards, c.sweep.shard = 2, shard
+    with pytest.raises(ConfigError, match=r"config.sweep.shard: .* not in \[0, sweep.shards=2\)"):
+        validate(c, 1)
+
+
+def test_bucket_workdir_is_refused_with_the_mount_named(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "alignment_gap.main", "--config",
+                          os.path.join(ROOT, "configs", "study.py:smoke"),
+                          "--workdir", "gs://bucket/study"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --workdir: gs://bucket/study")
+    assert "launch/tpu_vm.sh --bucket" in out.stderr
