@@ -128,3 +128,14 @@ def test_unknown_hypothesis_is_a_one_line_error():
 
     with pytest.raises(ConfigError, match="config.hypotheses: 'luck' is unknown"):
         hypotheses.get("luck")
+
+
+@pytest.mark.parametrize("variant", ["scaling", "smoke_scaling"])
+def test_scaling_variant_spans_at_least_eight_times_the_parameters(variant):
+    from alignment_gap.study.hypotheses import scaling
+    from configs import models
+
+    c = study_configs.get_config(variant)
+    counts = [scaling.parameter_count(models.get_config(s)) for s in c.scaling.sizes]
+    assert len(counts) >= 3 and max(counts) >= 8 * min(counts), counts
+    assert c.model.name in c.scaling.sizes  # the main study's runs are one of the sizes

@@ -147,3 +147,13 @@ def test_missing_or_incompatible_frozen_checkpoints_fail_before_compiling(runs, 
     not_lm = main("policy.py:offline_tiny", tmp_path / "c", data,
                   f"--config.sft_checkpoint={root / 'proxy'}", expect=1)
     assert "holds a 'preference' model, not a 'lm' one" in not_lm.stderr
+
+
+def test_resumed_preference_run_keeps_its_plateau_history(tmp_path):
+    from alignment_gap.train.preference import accuracy_history
+
+    lines = [{"step": 0, "loss": 1.0}, {"step": 10, "eval/accuracy": 0.6},
+             {"step": 20, "eval/accuracy": 0.7}, {"step": 30, "eval/accuracy": 0.65}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert accuracy_history(str(tmp_path), 20) == [0.6, 0.7]  # past the checkpoint: dropped
+    assert accuracy_history(str(tmp_path / "fresh"), 20) == []

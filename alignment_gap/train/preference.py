@@ -10,6 +10,8 @@ stops when it has not improved for `patience` evaluations (the paper stops near 
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,7 @@ from alignment_gap import sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
+from alignment_gap.metrics import read_jsonl
 from alignment_gap.models.heads import both_order_margin
 from alignment_gap.train import common
 from alignment_gap.train.loop import Loop, already_finished
@@ -55,6 +58,16 @@ def init_from_lm(pm, lm_run_dir: str, config, rt) -> None:
     nnx.update(pm.backbone, nnx.state(lm.backbone))  # segment embeddings and head stay fresh
 
 
+def accuracy_history(workdir: str, upto_step: int) -> list[float]:
+    """Validation accuracies logged up to a resumed checkpoint, so a resumed run applies the
+    plateau rule to the same history an uninterrupted one would."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [r["eval/accuracy"] for r in read_jsonl(path)
+            if "eval/accuracy" in r and r["step"] <= upto_step]
+
+
 def run(config, workdir: str):
     if already_finished(workdir, config.num_steps):
         return
@@ -75,13 +88,14 @@ def run(config, workdir: str):
     train_iter = iter(pipeline("train", config.seed))
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
     rng = jax.random.key(config.seed)
+    history: list[float] = []  # validation accuracy at each evaluation, for the plateau rule
     if ckpt.latest_step() is not None:
         state, rng, saved = ckpt.restore(state, shardings, train_iter)
         common.check_resume(saved, "preference", config.model, rt, workdir)
+        history = accuracy_history(workdir, int(jax.device_get(state.step)))
 
     accuracy = jax.jit(lambda params, b: sign_rule_accuracy(nnx.merge(graphdef, params), b),
                        out_shardings=rt.replicated())
-    history: list[float] = []
 
     def evaluate(state):
         batches = pipeline("validation", 0, shuffle=False, num_epochs=1)
