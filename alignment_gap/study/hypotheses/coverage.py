@@ -62,9 +62,8 @@ def analyse(plan, rows, workdir: str) -> Finding:
             describe[label] = f"D_online shuffled within windows of {window} batches"
     gap = tandem_gap(plan, r["online"], r["tandem"])
     win_gap = _matched_eval_gap(rows)
-    lines = [shared.figure(rows, labels, workdir, "coverage.png",
-                           "Data coverage: offline IPO on the online stream (cf. Fig. 3-4)"), ""]
-    lines += shared.peak_table(rows, labels, describe)
+    lines = shared.runs_section(rows, labels, describe, workdir, "coverage.png",
+                                "Data coverage: offline IPO on the online stream (cf. Fig. 3-4)")
     lines += ["", f"Tandem replay vs the online run it replays: largest relative difference of "
               f"{'/'.join(TRAIN_KEYS)} at any step {gap:.1e}; largest golden win-rate "
               f"difference at any checkpoint {win_gap:.3f}."]

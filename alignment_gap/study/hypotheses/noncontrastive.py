@@ -43,9 +43,8 @@ def analyse(plan, rows, workdir: str) -> Finding:
                 "offline_b2": "Best-of-2 on D_golden winners",
                 "shuffled_b2": "Best-of-2 on online_b2's stream, shuffled",
                 "online": "online IPO (main)", "offline": "offline IPO (main sweep)"}
-    lines = [shared.figure(rows, labels, workdir, "noncontrastive.png",
-                           "Best-of-2: online vs offline (cf. Fig. 9)"), ""]
-    lines += shared.peak_table(rows, labels, describe)
+    lines = shared.runs_section(rows, labels, describe, workdir, "noncontrastive.png",
+                                "Best-of-2: online vs offline (cf. Fig. 9)")
     peak = {label: shared.seed_peaks(rows, label) for label in labels}
     on, off, shuf = peak["online_b2"], peak["offline_b2"], peak["shuffled_b2"]
     verdicts = [

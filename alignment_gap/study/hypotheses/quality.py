@@ -123,9 +123,8 @@ def analyse(plan, rows, workdir: str) -> Finding:
                 "final": f"online@{plan.study.policy.steps}"}.get
         describe[tag] = (f"{side(st['first_side'])} vs {side(st['second_side'])}; first side "
                          f"wins {st['first_side_wins']:.2f}")
-    lines = [shared.figure(rows, labels, workdir, "quality.png",
-                           "Data quality: offline IPO on on-policy pairs (cf. Fig. 5, 12)"), ""]
-    lines += shared.peak_table(rows, labels, describe)
+    lines = shared.runs_section(rows, labels, describe, workdir, "quality.png",
+                                "Data quality: offline IPO on on-policy pairs (cf. Fig. 5, 12)")
     lines += ["", f"Each dataset: {next(iter(stats.values()))['pairs']} training pairs sampled on "
               f"the training prompts, labelled by the golden model; step {early} stands for the "
               f"paper's 800 and step {plan.study.policy.steps} for its 4k."]

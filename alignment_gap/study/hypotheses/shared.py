@@ -49,6 +49,13 @@ def figure(rows, labels, workdir: str, filename: str, title: str) -> str:
     return f"![{filename}]({filename})"
 
 
+def runs_section(rows, labels, describe: dict, workdir: str, filename: str,
+                 title: str) -> list[str]:
+    """The frontier figure of these runs, then their peak table."""
+    return [figure(rows, labels, workdir, filename, title), "",
+            *peak_table(rows, labels, describe)]
+
+
 def overlap(a, b) -> bool:
     """Do two (mean, half-width) intervals overlap (a missing width counts as overlapping)?"""
     (ma, ha), (mb, hb) = a, b
