@@ -138,7 +138,8 @@ class Sampler:
     same shardings the trainer keeps them in, so nothing is re-sharded between update and sample.
     """
 
-    def __init__(self, lm, mesh, rules, cfg: SamplingConfig, use_cache: bool = True):
+    def __init__(self, lm, mesh, rules, cfg: SamplingConfig, use_cache: bool = True,
+                 samples_per_prompt: int = 1):
         self.mesh, self.rules, self.cfg = mesh, rules, cfg
         graphdef, state = nnx.split(lm)
         with sharding.use(mesh, rules):
@@ -147,6 +148,10 @@ class Sampler:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
         def run(state, prompt, prompt_mask, key):
+            # n samples per prompt in one decode loop (rows: all prompts' first samples, then
+            # all second samples, ...): the loop's per-step overhead is paid once, not n times.
+            prompt = jnp.tile(prompt, (samples_per_prompt, 1))
+            prompt_mask = jnp.tile(prompt_mask, (samples_per_prompt, 1))
             return sample(nnx.merge(graphdef, state), prompt, prompt_mask, key, cfg, use_cache)
 
         self._run = jax.jit(run, in_shardings=(state_sh, rows, rows, replicated),

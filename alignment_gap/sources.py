@@ -4,8 +4,8 @@
   recorded online stream - in order ("tandem"), shuffled uniformly, or shuffled within windows
   of k batches (the paper's partial shuffling, Sec. 5.1).
 * `OnlineSource`: the next batch of prompts from the same prompt set; two responses per prompt
-  sampled from the *current* policy with the jitted KV-cache sampler; ranked by the proxy
-  preference model's both-order sign rule.
+  sampled from the *current* policy with the jitted KV-cache sampler (both in one decode
+  loop); ranked by the proxy preference model's both-order sign rule.
 
 `OnlineSource` can record every batch it produces, token-exact and in order (`StreamRecorder`):
 that is `D_online`. Chunks are sealed at each checkpoint, so a resumed run's stream holds each
@@ -154,13 +154,15 @@ class OnlineSource:
                  sampling: SamplingConfig, recorder: StreamRecorder | None = None):
         self.prompts, self.to_global, self.recorder = prompt_iterator, to_global, recorder
         self.mesh, self.rules = mesh, rules
-        self.sampler = Sampler(policy, mesh, rules, sampling)
+        self.sampler = Sampler(policy, mesh, rules, sampling, samples_per_prompt=2)
         proxy_graphdef, self.proxy_state = nnx.split(proxy)
         rows = sharding.batch_sharding(mesh, rules, 2)
         with sharding.use(mesh, rules):
             proxy_shardings = sharding.state_shardings(self.proxy_state, mesh)
 
-        def rank(proxy_state, prompt, prompt_mask, y1, y1_mask, y2, y2_mask):
+        def rank(proxy_state, prompt, prompt_mask, tokens, mask):
+            b = prompt.shape[0]  # rows [:b] are each prompt's first sample, [b:] its second
+            y1, y1_mask, y2, y2_mask = tokens[:b], mask[:b], tokens[b:], mask[b:]
             margin = both_order_margin(nnx.merge(proxy_graphdef, proxy_state), prompt,
                                        prompt_mask, y1, y1_mask, y2, y2_mask)
             first = (margin >= 0)[:, None]
@@ -168,25 +170,23 @@ class OnlineSource:
             return PreferenceBatch(prompt, prompt_mask, pick(y1, y2), pick(y1_mask, y2_mask),
                                    pick(y2, y1), pick(y2_mask, y1_mask))
 
-        self._rank = jax.jit(rank, in_shardings=(proxy_shardings,) + (rows,) * 6,
+        self._rank = jax.jit(rank, in_shardings=(proxy_shardings,) + (rows,) * 4,
                              out_shardings=PreferenceBatch(*[rows] * 6))
         self.stats: dict = {}
         self.step = 0
 
     def next_batch(self, policy_params, key) -> PreferenceBatch:
         prompts = self.to_global(next(self.prompts))
-        k1, k2 = jax.random.split(key)
         t0 = time.perf_counter()
-        y1 = self.sampler(policy_params, prompts.prompt, prompts.prompt_mask, k1)
-        y2 = self.sampler(policy_params, prompts.prompt, prompts.prompt_mask, k2)
-        jax.block_until_ready((y1.tokens, y2.tokens))
+        both = self.sampler(policy_params, prompts.prompt, prompts.prompt_mask, key)
+        jax.block_until_ready(both.tokens)
         t1 = time.perf_counter()
         with sharding.use(self.mesh, self.rules):
             batch = self._rank(self.proxy_state, prompts.prompt, prompts.prompt_mask,
-                               y1.tokens, y1.mask, y2.tokens, y2.mask)
+                               both.tokens, both.mask)
         jax.block_until_ready(batch.chosen)
         t2 = time.perf_counter()
-        sampled = float(jnp.sum(y1.mask) + jnp.sum(y2.mask))
+        sampled = float(jnp.sum(both.mask))
         self.stats = {"sample_s": t1 - t0, "score_s": t2 - t1,
                       "sample_tokens_per_s": sampled / max(t1 - t0, 1e-9)}
         self.step += 1

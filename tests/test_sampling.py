@@ -91,3 +91,25 @@ def test_sharded_sampler_matches_one_device(mini_config):
         results.append(jax.device_get(out))
     np.testing.assert_array_equal(results[0].tokens, results[1].tokens)
     np.testing.assert_allclose(results[0].logprobs, results[1].logprobs, atol=2e-5)
+
+
+def test_several_samples_per_prompt_in_one_loop(mini_config):
+    prompts = _prompts()
+    lm, mesh, rules = language_model(mini_config, (2, 2, 2))
+    batch, state = sharding.global_batch(prompts, mesh, rules), nnx.state(lm)
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0, eos_id=-1)
+    one = jax.device_get(Sampler(lm, mesh, rules, greedy)(state, *batch, jax.random.key(0)))
+    two = jax.device_get(Sampler(lm, mesh, rules, greedy, samples_per_prompt=2)(
+        state, *batch, jax.random.key(0)))
+    b = prompts[0].shape[0]
+    assert two.tokens.shape == (2 * b, 6)  # rows [:b]: first samples, [b:]: second samples
+    np.testing.assert_array_equal(two.tokens[:b], one.tokens)
+    np.testing.assert_array_equal(two.tokens[b:], one.tokens)
+    sampled = SamplingConfig(max_new_tokens=6, temperature=1.0, eos_id=-1)
+    pair = jax.device_get(Sampler(lm, mesh, rules, sampled, samples_per_prompt=2)(
+        state, *batch, jax.random.key(0)))
+    assert (pair.tokens[:b] != pair.tokens[b:]).any()  # two independent samples per prompt
+    per_token, _ = logprobs.sequence_logprobs(lm, np.tile(prompts[0], (2, 1)),
+                                              np.tile(prompts[1], (2, 1)), pair.tokens,
+                                              pair.mask)
+    np.testing.assert_allclose(pair.logprobs, per_token, atol=2e-5)
