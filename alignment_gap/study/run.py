@@ -35,7 +35,8 @@ def run(config, workdir: str):
         return
     pipeline.wait_for(stages, workdir, sweep.poll_s, sweep.wait_timeout_s,
                       "the report needs every run")
-    timings = pipeline.merged_timings(workdir)
+    timings = {name: sec for name, sec in pipeline.merged_timings(workdir).items()
+               if name in {s.name for s in stages}}  # this study's stages only
     samples = side_by_side(config, stages, workdir)  # every process: it runs the models
     if jax.process_index() != 0:
         return
