@@ -17,9 +17,9 @@ def response_logits(lm, prompt_BxP, prompt_mask_BxP, response_BxR, response_mask
     """Float32 logits `[batch, R, vocab]`; row j predicts response token j."""
     tokens = jnp.concatenate([prompt_BxP, response_BxR], axis=1)
     mask = jnp.concatenate([prompt_mask_BxP, response_mask_BxR], axis=1).astype(bool)
-    logits, _ = lm(tokens, mask)
     p, r = prompt_BxP.shape[1], response_BxR.shape[1]
-    return logits[:, p - 1 : p + r - 1]
+    logits, _ = lm(tokens, mask, logits_window=(p - 1, p + r - 1))
+    return logits
 
 
 def token_logprobs(logits_BxRxV, tokens_BxR):

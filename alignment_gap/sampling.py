@@ -91,10 +91,10 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
         cache = KVCache.zeros(lm.cfg, batch, p + r)
         cache = jax.tree.map(lambda x: sharding.constrain(x, _CACHE_AXES), cache)
         logits, cache = lm(prompt_BxP, prompt_mask_BxP, cache=cache, cache_index=0,
-                           cache_mask_BxS=seq_mask)
+                           cache_mask_BxS=seq_mask, logits_window=(p - 1, p))
     else:
         cache = None
-        logits, _ = lm(prompt_BxP, prompt_mask_BxP)
+        logits, _ = lm(prompt_BxP, prompt_mask_BxP, logits_window=(p - 1, p))
 
     def cond(s: _Loop):
         return (s.step < r) & ~jnp.all(s.done)

@@ -8,9 +8,11 @@ reference's forward), the KV-cache sampler, and preference scoring (both orders)
 achieved GFLOP/s and the fraction of peak. Then how the update step's time grows with sequence
 length and with batch at one size. One process, one sitting: compare the ratios.
 
-FLOPs, per token (Kaplan et al. 2020, the causal half not discounted; N = matmul parameters
-including the LM head, L layers, W width, T context): training 6N + 12 L W T; a forward 2N +
-4 L W T (the reference, scoring, and sampling where T is the average context of a decoded token).
+FLOPs, per token (Kaplan et al. 2020, the causal half not discounted; N = the blocks' matmul
+parameters, L layers, W width, T context): a forward 2N + 4 L W T, training 3x that; plus
+2 W V (x3 when trained) at each position whose next-token logits are computed - the response
+positions in an update, the last prompt position and each decoded token in the sampler, none in
+the preference model (a scalar head). T for a decoded token is its average context.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from foundation import matmul_peak, timed, train_flops_per_token
+from foundation import matmul_peak, timed
 
 from alignment_gap import sharding
 from alignment_gap.batches import PreferenceBatch
@@ -42,9 +44,17 @@ PAIRS = {"mini": 32, "60m": 8, "250m": 4, "770m": 2}  # pairs per update step on
 SAMPLE_PROMPTS = {"mini": 64, "60m": 16, "250m": 8, "770m": 4}
 
 
-def forward_flops_per_token(cfg: TransformerConfig, context: float) -> float:
-    return (train_flops_per_token(cfg, context) - 12 * cfg.num_layers * cfg.width * context) / 3 \
-        + 4 * cfg.num_layers * cfg.width * context
+def layer_flops(cfg: TransformerConfig, context: float, passes: int) -> float:
+    """Per token through the blocks: passes x 2 x matmul params + attention (passes: 1 forward,
+    3 forward + backward); the vocabulary projection is counted apart, where it is computed."""
+    per_layer = (2 * cfg.width * cfg.num_heads * cfg.head_dim
+                 + 2 * cfg.width * cfg.num_kv_heads * cfg.head_dim + 3 * cfg.width * cfg.mlp_dim)
+    return passes * (2 * cfg.num_layers * per_layer + 4 * cfg.num_layers * cfg.width * context)
+
+
+def head_flops(cfg: TransformerConfig, passes: int) -> float:
+    """Per position whose next-token logits are computed."""
+    return passes * 2 * cfg.width * cfg.vocab_size
 
 
 def _cfg(size, max_len):
@@ -82,7 +92,9 @@ def bench_update(size, pairs, prompt, response, mesh, rules, peak) -> dict:
     seconds = timed(one, 3 if size != "mini" else 10)
     length = prompt + response
     tokens = 2 * pairs * length  # chosen and rejected sequences
-    flops = tokens * (train_flops_per_token(cfg, length) + forward_flops_per_token(cfg, length))
+    # Policy forward + backward, reference forward; logits only at the response positions.
+    flops = (tokens * (layer_flops(cfg, length, 3) + layer_flops(cfg, length, 1))
+             + 2 * pairs * response * (head_flops(cfg, 3) + head_flops(cfg, 1)))
     return _row("update (policy fwd+bwd+AdamW, reference fwd)", size, f"{pairs} pairs x "
                 f"{length}", seconds, tokens, flops, peak)
 
@@ -95,8 +107,9 @@ def bench_sampler(size, prompts, prompt, response, mesh, rules, peak) -> dict:
     sampler = Sampler(lm, mesh, rules, SamplingConfig(max_new_tokens=response, eos_id=-1))
     state, key = nnx.state(lm), jax.random.key(0)
     seconds = timed(lambda: sampler(state, x, np.ones_like(x, bool), key).tokens, 3)
-    flops = prompts * (prompt * forward_flops_per_token(cfg, prompt / 2)
-                       + response * forward_flops_per_token(cfg, prompt + response / 2))
+    flops = prompts * (prompt * layer_flops(cfg, prompt / 2, 1) + head_flops(cfg, 1)  # prefill
+                       + response * (layer_flops(cfg, prompt + response / 2, 1)
+                                     + head_flops(cfg, 1)))
     return _row("sampler (prefill + KV-cache decode)", size, f"{prompts} x {prompt} + "
                 f"{response} new", seconds, prompts * response, flops, peak)
 
@@ -114,7 +127,7 @@ def bench_scoring(size, pairs, prompt, response, mesh, rules, peak) -> dict:
     length = prompt + 2 * response
     tokens = 2 * pairs * length
     return _row("preference scoring (both orders)", size, f"{pairs} pairs x {length}", seconds,
-                tokens, tokens * forward_flops_per_token(cfg, length), peak)
+                tokens, tokens * layer_flops(cfg, length, 1), peak)  # no vocabulary head
 
 
 def _row(what, size, shape, seconds, tokens, flops, peak) -> dict:

@@ -141,3 +141,12 @@ def test_parameters_carry_logical_axes(mini_config):
     q = lm.backbone.blocks[0].attn.q
     assert q[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
     assert specs is not None
+
+
+def test_logits_window_is_the_same_rows_of_the_full_logits(mini_config):
+    lm, _, _ = language_model(mini_config)
+    tokens, mask = random_prompts(np.random.default_rng(2), 4, 10, 512)
+    full, _ = lm(tokens, mask)
+    window, _ = lm(tokens, mask, logits_window=(3, 7))
+    assert window.shape == (4, 4, full.shape[-1])
+    np.testing.assert_allclose(window, full[:, 3:7], atol=1e-5)

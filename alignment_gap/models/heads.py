@@ -33,17 +33,22 @@ class LanguageModel(nnx.Module):
                               (cfg.width, cfg.vocab_size), ("embed", "vocab"))
 
     def __call__(self, tokens_BxL, mask_BxL, *, positions_BxL=None, cache: KVCache | None = None,
-                 cache_index=None, cache_mask_BxS=None):
+                 cache_index=None, cache_mask_BxS=None,
+                 logits_window: tuple[int, int] | None = None):
         """Float32 next-token logits `[batch, length, vocab]` (and the updated cache).
 
         Without a cache, attention reads the valid tokens of this sequence. With one, the chunk
         is written at `cache_index` and attention reads the cache slots where `cache_mask_BxS`.
+        `logits_window=(start, stop)`: logits of those positions only - the vocabulary
+        projection is skipped where nobody reads it (a prompt's positions, a prefill).
         """
         if positions_BxL is None:
             positions_BxL = positions_from_mask(mask_BxL)
         key_mask = mask_BxL if cache is None else cache_mask_BxS
         hidden, cache = self.backbone(tokens_BxL, positions_BxL, key_mask, cache=cache,
                                       cache_index=cache_index)
+        if logits_window is not None:
+            hidden = hidden[:, logits_window[0]: logits_window[1]]
         dt = jnp.dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:
             logits = dense(hidden, self.backbone.embed[...].astype(dt).T)
@@ -86,12 +91,7 @@ class PreferenceModel(nnx.Module):
 
 
 def both_order_margin(model: PreferenceModel, prompt, prompt_mask, y1, y1_mask, y2, y2_mask):
-    """`r(x, y1, y2) - r(x, y2, y1)` in probability space; > 0 means y1 wins (the sign rule).
-
-    Both orders go through the model as one batch of 2B sequences (one pass of kernels)."""
-    cat = lambda a, b: jnp.concatenate([a, b])
-    b = prompt.shape[0]
-    both = jax.nn.sigmoid(model(cat(prompt, prompt), cat(prompt_mask, prompt_mask),
-                                cat(y1, y2), cat(y1_mask, y2_mask), cat(y2, y1),
-                                cat(y2_mask, y1_mask)))
-    return both[:b] - both[b:]
+    """`r(x, y1, y2) - r(x, y2, y1)` in probability space; > 0 means y1 wins (the sign rule)."""
+    forward = jax.nn.sigmoid(model(prompt, prompt_mask, y1, y1_mask, y2, y2_mask))
+    backward = jax.nn.sigmoid(model(prompt, prompt_mask, y2, y2_mask, y1, y1_mask))
+    return forward - backward
