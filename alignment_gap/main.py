@@ -44,15 +44,16 @@ def _tasks():
             "policy": policy.run, "study": study.run}
 
 
-def use_compilation_cache(workdir: str):
+def use_compilation_cache(workdir: str, sweep_shard: int = 0):
     """Persist compiled programs under the workdir: a study's stages (and a resumed run) share
-    the same shapes, so most of their compiles become cache reads. One directory per process,
-    so processes never read an entry another is still writing. $JAX_COMPILATION_CACHE_DIR, when
-    set, wins."""
+    the same shapes, so most of their compiles become cache reads. One directory per process
+    (and sweep shard), so no process reads an entry another is still writing.
+    $JAX_COMPILATION_CACHE_DIR, when set, wins."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     jax.config.update("jax_compilation_cache_dir", os.path.join(
-        os.path.abspath(workdir), "jax_cache", f"process_{jax.process_index()}"))
+        os.path.abspath(workdir), "jax_cache",
+        f"shard_{sweep_shard}_process_{jax.process_index()}"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
@@ -71,7 +72,7 @@ def main(argv):
                 "mounts gs://NAME at /mnt/gcs/NAME on every worker) and pass that path")
         sharding.initialize_distributed(config.distributed)
         config_checks.validate(config, jax.device_count())
-        use_compilation_cache(_WORKDIR.value)
+        use_compilation_cache(_WORKDIR.value, config.get("sweep", {}).get("shard", 0))
     except config_checks.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
