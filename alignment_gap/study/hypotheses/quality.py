@@ -14,11 +14,14 @@ near SFT helps most.
 
 from __future__ import annotations
 
+import json
+import os
+
 import jax
 import ml_collections
 import numpy as np
 
-from alignment_gap.data import datasets
+from alignment_gap.data import datasets, pipelines
 from alignment_gap.data.relabel import model_judge, relabel
 from alignment_gap.study.hypotheses import Finding, Verdict, probe, shared
 from alignment_gap.train.loop import write_json
@@ -74,7 +77,7 @@ def _build(plan, online, names: dict, out: str):
     p = probe.Probe(plan, out)
     train = datasets.prompts(s.data)["train"]
     n = min(s.quality.pairs, len(train))
-    texts = [probe.pipelines._text(train[i]["prompt"]) for i in range(n)]
+    texts = [pipelines._text(train[i]["prompt"]) for i in range(n)]
     prompt, prompt_mask = p.prompts(texts)
     policies = {"sft": p.sft_params, "early": p.policy(online, early_step(s)),
                 "final": p.policy(online, s.policy.steps)}
@@ -107,9 +110,6 @@ def _golden_validation(plan):
 
 
 def analyse(plan, rows, workdir: str) -> Finding:
-    import json
-    import os
-
     r = runs(plan)
     rows = shared.labelled(rows, r)
     labels = list(r)
