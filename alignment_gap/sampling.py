@@ -148,8 +148,8 @@ class Sampler:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
         def run(state, prompt, prompt_mask, key):
-            # n samples per prompt in one decode loop (rows: all prompts' first samples, then
-            # all second samples, ...): the loop's per-step overhead is paid once, not n times.
+            # n samples per prompt in one decode loop and one call (rows: all prompts' first
+            # samples, then all second samples, ...).
             prompt = jnp.tile(prompt, (samples_per_prompt, 1))
             prompt_mask = jnp.tile(prompt_mask, (samples_per_prompt, 1))
             return sample(nnx.merge(graphdef, state), prompt, prompt_mask, key, cfg, use_cache)

@@ -119,8 +119,10 @@ class Plan:
         self.stages.append(stage)
         return stage
 
-    def get(self, name: str) -> Stage:
-        return self._by_name[name]
+    def main_runs(self, method: str) -> list[Stage]:
+        """The main study's runs of `method` (e.g. the offline sweep a hypothesis compares to)."""
+        return [s for s in self.stages
+                if s.meta.get("group") == "main" and s.meta.get("method") == method]
 
     def sft_stage(self, model) -> Stage:
         s = self.study

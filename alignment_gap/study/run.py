@@ -21,8 +21,7 @@ def _done(stage, workdir) -> dict:
 def run(config, workdir: str):
     plan = pipeline.build_plan(config, workdir)
     stages = plan.stages
-    pending = [s.name for s in stages
-               if not pipeline.is_finished(s.directory(workdir), s.config.get("num_steps", 1))]
+    pending = [s.name for s in stages if not pipeline.finished(s, workdir)]
     if not pending and jax.process_index() == 0:
         print(f"{workdir}: every stage is already finished; rewriting the report only.")
     sweep = config.sweep

@@ -28,8 +28,7 @@ def runs(plan) -> dict:
             out[label].append(plan.offline(
                 seed, online.meta["learning_rate"], s.policy.beta, s.policy.steps, method=label,
                 group=NAME, replay=(online, order, window)))
-    out["offline"] = [st for st in plan.stages
-                      if st.meta.get("group") == "main" and st.meta.get("method") == "offline"]
+    out["offline"] = plan.main_runs("offline")
     return out
 
 

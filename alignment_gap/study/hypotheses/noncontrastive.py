@@ -26,8 +26,7 @@ def runs(plan) -> dict:
                                                method="shuffled_b2", group=NAME, loss=LOSS,
                                                replay=(online, "shuffle", 1)))
     out["online"] = [plan.online(seed) for seed in s.seeds]
-    out["offline"] = [st for st in plan.stages
-                      if st.meta.get("group") == "main" and st.meta.get("method") == "offline"]
+    out["offline"] = plan.main_runs("offline")
     return out
 
 

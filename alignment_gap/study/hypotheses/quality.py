@@ -63,8 +63,7 @@ def runs(plan) -> dict:
         out[tag] = [plan.offline(seed, lr, s.policy.beta, s.policy.steps, method=tag, group=NAME,
                                  comparisons=name, upstream=(data,))
                     for seed in s.seeds for lr in s.quality.learning_rates]
-    out["offline"] = [st for st in plan.stages
-                      if st.meta.get("group") == "main" and st.meta.get("method") == "offline"]
+    out["offline"] = plan.main_runs("offline")
     return out
 
 
@@ -81,8 +80,15 @@ def _build(plan, online, names: dict, out: str):
     prompt, prompt_mask = p.prompts(texts)
     policies = {"sft": p.sft_params, "early": p.policy(online, early_step(s)),
                 "final": p.policy(online, s.policy.steps)}
-    judge = model_judge(p.preference_model("golden"), p.rt.tokenizer, s.data.prompt_len,
-                        s.data.response_len, p.rt.mesh, p.rt.rules)
+    golden_judge = model_judge(p.preference_model("golden"), p.rt.tokenizer, s.data.prompt_len,
+                               s.data.response_len, p.rt.mesh, p.rt.rules)
+    kept: dict[str, bool] = {}  # record id -> the golden model kept its order
+
+    def judge(records):  # relabel's judge, remembering each decision for the statistics
+        keep = golden_judge(records)
+        kept.update(zip((r["id"] for r in records), keep, strict=True))
+        return keep
+
     golden_validation = _golden_validation(plan)
     stats = {}
     for i, (tag, (first, second)) in enumerate(DATASETS.items()):
@@ -92,14 +98,13 @@ def _build(plan, online, names: dict, out: str):
                               jax.random.fold_in(key, 1))[0])
         records = [{"id": f"{tag}-{j}", "prompt": t, "chosen": x, "rejected": y}
                    for j, (t, x, y) in enumerate(zip(texts, a, b, strict=True))]
-        first_wins = np.concatenate([judge(records[j: j + 256])
-                                     for j in range(0, len(records), 256)])
         relabel({"train": records, "validation": golden_validation}, judge, names[tag],
                 s.data.dir)
+        first_wins = [kept[r["id"]] for r in records]
+        identical = [x == y for x, y in zip(a, b, strict=True)]
         stats[tag] = {"dataset": names[tag], "pairs": n, "first_side": first,
                       "second_side": second, "first_side_wins": float(np.mean(first_wins)),
-                      "identical_pairs": float(np.mean([x == y for x, y in zip(a, b,
-                                                                              strict=True)]))}
+                      "identical_pairs": float(np.mean(identical))}
     write_json(out, "DONE.json", {"step": 1, "datasets": stats})
 
 

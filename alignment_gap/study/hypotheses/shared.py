@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from alignment_gap.study import report, results
@@ -43,8 +45,6 @@ def peak_table(rows, labels, describe: dict) -> list[str]:
 
 
 def figure(rows, labels, workdir: str, filename: str, title: str) -> str:
-    import os
-
     report.frontier_plot(rows, os.path.join(workdir, filename), methods=labels, title=title)
     return f"![{filename}]({filename})"
 
