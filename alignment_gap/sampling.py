@@ -26,7 +26,7 @@ from alignment_gap import sharding
 from alignment_gap.logprobs import token_logprobs
 from alignment_gap.models.transformer import KVCache, positions_from_mask
 
-_CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,23 +78,34 @@ class _Loop(NamedTuple):
     done: jax.Array
 
 
-def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache: bool = True):
-    """Sample up to `cfg.max_new_tokens` tokens per prompt. Traceable; see `Sampler`."""
-    batch, p = prompt_BxP.shape
-    r = cfg.max_new_tokens
-    prompt_mask_BxP = prompt_mask_BxP.astype(bool)
-    seq_mask = jnp.concatenate([prompt_mask_BxP, jnp.zeros((batch, r), bool)], axis=1)
-    sequence = jnp.concatenate([prompt_BxP, jnp.full((batch, r), cfg.pad_id, jnp.int32)], axis=1)
-    first_position = prompt_mask_BxP.sum(axis=1).astype(jnp.int32)
+def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache: bool = True,
+           samples_per_prompt: int = 1):
+    """Sample up to `cfg.max_new_tokens` tokens per prompt. Traceable; see `Sampler`.
 
+    `samples_per_prompt` n > 1 draws n responses per prompt in one decode loop (rows: every
+    prompt's first sample, then every second, ...); each prompt is prefilled once and its cache
+    copied to its n rows.
+    """
+    n = samples_per_prompt
+    tile = lambda x: jnp.tile(x, (n,) + (1,) * (x.ndim - 1)) if n > 1 else x
+    prompts, p = prompt_BxP.shape
+    batch, r = n * prompts, cfg.max_new_tokens
+    prompt_mask_BxP = prompt_mask_BxP.astype(bool)
     if use_cache:
-        cache = KVCache.zeros(lm.cfg, batch, p + r)
+        prompt_only = jnp.concatenate([prompt_mask_BxP, jnp.zeros((prompts, r), bool)], axis=1)
+        cache = KVCache.zeros(lm.cfg, prompts, p + r)
         cache = jax.tree.map(lambda x: sharding.constrain(x, _CACHE_AXES), cache)
         logits, cache = lm(prompt_BxP, prompt_mask_BxP, cache=cache, cache_index=0,
-                           cache_mask_BxS=seq_mask, logits_window=(p - 1, p))
+                           cache_mask_BxS=prompt_only, logits_window=(p - 1, p))
+        cache = jax.tree.map(lambda x: sharding.constrain(tile(x), _CACHE_AXES), cache)
     else:
         cache = None
         logits, _ = lm(prompt_BxP, prompt_mask_BxP, logits_window=(p - 1, p))
+    logits = tile(logits)
+    prompt_BxP, prompt_mask_BxP = tile(prompt_BxP), tile(prompt_mask_BxP)
+    seq_mask = jnp.concatenate([prompt_mask_BxP, jnp.zeros((batch, r), bool)], axis=1)
+    sequence = jnp.concatenate([prompt_BxP, jnp.full((batch, r), cfg.pad_id, jnp.int32)], axis=1)
+    first_position = prompt_mask_BxP.sum(axis=1).astype(jnp.int32)
 
     def cond(s: _Loop):
         return (s.step < r) & ~jnp.all(s.done)
@@ -148,11 +159,8 @@ class Sampler:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
         def run(state, prompt, prompt_mask, key):
-            # n samples per prompt in one decode loop and one call (rows: all prompts' first
-            # samples, then all second samples, ...).
-            prompt = jnp.tile(prompt, (samples_per_prompt, 1))
-            prompt_mask = jnp.tile(prompt_mask, (samples_per_prompt, 1))
-            return sample(nnx.merge(graphdef, state), prompt, prompt_mask, key, cfg, use_cache)
+            return sample(nnx.merge(graphdef, state), prompt, prompt_mask, key, cfg, use_cache,
+                          samples_per_prompt)
 
         self._run = jax.jit(run, in_shardings=(state_sh, rows, rows, replicated),
                             out_shardings=SampleOutput(rows, rows, rows))

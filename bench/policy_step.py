@@ -9,7 +9,9 @@ proxy preference model (both orders) + the update step (whose forward includes t
 reference's log-probs). Offline step = the next dataset-shaped batch + the same update step.
 Parts are also timed alone (reference log-probs as their own jitted call). Step times are the
 mean of steps 4..23 (3 warm-up steps dropped), as peerbench measures. Random-init models, EOS
-disabled so every response has its full length (as the peers generate).
+disabled so every response has its full length (as the peers generate). Tokens/s count the
+tokens of the `[prompt | response]` sequences a step handles (the prompt once per response, as
+the peers count them), whatever the code does to read each prompt only once.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ parameters, L layers, W width, T context): a forward 2N + 4 L W T, training 3x t
 2 W V (x3 when trained) at each position whose next-token logits are computed - the response
 positions in an update, the last prompt position and each decoded token in the sampler, none in
 the preference model (a scalar head). T for a decoded token is its average context.
+Tokens are those a pass reads, a pair's prompt once: the update reads `[prompt | chosen |
+rejected]` (P + 2R per pair), scoring `[prompt | y1 y2 | y2 y1]` (P + 4R); T for each is the
+length of its own order's sequence (P + R, P + 2R).
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def bench_update(size, pairs, prompt, response, mesh, rules, peak) -> dict:
 
     seconds = timed(one, 3 if size != "mini" else 10)
     length = prompt + response
-    tokens = 2 * pairs * length  # chosen and rejected sequences
+    tokens = pairs * (prompt + 2 * response)  # the prompt once, then chosen and rejected
     # Policy forward + backward, reference forward; logits only at the response positions.
     flops = (tokens * (layer_flops(cfg, length, 3) + layer_flops(cfg, length, 1))
              + 2 * pairs * response * (head_flops(cfg, 3) + head_flops(cfg, 1)))
@@ -125,7 +128,7 @@ def bench_scoring(size, pairs, prompt, response, mesh, rules, peak) -> dict:
     with sharding.use(mesh, rules):
         seconds = timed(lambda: score(state, b), 3 if size != "mini" else 10)
     length = prompt + 2 * response
-    tokens = 2 * pairs * length
+    tokens = pairs * (prompt + 4 * response)  # the prompt once, then each order's responses
     return _row("preference scoring (both orders)", size, f"{pairs} pairs x {length}", seconds,
                 tokens, tokens * layer_flops(cfg, length, 1), peak)  # no vocabulary head
 

@@ -150,3 +150,51 @@ def test_logits_window_is_the_same_rows_of_the_full_logits(mini_config):
     window, _ = lm(tokens, mask, logits_window=(3, 7))
     assert window.shape == (4, 4, full.shape[-1])
     np.testing.assert_allclose(window, full[:, 3:7], atol=1e-5)
+
+
+def _two_responses(mini_config):
+    """A batch with ragged prompts, a short, a one-token and an empty response among them."""
+    b = _batch(mini_config, rows=6, prompt_len=9, response_len=6, seed=3)
+    y2 = np.roll(b["response"], 2, axis=0)
+    y2_mask = np.roll(b["response_mask"], 2, axis=0)
+    y2_mask[1, 1:] = False
+    y2_mask[4] = False  # an empty second response
+    b["response_mask"][5] = False  # and a row where both are empty
+    y2_mask[5] = False
+    return (b["prompt"], b["prompt_mask"], np.where(b["response_mask"], b["response"], 0),
+            b["response_mask"], np.where(y2_mask, y2, 0), y2_mask)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 2)])
+def test_one_pass_over_prompt_and_both_responses_equals_two_passes(mini_config, shape):
+    lm, mesh, rules = language_model(mini_config, shape)
+    prompt, prompt_mask, y1, y1_mask, y2, y2_mask = _two_responses(mini_config)
+    with sharding.use(mesh, rules):
+        shared = jax.jit(logprobs.pair_response_logits)(lm, prompt, prompt_mask, y1, y1_mask, y2,
+                                                        y2_mask)
+        separate = jax.jit(lambda m: jnp.concatenate([
+            logprobs.response_logits(m, prompt, prompt_mask, y1, y1_mask),
+            logprobs.response_logits(m, prompt, prompt_mask, y2, y2_mask)]))(lm)
+    valid = np.concatenate([y1_mask, y2_mask])
+    assert shared.shape == separate.shape == (12, 6, mini_config.vocab_size)
+    np.testing.assert_allclose(np.asarray(shared)[valid], np.asarray(separate)[valid], atol=2e-5)
+    # The second response never reads the first: changing the first leaves it unchanged.
+    other = jax.jit(logprobs.pair_response_logits)(lm, prompt, prompt_mask, (y1 + 5) % 500 + 2,
+                                                   y1_mask, y2, y2_mask)
+    np.testing.assert_allclose(np.asarray(other)[6:][y2_mask], np.asarray(shared)[6:][y2_mask],
+                               atol=2e-5)
+    assert not np.allclose(np.asarray(other)[:6][y1_mask], np.asarray(shared)[:6][y1_mask])
+
+
+def test_preference_model_scores_both_orders_in_one_pass(mini_config):
+    pm, mesh, rules = preference_model(mini_config, (2, 2, 2))
+    args = _two_responses(mini_config)
+    prompt, prompt_mask, y1, y1_mask, y2, y2_mask = args
+    with sharding.use(mesh, rules):
+        forward, backward = jax.jit(lambda m, *a: m.both_orders(*a))(pm, *args)
+        one = jax.jit(lambda m, *a: m(*a))
+        np.testing.assert_allclose(forward, one(pm, *args), atol=1e-5)
+        np.testing.assert_allclose(backward, one(pm, prompt, prompt_mask, y2, y2_mask, y1,
+                                                 y1_mask), atol=1e-5)
+    assert not np.allclose(forward[:5], backward[:5])  # the orders really differ
+    assert forward[5] == pytest.approx(float(backward[5]), abs=1e-6)  # both empty: one input

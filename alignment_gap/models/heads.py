@@ -32,8 +32,8 @@ class LanguageModel(nnx.Module):
             self.head = param(rngs, nnx.initializers.normal(stddev=cfg.width**-0.5),
                               (cfg.width, cfg.vocab_size), ("embed", "vocab"))
 
-    def __call__(self, tokens_BxL, mask_BxL, *, positions_BxL=None, cache: KVCache | None = None,
-                 cache_index=None, cache_mask_BxS=None,
+    def __call__(self, tokens_BxL, mask_BxL, *, positions_BxL=None, branches_BxL=None,
+                 cache: KVCache | None = None, cache_index=None, cache_mask_BxS=None,
                  logits_window: tuple[int, int] | None = None):
         """Float32 next-token logits `[batch, length, vocab]` (and the updated cache).
 
@@ -41,11 +41,14 @@ class LanguageModel(nnx.Module):
         is written at `cache_index` and attention reads the cache slots where `cache_mask_BxS`.
         `logits_window=(start, stop)`: logits of those positions only - the vocabulary
         projection is skipped where nobody reads it (a prompt's positions, a prefill).
+        `branches_BxL`: continuations sharing one sequence (see `transformer`); pass their
+        `positions_BxL` too.
         """
         if positions_BxL is None:
             positions_BxL = positions_from_mask(mask_BxL)
         key_mask = mask_BxL if cache is None else cache_mask_BxS
-        hidden, cache = self.backbone(tokens_BxL, positions_BxL, key_mask, cache=cache,
+        hidden, cache = self.backbone(tokens_BxL, positions_BxL, key_mask,
+                                      branches_BxL=branches_BxL, cache=cache,
                                       cache_index=cache_index)
         if logits_window is not None:
             hidden = hidden[:, logits_window[0]: logits_window[1]]
@@ -85,13 +88,54 @@ class PreferenceModel(nnx.Module):
         tokens, mask, segments = pair_sequence(prompt_BxP, prompt_mask_BxP, y1_BxR, y1_mask_BxR,
                                                y2_BxR, y2_mask_BxR)
         hidden, _ = self.backbone(tokens, positions_from_mask(mask), mask, segments_BxL=segments)
-        last = tokens.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
-        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return self._score_at(hidden, _last_valid(mask, 0))
+
+    def both_orders(self, prompt_BxP, prompt_mask_BxP, y1_BxR, y1_mask_BxR, y2_BxR, y2_mask_BxR):
+        """(`r(x, y1, y2)`, `r(x, y2, y1)`) from one pass over `[prompt | y1 y2 | y2 y1]`.
+
+        The two orders are branches of one sequence (see `transformer`): the prompt is computed
+        once, each order reads it and itself with the positions and segment ids it has in its
+        own `[prompt | . | .]` sequence, so the logits equal two `__call__`s.
+        """
+        batch, p = prompt_BxP.shape
+        r = y1_BxR.shape[1]
+        forward_tokens, forward_mask, forward_segments = pair_sequence(
+            prompt_BxP, prompt_mask_BxP, y1_BxR, y1_mask_BxR, y2_BxR, y2_mask_BxR)
+        _, backward_mask, _ = pair_sequence(prompt_BxP, prompt_mask_BxP, y2_BxR, y2_mask_BxR,
+                                            y1_BxR, y1_mask_BxR)
+        backward_part = lambda a: jnp.concatenate([a[:, p + r:], a[:, p: p + r]], axis=1)
+        tokens = jnp.concatenate([forward_tokens, backward_part(forward_tokens)], axis=1)
+        mask = jnp.concatenate([forward_mask, backward_mask[:, p:]], axis=1)
+        segments = jnp.concatenate([forward_segments, forward_segments[:, p:]], axis=1)
+        branches = jnp.concatenate([jnp.zeros((batch, p), jnp.int32),
+                                    jnp.ones((batch, 2 * r), jnp.int32),
+                                    jnp.full((batch, 2 * r), 2, jnp.int32)], axis=1)
+        prompt_length = forward_mask[:, :p].sum(axis=1, keepdims=True).astype(jnp.int32)
+        positions = jnp.concatenate([
+            positions_from_mask(forward_mask[:, :p]),
+            prompt_length + positions_from_mask(forward_mask[:, p:]),
+            prompt_length + positions_from_mask(backward_mask[:, p:])], axis=1)
+        hidden, _ = self.backbone(tokens, positions, mask, segments_BxL=segments,
+                                  branches_BxL=branches)
+        forward_end = _last_valid(forward_mask, 0)
+        # With both responses empty each order ends on the prompt's last token.
+        backward_end = _last_valid(mask[:, p + 2 * r:], p + 2 * r, fallback=forward_end)
+        return self._score_at(hidden, forward_end), self._score_at(hidden, backward_end)
+
+    def _score_at(self, hidden_BxLxD, index_B):
+        pooled = jnp.take_along_axis(hidden_BxLxD, index_B[:, None, None], axis=1)[:, 0]
         return (pooled.astype(jnp.float32) @ self.score[...])[:, 0]
+
+
+def _last_valid(mask_BxL, offset: int, fallback=None):
+    """`offset` + index of each row's last True; `fallback` (or the last slot) where none is."""
+    last = offset + mask_BxL.shape[1] - 1 - jnp.argmax(mask_BxL[:, ::-1], axis=1)
+    if fallback is None:
+        return last
+    return jnp.where(mask_BxL.any(axis=1), last, fallback)
 
 
 def both_order_margin(model: PreferenceModel, prompt, prompt_mask, y1, y1_mask, y2, y2_mask):
     """`r(x, y1, y2) - r(x, y2, y1)` in probability space; > 0 means y1 wins (the sign rule)."""
-    forward = jax.nn.sigmoid(model(prompt, prompt_mask, y1, y1_mask, y2, y2_mask))
-    backward = jax.nn.sigmoid(model(prompt, prompt_mask, y2, y2_mask, y1, y1_mask))
-    return forward - backward
+    forward, backward = model.both_orders(prompt, prompt_mask, y1, y1_mask, y2, y2_mask)
+    return jax.nn.sigmoid(forward) - jax.nn.sigmoid(backward)

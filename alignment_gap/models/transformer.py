@@ -5,6 +5,11 @@ them onto the mesh. Sequences follow one layout everywhere: a left-padded prompt
 or more right-padded responses. `positions` count valid tokens only (so padding never shifts
 RoPE) and `mask` marks valid tokens, which are the only keys attention may read.
 
+Optional `branches` let several continuations of one prompt share a single sequence
+(`[prompt | y1 | y2]`): branch 0 is the shared prefix, and a token of branch k > 0 attends to
+the prefix and to earlier tokens of its own branch only - exactly what it would see in its own
+`[prompt | yk]` sequence, with the prompt computed once instead of once per continuation.
+
 The KV cache is a plain pytree (`KVCache`) passed in and returned, so the sampler can run it
 through `jax.lax.while_loop` under `jax.jit` without any mutable module state.
 """
@@ -53,10 +58,12 @@ class TransformerConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values, one `[batch, slots, kv_heads, head_dim]` array per layer.
+    """Keys and values, one `[batch, kv_heads, slots, head_dim]` array per layer.
 
     Separate arrays (not one stacked array) let XLA update each layer's buffer in place inside
-    the decode loop; slicing a layer out of a stacked cache would copy it every step.
+    the decode loop; slicing a layer out of a stacked cache would copy it every step. Heads
+    before slots is the layout attention's batched matmuls read, so a decode step never
+    transposes the whole cache (in `[batch, slots, ...]` it did, twice per layer per token).
     """
 
     k: tuple
@@ -64,7 +71,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, cfg: TransformerConfig, batch: int, slots: int) -> KVCache:
-        shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
         dtype = jnp.dtype(cfg.dtype)
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                    v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
@@ -120,7 +127,8 @@ class Attention(nnx.Module):
         self.o = param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"))
         self.cfg = cfg
 
-    def __call__(self, x_BxLxD, positions_BxL, key_mask_BxS, cache_kv=None, cache_index=None):
+    def __call__(self, x_BxLxD, positions_BxL, key_mask_BxS, cache_kv=None, cache_index=None,
+                 branches_BxL=None):
         """Full attention when `cache_kv` is None; else write this chunk at `cache_index`."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         q = dense(x_BxLxD, self.q[...].astype(dt))
@@ -129,25 +137,29 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions_BxL, cfg.rope_theta)
         k = apply_rope(k, positions_BxL, cfg.rope_theta)
         length = x_BxLxD.shape[1]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B x K x L x H
         if cache_kv is None:
             query_slot = jnp.arange(length)
         else:
             k_cache, v_cache = cache_kv
             write = jax.lax.dynamic_update_slice_in_dim
-            k = write(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-            v = write(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+            k = write(k_cache, k.astype(k_cache.dtype), cache_index, axis=2)
+            v = write(v_cache, v.astype(v_cache.dtype), cache_index, axis=2)
             query_slot = cache_index + jnp.arange(length)
         new_kv = (k, v)  # The whole updated buffers when caching.
-        key_slot = jnp.arange(k.shape[1])
+        key_slot = jnp.arange(k.shape[2])
         visible_BxLxS = (key_slot[None, :] <= query_slot[:, None])[None] & key_mask_BxS[:, None, :]
+        if branches_BxL is not None:
+            key_branch, query_branch = branches_BxL[:, None, :], branches_BxL[:, :, None]
+            visible_BxLxS &= (key_branch == 0) | (key_branch == query_branch)
 
         b, groups = x_BxLxD.shape[0], cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, length, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("blkgh,bskh->bkgls", q, k.astype(dt)).astype(jnp.float32)
+        scores = jnp.einsum("blkgh,bksh->bkgls", q, k.astype(dt)).astype(jnp.float32)
         scores = scores * cfg.head_dim**-0.5
         scores = jnp.where(visible_BxLxS[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgls,bskh->blkgh", probs, v.astype(dt))
+        out = jnp.einsum("bkgls,bksh->blkgh", probs, v.astype(dt))
         out = out.reshape(b, length, cfg.num_heads, cfg.head_dim)
         y = dense(out, self.o[...].astype(dt), contract=2)
         return y, new_kv
@@ -178,8 +190,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.width, cfg.norm_eps, rngs)
         self.mlp = GatedMLP(cfg, rngs)
 
-    def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None):
-        y, new_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, cache_index)
+    def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None, branches=None):
+        y, new_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, cache_index,
+                              branches)
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
         return sharding.constrain(x, ("batch", "length", "embed_act")), new_kv
@@ -199,7 +212,9 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.width, cfg.norm_eps, rngs)
 
     def __call__(self, tokens_BxL, positions_BxL, key_mask_BxS, *, segments_BxL=None,
-                 cache: KVCache | None = None, cache_index=None):
+                 branches_BxL=None, cache: KVCache | None = None, cache_index=None):
+        if branches_BxL is not None and cache is not None:
+            raise ValueError("branches_BxL is for full-sequence passes; the KV cache has none")
         dt = jnp.dtype(self.cfg.dtype)
         # Gather from a replicated copy: a gather from a table sharded on (vocab, embed) into a
         # batch-sharded output is a layout XLA's SPMD partitioner can only do by rematerialising.
@@ -212,7 +227,8 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = block(x, positions_BxL, key_mask_BxS, layer_cache, cache_index)
+            x, (k, v) = block(x, positions_BxL, key_mask_BxS, layer_cache, cache_index,
+                              branches_BxL)
             new_k.append(k)
             new_v.append(v)
         new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v))

@@ -35,12 +35,12 @@ from alignment_gap.train.state import init_train_state, make_optimizer, make_upd
 
 
 def _pair_logits(model, batch: PreferenceBatch):
-    """Response logits of chosen and rejected in one forward pass over 2B sequences."""
-    prompt = jnp.concatenate([batch.prompt, batch.prompt])
-    prompt_mask = jnp.concatenate([batch.prompt_mask, batch.prompt_mask])
+    """Response logits of chosen (rows [:B]) and rejected ([B:]), the prompt computed once."""
+    logits = logprobs.pair_response_logits(model, batch.prompt, batch.prompt_mask, batch.chosen,
+                                           batch.chosen_mask, batch.rejected, batch.rejected_mask)
     responses = jnp.concatenate([batch.chosen, batch.rejected])
     masks = jnp.concatenate([batch.chosen_mask, batch.rejected_mask])
-    return logprobs.response_logits(model, prompt, prompt_mask, responses, masks), responses, masks
+    return logits, responses, masks
 
 
 def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
