@@ -49,10 +49,18 @@ class SampleOutput(NamedTuple):
     mask: jax.Array  # [batch, R] bool, True up to and including EOS.
 
 
+def first_argmax(x_BxV):
+    """`jnp.argmax` over the last axis as a max and a min: XLA:CPU lowers argmax to a
+    two-operand reduction that took ~7% of a small model's decode step; same result."""
+    top = jnp.max(x_BxV, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x_BxV.shape, x_BxV.ndim - 1)
+    return jnp.min(jnp.where(x_BxV == top, index, x_BxV.shape[-1]), axis=-1)
+
+
 def choose_tokens(logits_BxV, key, cfg: SamplingConfig):
     """Draw one token per row after temperature, top-k and top-p."""
     if cfg.temperature == 0.0:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        return first_argmax(logits_BxV)
     logits = logits_BxV / cfg.temperature
     if cfg.top_k:
         kth_largest = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
@@ -64,7 +72,8 @@ def choose_tokens(logits_BxV, key, cfg: SamplingConfig):
         # Smallest logit still inside the nucleus (the top token always is).
         cutoff = jnp.min(jnp.where(mass_before < cfg.top_p, sorted_desc, jnp.inf), axis=-1)
         logits = jnp.where(logits < cutoff[:, None], -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    # The Gumbel-max draw `jax.random.categorical` makes, with the cheaper argmax.
+    return first_argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
 
 
 class _Loop(NamedTuple):

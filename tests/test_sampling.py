@@ -113,3 +113,18 @@ def test_several_samples_per_prompt_in_one_loop(mini_config):
                                               np.tile(prompts[1], (2, 1)), pair.tokens,
                                               pair.mask)
     np.testing.assert_allclose(pair.logprobs, per_token, atol=2e-5)
+
+
+def test_draws_are_jax_categorical_and_greedy_is_argmax():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(64, 512)).astype(np.float32)
+    logits[0, [3, 9]] = 50.0  # a tie: the first index wins, as in jnp.argmax
+    logits[1, :500] = -np.inf  # masked entries never win
+    greedy = SamplingConfig(max_new_tokens=1, temperature=0.0)
+    np.testing.assert_array_equal(choose_tokens(logits, jax.random.key(0), greedy),
+                                  np.argmax(logits, axis=-1))
+    sampled = SamplingConfig(max_new_tokens=1, temperature=0.7)
+    for seed in range(5):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(choose_tokens(logits, key, sampled),
+                                      jax.random.categorical(key, logits / 0.7, axis=-1))
