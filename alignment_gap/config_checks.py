@@ -108,6 +108,11 @@ def validate(config, num_devices: int) -> None:
         if config.batch_size % rows:
             _fail("batch_size", f"{config.batch_size} is not divisible by mesh data*fsdp={rows}",
                   f"use a multiple of {rows}")
+        k = config.get("microbatches", 1)
+        if k < 1 or config.batch_size % (k * rows):
+            _fail("microbatches", f"{k} does not split batch_size={config.batch_size} into "
+                  f"slices divisible by mesh data*fsdp={rows}",
+                  f"use a k >= 1 with batch_size a multiple of k*{rows}")
     if "num_steps" in config:
         _positive(config, "", "num_steps")
         if config.get("warmup_steps", 0) >= config.num_steps:

@@ -63,6 +63,8 @@ class _Prompts:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="mini", choices=sorted(SHAPES))
+    parser.add_argument("--microbatches", type=int, default=1,
+                        help="the policy config's `microbatches` for the update step")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     size, batch, p, r, sampler_prompts = SHAPES[args.shape]
@@ -83,7 +85,8 @@ def main():
         ref_sh = sharding.state_shardings(ref_params, mesh)
     loss_fn = make_policy_loss("ipo", 0.1, -1, ref_graphdef)
     update = make_update_step(graphdef, tx, loss_fn, mesh, rules, state_sh,
-                              PreferenceBatch(*[rows] * 6), {"reference": ref_sh})
+                              PreferenceBatch(*[rows] * 6), {"reference": ref_sh},
+                              microbatches=args.microbatches)
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, cfg.vocab_size, (batch, p)).astype(np.int32)
@@ -140,7 +143,7 @@ def main():
 
     seq_tokens = 2 * batch * (p + r)  # tokens through the policy per step (both responses)
     results = {
-        "shape": args.shape, "model": size, "params": int(sum(
+        "shape": args.shape, "model": size, "microbatches": args.microbatches, "params": int(sum(
             x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))),
         "prompts": batch, "prompt_len": p, "response_len": r,
         "online_step_s": t_online, "offline_step_s": t_offline,
@@ -158,7 +161,8 @@ def main():
         "date": time.strftime("%Y-%m-%d %H:%M"), "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
     }
-    print(f"\nshape {args.shape}: {size} ({results['params']:,} params), {batch} prompts, "
+    print(f"\nshape {args.shape}: {size} ({results['params']:,} params), microbatches "
+          f"{args.microbatches}, {batch} prompts, "
           f"prompt {p} + response {r}, mean of {STEPS} steps after {WARMUP}\n")
     print("| part | s | tokens/s |")
     print("| --- | --- | --- |")
@@ -173,7 +177,7 @@ def main():
                             "sampler_tokens_per_s")):
         print(f"| {name} | {results[key]:.4f} | {results[tok]:,.0f} |")
     print(f"\nonline / offline step time: {results['online_over_offline']:.2f}x")
-    out = args.out or f"bench/out/policy_step_{args.shape}.json"
+    out = args.out or f"bench/out/policy_step_{args.shape}_k{args.microbatches}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)

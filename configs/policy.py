@@ -12,22 +12,26 @@ import ml_collections
 
 from configs import common, models
 
-VARIANTS = {  # name: (source, steps, global batch, learning rate)
-    "online_tiny": ("online", 6, 8, 1e-4),
-    "offline_tiny": ("offline", 6, 8, 1e-4),
-    "online_mini": ("online", 400, 32, 2e-4),
-    "offline_mini": ("offline", 400, 32, 5e-4),
+VARIANTS = {  # name: (source, steps, global batch, learning rate, microbatches)
+    "online_tiny": ("online", 6, 8, 1e-4, 2),
+    "offline_tiny": ("offline", 6, 8, 1e-4, 2),
+    "online_mini": ("online", 400, 32, 2e-4, 4),
+    "offline_mini": ("offline", 400, 32, 5e-4, 4),
 }
 
 
 def get_config(variant: str = "online_mini") -> ml_collections.ConfigDict:
-    source, steps, batch, lr = VARIANTS[variant]
+    source, steps, batch, lr, microbatches = VARIANTS[variant]
     c = ml_collections.ConfigDict()
     c.task = "policy"  # Which trainer main.py runs.
     common.add_runtime(c, model_size="mini")
     common.add_training(c, steps=steps, batch_size=batch, learning_rate=lr,
                         warmup_steps=max(1, steps // 20))
     c.end_lr_fraction = 1.0  # Constant after warm-up, as the paper's policy runs.
+    # Gradient accumulation: each update runs as this many sequential slices of the batch (the
+    # same update; less activation memory). On CPU, slices that fit cache run faster: the mini
+    # update step takes 0.050 s in 4 slices vs 0.072 s in one (bench/policy_step.py).
+    c.microbatches = microbatches
     c.source = source  # online | offline: the one switch between the two paths.
     c.loss = "ipo"  # ipo | dpo | slic | best_of_two (alignment_gap/losses.py).
     c.beta = 0.1  # KL regularisation strength.

@@ -49,6 +49,8 @@ def _demo(**changes):
     ({"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 8}, 8, "config.model.num_heads: 4 is not "
      "divisible by mesh.tensor=8"),
     ({"batch_size": 60}, 8, "config.batch_size: 60 is not divisible by mesh data*fsdp=8"),
+    ({"batch_size": 16, "microbatches": 4}, 8, "config.microbatches: 4 does not split "
+     "batch_size=16"),
     ({"sampling.top_p": 0.0}, 1, "config.sampling.top_p"),
     ({"sampling.temperature": -1.0}, 1, "config.sampling.temperature"),
     ({"warmup_steps": 5000}, 1, "config.warmup_steps"),

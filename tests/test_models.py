@@ -198,3 +198,37 @@ def test_preference_model_scores_both_orders_in_one_pass(mini_config):
                                                  y1_mask), atol=1e-5)
     assert not np.allclose(forward[:5], backward[:5])  # the orders really differ
     assert forward[5] == pytest.approx(float(backward[5]), abs=1e-6)  # both empty: one input
+
+
+def test_microbatched_update_equals_the_full_batch_update(mini_config, shape=(2, 2, 2)):
+    from alignment_gap.batches import PreferenceBatch
+    from alignment_gap.train.policy import make_policy_loss
+
+    prompt, prompt_mask, y1, y1_mask, y2, y2_mask = _two_responses(mini_config)
+    rows = slice(0, 4)  # both-empty rows have no tokens to learn from; keep 4 ragged ones
+    batch = PreferenceBatch(*(np.tile(a[rows], (4, 1)) for a in (prompt, prompt_mask, y1,
+                                                                  y1_mask, y2, y2_mask)))
+    results = []
+    for k in (1, 4):  # 4 slices of 4 rows: each still spread over the mesh's 4 batch shards
+        lm, mesh, rules = language_model(mini_config, shape)
+        reference, _, _ = language_model(mini_config, shape, seed=1)
+        ref_graphdef, ref_params = nnx.split(reference)
+        tx = optax.adam(1e-2)
+        graphdef, state, state_sh = init_train_state(lm, tx, mesh, rules)
+        global_batch = sharding.global_batch(batch, mesh, rules)
+        batch_sh = jax.tree.map(lambda x: x.sharding, global_batch)
+        with sharding.use(mesh, rules):
+            ref_sh = sharding.state_shardings(ref_params, mesh)
+        step = make_update_step(graphdef, tx, make_policy_loss("ipo", 0.1, 1, ref_graphdef), mesh,
+                                rules, state_sh, batch_sh, {"reference": ref_sh}, microbatches=k)
+        state, metrics = step(state, global_batch, {"reference": ref_params})
+        state, second = step(state, global_batch, {"reference": ref_params})
+        results.append((jax.device_get(metrics), float(second["loss"]),
+                        np.asarray(state.params["head"][...])))
+    full, *sliced = results
+    for metrics, second_loss, head in sliced:
+        for name in ("loss", "grad_norm", "h", "tokens", "classifier_accuracy"):
+            assert metrics[name] == pytest.approx(full[0][name], rel=1e-5, abs=1e-6), name
+        assert second_loss == pytest.approx(full[1], rel=1e-5)
+        np.testing.assert_allclose(head, full[2], atol=1e-6)
+    assert full[1] != pytest.approx(full[0]["loss"], rel=1e-3)  # the first step changed it

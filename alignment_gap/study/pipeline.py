@@ -143,6 +143,7 @@ class Plan:
         cfg.max_to_keep = steps // cfg.checkpoint_every + 1  # every checkpoint: analyses read them
         cfg.log_every = min(cfg.log_every, cfg.checkpoint_every)
         cfg.sampling.temperature = s.policy.temperature
+        cfg.microbatches = s.policy.get("microbatches", 1)
         cfg.sft_checkpoint = self.dir(sft_stage or self.sft)
         cfg.data.comparisons = self.golden_data
         if proxy is not None:

@@ -107,7 +107,8 @@ def run(config, workdir: str):
     graphdef, state, shardings = init_train_state(policy, tx, rt.mesh, rt.rules)
     loss_fn = make_policy_loss(config.loss, config.beta, rt.tokenizer.eos_id, ref_graphdef)
     update = make_update_step(graphdef, tx, loss_fn, rt.mesh, rt.rules, shardings,
-                              rt.batch_shardings(PreferenceBatch), {"reference": ref_shardings})
+                              rt.batch_shardings(PreferenceBatch), {"reference": ref_shardings},
+                              microbatches=config.microbatches)
 
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
     source, data_iterator, recorder = _source(config, rt, policy, workdir, ckpt)

@@ -3,7 +3,9 @@
 A trainer supplies `loss_fn(model, batch, extras) -> (loss, metrics)`; `make_update_step` turns
 it into `step(state, batch, extras) -> (state, metrics)`, compiled once with explicit in/out
 shardings taken from the parameters' logical annotations, the train state donated (updated in
-place) and the extras (frozen models, keys) never donated.
+place) and the extras (frozen models, keys) never donated. With `microbatches` k > 1 the
+gradient is accumulated over k slices of the batch computed one after another: the same update,
+with one slice's activations live at a time (to fit accelerator memory; on CPU, to fit cache).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from alignment_gap import sharding
+
+TOTALS = ("tokens",)  # Metrics that are totals: summed over micro-batches, not averaged.
 
 
 @jax.tree_util.register_dataclass
@@ -44,18 +48,28 @@ def init_train_state(model, tx: optax.GradientTransformation, mesh, rules):
 
 
 def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_shardings,
-                     extras_shardings=None):
+                     extras_shardings=None, microbatches: int = 1):
     """Jit `loss_fn(model, batch, extras) -> (loss, metrics)` into a donated update step.
 
     `extras` carries what the loss reads but never trains or donates: frozen models' states
     (the reference policy), RNG keys. Metrics gain `loss` and `grad_norm`; all are replicated.
+    `microbatches` k: loss, gradient and metrics are the mean over k equal slices of the batch
+    (totals such as `tokens` the sum), so a per-example mean loss gives the full batch's
+    gradient; a ratio metric (`kl_per_token`) becomes the mean of the slices' ratios.
     """
 
-    def step(state: TrainState, batch, extras):
+    def loss_and_grads(params, batch, extras):
         def loss_of_params(params):
             return loss_fn(nnx.merge(graphdef, params), batch, extras)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_of_params, has_aux=True)(state.params)
+        return jax.value_and_grad(loss_of_params, has_aux=True)(params)
+
+    def step(state: TrainState, batch, extras):
+        if microbatches == 1:
+            (loss, metrics), grads = loss_and_grads(state.params, batch, extras)
+        else:
+            (loss, metrics), grads = _accumulate(loss_and_grads, state.params, batch, extras,
+                                                 microbatches, state_shardings.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
@@ -71,6 +85,35 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
 
     run.jitted = jitted
     return run
+
+
+def _accumulate(loss_and_grads, params, batch, extras, k: int, grad_shardings):
+    """((loss, metrics), grads) averaged over k slices of `batch`, one slice at a time."""
+
+    def split(x):  # Row i goes to slice i % k, so every slice keeps the batch's sharding.
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    slices = jax.tree.map(split, batch)
+    first = jax.tree.map(lambda x: x[0], slices)
+    shapes = jax.eval_shape(loss_and_grads, params, first, extras)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    zeros = (zeros[0], jax.lax.with_sharding_constraint(zeros[1], grad_shardings))
+
+    def add_slice(total, indexed_slice):
+        i, one_slice = indexed_slice
+        out = loss_and_grads(params, one_slice, _fold_keys(extras, i))
+        return jax.tree.map(jnp.add, total, out), None
+
+    # A scan (not a Python loop) keeps the slices sequential: XLA may not interleave them.
+    ((loss, metrics), grads), _ = jax.lax.scan(add_slice, zeros, (jnp.arange(k), slices))
+    metrics = {name: value if name in TOTALS else value / k for name, value in metrics.items()}
+    return (loss / k, metrics), jax.tree.map(lambda g: g / k, grads)
+
+
+def _fold_keys(extras, i):
+    """Each slice draws its own randomness from any PRNG key among the extras."""
+    is_key = lambda x: jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return jax.tree.map(lambda x: jax.random.fold_in(x, i) if is_key(x) else x, extras)
 
 
 def make_optimizer(c) -> optax.GradientTransformation:
