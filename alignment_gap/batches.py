@@ -37,3 +37,15 @@ class PreferenceBatch:
     chosen_mask: jax.Array
     rejected: jax.Array  # [batch, R] the other one
     rejected_mask: jax.Array
+
+
+def split_rows(tree, k: int):
+    """Every array `[B, ...]` -> `[k, B / k, ...]`, row i into slice i % k: each slice keeps the
+    batch's sharding over devices (contiguous blocks would put whole slices on single shards)."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+                        tree)
+
+
+def merge_rows(tree):
+    """Inverse of `split_rows`: `[k, B / k, ...]` -> `[B, ...]` in the original row order."""
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), tree)

@@ -27,7 +27,7 @@ from flax import nnx, serialization
 from jax.experimental import multihost_utils
 
 from alignment_gap import sharding
-from alignment_gap.batches import PreferenceBatch
+from alignment_gap.batches import PreferenceBatch, merge_rows, split_rows
 from alignment_gap.config_checks import ConfigError
 from alignment_gap.data import pipelines
 from alignment_gap.models.heads import both_order_margin
@@ -151,7 +151,8 @@ class OnlineSource:
     """Sample two responses per prompt from the current policy; the proxy model ranks them."""
 
     def __init__(self, prompt_iterator, to_global, policy, proxy, mesh, rules,
-                 sampling: SamplingConfig, recorder: StreamRecorder | None = None):
+                 sampling: SamplingConfig, recorder: StreamRecorder | None = None,
+                 microbatches: int = 1):
         self.prompts, self.to_global, self.recorder = prompt_iterator, to_global, recorder
         self.mesh, self.rules = mesh, rules
         self.sampler = Sampler(policy, mesh, rules, sampling, samples_per_prompt=2)
@@ -163,8 +164,11 @@ class OnlineSource:
         def rank(proxy_state, prompt, prompt_mask, tokens, mask):
             b = prompt.shape[0]  # rows [:b] are each prompt's first sample, [b:] its second
             y1, y1_mask, y2, y2_mask = tokens[:b], mask[:b], tokens[b:], mask[b:]
-            margin = both_order_margin(nnx.merge(proxy_graphdef, proxy_state), prompt,
-                                       prompt_mask, y1, y1_mask, y2, y2_mask)
+            proxy = nnx.merge(proxy_graphdef, proxy_state)
+            # Scored in `microbatches` sequential slices, as the update is: on CPU a slice's
+            # activations stay in cache (bench/RESULTS.md).
+            slices = split_rows((prompt, prompt_mask, y1, y1_mask, y2, y2_mask), microbatches)
+            margin = merge_rows(jax.lax.map(lambda a: both_order_margin(proxy, *a), slices))
             first = (margin >= 0)[:, None]
             pick = lambda a, b: jnp.where(first, a, b)
             return PreferenceBatch(prompt, prompt_mask, pick(y1, y2), pick(y1_mask, y2_mask),

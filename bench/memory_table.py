@@ -6,10 +6,11 @@ For each (policy size, accelerator preset): the policy's float32 parameters and 
 the frozen float32 reference, proxy and golden judge (loaded for evaluation), each sharded by
 the rule table on the preset's mesh (exact: `NamedSharding.shard_shape` on an abstract mesh,
 no devices needed), plus an estimate of
-the update step's saved activations in bfloat16 (no rematerialisation):
-per layer `B L (6 d + 3 f) + B H L^2` values, plus float32 logits `B L V` twice, with the batch
-split over data x fsdp and heads / MLP / vocab over tensor. Batch: 32 prompts x 2 responses,
-prompt 512 + response 64 tokens (TL;DR-sized).
+the update step's saved activations in bfloat16 (no rematerialisation, one micro-batch):
+per layer `B L (6 d + 3 f) + B H L^2` values over the pairs' `[prompt | chosen | rejected]`
+sequences (L = P + 2R), plus float32 logits at the 2R response positions, `B 2R V`, for the
+policy and the reference, with the batch split over data x fsdp and heads / MLP / vocab over
+tensor. Batch: 32 pairs, prompt 512 + two responses of 64 tokens (TL;DR-sized).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ PRESETS = {
 # (policy, proxy, golden judge loaded for evaluation, presets)
 RUNS = [("3b", "770m", "11b", ["v5p x 8 chips", "v4 x 32 chips", "H100 x 8"]),
         ("11b", "770m", "11b", ["v5p x 32 chips", "v5e x 64 chips", "H100 x 16 (2 nodes)"])]
-SEQUENCES, LENGTH = 64, 576
+PAIRS, PROMPT, RESPONSE = 32, 512, 64
+LENGTH = PROMPT + 2 * RESPONSE  # one sequence per pair, the prompt read once
 
 
 def state_bytes_per_device(cfg, cls, mesh) -> int:
@@ -54,10 +56,10 @@ def state_bytes_per_device(cfg, cls, mesh) -> int:
 
 def activation_bytes_per_device(cfg, shape) -> float:
     data, fsdp, tensor = shape
-    b = SEQUENCES / (data * fsdp)
+    b = PAIRS / (data * fsdp)
     d, f, h, v = cfg.width, cfg.mlp_dim / tensor, cfg.num_heads / tensor, cfg.vocab_size / tensor
     per_layer = b * LENGTH * (6 * d + 3 * f) + b * h * LENGTH**2
-    return cfg.num_layers * per_layer * 2 + 2 * b * LENGTH * v * 4
+    return cfg.num_layers * per_layer * 2 + 2 * b * 2 * RESPONSE * v * 4
 
 
 def main():
@@ -76,7 +78,8 @@ def main():
             total = 4 * params + proxy + golden + acts  # params, 2 Adam moments, reference
             rows.append((f"{policy_size} ({proxy_size}, {golden_size})", name, shape, params,
                          proxy, golden, acts, total, hbm))
-    print(f"\nOnline policy run, {SEQUENCES} sequences x {LENGTH} tokens per step; "
+    print(f"\nOnline policy run, {PAIRS} pairs x {LENGTH} tokens ([prompt | chosen | rejected]) "
+          "per step; "
           "GiB per device\n")
     print("| policy (proxy, golden) | preset | mesh d x f x t | params | Adam | reference | proxy "
           "| golden | activations (est.) | total | device | fits |")

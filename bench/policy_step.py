@@ -64,7 +64,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="mini", choices=sorted(SHAPES))
     parser.add_argument("--microbatches", type=int, default=1,
-                        help="the policy config's `microbatches` for the update step")
+                        help="the policy config's `microbatches` (update step, proxy scoring)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     size, batch, p, r, sampler_prompts = SHAPES[args.shape]
@@ -94,7 +94,7 @@ def main():
     sampling = SamplingConfig(max_new_tokens=r, temperature=1.0, eos_id=-1)
     to_global = lambda b: sharding.global_batch(b, mesh, rules)
     online = OnlineSource(_Prompts(prompt, prompt_mask), to_global, policy, proxy, mesh, rules,
-                          sampling)
+                          sampling, microbatches=args.microbatches)
     responses = rng.integers(3, cfg.vocab_size, (2, batch, r)).astype(np.int32)
     full = np.ones((batch, r), bool)
     offline_batch = PreferenceBatch(prompt, prompt_mask, responses[0], full, responses[1], full)

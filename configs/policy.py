@@ -28,9 +28,10 @@ def get_config(variant: str = "online_mini") -> ml_collections.ConfigDict:
     common.add_training(c, steps=steps, batch_size=batch, learning_rate=lr,
                         warmup_steps=max(1, steps // 20))
     c.end_lr_fraction = 1.0  # Constant after warm-up, as the paper's policy runs.
-    # Gradient accumulation: each update runs as this many sequential slices of the batch (the
-    # same update; less activation memory). On CPU, slices that fit cache run faster: the mini
-    # update step takes 0.050 s in 4 slices vs 0.072 s in one (bench/policy_step.py).
+    # Gradient accumulation: each update (and online, the proxy's scoring) runs as this many
+    # sequential slices of the batch - the same update, less activation memory. On CPU, slices
+    # that fit cache run faster: the mini update takes 0.050 s in 4 slices vs 0.079 s in one
+    # (bench/RESULTS.md).
     c.microbatches = microbatches
     c.source = source  # online | offline: the one switch between the two paths.
     c.loss = "ipo"  # ipo | dpo | slic | best_of_two (alignment_gap/losses.py).

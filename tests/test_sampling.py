@@ -128,3 +128,28 @@ def test_draws_are_jax_categorical_and_greedy_is_argmax():
         key = jax.random.key(seed)
         np.testing.assert_array_equal(choose_tokens(logits, key, sampled),
                                       jax.random.categorical(key, logits / 0.7, axis=-1))
+
+
+def test_online_source_ranks_by_the_proxy_in_any_number_of_slices(mini_config):
+    from alignment_gap.batches import PromptBatch
+    from alignment_gap.models import both_order_margin
+    from alignment_gap.sources import OnlineSource
+    from tests.helpers import preference_model
+
+    lm, mesh, rules = language_model(mini_config, (2, 2, 2))
+    proxy, _, _ = preference_model(mini_config, (2, 2, 2), seed=3)
+    prompts = PromptBatch(*_prompts(batch=8))
+    cfg = SamplingConfig(max_new_tokens=5, temperature=1.0, eos_id=-1)
+    to_global = lambda b: sharding.global_batch(b, mesh, rules)
+    batches = []
+    for k in (1, 2):
+        source = OnlineSource(iter([prompts]), to_global, lm, proxy, mesh, rules, cfg,
+                              microbatches=k)
+        batches.append(jax.device_get(source.next_batch(nnx.state(lm), jax.random.key(7))))
+    one, two = batches
+    for name in ("chosen", "rejected", "chosen_mask", "rejected_mask"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
+    margin = both_order_margin(proxy, one.prompt, one.prompt_mask, one.chosen, one.chosen_mask,
+                               one.rejected, one.rejected_mask)
+    assert np.all(np.asarray(margin) >= 0)  # chosen is the one the proxy prefers
+    assert (one.chosen != one.rejected).any()

@@ -158,7 +158,8 @@ def _source(config, rt, policy, workdir, ckpt):
     recorder = (StreamRecorder(os.path.join(workdir, "stream"), latest)
                 if config.record_stream else None)
     source = OnlineSource(iterator, rt.global_batch, policy, proxy, rt.mesh, rt.rules,
-                          sampling_config(config, rt.tokenizer), recorder)
+                          sampling_config(config, rt.tokenizer), recorder,
+                          microbatches=config.microbatches)
     return source, iterator, recorder
 
 

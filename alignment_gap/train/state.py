@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from alignment_gap import sharding
+from alignment_gap.batches import split_rows
 
 TOTALS = ("tokens",)  # Metrics that are totals: summed over micro-batches, not averaged.
 
@@ -90,10 +91,7 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
 def _accumulate(loss_and_grads, params, batch, extras, k: int, grad_shardings):
     """((loss, metrics), grads) averaged over k slices of `batch`, one slice at a time."""
 
-    def split(x):  # Row i goes to slice i % k, so every slice keeps the batch's sharding.
-        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
-
-    slices = jax.tree.map(split, batch)
+    slices = split_rows(batch, k)
     first = jax.tree.map(lambda x: x[0], slices)
     shapes = jax.eval_shape(loss_and_grads, params, first, extras)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
