@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alignment_gap.models.transformer import positions_from_mask
+from alignment_gap.models.transformer import branched_layout
 
 
 def response_logits(lm, prompt_BxP, prompt_mask_BxP, response_BxR, response_mask_BxR):
@@ -33,18 +33,11 @@ def pair_response_logits(lm, prompt_BxP, prompt_mask_BxP, first_BxR, first_mask_
     after the prompt alone - the same logits as two `response_logits` calls over
     `[prompt | first]` and `[prompt | second]` (a third fewer tokens when P = 2R).
     """
-    batch, p = prompt_BxP.shape
-    r = first_BxR.shape[1]
+    p, r = prompt_BxP.shape[1], first_BxR.shape[1]
     tokens = jnp.concatenate([prompt_BxP, first_BxR, second_BxR], axis=1)
-    prompt_mask_BxP = prompt_mask_BxP.astype(bool)
     mask = jnp.concatenate([prompt_mask_BxP, first_mask_BxR, second_mask_BxR], axis=1)
     mask = mask.astype(bool)
-    branches = jnp.concatenate([jnp.zeros((batch, p), jnp.int32), jnp.ones((batch, r), jnp.int32),
-                                jnp.full((batch, r), 2, jnp.int32)], axis=1)
-    prompt_and_first = positions_from_mask(mask[:, : p + r])
-    prompt_length = prompt_mask_BxP.sum(axis=1, keepdims=True).astype(jnp.int32)
-    second = prompt_length + positions_from_mask(mask[:, p + r:])
-    positions = jnp.concatenate([prompt_and_first, second], axis=1)
+    positions, branches = branched_layout(mask[:, :p], mask[:, p: p + r], mask[:, p + r:])
     # Rows p-1 .. p+2r-2: the last prompt position predicts both responses' first tokens; row
     # p+r-1 (after the first response's last slot) predicts nothing and is dropped.
     logits, _ = lm(tokens, mask, positions_BxL=positions, branches_BxL=branches,

@@ -18,6 +18,7 @@ from alignment_gap.models.transformer import (
     KVCache,
     Transformer,
     TransformerConfig,
+    branched_layout,
     dense,
     param,
     positions_from_mask,
@@ -97,8 +98,7 @@ class PreferenceModel(nnx.Module):
         once, each order reads it and itself with the positions and segment ids it has in its
         own `[prompt | . | .]` sequence, so the logits equal two `__call__`s.
         """
-        batch, p = prompt_BxP.shape
-        r = y1_BxR.shape[1]
+        p, r = prompt_BxP.shape[1], y1_BxR.shape[1]
         forward_tokens, forward_mask, forward_segments = pair_sequence(
             prompt_BxP, prompt_mask_BxP, y1_BxR, y1_mask_BxR, y2_BxR, y2_mask_BxR)
         _, backward_mask, _ = pair_sequence(prompt_BxP, prompt_mask_BxP, y2_BxR, y2_mask_BxR,
@@ -107,14 +107,8 @@ class PreferenceModel(nnx.Module):
         tokens = jnp.concatenate([forward_tokens, backward_part(forward_tokens)], axis=1)
         mask = jnp.concatenate([forward_mask, backward_mask[:, p:]], axis=1)
         segments = jnp.concatenate([forward_segments, forward_segments[:, p:]], axis=1)
-        branches = jnp.concatenate([jnp.zeros((batch, p), jnp.int32),
-                                    jnp.ones((batch, 2 * r), jnp.int32),
-                                    jnp.full((batch, 2 * r), 2, jnp.int32)], axis=1)
-        prompt_length = forward_mask[:, :p].sum(axis=1, keepdims=True).astype(jnp.int32)
-        positions = jnp.concatenate([
-            positions_from_mask(forward_mask[:, :p]),
-            prompt_length + positions_from_mask(forward_mask[:, p:]),
-            prompt_length + positions_from_mask(backward_mask[:, p:])], axis=1)
+        positions, branches = branched_layout(forward_mask[:, :p], forward_mask[:, p:],
+                                              backward_mask[:, p:])
         hidden, _ = self.backbone(tokens, positions, mask, segments_BxL=segments,
                                   branches_BxL=branches)
         forward_end = _last_valid(forward_mask, 0)

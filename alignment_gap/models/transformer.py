@@ -238,3 +238,15 @@ class Transformer(nnx.Module):
 def positions_from_mask(mask_BxL):
     """Position of each token among the valid ones (pads repeat a neighbour's; they are masked)."""
     return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def branched_layout(prompt_mask_BxP, *branch_masks_BxR):
+    """Positions and branch ids for `[prompt | branch 1 | branch 2 | ...]`: each branch's tokens
+    get the positions they would have right after the prompt, and branch id k (the prompt 0)."""
+    prompt_length = prompt_mask_BxP.astype(jnp.int32).sum(axis=1, keepdims=True)
+    positions = [positions_from_mask(prompt_mask_BxP)]
+    branches = [jnp.zeros(prompt_mask_BxP.shape, jnp.int32)]
+    for k, mask in enumerate(branch_masks_BxR, start=1):
+        positions.append(prompt_length + positions_from_mask(mask))
+        branches.append(jnp.full(mask.shape, k, jnp.int32))
+    return jnp.concatenate(positions, axis=1), jnp.concatenate(branches, axis=1)

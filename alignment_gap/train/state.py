@@ -56,7 +56,8 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
     (the reference policy), RNG keys. Metrics gain `loss` and `grad_norm`; all are replicated.
     `microbatches` k: loss, gradient and metrics are the mean over k equal slices of the batch
     (totals such as `tokens` the sum), so a per-example mean loss gives the full batch's
-    gradient; a ratio metric (`kl_per_token`) becomes the mean of the slices' ratios.
+    gradient; a ratio metric (`kl_per_token`) becomes the mean of the slices' ratios. Every
+    slice sees the same `extras` (a PRNG key there would repeat its draws in each slice).
     """
 
     def loss_and_grads(params, batch, extras):
@@ -97,21 +98,13 @@ def _accumulate(loss_and_grads, params, batch, extras, k: int, grad_shardings):
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     zeros = (zeros[0], jax.lax.with_sharding_constraint(zeros[1], grad_shardings))
 
-    def add_slice(total, indexed_slice):
-        i, one_slice = indexed_slice
-        out = loss_and_grads(params, one_slice, _fold_keys(extras, i))
-        return jax.tree.map(jnp.add, total, out), None
+    def add_slice(total, one_slice):
+        return jax.tree.map(jnp.add, total, loss_and_grads(params, one_slice, extras)), None
 
     # A scan (not a Python loop) keeps the slices sequential: XLA may not interleave them.
-    ((loss, metrics), grads), _ = jax.lax.scan(add_slice, zeros, (jnp.arange(k), slices))
+    ((loss, metrics), grads), _ = jax.lax.scan(add_slice, zeros, slices)
     metrics = {name: value if name in TOTALS else value / k for name, value in metrics.items()}
     return (loss / k, metrics), jax.tree.map(lambda g: g / k, grads)
-
-
-def _fold_keys(extras, i):
-    """Each slice draws its own randomness from any PRNG key among the extras."""
-    is_key = lambda x: jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-    return jax.tree.map(lambda x: jax.random.fold_in(x, i) if is_key(x) else x, extras)
 
 
 def make_optimizer(c) -> optax.GradientTransformation:
