@@ -3,6 +3,8 @@
     python bench/policy_step.py --shape mini     # the CPU study's shape
     python bench/policy_step.py --shape peer     # ../shared/peerbench's shape, to set beside
                                                  # TRL and Tunix run in the same sitting
+    python bench/policy_step.py --shape peer --devices 2 --microbatches 2
+                                                 # one XLA CPU device per core, data parallel
 
 Online step = sample two responses per prompt with the KV-cache sampler + rank them with the
 proxy preference model (both orders) + the update step (whose forward includes the frozen
@@ -65,12 +67,15 @@ def main():
     parser.add_argument("--shape", default="mini", choices=sorted(SHAPES))
     parser.add_argument("--microbatches", type=int, default=1,
                         help="the policy config's `microbatches` (update step, proxy scoring)")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="CPU devices (one per core is the point): a data-parallel mesh")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.devices)
     size, batch, p, r, sampler_prompts = SHAPES[args.shape]
 
     mesh_cfg = meshes.get_config("cpu")
-    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: args.devices])
     rules = mesh_cfg.rules
     cfg = TransformerConfig.from_config(models.get_config(size), max_len=p + 2 * r)
     make = lambda cls, seed: sharding.create_sharded(lambda: cls(cfg, nnx.Rngs(seed)), mesh,
@@ -143,7 +148,8 @@ def main():
 
     seq_tokens = 2 * batch * (p + r)  # tokens through the policy per step (both responses)
     results = {
-        "shape": args.shape, "model": size, "microbatches": args.microbatches, "params": int(sum(
+        "shape": args.shape, "model": size, "microbatches": args.microbatches,
+        "devices": args.devices, "params": int(sum(
             x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))),
         "prompts": batch, "prompt_len": p, "response_len": r,
         "online_step_s": t_online, "offline_step_s": t_offline,
@@ -162,7 +168,7 @@ def main():
         "jax": jax.__version__,
     }
     print(f"\nshape {args.shape}: {size} ({results['params']:,} params), microbatches "
-          f"{args.microbatches}, {batch} prompts, "
+          f"{args.microbatches}, {args.devices} CPU device(s), {batch} prompts, "
           f"prompt {p} + response {r}, mean of {STEPS} steps after {WARMUP}\n")
     print("| part | s | tokens/s |")
     print("| --- | --- | --- |")
@@ -177,7 +183,8 @@ def main():
                             "sampler_tokens_per_s")):
         print(f"| {name} | {results[key]:.4f} | {results[tok]:,.0f} |")
     print(f"\nonline / offline step time: {results['online_over_offline']:.2f}x")
-    out = args.out or f"bench/out/policy_step_{args.shape}_k{args.microbatches}.json"
+    out = args.out or (f"bench/out/policy_step_{args.shape}_k{args.microbatches}"
+                       f"_d{args.devices}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)

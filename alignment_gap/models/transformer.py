@@ -129,7 +129,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxLxD, positions_BxL, key_mask_BxS, cache_kv=None, cache_index=None,
                  branches_BxL=None):
-        """Full attention when `cache_kv` is None; else write this chunk at `cache_index`."""
+        """Full attention when `cache_kv` is None; else write this chunk at `cache_index` and
+        return the whole updated buffers as the new `(k, v)`."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         q = dense(x_BxLxD, self.q[...].astype(dt))
         k = dense(x_BxLxD, self.k[...].astype(dt))
@@ -140,13 +141,19 @@ class Attention(nnx.Module):
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B x K x L x H
         if cache_kv is None:
             query_slot = jnp.arange(length)
+            new_kv = (k, v)
         else:
             k_cache, v_cache = cache_kv
             write = jax.lax.dynamic_update_slice_in_dim
-            k = write(k_cache, k.astype(k_cache.dtype), cache_index, axis=2)
-            v = write(v_cache, v.astype(v_cache.dtype), cache_index, axis=2)
+            new_kv = (write(k_cache, k.astype(k_cache.dtype), cache_index, axis=2),
+                      write(v_cache, v.astype(v_cache.dtype), cache_index, axis=2))
             query_slot = cache_index + jnp.arange(length)
-        new_kv = (k, v)  # The whole updated buffers when caching.
+            if isinstance(cache_index, int) and cache_index == 0:
+                # A prefill: the chunk's own keys are all the cache holds, so attend to them
+                # and not the padded buffer (no wait on the write, a third fewer scores here).
+                key_mask_BxS = key_mask_BxS[:, :length]
+            else:
+                k, v = new_kv
         key_slot = jnp.arange(k.shape[2])
         visible_BxLxS = (key_slot[None, :] <= query_slot[:, None])[None] & key_mask_BxS[:, None, :]
         if branches_BxL is not None:
