@@ -149,8 +149,9 @@ class Attention(nnx.Module):
                       write(v_cache, v.astype(v_cache.dtype), cache_index, axis=2))
             query_slot = cache_index + jnp.arange(length)
             if isinstance(cache_index, int) and cache_index == 0:
-                # A prefill: the chunk's own keys are all the cache holds, so attend to them
-                # and not the padded buffer (no wait on the write, a third fewer scores here).
+                # A prefill: causally, a chunk at slot 0 sees only slots below its length, its
+                # own keys; attend to those, not the whole buffer (fewer scores, no wait on
+                # the write).
                 key_mask_BxS = key_mask_BxS[:, :length]
             else:
                 k, v = new_kv
