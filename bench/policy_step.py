@@ -71,8 +71,12 @@ def main():
                         help="CPU devices (one per core is the point): a data-parallel mesh")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    jax.config.update("jax_num_cpu_devices", args.devices)
     size, batch, p, r, sampler_prompts = SHAPES[args.shape]
+    if args.devices < 1 or batch % (args.devices * args.microbatches) or sampler_prompts % (
+            args.devices):
+        parser.error(f"--devices {args.devices} x --microbatches {args.microbatches} must divide "
+                     f"the {batch} prompts (and --devices the sampler's {sampler_prompts})")
+    jax.config.update("jax_num_cpu_devices", args.devices)
 
     mesh_cfg = meshes.get_config("cpu")
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: args.devices])
