@@ -113,10 +113,10 @@ def check_compatible(meta: dict, *, what: str, directory: str, kind: str, model:
     if meta.get("kind") != kind:
         raise IncompatibleCheckpoint(f"{what}: {directory} holds a {meta.get('kind')!r} model, "
                                      f"not a {kind!r} one; point to a {kind} checkpoint")
-    saved = meta.get("model", {})
+    saved = {"scan_layers": False, **meta.get("model", {})}  # older checkpoints: unrolled
     diffs = [f"{k}={saved.get(k)!r} (configured {v!r})" for k, v in sorted(model.items())
              if k in ("vocab_size", "width", "num_layers", "num_heads", "num_kv_heads",
-                      "mlp_dim", "tie_embeddings", "rope_theta", "norm_eps")
+                      "mlp_dim", "tie_embeddings", "rope_theta", "norm_eps", "scan_layers")
              and saved.get(k) != v]
     if diffs:
         raise IncompatibleCheckpoint(f"{what}: {directory} was trained with {', '.join(diffs)}; "

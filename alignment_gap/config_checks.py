@@ -11,6 +11,7 @@ import math
 from alignment_gap.losses import POLICY_LOSSES
 
 DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "save_dots")
 MESH_AXES = ("data", "fsdp", "tensor")
 SOURCES = ("online", "offline")
 
@@ -45,6 +46,8 @@ def check_model(m, prefix="model"):
               "choose num_heads so width/num_heads is even")
     if m.dtype not in DTYPES:
         _fail(f"{prefix}.dtype", f"{m.dtype!r} is not supported", f"use one of {DTYPES}")
+    if m.get("remat", "none") not in REMAT:
+        _fail(f"{prefix}.remat", f"{m.remat!r} is unknown", f"use one of {REMAT}")
 
 
 def mesh_shape(mesh, num_devices: int) -> tuple[int, ...]:

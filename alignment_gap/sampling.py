@@ -26,8 +26,6 @@ from alignment_gap import sharding
 from alignment_gap.logprobs import token_logprobs
 from alignment_gap.models.transformer import KVCache, positions_from_mask
 
-_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
-
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -102,11 +100,10 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
     prompt_mask_BxP = prompt_mask_BxP.astype(bool)
     if use_cache:
         prompt_only = jnp.concatenate([prompt_mask_BxP, jnp.zeros((prompts, r), bool)], axis=1)
-        cache = KVCache.zeros(lm.cfg, prompts, p + r)
-        cache = jax.tree.map(lambda x: sharding.constrain(x, _CACHE_AXES), cache)
+        cache = KVCache.zeros(lm.cfg, prompts, p + r).constrained()
         logits, cache = lm(prompt_BxP, prompt_mask_BxP, cache=cache, cache_index=0,
                            cache_mask_BxS=prompt_only, logits_window=(p - 1, p))
-        cache = jax.tree.map(lambda x: sharding.constrain(tile(x), _CACHE_AXES), cache)
+        cache = cache.repeat_rows(n).constrained()
     else:
         cache = None
         logits, _ = lm(prompt_BxP, prompt_mask_BxP, logits_window=(p - 1, p))

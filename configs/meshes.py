@@ -26,6 +26,7 @@ RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("layers", None),  # Stacked blocks (model.scan_layers): every device holds every layer.
     ("norm", None),
     ("embed_act", None),  # Residual-stream width: replicated (the batch axis is sharded).
     ("score", None),

@@ -40,4 +40,6 @@ def get_config(size: str = "mini") -> ml_collections.ConfigDict:
     c.norm_eps = 1e-6  # RMSNorm epsilon.
     c.dtype = "float32"  # Compute dtype: float32 on CPU, bfloat16 on TPU/GPU. Params stay float32.
     c.tie_embeddings = False  # Share the input embedding with the LM head.
+    c.scan_layers = False  # Stack the blocks and scan them: compile time flat in depth.
+    c.remat = "none"  # none | full | save_dots: recompute block activations in the backward.
     return c

@@ -1,6 +1,7 @@
 """Builders shared by the tests: models on a mesh from a (data, fsdp, tensor) shape."""
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from alignment_gap import sharding
@@ -26,3 +27,15 @@ def preference_model(model_config, shape=(1, 1, 1), seed=0):
     cfg = TransformerConfig.from_config(model_config)
     pm = sharding.create_sharded(lambda: PreferenceModel(cfg, nnx.Rngs(seed)), mesh, rules)
     return pm, mesh, rules
+
+
+def scanned_copy(lm, model_config, shape=(1, 1, 1), **overrides):
+    """A `scan_layers` model holding `lm`'s parameters, its blocks stacked on a layers axis."""
+    scanned, mesh, rules = language_model(model_config, shape, scan_layers=True, **overrides)
+    state = nnx.state(lm)
+    blocks = state["backbone"]["blocks"]
+    state["backbone"]["blocks"] = jax.tree.map(lambda *layers: jnp.stack(layers),
+                                               *(blocks[i] for i in range(len(blocks))))
+    with sharding.use(mesh, rules):
+        nnx.update(scanned, jax.device_put(state, sharding.state_shardings(state, mesh)))
+    return scanned, mesh, rules

@@ -10,7 +10,7 @@ from flax import nnx
 from alignment_gap import logprobs, sharding
 from alignment_gap.sampling import Sampler, SamplingConfig, choose_tokens, sample_unsharded
 from tests.conftest import random_prompts
-from tests.helpers import language_model
+from tests.helpers import language_model, scanned_copy
 
 
 def _prompts(batch=8, length=6, seed=0):
@@ -91,6 +91,21 @@ def test_sharded_sampler_matches_one_device(mini_config):
         results.append(jax.device_get(out))
     np.testing.assert_array_equal(results[0].tokens, results[1].tokens)
     np.testing.assert_allclose(results[0].logprobs, results[1].logprobs, atol=2e-5)
+
+
+def test_scanned_layers_sample_what_unrolled_layers_sample(mini_config):
+    """The stacked cache of scanned blocks, on a mesh, two samples per prompt: the same tokens
+    and log-probs as unrolled layers and as full recomputation."""
+    cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, eos_id=-1)
+    lm, mesh, rules = language_model(mini_config, (2, 2, 2), num_kv_heads=2)
+    scanned, _, _ = scanned_copy(lm, mini_config, (2, 2, 2), num_kv_heads=2)
+    batch = sharding.global_batch(_prompts(), mesh, rules)
+    outputs = [jax.device_get(Sampler(m, mesh, rules, cfg, use_cache=c, samples_per_prompt=2)(
+        nnx.state(m), *batch, jax.random.key(5))) for m, c in ((lm, True), (scanned, True),
+                                                                (scanned, False))]
+    for out in outputs[1:]:
+        np.testing.assert_array_equal(out.tokens, outputs[0].tokens)
+        np.testing.assert_allclose(out.logprobs, outputs[0].logprobs, atol=2e-5)
 
 
 def test_several_samples_per_prompt_in_one_loop(mini_config):

@@ -12,6 +12,12 @@ the prefix and to earlier tokens of its own branch only - exactly what it would 
 
 The KV cache is a plain pytree (`KVCache`) passed in and returned, so the sampler can run it
 through `jax.lax.while_loop` under `jax.jit` without any mutable module state.
+
+Two options for large models, both off by default (the CPU presets run unrolled layers):
+`scan_layers` stores the blocks' parameters stacked on a leading `layers` axis and runs them
+with one `jax.lax.scan` (the KV cache stacked the same way), so compile time no longer grows
+with depth; `remat` recomputes each block's activations in the backward pass (`full`) or keeps
+only the outputs of its weight matmuls (`save_dots`), trading FLOPs for activation memory.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class TransformerConfig:
     dtype: str = "float32"
     tie_embeddings: bool = False
     num_segments: int = 0  # >0 adds learned segment embeddings (the preference model's 3 parts).
+    scan_layers: bool = False  # Stack the blocks and run them with one scan (see module doc).
+    remat: str = "none"  # none | full | save_dots: activation rematerialisation per block.
 
     @property
     def head_dim(self) -> int:
@@ -55,26 +63,59 @@ class TransformerConfig:
         return cls(**values)
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # The weight matmuls' outputs are kept; attention scores (batched dots) and elementwise
+    # work are recomputed.
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values, one `[batch, kv_heads, slots, head_dim]` array per layer.
+    """Keys and values, `[batch, kv_heads, slots, head_dim]` per layer.
 
-    Separate arrays (not one stacked array) let XLA update each layer's buffer in place inside
-    the decode loop; slicing a layer out of a stacked cache would copy it every step. Heads
-    before slots is the layout attention's batched matmuls read, so a decode step never
-    transposes the whole cache (in `[batch, slots, ...]` it did, twice per layer per token).
+    Unrolled layers keep one array per layer (tuples `k`, `v`): XLA then updates each layer's
+    buffer in place inside the decode loop, where slicing a layer out of a stacked array would
+    copy it every step. Scanned layers (`scan_layers`) keep one stacked `[layers, ...]` array
+    each, carried through the scan, which writes only the new tokens' slots. Heads before slots
+    is the layout attention's batched matmuls read, so a decode step never transposes the cache.
     """
 
-    k: tuple
-    v: tuple
+    k: tuple | jax.Array
+    v: tuple | jax.Array
+
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, tuple)
 
     @classmethod
     def zeros(cls, cfg: TransformerConfig, batch: int, slots: int) -> KVCache:
         shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
         dtype = jnp.dtype(cfg.dtype)
+        if cfg.scan_layers:
+            stacked = (cfg.num_layers, *shape)
+            return cls(k=jnp.zeros(stacked, dtype), v=jnp.zeros(stacked, dtype))
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                    v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+
+    def constrained(self) -> KVCache:
+        """Sharded on batch and kv heads (a no-op outside `sharding.use`)."""
+        axes = (("layers",) if self.stacked else ()) + _CACHE_AXES
+        return jax.tree.map(lambda x: sharding.constrain(x, axes), self)
+
+    def repeat_rows(self, n: int) -> KVCache:
+        """Every row's cache n times (rows: all rows once, then all again, ...)."""
+        if n == 1:
+            return self
+        batch_axis = 1 if self.stacked else 0
+        return jax.tree.map(
+            lambda x: jnp.tile(x, (1,) * batch_axis + (n,) + (1,) * (x.ndim - batch_axis - 1)),
+            self)
 
 
 def param(rngs: nnx.Rngs, init, shape, axes) -> nnx.Param:
@@ -129,8 +170,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxLxD, positions_BxL, key_mask_BxS, cache_kv=None, cache_index=None,
                  branches_BxL=None):
-        """Full attention when `cache_kv` is None; else write this chunk at `cache_index` and
-        return the whole updated buffers as the new `(k, v)`."""
+        """`(output, (k, v))`: this chunk's keys and values `[batch, kv_heads, length, head_dim]`.
+
+        Without `cache_kv`, attention reads the chunk itself. With one (this layer's buffers),
+        the chunk is written at slot `cache_index` of a copy the queries read; the caller
+        stores the returned chunk in its cache.
+        """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         q = dense(x_BxLxD, self.q[...].astype(dt))
         k = dense(x_BxLxD, self.k[...].astype(dt))
@@ -139,22 +184,18 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions_BxL, cfg.rope_theta)
         length = x_BxLxD.shape[1]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B x K x L x H
-        if cache_kv is None:
-            query_slot = jnp.arange(length)
-            new_kv = (k, v)
-        else:
-            k_cache, v_cache = cache_kv
-            write = jax.lax.dynamic_update_slice_in_dim
-            new_kv = (write(k_cache, k.astype(k_cache.dtype), cache_index, axis=2),
-                      write(v_cache, v.astype(v_cache.dtype), cache_index, axis=2))
-            query_slot = cache_index + jnp.arange(length)
+        chunk_kv = (k, v)
+        query_slot = jnp.arange(length)
+        if cache_kv is not None:
+            query_slot = cache_index + query_slot
             if isinstance(cache_index, int) and cache_index == 0:
                 # A prefill: causally, a chunk at slot 0 sees only slots below its length, its
                 # own keys; attend to those, not the whole buffer (fewer scores, no wait on
                 # the write).
                 key_mask_BxS = key_mask_BxS[:, :length]
             else:
-                k, v = new_kv
+                k, v = (write_slots(buffer, chunk, cache_index)
+                        for buffer, chunk in zip(cache_kv, chunk_kv, strict=True))
         key_slot = jnp.arange(k.shape[2])
         visible_BxLxS = (key_slot[None, :] <= query_slot[:, None])[None] & key_mask_BxS[:, None, :]
         if branches_BxL is not None:
@@ -170,7 +211,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgls,bksh->blkgh", probs, v.astype(dt))
         out = out.reshape(b, length, cfg.num_heads, cfg.head_dim)
         y = dense(out, self.o[...].astype(dt), contract=2)
-        return y, new_kv
+        return y, chunk_kv
 
 
 class GatedMLP(nnx.Module):
@@ -199,11 +240,33 @@ class Block(nnx.Module):
         self.mlp = GatedMLP(cfg, rngs)
 
     def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None, branches=None):
-        y, new_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, cache_index,
-                              branches)
+        y, chunk_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, cache_index,
+                                branches)
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
-        return sharding.constrain(x, ("batch", "length", "embed_act")), new_kv
+        return sharding.constrain(x, ("batch", "length", "embed_act")), chunk_kv
+
+
+def stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:
+    """One `Block` whose parameters carry a leading `layers` axis, layer i at index i."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return Block(cfg, rngs)
+
+    return create(rngs)
+
+
+def write_slots(buffer, chunk, start, layer=None):
+    """`buffer` with `chunk` written from slot `start` (the slots axis is second to last); a
+    stacked buffer `[layers, ...]` is written at `layer`."""
+    chunk = chunk.astype(buffer.dtype)
+    if layer is None:
+        return jax.lax.dynamic_update_slice_in_dim(buffer, chunk, start, axis=buffer.ndim - 2)
+    zero = jnp.zeros((), jnp.int32)
+    index = (layer, zero, zero, jnp.asarray(start, jnp.int32), zero)
+    return jax.lax.dynamic_update_slice(buffer, chunk[None], index)
 
 
 class Transformer(nnx.Module):
@@ -216,7 +279,10 @@ class Transformer(nnx.Module):
         if cfg.num_segments:
             self.segment_embed = param(rngs, nnx.initializers.normal(stddev=1.0),
                                        (cfg.num_segments, cfg.width), ("segments", "embed"))
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            self.blocks = stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.width, cfg.norm_eps, rngs)
 
     def __call__(self, tokens_BxL, positions_BxL, key_mask_BxS, *, segments_BxL=None,
@@ -232,15 +298,56 @@ class Transformer(nnx.Module):
             segment_table = sharding.constrain(self.segment_embed[...], (None, None))
             x = x + jnp.take(segment_table, segments_BxL, axis=0).astype(dt)
         x = sharding.constrain(x, ("batch", "length", "embed_act"))
-        new_k, new_v = [], []
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = block(x, positions_BxL, key_mask_BxS, layer_cache, cache_index,
-                              branches_BxL)
-            new_k.append(k)
-            new_v.append(v)
-        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v))
-        return self.final_norm(x), new_cache
+        layer_args = (positions_BxL, key_mask_BxS)
+        if cache is None:
+            x = self._blocks(x, positions_BxL, key_mask_BxS, branches_BxL)
+            return self.final_norm(x), None
+        if self.cfg.scan_layers:
+            x, cache = self._scan_with_cache(x, *layer_args, cache, cache_index)
+        else:
+            new_k, new_v = [], []
+            for block, k_buffer, v_buffer in zip(self.blocks, cache.k, cache.v, strict=True):
+                x, (k, v) = block(x, *layer_args, (k_buffer, v_buffer), cache_index)
+                new_k.append(write_slots(k_buffer, k, cache_index))
+                new_v.append(write_slots(v_buffer, v, cache_index))
+            cache = KVCache(tuple(new_k), tuple(new_v))
+        return self.final_norm(x), cache
+
+    def _blocks(self, x, positions, key_mask, branches):
+        """Every block over a full sequence (training, scoring), with `remat` if configured."""
+        def apply(block, x):
+            return block(x, positions, key_mask, branches=branches)[0]
+
+        if self.cfg.remat != "none":
+            # Under scan, the loop already keeps XLA from merging recomputation with the
+            # forward pass, so CSE need not be prevented there.
+            apply = nnx.remat(apply, policy=REMAT_POLICIES[self.cfg.remat],
+                              prevent_cse=not self.cfg.scan_layers)
+        if not self.cfg.scan_layers:
+            for block in self.blocks:
+                x = apply(block, x)
+            return x
+        graphdef, stacked = nnx.split(self.blocks)
+        x, _ = jax.lax.scan(lambda x, layer: (apply(nnx.merge(graphdef, layer), x), None), x,
+                            stacked)
+        return x
+
+    def _scan_with_cache(self, x, positions, key_mask, cache: KVCache, cache_index):
+        """Scanned blocks reading and writing the stacked cache (the carry): each layer writes
+        only this chunk's slots, so a decode step never copies the cache."""
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(carry, layer):
+            x, k_all, v_all, i = carry
+            x, (k, v) = nnx.merge(graphdef, layer)(x, positions, key_mask, (k_all[i], v_all[i]),
+                                                   cache_index)
+            k_all = write_slots(k_all, k, cache_index, layer=i)
+            v_all = write_slots(v_all, v, cache_index, layer=i)
+            return (x, k_all, v_all, i + 1), None
+
+        (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)),
+                                               stacked)
+        return x, KVCache(k_all, v_all)
 
 
 def positions_from_mask(mask_BxL):
