@@ -18,13 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from alignment_gap.sharding import abstract_like
 from alignment_gap.train.state import TrainState
-
-
-def abstract_like(tree, shardings):
-    """ShapeDtypeStructs carrying the target shardings (restore lands directly there)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
 
 
 class Checkpointer:
@@ -128,7 +123,8 @@ def check_compatible(meta: dict, *, what: str, directory: str, kind: str, model:
 
 
 def load_params(directory: str, params_like, shardings, step: int | None = None):
-    """Read only the parameters of a checkpoint, into `shardings` (read-only model loads)."""
+    """Read only the parameters of a checkpoint, into `shardings` (read-only model loads);
+    `params_like` may be abstract (shapes and dtypes only)."""
     manager = ocp.CheckpointManager(os.path.abspath(directory),
                                     options=ocp.CheckpointManagerOptions(create=False,
                                                                          read_only=True))

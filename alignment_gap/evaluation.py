@@ -16,6 +16,8 @@ move only because the policy moves. The opponent's responses are sampled once an
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,46 @@ def _host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+class EvalPrograms(NamedTuple):
+    judge: Callable  # (golden state, prompt, mask, ours, mask, theirs, mask) -> [B] 1 / 0.5 / 0
+    kl: Callable  # (params, sft params, prompt, mask, response, mask) -> [B] sequence KL
+    classify: Callable  # (params, sft params, PreferenceBatch) -> accuracy, likelihood drift
+
+
+def eval_programs(graphdef, golden_graphdef, mesh) -> EvalPrograms:
+    """The jitted evaluation programs (results replicated); graphdefs may come from abstract
+    models."""
+    replicated = sharding.replicated(mesh)
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def eval_judge(golden_state, prompt, prompt_mask, ours, ours_mask, theirs, theirs_mask):
+        margin = both_order_margin(nnx.merge(golden_graphdef, golden_state), prompt,
+                                   prompt_mask, ours, ours_mask, theirs, theirs_mask)
+        return jnp.where(margin > 0, 1.0, jnp.where(margin < 0, 0.0, 0.5))
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def eval_kl(params, sft_params, prompt, prompt_mask, response, response_mask):
+        return logprobs.sequence_kl(nnx.merge(graphdef, params), nnx.merge(graphdef, sft_params),
+                                    prompt, prompt_mask, response, response_mask)
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def eval_classify(params, sft_params, b: PreferenceBatch):
+        policy, sft = nnx.merge(graphdef, params), nnx.merge(graphdef, sft_params)
+        seq = lambda m, y, ym: logprobs.sequence_logprobs(m, b.prompt, b.prompt_mask, y, ym)[1]
+        pw, pl = seq(policy, b.chosen, b.chosen_mask), seq(policy, b.rejected, b.rejected_mask)
+        sw, sl = seq(sft, b.chosen, b.chosen_mask), seq(sft, b.rejected, b.rejected_mask)
+        h = (pw - sw) - (pl - sl)
+        return {"classifier_accuracy": jnp.mean(losses.tie_half(h)),
+                "likelihood_drift": jnp.mean(pw - sw)}
+
+    return EvalPrograms(eval_judge, eval_kl, eval_classify)
+
+
+def eval_sampler(lm, mesh, rules, sampling: SamplingConfig) -> Sampler:
+    """One sample per evaluation prompt (the policy's and, once, the opponent's)."""
+    return Sampler(lm, mesh, rules, sampling, name="eval_sample")
+
+
 class Evaluator:
     def __init__(self, *, lm, sft_params, golden, opponent_params, prompts: PromptBatch,
                  pairs: PreferenceBatch | None, mesh, rules, sampling: SamplingConfig,
@@ -44,36 +86,11 @@ class Evaluator:
         self.kl_prompts, self.tokenizer, self.world = kl_prompts, tokenizer, world
         self.post_words = ([world_lib.post_words_from_prompt(t) for t in prompt_texts]
                            if world is not None else None)
-        self.sampler = Sampler(lm, mesh, rules, sampling)
+        self.sampler = eval_sampler(lm, mesh, rules, sampling)
         self.key = jax.random.key(seed)
         golden_graphdef, self.golden_state = nnx.split(golden)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        graphdef = self.graphdef
-
-        @functools.partial(jax.jit, out_shardings=replicated)
-        def judge(golden_state, prompt, prompt_mask, ours, ours_mask, theirs, theirs_mask):
-            margin = both_order_margin(nnx.merge(golden_graphdef, golden_state), prompt,
-                                       prompt_mask, ours, ours_mask, theirs, theirs_mask)
-            return jnp.where(margin > 0, 1.0, jnp.where(margin < 0, 0.0, 0.5))
-
-        @functools.partial(jax.jit, out_shardings=replicated)
-        def kl(params, sft_params, prompt, prompt_mask, response, response_mask):
-            return logprobs.sequence_kl(nnx.merge(graphdef, params),
-                                        nnx.merge(graphdef, sft_params), prompt, prompt_mask,
-                                        response, response_mask)
-
-        @functools.partial(jax.jit, out_shardings=replicated)
-        def classify(params, sft_params, b: PreferenceBatch):
-            policy, sft = nnx.merge(graphdef, params), nnx.merge(graphdef, sft_params)
-            seq = lambda m, y, ym: logprobs.sequence_logprobs(m, b.prompt, b.prompt_mask, y,
-                                                              ym)[1]
-            pw, pl = seq(policy, b.chosen, b.chosen_mask), seq(policy, b.rejected, b.rejected_mask)
-            sw, sl = seq(sft, b.chosen, b.chosen_mask), seq(sft, b.rejected, b.rejected_mask)
-            h = (pw - sw) - (pl - sl)
-            return {"classifier_accuracy": jnp.mean(losses.tie_half(h)),
-                    "likelihood_drift": jnp.mean(pw - sw)}
-
-        self._judge, self._kl, self._classify = judge, kl, classify
+        self._judge, self._kl, self._classify = eval_programs(self.graphdef, golden_graphdef,
+                                                              mesh)
         self.opponent = self._sample(opponent_params, jax.random.fold_in(self.key, 1))
 
     def _sample(self, params, key):

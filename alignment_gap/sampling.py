@@ -153,10 +153,11 @@ class Sampler:
 
     Call with the policy's current state (`nnx.state(policy)`): parameters are inputs with the
     same shardings the trainer keeps them in, so nothing is re-sharded between update and sample.
+    `lm` may be abstract (`nnx.eval_shape`): only its structure and annotations are read.
     """
 
     def __init__(self, lm, mesh, rules, cfg: SamplingConfig, use_cache: bool = True,
-                 samples_per_prompt: int = 1):
+                 samples_per_prompt: int = 1, name: str = "sample"):
         self.mesh, self.rules, self.cfg = mesh, rules, cfg
         graphdef, state = nnx.split(lm)
         with sharding.use(mesh, rules):
@@ -168,12 +169,13 @@ class Sampler:
             return sample(nnx.merge(graphdef, state), prompt, prompt_mask, key, cfg, use_cache,
                           samples_per_prompt)
 
-        self._run = jax.jit(run, in_shardings=(state_sh, rows, rows, replicated),
+        run.__name__ = name  # the program's name in compile logs and the AOT report
+        self.jitted = jax.jit(run, in_shardings=(state_sh, rows, rows, replicated),
                             out_shardings=SampleOutput(rows, rows, rows))
 
     def __call__(self, state, prompt_BxP, prompt_mask_BxP, key) -> SampleOutput:
         with sharding.use(self.mesh, self.rules):
-            return self._run(state, prompt_BxP, prompt_mask_BxP, key)
+            return self.jitted(state, prompt_BxP, prompt_mask_BxP, key)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))

@@ -52,11 +52,18 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     return tuple(shape)
 
 
+_AUTO = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=_AUTO, devices=devices)
+
+
+def mesh_from_grid(devices_DxFxT) -> jax.sharding.Mesh:
+    """A mesh over devices already arranged as (data, fsdp, tensor)."""
+    return jax.sharding.Mesh(devices_DxFxT, MESH_AXES, axis_types=_AUTO)
 
 
 @contextlib.contextmanager
@@ -84,18 +91,48 @@ def state_shardings(abstract_state, mesh):
     return nnx.get_named_sharding(abstract_state, mesh)
 
 
-def create_sharded(build_fn, mesh, rules):
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings (what restores, loads and ahead-of-time
+    compilation take in place of arrays)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def abstract_model(build_fn, mesh, rules):
+    """(graphdef, state of ShapeDtypeStructs in their shardings) of `build_fn()`'s module;
+    nothing is allocated."""
+    with use(mesh, rules):
+        graphdef, state = nnx.split(nnx.eval_shape(build_fn))
+        return graphdef, abstract_like(state, state_shardings(state, mesh))
+
+
+def init_program(build_fn, mesh, rules, name: str = "init_model"):
+    """(jitted initialiser `() -> state`, graphdef) of the module `build_fn()` builds, every
+    parameter created directly in its sharded layout (explicit out_shardings)."""
+    graphdef, abstract = abstract_model(build_fn, mesh, rules)
+
+    def init():
+        return nnx.state(build_fn())
+
+    init.__name__ = name
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    return jax.jit(init, out_shardings=shardings), graphdef
+
+
+def create_sharded(build_fn, mesh, rules, name: str = "init_model"):
     """Build an nnx module with every parameter created directly in its sharded layout.
 
     `build_fn()` must construct the module (e.g. `lambda: LanguageModel(cfg, nnx.Rngs(0))`).
-    Initialisation is one jitted program with explicit out_shardings, so it works the same on
-    one device, a fake CPU mesh and several processes, and never materialises a full copy.
+    Initialisation is one jitted program (`init_program`), so it works the same on one device,
+    a fake CPU mesh and several processes, and never materialises a full copy.
     """
+    init, graphdef = init_program(build_fn, mesh, rules, name)
     with use(mesh, rules):
-        graphdef, abstract_state = nnx.split(nnx.eval_shape(build_fn))
-        shardings = state_shardings(abstract_state, mesh)
-        state = jax.jit(lambda: nnx.state(build_fn()), out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+        return nnx.merge(graphdef, init())
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh, rules, ndim: int) -> NamedSharding:

@@ -20,12 +20,14 @@ from alignment_gap.data import world as world_lib
 from alignment_gap.data.pipelines import _text, encode_prompt, encode_response
 from alignment_gap.models.heads import both_order_margin
 
+BATCH = 256  # Records judged per call.
+
 
 def _decoded(record) -> dict:
     return {k: _text(record[k]) for k in ("id", "prompt", "chosen", "rejected")}
 
 
-def relabelled_records(source, judge, batch_size: int = 256):
+def relabelled_records(source, judge, batch_size: int = BATCH):
     """Yield every record of `source`, in order, with chosen/rejected as the judge says."""
     for start in range(0, len(source), batch_size):
         records = [_decoded(source[i]) for i in range(start, min(start + batch_size, len(source)))]
@@ -39,7 +41,7 @@ def relabelled_records(source, judge, batch_size: int = 256):
             yield record
 
 
-def relabel(sources: dict, judge, name: str, data_dir: str, batch_size: int = 256):
+def relabel(sources: dict, judge, name: str, data_dir: str, batch_size: int = BATCH):
     """Write `{split: relabelled source}` as TFDS dataset `comparisons/<name>`; return sources."""
     splits = {split: relabelled_records(src, judge, batch_size) for split, src in sources.items()}
     return builders.prepare(builders.Comparisons(name=name, splits=splits, data_dir=data_dir))
@@ -58,16 +60,20 @@ def oracle_judge(world: world_lib.WorldConfig):
     return judge
 
 
+def margins_program(graphdef, mesh):
+    """Jitted both-order margins `r(x, a, b) - r(x, b, a)` of a batch of pairs (replicated)."""
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    def relabel_margins(state, prompt, prompt_mask, first, first_mask, second, second_mask):
+        return both_order_margin(nnx.merge(graphdef, state), prompt, prompt_mask, first,
+                                 first_mask, second, second_mask)
+
+    return relabel_margins
+
+
 def model_judge(model, tokenizer, prompt_len: int, response_len: int, mesh, rules):
     """A pairwise preference model as judge: chosen wins iff r(x,c,r) - r(x,r,c) >= 0."""
     graphdef, state = nnx.split(model)
-
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    @functools.partial(jax.jit, out_shardings=replicated)
-    def margins(state, prompt, prompt_mask, first, first_mask, second, second_mask):
-        return both_order_margin(nnx.merge(graphdef, state), prompt, prompt_mask, first,
-                                 first_mask, second, second_mask)
+    margins = margins_program(graphdef, mesh)
 
     def judge(records):
         prompt, prompt_mask = zip(*(encode_prompt(tokenizer, r["prompt"], prompt_len)

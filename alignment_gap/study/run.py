@@ -7,6 +7,7 @@ import os
 
 import jax
 
+from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.study import hypotheses, pipeline, report, results
 
 
@@ -64,7 +65,16 @@ def run(config, workdir: str):
     print(f"report: {path}")
 
 
-def side_by_side(config, stages, workdir: str, count: int = 8) -> dict:
+SIDE_BY_SIDE = 8  # Test posts in samples.json.
+
+
+def side_by_side_sampler(lm, mesh, rules, response_len: int):
+    """Greedy summaries for `samples.json`."""
+    return Sampler(lm, mesh, rules, SamplingConfig(max_new_tokens=response_len, temperature=0.0),
+                   name="study_samples")
+
+
+def side_by_side(config, stages, workdir: str, count: int = SIDE_BY_SIDE) -> dict:
     """Test posts with the SFT, online and best offline policies' (greedy) summaries."""
     import numpy as np
     from flax import nnx
@@ -72,7 +82,6 @@ def side_by_side(config, stages, workdir: str, count: int = 8) -> dict:
 
     from alignment_gap import sharding
     from alignment_gap.data import datasets, pipelines
-    from alignment_gap.sampling import Sampler, SamplingConfig
     from alignment_gap.train import common
 
     rows = [r for r in results.collect(stages, workdir) if r["group"] == "main"]
@@ -92,12 +101,12 @@ def side_by_side(config, stages, workdir: str, count: int = 8) -> dict:
                                  sharding.process_rows(rt.mesh, rt.rules, count))
     prompts = rt.global_batch(next(iter(pipelines.prompt_pipeline(
         source, rt.tokenizer, shape, seed=0, shuffle=False, num_epochs=1))))
-    sampling = SamplingConfig(max_new_tokens=config.data.response_len, temperature=0.0)
     out = [{"prompt": pipelines._text(source[i]["prompt"])} for i in range(count)]
     for name, stage in policies.items():
         lm = common.load_frozen("lm", stage.directory(workdir), config.model, rt)
-        tokens = Sampler(lm, rt.mesh, rt.rules, sampling)(
-            nnx.state(lm), prompts.prompt, prompts.prompt_mask, jax.random.key(0)).tokens
+        sampler = side_by_side_sampler(lm, rt.mesh, rt.rules, config.data.response_len)
+        tokens = sampler(nnx.state(lm), prompts.prompt, prompts.prompt_mask,
+                         jax.random.key(0)).tokens
         tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
         for row, ids in zip(out, tokens, strict=True):
             row[name] = rt.tokenizer.decode(ids)

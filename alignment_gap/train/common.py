@@ -33,7 +33,7 @@ class Runtime:
         return batch_cls(*[rows] * len(dataclasses.fields(batch_cls)))
 
     def replicated(self):
-        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return sharding.replicated(self.mesh)
 
 
 def runtime(config, workdir: str) -> Runtime:
@@ -50,10 +50,16 @@ def model_config(model_cfg) -> TransformerConfig:
     return TransformerConfig.from_config(model_cfg)
 
 
-def new_model(kind: str, model_cfg, rt: Runtime, seed: int):
+def build_fn(kind: str, model_cfg, seed: int = 0):
+    """`() -> module` for a model kind (`lm`, `preference`) and its config section."""
     cfg = model_config(model_cfg)
-    return sharding.create_sharded(lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(seed)), rt.mesh,
-                                   rt.rules)
+    return lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(seed))
+
+
+def new_model(kind: str, model_cfg, rt: Runtime, seed: int):
+    """A freshly initialised model, created in its shardings (program `init_<kind>`)."""
+    return sharding.create_sharded(build_fn(kind, model_cfg, seed), rt.mesh, rt.rules,
+                                   name=f"init_{kind}")
 
 
 def meta(kind: str, model_cfg, rt: Runtime) -> dict:
@@ -92,11 +98,9 @@ def validation_batches(pipeline, count: int, global_batch, what: str) -> list:
 
 
 def load_frozen(kind: str, run_dir: str, model_cfg, rt: Runtime, step: int | None = None):
-    """A model with the parameters of another run (its latest, or checkpoint `step`), created
-    directly in its shardings."""
-    model = new_model(kind, model_cfg, rt, seed=0)
-    graphdef, params = nnx.split(model)
-    with sharding.use(rt.mesh, rt.rules):
-        shardings = sharding.state_shardings(params, rt.mesh)
-    restored = checkpoint.load_params(checkpoint_dir(run_dir), params, shardings, step)
+    """A model with the parameters of another run (its latest, or checkpoint `step`), read
+    straight into its shardings (nothing is initialised first)."""
+    graphdef, abstract = sharding.abstract_model(build_fn(kind, model_cfg), rt.mesh, rt.rules)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    restored = checkpoint.load_params(checkpoint_dir(run_dir), abstract, shardings, step)
     return nnx.merge(graphdef, restored)

@@ -108,7 +108,7 @@ def run(config, workdir: str):
     loss_fn = make_policy_loss(config.loss, config.beta, rt.tokenizer.eos_id, ref_graphdef)
     update = make_update_step(graphdef, tx, loss_fn, rt.mesh, rt.rules, shardings,
                               rt.batch_shardings(PreferenceBatch), {"reference": ref_shardings},
-                              microbatches=config.microbatches)
+                              microbatches=config.microbatches, name="policy_update")
 
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
     source, data_iterator, recorder = _source(config, rt, policy, workdir, ckpt)

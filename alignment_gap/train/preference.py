@@ -51,6 +51,14 @@ def sign_rule_accuracy(model, batch: PreferenceBatch):
     return jnp.mean(margin > 0)
 
 
+def accuracy_program(graphdef, mesh):
+    """Jitted `(params, batch) -> sign-rule accuracy` (replicated)."""
+    def preference_accuracy(params, batch: PreferenceBatch):
+        return sign_rule_accuracy(nnx.merge(graphdef, params), batch)
+
+    return jax.jit(preference_accuracy, out_shardings=sharding.replicated(mesh))
+
+
 def init_from_lm(pm, lm_run_dir: str, config, rt) -> None:
     """Copy a language model's backbone (e.g. the SFT policy) into the preference model."""
     common.check_frozen("lm", lm_run_dir, config.model, rt, "config.init_from")
@@ -84,7 +92,8 @@ def run(config, workdir: str):
     tx = make_optimizer(config)
     graphdef, state, shardings = init_train_state(model, tx, rt.mesh, rt.rules)
     update = make_update_step(graphdef, tx, random_order_loss, rt.mesh, rt.rules, shardings,
-                              rt.batch_shardings(PreferenceBatch), {"key": rt.replicated()})
+                              rt.batch_shardings(PreferenceBatch), {"key": rt.replicated()},
+                              name="preference_update")
     train_iter = iter(pipeline("train", config.seed))
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
     rng = jax.random.key(config.seed)
@@ -94,8 +103,7 @@ def run(config, workdir: str):
         common.check_resume(saved, "preference", config.model, rt, workdir)
         history = accuracy_history(workdir, int(jax.device_get(state.step)))
 
-    accuracy = jax.jit(lambda params, b: sign_rule_accuracy(nnx.merge(graphdef, params), b),
-                       out_shardings=rt.replicated())
+    accuracy = accuracy_program(graphdef, rt.mesh)
 
     def evaluate(state):
         batches = pipeline("validation", 0, shuffle=False, num_epochs=1)

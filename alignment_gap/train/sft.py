@@ -26,6 +26,14 @@ def sft_loss(model, batch: SFTBatch, extras=None):
     return loss, {"tokens": jnp.sum(batch.response_mask).astype(jnp.float32)}
 
 
+def eval_loss_program(graphdef, mesh):
+    """Jitted `(params, batch) -> mean validation loss` (replicated)."""
+    def sft_eval_loss(params, batch: SFTBatch):
+        return sft_loss(nnx.merge(graphdef, params), batch)[0]
+
+    return jax.jit(sft_eval_loss, out_shardings=sharding.replicated(mesh))
+
+
 def responses_field(d) -> tuple[str, ...]:
     if d.kind == "synthetic" and d.sft_source == "demonstrations":
         return ("response",)
@@ -47,7 +55,7 @@ def run(config, workdir: str):
     tx = make_optimizer(config)
     graphdef, state, shardings = init_train_state(model, tx, rt.mesh, rt.rules)
     update = make_update_step(graphdef, tx, sft_loss, rt.mesh, rt.rules, shardings,
-                              rt.batch_shardings(SFTBatch))
+                              rt.batch_shardings(SFTBatch), name="sft_update")
     train_iter = iter(pipeline("train", config.seed))
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
     rng = jax.random.key(config.seed)
@@ -55,8 +63,7 @@ def run(config, workdir: str):
         state, rng, saved = ckpt.restore(state, shardings, train_iter)
         common.check_resume(saved, "lm", config.model, rt, workdir)
 
-    eval_loss = jax.jit(lambda params, b: sft_loss(nnx.merge(graphdef, params), b)[0],
-                        out_shardings=rt.replicated())
+    eval_loss = eval_loss_program(graphdef, rt.mesh)
 
     def evaluate(state):
         batches = pipeline("validation", 0, shuffle=False, num_epochs=1)

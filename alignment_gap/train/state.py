@@ -34,22 +34,35 @@ class TrainState:
     opt_state: Any  # optax state; mirrors params (and their sharding annotations).
 
 
-def init_train_state(model, tx: optax.GradientTransformation, mesh, rules):
-    """(graphdef, state, state shardings) for a model already created on `mesh`."""
-    graphdef, params = nnx.split(model)
+def train_state_program(params, tx: optax.GradientTransformation, mesh, rules):
+    """(jitted `params -> TrainState`, the state's shardings). `params` may be abstract. The
+    parameters are donated: the train state takes over their buffers instead of copying them,
+    so a model's arrays are not held twice."""
     with sharding.use(mesh, rules):
-        abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                              jax.eval_shape(tx.init, params))
+        opt_state = jax.eval_shape(tx.init, params)
         shardings = TrainState(NamedSharding(mesh, P()),
                                sharding.state_shardings(params, mesh),
-                               sharding.state_shardings(abstract.opt_state, mesh))
-        state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                        out_shardings=shardings)(params)
-    return graphdef, state, shardings
+                               sharding.state_shardings(opt_state, mesh))
+
+    def init_train_state(params):
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    init = jax.jit(init_train_state, in_shardings=(shardings.params,), out_shardings=shardings,
+                   donate_argnums=0)
+    return init, shardings
+
+
+def init_train_state(model, tx: optax.GradientTransformation, mesh, rules):
+    """(graphdef, state, state shardings) for a model already created on `mesh`. The model's
+    parameter arrays become the state's (donated): use `state.params` from here on."""
+    graphdef, params = nnx.split(model)
+    init, shardings = train_state_program(params, tx, mesh, rules)
+    with sharding.use(mesh, rules):
+        return graphdef, init(params), shardings
 
 
 def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_shardings,
-                     extras_shardings=None, microbatches: int = 1):
+                     extras_shardings=None, microbatches: int = 1, name: str = "update"):
     """Jit `loss_fn(model, batch, extras) -> (loss, metrics)` into a donated update step.
 
     `extras` carries what the loss reads but never trains or donates: frozen models' states
@@ -58,6 +71,7 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
     (totals such as `tokens` the sum), so a per-example mean loss gives the full batch's
     gradient; a ratio metric (`kl_per_token`) becomes the mean of the slices' ratios. Every
     slice sees the same `extras` (a PRNG key there would repeat its draws in each slice).
+    `name` names the compiled program (`sft_update`, `policy_update`, ...).
     """
 
     def loss_and_grads(params, batch, extras):
@@ -77,6 +91,7 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return TrainState(state.step + 1, params, opt_state), metrics
 
+    step.__name__ = name  # the program's name in compile logs and the AOT report
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, extras_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -1,0 +1,162 @@
+"""Compile programs for a target and read what the compiler says: memory, FLOPs, fit.
+
+Memory is the compiled program's own account, per device: arguments, outputs (less what
+aliases donated arguments), temporaries and code. A program's **peak** adds the arrays its
+run keeps on the devices besides its arguments (the train state while the sampler runs, the
+frozen models): `resident + other arguments + outputs - aliased + temporaries + code`.
+
+FLOPs and bytes accessed come from the compiler's cost analysis, which counts the body of a
+loop once. So costs are read from the same programs built with 1 and 2 unrolled layers and
+one micro-batch (the same arithmetic), extrapolated linearly in depth, and a sampler's cost
+is its prefill plus `max_new_tokens` decode steps (an upper bound: rows stop at EOS).
+The ideal time of a step is `max(FLOPs / peak FLOP/s, bytes / HBM bandwidth)` at the chip's
+published figures; the model-FLOPs utilisation ceiling is the compute share of that time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+
+from alignment_gap import sharding
+from alignment_gap.aot.programs import Program, Run
+
+GIB = 1024**3
+HEADROOM = 0.95  # The runtime keeps some HBM for itself: fit within 95% of the published size.
+REPLICATED_MIN_BYTES = 1 << 20  # List replicated arguments from 1 MiB up.
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of an abstract tree (each leaf's shard under its sharding)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+def total_bytes(tree) -> int:
+    """Bytes of an abstract tree, unsharded."""
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def replicated_arrays(program: Program) -> list[tuple[str, int]]:
+    """(path, bytes per device) of arguments every device holds whole, largest first."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(program.args)[0]:
+        if leaf.sharding is None or len(leaf.sharding.device_set) == 1:
+            continue
+        nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
+        if leaf.sharding.is_fully_replicated and nbytes >= REPLICATED_MIN_BYTES:
+            out.append((jax.tree_util.keystr(path), nbytes))
+    return sorted(out, key=lambda x: -x[1])
+
+
+@dataclasses.dataclass
+class Costs:
+    flops: float
+    bytes: float
+
+
+@dataclasses.dataclass
+class Result:
+    program: Program
+    runs: list[str]
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    code: int
+    peak: int  # Largest over the runs that execute it.
+    peak_run: str
+    compile_s: float
+    costs: Costs | None = None
+    replicated: list = dataclasses.field(default_factory=list)
+
+    def as_dict(self, chip) -> dict:
+        d = {"program": self.program.name, "detail": self.program.detail, "runs": self.runs,
+             "bytes_per_device": {"arguments": self.argument, "outputs": self.output,
+                                  "aliased": self.alias, "temporaries": self.temp,
+                                  "code": self.code, "peak_with_resident": self.peak},
+             "peak_run": self.peak_run, "compile_seconds": round(self.compile_s, 2),
+             "replicated_arguments": [{"path": p, "bytes": b} for p, b in self.replicated]}
+        if self.costs is not None:
+            d["flops_per_device"] = self.costs.flops
+            d["bytes_accessed_per_device"] = self.costs.bytes
+            if chip is not None:
+                d.update(ideal_step(self.costs, chip))
+        return d
+
+
+def ideal_step(costs: Costs, chip) -> dict:
+    compute_s = costs.flops / (chip.peak_tflops * 1e12)
+    memory_s = costs.bytes / (chip.hbm_gbps * 1e9)
+    ideal = max(compute_s, memory_s)
+    return {"ideal_seconds": ideal, "bound": "compute" if compute_s >= memory_s else "memory",
+            "mfu_ceiling": compute_s / ideal if ideal else 0.0}
+
+
+def compile_one(program: Program, mesh, rules):
+    """(compiled, seconds) of a program lowered on `mesh`."""
+    start = time.perf_counter()
+    with sharding.use(mesh, rules):
+        compiled = program.jitted.lower(*program.args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _cost(program: Program, mesh, rules) -> Costs:
+    compiled, _ = compile_one(program, mesh, rules)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return Costs(float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)))
+
+
+def _extrapolate(one: Costs, two: Costs, layers: int) -> Costs:
+    return Costs(one.flops + (layers - 1) * (two.flops - one.flops),
+                 one.bytes + (layers - 1) * (two.bytes - one.bytes))
+
+
+def program_costs(variants: tuple[Program, Program], layers: int, mesh, rules) -> Costs:
+    """Whole-program FLOPs and bytes per device from its 1- and 2-layer unrolled variants."""
+    costs = [_cost(v, mesh, rules) for v in variants]
+    total = _extrapolate(*costs, layers)
+    if variants[0].decode_steps:
+        prefill = _extrapolate(*(_cost(v.prefill, mesh, rules) for v in variants), layers)
+        step = Costs(total.flops - prefill.flops, total.bytes - prefill.bytes)
+        n = variants[0].decode_steps
+        total = Costs(prefill.flops + n * step.flops, prefill.bytes + n * step.bytes)
+    return total
+
+
+def analyse(runs: list[Run], variant_runs: tuple[list[Run], list[Run]], mesh, rules,
+            log=print) -> list[Result]:
+    """Compile every distinct program once and account for its memory in every run."""
+    unique: dict[tuple, Result] = {}
+    for run_index, run in enumerate(runs):
+        resident = sum(per_device_bytes(tree) for tree in run.resident.values())
+        for program_index, program in enumerate(run.programs):
+            result = unique.get(program.key)
+            if result is None:
+                log(f"compiling {program.name} ({run.name}) ...")
+                compiled, seconds = compile_one(program, mesh, rules)
+                m = compiled.memory_analysis()
+                result = Result(program, [], m.argument_size_in_bytes, m.output_size_in_bytes,
+                                m.alias_size_in_bytes, m.temp_size_in_bytes,
+                                m.generated_code_size_in_bytes, 0, "", seconds,
+                                replicated=replicated_arrays(program))
+                if not program.outputs_resident:  # initialisers run once: no step time
+                    pair = tuple(v[run_index].programs[program_index] for v in variant_runs)
+                    assert all(v.name == program.name for v in pair), (program.name, pair)
+                    result.costs = program_costs(pair, program.layers, mesh, rules)
+                unique[program.key] = result
+            result.runs.append(run.name)
+            transient = sum(per_device_bytes(a) for i, a in enumerate(program.args)
+                            if i not in program.resident_args)
+            extra = 0 if program.outputs_resident else result.output - result.alias
+            peak = resident + transient + extra + result.temp + result.code
+            if peak > result.peak:
+                result.peak, result.peak_run = peak, run.name
+    return list(unique.values())
