@@ -23,8 +23,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
+    # libtpu: the TPU compiler, which the ahead-of-time tests run on this CPU (no TPU needed);
+    # the version jax[tpu] pins for this jax.
     "test": ["pytest>=9.0", "pytest-xdist>=3.6", "ruff>=0.17", "nbclient>=0.10", "nbformat>=5.10",
-             "ipykernel>=6.29"],
+             "ipykernel>=6.29", "libtpu>=0.0.42,<0.0.43"],
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
     "notebooks": ["jupyter", "nbconvert", "ipykernel", "pandas"],

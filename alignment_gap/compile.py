@@ -91,6 +91,10 @@ def print_report(summary: dict, out=sys.stdout):
     print("\nper chip (out: not aliased to a donated input; peak: with the run's resident "
           "arrays)\n" + head, file=out)
     for p in summary["programs"]:
+        if "failure" in p:
+            print(f"{p['program']:<20} {p['detail'][:16]:<16} does not compile: {p['failure']}",
+                  file=out)
+            continue
         b = p["bytes_per_device"]
         share = f"{b['peak_with_resident'] / (chip['hbm_gib'] * 2**30):.0%}" if chip else "-"
         row = (f"{p['program']:<20} {p['detail'][:16]:<16} {_size(b['arguments']):>8} "
@@ -171,6 +175,13 @@ def main(argv):
     if chip is None:
         return
     limit = report.HEADROOM * chip.hbm_gib * 2**30
+    refused = [p for p in summary["programs"] if "failure" in p]
+    if refused:
+        worst = refused[0]
+        print(f"error: {worst['program']} ({worst['peak_run']}) does not compile for "
+              f"{chip.kind}: {worst['failure']}; try: "
+              f"{'; '.join(remedies(worst, config, mesh_shape))}", file=sys.stderr)
+        sys.exit(1)
     over = [p for p in summary["programs"] if p["bytes_per_device"]["peak_with_resident"] > limit]
     if over:
         worst = max(over, key=lambda p: p["bytes_per_device"]["peak_with_resident"])

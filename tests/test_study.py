@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,10 @@ def smoke(tmp_path_factory):
     args = [sys.executable, "-m", "alignment_gap.main", "--config",
             os.path.join(ROOT, "configs", "study.py:smoke"), "--workdir", str(workdir),
             f"--config.data.dir={workdir / 'data'}"]
-    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # Compile logs name every program the study runs (test_aot_report_holds_every_program...).
+    env = dict(os.environ, JAX_LOG_COMPILES="1")
+    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return workdir, args, first
 
@@ -45,6 +49,30 @@ def test_smoke_study_writes_table_plot_and_report(smoke):
     assert {"sft", "golden", "relabel", "proxy"} <= set(timings)
     samples = json.loads((workdir / "samples.json").read_text())["samples"]
     assert {"prompt", "sft", "online", "offline"} <= set(samples[0])
+
+
+# JAX's own operations that the study runs eagerly, outside any program of ours (host-side
+# arithmetic on results, PRNG keys). Every other name in the compile log is a program.
+EAGER_OPS = {"_mean", "_reduce_sum", "_threefry_fold_in", "_threefry_seed", "_threefry_split",
+             "_where", "add", "broadcast_in_dim", "convert_element_type", "dynamic_slice",
+             "stage", "true_divide", "unstack"}
+
+
+def test_aot_report_holds_every_program_the_smoke_study_runs(smoke, tmp_path):
+    """The ahead-of-time tool compiles exactly the programs a real run compiles: a new jitted
+    program in a trainer that the tool does not build fails here."""
+    _, _, first = smoke
+    ran = set(re.findall(r"Compiling jit\((\w+)\)", first.stderr)) - EAGER_OPS
+    out = subprocess.run([sys.executable, "-m", "alignment_gap.compile", "--config",
+                          "configs/study.py:smoke", "--topology", "v5e-4", "--nocosts",
+                          "--out", str(tmp_path / "smoke.json")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    compiled = {p["program"] for p in json.loads((tmp_path / "smoke.json").read_text())[
+        "programs"]}
+    assert ran == compiled, (sorted(ran - compiled), sorted(compiled - ran))
+    # libtpu is installed (the test extra) but this CPU run never probed for a TPU.
+    assert not re.search(r"TPU_ACCELERATOR_TYPE|libtpu|backend 'tpu'", first.stderr)
 
 
 def test_finished_study_is_not_rerun(smoke):

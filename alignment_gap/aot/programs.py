@@ -113,7 +113,7 @@ class Builder:
         with sharding.use(self.mesh, self.rules):
             state = sharding.abstract_like(jax.eval_shape(init, params), shardings)
         program = Program("init_train_state", init, (params,), resident_args=(0,),
-                          outputs_resident=True)
+                          outputs_resident=True, detail=config.model.name)
         return program, state, shardings, tx
 
     def sampler_program(self, sampler, lm, params, rows: int, p: int, r: int,

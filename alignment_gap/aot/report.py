@@ -75,6 +75,7 @@ class Result:
     compile_s: float
     costs: Costs | None = None
     replicated: list = dataclasses.field(default_factory=list)
+    failure: str = ""  # The compiler's refusal (e.g. out of HBM), when it refused.
 
     def as_dict(self, chip) -> dict:
         d = {"program": self.program.name, "detail": self.program.detail, "runs": self.runs,
@@ -83,6 +84,8 @@ class Result:
                                   "code": self.code, "peak_with_resident": self.peak},
              "peak_run": self.peak_run, "compile_seconds": round(self.compile_s, 2),
              "replicated_arguments": [{"path": p, "bytes": b} for p, b in self.replicated]}
+        if self.failure:
+            d["failure"] = self.failure
         if self.costs is not None:
             d["flops_per_device"] = self.costs.flops
             d["bytes_accessed_per_device"] = self.costs.bytes
@@ -99,6 +102,11 @@ def ideal_step(costs: Costs, chip) -> dict:
             "mfu_ceiling": compute_s / ideal if ideal else 0.0}
 
 
+def _first_line(error: Exception) -> str:
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def compile_one(program: Program, mesh, rules):
     """(compiled, seconds) of a program lowered on `mesh`."""
     start = time.perf_counter()
@@ -107,7 +115,8 @@ def compile_one(program: Program, mesh, rules):
     return compiled, time.perf_counter() - start
 
 
-def _cost(program: Program, mesh, rules) -> Costs:
+def compiled_costs(program: Program, mesh, rules) -> Costs:
+    """The compiler's own count (a loop's body once)."""
     compiled, _ = compile_one(program, mesh, rules)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -121,19 +130,20 @@ def _extrapolate(one: Costs, two: Costs, layers: int) -> Costs:
 
 def program_costs(variants: tuple[Program, Program], layers: int, mesh, rules) -> Costs:
     """Whole-program FLOPs and bytes per device from its 1- and 2-layer unrolled variants."""
-    costs = [_cost(v, mesh, rules) for v in variants]
+    costs = [compiled_costs(v, mesh, rules) for v in variants]
     total = _extrapolate(*costs, layers)
     if variants[0].decode_steps:
-        prefill = _extrapolate(*(_cost(v.prefill, mesh, rules) for v in variants), layers)
+        prefill = _extrapolate(*(compiled_costs(v.prefill, mesh, rules) for v in variants), layers)
         step = Costs(total.flops - prefill.flops, total.bytes - prefill.bytes)
         n = variants[0].decode_steps
         total = Costs(prefill.flops + n * step.flops, prefill.bytes + n * step.bytes)
     return total
 
 
-def analyse(runs: list[Run], variant_runs: tuple[list[Run], list[Run]], mesh, rules,
+def analyse(runs: list[Run], variant_runs: tuple[list[Run], list[Run]] | None, mesh, rules,
             log=print) -> list[Result]:
-    """Compile every distinct program once and account for its memory in every run."""
+    """Compile every distinct program once and account for its memory in every run; with
+    `variant_runs` (the same runs built 1 and 2 layers deep), also its costs."""
     unique: dict[tuple, Result] = {}
     for run_index, run in enumerate(runs):
         resident = sum(per_device_bytes(tree) for tree in run.resident.values())
@@ -141,18 +151,26 @@ def analyse(runs: list[Run], variant_runs: tuple[list[Run], list[Run]], mesh, ru
             result = unique.get(program.key)
             if result is None:
                 log(f"compiling {program.name} ({run.name}) ...")
-                compiled, seconds = compile_one(program, mesh, rules)
+                try:
+                    compiled, seconds = compile_one(program, mesh, rules)
+                except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: too big
+                    unique[program.key] = Result(program, [run.name], 0, 0, 0, 0, 0, 0,
+                                                 run.name, 0.0, failure=_first_line(e))
+                    continue
                 m = compiled.memory_analysis()
                 result = Result(program, [], m.argument_size_in_bytes, m.output_size_in_bytes,
                                 m.alias_size_in_bytes, m.temp_size_in_bytes,
                                 m.generated_code_size_in_bytes, 0, "", seconds,
                                 replicated=replicated_arrays(program))
-                if not program.outputs_resident:  # initialisers run once: no step time
+                # Initialisers run once: no step time.
+                if variant_runs is not None and not program.outputs_resident:
                     pair = tuple(v[run_index].programs[program_index] for v in variant_runs)
                     assert all(v.name == program.name for v in pair), (program.name, pair)
                     result.costs = program_costs(pair, program.layers, mesh, rules)
                 unique[program.key] = result
             result.runs.append(run.name)
+            if result.failure:
+                continue
             transient = sum(per_device_bytes(a) for i, a in enumerate(program.args)
                             if i not in program.resident_args)
             extra = 0 if program.outputs_resident else result.output - result.alias

@@ -115,11 +115,14 @@ def parse(name: str) -> tuple[str, int]:
     return generation, count // cores
 
 
-def _quiet_libtpu():
+def _prepare_libtpu():
     # Without these, libtpu (finding no TPU VM metadata) prints warnings and an error line
     # while it loads; the topology description does not read them.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Describing a slice claims no TPU, so several processes (parallel tests, two compiles)
+    # may load libtpu at once; otherwise the second stops at libtpu's /tmp lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def resolve(name: str, slices: int = 1) -> Target:
@@ -140,7 +143,7 @@ def resolve(name: str, slices: int = 1) -> Target:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover - part of jax
         raise TopologyError(f"--topology: {e}") from e
-    _quiet_libtpu()
+    _prepare_libtpu()
     kwargs = {"chip_config_name": "megacore"} if _CORES_PER_CHIP[generation] == 2 else {}
     if slices > 1:
         kwargs["num_slices"] = slices

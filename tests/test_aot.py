@@ -1,0 +1,135 @@
+"""Ahead-of-time compilation for TPU slices on this CPU: libtpu describes a slice, XLA compiles
+the real TPU programs, and the report's memory and costs come from the compiler."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from alignment_gap import config_checks, sharding
+from alignment_gap.aot import programs, report, topology
+from alignment_gap.compile import depth_variant
+from configs import policy as policy_configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name,chips,shape", [
+    ("v5p-8", 4, (2, 2, 1)), ("v5p-64", 32, (2, 4, 4)), ("v5p-256", 128, (4, 4, 8)),
+    ("v5p-12288", 6144, (16, 16, 24)), ("v4-4096", 2048, (8, 16, 16)),
+    ("v5litepod-16", 16, (4, 4)), ("v5e-256", 256, (16, 16)), ("v6e-8", 8, (2, 4))])
+def test_slice_names_as_cloud_tpu_sells_them(name, chips, shape):
+    generation, count = topology.parse(name)
+    assert count == chips and topology.slice_shape(generation, count) == shape
+
+
+@pytest.mark.parametrize("name,says", [("v5p-7", "two per chip"), ("v5e-12", "not 12"),
+                                        ("v5p-96", "multiple of 64"), ("tpu-8", "not a TPU")])
+def test_names_that_are_not_slices_fail_in_one_line(name, says):
+    with pytest.raises(topology.TopologyError, match=says) as e:
+        topology.slice_shape(*topology.parse(name))
+    assert "\n" not in str(e.value) and str(e.value).startswith("--topology")
+
+
+def test_slices_are_described_without_a_tpu():
+    one = topology.resolve("v5p-8")
+    assert one.chips == 4 and {d.device_kind for d in one.devices} == {"TPU v5"}
+    two = topology.resolve("v5e-4", slices=2)
+    assert two.chips == 8 and {d.slice_index for d in two.devices} == {0, 1}
+    grid = topology.device_grid(two, (2, 4, 1))  # the data axis spans the two slices
+    assert [{d.slice_index for d in row.flat} for row in grid] == [{0}, {1}]
+
+
+def _build(variant, topo, **model):
+    config = policy_configs.get_config(variant)
+    config.mesh.data, config.mesh.fsdp = 1, -1  # every chip shards parameters and batch
+    config.model.update(model)
+    target = topology.resolve(topo)
+    config_checks.validate(config, target.chips)
+    shape = config_checks.mesh_shape(config.mesh, target.chips)
+    mesh = sharding.mesh_from_grid(topology.device_grid(target, shape))
+    return config, mesh
+
+
+@pytest.mark.parametrize("topo", ["v5e-4", "v5p-8"])
+def test_mini_online_and_offline_programs_compile_for_tpu(topo):
+    for variant, expected in (("online_mini", {"init_train_state", "policy_update",
+                                               "online_sample", "online_rank"}),
+                              ("offline_mini", {"init_train_state", "policy_update"})):
+        config, mesh = _build(variant, topo)
+        (run,) = programs.build(config, mesh)
+        results = report.analyse([run], None, mesh, config.mesh.rules, log=lambda _: None)
+        assert {r.program.name for r in results} == expected
+        for result in results:
+            # At least the shards the arguments describe (TPU pads small dims to its tiles).
+            assert result.argument >= report.per_device_bytes(result.program.args)
+            assert result.temp >= 0 and result.code > 0 and result.peak > result.argument
+        # The compiled update takes the parameters and optimizer state as annotated, and FSDP
+        # over 4 chips leaves a quarter of the parameters on each (norm scales replicated).
+        update = next(r for r in results if r.program.name == "policy_update").program
+        compiled, _ = report.compile_one(update, mesh, config.mesh.rules)
+        state = update.args[0]
+        assert [s.spec for s in jax.tree.leaves(compiled.input_shardings[0][0])] == \
+            [x.sharding.spec for x in jax.tree.leaves(state)]
+        reference = run.resident["reference policy"]
+        assert report.per_device_bytes(reference) == pytest.approx(
+            report.total_bytes(reference) / 4, rel=0.03)
+        assert report.per_device_bytes(state.opt_state) == pytest.approx(
+            report.total_bytes(state.opt_state) / 4, rel=0.03)
+
+
+def _costs(config, mesh):
+    (run,) = programs.build(config, mesh)
+    variants = tuple(programs.build(depth_variant(config, n), mesh) for n in (1, 2))
+    (result,) = [r for r in report.analyse([run], variants, mesh, config.mesh.rules,
+                                           log=lambda _: None)
+                 if r.program.name == "policy_update"]
+    return result.costs, report.compiled_costs(result.program, mesh, config.mesh.rules)
+
+
+def test_costs_count_every_layer_and_slice_where_xla_counts_a_loop_once():
+    config, mesh = _build("offline_tiny", "v5e-4", num_layers=3)
+    config.microbatches = 1
+    unrolled, direct = _costs(config, mesh)
+    # Unrolled and in one slice, the compiler counts everything: extrapolation agrees.
+    assert unrolled.flops == pytest.approx(direct.flops, rel=0.01)
+    config, mesh = _build("offline_tiny", "v5e-4", num_layers=3, scan_layers=True)
+    config.microbatches = 2
+    scanned, direct = _costs(config, mesh)
+    assert direct.flops < 0.6 * unrolled.flops  # XLA: one layer of one slice
+    assert scanned.flops == pytest.approx(unrolled.flops, rel=0.02)
+
+
+def _compile_tool(*args, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "alignment_gap.compile", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_a_config_that_does_not_fit_fails_in_one_line_with_remedies(tmp_path):
+    # Four 1B-parameter layers with AdamW on four 16 GiB chips: 4 GiB of parameters, twice
+    # that of Adam moments and the reference's 4 GiB on every chip before any activation.
+    out = _compile_tool("--config", "configs/policy.py:offline_tiny", "--topology", "v5e-4",
+                        "--nocosts", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                        "--config.model.width=8192", "--config.model.mlp_dim=32768",
+                        "--config.model.num_heads=64", "--config.model.num_kv_heads=64",
+                        "--config.model.num_layers=4", "--config.model.scan_layers=True",
+                        "--out", str(tmp_path / "big.json"))
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    # The TPU compiler itself refuses the update step (its temporaries do not fit beside its
+    # arguments); the line says so with the compiler's figures and what would help.
+    assert last.startswith("error: policy_update (policy) does not compile for TPU v5e: "
+                           "RESOURCE_EXHAUSTED"), last
+    assert "exceeds available HBM" in last
+    assert "model.remat=full" in last and "a larger slice" in last and "micro-batches" in last
+    assert (tmp_path / "big.json").exists()  # the report is written all the same
+
+
+def test_a_mesh_the_slice_cannot_hold_is_a_config_error():
+    out = _compile_tool("--config", "configs/policy.py:offline_tiny", "--topology", "v5e-4",
+                        "--config.mesh.data=8")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: config.mesh:")
