@@ -134,6 +134,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         c.policy.microbatches = 1
         for m in (c.model, c.golden_model, c.proxy_model):
             m.dtype = "bfloat16"
+            m.scan_layers = True  # compile time flat in depth (README, "Scale without hardware")
             m.max_len = c.data.prompt_len + 2 * c.data.response_len
     _hypothesis_sections(c)
     return c

@@ -216,7 +216,7 @@ def policy_run(config, b: Builder, name: str = "policy") -> Run:
                               microbatches=config.microbatches, name="policy_update")
     programs = [init_state, Program("policy_update", update.jitted, (state, batch, extras),
                                     resident_args=(0, 2), layers=layers,
-                                    detail=f"{config.loss}, {config.microbatches} slices")]
+                                    detail=f"{config.loss}, {config.microbatches} micro-batches")]
     resident = {"policy train state": state, "reference policy": reference}
     sampling = _sampling(config)
     if config.source == "online":
@@ -228,7 +228,8 @@ def policy_run(config, b: Builder, name: str = "policy") -> Run:
             "online_rank", rank_program(proxy, b.mesh, b.rules, config.microbatches),
             (proxy_params, prompt, mask, b.rows(2 * batch_size, r),
              b.rows(2 * batch_size, r, dtype=jnp.bool_)), resident_args=(0,),
-            detail=f"{config.microbatches} slices", layers=config.proxy_model.num_layers))
+            detail=f"{config.microbatches} micro-batches",
+            layers=config.proxy_model.num_layers))
         resident["proxy preference model"] = proxy_params
     if e.golden_checkpoint:
         _, golden_graphdef, golden = b.model("preference", e.golden_model)

@@ -16,8 +16,9 @@ through `jax.lax.while_loop` under `jax.jit` without any mutable module state.
 Two options for large models, both off by default (the CPU presets run unrolled layers):
 `scan_layers` stores the blocks' parameters stacked on a leading `layers` axis and runs them
 with one `jax.lax.scan` (the KV cache stacked the same way), so compile time no longer grows
-with depth; `remat` recomputes each block's activations in the backward pass (`full`) or keeps
-only the outputs of its weight matmuls (`save_dots`), trading FLOPs for activation memory.
+with depth; `remat` (`jax.checkpoint` per block) recomputes each block's activations in the
+backward pass (`full`) or keeps only the outputs of its weight matmuls (`save_dots`), trading
+FLOPs for activation memory.
 """
 
 from __future__ import annotations
@@ -315,21 +316,22 @@ class Transformer(nnx.Module):
 
     def _blocks(self, x, positions, key_mask, branches):
         """Every block over a full sequence (training, scoring), with `remat` if configured."""
-        def apply(block, x):
-            return block(x, positions, key_mask, branches=branches)[0]
+        def apply(graphdef, state, x):
+            return nnx.merge(graphdef, state)(x, positions, key_mask, branches=branches)[0]
 
         if self.cfg.remat != "none":
-            # Under scan, the loop already keeps XLA from merging recomputation with the
-            # forward pass, so CSE need not be prevented there.
-            apply = nnx.remat(apply, policy=REMAT_POLICIES[self.cfg.remat],
-                              prevent_cse=not self.cfg.scan_layers)
+            # jax.checkpoint of the block as a pure function of its state. nnx.remat would
+            # write the state back into the module afterwards, which fails for a frozen model
+            # merged inside the loss (the reference policy). Under scan, the loop already
+            # keeps XLA from merging recomputation with the forward pass: no CSE barrier.
+            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
+                                   prevent_cse=not self.cfg.scan_layers, static_argnums=(0,))
         if not self.cfg.scan_layers:
             for block in self.blocks:
-                x = apply(block, x)
+                x = apply(*nnx.split(block), x)
             return x
         graphdef, stacked = nnx.split(self.blocks)
-        x, _ = jax.lax.scan(lambda x, layer: (apply(nnx.merge(graphdef, layer), x), None), x,
-                            stacked)
+        x, _ = jax.lax.scan(lambda x, layer: (apply(graphdef, layer, x), None), x, stacked)
         return x
 
     def _scan_with_cache(self, x, positions, key_mask, cache: KVCache, cache_index):
