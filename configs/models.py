@@ -23,6 +23,11 @@ SIZES = {
 }
 
 
+# Sizes that only run on accelerators scan their layers: compile time flat in depth, and with
+# remat=full less memory than unrolled layers (README, "Scale without the hardware").
+SCANNED = ("770m", "3b", "11b")
+
+
 def get_config(size: str = "mini") -> ml_collections.ConfigDict:
     if size not in SIZES:
         raise ValueError(f"model size {size!r} is unknown; choose one of {sorted(SIZES)}")
@@ -40,6 +45,6 @@ def get_config(size: str = "mini") -> ml_collections.ConfigDict:
     c.norm_eps = 1e-6  # RMSNorm epsilon.
     c.dtype = "float32"  # Compute dtype: float32 on CPU, bfloat16 on TPU/GPU. Params stay float32.
     c.tie_embeddings = False  # Share the input embedding with the LM head.
-    c.scan_layers = False  # Stack the blocks and scan them: compile time flat in depth.
+    c.scan_layers = size in SCANNED  # Stack the blocks and scan them (compile time flat).
     c.remat = "none"  # none | full | save_dots: recompute block activations in the backward.
     return c

@@ -259,16 +259,50 @@ def policy_run(config, b: Builder, name: str = "policy") -> Run:
     return Run(name, programs, resident)
 
 
+def margins(b: Builder, model_cfg, rows: int, p: int, r: int):
+    """(program, params) of a preference model's both-order margins over `rows` host pairs
+    (numpy in: replicated)."""
+    _, graphdef, params = b.model("preference", model_cfg)
+    pair = b.pairs(rows, p, r, place=b.replicated)
+    return Program("preference_margins", margins_program(graphdef, b.mesh),
+                   (params, pair.prompt, pair.prompt_mask, pair.chosen, pair.chosen_mask,
+                    pair.rejected, pair.rejected_mask), resident_args=(0,),
+                   detail=model_cfg.name, layers=model_cfg.num_layers), params
+
+
 def relabel_run(study, b: Builder, name: str = "relabel") -> Run:
     """`study/pipeline.py`'s relabel stage: the golden judge over batches of D_initial."""
-    p, r = study.data.prompt_len, study.data.response_len
-    _, graphdef, golden = b.model("preference", study.golden_model)
-    pair = b.pairs(RELABEL_BATCH, p, r, place=b.replicated)  # host numpy in, replicated
-    return Run(name, [Program("relabel_margins", margins_program(graphdef, b.mesh),
-                              (golden, pair.prompt, pair.prompt_mask, pair.chosen,
-                               pair.chosen_mask, pair.rejected, pair.rejected_mask),
-                              resident_args=(0,), layers=study.golden_model.num_layers)],
-               {"golden judge": golden})
+    program, golden = margins(b, study.golden_model, RELABEL_BATCH, study.data.prompt_len,
+                              study.data.response_len)
+    return Run(name, [program], {"golden judge": golden})
+
+
+def probe_run(study, b: Builder, name: str) -> Run:
+    """A hypothesis analysis stage (`study/hypotheses/probe.py`): samples from finished
+    policies, their classifier margins against SFT, and the golden (and proxy) judges."""
+    from alignment_gap.study.hypotheses.probe import CHUNK, margin_h_program, probe_sampler
+
+    p, r, m = study.data.prompt_len, study.data.response_len, study.model
+    lm, graphdef, sft = b.model("lm", m)
+    _, _, policy_a = b.model("lm", m)
+    _, _, policy_b = b.model("lm", m)
+    sampling = SamplingConfig(max_new_tokens=r, temperature=study.policy.temperature,
+                              eos_id=EOS_ID, pad_id=PAD_ID)
+    resident = {"SFT policy": sft, "two probed policies": (policy_a, policy_b)}
+    programs = [b.sampler_program(probe_sampler(lm, b.mesh, b.rules, sampling), lm, policy_a,
+                                  CHUNK, p, r)]
+    if name == "quality-data":  # two policies' samples, relabelled by the golden judge
+        program, resident["golden judge"] = margins(b, study.golden_model, RELABEL_BATCH, p, r)
+        return Run(name, programs + [program], resident)
+    pair = b.pairs(CHUNK, p, r, place=b.replicated)
+    programs.append(Program("probe_h", margin_h_program(graphdef, b.mesh),
+                            (policy_a, sft, pair.prompt, pair.prompt_mask, pair.chosen,
+                             pair.chosen_mask, pair.rejected, pair.rejected_mask),
+                            resident_args=(0, 1), layers=m.num_layers))
+    for judge, cfg in (("golden judge", study.golden_model), ("proxy", study.proxy_model)):
+        program, resident[judge] = margins(b, cfg, CHUNK, p, r)
+        programs.append(program)
+    return Run(name, programs, resident)
 
 
 def samples_run(study, b: Builder, name: str = "samples") -> Run:
@@ -288,15 +322,21 @@ def study_runs(study, b: Builder) -> list[Run]:
 
     runs = []
     for stage in pipeline.build_plan(study, workdir="<aot>").stages:
-        if stage.name == "relabel":
-            runs.append(relabel_run(study, b, stage.name))
-        else:
+        if stage.name in _STAGE_BUILDERS:
+            runs.append(_STAGE_BUILDERS[stage.name](study, b, stage.name))
+        elif stage.config.get("task") in _BUILDERS:
             runs.append(_BUILDERS[stage.config.task](stage.config, b, stage.name))
+        else:
+            raise ConfigError(f"stage {stage.name}: the ahead-of-time tool does not know its "
+                              "programs; add a builder to alignment_gap/aot/programs.py")
     runs.append(samples_run(study, b))
     return runs
 
 
 _BUILDERS = {"sft": sft_run, "preference_model": preference_run, "policy": policy_run}
+# Study stages that are not trainer runs, by name.
+_STAGE_BUILDERS = {"relabel": relabel_run, "quality-data": probe_run,
+                   "classification-stream": probe_run}
 
 
 def build(config, mesh) -> list[Run]:

@@ -63,11 +63,11 @@ def oracle_judge(world: world_lib.WorldConfig):
 def margins_program(graphdef, mesh):
     """Jitted both-order margins `r(x, a, b) - r(x, b, a)` of a batch of pairs (replicated)."""
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-    def relabel_margins(state, prompt, prompt_mask, first, first_mask, second, second_mask):
+    def preference_margins(state, prompt, prompt_mask, first, first_mask, second, second_mask):
         return both_order_margin(nnx.merge(graphdef, state), prompt, prompt_mask, first,
                                  first_mask, second, second_mask)
 
-    return relabel_margins
+    return preference_margins
 
 
 def model_judge(model, tokenizer, prompt_len: int, response_len: int, mesh, rules):

@@ -18,17 +18,35 @@ from jax.experimental import multihost_utils
 from alignment_gap import logprobs, sharding
 from alignment_gap.data import datasets, pipelines
 from alignment_gap.data import world as world_lib
-from alignment_gap.models.heads import both_order_margin
+from alignment_gap.data.relabel import margins_program
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.train import common
+
+CHUNK = 128  # Rows per call of every probe program.
 
 
 def _host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def probe_sampler(lm, mesh, rules, cfg: SamplingConfig) -> Sampler:
+    return Sampler(lm, mesh, rules, cfg, name="probe_sample")
+
+
+def margin_h_program(graphdef, mesh):
+    """Jitted policy-as-classifier margin `h(a, b)` against the SFT policy (replicated)."""
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    def probe_h(params, sft_params, prompt, prompt_mask, a, a_mask, b, b_mask):
+        seq = lambda p, y, m: logprobs.sequence_logprobs(nnx.merge(graphdef, p), prompt,
+                                                         prompt_mask, y, m)[1]
+        return ((seq(params, a, a_mask) - seq(sft_params, a, a_mask))
+                - (seq(params, b, b_mask) - seq(sft_params, b, b_mask)))
+
+    return probe_h
+
+
 class Probe:
-    def __init__(self, plan, out_dir: str, chunk: int = 128):
+    def __init__(self, plan, out_dir: str, chunk: int = CHUNK):
         s = self.study = plan.study
         self.plan, self.chunk = plan, chunk
         self.rt = rt = common.runtime(plan.sft.config, out_dir)
@@ -36,20 +54,10 @@ class Probe:
         self.world = datasets.world_config(s.data) if s.data.kind == "synthetic" else None
         self.lm = common.load_frozen("lm", plan.dir(plan.sft), s.model, rt)
         self.graphdef, self.sft_params = nnx.split(self.lm)
-        self.sampler = Sampler(self.lm, rt.mesh, rt.rules, SamplingConfig(
+        self.sampler = probe_sampler(self.lm, rt.mesh, rt.rules, SamplingConfig(
             max_new_tokens=s.data.response_len, temperature=s.policy.temperature,
             eos_id=tok.eos_id, pad_id=tok.pad_id))
-        replicated = rt.replicated()
-        graphdef = self.graphdef
-
-        @functools.partial(jax.jit, out_shardings=replicated)
-        def h(params, sft_params, prompt, prompt_mask, a, a_mask, b, b_mask):
-            seq = lambda p, y, m: logprobs.sequence_logprobs(nnx.merge(graphdef, p), prompt,
-                                                             prompt_mask, y, m)[1]
-            return ((seq(params, a, a_mask) - seq(sft_params, a, a_mask))
-                    - (seq(params, b, b_mask) - seq(sft_params, b, b_mask)))
-
-        self._h = h
+        self._h = margin_h_program(self.graphdef, rt.mesh)
         self._judges = {}
 
     def policy(self, stage, step: int | None = None):
@@ -66,12 +74,7 @@ class Probe:
     def _judge(self, which: str):
         if which not in self._judges:
             graphdef, state = nnx.split(self.preference_model(which))
-
-            @functools.partial(jax.jit, out_shardings=self.rt.replicated())
-            def margin(state, prompt, prompt_mask, a, a_mask, b, b_mask):
-                return both_order_margin(nnx.merge(graphdef, state), prompt, prompt_mask, a,
-                                         a_mask, b, b_mask)
-            self._judges[which] = (margin, state)
+            self._judges[which] = (margins_program(graphdef, self.rt.mesh), state)
         return self._judges[which]
 
     def _chunks(self, fn, *arrays) -> np.ndarray:
