@@ -90,10 +90,15 @@ def table(sizes, topologies, out_rows):
     for size in sizes:
         for name in topologies:
             target = topology.resolve(name)
-            for remat, k in SETTINGS:
-                cell = compile_cell(cell_config(size, target.chips, remat, k), target)
-                if fits(cell, target.chip):
-                    break
+            try:
+                for remat, k in SETTINGS:
+                    cell = compile_cell(cell_config(size, target.chips, remat, k), target)
+                    if fits(cell, target.chip):
+                        break
+            except Exception as e:  # a cell the tool cannot build: say why, go on
+                print(f"| {size} | {name} | {target.chips} | - | error: "
+                      f"{str(e).splitlines()[0][:200]} |", flush=True)
+                continue
             ok = fits(cell, target.chip)
             upd, smp = cell["policy_update"], cell["online_sample"]
             gib = lambda p: ("refused" if "failure" in p else

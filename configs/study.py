@@ -118,7 +118,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         c.eval.prompts, c.eval.kl_prompts, c.eval.pairs = 32, 16, 32
     elif variant == "mini_golden_opponent":
         c.opponent = "golden_policy"
-    elif variant == "tpu_v5p_3b":  # Same study, bigger models, FSDP x tensor on a pod slice.
+    elif variant == "tpu_v5p_3b":  # Same study, bigger models, on a v5p-64 (fsdp 8 x tensor 4).
         c.model, c.proxy_model, c.golden_model = (models.get_config(s) for s in
                                                   ("3b", "770m", "11b"))
         c.mesh = meshes.get_config("fsdp_tp4")

@@ -5,6 +5,10 @@
 #       [--bucket BUCKET] [--sweep] -- \
 #       --config configs/study.py:tpu_v5p_3b --workdir /mnt/gcs/BUCKET/study
 #
+# configs/study.py:tpu_v5p_3b is sized for a v5p-64 slice (--create v5p-64: 32 chips, mesh
+# fsdp 8 x tensor 4). Prove it there before renting it, on any CPU:
+#   python -m alignment_gap.compile --config configs/study.py:tpu_v5p_3b --topology v5p-64
+#
 # Copies this checkout to all workers, installs it with the `tpu` extra (pinned by
 # constraints.txt) and starts the same command everywhere:
 #   default  one job over all workers: --config.distributed.from_environment=True

@@ -168,10 +168,13 @@ def device_grid(target: Target, mesh_shape: tuple[int, int, int]) -> np.ndarray:
 
     data, fsdp, tensor = mesh_shape
     if target.slices == 1:
-        return mesh_utils.create_device_mesh(mesh_shape, list(target.devices))
+        # Splitting a physical axis lets e.g. fsdp 64 x tensor 4 lie on a 16x16 torus.
+        return mesh_utils.create_device_mesh(mesh_shape, list(target.devices),
+                                             allow_split_physical_axes=True)
     if data % target.slices:
         raise TopologyError(f"config.mesh.data: {data} is not a multiple of --slices="
                             f"{target.slices}; the data axis spans the slices, so make it a "
                             "multiple (or -1)")
     return mesh_utils.create_hybrid_device_mesh((data // target.slices, fsdp, tensor),
-                                                (target.slices, 1, 1), list(target.devices))
+                                                (target.slices, 1, 1), list(target.devices),
+                                                allow_split_physical_axes=True)
