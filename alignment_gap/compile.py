@@ -25,6 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from alignment_gap import config_checks, sharding
+from alignment_gap.aot import programs, report, topology
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file path[:variant].")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v4-8 .. v4-4096, v5litepod-N (v5e-N), "
@@ -138,8 +139,6 @@ def main(argv):
     topo_name = _TOPOLOGY.value
     if topo_name.startswith("cpu:"):  # before anything initialises the CPU backend
         jax.config.update("jax_num_cpu_devices", int(topo_name.split(":", 1)[1]))
-    from alignment_gap.aot import programs, report, topology
-
     config = _CONFIG.value
     config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
     try:

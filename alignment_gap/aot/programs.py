@@ -28,8 +28,12 @@ from alignment_gap.config_checks import ConfigError
 from alignment_gap.data.relabel import BATCH as RELABEL_BATCH
 from alignment_gap.data.relabel import margins_program
 from alignment_gap.evaluation import eval_programs, eval_sampler
+from alignment_gap.models import KVCache
 from alignment_gap.sampling import SamplingConfig
 from alignment_gap.sources import online_sampler, rank_program
+from alignment_gap.study import pipeline
+from alignment_gap.study.hypotheses.probe import CHUNK, margin_h_program, probe_sampler
+from alignment_gap.study.run import SIDE_BY_SIDE, side_by_side_sampler
 from alignment_gap.train import common, policy, preference, sft
 from alignment_gap.train.state import make_optimizer, make_update_step, train_state_program
 
@@ -133,8 +137,6 @@ def _prefill_program(lm, mesh, rules, r: int):
     """The sampler's prefill alone (the prompt through the model into a fresh cache): with
     it, the report splits a sampler's cost into prefill + decode steps (XLA counts a loop's
     body once)."""
-    from alignment_gap.models import KVCache
-
     graphdef, _ = nnx.split(lm)
 
     def prefill(state, prompt, prompt_mask):
@@ -280,8 +282,6 @@ def relabel_run(study, b: Builder, name: str = "relabel") -> Run:
 def probe_run(study, b: Builder, name: str) -> Run:
     """A hypothesis analysis stage (`study/hypotheses/probe.py`): samples from finished
     policies, their classifier margins against SFT, and the golden (and proxy) judges."""
-    from alignment_gap.study.hypotheses.probe import CHUNK, margin_h_program, probe_sampler
-
     p, r, m = study.data.prompt_len, study.data.response_len, study.model
     lm, graphdef, sft = b.model("lm", m)
     _, _, policy_a = b.model("lm", m)
@@ -307,8 +307,6 @@ def probe_run(study, b: Builder, name: str) -> Run:
 
 def samples_run(study, b: Builder, name: str = "samples") -> Run:
     """`study/run.py`'s greedy side-by-side summaries, one policy loaded at a time."""
-    from alignment_gap.study.run import SIDE_BY_SIDE, side_by_side_sampler
-
     lm, _, params = b.model("lm", study.model)
     r = study.data.response_len
     sampler = side_by_side_sampler(lm, b.mesh, b.rules, r)
@@ -318,8 +316,6 @@ def samples_run(study, b: Builder, name: str = "samples") -> Run:
 
 def study_runs(study, b: Builder) -> list[Run]:
     """Every stage of the study's plan (hypothesis variants included), then its report."""
-    from alignment_gap.study import pipeline
-
     runs = []
     for stage in pipeline.build_plan(study, workdir="<aot>").stages:
         if stage.name in _STAGE_BUILDERS:
