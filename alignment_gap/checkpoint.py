@@ -12,12 +12,14 @@ every incompatibility is reported before anything is compiled.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from alignment_gap.models.transformer import TransformerConfig
 from alignment_gap.sharding import abstract_like
 from alignment_gap.train.state import TrainState
 
@@ -103,16 +105,26 @@ def read_meta(directory: str, what: str) -> tuple[int, dict]:
     return step, meta
 
 
+# Model fields that do not change the parameters or what they compute.
+NOT_ARCHITECTURE = ("name", "max_len", "dtype", "remat")
+
+
+def _architecture(model: dict) -> dict:
+    """The fields that define a model's parameters and function, defaults filled in (older
+    checkpoints lack the newer fields: they were trained with the defaults)."""
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    cfg = TransformerConfig(**{k: v for k, v in model.items() if k in fields})
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_ARCHITECTURE}
+
+
 def check_compatible(meta: dict, *, what: str, directory: str, kind: str, model: dict,
                      tokenizer_fingerprint: str):
     if meta.get("kind") != kind:
         raise IncompatibleCheckpoint(f"{what}: {directory} holds a {meta.get('kind')!r} model, "
                                      f"not a {kind!r} one; point to a {kind} checkpoint")
-    saved = {"scan_layers": False, **meta.get("model", {})}  # older checkpoints: unrolled
-    diffs = [f"{k}={saved.get(k)!r} (configured {v!r})" for k, v in sorted(model.items())
-             if k in ("vocab_size", "width", "num_layers", "num_heads", "num_kv_heads",
-                      "mlp_dim", "tie_embeddings", "rope_theta", "norm_eps", "scan_layers")
-             and saved.get(k) != v]
+    saved, configured = (_architecture(m) for m in (meta.get("model", {}), model))
+    diffs = [f"{k}={saved[k]!r} (configured {v!r})" for k, v in sorted(configured.items())
+             if saved[k] != v]
     if diffs:
         raise IncompatibleCheckpoint(f"{what}: {directory} was trained with {', '.join(diffs)}; "
                                      "set the model config to match the checkpoint")

@@ -12,6 +12,8 @@ from alignment_gap.losses import POLICY_LOSSES
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "save_dots")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+ROPE_SCALING = ("none", "linear", "llama3")
 MESH_AXES = ("data", "fsdp", "tensor")
 SOURCES = ("online", "offline")
 
@@ -34,16 +36,27 @@ def _positive(c, prefix, *names):
 def check_model(m, prefix="model"):
     _positive(m, prefix, "vocab_size", "width", "num_layers", "num_heads", "num_kv_heads",
               "mlp_dim", "max_len")
-    if m.width % m.num_heads:
+    head_dim = m.get("head_dim", 0)
+    if not head_dim and m.width % m.num_heads:
         _fail(f"{prefix}.num_heads", f"{m.num_heads} does not divide {prefix}.width={m.width}",
-              f"use a divisor of {m.width}")
+              f"use a divisor of {m.width}, or set {prefix}.head_dim")
     if m.num_heads % m.num_kv_heads:
         _fail(f"{prefix}.num_kv_heads",
               f"{m.num_kv_heads} does not divide {prefix}.num_heads={m.num_heads}",
               f"use a divisor of {m.num_heads}")
-    if (m.width // m.num_heads) % 2:
-        _fail(f"{prefix}.num_heads", f"head dim {m.width // m.num_heads} is odd (RoPE needs even)",
-              "choose num_heads so width/num_heads is even")
+    if (head_dim or m.width // m.num_heads) % 2:
+        _fail(f"{prefix}.num_heads",
+              f"head dim {head_dim or m.width // m.num_heads} is odd (RoPE needs even)",
+              "choose num_heads (or head_dim) so the head dim is even")
+    if m.get("mlp_activation", "silu") not in MLP_ACTIVATIONS:
+        _fail(f"{prefix}.mlp_activation", f"{m.mlp_activation!r} is unknown",
+              f"use one of {MLP_ACTIVATIONS}")
+    if m.get("rope_scaling", "none") not in ROPE_SCALING:
+        _fail(f"{prefix}.rope_scaling", f"{m.rope_scaling!r} is unknown",
+              f"use one of {ROPE_SCALING}")
+    if m.get("sliding_window", 0) < 0:
+        _fail(f"{prefix}.sliding_window", f"must be >= 0, got {m.sliding_window}",
+              "0 turns it off")
     if m.dtype not in DTYPES:
         _fail(f"{prefix}.dtype", f"{m.dtype!r} is not supported", f"use one of {DTYPES}")
     if m.get("remat", "none") not in REMAT:

@@ -14,10 +14,17 @@ from configs import demo, meshes, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-NOMINAL = {"60m": 60e6, "250m": 250e6, "770m": 770e6, "3b": 3e9, "11b": 11e9}
+NOMINAL = {"60m": 60e6, "250m": 250e6, "770m": 770e6, "3b": 3e9, "11b": 11e9,
+           # Pretrained models: the count each model card states (Gemma 3 text models without
+           # the vision tower).
+           "gemma3_270m": 268e6, "gemma3_1b": 1.0e9, "gemma3_4b": 3.88e9, "gemma3_12b": 11.8e9,
+           "gemma3_27b": 27.0e9, "qwen2_5_0_5b": 0.49e9, "qwen2_5_1_5b": 1.54e9,
+           "qwen2_5_3b": 3.09e9, "qwen2_5_7b": 7.61e9, "qwen3_0_6b": 0.6e9,
+           "qwen3_1_7b": 1.7e9, "qwen3_4b": 4.0e9, "qwen3_8b": 8.2e9, "llama3_2_1b": 1.24e9,
+           "llama3_2_3b": 3.21e9, "llama3_1_8b": 8.03e9}
 
 
-@pytest.mark.parametrize("size", sorted(models.SIZES))
+@pytest.mark.parametrize("size", sorted(models.SIZES) + sorted(models.PRETRAINED))
 def test_sizes_have_their_nominal_parameter_count(size):
     cfg = TransformerConfig.from_config(models.get_config(size))
     abstract = nnx.eval_shape(lambda: LanguageModel(cfg, nnx.Rngs(0)))  # no memory used

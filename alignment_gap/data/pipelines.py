@@ -39,8 +39,14 @@ def _text(value) -> str:
 
 
 def encode_prompt(tokenizer, text: str, length: int):
-    """Left-padded ids and mask; a long prompt keeps its end (where `TL;DR:` is)."""
-    ids = tokenizer.encode(text)[-length:] if length else []
+    """Left-padded ids and mask; a long prompt keeps its end (where `TL;DR:` is).
+
+    Pretrained tokenizers that ask for BOS (`add_bos`) get it first, also when the prompt is cut
+    (the models saw BOS at position 0 of every document); the ones we train have none.
+    """
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    keep = max(length - len(bos), 0)
+    ids = (bos + (tokenizer.encode(text)[-keep:] if keep else []))[:length]
     out = np.full(length, tokenizer.pad_id, np.int32)
     mask = np.zeros(length, bool)
     if ids:

@@ -1,9 +1,16 @@
 """sentencepiece tokenizer: train one on a corpus, or load any existing `.model` file.
 
 Ids 0 and 1 are padding and end-of-sequence in every tokenizer we train (the sampler's
-defaults); a loaded model reports its own. One tokenizer is shared by the policy and the
-preference models. Its fingerprint (a hash of the serialized model) is recorded next to every
-checkpoint and dataset built with it, and `check_fingerprint` turns a mismatch into a clear error.
+defaults), and they have no BOS; a loaded model reports its own. One tokenizer is shared by the
+policy and the preference models. Its fingerprint (a hash of the serialized model) is recorded
+next to every checkpoint and dataset built with it, and `check_fingerprint` turns a mismatch into
+a clear error.
+
+Every tokenizer kind (this one, `hf_tokenizer.HFTokenizer`; GGUF files rebuild into this one)
+offers the same interface: `path`, `fingerprint`, `vocab_size`, `pad_id`, `eos_id`, `bos_id`
+(None when there is none), `add_bos` (whether sequences should start with BOS), `stop_ids` (EOS
+first, then any other end-of-turn ids), `encode(text)` (never adds specials) and `decode(ids)`.
+`pretrained_tokenizers.load_tokenizer(spec)` loads any of them from a path.
 """
 
 from __future__ import annotations
@@ -16,22 +23,58 @@ import numpy as np
 import sentencepiece as spm
 
 
+def content_ids(ids, pad_id: int, stop_ids) -> list[int]:
+    """The ids `decode` renders: left padding dropped, cut at the first stop id, padding dropped.
+
+    Leading padding goes first so a tokenizer whose pad id is its EOS still decodes a
+    left-padded prompt.
+    """
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    start = 0
+    while start < len(ids) and ids[start] == pad_id:
+        start += 1
+    end = next((k for k in range(start, len(ids)) if ids[k] in stop_ids), len(ids))
+    return [i for i in ids[start:end] if i != pad_id]
+
+
 class Tokenizer:
-    def __init__(self, model_proto: bytes, path: str = "<memory>"):
+    def __init__(self, model_proto: bytes, path: str = "<memory>", *,
+                 add_bos: bool | None = None, stop_ids=()):
+        """`add_bos=None`: add BOS exactly when the model has one (pretrained sentencepiece
+        models such as Gemma's and Llama 2's expect it; the ones we train have none).
+        `stop_ids`: extra end-of-sequence ids besides the model's EOS."""
         self.path = path
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.fingerprint = hashlib.sha256(model_proto).hexdigest()[:16]
-
-    @classmethod
-    def load(cls, path: str) -> Tokenizer:
-        if not os.path.exists(path):
+        if self.eos_id < 0:
             from alignment_gap.config_checks import ConfigError
 
-            raise ConfigError(f"config.data.tokenizer: {path} does not exist; train one with "
-                                    "Tokenizer.train(...) or point the config at a .model file")
+            raise ConfigError(f"config.data.tokenizer: {path} has no EOS piece, which every "
+                              "sequence needs; use a tokenizer with one")
+        self.add_bos = self.bos_id is not None if add_bos is None else bool(add_bos)
+        self.stop_ids = tuple(dict.fromkeys([self.eos_id, *(int(i) for i in stop_ids)]))
+
+    @classmethod
+    def load(cls, path: str):
+        """Any tokenizer spec `load_tokenizer` accepts (a `.model` file, a GGUF file, a
+        `tokenizer.json` or a checkpoint directory); kept for existing callers."""
+        from alignment_gap.data.pretrained_tokenizers import load_tokenizer
+
+        return load_tokenizer(path)
+
+    @classmethod
+    def from_file(cls, path: str, **kwargs) -> Tokenizer:
+        """A sentencepiece `.model` file."""
         with open(path, "rb") as f:
-            return cls(f.read(), path)
+            proto = f.read()
+        try:
+            return cls(proto, path, **kwargs)
+        except RuntimeError:  # sentencepiece's parse error
+            from alignment_gap.config_checks import ConfigError
+
+            raise ConfigError(f"config.data.tokenizer: {path} is not a sentencepiece model; "
+                              "point it at the checkpoint's tokenizer.model") from None
 
     @classmethod
     def train(cls, sentences, vocab_size: int, path: str | None = None,
@@ -58,24 +101,28 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        return self.sp.pad_id()
+        """The model's pad id; EOS when it has none (Llama 2's): padding is always masked, and
+        `decode` drops leading padding before it looks for EOS."""
+        return self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
 
     @property
     def eos_id(self) -> int:
         return self.sp.eos_id()
 
+    @property
+    def bos_id(self) -> int | None:
+        return None if self.sp.bos_id() < 0 else self.sp.bos_id()
+
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
     def decode(self, ids) -> str:
-        """Decode up to the first EOS; padding is dropped; ids past the tokenizer's pieces (a
-        model's vocabulary may be larger) decode as unknown."""
-        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-        if self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
+        """Decode up to the first stop id (EOS); padding is dropped; ids past the tokenizer's
+        pieces (a model's vocabulary may be larger) decode as unknown; control pieces (BOS)
+        decode to nothing."""
         unk = self.sp.unk_id()
-        return self.sp.decode([i if i < self.vocab_size else unk for i in ids
-                               if i != self.pad_id])
+        return self.sp.decode([i if 0 <= i < self.vocab_size else unk
+                               for i in content_ids(ids, self.pad_id, self.stop_ids)])
 
 
 def check_fingerprint(tokenizer: Tokenizer, recorded: str, what: str) -> None:
@@ -108,4 +155,4 @@ def synthetic_tokenizer(data_dir: str, world, vocab_size: int = 512, corpus_post
         Tokenizer.train(world_lib.corpus(world, corpus_posts), vocab_size, path)
     if jax.process_count() > 1:  # the others wait for process 0's file
         multihost_utils.sync_global_devices(f"tokenizer {path}")
-    return Tokenizer.load(path)
+    return Tokenizer.from_file(path)

@@ -19,11 +19,19 @@ with one `jax.lax.scan` (the KV cache stacked the same way), so compile time no 
 with depth; `remat` (`jax.checkpoint` per block) recomputes each block's activations in the
 backward pass (`full`) or keeps only the outputs of its weight matmuls (`save_dots`), trading
 FLOPs for activation memory.
+
+Pretrained architectures are options of this one model, each off by default (`configs/models.py`
+has their presets; `alignment_gap/pretrained` imports their weights): a head width independent of
+width / heads, QKV biases (Qwen 2.5), QK-norm (Qwen 3, Gemma 3), norms after attention and MLP as
+well as before (Gemma 3), RMSNorm scaled by `1 + scale` (Gemma), GeGLU beside SwiGLU, embeddings
+scaled by sqrt(width) (Gemma), local sliding-window layers between global ones with a RoPE base
+per kind (Gemma 3), and linear or Llama 3 RoPE scaling.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -51,10 +59,33 @@ class TransformerConfig:
     num_segments: int = 0  # >0 adds learned segment embeddings (the preference model's 3 parts).
     scan_layers: bool = False  # Stack the blocks and run them with one scan (see module doc).
     remat: str = "none"  # none | full | save_dots: activation rematerialisation per block.
+    # Pretrained architectures (see the module doc); the defaults are our own model.
+    head_dim: int = 0  # Width of one attention head; 0: width // num_heads.
+    qkv_bias: bool = False  # Biases on the query, key and value projections (Qwen 2.5).
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE.
+    post_norms: bool = False  # Norms after attention and MLP too, before the residual add.
+    norm_plus_one: bool = False  # RMSNorm multiplies by (1 + scale); scale starts at 0.
+    mlp_activation: str = "silu"  # silu (SwiGLU) | gelu_tanh (GeGLU, tanh-approximated GELU).
+    embed_scale: bool = False  # Multiply the input embeddings by sqrt(width).
+    query_scale: float = 0.0  # Attention logits scale; 0: head_dim ** -0.5.
+    sliding_window: int = 0  # >0: local layers see the last `sliding_window` positions only.
+    global_every: int = 0  # With a window: layers n-1, 2n-1, ... are global; 0: all are local.
+    local_rope_theta: float = 0.0  # RoPE base of local layers; 0: rope_theta.
+    rope_scaling: str = "none"  # none | linear | llama3: of the global layers' frequencies.
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 scaling only.
+    rope_high_freq_factor: float = 4.0  # llama3 scaling only.
+    rope_original_max_len: int = 8192  # llama3 scaling only: the pre-training context.
 
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.width // self.num_heads)
+
+    def layer_is_local(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window (a local layer)."""
+        if not self.sliding_window:
+            return False
+        return not (self.global_every and (layer + 1) % self.global_every == 0)
 
     @classmethod
     def from_config(cls, c, **overrides) -> TransformerConfig:
@@ -126,14 +157,19 @@ def param(rngs: nnx.Rngs, init, shape, axes) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, width: int, eps: float, rngs: nnx.Rngs):
-        self.scale = param(rngs, nnx.initializers.ones, (width,), ("norm",))
-        self.eps = eps
+    """RMSNorm over the last axis, in float32; times `scale`, or `1 + scale` (Gemma)."""
+
+    def __init__(self, width: int, cfg: TransformerConfig, rngs: nnx.Rngs, axis_name="norm"):
+        init = nnx.initializers.zeros if cfg.norm_plus_one else nnx.initializers.ones
+        self.scale = param(rngs, init, (width,), (axis_name,))
+        self.eps = cfg.norm_eps
+        self.plus_one = cfg.norm_plus_one
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...]).astype(x.dtype)
+        scale = self.scale[...]
+        return (normed * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
 def dense(x, w, contract: int = 1):
@@ -148,9 +184,35 @@ def dense(x, w, contract: int = 1):
     return y.reshape(*x.shape[: x.ndim - contract], *n_shape)
 
 
-def apply_rope(x_BxLxNxH, positions_BxL, theta: float):
-    half = x_BxLxNxH.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+def rope_frequencies(cfg: TransformerConfig, local):
+    """Inverse RoPE wavelengths `[head_dim / 2]` of a local or global layer (`local` may be a
+    traced boolean: scanned layers of both kinds)."""
+    half = cfg.head_dim // 2
+    base = lambda theta: theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    global_freqs = scale_rope(base(cfg.rope_theta), cfg)
+    if local is False:
+        return global_freqs
+    local_freqs = base(cfg.local_rope_theta or cfg.rope_theta)
+    return local_freqs if local is True else jnp.where(local, local_freqs, global_freqs)
+
+
+def scale_rope(freqs, cfg: TransformerConfig):
+    """Context extension: `linear` divides every frequency by the factor; `llama3` divides the
+    low frequencies (wavelengths above original_max_len / low_freq_factor), keeps the high ones
+    (below original_max_len / high_freq_factor) and interpolates between (Llama 3.1 report)."""
+    if cfg.rope_scaling == "none":
+        return freqs
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "linear":
+        return freqs / factor
+    low, high, context = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, \
+        cfg.rope_original_max_len
+    wavelength = 2 * math.pi / freqs
+    smooth = jnp.clip((context / wavelength - low) / (high - low), 0.0, 1.0)
+    return (1 - smooth) * freqs / factor + smooth * freqs
+
+
+def apply_rope(x_BxLxNxH, positions_BxL, freqs):
     angles = positions_BxL[..., None].astype(jnp.float32) * freqs  # B x L x half
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
@@ -167,22 +229,38 @@ class Attention(nnx.Module):
         self.v = param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"))
         out_init = nnx.initializers.normal(stddev=(n * h) ** -0.5 / (2 * cfg.num_layers) ** 0.5)
         self.o = param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"))
+        if cfg.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.q_bias = param(rngs, zeros, (n, h), ("heads", "head_dim"))
+            self.k_bias = param(rngs, zeros, (k, h), ("kv_heads", "head_dim"))
+            self.v_bias = param(rngs, zeros, (k, h), ("kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg, rngs, axis_name="head_dim")
+            self.k_norm = RMSNorm(h, cfg, rngs, axis_name="head_dim")
         self.cfg = cfg
 
     def __call__(self, x_BxLxD, positions_BxL, key_mask_BxS, cache_kv=None, cache_index=None,
-                 branches_BxL=None):
+                 branches_BxL=None, *, local=False, key_positions_BxS=None):
         """`(output, (k, v))`: this chunk's keys and values `[batch, kv_heads, length, head_dim]`.
 
         Without `cache_kv`, attention reads the chunk itself. With one (this layer's buffers),
         the chunk is written at slot `cache_index` of a copy the queries read; the caller
-        stores the returned chunk in its cache.
+        stores the returned chunk in its cache. `local`: a sliding-window layer (a Python or
+        traced bool); its window is measured in positions, those of the keys being
+        `key_positions_BxS` (default: the chunk's own).
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         q = dense(x_BxLxD, self.q[...].astype(dt))
         k = dense(x_BxLxD, self.k[...].astype(dt))
         v = dense(x_BxLxD, self.v[...].astype(dt))
-        q = apply_rope(q, positions_BxL, cfg.rope_theta)
-        k = apply_rope(k, positions_BxL, cfg.rope_theta)
+        if cfg.qkv_bias:
+            q, k, v = (y + b[...].astype(dt) for y, b in
+                       ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        freqs = rope_frequencies(cfg, local)
+        q = apply_rope(q, positions_BxL, freqs)
+        k = apply_rope(k, positions_BxL, freqs)
         length = x_BxLxD.shape[1]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B x K x L x H
         chunk_kv = (k, v)
@@ -202,17 +280,26 @@ class Attention(nnx.Module):
         if branches_BxL is not None:
             key_branch, query_branch = branches_BxL[:, None, :], branches_BxL[:, :, None]
             visible_BxLxS &= (key_branch == 0) | (key_branch == query_branch)
+        if local is not False:
+            if key_positions_BxS is None:
+                key_positions_BxS = positions_BxL
+            near = positions_BxL[:, :, None] - key_positions_BxS[:, None, :] < cfg.sliding_window
+            visible_BxLxS &= near if local is True else near | ~local
 
         b, groups = x_BxLxD.shape[0], cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, length, cfg.num_kv_heads, groups, cfg.head_dim)
         scores = jnp.einsum("blkgh,bksh->bkgls", q, k.astype(dt)).astype(jnp.float32)
-        scores = scores * cfg.head_dim**-0.5
+        scores = scores * (cfg.query_scale or cfg.head_dim**-0.5)
         scores = jnp.where(visible_BxLxS[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgls,bksh->blkgh", probs, v.astype(dt))
         out = out.reshape(b, length, cfg.num_heads, cfg.head_dim)
         y = dense(out, self.o[...].astype(dt), contract=2)
         return y, chunk_kv
+
+
+MLP_ACTIVATIONS = {"silu": jax.nn.silu,
+                   "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 class GatedMLP(nnx.Module):
@@ -224,27 +311,38 @@ class GatedMLP(nnx.Module):
         out_init = nnx.initializers.normal(stddev=f**-0.5 / (2 * cfg.num_layers) ** 0.5)
         self.down = param(rngs, out_init, (f, d), ("mlp", "embed"))
         self.dtype = jnp.dtype(cfg.dtype)
+        self.activation = MLP_ACTIVATIONS[cfg.mlp_activation]
 
     def __call__(self, x_BxLxD):
         dt = self.dtype
         gate = dense(x_BxLxD, self.gate[...].astype(dt))
         up = dense(x_BxLxD, self.up[...].astype(dt))
-        hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        hidden = sharding.constrain(self.activation(gate) * up, ("batch", "length", "mlp"))
         return dense(hidden, self.down[...].astype(dt))
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.width, cfg.norm_eps, rngs)
+        self.attn_norm = RMSNorm(cfg.width, cfg, rngs)
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.width, cfg.norm_eps, rngs)
+        self.mlp_norm = RMSNorm(cfg.width, cfg, rngs)
         self.mlp = GatedMLP(cfg, rngs)
+        if cfg.post_norms:
+            self.post_attn_norm = RMSNorm(cfg.width, cfg, rngs)
+            self.post_mlp_norm = RMSNorm(cfg.width, cfg, rngs)
+        self.post_norms = cfg.post_norms
 
-    def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None, branches=None):
+    def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None, branches=None,
+                 *, local=False, key_positions=None):
         y, chunk_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, cache_index,
-                                branches)
+                                branches, local=local, key_positions_BxS=key_positions)
+        if self.post_norms:
+            y = self.post_attn_norm(y)
         x = x + y
-        x = x + self.mlp(self.mlp_norm(x))
+        y = self.mlp(self.mlp_norm(x))
+        if self.post_norms:
+            y = self.post_mlp_norm(y)
+        x = x + y
         return sharding.constrain(x, ("batch", "length", "embed_act")), chunk_kv
 
 
@@ -284,7 +382,7 @@ class Transformer(nnx.Module):
             self.blocks = stacked_blocks(cfg, rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.width, cfg.norm_eps, rngs)
+        self.final_norm = RMSNorm(cfg.width, cfg, rngs)
 
     def __call__(self, tokens_BxL, positions_BxL, key_mask_BxS, *, segments_BxL=None,
                  branches_BxL=None, cache: KVCache | None = None, cache_index=None):
@@ -295,60 +393,94 @@ class Transformer(nnx.Module):
         # batch-sharded output is a layout XLA's SPMD partitioner can only do by rematerialising.
         table = sharding.constrain(self.embed[...], (None, None))
         x = jnp.take(table, tokens_BxL, axis=0).astype(dt)
+        if self.cfg.embed_scale:
+            x = x * jnp.asarray(self.cfg.width**0.5, dt)
         if segments_BxL is not None:
             segment_table = sharding.constrain(self.segment_embed[...], (None, None))
             x = x + jnp.take(segment_table, segments_BxL, axis=0).astype(dt)
         x = sharding.constrain(x, ("batch", "length", "embed_act"))
-        layer_args = (positions_BxL, key_mask_BxS)
         if cache is None:
             x = self._blocks(x, positions_BxL, key_mask_BxS, branches_BxL)
             return self.final_norm(x), None
+        # A decode step's keys are the cache's slots; their positions count its valid slots.
+        key_positions = None
+        if self.cfg.sliding_window and not (isinstance(cache_index, int) and cache_index == 0):
+            key_positions = positions_from_mask(key_mask_BxS)
+        layer_args = (positions_BxL, key_mask_BxS)
         if self.cfg.scan_layers:
-            x, cache = self._scan_with_cache(x, *layer_args, cache, cache_index)
+            x, cache = self._scan_with_cache(x, *layer_args, cache, cache_index, key_positions)
         else:
             new_k, new_v = [], []
-            for block, k_buffer, v_buffer in zip(self.blocks, cache.k, cache.v, strict=True):
-                x, (k, v) = block(x, *layer_args, (k_buffer, v_buffer), cache_index)
+            for i, (block, k_buffer, v_buffer) in enumerate(
+                    zip(self.blocks, cache.k, cache.v, strict=True)):
+                x, (k, v) = block(x, *layer_args, (k_buffer, v_buffer), cache_index,
+                                  local=self.cfg.layer_is_local(i), key_positions=key_positions)
                 new_k.append(write_slots(k_buffer, k, cache_index))
                 new_v.append(write_slots(v_buffer, v, cache_index))
             cache = KVCache(tuple(new_k), tuple(new_v))
         return self.final_norm(x), cache
 
+    def _layer_kinds(self):
+        """(`local`, per-layer flags): `local` is the one kind of every layer, or None when
+        they differ - then the flags `[layers]` travel through the scan beside the parameters."""
+        flags = [self.cfg.layer_is_local(i) for i in range(self.cfg.num_layers)]
+        if len(set(flags)) == 1:
+            return flags[0], None
+        return None, jnp.asarray(flags)
+
     def _blocks(self, x, positions, key_mask, branches):
         """Every block over a full sequence (training, scoring), with `remat` if configured."""
-        def apply(graphdef, state, x):
-            return nnx.merge(graphdef, state)(x, positions, key_mask, branches=branches)[0]
+        def apply(graphdef, state, x, local):
+            return nnx.merge(graphdef, state)(x, positions, key_mask, branches=branches,
+                                              local=local)[0]
 
-        if self.cfg.remat != "none":
+        def checkpointed(fn):
+            if self.cfg.remat == "none":
+                return fn
             # jax.checkpoint of the block as a pure function of its state. nnx.remat would
             # write the state back into the module afterwards, which fails for a frozen model
             # merged inside the loss (the reference policy). Under scan, the loop already
             # keeps XLA from merging recomputation with the forward pass: no CSE barrier.
-            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat],
-                                   prevent_cse=not self.cfg.scan_layers, static_argnums=(0,))
+            return jax.checkpoint(fn, policy=REMAT_POLICIES[self.cfg.remat],
+                                  prevent_cse=not self.cfg.scan_layers, static_argnums=(0,))
+
         if not self.cfg.scan_layers:
-            for block in self.blocks:
-                x = apply(*nnx.split(block), x)
+            for i, block in enumerate(self.blocks):
+                layer = checkpointed(functools.partial(apply, local=self.cfg.layer_is_local(i)))
+                x = layer(*nnx.split(block), x)
             return x
         graphdef, stacked = nnx.split(self.blocks)
-        x, _ = jax.lax.scan(lambda x, layer: (apply(graphdef, layer, x), None), x, stacked)
+        local, flags = self._layer_kinds()
+        if flags is None:
+            layer = checkpointed(functools.partial(apply, local=local))
+            x, _ = jax.lax.scan(lambda x, params: (layer(graphdef, params, x), None), x, stacked)
+        else:
+            layer = checkpointed(apply)
+            x, _ = jax.lax.scan(lambda x, xs: (layer(graphdef, xs[0], x, xs[1]), None), x,
+                                (stacked, flags))
         return x
 
-    def _scan_with_cache(self, x, positions, key_mask, cache: KVCache, cache_index):
+    def _scan_with_cache(self, x, positions, key_mask, cache: KVCache, cache_index,
+                         key_positions):
         """Scanned blocks reading and writing the stacked cache (the carry): each layer writes
         only this chunk's slots, so a decode step never copies the cache."""
         graphdef, stacked = nnx.split(self.blocks)
+        local, flags = self._layer_kinds()
+        if flags is None:
+            flags = jnp.zeros((self.cfg.num_layers,), bool)  # unread: `local` is static
 
-        def body(carry, layer):
+        def body(carry, xs):
             x, k_all, v_all, i = carry
-            x, (k, v) = nnx.merge(graphdef, layer)(x, positions, key_mask, (k_all[i], v_all[i]),
-                                                   cache_index)
+            params, flag = xs
+            x, (k, v) = nnx.merge(graphdef, params)(
+                x, positions, key_mask, (k_all[i], v_all[i]), cache_index,
+                local=flag if local is None else local, key_positions=key_positions)
             k_all = write_slots(k_all, k, cache_index, layer=i)
             v_all = write_slots(v_all, v, cache_index, layer=i)
             return (x, k_all, v_all, i + 1), None
 
         (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)),
-                                               stacked)
+                                               (stacked, flags))
         return x, KVCache(k_all, v_all)
 
 
