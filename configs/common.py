@@ -7,9 +7,9 @@ from configs import meshes, models
 
 def data_config() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
-    d.kind = "synthetic"  # synthetic | tldr | hh
+    d.kind = "synthetic"  # synthetic | tldr | hh | arena (validation/test carved if unpublished)
     d.dir = "workdir/data"  # TFDS data_dir: built datasets and the synthetic tokenizer live here.
-    d.manual_dir = ""  # tldr / hh: directory holding the published files.
+    d.manual_dir = ""  # tldr / hh / arena: directory holding the published files.
     d.hh_subset = "helpful-base"  # hh: which subset directory.
     d.comparisons = ""  # Name of a relabelled comparisons dataset in dir (e.g. D_golden).
     d.sft_source = "comparisons"  # synthetic: SFT on comparisons (both sides) or demonstrations.

@@ -94,14 +94,17 @@ def test_anthropic_hh_extracts_the_shared_prompt(tmp_path):
         {"chosen": turn + "\n\nAssistant: Boil for 8 minutes.",
          "rejected": turn + "\n\nAssistant: No idea."},
         {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?",
-         "rejected": "\n\nHuman: Hi\n\nAssistant: What."}])
+         "rejected": "\n\nHuman: Hi\n\nAssistant: What."}] + [
+        # Enough prompts that the validation split carved from train is not empty.
+        {"chosen": f"\n\nHuman: Count to {i}\n\nAssistant: 1..{i}",
+         "rejected": f"\n\nHuman: Count to {i}\n\nAssistant: No."} for i in range(40)])
     _write_hh(manual / "helpful-base" / "test.jsonl.gz", [
         {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4",
          "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"}])
     sources = builders.prepare(real_data.hh_builder(str(tmp_path / "data")),
                                manual_dir=str(manual))
-    assert len(sources["train"]) == 2 and len(sources["test"]) == 1
-    rows = [sources["train"][i] for i in range(2)]
+    assert len(sources["train"]) + len(sources["validation"]) == 42 and len(sources["test"]) == 1
+    rows = [s[i] for s in (sources["train"], sources["validation"]) for i in range(len(s))]
     egg = next(r for r in rows if b"egg" in r["prompt"])
     assert _text(egg["prompt"]) == turn + "\n\nAssistant:"
     assert _text(egg["chosen"]) == "Boil for 8 minutes." and _text(egg["rejected"]) == "No idea."

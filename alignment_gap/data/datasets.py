@@ -1,8 +1,12 @@
 """From a `config.data` section to the tokenizer and random-access sources every trainer reads.
 
 `data.kind` picks the world: `synthetic` (built on first use and cached under `data.dir`),
-`tldr` or `hh` (built from `data.manual_dir`). `data.comparisons` optionally names a relabelled
-comparisons dataset in `data.dir` (e.g. the study's `D_golden`) to use instead of `D_initial`.
+`tldr`, `hh` or `arena` (built from `data.manual_dir`). `data.comparisons` optionally names a
+relabelled comparisons dataset in `data.dir` (e.g. the study's `D_golden`) to use instead of
+`D_initial`.
+
+Every kind has train, validation and test splits: where the published data lacks one (HH has
+no validation, Arena only train), its builder carves it from train (`real_data.carving_note`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from alignment_gap.data import builders, real_data
 from alignment_gap.data import world as world_lib
 from alignment_gap.data.tokenizer import Tokenizer, synthetic_tokenizer
 
-KINDS = ("synthetic", "tldr", "hh")
+KINDS = ("synthetic", "tldr", "hh", "arena")
+SPLITS = ("train", "validation", "test")  # What the trainers and the study ask for.
 
 
 def world_config(d) -> world_lib.WorldConfig:
@@ -39,14 +44,48 @@ def initial_comparisons(d) -> dict:
     if d.kind == "synthetic":
         return builders.prepare(builders.synthetic_builder("comparisons", d.dir, world_config(d),
                                                            **_sizes(d)))
-    if not d.manual_dir or not os.path.isdir(d.manual_dir):
-        raise ConfigError(f"config.data.manual_dir: {d.manual_dir!r} is not a directory; put the "
-                         f"{d.kind} files there and set the path")
+    builder = _real_builder(d)
+    if not d.manual_dir or not os.path.isdir(d.manual_dir) or not os.listdir(d.manual_dir):
+        raise ConfigError(f"config.data.manual_dir: {d.manual_dir!r} is not a directory holding "
+                          f"files; put the {d.kind} files there and set the path")
+    return _with_every_split(builders.prepare(builder, manual_dir=d.manual_dir), d)
+
+
+def _real_builder(d):
     if d.kind == "tldr":
-        return builders.prepare(real_data.tldr_builder(d.dir), manual_dir=d.manual_dir)
+        return real_data.tldr_builder(d.dir)
     if d.kind == "hh":
-        return builders.prepare(real_data.hh_builder(d.dir, d.hh_subset),
-                                manual_dir=d.manual_dir)
+        return real_data.hh_builder(d.dir, d.hh_subset)
+    if d.kind == "arena":
+        return real_data.arena_builder(d.dir)
+    raise ConfigError(f"config.data.kind: {d.kind!r} is unknown; use one of {KINDS}")
+
+
+def _with_every_split(sources: dict, d) -> dict:
+    """`sources`, or one line naming the split the files lack (e.g. TL;DR without valid2)."""
+    missing = [split for split in SPLITS if split not in sources]
+    if missing:
+        raise ConfigError(f"config.data.manual_dir: the {d.kind} files in {d.manual_dir} hold "
+                          f"no {missing[0]!r} records; every stage needs {list(SPLITS)}")
+    return sources
+
+
+def describe(d) -> str:
+    """One sentence on the data a study ran on, for its report (builds nothing)."""
+    if d.kind == "synthetic":
+        return (f"data: the synthetic world (seed {d.world_seed}, label temperature "
+                f"{d.label_temperature:g}); D_initial {d.train_pairs} train pairs, validation "
+                f"{d.validation_pairs}, test {d.test_pairs}")
+    if d.kind == "tldr":
+        return ("data: OpenAI TL;DR comparisons from data.manual_dir, the published splits "
+                "(train, valid1 as validation, valid2 as test)")
+    if d.kind == "hh":
+        return (f"data: Anthropic HH-RLHF {d.hh_subset}, train and test as published. "
+                f"{real_data.carving_note(real_data.AnthropicHh.CARVED)}")
+    if d.kind == "arena":
+        return ("data: Chatbot Arena conversations, single-turn battles with a winner (ties and "
+                "multi-turn battles dropped). "
+                f"{real_data.carving_note(real_data.ChatbotArena.CARVED)}")
     raise ConfigError(f"config.data.kind: {d.kind!r} is unknown; use one of {KINDS}")
 
 

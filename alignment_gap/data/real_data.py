@@ -9,7 +9,15 @@ Nothing is downloaded: put the published files in a directory and point the buil
   TL;DR:`.
 * **Anthropic HH-RLHF**: `<subset>/{train,test}.jsonl.gz` (e.g. `helpful-base`), lines of
   `chosen` / `rejected` dialogues. The shared prefix up to the last `Assistant:` turn becomes
-  the prompt; the final assistant turns are the responses.
+  the prompt; the final assistant turns are the responses. HH publishes no validation split:
+  it is carved from train (`carved_split`).
+* **Chatbot Arena conversations**: `*.jsonl`, `*.jsonl.gz` or `*.parquet` anywhere under the
+  manual dir, one battle per record; rules in `ChatbotArena`. Arena publishes only train:
+  validation and test are carved from it.
+
+Carving is deterministic: a record's split is decided by the SHA-256 of its prompt text alone,
+so it never depends on file order, carved splits never overlap train, and pairs sharing a
+prompt share a split (no prompt leaks from train into validation or test).
 
 A malformed record stops the build with the file, the record index and the field named
 (`DataError`); no record is skipped silently.
@@ -20,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
+import hashlib
 import json
 import os
 
@@ -28,7 +37,51 @@ import tensorflow_datasets as tfds
 from alignment_gap.data.builders import FILE_FORMAT, VERSION, DataError, comparison_features
 
 TLDR_SPLITS = {"train": "train", "valid1": "validation", "valid2": "test"}
+HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
+CARVE_FRACTION = 0.05  # Of train, for each split the published data lacks.
+# 1.1.0: validation carved from train (1.0.0 had train and test only).
+HH_VERSION = tfds.core.Version("1.1.0")
+
+
+def hash_unit(text: str) -> float:
+    """A stable number in [0, 1) for `text` (the same on every machine and Python run)."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def carved_split(prompt: str, carved: tuple[str, ...]) -> str:
+    """`train`, or the `i`-th of `carved` for prompts hashing into [i, i + 1) * CARVE_FRACTION."""
+    index = int(hash_unit(prompt) // CARVE_FRACTION)
+    return carved[index] if index < len(carved) else "train"
+
+
+def carving_note(carved: tuple[str, ...]) -> str:
+    """One sentence stating how the splits missing from the published data were made."""
+    if len(carved) == 1:
+        lacks, made = f"{carved[0]} split: it is", "the records"
+    else:
+        lacks, made = f"{' and '.join(carved)} splits: they are", "each the records"
+    return (f"The published data has no {lacks} carved from train, {made} whose prompt's "
+            f"SHA-256 falls in a fixed {CARVE_FRACTION:.0%} of hash space (about "
+            f"{CARVE_FRACTION:.0%} of train; deterministic, independent of file order, "
+            "disjoint from train).")
+
+
+def _nonempty(rows, split: str, root: str):
+    """`rows` unchanged; an empty split is one line naming it (TFDS would only assert)."""
+    empty = True
+    for row in rows:
+        empty = False
+        yield row
+    if empty:
+        raise DataError(_empty_split_message(split, root))
+
+
+def _empty_split_message(split: str, root: str) -> str:
+    return (f"{root}: the {split!r} split holds no records; every stage needs train, validation "
+            f"and test (a carved split takes {CARVE_FRACTION:.0%} of train: too few records "
+            "leave it empty)")
 
 
 def _field(record, path: str, where: str):
@@ -109,8 +162,10 @@ class TldrComparisons(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Put the published comparisons/*.json files in manual_dir."
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self,
-                                     features=comparison_features(post_id=tfds.features.Text()))
+        return tfds.core.DatasetInfo(
+            builder=self, features=comparison_features(post_id=tfds.features.Text()),
+            description="OpenAI TL;DR comparisons; the published splits train, valid1 and "
+                        "valid2 are train, validation and test.")
 
     def _split_generators(self, dl_manager):
         root = os.fspath(dl_manager.manual_dir)
@@ -132,38 +187,199 @@ class TldrComparisons(tfds.core.GeneratorBasedBuilder):
 
 
 class AnthropicHh(tfds.core.GeneratorBasedBuilder):
-    """Anthropic HH-RLHF (`<subset>/{train,test}.jsonl.gz` in the manual dir)."""
+    """Anthropic HH-RLHF (`<subset>/{train,test}.jsonl.gz` in the manual dir).
 
-    VERSION = VERSION
-    BUILDER_CONFIGS = [ManualConfig(name=s, version=VERSION, subsets=(s,)) for s in
+    Splits: train and test as published; validation carved from train (`carving_note`).
+    """
+
+    VERSION = HH_VERSION
+    RELEASE_NOTES = {"1.1.0": "validation split carved from train."}
+    BUILDER_CONFIGS = [ManualConfig(name=s, version=HH_VERSION, subsets=(s,)) for s in
                        ("helpful-base", "harmless-base", "helpful-online",
                         "helpful-rejection-sampled")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Put <subset>/train.jsonl.gz and test.jsonl.gz in manual_dir."
+    CARVED = ("validation",)
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=comparison_features())
+        return tfds.core.DatasetInfo(
+            builder=self, features=comparison_features(),
+            description=f"Anthropic HH-RLHF {'+'.join(self.builder_config.subsets)}. "
+                        f"{carving_note(self.CARVED)}")
 
     def _split_generators(self, dl_manager):
         root = os.fspath(dl_manager.manual_dir)
-        splits = {}
-        for split in ("train", "test"):
-            paths = [os.path.join(root, s, f"{split}.jsonl.gz")
-                     for s in self.builder_config.subsets]
-            missing = [p for p in paths if not os.path.exists(p)]
-            if missing:
-                raise DataError(f"{missing[0]}: file is missing; put the HH-RLHF "
-                                f"{split}.jsonl.gz of that subset there")
-            splits[split] = self._generate_examples(paths)
-        return splits
+        train, test = self._files(root, "train"), self._files(root, "test")
+        plan = {"train": (train, "train"), "validation": (train, "validation"),
+                "test": (test, None)}  # split: (files, which part of them by carved_split)
+        return {split: _nonempty(self._generate_examples(files, carve_to), split, root)
+                for split, (files, carve_to) in plan.items()}
 
-    def _generate_examples(self, paths):
+    def _files(self, root: str, split: str) -> list[str]:
+        paths = [os.path.join(root, s, f"{split}.jsonl.gz") for s in self.builder_config.subsets]
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise DataError(f"{missing[0]}: file is missing; put the HH-RLHF "
+                            f"{split}.jsonl.gz of that subset there")
+        return paths
+
+    def _generate_examples(self, paths, carve_to: str | None):
+        """Every record of `paths` (`carve_to=None`), or those `carved_split` sends there."""
         for path in paths:
             for index, record in _read_json_lines(path, gzip.open):
                 where = f"{path}: record {index}"
                 chosen, rejected = (_field(record, k, where) for k in ("chosen", "rejected"))
                 prompt, good, bad = split_hh_dialogue(chosen, rejected, where)
+                if carve_to is not None and carved_split(prompt, self.CARVED) != carve_to:
+                    continue
                 key = f"{os.path.basename(os.path.dirname(path))}/{index}"
                 yield key, {"id": key, "prompt": prompt, "chosen": good, "rejected": bad}
+
+
+ARENA_WINNERS = ("model_a", "model_b")
+ARENA_TIES = ("tie", "tie (bothbad)")
+ARENA_ROLES = ("user", "assistant")
+ARENA_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.parquet")
+
+
+def _text_field(record, name: str, where: str) -> str:
+    value = _field(record, name, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' is {value!r}; expected text")
+    return value
+
+
+def arena_conversation(record, name: str, turns: int, where: str) -> list[str]:
+    """The contents of conversation `name`: user, assistant, user, ... (`turns` user turns)."""
+    conversation = _field(record, name, where)
+    if not isinstance(conversation, list):
+        raise DataError(f"{where}: field '{name}' is not a list of role/content turns")
+    contents = []
+    for i, turn in enumerate(conversation):
+        role = _field(turn, "role", f"{where}: {name}[{i}]")
+        content = _field(turn, "content", f"{where}: {name}[{i}]")
+        if role != ARENA_ROLES[i % 2]:
+            raise DataError(f"{where}: field '{name}[{i}].role' is {role!r}; expected "
+                            f"{ARENA_ROLES[i % 2]!r} (turns alternate user, assistant)")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: field '{name}[{i}].content' is not text")
+        contents.append(content)
+    if len(contents) != 2 * turns:
+        raise DataError(f"{where}: field '{name}' holds {len(contents)} turns; field 'turn' "
+                        f"is {turns}, so expected {2 * turns} (user and assistant each)")
+    return contents
+
+
+def parse_arena_battle(record, where: str) -> tuple[str, dict | None]:
+    """(outcome, comparison record or None) of one battle; outcome is `pair`, `tie` or
+    `multi_turn` (the last two carry no record). Every field is checked whatever the outcome."""
+    models = [_text_field(record, k, where) for k in ("model_a", "model_b")]
+    winner = _field(record, "winner", where)
+    if winner not in ARENA_WINNERS + ARENA_TIES:
+        raise DataError(f"{where}: field 'winner' is {winner!r}; expected one of "
+                        f"{list(ARENA_WINNERS + ARENA_TIES)}")
+    language = _text_field(record, "language", where)
+    turns = _field(record, "turn", where)
+    if not isinstance(turns, int) or isinstance(turns, bool) or turns < 1:
+        raise DataError(f"{where}: field 'turn' is {turns!r}; expected a count of user turns >= 1")
+    a, b = (arena_conversation(record, k, turns, where)
+            for k in ("conversation_a", "conversation_b"))
+    if a[0] != b[0]:
+        raise DataError(f"{where}: fields 'conversation_a' and 'conversation_b' open with "
+                        "different user turns; a battle asks both models the same question")
+    if winner in ARENA_TIES:
+        return "tie", None
+    if turns > 1:
+        return "multi_turn", None
+    w = ARENA_WINNERS.index(winner)
+    replies, prompt = (a[1].strip(), b[1].strip()), f"{HUMAN} {a[0].strip()}{ASSISTANT}"
+    return "pair", {"prompt": prompt, "chosen": replies[w], "rejected": replies[1 - w],
+                    "language": language, "chosen_model": models[w],
+                    "rejected_model": models[1 - w]}
+
+
+def _read_parquet(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow, which is not installed; "
+                        "pip install pyarrow, or convert the file to JSON lines") from None
+    yield from enumerate(pq.read_table(path).to_pylist())
+
+
+def read_arena_file(path: str):
+    """(record index, record) of one Arena file, by its extension."""
+    if path.endswith(".parquet"):
+        return _read_parquet(path)
+    return _read_json_lines(path, gzip.open if path.endswith(".gz") else open)
+
+
+class ChatbotArena(tfds.core.GeneratorBasedBuilder):
+    """Chatbot Arena conversations (`*.jsonl`, `*.jsonl.gz`, `*.parquet` in the manual dir).
+
+    Each record is one battle: `model_a`, `model_b`, `winner`, `conversation_a` and
+    `conversation_b` (lists of `{role, content}` turns), `turn` (user turns) and `language`.
+
+    Rules:
+    * `winner` `model_a` / `model_b`: the winner's reply is `chosen`, the other `rejected`.
+    * Ties (`tie` and `tie (bothbad)`) state no preference: dropped, counted in the dataset's
+      metadata (`dropped_ties`).
+    * Multi-turn battles (`turn` > 1) are dropped, counted (`dropped_multi_turn`). The vote
+      judges the whole conversation, and after the first turn each model continues its own
+      history, so there is no shared prompt to condition two responses on; using only the first
+      turn would pin a verdict on later turns onto the first replies.
+    * Single-turn battles: the prompt is the user turn in HH's layout,
+      `\\n\\nHuman: <question>\\n\\nAssistant:`; the responses are the two assistant replies.
+    * Malformed records (a missing field, an unknown winner, a role out of the user/assistant
+      alternation, a `turn` count the conversation does not hold, two conversations opening
+      with different questions) stop the build with one line naming file, record and field,
+      ties and multi-turn records included.
+
+    Splits: Arena publishes train only; validation and test are carved from it
+    (`carving_note`).
+    """
+
+    VERSION = VERSION
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the Chatbot Arena conversations (*.jsonl, *.jsonl.gz "
+                                    "or *.parquet) in manual_dir.")
+    CARVED = ("validation", "test")
+
+    def _info(self):
+        text = tfds.features.Text()
+        return tfds.core.DatasetInfo(
+            builder=self, metadata=tfds.core.MetadataDict(),
+            features=comparison_features(language=text, chosen_model=text, rejected_model=text),
+            description="Chatbot Arena conversations: single-turn battles with a winner (ties "
+                        f"and multi-turn battles dropped). {carving_note(self.CARVED)}")
+
+    def _split_generators(self, dl_manager):
+        root = os.fspath(dl_manager.manual_dir)
+        by_split = {"train": [], **{name: [] for name in self.CARVED}}
+        counts = {"pair": 0, "tie": 0, "multi_turn": 0}
+        for path in self._files(root):
+            for index, record in read_arena_file(path):
+                outcome, example = parse_arena_battle(record, f"{path}: record {index}")
+                counts[outcome] += 1
+                if example is not None:
+                    key = f"{os.path.relpath(path, root)}:{index}"
+                    by_split[carved_split(example["prompt"], self.CARVED)].append((key, example))
+        self.info.metadata.update(pairs=counts["pair"], dropped_ties=counts["tie"],
+                                  dropped_multi_turn=counts["multi_turn"])
+        empty = [split for split, rows in by_split.items() if not rows]
+        if empty:
+            raise DataError(_empty_split_message(empty[0], root))
+        return {split: self._generate_examples(rows) for split, rows in by_split.items()}
+
+    def _files(self, root: str) -> list[str]:
+        files = sorted({path for pattern in ARENA_PATTERNS
+                        for path in glob.glob(os.path.join(root, "**", pattern), recursive=True)})
+        if not files:
+            raise DataError(f"{root}: no {', '.join(ARENA_PATTERNS)} files; put the Chatbot "
+                            "Arena conversations there")
+        return files
+
+    def _generate_examples(self, rows):
+        for key, example in rows:
+            yield key, {"id": key, **example}
 
 
 def tldr_builder(data_dir: str) -> TldrComparisons:
@@ -175,6 +391,12 @@ def tldr_builder(data_dir: str) -> TldrComparisons:
 def hh_builder(data_dir: str, subset: str = "helpful-base") -> AnthropicHh:
     """Build with `builders.prepare(hh_builder(dir, subset), manual_dir=...)`."""
     known = {c.name for c in AnthropicHh.BUILDER_CONFIGS}
-    config = subset if subset in known else ManualConfig(name=subset, version=VERSION,
+    config = subset if subset in known else ManualConfig(name=subset, version=HH_VERSION,
                                                          subsets=(subset,))
     return AnthropicHh(data_dir=data_dir, file_format=FILE_FORMAT, config=config)
+
+
+def arena_builder(data_dir: str) -> ChatbotArena:
+    """Build with `builders.prepare(arena_builder(dir), manual_dir=...)`."""
+    config = tfds.core.BuilderConfig(name="default", version=VERSION)
+    return ChatbotArena(data_dir=data_dir, file_format=FILE_FORMAT, config=config)

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from alignment_gap.data import datasets  # noqa: E402
 from alignment_gap.study import results  # noqa: E402
 
 COLORS = {"online": "tab:blue", "offline": "tab:orange"}
@@ -79,12 +80,14 @@ def markdown(study, rows, timings: dict, extras: dict, findings=()) -> str:
                      f"{_fmt(entry.get('offline', (np.nan,) * 2))} |")
     lines += ["", "## Setting", "",
               f"- opponent: {study.opponent}; judge: the golden preference model (both-order "
-              "sign rule); oracle: the synthetic world's exact score",
+              "sign rule); oracle: " + ("the synthetic world's exact score"
+                                        if study.data.kind == "synthetic" else "none (real data)"),
               f"- policy `{study.model.name}`, proxy `{study.proxy_model.name}`, golden "
               f"`{study.golden_model.name}`; loss {study.policy.loss}, online beta "
               f"{study.policy.beta}; seeds {list(study.seeds)}",
-              f"- D_initial {study.data.train_pairs} pairs; evaluation on {study.eval.prompts} "
-              f"prompts, KL on {study.eval.kl_prompts}",
+              f"- {datasets.describe(study.data)}",
+              f"- evaluation on {study.eval.prompts} test prompts, KL on "
+              f"{study.eval.kl_prompts}",
               f"- offline sweep: lr {list(study.offline_learning_rates)} x beta "
               f"{list(study.offline_betas)} x steps {list(study.offline_steps)}"]
     for key, value in extras.items():

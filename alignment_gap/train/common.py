@@ -93,7 +93,8 @@ def validation_batches(pipeline, count: int, global_batch, what: str) -> list:
         from alignment_gap.config_checks import ConfigError
 
         raise ConfigError(f"config.data.validation_pairs: the {what} validation split holds "
-                          "fewer examples than one batch; make it larger or batch_size smaller")
+                          "fewer examples than one batch; make it larger (real data: more "
+                          "records, ~5% of train are carved) or batch_size smaller")
     return batches
 
 

@@ -1,0 +1,144 @@
+"""Pretrained checkpoints in and out: Hugging Face directories and GGUF files.
+
+    checkpoint = open_checkpoint("hf:/models/qwen3-0.6b")      # or gguf:FILE, or a bare path
+    cfg = checkpoint.model_config(dtype="bfloat16")            # our TransformerConfig
+    lm = load_language_model(checkpoint, cfg, mesh, rules)     # straight into its shardings
+    export_language_model(lm, checkpoint.family, "/tmp/out")   # opens in transformers / vLLM
+
+Every tensor is read a shard at a time into the sharding the mesh gives it
+(`jax.make_array_from_callback`): a process reads only the rows its devices hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from alignment_gap import sharding
+from alignment_gap.models.heads import LanguageModel
+from alignment_gap.models.transformer import TransformerConfig
+from alignment_gap.pretrained import gguf_checkpoint, hf
+from alignment_gap.pretrained.layout import CheckpointError, param_spec
+
+KINDS = ("hf", "gguf")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    where: str  # the path, for messages
+    family: str  # gemma3 | qwen2 | qwen3 | llama3
+    fields: dict  # our model fields the checkpoint fixes
+    source: object  # names(), shape(name), read(name, rows)
+
+    def model_config(self, **overrides) -> TransformerConfig:
+        """Our config of this architecture (`overrides`: dtype, max_len, scan_layers, ...)."""
+        return TransformerConfig(**{**self.fields, **overrides})
+
+    def check(self, cfg: TransformerConfig, field: str = "model"):
+        """A configured model that differs from the checkpoint: one line, field and fix."""
+        for key, value in self.fields.items():
+            configured = getattr(cfg, key)
+            if configured != value and not (isinstance(value, float) and
+                                            np.isclose(configured, value, rtol=1e-6)):
+                raise CheckpointError(f"config.{field}.{key} is {configured!r} but {self.where} "
+                                      f"has {value!r}; use the preset of this checkpoint or set "
+                                      f"config.{field}.{key}={value!r}")
+
+
+def open_checkpoint(spec: str) -> Checkpoint:
+    """`hf:DIR`, `gguf:FILE`, or a path (a `.gguf` file or a directory with config.json)."""
+    kind, _, path = spec.partition(":") if spec.split(":", 1)[0] in KINDS else ("", "", spec)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {spec}: {path} does not exist; give hf:DIR (a "
+                              "Hugging Face directory) or gguf:FILE")
+    kind = kind or ("gguf" if path.endswith(".gguf") else "hf")
+    if kind == "gguf":
+        source = gguf_checkpoint.GgufSource(path)
+        family, fields = gguf_checkpoint.architecture(source)
+    else:
+        family, fields = hf.architecture(hf.read_config(path), os.path.join(path, "config.json"))
+        source = hf.SafetensorsSource(path)
+    return Checkpoint(path, family, fields, source)
+
+
+def pretrained_state(checkpoint: Checkpoint, state, cfg: TransformerConfig):
+    """`state` (abstract or concrete, in its shardings) with every parameter the checkpoint
+    holds read into it; parameters it has no tensor for (a preference model's score head and
+    segment embeddings) are left as they are."""
+    names = checkpoint.source.names()
+
+    def load(path, leaf):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path][:-1]  # drop .value
+        if keys[:1] == ["backbone"] and keys[1:2] == ["segment_embed"] or keys == ["score"]:
+            return leaf
+        spec, stacked = param_spec(tuple(keys), cfg, checkpoint.family)
+        return _placed(checkpoint, names, spec, stacked, leaf, cfg)
+
+    return jax.tree_util.tree_map_with_path(load, state)
+
+
+def _placed(checkpoint, names, spec, stacked, leaf, cfg):
+    layers = [dataclasses.replace(spec, name=spec.name.format(layer=i))
+              for i in range(cfg.num_layers)] if stacked else [spec]
+    for layer in layers:
+        if layer.name not in names:
+            raise CheckpointError(f"{checkpoint.where}: tensor {layer.name} is missing (expected "
+                                  f"shape {list(layer.stored_shape)})")
+        found = checkpoint.source.shape(layer.name)
+        if found != layer.stored_shape:
+            raise CheckpointError(f"{checkpoint.where}: tensor {layer.name} has shape "
+                                  f"{list(found)}, expected {list(layer.stored_shape)}")
+    read = checkpoint.source.read
+    done = {}  # replicated shards ask for the same block once per device
+
+    def block(index):
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in done:
+            if stacked:
+                chosen = range(*index[0].indices(cfg.num_layers))
+                done[key] = np.stack([layers[i].shard(read, index[1:]) for i in chosen])
+            else:
+                done[key] = layers[0].shard(read, index)
+        return done[key].astype(leaf.dtype)
+
+    return jax.make_array_from_callback(leaf.shape, leaf.sharding, block)
+
+
+def load_language_model(checkpoint: Checkpoint, cfg: TransformerConfig, mesh, rules,
+                        field: str = "model") -> LanguageModel:
+    """A LanguageModel with the checkpoint's weights, nothing initialised first."""
+    checkpoint.check(cfg, field)
+    graphdef, abstract = sharding.abstract_model(lambda: LanguageModel(cfg, nnx.Rngs(0)), mesh,
+                                                 rules)
+    return nnx.merge(graphdef, pretrained_state(checkpoint, abstract, cfg))
+
+
+def load_trunk(model, checkpoint: Checkpoint, field: str = "model"):
+    """An initialised model (a preference model) with its backbone from a pretrained LM: the
+    segment embeddings start at zero, so the trunk first reads exactly its own embeddings; the
+    score head keeps its initialisation."""
+    cfg = model.backbone.cfg
+    checkpoint.check(cfg, field)
+    state = pretrained_state(checkpoint, nnx.state(model), cfg)
+    if "segment_embed" in state["backbone"]:
+        segments = state["backbone"]["segment_embed"]
+        segments[...] = jax.numpy.zeros_like(segments[...])
+    nnx.update(model, state)
+    return model
+
+
+def export_language_model(lm: LanguageModel, family: str, directory: str):
+    """`lm` as a Hugging Face directory of `family` (config.json + model.safetensors)."""
+    cfg = lm.cfg
+    tensors = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(nnx.state(lm, nnx.Param))[0]:
+        keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)[:-1]
+        spec, stacked = param_spec(keys, cfg, family)
+        array = np.asarray(jax.device_get(value), np.float32)
+        for i, layer in enumerate(array if stacked else [array]):
+            tensors[spec.name.format(layer=i)] = np.ascontiguousarray(spec.to_stored(layer))
+    hf.write_tensors(directory, tensors, hf.config_for(family, cfg))

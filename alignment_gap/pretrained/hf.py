@@ -1,0 +1,237 @@
+"""Hugging Face checkpoint directories: `config.json`, `*.safetensors` (optionally sharded with
+`model.safetensors.index.json`), read and written without torch.
+
+Tensors are read with the safetensors NumPy API, a row range at a time (`read`). NumPy has no
+bfloat16, so for BF16 tensors (most published checkpoints) the same rows are read through a
+memory map of the file at the offsets its header gives, as `ml_dtypes.bfloat16`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from alignment_gap.pretrained.layout import CheckpointError
+
+INDEX = "model.safetensors.index.json"
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+# Hugging Face model_type -> our family (configs/models.py FAMILIES).
+FAMILIES = {"gemma3_text": "gemma3", "gemma3": "gemma3", "qwen2": "qwen2", "qwen3": "qwen3",
+            "llama": "llama3"}
+
+
+class SafetensorsSource:
+    """The tensors of one checkpoint directory, by name."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index = os.path.join(directory, INDEX)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            self.files = {name: os.path.join(directory, file) for name, file in weight_map.items()}
+        else:
+            paths = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+            if not paths:
+                raise CheckpointError(f"{directory}: no *.safetensors files; export the model "
+                                      "with save_pretrained(safe_serialization=True)")
+            self.files = {}
+            for path in paths:
+                with safe_open(path, "np") as f:
+                    self.files.update(dict.fromkeys(f.keys(), path))
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(self.files[name], "np") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """Rows `rows` of tensor `name`, as float32."""
+        path = self.files[name]
+        with safe_open(path, "np") as f:
+            stored = f.get_slice(name)
+            if stored.get_dtype() not in FLOAT_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} is {stored.get_dtype()}; only "
+                                      f"{'/'.join(FLOAT_DTYPES)} weights can be imported "
+                                      "(dequantise the checkpoint first)")
+            if stored.get_dtype() != "BF16":
+                return np.asarray(stored[rows], np.float32)
+        return np.asarray(_bfloat16_view(path, name)[rows], np.float32)
+
+
+def _bfloat16_view(path: str, name: str) -> np.ndarray:
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_size))
+    begin, _ = header[name]["data_offsets"]
+    return np.memmap(path, dtype=ml_dtypes.bfloat16, mode="r", offset=8 + header_size + begin,
+                     shape=tuple(header[name]["shape"]))
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: missing; a Hugging Face checkpoint directory holds "
+                              "config.json beside its *.safetensors")
+    with open(path) as f:
+        config = json.load(f)
+    # Multimodal Gemma 3 keeps the language model's settings under text_config.
+    return {**config.get("text_config", {}), "model_type": _model_type(config, path)} \
+        if "text_config" in config else config
+
+
+def _model_type(config: dict, path: str) -> str:
+    text = config.get("text_config", {})
+    return text.get("model_type") or config.get("model_type") or ""
+
+
+def _rope(config: dict, kind: str | None = None) -> dict:
+    """RoPE settings in transformers 5's `rope_parameters` (per layer kind for Gemma 3) or
+    4's `rope_theta` / `rope_scaling` / `rope_local_base_freq` form."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and kind in params and isinstance(params[kind], dict):
+        return params[kind]
+    if isinstance(params, dict) and "rope_theta" in params:
+        return params
+    theta = config.get("rope_local_base_freq") if kind == "sliding_attention" else None
+    scaling = None if kind == "sliding_attention" else config.get("rope_scaling")
+    return {**(scaling or {}), "rope_theta": theta or config.get("rope_theta", 10_000.0)}
+
+
+def architecture(config: dict, where: str) -> tuple[str, dict]:
+    """(family, our model fields) of a Hugging Face `config.json`."""
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"{where}: model_type {model_type!r} is not supported; supported: "
+                              f"{sorted(FAMILIES)}")
+    family = FAMILIES[model_type]
+    heads = config["num_attention_heads"]
+    fields = dict(vocab_size=config["vocab_size"], width=config["hidden_size"],
+                  num_layers=config["num_hidden_layers"], num_heads=heads,
+                  num_kv_heads=config.get("num_key_value_heads") or heads,
+                  head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                  mlp_dim=config["intermediate_size"], norm_eps=config["rms_norm_eps"],
+                  tie_embeddings=config.get("tie_word_embeddings", family == "gemma3"))
+    rope = _rope(config, "full_attention")
+    fields["rope_theta"] = float(rope["rope_theta"])
+    fields.update(_rope_scaling(rope, where))
+    if family == "gemma3":
+        fields.update(_gemma3(config, where))
+    elif family == "qwen2":
+        fields["qkv_bias"] = True
+        _require(config, where, use_sliding_window=False)
+    elif family == "qwen3":
+        fields["qk_norm"] = True
+        _require(config, where, attention_bias=False)
+    else:
+        _require(config, where, attention_bias=False, mlp_bias=False)
+    if family != "gemma3" and config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act {config['hidden_act']!r} is not supported "
+                              "(silu only)")
+    return family, fields
+
+
+def _rope_scaling(rope: dict, where: str) -> dict:
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind == "default":
+        return {}
+    if kind == "linear":
+        return dict(rope_scaling="linear", rope_scaling_factor=float(rope["factor"]))
+    if kind == "llama3":
+        return dict(rope_scaling="llama3", rope_scaling_factor=float(rope["factor"]),
+                    rope_low_freq_factor=float(rope["low_freq_factor"]),
+                    rope_high_freq_factor=float(rope["high_freq_factor"]),
+                    rope_original_max_len=int(rope["original_max_position_embeddings"]))
+    raise CheckpointError(f"{where}: RoPE scaling {kind!r} is not supported (linear, llama3)")
+
+
+def _gemma3(config: dict, where: str) -> dict:
+    if config.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise CheckpointError(f"{where}: hidden_activation {config['hidden_activation']!r} is "
+                              "not supported (gelu_pytorch_tanh)")
+    for capping in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if config.get(capping):
+            raise CheckpointError(f"{where}: {capping} is set; logit soft-capping is not "
+                                  "supported")
+    layers = config["num_hidden_layers"]
+    kinds = config.get("layer_types") or [
+        "full_attention" if (i + 1) % config.get("sliding_window_pattern", 6) == 0
+        else "sliding_attention" for i in range(layers)]
+    full = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+    every = full[0] + 1 if full else 0
+    if kinds != ["full_attention" if every and (i + 1) % every == 0 else "sliding_attention"
+                 for i in range(layers)]:
+        raise CheckpointError(f"{where}: layer_types is not one global layer every n; "
+                              "only that pattern is supported")
+    return dict(qk_norm=True, post_norms=True, norm_plus_one=True, mlp_activation="gelu_tanh",
+                embed_scale=True, sliding_window=int(config["sliding_window"]),
+                global_every=every,
+                local_rope_theta=float(_rope(config, "sliding_attention")["rope_theta"]),
+                query_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5)
+
+
+def _require(config: dict, where: str, **expected):
+    for key, value in expected.items():
+        if config.get(key, value) != value:
+            raise CheckpointError(f"{where}: {key}={config[key]!r} is not supported "
+                                  f"(expected {value!r})")
+
+
+def write_tensors(directory: str, tensors: dict[str, np.ndarray], config: dict):
+    """One `model.safetensors` and `config.json` (written under temporary names, then renamed:
+    an interrupted export never leaves a half-written checkpoint behind)."""
+    os.makedirs(directory, exist_ok=True)
+    weights, config_path = (os.path.join(directory, n) for n in ("model.safetensors",
+                                                                  "config.json"))
+    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+    with open(config_path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(weights + ".tmp", weights)
+    os.replace(config_path + ".tmp", config_path)
+
+
+ARCHITECTURES = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+                 "qwen2": ("qwen2", "Qwen2ForCausalLM"), "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+                 "llama3": ("llama", "LlamaForCausalLM")}
+
+
+def config_for(family: str, cfg) -> dict:
+    """The `config.json` that `architecture` reads back as `cfg` (transformers 4 key names,
+    which transformers 5 still reads)."""
+    model_type, class_name = ARCHITECTURES[family]
+    config = dict(architectures=[class_name], model_type=model_type, vocab_size=cfg.vocab_size,
+                  hidden_size=cfg.width, num_hidden_layers=cfg.num_layers,
+                  num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                  head_dim=cfg.head_dim, intermediate_size=cfg.mlp_dim,
+                  rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+                  rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_len,
+                  torch_dtype="float32")
+    if cfg.rope_scaling == "linear":
+        config["rope_scaling"] = dict(rope_type="linear", factor=cfg.rope_scaling_factor)
+    elif cfg.rope_scaling == "llama3":
+        config["rope_scaling"] = dict(
+            rope_type="llama3", factor=cfg.rope_scaling_factor,
+            low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_len)
+    if family == "gemma3":
+        config.update(
+            hidden_activation="gelu_pytorch_tanh", sliding_window=cfg.sliding_window,
+            rope_local_base_freq=cfg.local_rope_theta or cfg.rope_theta,
+            query_pre_attn_scalar=round(cfg.query_scale ** -2) if cfg.query_scale
+            else cfg.head_dim,
+            layer_types=["sliding_attention" if cfg.layer_is_local(i) else "full_attention"
+                         for i in range(cfg.num_layers)])
+    elif family == "qwen2":
+        config["use_sliding_window"] = False
+    else:
+        config["attention_bias"] = False
+    return config

