@@ -18,7 +18,9 @@ def data_config() -> ml_collections.ConfigDict:
     d.train_pairs = 20_000  # synthetic: D_initial train size (and prompt set size).
     d.validation_pairs = 1_000  # synthetic: validation size.
     d.test_pairs = 1_000  # synthetic: test size.
-    d.tokenizer = ""  # Path to a sentencepiece .model; empty: train one on the synthetic world.
+    # A sentencepiece .model, a tokenizer.json, a Hugging Face directory or a .gguf file; empty:
+    # init.checkpoint's, or (synthetic) one trained on the world.
+    d.tokenizer = ""
     d.vocab_size = 512  # Pieces of the trained synthetic tokenizer (<= model.vocab_size).
     d.prompt_len = 64  # Prompt tokens (left-padded, long prompts keep their end).
     d.response_len = 24  # Response tokens including EOS (right-padded).
@@ -44,6 +46,11 @@ def add_training(c, *, steps, batch_size, learning_rate, warmup_steps):
 
 def add_runtime(c, model_size="mini", mesh="cpu"):
     c.model = models.get_config(model_size)  # Architecture of the trained model.
+    c.init = ml_collections.ConfigDict()
+    # Pretrained weights to start from: hf:DIR (Hugging Face), gguf:FILE, or a bare path. The
+    # model config must be the checkpoint's architecture (its preset, e.g. gemma3_270m); a
+    # preference model takes its trunk. data.tokenizer defaults to the checkpoint's tokenizer.
+    c.init.checkpoint = ""
     c.mesh = meshes.get_config(mesh)  # Mesh shape and logical-axis rules.
     c.distributed = meshes.distributed_config()  # jax.distributed start-up.
     c.data = data_config()

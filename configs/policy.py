@@ -36,7 +36,9 @@ def get_config(variant: str = "online_mini") -> ml_collections.ConfigDict:
     c.source = source  # online | offline: the one switch between the two paths.
     c.loss = "ipo"  # ipo | dpo | slic | best_of_two (alignment_gap/losses.py).
     c.beta = 0.1  # KL regularisation strength.
-    c.sft_checkpoint = ""  # Run directory of the SFT model: the policy's start and the reference.
+    # Run directory of the SFT model: the policy's start and the reference (empty with
+    # init.checkpoint: both are the pretrained model).
+    c.sft_checkpoint = ""
     c.proxy_checkpoint = ""  # online: run directory of the proxy preference model.
     c.proxy_model = models.get_config("mini")  # online: the proxy's architecture.
     c.record_stream = False  # online: write every batch to <workdir>/stream (D_online).

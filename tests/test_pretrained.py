@@ -17,6 +17,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from alignment_gap import sharding
+from alignment_gap.logprobs import token_logprobs
 from alignment_gap.pretrained import (
     export_language_model,
     load_language_model,
@@ -173,8 +174,15 @@ def test_gemma3_270m_gguf_logits_equal_transformers(gemma3_270m):
     _, lm, mesh, rules = gemma3_270m
     logits = _logits(lm, mesh, rules, reference["prompt0_ids"][None])[0]
     np.testing.assert_allclose(logits[:, reference["subset_ids"]], reference["subset_logits"],
-                               atol=2e-3, rtol=1e-4)
+                               atol=1e-4, rtol=0)
     np.testing.assert_allclose(jax.nn.logsumexp(logits, axis=-1), reference["logsumexp"],
-                               atol=2e-3, rtol=1e-4)
+                               atol=1e-4, rtol=0)
+    paragraph = reference["paragraph_ids"][None]
+    nll = -np.asarray(token_logprobs(_logits(lm, mesh, rules, paragraph)[:, :-1],
+                                     paragraph[:, 1:]))[0]
+    np.testing.assert_allclose(nll, reference["paragraph_nll"], atol=1e-3)
+    targets = paragraph[0, 1:]
+    unigram = -np.mean([np.log((targets == t).mean()) for t in targets])  # fitted to itself
+    assert nll.mean() < unigram - 0.5
     greedy = _greedy(lm, mesh, rules, reference["prompt2_ids"][None], 16)[0]
     np.testing.assert_array_equal(greedy, reference["prompt2_greedy"])

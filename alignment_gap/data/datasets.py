@@ -16,7 +16,8 @@ import os
 from alignment_gap.config_checks import ConfigError
 from alignment_gap.data import builders, real_data
 from alignment_gap.data import world as world_lib
-from alignment_gap.data.tokenizer import Tokenizer, synthetic_tokenizer
+from alignment_gap.data.pretrained_tokenizers import load_tokenizer
+from alignment_gap.data.tokenizer import synthetic_tokenizer
 
 KINDS = ("synthetic", "tldr", "hh", "arena")
 SPLITS = ("train", "validation", "test")  # What the trainers and the study ask for.
@@ -30,12 +31,15 @@ def _sizes(d) -> dict:
     return {"train": d.train_pairs, "validation": d.validation_pairs, "test": d.test_pairs}
 
 
-def tokenizer(d) -> Tokenizer:
-    if d.tokenizer:
-        return Tokenizer.load(d.tokenizer)
+def tokenizer(d, default: str = ""):
+    """The configured tokenizer (`data.tokenizer`, else `default`: a pretrained checkpoint's);
+    any kind `load_tokenizer` reads."""
+    if d.tokenizer or default:
+        return load_tokenizer(d.tokenizer or default)
     if d.kind != "synthetic":
-        raise ConfigError(f"config.data.tokenizer: empty, but data.kind={d.kind!r} needs an "
-                         "existing sentencepiece .model file; set its path")
+        raise ConfigError(f"config.data.tokenizer: empty, but data.kind={d.kind!r} needs one; "
+                          "set a sentencepiece .model, a tokenizer.json, a Hugging Face "
+                          "directory or a .gguf file (or init.checkpoint)")
     return synthetic_tokenizer(d.dir, world_config(d), d.vocab_size)
 
 

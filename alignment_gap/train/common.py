@@ -8,7 +8,7 @@ import os
 import jax
 from flax import nnx
 
-from alignment_gap import checkpoint, sharding
+from alignment_gap import checkpoint, pretrained, sharding
 from alignment_gap.data import datasets
 from alignment_gap.data.pipelines import BatchShape
 from alignment_gap.data.tokenizer import Tokenizer, check_fits_model
@@ -38,7 +38,7 @@ class Runtime:
 
 def runtime(config, workdir: str) -> Runtime:
     mesh = sharding.make_mesh(config.mesh)
-    tok = datasets.tokenizer(config.data)
+    tok = datasets.tokenizer(config.data, default=pretrained_checkpoint(config))
     check_fits_model(tok, config.model.vocab_size)
     rows = sharding.process_rows(mesh, config.mesh.rules, config.batch_size)
     shape = BatchShape(config.batch_size, config.data.prompt_len, config.data.response_len, rows)
@@ -60,6 +60,24 @@ def new_model(kind: str, model_cfg, rt: Runtime, seed: int):
     """A freshly initialised model, created in its shardings (program `init_<kind>`)."""
     return sharding.create_sharded(build_fn(kind, model_cfg, seed), rt.mesh, rt.rules,
                                    name=f"init_{kind}")
+
+
+def pretrained_checkpoint(config) -> str:
+    """The `init.checkpoint` a config starts from ('' when none)."""
+    return config.get("init", {}).get("checkpoint", "")
+
+
+def initial_model(kind: str, config, rt: Runtime, seed: int):
+    """The model a trainer starts from: `init.checkpoint`'s pretrained weights (a language
+    model whole, a preference model's trunk) or a fresh initialisation."""
+    spec = pretrained_checkpoint(config)
+    if not spec:
+        return new_model(kind, config.model, rt, seed)
+    source = pretrained.open_checkpoint(spec)
+    if kind == "lm":
+        return pretrained.load_language_model(source, model_config(config.model), rt.mesh,
+                                              rt.rules)
+    return pretrained.load_trunk(new_model(kind, config.model, rt, seed), source)
 
 
 def meta(kind: str, model_cfg, rt: Runtime) -> dict:

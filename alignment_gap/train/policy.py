@@ -87,7 +87,10 @@ def run(config, workdir: str):
         return
     rt = common.runtime(config, workdir)
     # Every frozen input is checked before anything is built or compiled.
-    common.check_frozen("lm", config.sft_checkpoint, config.model, rt, "config.sft_checkpoint")
+    pretrained_start = not config.sft_checkpoint and common.pretrained_checkpoint(config)
+    if not pretrained_start:
+        common.check_frozen("lm", config.sft_checkpoint, config.model, rt,
+                            "config.sft_checkpoint")
     if config.source == "online":
         common.check_frozen("preference", config.proxy_checkpoint, config.proxy_model, rt,
                             "config.proxy_checkpoint")
@@ -98,8 +101,12 @@ def run(config, workdir: str):
         common.check_frozen("lm", config.eval.opponent_checkpoint, config.model, rt,
                             "config.eval.opponent_checkpoint")
 
-    policy = common.load_frozen("lm", config.sft_checkpoint, config.model, rt)
-    reference = common.load_frozen("lm", config.sft_checkpoint, config.model, rt)
+    if pretrained_start:  # no SFT run: policy and reference are the pretrained model
+        policy, reference = (common.initial_model("lm", config, rt, config.seed)
+                             for _ in range(2))
+    else:
+        policy = common.load_frozen("lm", config.sft_checkpoint, config.model, rt)
+        reference = common.load_frozen("lm", config.sft_checkpoint, config.model, rt)
     ref_graphdef, ref_params = nnx.split(reference)
     with sharding.use(rt.mesh, rt.rules):
         ref_shardings = sharding.state_shardings(ref_params, rt.mesh)

@@ -86,7 +86,7 @@ def run(config, workdir: str):
         return pipelines.preference_pipeline(sources[split], rt.tokenizer, rt.shape, seed=seed,
                                              num_threads=config.data.num_threads, **kw)
 
-    model = common.new_model("preference", config.model, rt, config.seed)
+    model = common.initial_model("preference", config, rt, config.seed)
     if config.init_from:
         init_from_lm(model, config.init_from, config, rt)
     tx = make_optimizer(config)

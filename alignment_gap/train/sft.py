@@ -51,7 +51,7 @@ def run(config, workdir: str):
         return pipelines.sft_pipeline(sources[split], rt.tokenizer, rt.shape, seed=seed,
                                       responses=fields, num_threads=config.data.num_threads, **kw)
 
-    model = common.new_model("lm", config.model, rt, config.seed)
+    model = common.initial_model("lm", config, rt, config.seed)
     tx = make_optimizer(config)
     graphdef, state, shardings = init_train_state(model, tx, rt.mesh, rt.rules)
     update = make_update_step(graphdef, tx, sft_loss, rt.mesh, rt.rules, shardings,

@@ -1,0 +1,76 @@
+"""Trainers and the generate command starting from a pretrained checkpoint (`init.checkpoint`),
+in real processes: SFT, a preference model's trunk, a policy with no SFT run, and sampling from
+a Hugging Face directory and from our run directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alignment_gap.data import tokenizer, world
+from alignment_gap.pretrained import open_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QWEN3 = os.path.join(ROOT, "tests", "fixtures", "hf", "qwen3")
+
+
+def run(module, *args, expect=0):
+    done = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == expect, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny Qwen 3 checkpoint (vocabulary 128) and a sentencepiece model of the synthetic
+    world small enough for it."""
+    root = tmp_path_factory.mktemp("pretrained_runs")
+    spm = root / "world.model"
+    tokenizer.Tokenizer.train(world.corpus(world.WorldConfig(seed=0), 400), 120, str(spm))
+    fields = open_checkpoint(QWEN3).fields
+    model = [f"--config.model.{k}={v}" for k, v in fields.items()]
+    common = [f"--config.init.checkpoint=hf:{QWEN3}", f"--config.data.tokenizer={spm}",
+              f"--config.data.dir={root / 'data'}", *model]
+    return root, spm, common
+
+
+def test_sft_starts_from_the_pretrained_weights_and_samples_from_its_run(setup):
+    root, spm, common = setup
+    run("alignment_gap.main", "--config", os.path.join(ROOT, "configs", "sft.py:tiny"),
+        "--workdir", root / "sft", *common, "--config.num_steps=2", "--config.learning_rate=0",
+        "--config.checkpoint_every=2", "--config.warmup_steps=1")
+    # With learning rate 0 the run's checkpoint holds exactly the imported weights; sampling
+    # from it and from the Hugging Face directory gives the same tokens.
+    prompts = ["--prompt", "the cat sat on the mat", "--prompt", "a post about a"]
+    ours = run("alignment_gap.generate", "--checkpoint", f"run:{root / 'sft'}", *prompts,
+               "--max_new_tokens", 6)
+    theirs = run("alignment_gap.generate", "--checkpoint", f"hf:{QWEN3}", "--tokenizer", spm,
+                 *prompts, "--max_new_tokens", 6)
+    lines = ours.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(" -> " in line for line in lines)
+    assert lines == theirs.stdout.strip().splitlines()
+    meta = json.loads((root / "sft" / "config.json").read_text())
+    assert meta["model"]["qk_norm"] and meta["init"]["checkpoint"] == f"hf:{QWEN3}"
+
+
+def test_a_policy_runs_from_the_pretrained_model_with_no_sft_run(setup):
+    root, _, common = setup
+    run("alignment_gap.main", "--config", os.path.join(ROOT, "configs", "policy.py:offline_tiny"),
+        "--workdir", root / "policy", *common, "--config.num_steps=2",
+        "--config.checkpoint_every=2", "--config.log_every=1", "--config.beta=0.1")
+    rows = [json.loads(line) for line in (root / "policy" / "metrics.jsonl").read_text()
+            .splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    # Both the policy and the reference are the pretrained model at the first step: the IPO
+    # loss is (0 - 1 / (2 beta))^2 = 25; later steps move away from it.
+    assert losses[0] == pytest.approx(25.0, abs=1e-4) and len(losses) == 2
+
+
+def test_generate_names_a_bad_checkpoint_in_one_line(tmp_path):
+    done = run("alignment_gap.generate", "--checkpoint", f"hf:{tmp_path}", "--prompt", "x",
+               expect=1)
+    assert "config.json: missing" in done.stderr.strip().splitlines()[-1]
+
