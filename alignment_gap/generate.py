@@ -76,7 +76,8 @@ def _load_run(run_dir: str, max_len: int, dtype: str, mesh, rules):
     params = checkpoint.load_params(os.path.join(run_dir, "checkpoints"), abstract,
                                     jax.tree.map(lambda x: x.sharding, abstract))
     tokenizer = (load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else
-                 datasets.tokenizer(config.data, config.get("init", {}).get("checkpoint", "")))
+                 datasets.tokenizer(config.data, pretrained.checkpoint_path(
+                     config.get("init", {}).get("checkpoint", ""))))
     return nnx.merge(graphdef, params), tokenizer
 
 

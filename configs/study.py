@@ -3,8 +3,9 @@
     python -m alignment_gap.main --config configs/study.py:mini --workdir workdir/study
 Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini` (the default
 of `make study`: meaningful in under 15 minutes on 2 cores), `mini_golden_opponent` (the
-paper's golden-policy opponent), and accelerator presets (`tpu_v5p_3b`, `gpu_h100_770m`) that
-swap only the model sizes and the mesh.
+paper's golden-policy opponent), accelerator presets (`tpu_v5p_3b`, `gpu_h100_770m`) that
+swap only the model sizes and the mesh, and studies on real data from pretrained models
+(`tldr_gemma3_270m`, `hh_gemma3_270m`, and `_cpu` versions of both: every stage, a few steps).
 
 The paper's hypotheses (PAPER.md, "Hypotheses tested") are variants too, each adding its runs,
 figure and verdict rows to the same stages and caches: `coverage`, `quality`,
@@ -66,6 +67,41 @@ def _hypothesis_sections(c):
     c.scaling.quantile = 0.9  # "best" = this quantile of a method's run peaks at a size.
 
 
+# Studies on real data from a pretrained model: variant -> (data kind, policy and proxy, golden).
+# The accelerator variants set the paper's shapes; `_cpu` ones run every stage for a few steps
+# (tests point them at tiny checkpoints and fixture files). Set init.checkpoint (and
+# golden_init) to local copies of the checkpoints, data.manual_dir to the published files.
+PRETRAINED_STUDIES = {
+    "tldr_gemma3_270m": ("tldr", "gemma3_270m", "gemma3_1b"),
+    "hh_gemma3_270m": ("hh", "gemma3_270m", "gemma3_1b"),
+    "tldr_gemma3_270m_cpu": ("tldr", "gemma3_270m", "gemma3_270m"),
+    "hh_gemma3_270m_cpu": ("hh", "gemma3_270m", "gemma3_270m"),
+}
+
+
+def _pretrained_study(c, variant: str):
+    kind, policy, golden = PRETRAINED_STUDIES[variant]
+    c.data.kind = kind
+    c.model, c.proxy_model, c.golden_model = (models.get_config(s) for s in
+                                              (policy, policy, golden))
+    if variant.endswith("_cpu"):
+        c.seeds, c.batch_size = [0], 4
+        c.sft, c.golden, c.proxy = _stage(4, 4, 1e-5), _stage(4, 4, 1e-5), _stage(4, 4, 1e-5)
+        c.policy.steps, c.policy.checkpoint_every, c.policy.microbatches = 4, 2, 1
+        c.offline_learning_rates, c.offline_steps = [1e-6], [4]
+        c.online_learning_rates = [1e-6]
+        c.eval.prompts, c.eval.kl_prompts, c.eval.pairs = 8, 4, 8
+        c.data.prompt_len, c.data.response_len = 48, 8
+    else:  # TL;DR posts run to ~500 tokens; the paper's summaries to ~64.
+        c.data.prompt_len, c.data.response_len = 512, 64
+        c.sft, c.golden, c.proxy = _stage(2000, 64, 1e-5), _stage(2000, 64, 1e-5), \
+            _stage(2000, 64, 1e-5)
+        c.online_learning_rates, c.offline_learning_rates = [1e-6], [1e-6, 3e-6]
+        c.mesh = meshes.get_config("fsdp")
+    for m in (c.model, c.golden_model, c.proxy_model):
+        m.max_len = c.data.prompt_len + 2 * c.data.response_len
+
+
 def _main(variant: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "study"  # Which entry point main.py runs.
@@ -74,6 +110,12 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     c.batch_size = 32  # Pairs per policy step (the paper's 32 prompts, one pair each).
     c.golden_model = models.get_config("mini")  # The golden preference model (paper: 11B).
     c.proxy_model = models.get_config("mini")  # The proxy preference model (paper: 770M).
+    # Pretrained starts (hf:DIR, gguf:FILE; empty: from scratch). init.checkpoint is the
+    # policy's: SFT starts from it, and so does the proxy (from SFT, the paper's recipe) when it
+    # has the policy's architecture. The golden model's trunk, and a proxy of another size,
+    # start from these; they must share the policy's tokenizer (one family).
+    c.golden_init = ""
+    c.proxy_init = ""
     c.sft = _stage(1000, 32, 3e-3)  # SFT on D_initial's responses, winners and losers.
     c.golden = _stage(1500, 32, 1e-3)  # Golden preference model on D_initial.
     c.proxy = _stage(1000, 32, 1e-3)  # Proxy preference model on D_golden, from SFT.
@@ -126,11 +168,14 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         c.model, c.proxy_model, c.golden_model = (models.get_config(s) for s in
                                                   ("770m", "770m", "3b"))
         c.mesh = meshes.get_config("fsdp")
+    elif variant in PRETRAINED_STUDIES:
+        _pretrained_study(c, variant)
     elif variant != "mini":
         raise ValueError(f"study variant {variant!r} is unknown; use smoke, mini, "
-                         "mini_golden_opponent, tpu_v5p_3b, gpu_h100_770m, hypotheses, "
+                         "mini_golden_opponent, tpu_v5p_3b, gpu_h100_770m, "
+                         f"{', '.join(PRETRAINED_STUDIES)}, hypotheses, "
                          f"one of {HYPOTHESES} or smoke_<that>")
-    if variant.startswith(("tpu", "gpu")):
+    if variant.startswith(("tpu", "gpu")) or variant in ("tldr_gemma3_270m", "hh_gemma3_270m"):
         c.policy.microbatches = 1
         for m in (c.model, c.golden_model, c.proxy_model):
             m.dtype = "bfloat16"

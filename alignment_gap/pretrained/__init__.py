@@ -49,13 +49,20 @@ class Checkpoint:
                                       f"config.{field}.{key}={value!r}")
 
 
+def checkpoint_path(spec: str) -> str:
+    """The path of `hf:DIR`, `gguf:FILE` or a bare path."""
+    kind, _, path = spec.partition(":")
+    return path if kind in KINDS else spec
+
+
 def open_checkpoint(spec: str) -> Checkpoint:
     """`hf:DIR`, `gguf:FILE`, or a path (a `.gguf` file or a directory with config.json)."""
-    kind, _, path = spec.partition(":") if spec.split(":", 1)[0] in KINDS else ("", "", spec)
+    path = checkpoint_path(spec)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {spec}: {path} does not exist; give hf:DIR (a "
                               "Hugging Face directory) or gguf:FILE")
-    kind = kind or ("gguf" if path.endswith(".gguf") else "hf")
+    kind = spec.partition(":")[0] if path != spec else (
+        "gguf" if path.endswith(".gguf") else "hf")
     if kind == "gguf":
         source = gguf_checkpoint.GgufSource(path)
         family, fields = gguf_checkpoint.architecture(source)

@@ -24,6 +24,7 @@ import time
 import jax
 import ml_collections
 
+from alignment_gap import pretrained
 from alignment_gap.data import builders, datasets
 from alignment_gap.data.relabel import model_judge, relabel
 from alignment_gap.train import common, policy, preference, sft
@@ -55,6 +56,10 @@ class Stage:
 def _common(stage_cfg, study, steps, batch_size, learning_rate):
     """Copy the study-wide sections (data, mesh, distributed) into a trainer config."""
     stage_cfg.data = ml_collections.ConfigDict(study.data.to_dict())
+    # One tokenizer for every stage: the configured one, else the pretrained policy's.
+    stage_cfg.data.tokenizer = study.data.tokenizer or pretrained.checkpoint_path(
+        study.init.checkpoint)
+    stage_cfg.init.checkpoint = ""  # set per stage below: what starts from pretrained weights
     stage_cfg.mesh = ml_collections.ConfigDict(study.mesh.to_dict())
     stage_cfg.distributed = ml_collections.ConfigDict(study.distributed.to_dict())
     stage_cfg.num_steps, stage_cfg.batch_size = steps, batch_size
@@ -78,6 +83,7 @@ class Plan:
         golden_cfg = _common(preference_configs.get_config("golden_mini"), s, s.golden.steps,
                              s.golden.batch_size, s.golden.learning_rate)
         golden_cfg.model = ml_collections.ConfigDict(s.golden_model.to_dict())
+        golden_cfg.init.checkpoint = s.golden_init
         self.golden = self.add(Stage("golden", golden_cfg, preference.run))
 
         relabel_cfg = ml_collections.ConfigDict({"data": s.data.to_dict(),
@@ -96,6 +102,8 @@ class Plan:
         if s.proxy_model.to_dict() == s.model.to_dict():  # The paper's proxy starts from SFT.
             proxy_cfg.init_from = self.dir(self.sft)
             proxy_upstream.append(self.sft)
+        else:
+            proxy_cfg.init.checkpoint = s.proxy_init
         self.proxy = self.add(Stage("proxy", proxy_cfg, preference.run, tuple(proxy_upstream)))
 
         self.opponent = None
@@ -129,8 +137,9 @@ class Plan:
         cfg = _common(sft_configs.get_config("mini"), s, s.sft.steps, s.sft.batch_size,
                       s.sft.learning_rate)
         cfg.model = ml_collections.ConfigDict(model.to_dict())
-        return Stage("sft" if model.to_dict() == s.model.to_dict() else f"sft-{model.name}",
-                     cfg, sft.run)
+        main_policy = model.to_dict() == s.model.to_dict()
+        cfg.init.checkpoint = s.init.checkpoint if main_policy else ""
+        return Stage("sft" if main_policy else f"sft-{model.name}", cfg, sft.run)
 
     def policy_cfg(self, source, seed, lr, beta, steps, *, proxy=None, proxy_model=None,
                    evaluate=True, model=None, sft_stage=None, loss=None):

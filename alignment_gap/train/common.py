@@ -38,7 +38,8 @@ class Runtime:
 
 def runtime(config, workdir: str) -> Runtime:
     mesh = sharding.make_mesh(config.mesh)
-    tok = datasets.tokenizer(config.data, default=pretrained_checkpoint(config))
+    tok = datasets.tokenizer(config.data, default=pretrained.checkpoint_path(
+        pretrained_checkpoint(config)))
     check_fits_model(tok, config.model.vocab_size)
     rows = sharding.process_rows(mesh, config.mesh.rules, config.batch_size)
     shape = BatchShape(config.batch_size, config.data.prompt_len, config.data.response_len, rows)
