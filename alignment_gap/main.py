@@ -3,10 +3,15 @@
 Any field can be overridden with `--config.field=value` (e.g. `--config.model.num_layers=4`).
 The config is validated before anything is built; a bad value exits with one line naming the
 field and the fix.
+
+The console shows our stage lines, progress and the verdict; library logging (orbax, tfds,
+grain, jax) goes to `<workdir>/log.txt` (`alignment_gap/console.py`), and `--verbose` shows it
+on the console too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -14,21 +19,25 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from alignment_gap import config_checks, sharding
+from alignment_gap import config_checks, console, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file path[:variant].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show library logging (orbax, tfds, grain, jax) on the console as well as "
+    "in <workdir>/log.txt.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _clear_errors():
     from alignment_gap.checkpoint import IncompatibleCheckpoint
     from alignment_gap.data.builders import DataError
-    from alignment_gap.study.pipeline import StageFailed
+    from alignment_gap.pretrained.layout import CheckpointError
+    from alignment_gap.study.scheduler import StageFailed
     from alignment_gap.train.loop import NonFiniteLoss
 
     return (config_checks.ConfigError, IncompatibleCheckpoint, DataError, NonFiniteLoss,
-            StageFailed)
+            StageFailed, CheckpointError)
 
 
 _CLEAR_ERRORS = _clear_errors()
@@ -59,6 +68,7 @@ def use_compilation_cache(workdir: str, sweep_shard: int = 0):
 
 def main(argv):
     del argv
+    console.route(verbose=_VERBOSE.value)
     config = _CONFIG.value
     tasks = _tasks()
     try:
@@ -71,8 +81,11 @@ def main(argv):
                 "are written as local files; mount the bucket (launch/tpu_vm.sh --bucket NAME "
                 "mounts gs://NAME at /mnt/gcs/NAME on every worker) and pass that path")
         sharding.initialize_distributed(config.distributed)
+        shard = config.get("sweep", {}).get("shard", 0)
+        console.log_to(os.path.join(_WORKDIR.value, console.log_name(jax.process_index(), shard)))
+        logging.info("alignment_gap.main %s", " ".join(sys.argv[1:]))
         config_checks.validate(config, jax.device_count())
-        use_compilation_cache(_WORKDIR.value, config.get("sweep", {}).get("shard", 0))
+        use_compilation_cache(_WORKDIR.value, shard)
     except config_checks.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -39,7 +39,10 @@ SETTINGS = [("none", 1), ("full", 1), ("full", 4)]  # (remat, micro-batches), tr
 
 def cell_config(size: str, chips: int, remat: str, microbatches: int):
     c = policy_configs.get_config("online_mini")
-    proxy = size if models.SIZES[size][0] <= models.SIZES["770m"][0] else "770m"
+    # Proxies up to 770m's width; a pretrained policy's proxy shares its architecture (and so
+    # its vocabulary).
+    small = models.get_config(size).width <= models.SIZES["770m"][0]
+    proxy = size if small or size in models.PRETRAINED else "770m"
     c.model, c.proxy_model = models.get_config(size), models.get_config(proxy)
     for m in (c.model, c.proxy_model):
         m.dtype, m.scan_layers, m.remat = "bfloat16", True, remat

@@ -156,7 +156,11 @@ def test_parameters_carry_logical_axes(mini_config):
     assert all(isinstance(n, tuple) and n for n in names)  # every parameter is annotated
     q = lm.backbone.blocks[0].attn.q
     assert q[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-    assert specs is not None
+    logical = lambda v: v.get_value() if isinstance(v, nnx.Variable) else v
+    P = jax.sharding.PartitionSpec
+    assert logical(specs["backbone"]["embed"]) == P("vocab", "embed")
+    assert logical(specs["head"]) == P("embed", "vocab")
+    assert logical(specs["backbone"]["blocks"][0]["mlp"]["down"]) == P("mlp", "embed")
 
 
 def test_logits_window_is_the_same_rows_of_the_full_logits(mini_config):

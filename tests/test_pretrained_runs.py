@@ -74,3 +74,12 @@ def test_generate_names_a_bad_checkpoint_in_one_line(tmp_path):
                expect=1)
     assert "config.json: missing" in done.stderr.strip().splitlines()[-1]
 
+
+
+def test_a_missing_pretrained_checkpoint_is_one_line_naming_it(setup, tmp_path):
+    _, _, common = setup
+    done = run("alignment_gap.main", "--config", os.path.join(ROOT, "configs", "sft.py:tiny"),
+               "--workdir", tmp_path / "sft", *common, f"--config.init.checkpoint=hf:{tmp_path}/x",
+               expect=1)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint hf:") and "does not exist" in last

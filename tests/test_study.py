@@ -6,10 +6,9 @@ import re
 import subprocess
 import sys
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
+from alignment_gap import run_dir
 from alignment_gap.study import pipeline, results
 from configs import study as study_configs
 
@@ -61,8 +60,9 @@ EAGER_OPS = {"_mean", "_reduce_sum", "_threefry_fold_in", "_threefry_seed", "_th
 def test_aot_report_holds_every_program_the_smoke_study_runs(smoke, tmp_path):
     """The ahead-of-time tool compiles exactly the programs a real run compiles: a new jitted
     program in a trainer that the tool does not build fails here."""
-    _, _, first = smoke
-    ran = set(re.findall(r"Compiling jit\((\w+)\)", first.stderr)) - EAGER_OPS
+    workdir, _, first = smoke
+    log = (workdir / "log.txt").read_text()  # library logging, jax's compile log included
+    ran = set(re.findall(r"Compiling jit\((\w+)\)", log)) - EAGER_OPS
     out = subprocess.run([sys.executable, "-m", "alignment_gap.compile", "--config",
                           "configs/study.py:smoke", "--topology", "v5e-4", "--nocosts",
                           "--out", str(tmp_path / "smoke.json")], cwd=ROOT, capture_output=True,
@@ -72,7 +72,7 @@ def test_aot_report_holds_every_program_the_smoke_study_runs(smoke, tmp_path):
         "programs"]}
     assert ran == compiled, (sorted(ran - compiled), sorted(compiled - ran))
     # libtpu is installed (the test extra) but this CPU run never probed for a TPU.
-    assert not re.search(r"TPU_ACCELERATOR_TYPE|libtpu|backend 'tpu'", first.stderr)
+    assert not re.search(r"TPU_ACCELERATOR_TYPE|libtpu|backend 'tpu'", log + first.stderr)
 
 
 def test_finished_study_is_not_rerun(smoke):
@@ -96,16 +96,6 @@ def test_changing_a_stage_reruns_it_and_what_depends_on_it_only(tmp_path):
     offline = [n for n in a if n.startswith("offline")]
     assert online and all(a[n] != b[n] for n in online)  # reads the proxy
     assert offline and all(a[n] == b[n] for n in offline)  # does not
-
-
-def test_notebook_runs_on_the_smoke_study(smoke):
-    workdir, _, _ = smoke
-    nb = nbformat.read(os.path.join(ROOT, "notebooks", "inspect_results.ipynb"), as_version=4)
-    os.environ["STUDY_WORKDIR"] = str(workdir)
-    NotebookClient(nb, timeout=180, kernel_name="python3",
-                   resources={"metadata": {"path": ROOT}}).execute()
-    outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert "evaluated checkpoints" in outputs and "POST:" in outputs
 
 
 def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke):
@@ -141,11 +131,11 @@ def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke)
     tandem = {r["step"]: r["win_rate"] for r in rows if r["stage"].startswith("tandem-s0")}
     assert tandem and all(tandem[s] == pytest.approx(online[s], abs=1e-6) for s in tandem)
     # The quality datasets keep D_golden's validation split, so evaluations stay comparable.
-    done = json.loads(next((workdir / "stages").glob("quality-data-*/DONE.json")).read_text())
+    done = run_dir.result(str(next((workdir / "stages").glob("quality-data-*"))))
     assert set(done["datasets"]) == {"d_4k_vs_4k", "d_sft_vs_800", "d_800_vs_4k"}
     assert all(d["pairs"] == 32 for d in done["datasets"].values())
-    stream = json.loads(next((workdir / "stages").glob("classification-stream-*/DONE.json"))
-                        .read_text())["checkpoints"]
+    stream = run_dir.result(str(next((workdir / "stages").glob("classification-stream-*"))))[
+        "checkpoints"]
     assert [p["step"] for p in stream] == [0, 6]  # the pairs sampled after each checkpoint
     assert all(0.0 <= p[k] <= 1.0 for p in stream for k in p if "/" in k)
 

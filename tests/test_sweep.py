@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = r'''
 import sys, time
 import ml_collections
-from alignment_gap.study.pipeline import Stage, run_stages, wait_for
-from alignment_gap.train.loop import write_json
+from alignment_gap import run_dir
+from alignment_gap.study.scheduler import Stage, run_stages, wait_for
 
 workdir, shard, shards, fail = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 
@@ -28,8 +28,7 @@ def job(name):
         if name == fail:
             raise RuntimeError(f"{name} broke")
         time.sleep(0.2)
-        write_json(out, "DONE.json", {"step": 1, "shard": shard, "start": start,
-                                      "end": time.time()})
+        run_dir.finish(out, shard=shard, start=start, end=time.time())
     return run
 
 def stage(name, upstream=(), run=False):

@@ -273,7 +273,7 @@ def margins(b: Builder, model_cfg, rows: int, p: int, r: int):
 
 
 def relabel_run(study, b: Builder, name: str = "relabel") -> Run:
-    """`study/pipeline.py`'s relabel stage: the golden judge over batches of D_initial."""
+    """`study/relabel_stage.py`: the golden judge over batches of D_initial."""
     program, golden = margins(b, study.golden_model, RELABEL_BATCH, study.data.prompt_len,
                               study.data.response_len)
     return Run(name, [program], {"golden judge": golden})

@@ -1,60 +1,36 @@
-"""The study as a pipeline of cached stages (PAPER.md, "Controlled setting").
+"""The study's protocol (PAPER.md, "Controlled setting"): which stages, with which configs.
 
     D_initial -> golden model -> relabel -> D_golden -> SFT -> proxy model (from SFT)
       -> [golden policy] -> online runs (per seed) -> offline sweep (lr x beta x steps, per seed)
       -> results table -> plots -> report
 
-Every stage is a trainer run (or the relabelling pass) under `<workdir>/stages/<name>-<key>`,
-where `key` hashes the stage's own config and the keys of the stages it reads. A finished
-stage is skipped, so an interrupted study resumes where it stopped (an interrupted trainer
-resumes from its last checkpoint); changing a stage's config changes its key and re-runs it
-and everything downstream.
+`Plan` builds the stages upstream first; hypothesis variants add theirs through the same
+helpers. Each trainer stage's config takes its fields from the trainer's preset and every value
+that shapes the run from the study config (its `sft` / `golden` / `proxy` / `policy` sections
+and the study-wide data, mesh and model sections); only logging cadence and checkpoint
+retention stay the preset's. How stages are cached and run is `scheduler.py`; the relabel
+stage's work is `relabel_stage.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import glob
-import hashlib
 import itertools
-import json
 import os
-import time
 
-import jax
 import ml_collections
 
 from alignment_gap import pretrained
-from alignment_gap.data import builders, datasets
-from alignment_gap.data.relabel import model_judge, relabel
-from alignment_gap.train import common, policy, preference, sft
-from alignment_gap.train.loop import is_finished, write_json
+from alignment_gap.study import hypotheses, relabel_stage
+from alignment_gap.study.scheduler import Stage
+from alignment_gap.train import policy, preference, sft
 from configs import policy as policy_configs
 from configs import preference_model as preference_configs
 from configs import sft as sft_configs
 
 
-@dataclasses.dataclass
-class Stage:
-    name: str
-    config: ml_collections.ConfigDict
-    run: callable
-    upstream: tuple = ()  # Stages whose outputs this one reads.
-    meta: dict = dataclasses.field(default_factory=dict)  # method, seed, lr, ... for results
-
-    @property
-    def key(self) -> str:
-        payload = json.dumps({"config": self.config.to_dict(),
-                              "upstream": [u.key for u in self.upstream]},
-                             sort_keys=True, default=str)
-        return hashlib.sha1(payload.encode()).hexdigest()[:10]
-
-    def directory(self, workdir: str) -> str:
-        return os.path.join(workdir, "stages", f"{self.name}-{self.key}")
-
-
-def _common(stage_cfg, study, steps, batch_size, learning_rate):
-    """Copy the study-wide sections (data, mesh, distributed) into a trainer config."""
+def _common(stage_cfg, study, section, steps, batch_size, learning_rate):
+    """Set a trainer config's study-wide sections (data, mesh, distributed) and its optimiser
+    from the study: `section` (the stage's section of the study config) says the schedule."""
     stage_cfg.data = ml_collections.ConfigDict(study.data.to_dict())
     # One tokenizer for every stage: the configured one, else the pretrained policy's.
     stage_cfg.data.tokenizer = study.data.tokenizer or pretrained.checkpoint_path(
@@ -64,10 +40,22 @@ def _common(stage_cfg, study, steps, batch_size, learning_rate):
     stage_cfg.distributed = ml_collections.ConfigDict(study.distributed.to_dict())
     stage_cfg.num_steps, stage_cfg.batch_size = steps, batch_size
     stage_cfg.learning_rate = learning_rate
-    stage_cfg.warmup_steps = max(1, min(stage_cfg.warmup_steps, steps // 10))
-    stage_cfg.checkpoint_every = max(1, min(stage_cfg.checkpoint_every, steps))
+    stage_cfg.warmup_steps = max(1, min(section.warmup_steps, steps // 10))
+    stage_cfg.end_lr_fraction = section.end_lr_fraction
+    stage_cfg.weight_decay, stage_cfg.grad_clip = section.weight_decay, section.grad_clip
     stage_cfg.log_every = max(1, min(stage_cfg.log_every, steps))
     return stage_cfg
+
+
+def _model_stage_config(preset, study, section):
+    """SFT, the golden and the proxy model: the run `section` of the study config describes."""
+    cfg = _common(preset, study, section, section.steps, section.batch_size,
+                  section.learning_rate)
+    cfg.seed, cfg.eval_batches = section.seed, section.eval_batches
+    cfg.checkpoint_every = max(1, min(section.checkpoint_every, section.steps))
+    if "patience" in section:  # preference models stop at a validation plateau
+        cfg.patience, cfg.min_improvement = section.patience, section.min_improvement
+    return cfg
 
 
 class Plan:
@@ -80,22 +68,19 @@ class Plan:
         self._by_name: dict[str, Stage] = {}
         s = study
         self.sft = self.add(self.sft_stage(s.model))
-        golden_cfg = _common(preference_configs.get_config("golden_mini"), s, s.golden.steps,
-                             s.golden.batch_size, s.golden.learning_rate)
+        golden_cfg = _model_stage_config(preference_configs.get_config("golden_mini"), s,
+                                         s.golden)
         golden_cfg.model = ml_collections.ConfigDict(s.golden_model.to_dict())
         golden_cfg.init.checkpoint = s.golden_init
         self.golden = self.add(Stage("golden", golden_cfg, preference.run))
 
-        relabel_cfg = ml_collections.ConfigDict({"data": s.data.to_dict(),
-                                                 "model": s.golden_model.to_dict()})
-        relabel_stage = Stage("relabel", relabel_cfg, None, (self.golden,))
-        self.golden_data = f"d_golden-{relabel_stage.key}"
+        relabel = Stage("relabel", relabel_stage.config(s), None, (self.golden,))
+        self.golden_data = f"d_golden-{relabel.key}"
         golden_dir = self.dir(self.golden)
-        relabel_stage.run = lambda cfg, out: _relabel(s, golden_dir, self.golden_data, out)
-        self.relabel = self.add(relabel_stage)
+        relabel.run = lambda cfg, out: relabel_stage.run(s, golden_dir, self.golden_data, out)
+        self.relabel = self.add(relabel)
 
-        proxy_cfg = _common(preference_configs.get_config("proxy_mini"), s, s.proxy.steps,
-                            s.proxy.batch_size, s.proxy.learning_rate)
+        proxy_cfg = _model_stage_config(preference_configs.get_config("proxy_mini"), s, s.proxy)
         proxy_cfg.model = ml_collections.ConfigDict(s.proxy_model.to_dict())
         proxy_cfg.data.comparisons = self.golden_data
         proxy_upstream = [self.relabel]
@@ -134,8 +119,7 @@ class Plan:
 
     def sft_stage(self, model) -> Stage:
         s = self.study
-        cfg = _common(sft_configs.get_config("mini"), s, s.sft.steps, s.sft.batch_size,
-                      s.sft.learning_rate)
+        cfg = _model_stage_config(sft_configs.get_config("mini"), s, s.sft)
         cfg.model = ml_collections.ConfigDict(model.to_dict())
         main_policy = model.to_dict() == s.model.to_dict()
         cfg.init.checkpoint = s.init.checkpoint if main_policy else ""
@@ -145,13 +129,15 @@ class Plan:
                    evaluate=True, model=None, sft_stage=None, loss=None):
         s = self.study
         model = model or s.model
-        cfg = _common(policy_configs.get_config(f"{source}_mini"), s, steps, s.batch_size, lr)
+        cfg = _common(policy_configs.get_config(f"{source}_mini"), s, s.policy, steps,
+                      s.batch_size, lr)
         cfg.model = ml_collections.ConfigDict(model.to_dict())
         cfg.seed, cfg.beta, cfg.loss = seed, beta, loss or s.policy.loss
         cfg.checkpoint_every = min(s.policy.checkpoint_every, steps)
         cfg.max_to_keep = steps // cfg.checkpoint_every + 1  # every checkpoint: analyses read them
         cfg.log_every = min(cfg.log_every, cfg.checkpoint_every)
         cfg.sampling.temperature = s.policy.temperature
+        cfg.sampling.top_k, cfg.sampling.top_p = s.policy.top_k, s.policy.top_p
         cfg.microbatches = s.policy.get("microbatches", 1)
         cfg.sft_checkpoint = self.dir(sft_stage or self.sft)
         cfg.data.comparisons = self.golden_data
@@ -212,8 +198,6 @@ class Plan:
 
 def build_plan(study, workdir: str) -> Plan:
     """The main study (online runs per seed, the offline sweep) plus any hypothesis variants."""
-    from alignment_gap.study import hypotheses
-
     plan = Plan(study, workdir)
     s = study
     for seed, lr in itertools.product(s.seeds, s.online_learning_rates):
@@ -229,146 +213,3 @@ def build_plan(study, workdir: str) -> Plan:
 def build_stages(study, workdir: str) -> list[Stage]:
     """Every stage of the study, upstream first."""
     return build_plan(study, workdir).stages
-
-
-def _relabel(study, golden_dir: str, name: str, out_dir: str):
-    """D_initial relabelled by the golden model's sign rule -> comparisons/<name>."""
-    rt = common.runtime(_relabel_runtime_config(study), out_dir)
-    golden = common.load_frozen("preference", golden_dir, study.golden_model, rt)
-    judge = model_judge(golden, rt.tokenizer, study.data.prompt_len, study.data.response_len,
-                        rt.mesh, rt.rules)
-    sources = datasets.initial_comparisons(study.data)
-    relabel(sources, judge, name, study.data.dir)
-    agreement = _agreement(sources, builders.Comparisons(name=name, data_dir=study.data.dir)
-                           .as_data_source())
-    write_json(out_dir, "DONE.json", {"step": 1, "dataset": name,
-                                      "kept_initial_label": agreement})
-
-
-def _relabel_runtime_config(study):
-    c = ml_collections.ConfigDict({"data": study.data.to_dict(), "mesh": study.mesh.to_dict(),
-                                   "model": study.golden_model.to_dict(), "batch_size": 1})
-    c.mesh.rules = study.mesh.rules
-    return c
-
-
-def _agreement(initial: dict, golden: dict) -> dict:
-    """Fraction of pairs whose label the golden model kept, per split."""
-    out = {}
-    for split in initial:
-        before = {initial[split][i]["id"]: initial[split][i]["chosen"]
-                  for i in range(len(initial[split]))}
-        after = golden[split]
-        kept = sum(before[after[i]["id"]] == after[i]["chosen"] for i in range(len(after)))
-        out[split] = kept / max(len(after), 1)
-    return out
-
-
-class StageFailed(RuntimeError):
-    """A stage this host needs failed (here or on another host of a sweep)."""
-
-
-FAILED = "FAILED.json"
-
-
-def owner(stages: list[Stage], shards: int) -> dict[str, int]:
-    """Which sweep shard runs each stage: policy runs round-robin, everything else shard 0."""
-    runs = [s for s in stages if "method" in s.meta]
-    out = {s.name: 0 for s in stages}
-    out.update({s.name: i % shards for i, s in enumerate(runs)})
-    return out
-
-
-def finished(stage: Stage, workdir: str) -> bool:
-    return is_finished(stage.directory(workdir), stage.config.get("num_steps", 1))
-
-
-def _check_not_failed(stage: Stage, workdir: str):
-    path = os.path.join(stage.directory(workdir), FAILED)
-    if os.path.exists(path):
-        with open(path) as f:
-            why = json.load(f).get("error", "")
-        raise StageFailed(f"stage {stage.name} failed (see {path}): {why}")
-
-
-def wait_for(stages: list[Stage], workdir: str, poll_s: float, timeout_s: float, why: str):
-    """Block until every stage is finished; a failed one raises, so does the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        pending = [s for s in stages if not finished(s, workdir)]
-        for stage in pending:
-            _check_not_failed(stage, workdir)
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            raise StageFailed(f"config.sweep.wait_timeout_s: {timeout_s:g} s passed waiting for "
-                              f"stage {pending[0].name} ({why}); is its shard running?")
-        time.sleep(poll_s)
-
-
-def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 1,
-               poll_s: float = 5.0, timeout_s: float = 86_400.0) -> dict:
-    """Run this shard's unfinished stages, each once its upstream stages are finished; returns
-    {stage name: seconds} for this shard's runs.
-
-    With one shard this is every stage in order. With several (a sweep fanned out over hosts
-    sharing `workdir`), shard k runs its share (`owner`) and waits for upstream stages other
-    shards run; a stage that raises leaves `FAILED.json`, which stops every shard waiting on it.
-    """
-    name = "timings.json" if shards == 1 else f"timings-shard{shard}-of-{shards}.json"
-    timings_path = os.path.join(workdir, name)
-    timings = {}
-    if os.path.exists(timings_path):
-        with open(timings_path) as f:
-            timings = json.load(f)
-    owners = owner(stages, shards)
-    mine = [s for s in stages if owners[s.name] == shard]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        pending = [s for s in mine if not finished(s, workdir)]
-        if not pending:
-            return timings
-        # The first stage whose inputs are ready (scanning in order keeps one host sequential
-        # and never deadlocks: the stage graph is acyclic).
-        ready = next((s for s in pending if all(finished(u, workdir) for u in s.upstream)),
-                     None)
-        if ready is None:
-            for stage in pending:
-                for upstream in stage.upstream:
-                    _check_not_failed(upstream, workdir)
-            if time.monotonic() > deadline:
-                raise StageFailed(f"config.sweep.wait_timeout_s: {timeout_s:g} s passed with "
-                                  f"stage {pending[0].name} still waiting for its inputs")
-            time.sleep(poll_s)
-            continue
-        _run_one(ready, workdir, timings)
-        write_json(workdir, name, timings)
-        if not finished(ready, workdir):
-            raise StageFailed(f"stage {ready.name} returned without finishing "
-                              f"({ready.directory(workdir)} has no DONE.json)")
-
-
-def _run_one(stage: Stage, workdir: str, timings: dict):
-    out = stage.directory(workdir)
-    if jax.process_index() == 0:
-        print(f"== stage {stage.name} -> {out}", flush=True)
-    failed = os.path.join(out, FAILED)
-    if os.path.exists(failed) and jax.process_index() == 0:
-        os.remove(failed)  # a retry
-    start = time.perf_counter()
-    try:
-        stage.run(stage.config, out)
-    except BaseException as e:
-        if jax.process_index() == 0:
-            write_json(out, FAILED, {"error": f"{type(e).__name__}: {e}".splitlines()[0]})
-        raise
-    timings[stage.name] = time.perf_counter() - start
-
-
-def merged_timings(workdir: str) -> dict:
-    """Every shard's stage timings (a sweep writes one file per shard)."""
-    out = {}
-    for path in sorted(glob.glob(os.path.join(workdir, "timings*.json"))):
-        with open(path) as f:
-            out.update(json.load(f))
-    return out

@@ -7,35 +7,28 @@ import os
 
 import jax
 
+from alignment_gap import run_dir
 from alignment_gap.sampling import Sampler, SamplingConfig
-from alignment_gap.study import hypotheses, pipeline, report, results
-
-
-def _done(stage, workdir) -> dict:
-    path = os.path.join(stage.directory(workdir), "DONE.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+from alignment_gap.study import hypotheses, pipeline, relabel_stage, report, results, scheduler
 
 
 def run(config, workdir: str):
     plan = pipeline.build_plan(config, workdir)
     stages = plan.stages
-    pending = [s.name for s in stages if not pipeline.finished(s, workdir)]
+    pending = [s.name for s in stages if not scheduler.finished(s, workdir)]
     if not pending and jax.process_index() == 0:
         print(f"{workdir}: every stage is already finished; rewriting the report only.")
     sweep = config.sweep
-    pipeline.run_stages(stages, workdir, sweep.shard, sweep.shards, sweep.poll_s,
-                        sweep.wait_timeout_s)
+    scheduler.run_stages(stages, workdir, sweep.shard, sweep.shards, sweep.poll_s,
+                         sweep.wait_timeout_s)
     if sweep.shard != 0:  # a sweep host: shard 0 writes the report once every run is done
         if jax.process_index() == 0:
             print(f"shard {sweep.shard} of {sweep.shards}: its stages are finished; shard 0 "
                   "writes the report.")
         return
-    pipeline.wait_for(stages, workdir, sweep.poll_s, sweep.wait_timeout_s,
-                      "the report needs every run")
-    timings = {name: sec for name, sec in pipeline.merged_timings(workdir).items()
+    scheduler.wait_for(stages, workdir, sweep.poll_s, sweep.wait_timeout_s,
+                       "the report needs every run")
+    timings = {name: sec for name, sec in scheduler.merged_timings(workdir).items()
                if name in {s.name for s in stages}}  # this study's stages only
     samples = side_by_side(config, stages, workdir)  # every process: it runs the models
     if jax.process_index() != 0:
@@ -47,14 +40,13 @@ def run(config, workdir: str):
     rows = [r for r in all_rows if r["group"] == "main"]
     findings = [hypotheses.get(name).analyse(plan, all_rows, workdir)
                 for name in config.hypotheses]
-    by_name = {s.name: s for s in stages}
     extras = {
         "golden model validation accuracy (vs D_initial labels)":
-            _done(by_name["golden"], workdir).get("metrics", {}).get("eval/accuracy"),
+            run_dir.final_metrics(plan.dir(plan.golden)).get("eval/accuracy"),
         "proxy model validation accuracy (vs D_golden labels)":
-            _done(by_name["proxy"], workdir).get("metrics", {}).get("eval/accuracy"),
+            run_dir.final_metrics(plan.dir(plan.proxy)).get("eval/accuracy"),
         "D_initial labels kept by the golden relabelling":
-            _done(by_name["relabel"], workdir).get("kept_initial_label"),
+            relabel_stage.kept_initial_label(plan.dir(plan.relabel)),
     }
     path = report.write_report(config, rows, timings, extras, workdir, findings)
     print(results.verdict(rows))

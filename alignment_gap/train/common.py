@@ -8,12 +8,11 @@ import os
 import jax
 from flax import nnx
 
-from alignment_gap import checkpoint, pretrained, sharding
+from alignment_gap import checkpoint, pretrained, run_dir, sharding
 from alignment_gap.data import datasets
 from alignment_gap.data.pipelines import BatchShape
 from alignment_gap.data.tokenizer import Tokenizer, check_fits_model
 from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
-from alignment_gap.train.loop import write_json
 
 MODEL_KINDS = {"lm": LanguageModel, "preference": PreferenceModel}
 
@@ -43,7 +42,7 @@ def runtime(config, workdir: str) -> Runtime:
     check_fits_model(tok, config.model.vocab_size)
     rows = sharding.process_rows(mesh, config.mesh.rules, config.batch_size)
     shape = BatchShape(config.batch_size, config.data.prompt_len, config.data.response_len, rows)
-    write_json(workdir, "config.json", config.to_dict())
+    run_dir.write_json(workdir, "config.json", config.to_dict())
     return Runtime(mesh, config.mesh.rules, tok, shape)
 
 

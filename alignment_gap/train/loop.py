@@ -1,4 +1,4 @@
-"""The training loop every trainer runs, and the run-directory conventions around it.
+"""The training loop every trainer runs.
 
     for step in start+1 .. num_steps:
         batch = next_batch(state, key)          # offline: the next dataset batch;
@@ -9,67 +9,25 @@
 
 A non-finite metric stops the run with its step and the last good checkpoint named; the bad
 state is never checkpointed. A run directory holds `config.json`, `checkpoints/`,
-`metrics.jsonl`, `tensorboard/` and, once finished, `DONE.json`; re-running a finished run says
-so and exits.
+`metrics.jsonl`, `tensorboard/` and, once finished, the record `run_dir.finish` writes (last
+step and metrics); re-running a finished run says so and exits (`run_dir.already_finished`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Callable
 
 import jax
 
 from alignment_gap import metrics as metrics_lib
+from alignment_gap import run_dir
 from alignment_gap.checkpoint import Checkpointer
-
-DONE = "DONE.json"
 
 
 class NonFiniteLoss(FloatingPointError):
     """Raised with the failing step and the last good checkpoint named."""
-
-
-def finished_step(workdir: str) -> int | None:
-    path = os.path.join(workdir, DONE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return int(json.load(f)["step"])
-
-
-def is_finished(workdir: str, num_steps: int) -> bool:
-    """Finished at >= num_steps steps, or stopped early (validation plateau) before that."""
-    path = os.path.join(workdir, DONE)
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        done = json.load(f)
-    return int(done["step"]) >= num_steps or bool(done.get("stopped_early"))
-
-
-def already_finished(workdir: str, num_steps: int) -> bool:
-    """True (and says so) when `workdir` holds a finished run."""
-    step = finished_step(workdir)
-    if is_finished(workdir, num_steps):
-        if jax.process_index() == 0:
-            print(f"{workdir} already holds a finished run ({step} steps, {DONE}); "
-                  "nothing to do.", flush=True)
-        return True
-    return False
-
-
-def write_json(workdir: str, name: str, payload: dict):
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, f".{name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, os.path.join(workdir, name))
 
 
 @dataclasses.dataclass
@@ -122,8 +80,7 @@ class Loop:
                     break
         writer.close()
         final_step = int(jax.device_get(state.step))
-        write_json(self.workdir, DONE, {"step": final_step, "metrics": last,
-                                        "stopped_early": stop})
+        run_dir.finish(self.workdir, final_step, metrics=last, stopped_early=stop)
         return state, last
 
     def _record(self, step, step_metrics, window, writer, progress) -> dict:

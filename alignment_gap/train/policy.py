@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from alignment_gap import logprobs, losses, sharding
+from alignment_gap import logprobs, losses, run_dir, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
@@ -30,7 +30,7 @@ from alignment_gap.sources import (
     replay_iterator,
 )
 from alignment_gap.train import common
-from alignment_gap.train.loop import Loop, already_finished
+from alignment_gap.train.loop import Loop
 from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
 
 
@@ -83,7 +83,7 @@ def sampling_config(config, tokenizer) -> SamplingConfig:
 
 
 def run(config, workdir: str):
-    if already_finished(workdir, config.num_steps):
+    if run_dir.already_finished(workdir, config.num_steps):
         return
     rt = common.runtime(config, workdir)
     # Every frozen input is checked before anything is built or compiled.

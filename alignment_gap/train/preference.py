@@ -18,14 +18,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alignment_gap import sharding
+from alignment_gap import run_dir, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
 from alignment_gap.metrics import read_jsonl
 from alignment_gap.models.heads import both_order_margin
 from alignment_gap.train import common
-from alignment_gap.train.loop import Loop, already_finished
+from alignment_gap.train.loop import Loop
 from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
 
 
@@ -77,7 +77,7 @@ def accuracy_history(workdir: str, upto_step: int) -> list[float]:
 
 
 def run(config, workdir: str):
-    if already_finished(workdir, config.num_steps):
+    if run_dir.already_finished(workdir, config.num_steps):
         return
     rt = common.runtime(config, workdir)
     sources = datasets.comparisons(config.data)

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignment_gap import logprobs, losses, sharding
+from alignment_gap import logprobs, losses, run_dir, sharding
 from alignment_gap.batches import SFTBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
 from alignment_gap.train import common
-from alignment_gap.train.loop import Loop, already_finished
+from alignment_gap.train.loop import Loop
 from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
 
 
@@ -41,7 +41,7 @@ def responses_field(d) -> tuple[str, ...]:
 
 
 def run(config, workdir: str):
-    if already_finished(workdir, config.num_steps):
+    if run_dir.already_finished(workdir, config.num_steps):
         return
     rt = common.runtime(config, workdir)
     sources = datasets.demonstrations(config.data)

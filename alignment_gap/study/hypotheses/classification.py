@@ -11,7 +11,6 @@ policy, and the offline policy classifying pairs of its own samples.
 
 from __future__ import annotations
 
-import json
 import os
 
 import grain
@@ -20,17 +19,16 @@ import ml_collections
 import numpy as np
 from flax import serialization
 
+from alignment_gap import run_dir
 from alignment_gap.sources import FIELDS, stream_chunks
 from alignment_gap.study.hypotheses import Finding, Verdict, probe, shared
-from alignment_gap.train.loop import write_json
+from alignment_gap.study.scheduler import Stage
 
 NAME, TITLE = "classification", "Classification vs generation"
 CLASSIFIERS = ("proxy", "online", "offline", "offline_own")
 
 
 def stream_stage(plan):
-    from alignment_gap.study.pipeline import Stage
-
     s = plan.study
     online = plan.online(s.seeds[0])
     offline = _offline_partner(plan)
@@ -97,7 +95,7 @@ def _stream_accuracy(plan, online, offline, out: str):
             if oracle is not None:
                 point[f"{name}/oracle"] = probe.accuracy(margin, oracle)
         points.append(point)
-    write_json(out, "DONE.json", {"step": 1, "checkpoints": points})
+    run_dir.finish(out, checkpoints=points)
 
 
 def _own_pairs(p, params, prompt, prompt_mask, step) -> dict:
@@ -158,8 +156,7 @@ def _figure(rows, points, path):
 
 def analyse(plan, rows, workdir: str) -> Finding:
     rows = [r for r in rows if r.get("group") == "main"]
-    with open(os.path.join(plan.dir(stream_stage(plan)), "DONE.json")) as f:
-        points = json.load(f)["checkpoints"]
+    points = run_dir.result(plan.dir(stream_stage(plan)))["checkpoints"]
     _figure(rows, points, os.path.join(workdir, "classification.png"))
     final = {}
     for method in ("online", "offline"):

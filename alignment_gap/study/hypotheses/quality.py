@@ -14,17 +14,15 @@ near SFT helps most.
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import ml_collections
 import numpy as np
 
+from alignment_gap import run_dir
 from alignment_gap.data import datasets, pipelines
 from alignment_gap.data.relabel import model_judge, relabel
 from alignment_gap.study.hypotheses import Finding, Verdict, probe, shared
-from alignment_gap.train.loop import write_json
+from alignment_gap.study.scheduler import Stage
 
 NAME, TITLE = "quality", "Data quality: offline IPO on on-policy pairs"
 DATASETS = {  # tag: (first side, second side): "sft", "early" or "final" online policy
@@ -41,8 +39,6 @@ def early_step(study) -> int:
 
 
 def data_stage(plan):
-    from alignment_gap.study.pipeline import Stage
-
     s = plan.study
     online = plan.online(s.seeds[0])
     cfg = ml_collections.ConfigDict({"pairs": s.quality.pairs, "early": early_step(s),
@@ -105,7 +101,7 @@ def _build(plan, online, names: dict, out: str):
         stats[tag] = {"dataset": names[tag], "pairs": n, "first_side": first,
                       "second_side": second, "first_side_wins": float(np.mean(first_wins)),
                       "identical_pairs": float(np.mean(identical))}
-    write_json(out, "DONE.json", {"step": 1, "datasets": stats})
+    run_dir.finish(out, datasets=stats)
 
 
 def _golden_validation(plan):
@@ -118,8 +114,7 @@ def analyse(plan, rows, workdir: str) -> Finding:
     r = runs(plan)
     rows = shared.labelled(rows, r)
     labels = list(r)
-    with open(os.path.join(plan.dir(data_stage(plan)), "DONE.json")) as f:
-        stats = json.load(f)["datasets"]
+    stats = run_dir.result(plan.dir(data_stage(plan)))["datasets"]
     early = early_step(plan.study)
     describe = {"online": "online IPO (seed 0 supplies the policies below)",
                 "offline": "offline IPO on D_golden (the main sweep)"}

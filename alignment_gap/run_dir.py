@@ -1,0 +1,105 @@
+"""Run directories: the records that say a run finished (and what it found) or failed.
+
+A run directory belongs to one trainer run or one study stage. Everything that asks whether
+it is done, or reads back what it produced, goes through here, so the record can change in
+one place:
+
+    DONE.json     {"step": last step, ...result}; a trainer's result: {"metrics": its last
+                  metrics, "stopped_early": bool}
+    FAILED.json   {"error": "<ExceptionType>: <first line of the message>"}
+
+A run is finished once `DONE.json` says `step >= num_steps` (a stage that is one pass counts
+as one step), or that it stopped early (validation plateau). The rest of the record is the
+run's result: a trainer's last metrics, an analysis stage's numbers. Records are written by
+process 0 only, atomically (a temporary file, then a rename), so a crash never leaves half of
+one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+DONE = "DONE.json"
+FAILED = "FAILED.json"
+
+
+def write_json(directory: str, name: str, payload: dict):
+    """Write `directory/name` atomically (process 0 only; the others return)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, os.path.join(directory, name))
+
+
+def read_json(directory: str, name: str) -> dict | None:
+    """`directory/name` as written by `write_json`; None when it does not exist."""
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def finish(directory: str, step: int = 1, **result):
+    """Mark the run finished at `step` with its result (keyword fields, JSON-serialisable)."""
+    write_json(directory, DONE, {"step": int(step), **result})
+
+
+def result(directory: str) -> dict:
+    """What a finished run recorded (`finish`'s fields, `step` included); {} if unfinished."""
+    return read_json(directory, DONE) or {}
+
+
+def final_metrics(directory: str) -> dict:
+    """A finished trainer run's last metrics (its evaluations as `eval/...`); {} otherwise."""
+    return result(directory).get("metrics", {})
+
+
+def finished_step(directory: str) -> int | None:
+    done = read_json(directory, DONE)
+    return None if done is None else int(done["step"])
+
+
+def is_finished(directory: str, num_steps: int = 1) -> bool:
+    """Finished at >= num_steps steps, or stopped early (validation plateau) before that."""
+    done = read_json(directory, DONE)
+    if done is None:
+        return False
+    return int(done["step"]) >= num_steps or bool(done.get("stopped_early"))
+
+
+def already_finished(directory: str, num_steps: int) -> bool:
+    """True (and says so) when `directory` holds a finished run."""
+    if is_finished(directory, num_steps):
+        if jax.process_index() == 0:
+            print(f"{directory} already holds a finished run ({finished_step(directory)} steps, "
+                  f"{DONE}); nothing to do.", flush=True)
+        return True
+    return False
+
+
+def fail(directory: str, error: BaseException):
+    """Record that the run raised `error` (its type and the first line of its message)."""
+    write_json(directory, FAILED, {"error": f"{type(error).__name__}: {error}".splitlines()[0]})
+
+
+def failure(directory: str) -> str | None:
+    """The recorded error of a failed run; None when it has not failed."""
+    failed = read_json(directory, FAILED)
+    return None if failed is None else failed.get("error", "")
+
+
+def failed_path(directory: str) -> str:
+    return os.path.join(directory, FAILED)
+
+
+def clear_failure(directory: str):
+    """Forget an earlier failure before a retry (process 0 only)."""
+    if jax.process_index() == 0 and os.path.exists(failed_path(directory)):
+        os.remove(failed_path(directory))

@@ -1,0 +1,144 @@
+"""Stages and how they run: cached, in dependency order, on one host or fanned out over several.
+
+A `Stage` is one unit of the study (a trainer run, the relabelling pass, an analysis) under
+`<workdir>/stages/<name>-<key>`, where `key` hashes the stage's own config and the keys of the
+stages it reads. A stage whose run directory is finished (`run_dir.is_finished`) is skipped,
+so an interrupted study resumes where it stopped; changing a stage's config changes its key and
+re-runs it and everything downstream.
+
+With one shard, `run_stages` runs every unfinished stage in order. A sweep fans the runs out
+over hosts sharing the workdir: shard k runs its share (`owner`) and waits for the upstream
+stages other shards run; a stage that raises leaves a failure record (`run_dir.fail`) that
+stops every shard waiting on it. Each shard keeps `{stage: seconds}` in its timings file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import time
+
+import jax
+import ml_collections
+
+from alignment_gap import run_dir
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    config: ml_collections.ConfigDict
+    run: callable  # (config, run directory) -> None; finishes the directory (run_dir.finish)
+    upstream: tuple = ()  # Stages whose outputs this one reads.
+    meta: dict = dataclasses.field(default_factory=dict)  # method, seed, lr, ... for results
+
+    @property
+    def key(self) -> str:
+        payload = json.dumps({"config": self.config.to_dict(),
+                              "upstream": [u.key for u in self.upstream]},
+                             sort_keys=True, default=str)
+        return hashlib.sha1(payload.encode()).hexdigest()[:10]
+
+    def directory(self, workdir: str) -> str:
+        return os.path.join(workdir, "stages", f"{self.name}-{self.key}")
+
+
+class StageFailed(RuntimeError):
+    """A stage this host needs failed (here or on another host of a sweep)."""
+
+
+def owner(stages: list[Stage], shards: int) -> dict[str, int]:
+    """Which sweep shard runs each stage: policy runs round-robin, everything else shard 0."""
+    runs = [s for s in stages if "method" in s.meta]
+    out = {s.name: 0 for s in stages}
+    out.update({s.name: i % shards for i, s in enumerate(runs)})
+    return out
+
+
+def finished(stage: Stage, workdir: str) -> bool:
+    return run_dir.is_finished(stage.directory(workdir), stage.config.get("num_steps", 1))
+
+
+def _check_not_failed(stage: Stage, workdir: str):
+    directory = stage.directory(workdir)
+    why = run_dir.failure(directory)
+    if why is not None:
+        raise StageFailed(f"stage {stage.name} failed (see {run_dir.failed_path(directory)}): "
+                          f"{why}")
+
+
+def wait_for(stages: list[Stage], workdir: str, poll_s: float, timeout_s: float, why: str):
+    """Block until every stage is finished; a failed one raises, so does the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pending = [s for s in stages if not finished(s, workdir)]
+        for stage in pending:
+            _check_not_failed(stage, workdir)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise StageFailed(f"config.sweep.wait_timeout_s: {timeout_s:g} s passed waiting for "
+                              f"stage {pending[0].name} ({why}); is its shard running?")
+        time.sleep(poll_s)
+
+
+def timings_name(shard: int, shards: int) -> str:
+    return "timings.json" if shards == 1 else f"timings-shard{shard}-of-{shards}.json"
+
+
+def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 1,
+               poll_s: float = 5.0, timeout_s: float = 86_400.0) -> dict:
+    """Run this shard's unfinished stages, each once its upstream stages are finished; returns
+    {stage name: seconds} for this shard's runs (kept in `timings_name(shard, shards)`)."""
+    name = timings_name(shard, shards)
+    timings = run_dir.read_json(workdir, name) or {}
+    owners = owner(stages, shards)
+    mine = [s for s in stages if owners[s.name] == shard]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pending = [s for s in mine if not finished(s, workdir)]
+        if not pending:
+            return timings
+        # The first stage whose inputs are ready (scanning in order keeps one host sequential
+        # and never deadlocks: the stage graph is acyclic).
+        ready = next((s for s in pending if all(finished(u, workdir) for u in s.upstream)),
+                     None)
+        if ready is None:
+            for stage in pending:
+                for upstream in stage.upstream:
+                    _check_not_failed(upstream, workdir)
+            if time.monotonic() > deadline:
+                raise StageFailed(f"config.sweep.wait_timeout_s: {timeout_s:g} s passed with "
+                                  f"stage {pending[0].name} still waiting for its inputs")
+            time.sleep(poll_s)
+            continue
+        _run_one(ready, workdir, timings)
+        run_dir.write_json(workdir, name, timings)
+        if not finished(ready, workdir):
+            raise StageFailed(f"stage {ready.name} returned without finishing "
+                              f"({ready.directory(workdir)} has no {run_dir.DONE})")
+
+
+def _run_one(stage: Stage, workdir: str, timings: dict):
+    out = stage.directory(workdir)
+    if jax.process_index() == 0:
+        print(f"== stage {stage.name} -> {out}", flush=True)
+    run_dir.clear_failure(out)  # a retry
+    start = time.perf_counter()
+    try:
+        stage.run(stage.config, out)
+    except BaseException as e:
+        run_dir.fail(out, e)
+        raise
+    timings[stage.name] = time.perf_counter() - start
+
+
+def merged_timings(workdir: str) -> dict:
+    """Every shard's stage timings (a sweep writes one file per shard)."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "timings*.json"))):
+        out.update(run_dir.read_json(workdir, os.path.basename(path)))
+    return out

