@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/study
 
-.PHONY: install test lint study hypotheses bench clean
+.PHONY: install test test-fast lint study hypotheses bench clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# Unit tests only (no trainer processes, studies, notebooks or TPU compiles): a quick check
+# while editing. `make test` (CI) runs everything.
+SLOW_TESTS := aot console multihost multiprocess notebooks pretrained pretrained_notebook \
+	pretrained_runs pretrained_study study sweep trainers
+test-fast: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests $(SLOW_TESTS:%=--ignore=tests/test_%.py)
 
 lint: install
 	$(BIN)/ruff check .

@@ -124,11 +124,3 @@ class Evaluator:
             scores.append(1.0 if sa > sb else 0.0 if sa < sb else 0.5)
         return float(np.mean(scores))
 
-    def samples(self, params, count: int = 8) -> list[dict]:
-        """A few (prompt, policy sample, opponent sample) texts for reports and notebooks."""
-        ours = self._sample(params, jax.random.fold_in(self.key, 2))
-        prompts, mine, theirs = (_host(x) for x in (self.prompts.prompt, ours.tokens,
-                                                    self.opponent.tokens))
-        return [{"prompt": self.tokenizer.decode(prompts[i]),
-                 "policy": self.tokenizer.decode(mine[i]),
-                 "opponent": self.tokenizer.decode(theirs[i])} for i in range(count)]

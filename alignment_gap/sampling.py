@@ -15,7 +15,6 @@ early once every row is done.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -176,9 +175,3 @@ class Sampler:
     def __call__(self, state, prompt_BxP, prompt_mask_BxP, key) -> SampleOutput:
         with sharding.use(self.mesh, self.rules):
             return self.jitted(state, prompt_BxP, prompt_mask_BxP, key)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def sample_unsharded(graphdef, state, prompt_BxP, prompt_mask_BxP, key, cfg, use_cache=True):
-    """Single-device convenience for notebooks and tests: no mesh, no rules."""
-    return sample(nnx.merge(graphdef, state), prompt_BxP, prompt_mask_BxP, key, cfg, use_cache)

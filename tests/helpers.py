@@ -1,11 +1,14 @@
 """Builders shared by the tests: models on a mesh from a (data, fsdp, tensor) shape."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from alignment_gap import sharding
 from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
+from alignment_gap.sampling import sample
 from tests.conftest import mesh_config
 
 
@@ -39,3 +42,9 @@ def scanned_copy(lm, model_config, shape=(1, 1, 1), **overrides):
     with sharding.use(mesh, rules):
         nnx.update(scanned, jax.device_put(state, sharding.state_shardings(state, mesh)))
     return scanned, mesh, rules
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def sample_unsharded(graphdef, state, prompt_BxP, prompt_mask_BxP, key, cfg, use_cache=True):
+    """The sampler on one device, no mesh or rules: cached and naive decoding side by side."""
+    return sample(nnx.merge(graphdef, state), prompt_BxP, prompt_mask_BxP, key, cfg, use_cache)

@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from alignment_gap import logprobs, sharding
-from alignment_gap.sampling import Sampler, SamplingConfig, choose_tokens, sample_unsharded
+from alignment_gap.sampling import Sampler, SamplingConfig, choose_tokens
 from tests.conftest import random_prompts
-from tests.helpers import language_model, scanned_copy
+from tests.helpers import language_model, sample_unsharded, scanned_copy
 
 
 def _prompts(batch=8, length=6, seed=0):

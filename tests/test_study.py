@@ -88,7 +88,7 @@ def test_changing_a_stage_reruns_it_and_what_depends_on_it_only(tmp_path):
     base = study_configs.get_config("smoke")
     changed = study_configs.get_config("smoke")
     changed.proxy.steps = 41
-    keys = lambda c: {s.name: s.key for s in pipeline.build_stages(c, str(tmp_path))}
+    keys = lambda c: {s.name: s.key for s in pipeline.build_plan(c, str(tmp_path)).stages}
     a, b = keys(base), keys(changed)
     assert a["sft"] == b["sft"] and a["golden"] == b["golden"] and a["relabel"] == b["relabel"]
     assert a["proxy"] != b["proxy"]

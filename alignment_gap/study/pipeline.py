@@ -208,8 +208,3 @@ def build_plan(study, workdir: str) -> Plan:
     for name in s.hypotheses:
         hypotheses.get(name).add_stages(plan)
     return plan
-
-
-def build_stages(study, workdir: str) -> list[Stage]:
-    """Every stage of the study, upstream first."""
-    return build_plan(study, workdir).stages
