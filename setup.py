@@ -44,7 +44,7 @@ setup(
     name="alignment_gap",
     version="0.1.0",
     description="Online vs offline preference optimisation at matched KL, laptop CPU to TPU pods.",
-    packages=find_packages(include=["alignment_gap", "alignment_gap.*", "configs"]),
+    packages=find_packages(include=["alignment_gap", "alignment_gap.*"]),  # not configs/: by path
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -31,9 +31,9 @@ from alignment_gap.data import datasets
 from alignment_gap.data.pipelines import encode_prompt
 from alignment_gap.data.pretrained_tokenizers import load_tokenizer
 from alignment_gap.models import LanguageModel, TransformerConfig
+from alignment_gap.presets import meshes
 from alignment_gap.pretrained.layout import CheckpointError
 from alignment_gap.sampling import Sampler, SamplingConfig
-from configs import meshes
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "hf:DIR, gguf:FILE or run:DIR.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).")

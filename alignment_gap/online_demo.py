@@ -23,10 +23,10 @@ from alignment_gap import pretrained, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.data.pipelines import encode_prompt
 from alignment_gap.data.pretrained_tokenizers import load_tokenizer
+from alignment_gap.presets import meshes
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.train.policy import make_policy_loss
 from alignment_gap.train.state import init_train_state, make_update_step
-from configs import meshes
 
 
 def shorter_first_line(prompt: str, a: str, b: str) -> float:

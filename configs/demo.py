@@ -11,7 +11,7 @@ sampler, sequence log-probs and the exact per-token KL to the initial policy.
 
 import ml_collections
 
-from configs import meshes, models
+from alignment_gap.presets import meshes, models
 
 
 def get_config(size: str = "mini") -> ml_collections.ConfigDict:

@@ -4,31 +4,10 @@
     python -m alignment_gap.main --config configs/preference_model.py:proxy_mini --workdir DIR \\
         --config.data.comparisons=d_golden --config.init_from=workdir/sft
 Variants: `tiny` (tests), `golden_mini` / `proxy_mini` (the CPU study), or a model size.
+
+The definitions live in `alignment_gap/presets/preference_model.py` (the library builds on
+them; this file is the config you pass with `--config`, loaded by path).
 """
 
-import ml_collections
-
-from configs import common
-
-VARIANTS = {  # name: (model size, steps, global batch, learning rate)
-    "tiny": ("mini", 20, 8, 1e-3),
-    "golden_mini": ("mini", 3000, 32, 1e-3),
-    "proxy_mini": ("mini", 2000, 32, 1e-3),
-}
-
-
-def get_config(variant: str = "golden_mini") -> ml_collections.ConfigDict:
-    size, steps, batch, lr = VARIANTS.get(variant, (variant, 4000, 32, 1e-4))
-    c = ml_collections.ConfigDict()
-    c.task = "preference_model"  # Which trainer main.py runs.
-    common.add_runtime(c, model_size=size)
-    common.add_training(c, steps=steps, batch_size=batch, learning_rate=lr,
-                        warmup_steps=max(1, steps // 20))
-    c.init_from = ""  # Run directory of a language model (e.g. SFT) to start the backbone from.
-    c.eval_batches = 16  # Validation batches per evaluation (at each checkpoint).
-    c.patience = 3  # Evaluations without improvement before stopping (validation plateau).
-    c.min_improvement = 0.002  # Accuracy gain that counts as improvement.
-    if variant == "tiny":
-        c.data.train_pairs, c.data.validation_pairs, c.data.test_pairs = 200, 32, 32
-        c.log_every, c.checkpoint_every, c.eval_batches = 5, 10, 2
-    return c
+from alignment_gap.presets.preference_model import *  # noqa: F403
+from alignment_gap.presets.preference_model import get_config  # noqa: F401

@@ -2,27 +2,10 @@
 
     python -m alignment_gap.main --config configs/sft.py:mini --workdir workdir/sft
 Variants: `tiny` (tests, seconds), `mini` (the CPU study), `60m` .. `11b` (model size only).
+
+The definitions live in `alignment_gap/presets/sft.py` (the library builds on them; this file
+is the config you pass with `--config`, loaded by path).
 """
 
-import ml_collections
-
-from configs import common
-
-VARIANTS = {  # name: (model size, steps, global batch, learning rate)
-    "tiny": ("mini", 20, 8, 3e-3),
-    "mini": ("mini", 1500, 32, 3e-3),
-}
-
-
-def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
-    size, steps, batch, lr = VARIANTS.get(variant, (variant, 4000, 64, 1e-4))
-    c = ml_collections.ConfigDict()
-    c.task = "sft"  # Which trainer main.py runs.
-    common.add_runtime(c, model_size=size)
-    common.add_training(c, steps=steps, batch_size=batch, learning_rate=lr,
-                        warmup_steps=max(1, steps // 20))
-    c.eval_batches = 8  # Validation batches per evaluation (at each checkpoint).
-    if variant == "tiny":
-        c.data.train_pairs, c.data.validation_pairs, c.data.test_pairs = 200, 32, 32
-        c.log_every, c.checkpoint_every, c.eval_batches = 5, 10, 2
-    return c
+from alignment_gap.presets.sft import *  # noqa: F403
+from alignment_gap.presets.sft import get_config  # noqa: F401

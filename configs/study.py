@@ -15,7 +15,7 @@ is the same at smoke scale (tests). Run them in the main study's workdir to reus
 
 import ml_collections
 
-from configs import common, meshes, models
+from alignment_gap.presets import common, meshes, models
 
 
 def _stage(steps, batch_size, learning_rate, *, warmup_steps, eval_batches):

@@ -20,12 +20,12 @@ import os
 import ml_collections
 
 from alignment_gap import pretrained
+from alignment_gap.presets import policy as policy_configs
+from alignment_gap.presets import preference_model as preference_configs
+from alignment_gap.presets import sft as sft_configs
 from alignment_gap.study import hypotheses, relabel_stage
 from alignment_gap.study.scheduler import Stage
 from alignment_gap.train import policy, preference, sft
-from configs import policy as policy_configs
-from configs import preference_model as preference_configs
-from configs import sft as sft_configs
 
 
 def _common(stage_cfg, study, section, steps, batch_size, learning_rate):

@@ -15,8 +15,8 @@ import os
 
 import numpy as np
 
+from alignment_gap.presets import models
 from alignment_gap.study.hypotheses import Finding, Verdict, shared
-from configs import models
 
 NAME, TITLE = "scaling", "Scaling the policy"
 
