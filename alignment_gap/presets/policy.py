@@ -1,12 +1,5 @@
-"""Policy optimisation from the SFT policy, online (proxy-labelled samples) or offline.
-
-    python -m alignment_gap.main --config configs/policy.py:online_mini --workdir DIR \\
-        --config.sft_checkpoint=workdir/sft --config.proxy_checkpoint=workdir/proxy
-    python -m alignment_gap.main --config configs/policy.py:offline_mini --workdir DIR \\
-        --config.sft_checkpoint=workdir/sft --config.data.comparisons=d_golden
-Variants: `online_tiny` / `offline_tiny` (tests), `online_mini` / `offline_mini` (CPU study).
-Swapping online for offline is the one field `source`.
-"""
+"""The policy trainer's base config and its variants, online and offline (passed as
+`configs/policy.py`)."""
 
 import ml_collections
 

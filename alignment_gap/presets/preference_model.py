@@ -1,10 +1,5 @@
-"""Pairwise preference models: the golden model (on D_initial) and the proxy (on D_golden).
-
-    python -m alignment_gap.main --config configs/preference_model.py:golden_mini --workdir DIR
-    python -m alignment_gap.main --config configs/preference_model.py:proxy_mini --workdir DIR \\
-        --config.data.comparisons=d_golden --config.init_from=workdir/sft
-Variants: `tiny` (tests), `golden_mini` / `proxy_mini` (the CPU study), or a model size.
-"""
+"""The preference-model trainer's base config and its variants (passed as
+`configs/preference_model.py`)."""
 
 import ml_collections
 

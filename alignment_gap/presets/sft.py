@@ -1,8 +1,4 @@
-"""SFT of the policy (and reference) on the comparisons' responses, winners and losers alike.
-
-    python -m alignment_gap.main --config configs/sft.py:mini --workdir workdir/sft
-Variants: `tiny` (tests, seconds), `mini` (the CPU study), `60m` .. `11b` (model size only).
-"""
+"""The SFT trainer's base config and its variants (passed as `configs/sft.py`)."""
 
 import ml_collections
 
