@@ -1,8 +1,6 @@
-"""The config sections every trainer shares (runtime, data, training).
+"""The config sections every trainer shares (runtime, data, training), for config files here.
 
-The definitions live in `alignment_gap/presets/common.py` (the library builds on them; this file
-is the config you pass with `--config`, loaded by path).
+The definitions live in `alignment_gap/presets/common.py`, which the library builds on.
 """
 
 from alignment_gap.presets.common import *  # noqa: F403
-from alignment_gap.presets.common import get_config  # noqa: F401
