@@ -47,14 +47,22 @@ PRETRAINED = {
     "llama3_1_8b": ("llama3", 4096, 32, 32, 8, 128, 14_336, 128_256, False),
 }
 
-FAMILIES = {
-    # 5 local layers (window 512, RoPE base 1e4) : 1 global (base 1e6); GeGLU; (1 + scale)
-    # norms before and after attention and MLP; QK-norm; embeddings times sqrt(width).
+# What a family is, whatever its size (the checkpoint importers set these too): Gemma 3 has
+# GeGLU, (1 + scale) norms before and after attention and MLP, QK-norm and embeddings times
+# sqrt(width); Qwen 2.5 QKV biases; Qwen 3 QK-norm; Llama 3 none of them.
+FAMILY_ARCHITECTURE = {
     "gemma3": dict(qk_norm=True, post_norms=True, norm_plus_one=True, mlp_activation="gelu_tanh",
-                   embed_scale=True, sliding_window=512, global_every=6, rope_theta=1e6,
-                   local_rope_theta=1e4, norm_eps=1e-6),
-    "qwen2": dict(qkv_bias=True, rope_theta=1e6, norm_eps=1e-6),
-    "qwen3": dict(qk_norm=True, rope_theta=1e6, norm_eps=1e-6),
+                   embed_scale=True),
+    "qwen2": dict(qkv_bias=True),
+    "qwen3": dict(qk_norm=True),
+    "llama3": {},
+}
+FAMILIES = {
+    # 5 local layers (window 512, RoPE base 1e4) : 1 global (base 1e6).
+    "gemma3": dict(FAMILY_ARCHITECTURE["gemma3"], sliding_window=512, global_every=6,
+                   rope_theta=1e6, local_rope_theta=1e4, norm_eps=1e-6),
+    "qwen2": dict(FAMILY_ARCHITECTURE["qwen2"], rope_theta=1e6, norm_eps=1e-6),
+    "qwen3": dict(FAMILY_ARCHITECTURE["qwen3"], rope_theta=1e6, norm_eps=1e-6),
     "llama3": dict(rope_theta=5e5, rope_scaling="llama3", rope_scaling_factor=32.0,
                    rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                    rope_original_max_len=8192, norm_eps=1e-5),

@@ -82,7 +82,7 @@ def pretrained_state(checkpoint: Checkpoint, state, cfg: TransformerConfig):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path][:-1]  # drop .value
         if keys[:1] == ["backbone"] and keys[1:2] == ["segment_embed"] or keys == ["score"]:
             return leaf
-        spec, stacked = param_spec(tuple(keys), cfg, checkpoint.family)
+        spec, stacked = param_spec(tuple(keys), cfg)
         return _placed(checkpoint, names, spec, stacked, leaf, cfg)
 
     return jax.tree_util.tree_map_with_path(load, state)
@@ -144,7 +144,7 @@ def export_language_model(lm: LanguageModel, family: str, directory: str):
     tensors = {}
     for path, value in jax.tree_util.tree_flatten_with_path(nnx.state(lm, nnx.Param))[0]:
         keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)[:-1]
-        spec, stacked = param_spec(keys, cfg, family)
+        spec, stacked = param_spec(keys, cfg)
         array = np.asarray(jax.device_get(value), np.float32)
         for i, layer in enumerate(array if stacked else [array]):
             tensors[spec.name.format(layer=i)] = np.ascontiguousarray(spec.to_stored(layer))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
+from alignment_gap.presets.models import FAMILY_ARCHITECTURE
 from alignment_gap.pretrained.layout import CheckpointError
 
 # Hugging Face name pieces -> llama.cpp's, for Gemma 3.
@@ -84,7 +85,6 @@ def architecture(source: GgufSource) -> tuple[str, dict]:
         num_heads=heads, num_kv_heads=key("attention.head_count_kv"), head_dim=head_dim,
         mlp_dim=key("feed_forward_length"), norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in source.tensors,
-        rope_theta=float(key("rope.freq_base")), qk_norm=True, post_norms=True,
-        norm_plus_one=True, mlp_activation="gelu_tanh", embed_scale=True,
+        rope_theta=float(key("rope.freq_base")), **FAMILY_ARCHITECTURE["gemma3"],
         sliding_window=int(key("attention.sliding_window")), global_every=6,
         local_rope_theta=10_000.0, query_scale=float(head_dim) ** -0.5)

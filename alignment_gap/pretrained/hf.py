@@ -18,11 +18,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from alignment_gap.presets.models import FAMILY_ARCHITECTURE
 from alignment_gap.pretrained.layout import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
-# Hugging Face model_type -> our family (configs/models.py FAMILIES).
+# Hugging Face model_type -> our family (alignment_gap/presets/models.py).
 FAMILIES = {"gemma3_text": "gemma3", "gemma3": "gemma3", "qwen2": "qwen2", "qwen3": "qwen3",
             "llama": "llama3"}
 
@@ -85,13 +86,10 @@ def read_config(directory: str) -> dict:
     with open(path) as f:
         config = json.load(f)
     # Multimodal Gemma 3 keeps the language model's settings under text_config.
-    return {**config.get("text_config", {}), "model_type": _model_type(config, path)} \
-        if "text_config" in config else config
-
-
-def _model_type(config: dict, path: str) -> str:
-    text = config.get("text_config", {})
-    return text.get("model_type") or config.get("model_type") or ""
+    text = config.get("text_config")
+    if text is None:
+        return config
+    return {**text, "model_type": text.get("model_type") or config.get("model_type", "")}
 
 
 def _rope(config: dict, kind: str | None = None) -> dict:
@@ -124,13 +122,12 @@ def architecture(config: dict, where: str) -> tuple[str, dict]:
     rope = _rope(config, "full_attention")
     fields["rope_theta"] = float(rope["rope_theta"])
     fields.update(_rope_scaling(rope, where))
+    fields.update(FAMILY_ARCHITECTURE[family])
     if family == "gemma3":
         fields.update(_gemma3(config, where))
     elif family == "qwen2":
-        fields["qkv_bias"] = True
         _require(config, where, use_sliding_window=False)
     elif family == "qwen3":
-        fields["qk_norm"] = True
         _require(config, where, attention_bias=False)
     else:
         _require(config, where, attention_bias=False, mlp_bias=False)
@@ -172,9 +169,7 @@ def _gemma3(config: dict, where: str) -> dict:
                  for i in range(layers)]:
         raise CheckpointError(f"{where}: layer_types is not one global layer every n; "
                               "only that pattern is supported")
-    return dict(qk_norm=True, post_norms=True, norm_plus_one=True, mlp_activation="gelu_tanh",
-                embed_scale=True, sliding_window=int(config["sliding_window"]),
-                global_every=every,
+    return dict(sliding_window=int(config["sliding_window"]), global_every=every,
                 local_rope_theta=float(_rope(config, "sliding_attention")["rope_theta"]),
                 query_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5)
 

@@ -70,7 +70,7 @@ def _matrix(name, rows, cols, perm):
     return Spec(name, tuple(rows), tuple(cols), tuple(perm))
 
 
-def block_specs(cfg: TransformerConfig, family: str) -> dict[str, Spec]:
+def block_specs(cfg: TransformerConfig) -> dict[str, Spec]:
     """Our block's parameters (paths below `blocks.<i>`) -> their stored tensors."""
     d, n, k, h, f = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
     layer = "model.layers.{layer}."
@@ -115,7 +115,7 @@ def top_specs(cfg: TransformerConfig) -> dict[str, Spec]:
     return specs
 
 
-def param_spec(path: tuple, cfg: TransformerConfig, family: str) -> tuple[Spec, bool]:
+def param_spec(path: tuple, cfg: TransformerConfig) -> tuple[Spec, bool]:
     """(spec, stacked) of one of our LanguageModel parameter paths, e.g.
     `("backbone", "blocks", 3, "attn", "q")`; `stacked`: a scanned `[layers, ...]` array whose
     spec names layer `{layer}`."""
@@ -123,8 +123,8 @@ def param_spec(path: tuple, cfg: TransformerConfig, family: str) -> tuple[Spec, 
     if parts[:2] == ["backbone", "blocks"]:
         rest = parts[2:]
         if cfg.scan_layers:
-            return block_specs(cfg, family)[".".join(rest)], True
-        spec = block_specs(cfg, family)[".".join(rest[1:])]
+            return block_specs(cfg)[".".join(rest)], True
+        spec = block_specs(cfg)[".".join(rest[1:])]
         return dataclasses.replace(spec, name=spec.name.format(layer=rest[0])), False
     dotted = ".".join(parts)
     specs = top_specs(cfg)
