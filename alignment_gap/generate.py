@@ -26,13 +26,12 @@ from absl import app, flags
 from flax import nnx
 
 from alignment_gap import checkpoint, pretrained, sharding
-from alignment_gap.config_checks import ConfigError
 from alignment_gap.data import datasets
 from alignment_gap.data.pipelines import encode_prompt
 from alignment_gap.data.pretrained_tokenizers import load_tokenizer
+from alignment_gap.errors import CheckpointError, ConfigError
 from alignment_gap.models import LanguageModel, TransformerConfig
 from alignment_gap.presets import meshes
-from alignment_gap.pretrained.layout import CheckpointError
 from alignment_gap.sampling import Sampler, SamplingConfig
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "hf:DIR, gguf:FILE or run:DIR.")

@@ -19,7 +19,10 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from alignment_gap import config_checks, console, sharding
+from alignment_gap import config_checks, console, demo, preemption, sharding
+from alignment_gap.errors import ONE_LINE, ConfigError
+from alignment_gap.study import run as study
+from alignment_gap.train import policy, preference, sft
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file path[:variant].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
@@ -28,29 +31,9 @@ _VERBOSE = flags.DEFINE_bool(
     "in <workdir>/log.txt.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-
-def _clear_errors():
-    from alignment_gap.checkpoint import IncompatibleCheckpoint
-    from alignment_gap.data.builders import DataError
-    from alignment_gap.pretrained.layout import CheckpointError
-    from alignment_gap.study.scheduler import StageFailed
-    from alignment_gap.train.loop import NonFiniteLoss
-
-    return (config_checks.ConfigError, IncompatibleCheckpoint, DataError, NonFiniteLoss,
-            StageFailed, CheckpointError)
-
-
-_CLEAR_ERRORS = _clear_errors()
 BUCKET_PREFIXES = ("gs://", "s3://", "az://")
-
-
-def _tasks():
-    from alignment_gap import demo
-    from alignment_gap.study import run as study
-    from alignment_gap.train import policy, preference, sft
-
-    return {"demo": demo.run, "sft": sft.run, "preference_model": preference.run,
-            "policy": policy.run, "study": study.run}
+TASKS = {"demo": demo.run, "sft": sft.run, "preference_model": preference.run,
+         "policy": policy.run, "study": study.run}
 
 
 def use_compilation_cache(workdir: str, sweep_shard: int = 0):
@@ -70,30 +53,33 @@ def main(argv):
     del argv
     console.route(verbose=_VERBOSE.value)
     config = _CONFIG.value
-    tasks = _tasks()
     try:
-        if config.task not in tasks:
-            raise config_checks.ConfigError(
-                f"config.task: {config.task!r} is unknown; use one of {sorted(tasks)}")
+        if config.task not in TASKS:
+            raise ConfigError(
+                f"config.task: {config.task!r} is unknown; use one of {sorted(TASKS)}")
         if _WORKDIR.value.startswith(BUCKET_PREFIXES):
-            raise config_checks.ConfigError(
+            raise ConfigError(
                 f"--workdir: {_WORKDIR.value} is a bucket URL, but metrics, streams and reports "
                 "are written as local files; mount the bucket (launch/tpu_vm.sh --bucket NAME "
                 "mounts gs://NAME at /mnt/gcs/NAME on every worker) and pass that path")
         sharding.initialize_distributed(config.distributed)
+        preemption.install()
         shard = config.get("sweep", {}).get("shard", 0)
         console.log_to(os.path.join(_WORKDIR.value, console.log_name(jax.process_index(), shard)))
         logging.info("alignment_gap.main %s", " ".join(sys.argv[1:]))
         config_checks.validate(config, jax.device_count())
         use_compilation_cache(_WORKDIR.value, shard)
-    except config_checks.ConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        tasks[config.task](config, _WORKDIR.value)
-    except _CLEAR_ERRORS as e:  # Bad input or a diverged run: one line, no traceback.
+        TASKS[config.task](config, _WORKDIR.value)
+    except ONE_LINE as e:  # Bad input or a diverged run: one line, no traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except preemption.Preempted as e:  # saved; the scheduler requeues on this status
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(preemption.EXIT_REQUEUE)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ import time
 import jax
 import numpy as np
 from clu import metrics as clu_metrics
+from tensorboardX import SummaryWriter
+
+from alignment_gap.errors import DataError
 
 
 class Window:
@@ -45,8 +48,6 @@ class Writer:
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
-
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name))
 
     def write(self, step: int, scalars: dict, prefix: str = ""):
@@ -62,6 +63,29 @@ class Writer:
     def close(self):
         if self._tb is not None:
             self._tb.close()
+
+
+def drop_after(workdir: str, step: int):
+    """Keep the records of `metrics.jsonl` up to `step`, the step a run resumes from (none when
+    it starts afresh: even step 0's evaluation is logged again). Process 0; atomic."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # the last line may be one a killed process left half
+                raise DataError(f"{path}: line {i + 1} is not JSON; delete the file to start "
+                                "its log afresh (the checkpoints are unaffected)") from None
+    kept = [r for r in records if 0 < step and r["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict]:

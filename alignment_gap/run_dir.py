@@ -7,6 +7,8 @@ one place:
     DONE.json     {"step": last step, ...result}; a trainer's result: {"metrics": its last
                   metrics, "stopped_early": bool}
     FAILED.json   {"error": "<ExceptionType>: <first line of the message>"}
+    PREEMPTED.json  {"step": the step saved, "signal": "SIGTERM" | "SIGINT"}: stopped on a
+                  preemption signal with that step checkpointed; removed when the run resumes
 
 A run is finished once `DONE.json` says `step >= num_steps` (a stage that is one pass counts
 as one step), or that it stopped early (validation plateau). The rest of the record is the
@@ -22,8 +24,11 @@ import os
 
 import jax
 
+from alignment_gap.errors import DataError
+
 DONE = "DONE.json"
 FAILED = "FAILED.json"
+PREEMPTED = "PREEMPTED.json"
 
 
 def write_json(directory: str, name: str, payload: dict):
@@ -43,7 +48,11 @@ def read_json(directory: str, name: str) -> dict | None:
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError:
+            raise DataError(f"{path} is damaged (not JSON); delete it and rerun to redo "
+                            f"{os.path.basename(os.path.abspath(directory))}") from None
 
 
 def finish(directory: str, step: int = 1, **result):
@@ -103,3 +112,21 @@ def clear_failure(directory: str):
     """Forget an earlier failure before a retry (process 0 only)."""
     if jax.process_index() == 0 and os.path.exists(failed_path(directory)):
         os.remove(failed_path(directory))
+
+
+def preempted(directory: str, step: int, signal: str):
+    """Record that the run stopped on `signal` with `step` checkpointed (to resume from)."""
+    write_json(directory, PREEMPTED, {"step": int(step), "signal": signal})
+
+
+def preempted_step(directory: str) -> int | None:
+    """The step a preempted run saved; None when it was not preempted (or has resumed)."""
+    record = read_json(directory, PREEMPTED)
+    return None if record is None else int(record["step"])
+
+
+def clear_preempted(directory: str):
+    """The run resumes: forget the preemption (process 0 only)."""
+    path = os.path.join(directory, PREEMPTED)
+    if jax.process_index() == 0 and os.path.exists(path):
+        os.remove(path)

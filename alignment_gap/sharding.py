@@ -17,6 +17,8 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from alignment_gap.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -153,8 +155,6 @@ def process_rows(mesh, rules, global_rows: int) -> slice:
     blocks = _row_blocks(mesh, rules, global_rows)
     start, stop = blocks[0][0], blocks[-1][1]
     if sum(b - a for a, b in blocks) != stop - start:
-        from alignment_gap.config_checks import ConfigError
-
         raise ConfigError(f"config.mesh: this process's batch rows {blocks} are not contiguous; "
                           "order the mesh so each process holds one block of the batch axis")
     return slice(start, stop)

@@ -28,8 +28,8 @@ from jax.experimental import multihost_utils
 
 from alignment_gap import sharding
 from alignment_gap.batches import PreferenceBatch, merge_rows, split_rows
-from alignment_gap.config_checks import ConfigError
 from alignment_gap.data import pipelines
+from alignment_gap.errors import ConfigError
 from alignment_gap.models.heads import both_order_margin
 from alignment_gap.sampling import Sampler, SamplingConfig
 
@@ -141,7 +141,7 @@ def replay_iterator(directory: str, shape, order: str = "tandem", window: int = 
             return start + int(perms[start][i - start])
         records = grain.MapDataset.range(n).map(lambda i, base=records: base[position(i)])
     ordered = records.repeat(None)
-    local, local_b = pipelines._local_records(ordered, shape)
+    local, local_b = pipelines.local_records(ordered, shape)
     batches = local.batch(local_b, drop_remainder=True).map(
         lambda d: PreferenceBatch(**{f: d[f] for f in FIELDS}))
     return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))

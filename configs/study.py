@@ -15,6 +15,7 @@ is the same at smoke scale (tests). Run them in the main study's workdir to reus
 
 import ml_collections
 
+from alignment_gap.config_checks import HYPOTHESES
 from alignment_gap.presets import common, meshes, models
 
 
@@ -52,9 +53,6 @@ def _golden_stage(steps, batch_size, learning_rate):
 
 def _proxy_stage(steps, batch_size, learning_rate):
     return _preference_stage(steps, batch_size, learning_rate, warmup_steps=100)
-
-
-HYPOTHESES = ("coverage", "quality", "classification", "noncontrastive", "scaling")
 
 
 def get_config(variant: str = "mini") -> ml_collections.ConfigDict:

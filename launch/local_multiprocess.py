@@ -12,16 +12,21 @@ runs, sharing one workdir - how a sweep fans out over hosts (`config.sweep`):
     python launch/local_multiprocess.py --sweep --num_processes 2 -- \\
         --config configs/study.py:smoke --workdir /tmp/smoke_sweep
 
-If one process fails, the others are stopped and the launcher exits with its status.
+If one process fails, the others are stopped and the launcher exits with its status. SIGTERM
+to the launcher is passed to every process: they save the same step and exit with 75 (requeue,
+`alignment_gap/preemption.py`), and so does the launcher; rerun the same command to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import subprocess
 import sys
 import time
+
+EXIT_REQUEUE = 75  # alignment_gap.preemption.EXIT_REQUEUE: saved on a signal, not failed
 
 
 def free_port() -> int:
@@ -44,10 +49,12 @@ def launch(num_processes: int, devices_per_process: int, main_args: list[str],
                     f"--config.distributed.process_id={i}",
                     f"--config.distributed.local_cpu_devices={devices_per_process}"]
         procs.append(subprocess.Popen(cmd))
+    signal.signal(signal.SIGTERM, lambda signum, frame: [
+        p.send_signal(signum) for p in procs if p.poll() is None])
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     status = 0
     while any(p.poll() is None for p in procs):
-        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        failed = [p.returncode for p in procs if p.returncode not in (None, 0, EXIT_REQUEUE)]
         late = deadline is not None and time.monotonic() > deadline
         if failed or late:
             status = failed[0] if failed else 124

@@ -54,6 +54,7 @@ def test_cached_sampler_equals_full_recompute_with_prompts_longer_than_the_windo
     np.testing.assert_allclose(cached.logprobs, naive.logprobs, atol=5e-5)
 
 
+@pytest.mark.slow
 def test_scanned_layers_of_both_kinds_equal_unrolled_ones(mini_config):
     """Mixed local and global layers scan with a per-layer flag: training logits and the
     cached sampler on a mesh equal the unrolled model's (one kind of layer scans as before)."""

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from alignment_gap import config_checks
+from alignment_gap.errors import ConfigError
 from alignment_gap.models import LanguageModel, TransformerConfig
 from configs import demo, meshes, models
 
@@ -64,7 +65,7 @@ def _demo(**changes):
     ({"model.max_len": 8}, 1, "config.model.max_len"),
 ])
 def test_bad_values_name_the_field_and_the_fix(changes, devices, field):
-    with pytest.raises(config_checks.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         config_checks.validate(_demo(**changes), devices)
     message = str(err.value)
     assert field in message and "\n" not in message and ";" in message  # field; problem; fix
@@ -73,7 +74,7 @@ def test_bad_values_name_the_field_and_the_fix(changes, devices, field):
 def test_unknown_loss_is_a_clear_error():
     c = _demo()
     c.loss = "ppo"
-    with pytest.raises(config_checks.ConfigError, match=r"config.loss: 'ppo' is unknown; use"):
+    with pytest.raises(ConfigError, match=r"config.loss: 'ppo' is unknown; use"):
         config_checks.validate(c, 1)
 
 
@@ -96,6 +97,7 @@ def test_cli_bad_override_exits_with_one_line():
     assert done.stderr.strip().splitlines()[-1].startswith("error: config.model.num_heads: 5")
 
 
+@pytest.mark.slow
 def test_cli_overrides_apply_and_a_finished_workdir_is_left_alone(tmp_path):
     args = ["--config", "configs/demo.py:mini", "--workdir", str(tmp_path),
             "--config.num_steps=6", "--config.warmup_steps=1", "--config.log_every=2",

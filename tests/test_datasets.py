@@ -140,14 +140,14 @@ def test_relabel_with_the_oracle_writes_a_new_dataset(tmp_path):
     source = builders.prepare(builders.synthetic_builder(
         "comparisons", str(tmp_path), noisy, train=80, validation=0, test=0))["train"]
     judge = relabel.oracle_judge(noisy)
-    before = judge([relabel._decoded(source[i]) for i in range(80)])
+    before = judge([relabel.decoded(source[i]) for i in range(80)])
     assert not before.all()
     golden = relabel.relabel({"train": source}, judge, "d_golden-test", str(tmp_path))["train"]
-    records = [relabel._decoded(golden[i]) for i in range(len(golden))]
+    records = [relabel.decoded(golden[i]) for i in range(len(golden))]
     assert len(records) == 80  # nothing dropped
     assert judge(records).all()
     pairs = {r["id"]: {r["chosen"], r["rejected"]} for r in records}
     for i in range(80):  # the same pairs, some swapped
-        r = relabel._decoded(source[i])
+        r = relabel.decoded(source[i])
         assert pairs[r["id"]] == {r["chosen"], r["rejected"]}
     assert np.sum(~before) > 0

@@ -220,6 +220,7 @@ def test_preference_model_scores_both_orders_in_one_pass(mini_config):
     assert forward[5] == pytest.approx(float(backward[5]), abs=1e-6)  # both empty: one input
 
 
+@pytest.mark.slow
 def test_microbatched_update_equals_the_full_batch_update(mini_config, shape=(2, 2, 2)):
     from alignment_gap.batches import PreferenceBatch
     from alignment_gap.train.policy import make_policy_loss

@@ -17,6 +17,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from alignment_gap import sharding
+from alignment_gap.errors import CheckpointError
 from alignment_gap.logprobs import token_logprobs
 from alignment_gap.pretrained import (
     export_language_model,
@@ -24,7 +25,6 @@ from alignment_gap.pretrained import (
     load_trunk,
     open_checkpoint,
 )
-from alignment_gap.pretrained.layout import CheckpointError
 from alignment_gap.sampling import Sampler, SamplingConfig
 from tests.helpers import mesh_and_rules, preference_model
 

@@ -9,20 +9,16 @@ import sys
 
 import pytest
 
-from alignment_gap.config_checks import ConfigError
 from alignment_gap.data import builders, datasets, real_data, tokenizer
-from alignment_gap.data.builders import DataError
+from alignment_gap.data.pipelines import as_text
+from alignment_gap.errors import ConfigError, DataError
 from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _text(x):
-    return x.decode() if isinstance(x, bytes) else x
-
-
 def _column(source, field):
-    return [_text(source[i][field]) for i in range(len(source))]
+    return [as_text(source[i][field]) for i in range(len(source))]
 
 
 # --- Anthropic HH-RLHF: <subset>/{train,test}.jsonl.gz ------------------------------------
@@ -153,12 +149,13 @@ def test_arena_keeps_single_turn_winners_and_drops_ties_and_multi_turn(tmp_path)
     assert set(sources) == {"train", "validation", "test"}
     rows = [source[i] for source in sources.values() for i in range(len(source))]
     assert len(rows) == 40 and all(len(source) for source in sources.values())
-    by_prompt = {_text(r["prompt"]): r for r in rows}
+    by_prompt = {as_text(r["prompt"]): r for r in rows}
     a_wins = by_prompt["\n\nHuman: Which river runs through city 1?\n\nAssistant:"]
-    assert _text(a_wins["chosen"]) == "City 1." and _text(a_wins["chosen_model"]) == "vicuna-13b"
+    assert as_text(a_wins["chosen"]) == "City 1."
+    assert as_text(a_wins["chosen_model"]) == "vicuna-13b"
     b_wins = by_prompt["\n\nHuman: Which river runs through city 2?\n\nAssistant:"]
-    assert _text(b_wins["chosen"]) == "I am not sure about 2."
-    assert _text(b_wins["rejected"]) == "City 2." and _text(b_wins["language"]) == "English"
+    assert as_text(b_wins["chosen"]) == "I am not sure about 2."
+    assert as_text(b_wins["rejected"]) == "City 2." and as_text(b_wins["language"]) == "English"
     assert not any(f"city {i}?" in p for p in by_prompt for i in (100, 101, 200, 201))
     expected = {"pairs": 40, "dropped_ties": 4, "dropped_multi_turn": 3}
     assert dict(builder.info.metadata) == expected
@@ -259,20 +256,38 @@ def test_arena_without_files_names_the_directory(tmp_path):
 
 # --- A trainer on HH: the split every stage asks for exists -------------------------------
 
-def test_sft_on_hh_in_the_published_layout_runs_and_evaluates(tmp_path):
+def _hh_sft(tmp_path, *flags):
+    """SFT on HH files in the published layout; the finished process."""
     manual = write_hh(tmp_path / "manual")
     corpus = [r[k] for r in (_hh_row(i) for i in range(60)) for k in ("chosen", "rejected")]
     spm = tmp_path / "tok" / "hh.model"
     tokenizer.Tokenizer.train(corpus * 4, 200, path=str(spm))
-    workdir = tmp_path / "sft"
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "alignment_gap.main", "--config",
-         os.path.join(ROOT, "configs", "sft.py:tiny"), "--workdir", str(workdir),
+         os.path.join(ROOT, "configs", "sft.py:tiny"), "--workdir", str(tmp_path / "sft"),
          "--config.data.kind=hh", f"--config.data.manual_dir={manual}",
          f"--config.data.dir={tmp_path / 'data'}", f"--config.data.tokenizer={spm}",
          "--config.num_steps=2", "--config.batch_size=4", "--config.checkpoint_every=2",
-         "--config.log_every=1", "--config.eval_batches=1", "--config.warmup_steps=1"],
+         "--config.log_every=1", "--config.eval_batches=1", "--config.warmup_steps=1", *flags],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_sft_on_hh_in_the_published_layout_runs_and_evaluates(tmp_path):
+    done = _hh_sft(tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    workdir = tmp_path / "sft"
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/loss" in r for r in rows)
+
+
+def test_a_split_smaller_than_a_batch_stops_before_the_first_step(tmp_path):
+    """The carved HH validation split (~5% of 60 records, two examples each) is smaller than a
+    batch of 16: one line naming the field that applies to real data, and no step is taken."""
+    done = _hh_sft(tmp_path, "--config.batch_size=16")
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-4000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: config.batch_size: the SFT validation split holds ")
+    assert "data.manual_dir" not in message and str(tmp_path / "manual") in message
+    assert not (tmp_path / "sft" / "metrics.jsonl").exists()
+    assert not (tmp_path / "sft" / "checkpoints").exists()

@@ -3,7 +3,10 @@
 
 import json
 
-from alignment_gap import run_dir
+import pytest
+
+from alignment_gap import metrics, run_dir
+from alignment_gap.errors import DataError
 
 
 def test_a_run_is_finished_at_its_steps_or_when_it_stopped_early(tmp_path):
@@ -41,3 +44,27 @@ def test_a_failure_is_recorded_by_its_first_line_and_cleared_on_retry(tmp_path):
     assert json.loads((tmp_path / "FAILED.json").read_text()) == {"error": "ValueError: bad value"}
     run_dir.clear_failure(d)
     assert run_dir.failure(d) is None and not (tmp_path / "FAILED.json").exists()
+
+
+def test_a_damaged_record_is_one_line_naming_the_file_and_what_to_delete(tmp_path):
+    d = tmp_path / "stages" / "proxy-abc"
+    d.mkdir(parents=True)
+    (d / "DONE.json").write_text('{"step": 4')  # a write cut short
+    with pytest.raises(DataError) as e:
+        run_dir.is_finished(str(d), 4)
+    message = str(e.value)
+    assert message == (f"{d / 'DONE.json'} is damaged (not JSON); delete it and rerun to redo "
+                       "proxy-abc")
+
+
+def test_a_resumed_run_drops_metrics_logged_after_its_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": float(s)} for s in (0, 1, 2, 3, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+    metrics.drop_after(str(tmp_path), 2)  # the half line a killed process left goes too
+    assert [r["step"] for r in metrics.read_jsonl(str(path))] == [0, 1, 2]
+    metrics.drop_after(str(tmp_path), 0)  # a fresh start logs even step 0 again
+    assert metrics.read_jsonl(str(path)) == []
+    path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl: line 2 is not JSON; delete the file"):
+        metrics.drop_after(str(tmp_path), 2)

@@ -145,6 +145,7 @@ def test_draws_are_jax_categorical_and_greedy_is_argmax():
                                       jax.random.categorical(key, logits / 0.7, axis=-1))
 
 
+@pytest.mark.slow
 def test_online_source_ranks_by_the_proxy_in_any_number_of_slices(mini_config):
     from alignment_gap.batches import PromptBatch
     from alignment_gap.models import both_order_margin

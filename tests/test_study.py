@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -75,6 +76,30 @@ def test_aot_report_holds_every_program_the_smoke_study_runs(smoke, tmp_path):
     assert not re.search(r"TPU_ACCELERATOR_TYPE|libtpu|backend 'tpu'", log + first.stderr)
 
 
+def test_a_preempted_study_resumes_to_the_same_results(smoke, tmp_path):
+    """SIGTERM during the online run: that step is saved, the study exits 75 (requeue), and
+    the same command finishes it with the uninterrupted study's results to the last digit."""
+    reference, args, _ = smoke
+    workdir = tmp_path / "study"
+    args = [a.replace(str(reference), str(workdir)) for a in args]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    online = False
+    for line in proc.stdout:
+        online = online or line.startswith("== stage online")
+        if online and re.match(r"step \d+/", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 75, err[-3000:]
+    (stage,) = [d for d in (workdir / "stages").iterdir() if (d / "PREEMPTED.json").exists()]
+    assert stage.name.startswith("online") and not (stage / "FAILED.json").exists()
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("results.json", "results.csv", "samples.json"):
+        assert (workdir / name).read_text() == (reference / name).read_text(), name
+
+
 def test_finished_study_is_not_rerun(smoke):
     workdir, args, _ = smoke
     stamp = (workdir / "timings.json").read_text()
@@ -141,11 +166,12 @@ def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke)
 
 
 def test_unknown_hypothesis_is_a_one_line_error():
-    from alignment_gap.config_checks import ConfigError
+    from alignment_gap.errors import ConfigError
     from alignment_gap.study import hypotheses
 
     with pytest.raises(ConfigError, match="config.hypotheses: 'luck' is unknown"):
         hypotheses.get("luck")
+    assert tuple(hypotheses.MODULES) == study_configs.HYPOTHESES  # every name has its module
 
 
 @pytest.mark.parametrize("variant", ["scaling", "smoke_scaling"])

@@ -95,7 +95,8 @@ def test_a_failed_stage_stops_the_hosts_waiting_for_it(tmp_path):
 
 @pytest.mark.parametrize("shard", [-1, 2])
 def test_shard_out_of_range_is_a_one_line_error(shard):
-    from alignment_gap.config_checks import ConfigError, validate
+    from alignment_gap.config_checks import validate
+    from alignment_gap.errors import ConfigError
     from configs import study
 
     c = study.get_config("smoke")

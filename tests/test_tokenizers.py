@@ -13,12 +13,12 @@ import tokenizers
 from ml_collections import ConfigDict
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from alignment_gap.config_checks import ConfigError
 from alignment_gap.data import datasets, pipelines, real_data
 from alignment_gap.data.gguf_tokenizer import model_proto
 from alignment_gap.data.hf_tokenizer import HFTokenizer
 from alignment_gap.data.pretrained_tokenizers import load_tokenizer
 from alignment_gap.data.tokenizer import Tokenizer, check_fits_model
+from alignment_gap.errors import ConfigError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizers",
                        "gemma3_270m_ids.json")
@@ -60,6 +60,7 @@ def reference():
         return json.load(f)
 
 
+@pytest.mark.slow  # reads the real GGUF file
 def test_gemma_gguf_has_the_files_vocabulary_and_special_ids(gemma, reference):
     assert isinstance(gemma, Tokenizer)
     assert gemma.vocab_size == reference["vocab_size"] == 262144
@@ -76,12 +77,14 @@ def test_gemma_gguf_has_the_files_vocabulary_and_special_ids(gemma, reference):
         check_fits_model(gemma, 262143)
 
 
+@pytest.mark.slow  # reads the real GGUF file
 def test_gemma_gguf_encodes_as_transformers_does(gemma, reference):
     assert len(reference["encodings"]) >= 10
     for record in reference["encodings"]:
         assert gemma.encode(record["text"]) == record["ids"], record["text"]
 
 
+@pytest.mark.slow  # reads the real GGUF file
 def test_gemma_gguf_normaliser_is_gemmas(gemma):
     norm = gemma.sp.serialized_model_proto()
     from sentencepiece import sentencepiece_model_pb2 as sp_model
@@ -94,6 +97,7 @@ def test_gemma_gguf_normaliser_is_gemmas(gemma):
 
 
 @pytest.mark.parametrize("name", sorted(TEXTS))
+@pytest.mark.slow  # reads the real GGUF file
 def test_gemma_round_trips(gemma, name):
     text = TEXTS[name]
     ids = gemma.encode(text)
@@ -102,6 +106,7 @@ def test_gemma_round_trips(gemma, name):
         assert any(gemma.sp.is_byte(i) for i in ids)
 
 
+@pytest.mark.slow  # reads the real GGUF file
 def test_gemma_prompt_gets_bos_first_as_transformers_adds_it(gemma, reference):
     expected = reference["with_special_tokens"]
     ids, mask = pipelines.encode_prompt(gemma, expected["text"], 8)
@@ -306,7 +311,7 @@ def test_config_data_tokenizer_accepts_every_kind(tmp_path):
     for spec, kind in ((ckpt, HFTokenizer), (str(tmp_path / "bpe.model"), Tokenizer)):
         d = ConfigDict({"tokenizer": spec, "kind": "tldr"})
         assert isinstance(datasets.tokenizer(d), kind)
-        assert isinstance(Tokenizer.load(spec), kind)
+        assert isinstance(load_tokenizer(spec), kind)
 
 
 def test_left_padding_decodes_when_pad_is_eos(tmp_path):

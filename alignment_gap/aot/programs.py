@@ -24,9 +24,9 @@ from flax import nnx
 
 from alignment_gap import sharding
 from alignment_gap.batches import PreferenceBatch, SFTBatch
-from alignment_gap.config_checks import ConfigError
 from alignment_gap.data.relabel import BATCH as RELABEL_BATCH
 from alignment_gap.data.relabel import margins_program
+from alignment_gap.errors import ConfigError
 from alignment_gap.evaluation import eval_programs, eval_sampler
 from alignment_gap.models import KVCache
 from alignment_gap.sampling import SamplingConfig

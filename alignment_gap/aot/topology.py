@@ -22,6 +22,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, topologies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +140,6 @@ def resolve(name: str, slices: int = 1) -> Target:
         return Target(name, "cpu", (count,), 1, tuple(jax.devices("cpu")[:count]), None)
     generation, chips = parse(name)
     shape = slice_shape(generation, chips)
-    try:
-        from jax.experimental import topologies
-    except ImportError as e:  # pragma: no cover - part of jax
-        raise TopologyError(f"--topology: {e}") from e
     _prepare_libtpu()
     kwargs = {"chip_config_name": "megacore"} if _CORES_PER_CHIP[generation] == 2 else {}
     if slices > 1:
@@ -164,8 +161,6 @@ def device_grid(target: Target, mesh_shape: tuple[int, int, int]) -> np.ndarray:
     """Devices arranged as the (data, fsdp, tensor) mesh: within a slice in the order the
     torus favours; across slices, the data axis spans the slices (only data-parallel traffic
     crosses the data-center network)."""
-    from jax.experimental import mesh_utils
-
     data, fsdp, tensor = mesh_shape
     if target.slices == 1:
         # Splitting a physical axis lets e.g. fsdp 64 x tensor 4 lie on a 16x16 torus.

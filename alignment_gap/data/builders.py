@@ -26,9 +26,6 @@ SPLIT_OFFSETS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
 KINDS = ("comparisons", "sft", "prompts")
 
 
-class DataError(ValueError):
-    """A malformed source record: the message names the file, the record index and the field."""
-
 
 def comparison_features(**extra):
     return tfds.features.FeaturesDict({

@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Callable
 
-from alignment_gap.config_checks import ConfigError
+from alignment_gap.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

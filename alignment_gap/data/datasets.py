@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 
-from alignment_gap.config_checks import ConfigError
 from alignment_gap.data import builders, real_data
 from alignment_gap.data import world as world_lib
 from alignment_gap.data.pretrained_tokenizers import load_tokenizer
 from alignment_gap.data.tokenizer import synthetic_tokenizer
+from alignment_gap.errors import ConfigError
 
 KINDS = ("synthetic", "tldr", "hh", "arena")
 SPLITS = ("train", "validation", "test")  # What the trainers and the study ask for.

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 
+import gguf
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
-from alignment_gap.config_checks import ConfigError
 from alignment_gap.data.tokenizer import Tokenizer
+from alignment_gap.errors import ConfigError
 
 _PIECE = sp_model.ModelProto.SentencePiece
 _KEY = "tokenizer.ggml."
@@ -31,8 +32,6 @@ _KEY = "tokenizer.ggml."
 
 def _metadata(path: str) -> dict:
     """The `tokenizer.ggml.*` fields of a GGUF file, keys without the prefix."""
-    import gguf
-
     reader = gguf.GGUFReader(path)
     return {name[len(_KEY):]: field.contents() for name, field in reader.fields.items()
             if name.startswith(_KEY)}

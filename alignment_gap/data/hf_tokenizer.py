@@ -17,9 +17,9 @@ import os
 
 import tokenizers
 
-from alignment_gap.config_checks import ConfigError
 from alignment_gap.data.checkpoint_specials import read_special_ids
 from alignment_gap.data.tokenizer import content_ids
+from alignment_gap.errors import ConfigError
 
 
 class HFTokenizer:

@@ -34,7 +34,8 @@ class BatchShape:
         return self.rows if self.rows is not None else slice(0, self.global_batch_size)
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
+    """A record field as text (TFDS Text features come back as bytes)."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -72,7 +73,7 @@ def _global_order(source, seed: int, shuffle: bool, num_epochs: int | None):
     return ds.repeat(num_epochs)
 
 
-def _local_records(ordered, shape: BatchShape):
+def local_records(ordered, shape: BatchShape):
     """This process's records of every global batch, batch after batch."""
     rows, b = shape.local_rows, shape.global_batch_size
     local_b = rows.stop - rows.start
@@ -94,15 +95,15 @@ def preference_pipeline(source, tokenizer, shape: BatchShape, *, seed: int, shuf
                         num_epochs: int | None = None, num_threads: int = 2, prefetch: int = 8):
     """`{prompt, chosen, rejected}` records -> PreferenceBatch."""
     def encode(record):
-        prompt, prompt_mask = encode_prompt(tokenizer, _text(record["prompt"]), shape.prompt_len)
-        chosen, chosen_mask = encode_response(tokenizer, _text(record["chosen"]),
+        prompt, prompt_mask = encode_prompt(tokenizer, as_text(record["prompt"]), shape.prompt_len)
+        chosen, chosen_mask = encode_response(tokenizer, as_text(record["chosen"]),
                                               shape.response_len)
-        rejected, rejected_mask = encode_response(tokenizer, _text(record["rejected"]),
+        rejected, rejected_mask = encode_response(tokenizer, as_text(record["rejected"]),
                                                   shape.response_len)
         return {"prompt": prompt, "prompt_mask": prompt_mask, "chosen": chosen,
                 "chosen_mask": chosen_mask, "rejected": rejected, "rejected_mask": rejected_mask}
 
-    records, local_b = _local_records(_global_order(source, seed, shuffle, num_epochs), shape)
+    records, local_b = local_records(_global_order(source, seed, shuffle, num_epochs), shape)
     return _finish(records.map(encode), local_b, PreferenceBatch, num_threads, prefetch)
 
 
@@ -126,13 +127,13 @@ def sft_pipeline(source, tokenizer, shape: BatchShape, *, seed: int, shuffle: bo
         source_like = expanded.map(lambda r: {"prompt": r["prompt"], "response": r[field]})
 
     def encode(record):
-        prompt, prompt_mask = encode_prompt(tokenizer, _text(record["prompt"]), shape.prompt_len)
-        response, response_mask = encode_response(tokenizer, _text(record["response"]),
+        prompt, prompt_mask = encode_prompt(tokenizer, as_text(record["prompt"]), shape.prompt_len)
+        response, response_mask = encode_response(tokenizer, as_text(record["response"]),
                                                   shape.response_len)
         return {"prompt": prompt, "prompt_mask": prompt_mask, "response": response,
                 "response_mask": response_mask}
 
-    records, local_b = _local_records(_global_order(source_like, seed, shuffle, num_epochs),
+    records, local_b = local_records(_global_order(source_like, seed, shuffle, num_epochs),
                                       shape)
     return _finish(records.map(encode), local_b, SFTBatch, num_threads, prefetch)
 
@@ -141,8 +142,8 @@ def prompt_pipeline(source, tokenizer, shape: BatchShape, *, seed: int, shuffle:
                     num_epochs: int | None = None, num_threads: int = 2, prefetch: int = 8):
     """Records with a `prompt` -> PromptBatch (for online sampling and evaluation)."""
     def encode(record):
-        prompt, prompt_mask = encode_prompt(tokenizer, _text(record["prompt"]), shape.prompt_len)
+        prompt, prompt_mask = encode_prompt(tokenizer, as_text(record["prompt"]), shape.prompt_len)
         return {"prompt": prompt, "prompt_mask": prompt_mask}
 
-    records, local_b = _local_records(_global_order(source, seed, shuffle, num_epochs), shape)
+    records, local_b = local_records(_global_order(source, seed, shuffle, num_epochs), shape)
     return _finish(records.map(encode), local_b, PromptBatch, num_threads, prefetch)

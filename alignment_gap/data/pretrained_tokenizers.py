@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 
-from alignment_gap.config_checks import ConfigError
 from alignment_gap.data.checkpoint_specials import read_special_ids
+from alignment_gap.data.gguf_tokenizer import load_gguf_tokenizer
+from alignment_gap.data.hf_tokenizer import load_hf_tokenizer
 from alignment_gap.data.tokenizer import Tokenizer
+from alignment_gap.errors import ConfigError
 
 KINDS = ("a sentencepiece .model file, a .gguf file, a Hugging Face tokenizer.json, or a "
          "checkpoint directory holding tokenizer.json or tokenizer.model")
@@ -53,11 +55,7 @@ def load_tokenizer(spec: str):
             return _sentencepiece_in_checkpoint(path)
         return Tokenizer.from_file(path)
     if path.endswith(".gguf"):
-        from alignment_gap.data.gguf_tokenizer import load_gguf_tokenizer
-
         return load_gguf_tokenizer(path)
     if path.endswith(".json"):
-        from alignment_gap.data.hf_tokenizer import load_hf_tokenizer
-
         return load_hf_tokenizer(path)
     _fail(spec, "is not a kind of tokenizer file we read")

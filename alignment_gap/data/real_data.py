@@ -34,7 +34,8 @@ import os
 
 import tensorflow_datasets as tfds
 
-from alignment_gap.data.builders import FILE_FORMAT, VERSION, DataError, comparison_features
+from alignment_gap.data.builders import FILE_FORMAT, VERSION, comparison_features
+from alignment_gap.errors import DataError
 
 TLDR_SPLITS = {"train": "train", "valid1": "validation", "valid2": "test"}
 HUMAN = "\n\nHuman:"

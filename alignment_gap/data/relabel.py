@@ -17,20 +17,21 @@ from flax import nnx
 from alignment_gap import sharding
 from alignment_gap.data import builders
 from alignment_gap.data import world as world_lib
-from alignment_gap.data.pipelines import _text, encode_prompt, encode_response
+from alignment_gap.data.pipelines import as_text, encode_prompt, encode_response
 from alignment_gap.models.heads import both_order_margin
 
 BATCH = 256  # Records judged per call.
 
 
-def _decoded(record) -> dict:
-    return {k: _text(record[k]) for k in ("id", "prompt", "chosen", "rejected")}
+def decoded(record) -> dict:
+    """A comparison record's text fields as str."""
+    return {k: as_text(record[k]) for k in ("id", "prompt", "chosen", "rejected")}
 
 
 def relabelled_records(source, judge, batch_size: int = BATCH):
     """Yield every record of `source`, in order, with chosen/rejected as the judge says."""
     for start in range(0, len(source), batch_size):
-        records = [_decoded(source[i]) for i in range(start, min(start + batch_size, len(source)))]
+        records = [decoded(source[i]) for i in range(start, min(start + batch_size, len(source)))]
         keep = np.asarray(judge(records), bool)
         if keep.shape != (len(records),):
             raise ValueError(f"judge returned shape {keep.shape} for {len(records)} records; it "

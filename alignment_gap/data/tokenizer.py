@@ -19,8 +19,13 @@ import hashlib
 import io
 import os
 
+import jax
 import numpy as np
 import sentencepiece as spm
+from jax.experimental import multihost_utils
+
+from alignment_gap.data import world as world_lib
+from alignment_gap.errors import ConfigError
 
 
 def content_ids(ids, pad_id: int, stop_ids) -> list[int]:
@@ -48,20 +53,10 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.fingerprint = hashlib.sha256(model_proto).hexdigest()[:16]
         if self.eos_id < 0:
-            from alignment_gap.config_checks import ConfigError
-
             raise ConfigError(f"config.data.tokenizer: {path} has no EOS piece, which every "
                               "sequence needs; use a tokenizer with one")
         self.add_bos = self.bos_id is not None if add_bos is None else bool(add_bos)
         self.stop_ids = tuple(dict.fromkeys([self.eos_id, *(int(i) for i in stop_ids)]))
-
-    @classmethod
-    def load(cls, path: str):
-        """Any tokenizer spec `load_tokenizer` accepts (a `.model` file, a GGUF file, a
-        `tokenizer.json` or a checkpoint directory); kept for existing callers."""
-        from alignment_gap.data.pretrained_tokenizers import load_tokenizer
-
-        return load_tokenizer(path)
 
     @classmethod
     def from_file(cls, path: str, **kwargs) -> Tokenizer:
@@ -71,8 +66,6 @@ class Tokenizer:
         try:
             return cls(proto, path, **kwargs)
         except RuntimeError:  # sentencepiece's parse error
-            from alignment_gap.config_checks import ConfigError
-
             raise ConfigError(f"config.data.tokenizer: {path} is not a sentencepiece model; "
                               "point it at the checkpoint's tokenizer.model") from None
 
@@ -135,8 +128,6 @@ def check_fingerprint(tokenizer: Tokenizer, recorded: str, what: str) -> None:
 
 def check_fits_model(tokenizer: Tokenizer, vocab_size: int, field: str = "model.vocab_size"):
     if tokenizer.vocab_size > vocab_size:
-        from alignment_gap.config_checks import ConfigError
-
         raise ConfigError(f"config.{field}: {vocab_size} is smaller than tokenizer "
                          f"{tokenizer.path}'s {tokenizer.vocab_size} pieces; set it to >= "
                          f"{tokenizer.vocab_size}")
@@ -144,10 +135,6 @@ def check_fits_model(tokenizer: Tokenizer, vocab_size: int, field: str = "model.
 
 def synthetic_tokenizer(data_dir: str, world, vocab_size: int = 512, corpus_posts: int = 4000):
     """The synthetic world's tokenizer, trained once and cached beside its datasets."""
-    import jax
-    from jax.experimental import multihost_utils
-
-    from alignment_gap.data import world as world_lib
 
     path = os.path.join(data_dir, "synthetic_world",
                         f"tokenizer-seed{world.seed}-v{vocab_size}.model")

@@ -19,10 +19,11 @@ import numpy as np
 from flax import nnx
 
 from alignment_gap import sharding
+from alignment_gap.errors import CheckpointError
 from alignment_gap.models.heads import LanguageModel
 from alignment_gap.models.transformer import TransformerConfig
 from alignment_gap.pretrained import gguf_checkpoint, hf
-from alignment_gap.pretrained.layout import CheckpointError, param_spec
+from alignment_gap.pretrained.layout import param_spec
 
 KINDS = ("hf", "gguf")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
+from alignment_gap.errors import CheckpointError
 from alignment_gap.presets.models import FAMILY_ARCHITECTURE
-from alignment_gap.pretrained.layout import CheckpointError
 
 # Hugging Face name pieces -> llama.cpp's, for Gemma 3.
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",

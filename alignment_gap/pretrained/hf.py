@@ -18,8 +18,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from alignment_gap.errors import CheckpointError
 from alignment_gap.presets.models import FAMILY_ARCHITECTURE
-from alignment_gap.pretrained.layout import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")

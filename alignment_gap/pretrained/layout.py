@@ -15,11 +15,8 @@ import math
 
 import numpy as np
 
+from alignment_gap.errors import CheckpointError
 from alignment_gap.models.transformer import TransformerConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: one line naming the tensor or field and why."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,7 +54,8 @@ def frontier_plot(rows, path: str, methods=("online", "offline"), title: str = F
     plt.close(fig)
 
 
-def _fmt(mean_ci) -> str:
+def format_interval(mean_ci) -> str:
+    """`mean +- half-width`, or `-` where there is no mean."""
     mean, half = mean_ci
     if not np.isfinite(mean):
         return "-"
@@ -69,15 +70,16 @@ def markdown(study, rows, timings: dict, extras: dict, findings=()) -> str:
              "## Peak win rate (best checkpoint per seed; offline: best over its sweep)", "",
              "| method | golden win rate | oracle win rate | seeds |", "| --- | --- | --- | --- |"]
     for method in sorted(p):
-        lines.append(f"| {method} | {_fmt(p[method]['mean_ci'])} | "
-                     f"{_fmt(g.get(method, {}).get('mean_ci', (np.nan, np.nan)))} | "
+        lines.append(f"| {method} | {format_interval(p[method]['mean_ci'])} | "
+                     f"{format_interval(g.get(method, {}).get('mean_ci', (np.nan, np.nan)))} | "
                      f"{len(p[method]['per_seed'])} |")
     lines += ["", "## Win rate at matched KL budgets (best checkpoint in each bin, mean over "
               "seeds +- 95% CI)", "", "| KL (nats) | online | offline |", "| --- | --- | --- |"]
     for entry in results.matched_kl(rows):
         lo, hi = entry["kl_bin"]
-        lines.append(f"| [{lo:g}, {hi:g}) | {_fmt(entry.get('online', (np.nan,) * 2))} | "
-                     f"{_fmt(entry.get('offline', (np.nan,) * 2))} |")
+        online, offline = (format_interval(entry.get(m, (np.nan,) * 2))
+                           for m in ("online", "offline"))
+        lines.append(f"| [{lo:g}, {hi:g}) | {online} | {offline} |")
     lines += ["", "## Setting", "",
               f"- opponent: {study.opponent}; judge: the golden preference model (both-order "
               "sign rule); oracle: " + ("the synthetic world's exact score"

@@ -6,10 +6,15 @@ import json
 import os
 
 import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 
-from alignment_gap import run_dir
+from alignment_gap import run_dir, sharding
+from alignment_gap.data import datasets, pipelines
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.study import hypotheses, pipeline, relabel_stage, report, results, scheduler
+from alignment_gap.train import common
 
 
 def run(config, workdir: str):
@@ -68,13 +73,6 @@ def side_by_side_sampler(lm, mesh, rules, response_len: int):
 
 def side_by_side(config, stages, workdir: str, count: int = SIDE_BY_SIDE) -> dict:
     """Test posts with the SFT, online and best offline policies' (greedy) summaries."""
-    import numpy as np
-    from flax import nnx
-    from jax.experimental import multihost_utils
-
-    from alignment_gap import sharding
-    from alignment_gap.data import datasets, pipelines
-    from alignment_gap.train import common
 
     rows = [r for r in results.collect(stages, workdir) if r["group"] == "main"]
     best_offline = max((r for r in rows if r["method"] == "offline"),
@@ -93,7 +91,7 @@ def side_by_side(config, stages, workdir: str, count: int = SIDE_BY_SIDE) -> dic
                                  sharding.process_rows(rt.mesh, rt.rules, count))
     prompts = rt.global_batch(next(iter(pipelines.prompt_pipeline(
         source, rt.tokenizer, shape, seed=0, shuffle=False, num_epochs=1))))
-    out = [{"prompt": pipelines._text(source[i]["prompt"])} for i in range(count)]
+    out = [{"prompt": pipelines.as_text(source[i]["prompt"])} for i in range(count)]
     for name, stage in policies.items():
         lm = common.load_frozen("lm", stage.directory(workdir), config.model, rt)
         sampler = side_by_side_sampler(lm, rt.mesh, rt.rules, config.data.response_len)

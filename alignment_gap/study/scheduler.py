@@ -24,7 +24,9 @@ import time
 import jax
 import ml_collections
 
-from alignment_gap import run_dir
+from alignment_gap import preemption, run_dir
+from alignment_gap.errors import StageFailed
+from alignment_gap.preemption import Preempted
 
 
 @dataclasses.dataclass
@@ -45,9 +47,6 @@ class Stage:
     def directory(self, workdir: str) -> str:
         return os.path.join(workdir, "stages", f"{self.name}-{self.key}")
 
-
-class StageFailed(RuntimeError):
-    """A stage this host needs failed (here or on another host of a sweep)."""
 
 
 def owner(stages: list[Stage], shards: int) -> dict[str, int]:
@@ -115,6 +114,9 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
                                   f"stage {pending[0].name} still waiting for its inputs")
             time.sleep(poll_s)
             continue
+        if preemption.stop_requested():  # a signal arrived during the last stage
+            raise Preempted(f"stopped before stage {ready.name}; run the same command again "
+                            "to go on")
         _run_one(ready, workdir, timings)
         run_dir.write_json(workdir, name, timings)
         if not finished(ready, workdir):
@@ -130,6 +132,8 @@ def _run_one(stage: Stage, workdir: str, timings: dict):
     start = time.perf_counter()
     try:
         stage.run(stage.config, out)
+    except Preempted:  # saved, not failed
+        raise
     except BaseException as e:
         run_dir.fail(out, e)
         raise

@@ -12,6 +12,7 @@ from alignment_gap import checkpoint, pretrained, run_dir, sharding
 from alignment_gap.data import datasets
 from alignment_gap.data.pipelines import BatchShape
 from alignment_gap.data.tokenizer import Tokenizer, check_fits_model
+from alignment_gap.errors import ConfigError
 from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
 
 MODEL_KINDS = {"lm": LanguageModel, "preference": PreferenceModel}
@@ -104,12 +105,29 @@ def check_resume(saved: dict, kind: str, model_cfg, rt: Runtime, workdir: str):
         .fingerprint)
 
 
+def check_split_sizes(d, sources: dict, batch_size: int, what: str, splits=("train", "validation"),
+                      per_record: int = 1):
+    """Before the first step: every split a trainer reads holds at least one global batch
+    (`per_record`: examples made from each record). The fix named fits the data kind."""
+    for split in splits:
+        n = len(sources[split]) * per_record
+        if n >= batch_size:
+            continue
+        if d.kind == "synthetic":
+            fix = f"set config.data.{split}_pairs >= {batch_size} or config.batch_size <= {n}"
+            field = f"data.{split}_pairs"
+        else:
+            fix = (f"give more records in {d.manual_dir or 'data.manual_dir'} (a split the "
+                   f"published data lacks is ~5% of train) or set config.batch_size <= {n}")
+            field = "batch_size"
+        raise ConfigError(f"config.{field}: the {what} {split} split holds {n} examples, fewer "
+                          f"than one batch of {batch_size}; {fix}")
+
+
 def validation_batches(pipeline, count: int, global_batch, what: str) -> list:
     """The first `count` batches of a validation pipeline; a clear error when there are none."""
     batches = [global_batch(b) for _, b in zip(range(count), pipeline, strict=False)]
     if not batches:
-        from alignment_gap.config_checks import ConfigError
-
         raise ConfigError(f"config.data.validation_pairs: the {what} validation split holds "
                           "fewer examples than one batch; make it larger (real data: more "
                           "records, ~5% of train are carved) or batch_size smaller")

@@ -6,9 +6,12 @@
         state, metrics = update(state, batch, key)   # one jitted, donated update step
         read the previous step's metrics          # one step late: the next step is in flight
         every checkpoint_every steps and at the end: verify, evaluate, checkpoint
+        preempted (SIGTERM / SIGINT, `preemption.py`): checkpoint this step, record, stop
 
 A non-finite metric stops the run with its step and the last good checkpoint named; the bad
-state is never checkpointed. A run directory holds `config.json`, `checkpoints/`,
+state is never checkpointed. A resumed run first drops the metrics logged after the step it
+resumes from (an interrupted attempt logged them; they are logged again), so `metrics.jsonl`
+reads as one uninterrupted run. A run directory holds `config.json`, `checkpoints/`,
 `metrics.jsonl`, `tensorboard/` and, once finished, the record `run_dir.finish` writes (last
 step and metrics); re-running a finished run says so and exits (`run_dir.already_finished`).
 """
@@ -22,12 +25,10 @@ from collections.abc import Callable
 import jax
 
 from alignment_gap import metrics as metrics_lib
-from alignment_gap import run_dir
+from alignment_gap import preemption, run_dir
 from alignment_gap.checkpoint import Checkpointer
-
-
-class NonFiniteLoss(FloatingPointError):
-    """Raised with the failing step and the last good checkpoint named."""
+from alignment_gap.errors import NonFiniteLoss
+from alignment_gap.preemption import Preempted
 
 
 @dataclasses.dataclass
@@ -47,9 +48,17 @@ class Loop:
     evaluate_at_start: bool = False  # Also evaluate the starting point (step 0) of a fresh run.
 
     def run(self, state, rng) -> tuple[object, dict]:
-        c = self.config
-        writer, window = metrics_lib.Writer(self.workdir), metrics_lib.Window()
         start = int(jax.device_get(state.step))
+        metrics_lib.drop_after(self.workdir, start)
+        run_dir.clear_preempted(self.workdir)
+        writer, window = metrics_lib.Writer(self.workdir), metrics_lib.Window()
+        try:
+            return self._run(state, rng, start, writer, window)
+        finally:
+            writer.close()
+
+    def _run(self, state, rng, start, writer, window):
+        c = self.config
         progress = metrics_lib.Progress(c.num_steps, start)
         self.last_good = self.checkpointer.latest_step()
         pending, last, stop = None, {}, False
@@ -62,10 +71,12 @@ class Loop:
             if pending is not None:
                 last = self._record(*pending, window, writer, progress)
             pending = (step, step_metrics)
-            if step % c.checkpoint_every == 0 or step == c.num_steps:
+            preempted = preemption.reached(step) and step < c.num_steps
+            scheduled = step % c.checkpoint_every == 0 or step == c.num_steps
+            if scheduled or preempted:
                 last = self._record(*pending, window, writer, progress)
                 pending = None
-                if self.evaluate is not None:
+                if self.evaluate is not None and scheduled:
                     scores, stop = self.evaluate(state)
                     writer.write(step, scores, prefix="eval/")
                     last.update({f"eval/{k}": v for k, v in scores.items()})
@@ -78,7 +89,12 @@ class Loop:
                     if jax.process_index() == 0:
                         print(f"step {step}: stopping early (validation plateau)", flush=True)
                     break
-        writer.close()
+                if preempted:
+                    signal = preemption.requested() or "SIGTERM (to one of the processes)"
+                    run_dir.preempted(self.workdir, step, signal)
+                    raise Preempted(f"{signal} at step {step} of {c.num_steps}: saved "
+                                    f"{self.checkpointer.path(step)}; run the same command "
+                                    "again to resume")
         final_step = int(jax.device_get(state.step))
         run_dir.finish(self.workdir, final_step, metrics=last, stopped_early=stop)
         return state, last

@@ -185,7 +185,7 @@ def _evaluator(config, rt, policy, sft_params) -> Evaluator:
     count = min(e.prompts, len(prompt_source))
     prompts = next(iter(pipelines.prompt_pipeline(prompt_source, rt.tokenizer, fixed(count),
                                                   seed=0, shuffle=False, num_epochs=1)))
-    texts = [pipelines._text(prompt_source[i]["prompt"]) for i in range(count)]
+    texts = [pipelines.as_text(prompt_source[i]["prompt"]) for i in range(count)]
     pairs = None
     if e.pairs:
         pair_source = datasets.comparisons(d)["validation"]

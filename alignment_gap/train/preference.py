@@ -81,6 +81,7 @@ def run(config, workdir: str):
         return
     rt = common.runtime(config, workdir)
     sources = datasets.comparisons(config.data)
+    common.check_split_sizes(config.data, sources, config.batch_size, "comparisons")
 
     def pipeline(split, seed, **kw):
         return pipelines.preference_pipeline(sources[split], rt.tokenizer, rt.shape, seed=seed,

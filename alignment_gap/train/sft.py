@@ -46,6 +46,8 @@ def run(config, workdir: str):
     rt = common.runtime(config, workdir)
     sources = datasets.demonstrations(config.data)
     fields = responses_field(config.data)
+    common.check_split_sizes(config.data, sources, config.batch_size, "SFT",
+                             per_record=len(fields))
 
     def pipeline(split, seed, **kw):
         return pipelines.sft_pipeline(sources[split], rt.tokenizer, rt.shape, seed=seed,

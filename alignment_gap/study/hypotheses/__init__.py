@@ -8,30 +8,21 @@ verdict rows comparing what the paper found with what this run found.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
+from alignment_gap.config_checks import HYPOTHESES
+from alignment_gap.errors import ConfigError
+from alignment_gap.study.hypotheses import (
+    classification,
+    coverage,
+    noncontrastive,
+    quality,
+    scaling,
+)
 
-from alignment_gap.config_checks import ConfigError
-
-NAMES = ("coverage", "quality", "classification", "noncontrastive", "scaling")
-
-
-@dataclasses.dataclass
-class Verdict:
-    claim: str  # What the paper found.
-    ours: str  # What this run found, with its numbers.
-    agree: bool | None  # None: too few runs to say.
-
-
-@dataclasses.dataclass
-class Finding:
-    name: str
-    title: str
-    lines: list[str]  # The report section's Markdown body (figures written beside it).
-    verdicts: list[Verdict]
+MODULES = {"coverage": coverage, "quality": quality, "classification": classification,
+           "noncontrastive": noncontrastive, "scaling": scaling}  # by config_checks.HYPOTHESES
 
 
 def get(name: str):
-    if name not in NAMES:
-        raise ConfigError(f"config.hypotheses: {name!r} is unknown; use some of {NAMES}")
-    return importlib.import_module(f"alignment_gap.study.hypotheses.{name}")
+    if name not in HYPOTHESES:
+        raise ConfigError(f"config.hypotheses: {name!r} is unknown; use some of {HYPOTHESES}")
+    return MODULES[name]

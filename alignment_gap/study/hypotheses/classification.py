@@ -15,13 +15,16 @@ import os
 
 import grain
 import jax
+import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 from flax import serialization
 
 from alignment_gap import run_dir
 from alignment_gap.sources import FIELDS, stream_chunks
-from alignment_gap.study.hypotheses import Finding, Verdict, probe, shared
+from alignment_gap.study.hypotheses import probe, shared
+from alignment_gap.study.hypotheses.shared import Finding, Verdict
+from alignment_gap.study.report import color
 from alignment_gap.study.scheduler import Stage
 
 NAME, TITLE = "classification", "Classification vs generation"
@@ -115,9 +118,6 @@ def _mean_curve(rows, method, metric):
 
 
 def _figure(rows, points, path):
-    import matplotlib.pyplot as plt
-
-    from alignment_gap.study.report import color
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for i, method in enumerate(("online", "offline")):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 from alignment_gap.metrics import read_jsonl
-from alignment_gap.study.hypotheses import Finding, Verdict, shared
+from alignment_gap.study.hypotheses import shared
+from alignment_gap.study.hypotheses.shared import Finding, Verdict
 
 NAME, TITLE = "coverage", "Data coverage: replaying D_online offline"
 TRAIN_KEYS = ("loss", "h", "kl_sequence", "grad_norm")

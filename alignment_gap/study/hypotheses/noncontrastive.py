@@ -8,7 +8,8 @@ Chatbot Arena), and that the shuffled online stream roughly matches online.
 
 from __future__ import annotations
 
-from alignment_gap.study.hypotheses import Finding, Verdict, shared
+from alignment_gap.study.hypotheses import shared
+from alignment_gap.study.hypotheses.shared import Finding, Verdict
 
 NAME, TITLE = "noncontrastive", "A non-contrastive loss: Best-of-2"
 LOSS = "best_of_two"

@@ -21,7 +21,8 @@ import numpy as np
 from alignment_gap import run_dir
 from alignment_gap.data import datasets, pipelines
 from alignment_gap.data.relabel import model_judge, relabel
-from alignment_gap.study.hypotheses import Finding, Verdict, probe, shared
+from alignment_gap.study.hypotheses import probe, shared
+from alignment_gap.study.hypotheses.shared import Finding, Verdict
 from alignment_gap.study.scheduler import Stage
 
 NAME, TITLE = "quality", "Data quality: offline IPO on on-policy pairs"
@@ -72,7 +73,7 @@ def _build(plan, online, names: dict, out: str):
     p = probe.Probe(plan, out)
     train = datasets.prompts(s.data)["train"]
     n = min(s.quality.pairs, len(train))
-    texts = [pipelines._text(train[i]["prompt"]) for i in range(n)]
+    texts = [pipelines.as_text(train[i]["prompt"]) for i in range(n)]
     prompt, prompt_mask = p.prompts(texts)
     policies = {"sft": p.sft_params, "early": p.policy(online, early_step(s)),
                 "final": p.policy(online, s.policy.steps)}

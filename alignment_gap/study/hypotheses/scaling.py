@@ -13,10 +13,16 @@ from __future__ import annotations
 import itertools
 import os
 
+import jax
+import matplotlib.pyplot as plt
 import numpy as np
+from flax import nnx
 
+from alignment_gap.models import LanguageModel
 from alignment_gap.presets import models
-from alignment_gap.study.hypotheses import Finding, Verdict, shared
+from alignment_gap.study.hypotheses import shared
+from alignment_gap.study.hypotheses.shared import Finding, Verdict
+from alignment_gap.train.common import model_config
 
 NAME, TITLE = "scaling", "Scaling the policy"
 
@@ -46,19 +52,12 @@ def add_stages(plan):
 
 
 def parameter_count(model_cfg) -> int:
-    import jax
-    from flax import nnx
-
-    from alignment_gap.models import LanguageModel
-    from alignment_gap.train.common import model_config
 
     abstract = nnx.eval_shape(lambda: LanguageModel(model_config(model_cfg), nnx.Rngs(0)))
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
 
 
 def analyse(plan, rows, workdir: str) -> Finding:
-    import matplotlib.pyplot as plt
-
     s, r = plan.study, runs(plan)
     q = s.scaling.quantile
     table = []

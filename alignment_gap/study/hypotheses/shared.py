@@ -1,12 +1,29 @@
-"""What the hypothesis analyses share: rows of a set of runs, peaks, tables, small statistics."""
+"""What the hypothesis analyses share: their result types, rows of a set of runs, peaks, tables,
+small statistics."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 
 from alignment_gap.study import report, results
+
+
+@dataclasses.dataclass
+class Verdict:
+    claim: str  # What the paper found.
+    ours: str  # What this run found, with its numbers.
+    agree: bool | None  # None: too few runs to say.
+
+
+@dataclasses.dataclass
+class Finding:
+    name: str
+    title: str
+    lines: list[str]  # The report section's Markdown body (figures written beside it).
+    verdicts: list[Verdict]
 
 
 def labelled(rows: list[dict], runs: dict) -> list[dict]:
@@ -38,9 +55,9 @@ def peak_table(rows, labels, describe: dict) -> list[str]:
              "| --- | --- | --- | --- | --- |"]
     for label in labels:
         n = len(run_peaks(rows, label))
-        lines.append(f"| {label} | {describe.get(label, '')} | "
-                     f"{report._fmt(seed_peaks(rows, label))} | "
-                     f"{report._fmt(seed_peaks(rows, label, 'oracle_win_rate'))} | {n} |")
+        golden, oracle = (report.format_interval(seed_peaks(rows, label, metric))
+                          for metric in ("win_rate", "oracle_win_rate"))
+        lines.append(f"| {label} | {describe.get(label, '')} | {golden} | {oracle} | {n} |")
     return lines
 
 

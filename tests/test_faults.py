@@ -1,0 +1,119 @@
+"""Runs stopped or damaged mid-way, in real processes with real signals and files.
+
+Preemption: a signal mid-run saves that step, records it, exits 75, and a rerun goes on as if
+the run had never stopped. A damaged latest checkpoint: the previous one is restored, with a
+warning naming both, and the run ends as an undamaged one would."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from alignment_gap.metrics import read_jsonl
+from launch.local_multiprocess import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUEUE = 75
+
+
+def _args(workdir, data, *flags):
+    return [sys.executable, "-m", "alignment_gap.main", "--config",
+            os.path.join(ROOT, "configs", "sft.py:tiny"), "--workdir", str(workdir),
+            f"--config.data.dir={data}", "--config.num_steps=40", "--config.checkpoint_every=20",
+            "--config.log_every=1", *flags]
+
+
+def _signal_after_step(procs, signum, step=2, to=(0,), timeout=180):
+    """Wait for process 0's progress line of `step`, then signal the processes `to`."""
+    deadline = time.monotonic() + timeout
+    for line in procs[0].stdout:
+        match = re.match(r"step (\d+)/", line)
+        if match and int(match.group(1)) >= step:
+            break
+        assert time.monotonic() < deadline, "training did not start"
+    for i in to:
+        procs[i].send_signal(signum)
+    return [p.communicate(timeout=timeout) for p in procs]
+
+
+def _train_rows(workdir):
+    return [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preemption")
+    done = subprocess.run(_args(root / "straight", root / "data"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def test_sigint_saves_the_step_and_the_rerun_goes_on_as_if_never_stopped(straight):
+    root = straight
+    run = root / "interrupted"
+    proc = subprocess.Popen(_args(run, root / "data"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ((_, err),) = _signal_after_step([proc], signal.SIGINT)
+    assert proc.returncode == REQUEUE, err[-3000:]
+    record = json.loads((run / "PREEMPTED.json").read_text())
+    saved = record["step"]
+    assert record["signal"] == "SIGINT" and 2 <= saved < 20  # not the scheduled checkpoint
+    assert (run / "checkpoints" / str(saved)).is_dir() and not (run / "DONE.json").exists()
+    assert err.strip().splitlines()[-1].startswith(f"preempted: SIGINT at step {saved} of 40")
+
+    done = subprocess.run(_args(run, root / "data"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (run / "PREEMPTED.json").exists()
+    a, b = _train_rows(root / "straight"), _train_rows(run)
+    assert [r["step"] for r in b] == list(range(1, 41))  # each step logged once
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), x["step"]
+    evals = lambda d: [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if "loss" not in r]
+    assert evals(run) == evals(root / "straight")  # validation at steps 20 and 40, once each
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_saved_step(straight, tmp_path):
+    root = straight
+    address = f"127.0.0.1:{free_port()}"
+    run = tmp_path / "two"
+    flags = ["--config.num_steps=200", "--config.checkpoint_every=100",
+             f"--config.distributed.coordinator_address={address}",
+             "--config.distributed.num_processes=2", "--config.distributed.local_cpu_devices=1"]
+    procs = [subprocess.Popen(_args(run, root / "data", *flags,
+                                    f"--config.distributed.process_id={i}"),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = _signal_after_step(procs, signal.SIGTERM, to=(1,))
+    assert [p.returncode for p in procs] == [REQUEUE, REQUEUE], [e[-2000:] for _, e in outs]
+    steps = {int(re.search(r"at step (\d+) of", err).group(1)) for _, err in outs}
+    saved = json.loads((run / "PREEMPTED.json").read_text())["step"]
+    assert steps == {saved} and saved < 100
+    assert sorted(os.listdir(run / "checkpoints")) == [str(saved)]
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path):
+    root = straight
+    run = tmp_path / "damaged"
+    shutil.copytree(root / "straight", run)
+    (run / "DONE.json").unlink()
+    for chunk in (run / "checkpoints" / "40" / "params").rglob("d/*"):  # half of every chunk
+        chunk.write_bytes(chunk.read_bytes()[:chunk.stat().st_size // 2])
+    done = subprocess.run(_args(run, root / "data"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (warning,) = [line for line in done.stderr.splitlines() if "could not be read" in line]
+    assert warning.startswith(f"warning: checkpoint {run / 'checkpoints' / '40'} (")
+    assert warning.endswith(f"kept as .damaged, resumed from {run / 'checkpoints' / '20'}")
+    assert (run / "checkpoints" / "40.damaged").is_dir()  # kept, out of orbax's way
+    a, b = _train_rows(root / "straight"), _train_rows(run)
+    assert [r["step"] for r in b] == list(range(1, 41))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), x["step"]
