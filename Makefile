@@ -16,14 +16,14 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # Unit tests only (no trainer processes, studies, notebooks, TPU compiles or tests marked slow):
 # a quick check while editing. `make test` (CI) runs everything.
 SLOW_TESTS := aot console faults multihost multiprocess notebooks packaging pretrained \
 	pretrained_notebook pretrained_runs pretrained_study study sweep trainers
 test-fast: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests \
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests \
 		$(SLOW_TESTS:%=--ignore=tests/test_%.py)
 
 lint: install

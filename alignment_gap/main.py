@@ -11,6 +11,7 @@ on the console too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from alignment_gap import config_checks, console, demo, preemption, sharding
+from alignment_gap import config_checks, console, demo, preemption, run_dir, sharding
 from alignment_gap.errors import ONE_LINE, ConfigError
 from alignment_gap.study import run as study
 from alignment_gap.train import policy, preference, sft
@@ -53,6 +54,7 @@ def main(argv):
     del argv
     console.route(verbose=_VERBOSE.value)
     config = _CONFIG.value
+    held = contextlib.ExitStack()
     try:
         if config.task not in TASKS:
             raise ConfigError(
@@ -64,7 +66,10 @@ def main(argv):
                 "mounts gs://NAME at /mnt/gcs/NAME on every worker) and pass that path")
         sharding.initialize_distributed(config.distributed)
         preemption.install()
-        shard = config.get("sweep", {}).get("shard", 0)
+        sweep = config.get("sweep", {})
+        shard = sweep.get("shard", 0)
+        if sweep.get("shards", 1) == 1:  # a sweep's hosts share the workdir by design
+            held.enter_context(run_dir.lock(_WORKDIR.value))
         console.log_to(os.path.join(_WORKDIR.value, console.log_name(jax.process_index(), shard)))
         logging.info("alignment_gap.main %s", " ".join(sys.argv[1:]))
         config_checks.validate(config, jax.device_count())
@@ -73,7 +78,8 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        TASKS[config.task](config, _WORKDIR.value)
+        with held:
+            TASKS[config.task](config, _WORKDIR.value)
     except ONE_LINE as e:  # Bad input or a diverged run: one line, no traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

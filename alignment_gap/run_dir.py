@@ -19,13 +19,16 @@ one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 
 import jax
 
-from alignment_gap.errors import DataError
+from alignment_gap.errors import ConfigError, DataError
 
+LOCK = ".lock"
 DONE = "DONE.json"
 FAILED = "FAILED.json"
 PREEMPTED = "PREEMPTED.json"
@@ -130,3 +133,31 @@ def clear_preempted(directory: str):
     path = os.path.join(directory, PREEMPTED)
     if jax.process_index() == 0 and os.path.exists(path):
         os.remove(path)
+
+
+@contextlib.contextmanager
+def lock(directory: str):
+    """Hold `directory` for this job (process 0): a second job started on the same workdir stops
+    at once with one line, instead of both writing the same files. The lock is the kernel's
+    (`flock`): it goes with the process, so a killed job leaves none behind."""
+    if jax.process_index() != 0:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, LOCK), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"--workdir: {directory} is in use by {holder}; wait for it to end "
+                              "or pass another --workdir (hosts sharing a study's runs: "
+                              "--config.sweep.shards)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -117,3 +117,26 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(straight, tm
     assert [r["step"] for r in b] == list(range(1, 41))
     for x, y in zip(a, b, strict=True):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), x["step"]
+
+
+def test_a_second_job_on_the_same_workdir_stops_at_once_and_a_killed_one_leaves_no_lock(
+        straight, tmp_path):
+    root = straight
+    run = tmp_path / "busy"
+    first = subprocess.Popen(_args(run, root / "data", "--config.num_steps=2000"), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in first.stdout:  # training has started
+        if re.match(r"step \d+/", line):
+            break
+    second = subprocess.run(_args(run, root / "data"), cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"error: --workdir: {run} is in use by pid {first.pid} on {os.uname().nodename}; wait "
+        "for it to end or pass another --workdir (hosts sharing a study's runs: "
+        "--config.sweep.shards)")
+    first.kill()  # SIGKILL: no handler runs, the kernel drops the lock with the process
+    first.communicate(timeout=60)
+    again = subprocess.run(_args(run, root / "data", "--config.num_steps=2"), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert "in use by" not in again.stderr, again.stderr[-3000:]

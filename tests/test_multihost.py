@@ -24,6 +24,9 @@ TOLERANCE = {"loss": dict(rel=1e-5), "grad_norm": dict(rel=1e-4),
              "kl_sequence": dict(rel=1e-3, abs=1e-5), "h": dict(abs=1e-4)}
 
 
+FLAT = "--config.end_lr_fraction=1.0"
+
+
 def run(config, workdir, *flags, processes=1, expect=0):
     args = ["--config", os.path.join(ROOT, "configs", config), "--workdir", str(workdir),
             "--config.log_every=1", *flags]
@@ -50,8 +53,10 @@ def assert_same(a, b, keys=("loss", "grad_norm")):
 def frozen(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     data = f"--config.data.dir={root / 'data'}"
-    one = run("sft.py:tiny", root / "sft_1x4", data)
-    two = run("sft.py:tiny", root / "sft_2x2", data, processes=2)
+    # A constant learning rate after warm-up, so that a run stopped at step 10 (num_steps=10)
+    # and resumed to 20 follows the same schedule as these (test_checkpoints_cross_...).
+    one = run("sft.py:tiny", root / "sft_1x4", data, FLAT)
+    two = run("sft.py:tiny", root / "sft_2x2", data, FLAT, processes=2)
     run("preference_model.py:tiny", root / "proxy", data)
     return root, data, one, two
 
@@ -74,11 +79,8 @@ def test_online_and_offline_policy_trajectories_match(frozen):
 
 
 def test_checkpoints_cross_process_layouts(frozen):
-    root, data, _, _ = frozen
-    # A constant learning rate after warm-up, so that stopping at step 10 (num_steps=10) and
-    # going on to 20 follows the same schedule as one straight 20-step run.
-    flat = [data, "--config.end_lr_fraction=1.0"]
-    straight = run("sft.py:tiny", root / "straight", *flat)
+    root, data, straight, _ = frozen
+    flat = [data, FLAT]
     # Written by 2 processes at step 10, resumed by 1 process to step 20, and the reverse.
     for first, then, name in ((2, 1, "two_then_one"), (1, 2, "one_then_two")):
         run("sft.py:tiny", root / name, *flat, "--config.num_steps=10", processes=first)

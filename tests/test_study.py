@@ -14,6 +14,7 @@ from alignment_gap.study import pipeline, results
 from configs import study as study_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("optimized_xla")  # runs studies / notebooks
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,134 @@
+"""Kill a study at random moments (SIGKILL: no handler runs) and check that nothing is lost.
+
+    python bench/chaos.py --kills 50 --seed 0 [--config configs/study.py:smoke] [--out DIR]
+
+Runs the study once undisturbed (the reference), then again in a fresh workdir, killing it at
+times drawn by a seeded generator (uniform over the reference's duration) and starting it
+again with the same command, until it finishes by itself; repeated over fresh workdirs until
+`--kills` kills have landed. Each finished study's results table, report numbers and recorded
+streams are compared with the reference's, byte for byte. Prints a table: where each kill
+landed (the stage that was running), how many runs finished, and the files that differ (the
+goal: none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import filecmp
+import glob
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPARED = ("results.json", "results.csv", "samples.json")
+
+
+def _command(config: str, workdir: str) -> list[str]:
+    return [sys.executable, "-m", "alignment_gap.main", "--config", config, "--workdir", workdir,
+            f"--config.data.dir={os.path.join(workdir, 'data')}"]
+
+
+def _run(config: str, workdir: str, kill_after: float | None) -> tuple[int, str]:
+    """(exit status or -9, the stage running when it ended)."""
+    proc = subprocess.Popen(_command(config, workdir), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    stage, deadline = "start-up", None if kill_after is None else time.monotonic() + kill_after
+    os.set_blocking(proc.stdout.fileno(), False)
+    buffer = ""
+    while proc.poll() is None:
+        buffer += proc.stdout.read() or ""
+        for line in buffer.splitlines():
+            match = re.match(r"== stage (\S+)", line)
+            if match:
+                stage = match.group(1)
+        buffer = buffer[buffer.rfind("\n") + 1:]
+        if deadline is not None and time.monotonic() >= deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return -9, stage
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        rest = buffer + (proc.stdout.read() or "")
+        print(rest[-3000:], file=sys.stderr)
+    return proc.returncode, stage
+
+
+def _streams(workdir: str) -> dict[str, str]:
+    return {os.path.relpath(p, workdir).split(os.sep, 2)[1].rsplit("-", 1)[0] + "/" +
+            os.path.basename(p): p
+            for p in glob.glob(os.path.join(workdir, "stages", "*", "stream", "*"))}
+
+
+def _differences(reference: str, workdir: str) -> list[str]:
+    out = [name for name in COMPARED
+           if not filecmp.cmp(os.path.join(reference, name), os.path.join(workdir, name),
+                              shallow=False)]
+    ref_streams, streams = _streams(reference), _streams(workdir)
+    out += [f"stream {k}" for k in sorted(set(ref_streams) | set(streams))
+            if k not in ref_streams or k not in streams
+            or not filecmp.cmp(ref_streams[k], streams[k], shallow=False)]
+    numbers = lambda path: re.findall(r"\d+\.\d+", open(path).read().split("## Setting")[0])
+    if numbers(os.path.join(reference, "report.md")) != numbers(os.path.join(workdir,
+                                                                            "report.md")):
+        out.append("report.md numbers")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "study.py:smoke"))
+    parser.add_argument("--kills", type=int, default=50)
+    parser.add_argument("--kills_per_study", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="/tmp/alignment_gap_chaos")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    shutil.rmtree(args.out, ignore_errors=True)
+    reference = os.path.join(args.out, "reference")
+    start = time.monotonic()
+    status, _ = _run(args.config, reference, None)
+    assert status == 0, "the undisturbed study failed"
+    duration = time.monotonic() - start
+    print(f"reference study: {duration:.0f} s", flush=True)
+
+    landed, studies, lost, failures = collections.Counter(), 0, [], 0
+    while sum(landed.values()) < args.kills:
+        workdir = os.path.join(args.out, f"study{studies}")
+        for _ in range(args.kills_per_study):
+            if sum(landed.values()) >= args.kills:
+                break
+            status, stage = _run(args.config, workdir, rng.uniform(0.0, duration))
+            if status != -9:
+                break  # finished (or failed) before the kill
+            landed[stage.rsplit("-", 1)[0]] += 1
+        else:
+            status = None
+        if status != 0:
+            status, _ = _run(args.config, workdir, None)
+        if status != 0:
+            failures += 1
+            lost.append(f"study{studies}: exit {status}")
+        else:
+            lost += [f"study{studies}: {d}" for d in _differences(reference, workdir)]
+        studies += 1
+        print(f"study {studies}: {sum(landed.values())} kills so far", flush=True)
+
+    print("\n| stage running when killed | kills |\n| --- | --- |")
+    for stage, count in landed.most_common():
+        print(f"| {stage} | {count} |")
+    print(f"\n{sum(landed.values())} kills (SIGKILL) over {studies} studies; {failures} reruns "
+          f"failed; files that differ from the undisturbed study: {len(lost)}")
+    for line in lost:
+        print(f"  {line}")
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
