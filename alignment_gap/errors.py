@@ -4,6 +4,8 @@ Each message names the field, file or record, the problem and the fix. They live
 every other module, so that any module can raise them without importing the one that checks.
 """
 
+import errno
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message is one line: field, problem, fix."""
@@ -35,3 +37,15 @@ class StageFailed(RuntimeError):
 
 ONE_LINE = (ConfigError, DataError, CheckpointError, CheckpointDamaged, IncompatibleCheckpoint,
             NonFiniteLoss, StageFailed)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or one it was raised from) is ENOSPC; orbax's tensorstore writes report
+    it as a ValueError that quotes the OS error."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from alignment_gap import config_checks, console, demo, preemption, run_dir, sharding
-from alignment_gap.errors import ONE_LINE, ConfigError
+from alignment_gap.errors import ONE_LINE, ConfigError, is_disk_full
 from alignment_gap.study import run as study
 from alignment_gap.train import policy, preference, sft
 
@@ -86,6 +86,13 @@ def main(argv):
     except preemption.Preempted as e:  # saved; the scheduler requeues on this status
         print(f"preempted: {e}", file=sys.stderr)
         sys.exit(preemption.EXIT_REQUEUE)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        print(f"error: no space left on the device of {_WORKDIR.value}; free space or move "
+              "--workdir, then run the same command: the last good checkpoint of every run is "
+              "intact and the run resumes from it", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,35 @@ def test_a_second_job_on_the_same_workdir_stops_at_once_and_a_killed_one_leaves_
     again = subprocess.run(_args(run, root / "data", "--config.num_steps=2"), cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert "in use by" not in again.stderr, again.stderr[-3000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3.5 MB tmpfs: room for one checkpoint of the tiny SFT run, not two (needs root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs",
+                                            str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(straight, small_disk):
+    root = straight
+    run = small_disk / "run"
+    full = subprocess.run(_args(run, root / "data"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert full.stderr.strip().splitlines()[-1] == (
+        f"error: no space left on the device of {run}; free space or move --workdir, then run "
+        "the same command: the last good checkpoint of every run is intact and the run resumes "
+        "from it")
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    done = subprocess.run(_args(run, root / "data"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _train_rows(root / "straight"), _train_rows(run)
+    assert [r["step"] for r in b] == list(range(1, 41))  # resumed from step 20's checkpoint
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), x["step"]
