@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,25 +40,28 @@ def _run(config: str, workdir: str, kill_after: float | None) -> tuple[int, str]
     """(exit status or -9, the stage running when it ended)."""
     proc = subprocess.Popen(_command(config, workdir), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    stage, deadline = "start-up", None if kill_after is None else time.monotonic() + kill_after
-    os.set_blocking(proc.stdout.fileno(), False)
-    buffer = ""
-    while proc.poll() is None:
-        buffer += proc.stdout.read() or ""
-        for line in buffer.splitlines():
+    seen = {"stage": "start-up", "tail": collections.deque(maxlen=40)}
+
+    def read():
+        for line in proc.stdout:
+            seen["tail"].append(line)
             match = re.match(r"== stage (\S+)", line)
             if match:
-                stage = match.group(1)
-        buffer = buffer[buffer.rfind("\n") + 1:]
-        if deadline is not None and time.monotonic() >= deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return -9, stage
-        time.sleep(0.05)
+                seen["stage"] = match.group(1)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join()
+        return -9, seen["stage"]
+    reader.join()
     if proc.returncode != 0:
-        rest = buffer + (proc.stdout.read() or "")
-        print(rest[-3000:], file=sys.stderr)
-    return proc.returncode, stage
+        print("".join(seen["tail"]), file=sys.stderr)
+    return proc.returncode, seen["stage"]
 
 
 def _streams(workdir: str) -> dict[str, str]:
