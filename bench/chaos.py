@@ -3,12 +3,13 @@
     python bench/chaos.py --kills 50 --seed 0 [--config configs/study.py:smoke] [--out DIR]
 
 Runs the study once undisturbed (the reference), then again in a fresh workdir, killing it at
-times drawn by a seeded generator (uniform over the reference's duration) and starting it
-again with the same command, until it finishes by itself; repeated over fresh workdirs until
-`--kills` kills have landed. Each finished study's results table, report numbers and recorded
-streams are compared with the reference's, byte for byte. Prints a table: where each kill
-landed (the stage that was running), how many runs finished, and the files that differ (the
-goal: none).
+times drawn by a seeded generator (uniform over `--window` of the reference's duration: a
+restarted study resumes, so later kills land further on) and starting it again with the same
+command, until it finishes by itself or took `--kills_per_study` kills; repeated over fresh
+workdirs until `--kills` kills have landed. Each finished study's results table, report
+numbers and recorded streams are compared with the reference's, byte for byte. Prints a table:
+where each kill landed (the stage that was running), how many runs finished, and the files that
+differ (the goal: none).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def main():
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--kills_per_study", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", type=float, default=0.5)
     parser.add_argument("--out", default="/tmp/alignment_gap_chaos")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -108,10 +110,12 @@ def main():
         for _ in range(args.kills_per_study):
             if sum(landed.values()) >= args.kills:
                 break
-            status, stage = _run(args.config, workdir, rng.uniform(0.0, duration))
+            after = rng.uniform(0.0, args.window * duration)
+            status, stage = _run(args.config, workdir, after)
             if status != -9:
                 break  # finished (or failed) before the kill
             landed[stage.rsplit("-", 1)[0]] += 1
+            print(f"  killed after {after:.1f} s in stage {stage}", flush=True)
         else:
             status = None
         if status != 0:
