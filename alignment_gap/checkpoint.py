@@ -105,7 +105,8 @@ class Checkpointer:
         if jax.process_index() == 0:
             for bad, _ in damaged:
                 os.replace(self.path(bad), self.path(bad) + ".damaged")
-        multihost_sync("set aside damaged checkpoints")
+        if jax.process_count() > 1:  # the others wait for the renames
+            multihost_utils.sync_global_devices("set aside damaged checkpoints")
         self.manager.reload()
         if jax.process_index() == 0:  # the console shows warnings (console.py)
             names = ", ".join(f"{self.path(bad)} ({why})" for bad, why in damaged)
@@ -129,11 +130,6 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
         return type(error).__name__
     text = text.splitlines()[0].split(" See full TensorStore details")[0]  # drops a repr
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def multihost_sync(name: str):
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def read_meta(directory: str, what: str) -> tuple[int, dict]:

@@ -2,7 +2,7 @@
 
 Schedulers preempt with SIGTERM and kill with SIGKILL after a grace period (SLURM's GraceTime,
 a Cloud TPU spot VM's notice). `install()` (the entry point calls it) turns the first SIGTERM
-or SIGINT into a request; the training loop asks `reached(step)` after every update and, when
+or SIGINT into a request; the training loop asks `reached()` after every update and, when
 it is true, saves a checkpoint of that step, records `PREEMPTED.json` in the run directory and
 raises `Preempted`. `main` exits with `EXIT_REQUEUE` (75, EX_TEMPFAIL: "try again"), and the
 same command resumes from the saved step. A second signal of the same kind is not caught: it
@@ -39,7 +39,6 @@ class Preempted(Exception):  # noqa: N818 - not an error: the run stopped on req
 class _State:
     requested: str | None = None  # the signal's name, once one arrived (this process)
     agreed = False  # several processes: the sync point was reached
-    installed = False
     counter = 0  # loop steps this process ran (the sync point's step number)
 
 
@@ -69,7 +68,6 @@ def install():
         if _multi_process() and signum == signal.SIGTERM:
             continue
         signal.signal(signum, _handle)
-    _state.installed = True
 
 
 def requested() -> str | None:
@@ -77,8 +75,8 @@ def requested() -> str | None:
     return _state.requested
 
 
-def reached(step: int) -> bool:
-    """Whether to save and stop after this step. Called once per loop step on every
+def reached() -> bool:
+    """Whether to save and stop after the step just taken. Called once per loop step on every
     process (the multi-process protocol counts the calls)."""
     _state.counter += 1
     if _multi_process() and multihost_utils.reached_preemption_sync_point(_state.counter):
@@ -92,7 +90,3 @@ def stop_requested() -> bool:
     at the next stage's first step)."""
     return _state.agreed if _multi_process() else _state.requested is not None
 
-
-def reset():
-    """Forget a request (tests run several preemptions in one process)."""
-    _state.requested, _state.agreed = None, False

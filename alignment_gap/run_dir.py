@@ -122,12 +122,6 @@ def preempted(directory: str, step: int, signal: str):
     write_json(directory, PREEMPTED, {"step": int(step), "signal": signal})
 
 
-def preempted_step(directory: str) -> int | None:
-    """The step a preempted run saved; None when it was not preempted (or has resumed)."""
-    record = read_json(directory, PREEMPTED)
-    return None if record is None else int(record["step"])
-
-
 def clear_preempted(directory: str):
     """The run resumes: forget the preemption (process 0 only)."""
     path = os.path.join(directory, PREEMPTED)

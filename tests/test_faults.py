@@ -46,12 +46,26 @@ def _train_rows(workdir):
     return [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
 
 
+def _main(run, data, *flags, expect=0, timeout=300):
+    """The tiny SFT run through the entry point, to its end; asserts its exit status."""
+    done = subprocess.run(_args(run, data, *flags), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == expect, done.stderr[-3000:]
+    return done
+
+
+def _assert_losses_as_straight(root, run):
+    """Each of the 40 steps logged once, with the uninterrupted run's loss."""
+    a, b = _train_rows(root / "straight"), _train_rows(run)
+    assert [r["step"] for r in b] == list(range(1, 41))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), x["step"]
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     root = tmp_path_factory.mktemp("preemption")
-    done = subprocess.run(_args(root / "straight", root / "data"), cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _main(root / "straight", root / "data")
     return root
 
 
@@ -68,14 +82,9 @@ def test_sigint_saves_the_step_and_the_rerun_goes_on_as_if_never_stopped(straigh
     assert (run / "checkpoints" / str(saved)).is_dir() and not (run / "DONE.json").exists()
     assert err.strip().splitlines()[-1].startswith(f"preempted: SIGINT at step {saved} of 40")
 
-    done = subprocess.run(_args(run, root / "data"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _main(run, root / "data")
     assert not (run / "PREEMPTED.json").exists()
-    a, b = _train_rows(root / "straight"), _train_rows(run)
-    assert [r["step"] for r in b] == list(range(1, 41))  # each step logged once
-    for x, y in zip(a, b, strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), x["step"]
+    _assert_losses_as_straight(root, run)
     evals = lambda d: [r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if "loss" not in r]
     assert evals(run) == evals(root / "straight")  # validation at steps 20 and 40, once each
 
@@ -106,17 +115,12 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(straight, tm
     (run / "DONE.json").unlink()
     for chunk in (run / "checkpoints" / "40" / "params").rglob("d/*"):  # half of every chunk
         chunk.write_bytes(chunk.read_bytes()[:chunk.stat().st_size // 2])
-    done = subprocess.run(_args(run, root / "data"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _main(run, root / "data")
     (warning,) = [line for line in done.stderr.splitlines() if "could not be read" in line]
     assert warning.startswith(f"warning: checkpoint {run / 'checkpoints' / '40'} (")
     assert warning.endswith(f"kept as .damaged, resumed from {run / 'checkpoints' / '20'}")
     assert (run / "checkpoints" / "40.damaged").is_dir()  # kept, out of orbax's way
-    a, b = _train_rows(root / "straight"), _train_rows(run)
-    assert [r["step"] for r in b] == list(range(1, 41))
-    for x, y in zip(a, b, strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), x["step"]
+    _assert_losses_as_straight(root, run)
 
 
 def test_a_second_job_on_the_same_workdir_stops_at_once_and_a_killed_one_leaves_no_lock(
@@ -128,9 +132,7 @@ def test_a_second_job_on_the_same_workdir_stops_at_once_and_a_killed_one_leaves_
     for line in first.stdout:  # training has started
         if re.match(r"step \d+/", line):
             break
-    second = subprocess.run(_args(run, root / "data"), cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
-    assert second.returncode == 2, second.stderr[-3000:]
+    second = _main(run, root / "data", expect=2, timeout=120)
     assert second.stderr.strip().splitlines()[-1] == (
         f"error: --workdir: {run} is in use by pid {first.pid} on {os.uname().nodename}; wait "
         "for it to end or pass another --workdir (hosts sharing a study's runs: "
@@ -157,18 +159,11 @@ def small_disk(tmp_path):
 def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(straight, small_disk):
     root = straight
     run = small_disk / "run"
-    full = subprocess.run(_args(run, root / "data"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert full.returncode == 1, full.stderr[-3000:]
+    full = _main(run, root / "data", expect=1)
     assert full.stderr.strip().splitlines()[-1] == (
         f"error: no space left on the device of {run}; free space or move --workdir, then run "
         "the same command: the last good checkpoint of every run is intact and the run resumes "
         "from it")
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    done = subprocess.run(_args(run, root / "data"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    a, b = _train_rows(root / "straight"), _train_rows(run)
-    assert [r["step"] for r in b] == list(range(1, 41))  # resumed from step 20's checkpoint
-    for x, y in zip(a, b, strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6), x["step"]
+    _main(run, root / "data")
+    _assert_losses_as_straight(root, run)  # resumed from step 20's checkpoint

@@ -71,7 +71,7 @@ class Loop:
             if pending is not None:
                 last = self._record(*pending, window, writer, progress)
             pending = (step, step_metrics)
-            preempted = preemption.reached(step) and step < c.num_steps
+            preempted = preemption.reached() and step < c.num_steps
             scheduled = step % c.checkpoint_every == 0 or step == c.num_steps
             if scheduled or preempted:
                 last = self._record(*pending, window, writer, progress)
