@@ -54,20 +54,30 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(**items))
         return step
 
-    def restore(self, state, shardings, data_iterator=None, step: int | None = None):
+    def restore(self, state, shardings, data_iterator=None, step: int | None = None,
+                check=None):
         """(state, rng, meta) at `step` (default latest): `state` (abstract or not) and its
-        `shardings` give the structure; the iterator is restored in place.
+        `shardings` give the structure; the iterator is restored in place. `check(meta)` runs
+        before any tensor is read and raises when the checkpoint does not fit this run (a
+        changed model or tokenizer): that error stops the restore as it is.
 
         A latest checkpoint that cannot be read (truncated or corrupted files) is set aside as
         `<step>.damaged` and the previous one is restored, with a warning naming both. When
-        none can be restored (damaged, or a changed config), nothing is renamed and the error
-        names the directory: a run never starts from scratch on its own."""
+        none can be restored, nothing is renamed and the error names the directory: a run
+        never starts from scratch on its own."""
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
         damaged = []
         for candidate in steps:
             try:
-                restored = self._restore(candidate, state, shardings, data_iterator)
+                meta = self._meta(candidate)
             except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
+                damaged.append((candidate, _first_line(e)))
+                continue
+            if check is not None:
+                check(meta)
+            try:
+                restored = self._restore(candidate, state, shardings, data_iterator)
+            except Exception as e:  # noqa: BLE001
                 damaged.append((candidate, _first_line(e)))
                 continue
             if damaged:
@@ -77,6 +87,10 @@ class Checkpointer:
             f"{self.directory}: no checkpoint can be restored into this run (step "
             f"{damaged[0][0]}: {damaged[0][1]}); if the config changed, set it back, else move "
             "the directory away to train from scratch")
+
+    def _meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
 
     def _restore(self, step: int, state, shardings, data_iterator):
         items = {"params": ocp.args.StandardRestore(abstract_like(state.params,

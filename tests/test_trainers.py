@@ -7,6 +7,7 @@ resume, a diverging run, and frozen-checkpoint errors caught before any compile.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -147,6 +148,24 @@ def test_missing_or_incompatible_frozen_checkpoints_fail_before_compiling(runs, 
     not_lm = main("policy.py:offline_tiny", tmp_path / "c", data,
                   f"--config.sft_checkpoint={root / 'proxy'}", expect=1)
     assert "holds a 'preference' model, not a 'lm' one" in not_lm.stderr
+
+
+def test_resuming_with_another_model_stops_naming_the_field_and_keeps_the_checkpoints(runs,
+                                                                                      tmp_path):
+    root, _ = runs
+    run = tmp_path / "sft"
+    shutil.copytree(root / "sft", run)
+    steps = json.loads((run / "DONE.json").read_text())["step"]
+    before = sorted(os.listdir(run / "checkpoints"))
+    done = main("sft.py:tiny", run, f"--config.data.dir={root / 'data'}",
+                f"--config.num_steps={steps + 10}", "--config.model.num_layers=3", expect=1)
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: resuming {run}: ") and "Traceback" not in done.stderr
+    assert "was trained with num_layers=2 (configured 3); set the model config" in message
+    assert sorted(os.listdir(run / "checkpoints")) == before  # nothing set aside as damaged
+    main("sft.py:tiny", run, f"--config.data.dir={root / 'data'}",  # the right model resumes
+         f"--config.num_steps={steps + 2}")
+    assert json.loads((run / "DONE.json").read_text())["step"] == steps + 2
 
 
 def test_resumed_preference_run_keeps_its_plateau_history(tmp_path):

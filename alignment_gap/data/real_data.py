@@ -31,6 +31,7 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 
 import tensorflow_datasets as tfds
 
@@ -94,21 +95,54 @@ def _field(record, path: str, where: str):
     return value
 
 
+def _text(value, name: str, where: str) -> str:
+    """`value` if it is text UTF-8 can encode (JSON's \\ud83d escapes can leave half an emoji)."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' is {value!r}; expected text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field '{name}' holds {value[e.start]!r} at character "
+                        f"{e.start}, half of a UTF-16 pair; repair the record's escapes") from None
+    return value
+
+
+def _text_field(record, name: str, where: str) -> str:
+    return _text(_field(record, name, where), name, where)
+
+
 def _read_json_lines(path: str, opener=open):
-    with opener(path, "rt", encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                yield index, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: record {index}: not valid JSON ({e.msg})") from None
+    """(line index, record) of a JSON-lines file; a line that is not UTF-8 or not JSON, and a
+    gzip file cut short or not gzip at all, stop with one line naming the file and the fix."""
+    index = -1
+    try:
+        with opener(path, "rb") as f:
+            for index, raw in enumerate(f):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: record {index}: not UTF-8 (byte "
+                                    f"{raw[e.start]:#04x} at column {e.start}); re-encode the "
+                                    "file as UTF-8") from None
+                if not line.strip():
+                    continue
+                try:
+                    yield index, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: record {index}: not valid JSON ({e.msg})") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: the file is damaged after {index + 1} records ({e}); copy "
+                        "it again from the published data") from None
 
 
 def tldr_prompt(info: dict, where: str) -> str:
     body = info.get("post") if info.get("post") is not None else info.get("article")
     if body is None:
         raise DataError(f"{where}: field 'info.post' is missing (nor is there 'info.article')")
+    for name, value in (("post", body), ("title", info.get("title")),
+                        ("subreddit", info.get("subreddit"))):
+        if value is not None:
+            _text(value, f"info.{name}", where)
     title = info.get("title") or ""
     subreddit = info.get("subreddit")
     head = f"SUBREDDIT: r/{subreddit}\n" if subreddit else ""
@@ -126,12 +160,19 @@ def parse_tldr_comparison(record: dict, where: str) -> tuple[str, dict]:
                         f"{sorted(TLDR_SPLITS)}")
     if not isinstance(summaries, list) or len(summaries) != 2:
         raise DataError(f"{where}: field 'summaries' must hold exactly 2 summaries")
-    if choice not in (0, 1):
+    if type(choice) is not int or choice not in (0, 1):  # noqa: E721 - True is not a choice
         raise DataError(f"{where}: field 'choice' is {choice!r}; expected 0 or 1")
-    texts = [_field(s, "text", f"{where}: summaries[{i}]") for i, s in enumerate(summaries)]
+    texts = [_text_field(s, "text", f"{where}: summaries[{i}]") for i, s in enumerate(summaries)]
     return TLDR_SPLITS[split], {
         "prompt": tldr_prompt(info, where), "chosen": texts[choice].strip(),
-        "rejected": texts[1 - choice].strip(), "post_id": str(_field(info, "id", where))}
+        "rejected": texts[1 - choice].strip(), "post_id": _post_id(record, where)}
+
+
+def _post_id(record: dict, where: str) -> str:
+    value = _field(record, "info.id", where)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise DataError(f"{where}: field 'info.id' is {value!r}; expected text or a number")
+    return str(value)
 
 
 def split_hh_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
@@ -228,7 +269,7 @@ class AnthropicHh(tfds.core.GeneratorBasedBuilder):
         for path in paths:
             for index, record in _read_json_lines(path, gzip.open):
                 where = f"{path}: record {index}"
-                chosen, rejected = (_field(record, k, where) for k in ("chosen", "rejected"))
+                chosen, rejected = (_text_field(record, k, where) for k in ("chosen", "rejected"))
                 prompt, good, bad = split_hh_dialogue(chosen, rejected, where)
                 if carve_to is not None and carved_split(prompt, self.CARVED) != carve_to:
                     continue
@@ -240,13 +281,6 @@ ARENA_WINNERS = ("model_a", "model_b")
 ARENA_TIES = ("tie", "tie (bothbad)")
 ARENA_ROLES = ("user", "assistant")
 ARENA_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.parquet")
-
-
-def _text_field(record, name: str, where: str) -> str:
-    value = _field(record, name, where)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{name}' is {value!r}; expected text")
-    return value
 
 
 def arena_conversation(record, name: str, turns: int, where: str) -> list[str]:
@@ -261,9 +295,7 @@ def arena_conversation(record, name: str, turns: int, where: str) -> list[str]:
         if role != ARENA_ROLES[i % 2]:
             raise DataError(f"{where}: field '{name}[{i}].role' is {role!r}; expected "
                             f"{ARENA_ROLES[i % 2]!r} (turns alternate user, assistant)")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: field '{name}[{i}].content' is not text")
-        contents.append(content)
+        contents.append(_text(content, f"{name}[{i}].content", where))
     if len(contents) != 2 * turns:
         raise DataError(f"{where}: field '{name}' holds {len(contents)} turns; field 'turn' "
                         f"is {turns}, so expected {2 * turns} (user and assistant each)")

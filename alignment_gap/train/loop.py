@@ -106,7 +106,9 @@ class Loop:
             where = (self.checkpointer.path(self.last_good) if self.last_good is not None
                      else "none (no checkpoint was written yet)")
             raise NonFiniteLoss(f"step {step}: non-finite {bad}; stopped without checkpointing "
-                                f"this state; last good checkpoint: {where}")
+                                f"this state; last good checkpoint: {where}; lower "
+                                "config.learning_rate (or check the data) and rerun: the run "
+                                "resumes from that checkpoint")
         window.add(host)
         if step % self.config.log_every == 0 or step == self.config.num_steps:
             averaged = window.compute()

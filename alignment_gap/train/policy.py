@@ -121,8 +121,8 @@ def run(config, workdir: str):
     source, data_iterator, recorder = _source(config, rt, policy, workdir, ckpt)
     rng = jax.random.key(config.seed)
     if ckpt.latest_step() is not None:
-        state, rng, saved = ckpt.restore(state, shardings, data_iterator)
-        common.check_resume(saved, "lm", config.model, rt, workdir)
+        state, rng, _ = ckpt.restore(state, shardings, data_iterator, check=lambda saved: (
+            common.check_resume(saved, "lm", config.model, rt, workdir)))
     if isinstance(source, OnlineSource):
         source.step = int(jax.device_get(state.step))  # stream records carry the loop's step
 

@@ -100,8 +100,8 @@ def run(config, workdir: str):
     rng = jax.random.key(config.seed)
     history: list[float] = []  # validation accuracy at each evaluation, for the plateau rule
     if ckpt.latest_step() is not None:
-        state, rng, saved = ckpt.restore(state, shardings, train_iter)
-        common.check_resume(saved, "preference", config.model, rt, workdir)
+        state, rng, _ = ckpt.restore(state, shardings, train_iter, check=lambda saved: (
+            common.check_resume(saved, "preference", config.model, rt, workdir)))
         history = accuracy_history(workdir, int(jax.device_get(state.step)))
 
     accuracy = accuracy_program(graphdef, rt.mesh)

@@ -62,8 +62,8 @@ def run(config, workdir: str):
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
     rng = jax.random.key(config.seed)
     if ckpt.latest_step() is not None:
-        state, rng, saved = ckpt.restore(state, shardings, train_iter)
-        common.check_resume(saved, "lm", config.model, rt, workdir)
+        state, rng, _ = ckpt.restore(state, shardings, train_iter, check=lambda saved: (
+            common.check_resume(saved, "lm", config.model, rt, workdir)))
 
     eval_loss = eval_loss_program(graphdef, rt.mesh)
 

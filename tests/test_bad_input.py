@@ -1,0 +1,214 @@
+"""Bad input, tried systematically: each row is a damaged file or a malformed record of the real
+datasets and the one line it must stop with (file, record, field and the fix), or input that
+looks odd but is valid and must build (an empty summary, a very long post).
+
+After every error nothing half-built is left where a later run would read it: the data
+directory holds no finished dataset, and the same directory builds once the file is repaired.
+
+Covered by other tables, not repeated here: config fields (test_configs), Chatbot Arena battles
+(test_real_data), pretrained checkpoints of the wrong shape or architecture (test_pretrained),
+tokenizers that do not fit the model (test_tokenizers), frozen and resumed checkpoints of
+another model and a loss that turns NaN (test_trainers).
+"""
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from alignment_gap.data import builders, real_data, tokenizer
+from alignment_gap.data.pipelines import as_text, encode_prompt, encode_response
+from alignment_gap.errors import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TLDR_SPLITS = ["train"] * 8 + ["valid1"] * 4 + ["valid2"] * 4
+
+
+def tldr_record(i, split="train"):
+    return {"info": {"id": f"t3_{i}", "post": f"My sourdough number {i} stays flat all day.",
+                     "title": f"Bread {i}", "subreddit": "Baking"},
+            "summaries": [{"text": f" Flat bread {i}."}, {"text": f" Bread {i} is flat, why?"}],
+            "choice": i % 2, "split": split}
+
+
+def hh_record(i):
+    prompt = f"\n\nHuman: How long do I boil egg number {i}?\n\nAssistant:"
+    return {"chosen": f"{prompt} About {i % 9 + 4} minutes.", "rejected": f"{prompt} No idea."}
+
+
+def lines(records):
+    return [json.dumps(r).encode() for r in records]
+
+
+def _set(path, value):
+    """A spoiler: record 3's field at dotted `path` (list indices as numbers) set to `value`."""
+    def spoil(rows):
+        record = json.loads(rows[3])
+        *parents, leaf = path.split(".")
+        node = record
+        for key in parents:
+            node = node[int(key) if key.isdigit() else key]
+        node[int(leaf) if leaf.isdigit() else leaf] = value
+        rows[3] = json.dumps(record).encode()
+    return spoil
+
+
+def _raw(line: bytes):
+    def spoil(rows):
+        rows[3] = line
+    return spoil
+
+
+def _cut_last_line(rows):
+    rows[-1] = rows[-1][:25]
+
+
+def _latin1(rows):
+    record = tldr_record(3)
+    record["info"]["post"] = "Mon pain ne lève pas."
+    rows[3] = json.dumps(record, ensure_ascii=False).encode("latin-1")
+
+
+def _utf16(rows):
+    rows[:] = [b"\n".join(rows).decode().encode("utf-16")]
+
+
+def write_tldr(manual, rows):
+    path = manual / "comparisons" / "batch1.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\n".join(rows) + b"\n")
+
+
+def write_hh(manual, rows, compress=gzip.compress):
+    for split, part in (("train", rows), ("test", lines(hh_record(1000 + i) for i in range(4)))):
+        path = manual / "helpful-base" / f"{split}.jsonl.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(compress(b"\n".join(part) + b"\n"))
+
+
+KINDS = {  # kind -> (builder, the records of valid files, their writer)
+    "tldr": (real_data.tldr_builder, lambda: lines(tldr_record(i, s)
+                                                   for i, s in enumerate(TLDR_SPLITS)), write_tldr),
+    "hh": (real_data.hh_builder, lambda: lines(hh_record(i) for i in range(60)), write_hh),
+}
+
+MALFORMED = [  # (what, kind, spoil the rows, write the files, the line expected)
+    ("line cut short", "tldr", _cut_last_line, None, r"batch1.json: record 15: not valid JSON"),
+    ("latin-1 bytes in a UTF-8 file", "tldr", _latin1, None,
+     r"batch1.json: record 3: not UTF-8 \(byte 0xe8 at column \d+\); re-encode the file"),
+    ("a UTF-16 file", "tldr", _utf16, None, r"batch1.json: record 0: not UTF-8 \(byte 0xff at "
+     r"column 0\)"),
+    ("half of an emoji (a lone surrogate escape)", "tldr", _set("summaries.0.text", "ok \ud83d"),
+     None, r"record 3: summaries\[0\]: field 'text' holds '\\ud83d' at character 3, half of a "
+     r"UTF-16 pair"),
+    ("choice as text", "tldr", _set("choice", "1"), None,
+     r"record 3: field 'choice' is '1'; expected 0 or 1"),
+    ("choice as a boolean", "tldr", _set("choice", True), None, r"field 'choice' is True"),
+    ("summary as a number", "tldr", _set("summaries.1.text", 5), None,
+     r"record 3: summaries\[1\]: field 'text' is 5; expected text"),
+    ("post as a list", "tldr", _set("info.post", ["a"]), None,
+     r"record 3: field 'info.post' is \['a'\]; expected text"),
+    ("one summary", "tldr", _set("summaries", [{"text": "a"}]), None,
+     r"record 3: field 'summaries' must hold exactly 2 summaries"),
+    ("unknown split", "tldr", _set("split", "valid3"), None, r"field 'split' is 'valid3'"),
+    ("missing post id", "tldr", _set("info.id", None), None,
+     r"record 3: field 'info.id' is None; expected text or a number"),
+    ("an empty line of JSON", "tldr", _raw(b"{}"), None, r"record 3: field 'info' is missing"),
+    ("gzip cut short", "hh", None, lambda b: gzip.compress(b)[:-40],
+     r"helpful-base/train.jsonl.gz: the file is damaged after \d+ records \(.*\); copy it "
+     "again"),
+    ("not gzip", "hh", None, lambda b: b, r"train.jsonl.gz: the file is damaged after 0 records "
+     r"\(Not a gzipped file"),
+    ("dialogue as a list", "hh", _set("chosen", ["Human: hi"]), None,
+     r"train.jsonl.gz: record 3: field 'chosen' is \['Human: hi'\]; expected text"),
+    ("empty dialogue", "hh", _set("chosen", ""), None,
+     r"record 3: field 'chosen' has no 'Assistant:' turn"),
+    ("dialogues about different questions", "hh", _set("rejected", "\n\nHuman: other?\n\n"
+                                                       "Assistant: no."), None,
+     r"record 3: fields 'chosen' and 'rejected' share no prompt ending in an 'Assistant:' turn"),
+]
+
+
+def _build(kind, data, manual):
+    make_builder = KINDS[kind][0]
+    return builders.prepare(make_builder(str(data)), manual_dir=str(manual))
+
+
+def _finished_datasets(data):
+    return [p for p in data.rglob("dataset_info.json") if "incomplete" not in str(p)]
+
+
+@pytest.mark.parametrize("what,kind,spoil,compress,expected", MALFORMED,
+                         ids=[row[0] for row in MALFORMED])
+def test_malformed_file_or_record_is_one_line_and_leaves_no_dataset(tmp_path, what, kind,
+                                                                    spoil, compress, expected):
+    _, records, write = KINDS[kind]
+    rows = records()
+    if spoil is not None:
+        spoil(rows)
+    manual, data = tmp_path / "manual", tmp_path / "data"
+    write(manual, rows, **({"compress": compress} if compress else {}))
+    with pytest.raises(DataError) as error:
+        _build(kind, data, manual)
+    message = str(error.value)
+    assert "\n" not in message
+    assert str(manual) in message, message  # names the file
+    assert re.search(expected, message), message
+    assert not _finished_datasets(data)  # nothing a later run would read as built
+    write(manual, records())  # repaired: the same directories build
+    assert {"train", "validation", "test"} <= set(_build(kind, data, manual))
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory):
+    corpus = [t for r in (tldr_record(i) for i in range(40))
+              for t in (r["info"]["post"], r["summaries"][0]["text"], r["summaries"][1]["text"])]
+    path = tmp_path_factory.mktemp("tok") / "tldr.model"
+    corpus += ["SUBREDDIT: r/Baking TITLE: POST: TL;DR:"] * 20
+    return tokenizer.Tokenizer.train(corpus * 3, 120, path=str(path))
+
+
+def test_an_empty_summary_is_a_response_of_end_of_sequence_only(tmp_path, spm):
+    rows = lines(tldr_record(i, s) for i, s in enumerate(TLDR_SPLITS))
+    _set("summaries.0.text", "   ")(rows)  # chosen for record 3 (choice 1 picks summary 1)
+    _set("choice", 0)(rows)
+    write_tldr(tmp_path / "manual", rows)
+    train = _build("tldr", tmp_path / "data", tmp_path / "manual")["train"]
+    record = next(train[i] for i in range(len(train)) if as_text(train[i]["post_id"]) == "t3_3")
+    assert as_text(record["chosen"]) == ""
+    ids, mask = encode_response(spm, as_text(record["chosen"]), 8)
+    assert mask.sum() == 1 and ids[0] == spm.eos_id
+
+
+def test_a_very_long_post_builds_and_its_prompt_keeps_the_tldr_end(tmp_path, spm):
+    rows = lines(tldr_record(i, s) for i, s in enumerate(TLDR_SPLITS))
+    _set("info.post", "flat bread " * 50_000)(rows)  # 550,000 characters
+    write_tldr(tmp_path / "manual", rows)
+    train = _build("tldr", tmp_path / "data", tmp_path / "manual")["train"]
+    prompt = next(as_text(train[i]["prompt"]) for i in range(len(train))
+                  if as_text(train[i]["post_id"]) == "t3_3")
+    assert len(prompt) > 550_000
+    ids, mask = encode_prompt(spm, prompt, 48)
+    assert mask.all() and spm.decode(ids).endswith("TL;DR:")
+
+
+def test_a_bad_record_stops_the_trainer_with_one_line_before_anything_is_written(tmp_path, spm):
+    rows = lines(tldr_record(i, s) for i, s in enumerate(TLDR_SPLITS))
+    _latin1(rows)
+    write_tldr(tmp_path / "manual", rows)
+    done = subprocess.run(
+        [sys.executable, "-m", "alignment_gap.main", "--config",
+         os.path.join(ROOT, "configs", "sft.py:tiny"), "--workdir", str(tmp_path / "sft"),
+         "--config.data.kind=tldr", f"--config.data.manual_dir={tmp_path / 'manual'}",
+         f"--config.data.dir={tmp_path / 'data'}", f"--config.data.tokenizer={spm.path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "batch1.json: record 3: not UTF-8" in last, last
+    assert not (tmp_path / "sft" / "checkpoints").exists()
+    assert not _finished_datasets(tmp_path / "data")
