@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import os
 
-import gguf
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from alignment_gap.data.tokenizer import Tokenizer
 from alignment_gap.errors import ConfigError
+from alignment_gap.gguf_file import GgufFile
 
 _PIECE = sp_model.ModelProto.SentencePiece
 _KEY = "tokenizer.ggml."
@@ -32,8 +32,7 @@ _KEY = "tokenizer.ggml."
 
 def _metadata(path: str) -> dict:
     """The `tokenizer.ggml.*` fields of a GGUF file, keys without the prefix."""
-    reader = gguf.GGUFReader(path)
-    return {name[len(_KEY):]: field.contents() for name, field in reader.fields.items()
+    return {name[len(_KEY):]: value for name, value in GgufFile(path).fields.items()
             if name.startswith(_KEY)}
 
 

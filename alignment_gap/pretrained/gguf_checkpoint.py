@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 
 from alignment_gap.errors import CheckpointError
+from alignment_gap.gguf_file import GgufFile
 from alignment_gap.presets.models import FAMILY_ARCHITECTURE
 
 # Hugging Face name pieces -> llama.cpp's, for Gemma 3.
@@ -44,16 +45,15 @@ class GgufSource:
 
     def __init__(self, path: str):
         self.path = path
-        self.reader = gguf.GGUFReader(path)
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.file = GgufFile(path)
+        self.tensors = self.file.tensors
         self.architecture = self.field("general.architecture")
         if self.architecture != "gemma3":
             raise CheckpointError(f"{path}: GGUF architecture {self.architecture!r} is not "
                                   "supported (gemma3); import its Hugging Face directory instead")
 
     def field(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self.file.fields.get(key, default)
 
     def names(self) -> set[str]:
         hf = set(_TOP)
@@ -79,7 +79,7 @@ def architecture(source: GgufSource) -> tuple[str, dict]:
     """(family, our model fields) from the metadata (see the module doc for what is implied)."""
     key = lambda k: source.field(f"gemma3.{k}")
     heads, head_dim = key("attention.head_count"), key("attention.key_length")
-    vocab = len(source.reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = len(source.field("tokenizer.ggml.tokens"))
     return "gemma3", dict(
         vocab_size=vocab, width=key("embedding_length"), num_layers=key("block_count"),
         num_heads=heads, num_kv_heads=key("attention.head_count_kv"), head_dim=head_dim,
