@@ -103,6 +103,9 @@ def route(verbose: bool = False) -> None:
     _State.kept = logging.handlers.MemoryHandler(_KEPT, flushLevel=logging.CRITICAL + 1)
     _attach(_State.kept)
     warnings.showwarning = _log_warning
+    # A log file that cannot be written (a full disk) must not print a handler traceback per
+    # record over the one line that says so (`--verbose` keeps them).
+    logging.raiseExceptions = verbose
 
 
 def log_to(path: str) -> str:

@@ -91,8 +91,11 @@ def main(argv):
             raise
         print(f"error: no space left on the device of {_WORKDIR.value}; free space or move "
               "--workdir, then run the same command: the last good checkpoint of every run is "
-              "intact and the run resumes from it", file=sys.stderr)
-        sys.exit(1)
+              "intact and the run resumes from it", file=sys.stderr, flush=True)
+        # The checkpoint writer's own tasks would report the same failure again at shutdown,
+        # after this line; their files are temporary ones that a rerun ignores.
+        sys.stdout.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ class Window:
 
     def reset(self):
         self._averages: dict[str, clu_metrics.Average] = {}
+        self.added: list[dict] = []  # what was added since the reset, in order
 
     def add(self, metrics: dict):
+        self.added.append(dict(metrics))
         for name, value in metrics.items():
             update = clu_metrics.Average.from_model_output(np.asarray(value, np.float32)
                                                            .reshape(-1))

@@ -7,8 +7,9 @@ one place:
     DONE.json     {"step": last step, ...result}; a trainer's result: {"metrics": its last
                   metrics, "stopped_early": bool}
     FAILED.json   {"error": "<ExceptionType>: <first line of the message>"}
-    PREEMPTED.json  {"step": the step saved, "signal": "SIGTERM" | "SIGINT"}: stopped on a
-                  preemption signal with that step checkpointed; removed when the run resumes
+    PREEMPTED.json  {"step": the step saved, "signal": "SIGTERM" | "SIGINT", "unlogged": the
+                  metrics of the steps since the last logged line}: stopped on a preemption
+                  signal with that step checkpointed; removed when the run resumes
 
 A run is finished once `DONE.json` says `step >= num_steps` (a stage that is one pass counts
 as one step), or that it stopped early (validation plateau). The rest of the record is the
@@ -117,9 +118,18 @@ def clear_failure(directory: str):
         os.remove(failed_path(directory))
 
 
-def preempted(directory: str, step: int, signal: str):
-    """Record that the run stopped on `signal` with `step` checkpointed (to resume from)."""
-    write_json(directory, PREEMPTED, {"step": int(step), "signal": signal})
+def preempted(directory: str, step: int, signal: str, unlogged: list[dict] = ()):
+    """Record that the run stopped on `signal` with `step` checkpointed (to resume from), and
+    the per-step metrics not yet averaged into a logged line (the resumed run averages them in,
+    so its log reads as an uninterrupted run's)."""
+    write_json(directory, PREEMPTED, {"step": int(step), "signal": signal,
+                                      "unlogged": list(unlogged)})
+
+
+def unlogged_at(directory: str, step: int) -> list[dict]:
+    """The unlogged metrics a preemption at `step` recorded ([] for any other start)."""
+    record = read_json(directory, PREEMPTED)
+    return record.get("unlogged", []) if record and record.get("step") == step else []
 
 
 def clear_preempted(directory: str):

@@ -68,3 +68,21 @@ def test_a_resumed_run_drops_metrics_logged_after_its_step(tmp_path):
     path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
     with pytest.raises(DataError, match=r"metrics.jsonl: line 2 is not JSON; delete the file"):
         metrics.drop_after(str(tmp_path), 2)
+
+
+def test_steps_a_preemption_left_unlogged_average_into_the_resumed_runs_next_line(tmp_path):
+    d = str(tmp_path / "run")
+    steps = [{"loss": 1.0 / 3.0 + i, "grad_norm": 0.1 * i} for i in range(6)]
+    straight = metrics.Window()
+    for m in steps:
+        straight.add(m)
+    before = metrics.Window()
+    for m in steps[:4]:
+        before.add(m)
+    run_dir.preempted(d, 4, "SIGTERM", before.added)  # through JSON, as a real stop
+    assert run_dir.unlogged_at(d, 3) == [] and run_dir.unlogged_at(d, 5) == []
+    resumed = metrics.Window()
+    for m in run_dir.unlogged_at(d, 4) + steps[4:]:
+        resumed.add(m)
+    assert resumed.compute() == straight.compute()  # to the last bit
+    assert run_dir.unlogged_at(str(tmp_path / "fresh"), 0) == []

@@ -10,8 +10,9 @@
 
 A non-finite metric stops the run with its step and the last good checkpoint named; the bad
 state is never checkpointed. A resumed run first drops the metrics logged after the step it
-resumes from (an interrupted attempt logged them; they are logged again), so `metrics.jsonl`
-reads as one uninterrupted run. A run directory holds `config.json`, `checkpoints/`,
+resumes from (an interrupted attempt logged them; they are logged again) and, after a
+preemption, averages in the steps it left unlogged, so `metrics.jsonl` reads as one
+uninterrupted run. A run directory holds `config.json`, `checkpoints/`,
 `metrics.jsonl`, `tensorboard/` and, once finished, the record `run_dir.finish` writes (last
 step and metrics); re-running a finished run says so and exits (`run_dir.already_finished`).
 """
@@ -50,8 +51,10 @@ class Loop:
     def run(self, state, rng) -> tuple[object, dict]:
         start = int(jax.device_get(state.step))
         metrics_lib.drop_after(self.workdir, start)
-        run_dir.clear_preempted(self.workdir)
         writer, window = metrics_lib.Writer(self.workdir), metrics_lib.Window()
+        for step_metrics in run_dir.unlogged_at(self.workdir, start):
+            window.add(step_metrics)
+        run_dir.clear_preempted(self.workdir)
         try:
             return self._run(state, rng, start, writer, window)
         finally:
@@ -91,7 +94,7 @@ class Loop:
                     break
                 if preempted:
                     signal = preemption.requested() or "SIGTERM (to one of the processes)"
-                    run_dir.preempted(self.workdir, step, signal)
+                    run_dir.preempted(self.workdir, step, signal, window.added)
                     raise Preempted(f"{signal} at step {step} of {c.num_steps}: saved "
                                     f"{self.checkpointer.path(step)}; run the same command "
                                     "again to resume")
