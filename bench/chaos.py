@@ -37,7 +37,7 @@ def _command(config: str, workdir: str) -> list[str]:
             f"--config.data.dir={os.path.join(workdir, 'data')}"]
 
 
-def _run(config: str, workdir: str, kill_after: float | None) -> tuple[int, str]:
+def run(config: str, workdir: str, kill_after: float | None) -> tuple[int, str]:
     """(exit status or -9, the stage running when it ended)."""
     proc = subprocess.Popen(_command(config, workdir), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -71,7 +71,7 @@ def _streams(workdir: str) -> dict[str, str]:
             for p in glob.glob(os.path.join(workdir, "stages", "*", "stream", "*"))}
 
 
-def _differences(reference: str, workdir: str) -> list[str]:
+def differences(reference: str, workdir: str) -> list[str]:
     out = [name for name in COMPARED
            if not filecmp.cmp(os.path.join(reference, name), os.path.join(workdir, name),
                               shallow=False)]
@@ -99,7 +99,7 @@ def main():
     shutil.rmtree(args.out, ignore_errors=True)
     reference = os.path.join(args.out, "reference")
     start = time.monotonic()
-    status, _ = _run(args.config, reference, None)
+    status, _ = run(args.config, reference, None)
     assert status == 0, "the undisturbed study failed"
     duration = time.monotonic() - start
     print(f"reference study: {duration:.0f} s", flush=True)
@@ -111,7 +111,7 @@ def main():
             if sum(landed.values()) >= args.kills:
                 break
             after = rng.uniform(0.0, args.window * duration)
-            status, stage = _run(args.config, workdir, after)
+            status, stage = run(args.config, workdir, after)
             if status != -9:
                 break  # finished (or failed) before the kill
             landed[stage.rsplit("-", 1)[0]] += 1
@@ -119,12 +119,12 @@ def main():
         else:
             status = None
         if status != 0:
-            status, _ = _run(args.config, workdir, None)
+            status, _ = run(args.config, workdir, None)
         if status != 0:
             failures += 1
             lost.append(f"study{studies}: exit {status}")
         else:
-            lost += [f"study{studies}: {d}" for d in _differences(reference, workdir)]
+            lost += [f"study{studies}: {d}" for d in differences(reference, workdir)]
         studies += 1
         print(f"study {studies}: {sum(landed.values())} kills so far", flush=True)
 

@@ -1,7 +1,9 @@
-"""The study from one command: the smoke preset end to end, its caching, and the notebook."""
+"""The study from one command: the smoke preset end to end, its caching, and a study stopped
+mid-way (preempted, killed) that reruns to the same results."""
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -13,6 +15,7 @@ import pytest
 from alignment_gap import run_dir
 from alignment_gap.metrics import read_jsonl
 from alignment_gap.study import pipeline, results
+from bench import chaos
 from configs import study as study_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +116,32 @@ def test_a_preempted_study_resumes_to_the_same_results(smoke):
         assert (workdir / name).read_text() == expected[name], name
     # Each logged line averages the same steps (those before the signal came from its record).
     assert logged() == expected_log and len(expected_log) >= 2
+
+
+def test_killed_at_seeded_moments_the_study_reruns_to_the_same_results(smoke, tmp_path):
+    """SIGKILL (no handler runs) at two moments a seeded generator draws over the policy runs,
+    then the same command to the end: results, samples, recorded streams and report numbers
+    equal the undisturbed study's (`bench/chaos.py --kills 50` does this at length)."""
+    workdir, _, _ = smoke
+    reference = tmp_path / "reference"
+    shutil.copytree(workdir, reference, ignore=shutil.ignore_patterns(
+        "data", "jax_cache", "checkpoints", "tensorboard"))
+    timings = json.loads((workdir / "timings.json").read_text())
+    runs = [d for d in (workdir / "stages").iterdir() if d.name.startswith(("online", "offline"))]
+    window = sum(timings[d.name.rsplit("-", 1)[0]] for d in runs)  # this machine, this sitting
+    for d in runs:
+        shutil.rmtree(d)
+    for name in ("results.json", "results.csv", "samples.json", "report.md"):
+        (workdir / name).unlink()
+    config, rng, landed = os.path.join(ROOT, "configs", "study.py:smoke"), random.Random(0), []
+    for _ in range(2):
+        status, stage = chaos.run(config, str(workdir), rng.uniform(0.2, 0.8) * window + 3.0)
+        if status == -9:
+            landed.append(stage)
+    assert landed, "no kill landed: the study finished before the drawn moments"
+    status, _ = chaos.run(config, str(workdir), None)
+    assert status == 0
+    assert chaos.differences(str(reference), str(workdir)) == [], landed
 
 
 def test_finished_study_is_not_rerun(smoke):
