@@ -7,7 +7,8 @@ times drawn by a seeded generator (uniform over `--window` of the reference's du
 restarted study resumes, so later kills land further on) and starting it again with the same
 command, until it finishes by itself or took `--kills_per_study` kills; repeated over fresh
 workdirs until `--kills` kills have landed. Each finished study's results table, report
-numbers and recorded streams are compared with the reference's, byte for byte. Prints a table:
+numbers and recorded streams (record by record) are compared with the reference's, byte for
+byte. Prints a table:
 where each kill landed (the stage that was running), how many runs finished, and the files that
 differ (the goal: none).
 """
@@ -27,6 +28,10 @@ import subprocess
 import sys
 import threading
 import time
+
+from array_record.python import array_record_module
+
+from alignment_gap import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("results.json", "results.csv", "samples.json")
@@ -66,9 +71,21 @@ def run(config: str, workdir: str, kill_after: float | None) -> tuple[int, str]:
 
 
 def _streams(workdir: str) -> dict[str, str]:
-    return {os.path.relpath(p, workdir).split(os.sep, 2)[1].rsplit("-", 1)[0] + "/" +
-            os.path.basename(p): p
-            for p in glob.glob(os.path.join(workdir, "stages", "*", "stream", "*"))}
+    """Run name -> its recorded stream directory."""
+    return {os.path.basename(os.path.dirname(p)).rsplit("-", 1)[0]: p
+            for p in glob.glob(os.path.join(workdir, "stages", "*", "stream"))}
+
+
+def stream_records(directory: str) -> list[bytes]:
+    """Every example a run recorded, in step order. Compared record by record, not file by
+    file: a preempted run seals its open chunk at the step it stopped, so its files split
+    the same records differently."""
+    out = []
+    for path in sources.stream_chunks(directory):
+        reader = array_record_module.ArrayRecordReader(path)
+        out += reader.read_all()
+        reader.close()
+    return out
 
 
 def differences(reference: str, workdir: str) -> list[str]:
@@ -78,7 +95,7 @@ def differences(reference: str, workdir: str) -> list[str]:
     ref_streams, streams = _streams(reference), _streams(workdir)
     out += [f"stream {k}" for k in sorted(set(ref_streams) | set(streams))
             if k not in ref_streams or k not in streams
-            or not filecmp.cmp(ref_streams[k], streams[k], shallow=False)]
+            or stream_records(ref_streams[k]) != stream_records(streams[k])]
     numbers = lambda path: re.findall(r"\d+\.\d+", open(path).read().split("## Setting")[0])
     if numbers(os.path.join(reference, "report.md")) != numbers(os.path.join(workdir,
                                                                             "report.md")):
