@@ -70,6 +70,27 @@ def run(config: str, workdir: str, kill_after: float | None) -> tuple[int, str]:
     return proc.returncode, seen["stage"]
 
 
+# What a kill can leave half-written, by the files each write leaves until it completes.
+HALF_WRITTEN = {"a checkpoint save": "stages/*/checkpoints/*.orbax-checkpoint-tmp*",
+                "a stream chunk": "stages/*/stream/open.array_record.tmp",
+                "a dataset build": "data/**/*incomplete*",
+                "a JSON record": "**/.*.json.tmp"}
+
+
+def temporary_files(workdir: str) -> dict[str, set]:
+    """What -> {(path, modification time)} of the temporary files each kind of write leaves."""
+    found = {}
+    for what, pattern in HALF_WRITTEN.items():
+        paths = glob.glob(os.path.join(workdir, pattern), recursive=True)
+        found[what] = {(p, os.stat(p).st_mtime_ns) for p in paths if os.path.exists(p)}
+    return found
+
+
+def half_written(before: dict[str, set], after: dict[str, set]) -> list[str]:
+    """The writes a kill interrupted: temporary files that were not there before the run."""
+    return [what for what in HALF_WRITTEN if after[what] - before[what]]
+
+
 def _streams(workdir: str) -> dict[str, str]:
     """Run name -> its recorded stream directory."""
     return {os.path.basename(os.path.dirname(p)).rsplit("-", 1)[0]: p
@@ -121,18 +142,23 @@ def main():
     duration = time.monotonic() - start
     print(f"reference study: {duration:.0f} s", flush=True)
 
-    landed, studies, lost, failures = collections.Counter(), 0, [], 0
+    landed, inside, studies, lost, failures = (collections.Counter(), collections.Counter(), 0,
+                                                [], 0)
     while sum(landed.values()) < args.kills:
         workdir = os.path.join(args.out, f"study{studies}")
         for _ in range(args.kills_per_study):
             if sum(landed.values()) >= args.kills:
                 break
             after = rng.uniform(0.0, args.window * duration)
+            before = temporary_files(workdir)
             status, stage = run(args.config, workdir, after)
             if status != -9:
                 break  # finished (or failed) before the kill
             landed[stage.rsplit("-", 1)[0]] += 1
-            print(f"  killed after {after:.1f} s in stage {stage}", flush=True)
+            writes = half_written(before, temporary_files(workdir))
+            inside.update(writes)
+            print(f"  killed after {after:.1f} s in stage {stage}"
+                  f"{' inside ' + ', '.join(writes) if writes else ''}", flush=True)
         else:
             status = None
         if status != 0:
@@ -148,6 +174,9 @@ def main():
     print("\n| stage running when killed | kills |\n| --- | --- |")
     for stage, count in landed.most_common():
         print(f"| {stage} | {count} |")
+    print("\n| write in progress when killed (its temporary files left) | kills |\n| --- | --- |")
+    for what in HALF_WRITTEN:
+        print(f"| {what} | {inside[what]} |")
     print(f"\n{sum(landed.values())} kills (SIGKILL) over {studies} studies; {failures} reruns "
           f"failed; files that differ from the undisturbed study: {len(lost)}")
     for line in lost:
