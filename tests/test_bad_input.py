@@ -112,6 +112,8 @@ MALFORMED = [  # (what, kind, spoil the rows, write the files, the line expected
      r"record 3: summaries\[1\]: field 'text' is 5; expected text"),
     ("post as a list", "tldr", _set("info.post", ["a"]), None,
      r"record 3: field 'info.post' is \['a'\]; expected text"),
+    ("summary as a whole document", "tldr", _set("summaries.1.text", {"body": "x" * 50_000}),
+     None, r"summaries\[1\]: field 'text' is \{'body': 'xxx+\.\.\.; expected text"),
     ("one summary", "tldr", _set("summaries", [{"text": "a"}]), None,
      r"record 3: field 'summaries' must hold exactly 2 summaries"),
     ("unknown split", "tldr", _set("split", "valid3"), None, r"field 'split' is 'valid3'"),
@@ -155,7 +157,7 @@ def test_malformed_file_or_record_is_one_line_and_leaves_no_dataset(tmp_path, wh
     with pytest.raises(DataError) as error:
         _build(kind, data, manual)
     message = str(error.value)
-    assert "\n" not in message
+    assert "\n" not in message and len(message) < 400  # one line, a field's value cut short
     assert str(manual) in message, message  # names the file
     assert re.search(expected, message), message
     assert not _finished_datasets(data)  # nothing a later run would read as built

@@ -95,10 +95,16 @@ def _field(record, path: str, where: str):
     return value
 
 
+def _shown(value, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters (a wrong field can hold a whole document)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _text(value, name: str, where: str) -> str:
     """`value` if it is text UTF-8 can encode (JSON's \\ud83d escapes can leave half an emoji)."""
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{name}' is {value!r}; expected text")
+        raise DataError(f"{where}: field '{name}' is {_shown(value)}; expected text")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -161,7 +167,7 @@ def parse_tldr_comparison(record: dict, where: str) -> tuple[str, dict]:
     if not isinstance(summaries, list) or len(summaries) != 2:
         raise DataError(f"{where}: field 'summaries' must hold exactly 2 summaries")
     if type(choice) is not int or choice not in (0, 1):  # noqa: E721 - True is not a choice
-        raise DataError(f"{where}: field 'choice' is {choice!r}; expected 0 or 1")
+        raise DataError(f"{where}: field 'choice' is {_shown(choice)}; expected 0 or 1")
     texts = [_text_field(s, "text", f"{where}: summaries[{i}]") for i, s in enumerate(summaries)]
     return TLDR_SPLITS[split], {
         "prompt": tldr_prompt(info, where), "chosen": texts[choice].strip(),
@@ -171,7 +177,8 @@ def parse_tldr_comparison(record: dict, where: str) -> tuple[str, dict]:
 def _post_id(record: dict, where: str) -> str:
     value = _field(record, "info.id", where)
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise DataError(f"{where}: field 'info.id' is {value!r}; expected text or a number")
+        raise DataError(f"{where}: field 'info.id' is {_shown(value)}; expected text or a "
+                        "number")
     return str(value)
 
 
