@@ -25,9 +25,9 @@ from alignment_gap.batches import PreferenceBatch
 from alignment_gap.data import builders, pipelines, tokenizer
 from alignment_gap.data import world as world_lib
 from alignment_gap.models import LanguageModel, TransformerConfig
+from alignment_gap.presets import meshes, models
 from alignment_gap.train.policy import make_policy_loss
 from alignment_gap.train.state import init_train_state, make_update_step
-from configs import meshes, models
 
 SHAPE = pipelines.BatchShape(global_batch_size=32, prompt_len=64, response_len=24)
 

@@ -28,9 +28,9 @@ from flax import nnx
 
 from alignment_gap import logprobs, losses, sharding
 from alignment_gap.models import LanguageModel, TransformerConfig
+from alignment_gap.presets import meshes, models
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.train.state import init_train_state, make_update_step
-from configs import meshes, models
 
 # size: (batch, sequence length) for the update step.
 TRAIN_SHAPES = {"mini": (32, 128), "peer": (32, 48), "60m": (8, 256), "250m": (4, 256),

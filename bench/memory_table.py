@@ -23,7 +23,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
 from alignment_gap import sharding
 from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
-from configs import meshes, models
+from alignment_gap.presets import meshes, models
 
 GIB = 1024**3
 # preset: (accelerator, memory per device in GiB, (data, fsdp, tensor))

@@ -31,11 +31,11 @@ from flax import nnx
 from alignment_gap import sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
+from alignment_gap.presets import meshes, models
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.sources import OnlineSource
 from alignment_gap.train.policy import _pair_logits, make_policy_loss
 from alignment_gap.train.state import init_train_state, make_update_step
-from configs import meshes, models
 
 # shape: (model size, prompts per step, prompt length, response length, sampler prompts)
 SHAPES = {"mini": ("mini", 32, 64, 24, 64), "peer": ("peer", 32, 32, 16, 64)}

@@ -26,9 +26,9 @@ from flax import nnx
 from alignment_gap import sharding
 from alignment_gap.data.pretrained_tokenizers import load_tokenizer
 from alignment_gap.logprobs import token_logprobs
+from alignment_gap.presets import meshes
 from alignment_gap.pretrained import load_language_model, open_checkpoint
 from alignment_gap.sampling import Sampler, SamplingConfig
-from configs import meshes
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 

@@ -37,10 +37,10 @@ from alignment_gap import sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
 from alignment_gap.models.heads import both_order_margin
+from alignment_gap.presets import meshes, models
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.train.policy import make_policy_loss
 from alignment_gap.train.state import init_train_state, make_update_step
-from configs import meshes, models
 
 PROMPT, RESPONSE = 64, 32
 PAIRS = {"mini": 32, "60m": 8, "250m": 4, "770m": 2}  # pairs per update step on this CPU

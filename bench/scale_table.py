@@ -26,8 +26,8 @@ import alignment_gap  # noqa: F401  (no TPU probe on this CPU)
 from alignment_gap import config_checks, sharding
 from alignment_gap.aot import programs, report, topology
 from alignment_gap.compile import depth_variant
-from configs import models
-from configs import policy as policy_configs
+from alignment_gap.presets import models
+from alignment_gap.presets import policy as policy_configs
 
 SIZES = ["60m", "250m", "770m", "3b", "11b"]
 TOPOLOGIES = ["v5e-8", "v5e-16", "v5e-64", "v5e-256", "v5p-8", "v5p-64", "v5p-256", "v6e-8",

@@ -139,3 +139,22 @@ def test_the_checks_can_fail():
     assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
     tree = ast.parse("def f():\n    import os\n")
     assert len(_local_imports(tree)) == 1
+
+
+SCRIPT_FOLDERS = ("bench", "tools", "launch")
+
+
+@pytest.mark.parametrize("folder", SCRIPT_FOLDERS)
+def test_scripts_import_no_top_level_configs(folder):
+    """`python bench/X.py` puts bench/ on the path, not the repository root, and the wheel
+    installs no `configs` package: scripts import the presets from `alignment_gap.presets`."""
+    offenders = []
+    for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+        if name.endswith(".py"):
+            path = os.path.join(ROOT, folder, name)
+            tree = ast.parse(open(path).read(), path)
+            names = [n for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+                     for n in _imported(node, "alignment_gap")]
+            offenders += [f"{folder}/{name}: {n}" for n in names
+                          if n == "configs" or n.startswith("configs.")]
+    assert not offenders, offenders
