@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from alignment_gap import sharding
 from alignment_gap.batches import PreferenceBatch, merge_rows, split_rows
 from alignment_gap.data import pipelines
+from alignment_gap.data.array_records import check_readable
 from alignment_gap.errors import ConfigError
 from alignment_gap.models.heads import both_order_margin
 from alignment_gap.sampling import Sampler, SamplingConfig
@@ -113,6 +114,8 @@ def replay_iterator(directory: str, shape, order: str = "tandem", window: int = 
                          "run an online policy with record_stream=True first")
     if order not in REPLAY_ORDERS:
         raise ConfigError(f"config.replay.order: {order!r} is unknown; use one of {REPLAY_ORDERS}")
+    check_readable(chunks, f"delete {os.path.dirname(os.path.abspath(directory))} (the online "
+                   "run that recorded it) and run again: it runs and records the same stream")
     records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(chunks))
     records = records.map(lambda raw: serialization.msgpack_restore(raw))
     n, b = len(records), shape.global_batch_size

@@ -1,6 +1,7 @@
 """Bad input, tried systematically: each row is a damaged file or a malformed record of the real
 datasets and the one line it must stop with (file, record, field and the fix), or input that
-looks odd but is valid and must build (an empty summary, a very long post).
+looks odd but is valid and must build (an empty summary, a very long post); a dataset shard
+or a recorded stream chunk cut short names itself and what to delete.
 
 After every error nothing half-built is left where a later run would read it: the data
 directory holds no finished dataset, and the same directory builds once the file is repaired.
@@ -15,14 +16,17 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+from array_record.python import array_record_module
 
 from alignment_gap.data import builders, real_data, tokenizer
-from alignment_gap.data.pipelines import as_text, encode_prompt, encode_response
+from alignment_gap.data.pipelines import BatchShape, as_text, encode_prompt, encode_response
 from alignment_gap.errors import DataError
+from alignment_gap.sources import replay_iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TLDR_SPLITS = ["train"] * 8 + ["valid1"] * 4 + ["valid2"] * 4
@@ -214,3 +218,40 @@ def test_a_bad_record_stops_the_trainer_with_one_line_before_anything_is_written
     assert last.startswith("error: ") and "batch1.json: record 3: not UTF-8" in last, last
     assert not (tmp_path / "sft" / "checkpoints").exists()
     assert not _finished_datasets(tmp_path / "data")
+
+
+def _cut_in_half(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_a_damaged_dataset_shard_is_one_line_naming_it_and_the_rebuild(tmp_path):
+    write_tldr(tmp_path / "manual", KINDS["tldr"][1]())
+    data = tmp_path / "data"
+    _build("tldr", data, tmp_path / "manual")
+    (shard,) = data.rglob("*-train.array_record*")
+    _cut_in_half(shard)
+    with pytest.raises(DataError) as error:
+        _build("tldr", data, tmp_path / "manual")
+    message = str(error.value)
+    assert message.startswith(f"{shard}: the file is damaged (") and "\n" not in message
+    assert message.endswith(f"delete {shard.parent} and run the same command: it is built again")
+    shutil.rmtree(shard.parent)  # the fix it names
+    assert len(_build("tldr", data, tmp_path / "manual")["train"]) == 8
+
+
+def test_a_damaged_stream_chunk_is_one_line_naming_the_run_to_redo(tmp_path):
+    stream = tmp_path / "online-s0-abc" / "stream"
+    stream.mkdir(parents=True)
+    for first in (1, 3):
+        chunk = stream / f"steps-{first:08d}-{first + 1:08d}.array_record"
+        writer = array_record_module.ArrayRecordWriter(str(chunk), "group_size:1")
+        for i in range(400):
+            writer.write(f"record {first} {i} ".encode() * 20)
+        writer.close()
+    _cut_in_half(chunk)
+    with pytest.raises(DataError) as error:
+        replay_iterator(str(stream), BatchShape(4, 8, 8))
+    message = str(error.value)
+    assert message.startswith(f"{chunk}: the file is damaged (") and "\n" not in message
+    assert f"delete {stream.parent} (the online run that recorded it)" in message

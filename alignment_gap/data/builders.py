@@ -11,6 +11,8 @@ alike. Text, not token ids, is stored: a dataset outlives any one tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 
 import jax
 import numpy as np
@@ -18,6 +20,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from alignment_gap.data import world as world_lib
+from alignment_gap.data.array_records import check_readable
 
 VERSION = tfds.core.Version("1.0.0")
 FILE_FORMAT = "array_record"  # Random access for grain; written without TensorFlow.
@@ -139,4 +142,6 @@ def prepare(builder, manual_dir: str | None = None):
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"prepare {builder.name}/{builder.builder_config.name}")
         builder.download_and_prepare(download_config=config)  # finds it built: reads its info
+    check_readable(sorted(glob.glob(os.path.join(builder.data_dir, "*.array_record*"))),
+                   f"delete {builder.data_dir} and run the same command: it is built again")
     return builder.as_data_source()
