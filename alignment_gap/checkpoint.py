@@ -69,38 +69,34 @@ class Checkpointer:
         damaged = []
         for candidate in steps:
             try:
-                meta = self._meta(candidate)
+                meta = _restore_meta(self.manager, candidate)
             except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
                 damaged.append((candidate, _first_line(e)))
                 continue
             if check is not None:
                 check(meta)
             try:
-                restored = self._restore(candidate, state, shardings, data_iterator)
+                new_state, rng = self._restore(candidate, state, shardings, data_iterator)
             except Exception as e:  # noqa: BLE001
                 damaged.append((candidate, _first_line(e)))
                 continue
             if damaged:
                 self._set_aside(damaged, candidate)
-            return restored
+            return new_state, rng, meta
         raise CheckpointDamaged(
             f"{self.directory}: no checkpoint can be restored into this run (step "
             f"{damaged[0][0]}: {damaged[0][1]}); if the config changed, set it back, else move "
             "the directory away to train from scratch")
 
-    def _meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
-
-    def _restore(self, step: int, state, shardings, data_iterator):
+    def _restore(self, step: int, state, shardings, data_iterator) -> tuple:
+        """(state, rng) of checkpoint `step`; the data iterator is restored in place."""
         items = {"params": ocp.args.StandardRestore(abstract_like(state.params,
                                                                   shardings.params)),
                  "opt_state": ocp.args.StandardRestore(abstract_like(state.opt_state,
                                                                      shardings.opt_state)),
                  "loop": ocp.args.StandardRestore({"step": np.zeros((), np.int32),
                                                    "rng": np.asarray(jax.random.key_data(
-                                                       jax.random.key(0)))}),
-                 "meta": ocp.args.JsonRestore()}
+                                                       jax.random.key(0)))})}
         if data_iterator is not None:
             items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -111,7 +107,7 @@ class Checkpointer:
         new_state = dataclasses.replace(state, step=step_array, params=restored["params"],
                                         opt_state=restored["opt_state"])
         rng = jax.random.wrap_key_data(np.asarray(loop["rng"]))
-        return new_state, rng, restored["meta"]
+        return new_state, rng
 
     def _set_aside(self, damaged: list, restored_step: int):
         """Rename damaged steps out of orbax's sight (a later save of the same step would clash),
@@ -146,6 +142,11 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _restore_meta(manager, step: int) -> dict:
+    """Only the `meta` item (JSON) of checkpoint `step`: no tensor is read."""
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def read_meta(directory: str, what: str) -> tuple[int, dict]:
     """(step, meta) of the latest checkpoint in `directory`; clear errors when there is none."""
     directory = os.path.abspath(directory)
@@ -157,7 +158,7 @@ def read_meta(directory: str, what: str) -> tuple[int, dict]:
     if step is None:
         raise IncompatibleCheckpoint(f"{what}: {directory} holds no finished checkpoint; "
                                      "train that model first or fix the path")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _restore_meta(manager, step)
     manager.close()
     return step, meta
 

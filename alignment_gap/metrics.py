@@ -26,21 +26,21 @@ class Window:
         self.reset()
 
     def reset(self):
-        self._averages: dict[str, clu_metrics.Average] = {}
-        self.added: list[dict] = []  # what was added since the reset, in order
+        self.added: list[dict[str, float]] = []  # each step's host scalars since the reset
 
     def add(self, metrics: dict[str, float]):
-        """One step's host scalars. The Average is built from numpy float32 (what its
-        `from_model_output` computes, but with no eager jax op: those took 18% of a smoke
-        study's time); the count is float32 so the division is float32, as in jax."""
         self.added.append(dict(metrics))
-        for name, value in metrics.items():
-            update = clu_metrics.Average(total=np.float32(value), count=np.float32(1))
-            old = self._averages.get(name)
-            self._averages[name] = update if old is None else old.merge(update)
 
     def compute(self) -> dict[str, float]:
-        return {name: float(avg.compute()) for name, avg in self._averages.items()}
+        """Averages merged in step order. Each Average is built from numpy float32 (what its
+        `from_model_output` computes, but with no eager jax op: those took 18% of a smoke
+        study's time); the count is float32 so the division is float32, as in jax."""
+        averages: dict[str, clu_metrics.Average] = {}
+        for metrics in self.added:
+            for name, value in metrics.items():
+                update = clu_metrics.Average(total=np.float32(value), count=np.float32(1))
+                averages[name] = averages[name].merge(update) if name in averages else update
+        return {name: float(avg.compute()) for name, avg in averages.items()}
 
 
 class Writer:

@@ -8,8 +8,8 @@ restarted study resumes, so later kills land further on) and starting it again w
 command, until it finishes by itself or took `--kills_per_study` kills; repeated over fresh
 workdirs until `--kills` kills have landed. Each finished study's results table, report
 numbers and recorded streams (record by record) are compared with the reference's, byte for
-byte. Prints a table:
-where each kill landed (the stage that was running), how many runs finished, and the files that
+byte. Prints tables of where each kill landed (the stage that was running, and the write it
+interrupted, from the temporary files it left), how many runs finished, and the files that
 differ (the goal: none).
 """
 
