@@ -45,8 +45,12 @@ def best_of_two(policy_w):
     return -policy_w
 
 
-def policy_loss(name: str, beta: float, policy_w, policy_l, ref_w, ref_l):
-    """Per-example loss of the named method."""
+def policy_loss(name, beta, policy_w, policy_l, ref_w, ref_l):
+    """Per-example loss of the named method. `name` may also be its index in POLICY_LOSSES, a
+    traced integer where stacked runs differ in loss (`train/stacked.py`)."""
+    if not isinstance(name, str):
+        branches = [lambda *a, n=n: policy_loss(n, beta, *a) for n in POLICY_LOSSES]
+        return jax.lax.switch(name, branches, policy_w, policy_l, ref_w, ref_l)
     if name == "best_of_two":
         return best_of_two(policy_w)
     h = margin(policy_w, policy_l, ref_w, ref_l)

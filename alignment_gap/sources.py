@@ -155,27 +155,32 @@ def online_sampler(policy, mesh, rules, sampling: SamplingConfig) -> Sampler:
     return Sampler(policy, mesh, rules, sampling, samples_per_prompt=2, name="online_sample")
 
 
+def rank_pairs(proxy, prompt, prompt_mask, tokens, mask, microbatches: int = 1):
+    """Each prompt's two samples (rows [:b] and [b:] of `tokens`) as a `PreferenceBatch`,
+    ordered by the proxy's both-order sign rule. Traceable."""
+    b = prompt.shape[0]
+    y1, y1_mask, y2, y2_mask = tokens[:b], mask[:b], tokens[b:], mask[b:]
+    # Scored in `microbatches` sequential slices, as the update is: on CPU a slice's
+    # activations stay in cache (bench/RESULTS.md).
+    slices = split_rows((prompt, prompt_mask, y1, y1_mask, y2, y2_mask), microbatches)
+    margin = merge_rows(jax.lax.map(lambda a: both_order_margin(proxy, *a), slices))
+    first = (margin >= 0)[:, None]
+    pick = lambda a, b: jnp.where(first, a, b)
+    return PreferenceBatch(prompt, prompt_mask, pick(y1, y2), pick(y1_mask, y2_mask),
+                           pick(y2, y1), pick(y2_mask, y1_mask))
+
+
 def rank_program(proxy, mesh, rules, microbatches: int = 1):
-    """Jitted `(proxy state, prompt, prompt mask, tokens, mask) -> PreferenceBatch`: each
-    prompt's two samples (rows [:b] and [b:] of `tokens`) ordered by the proxy's both-order
-    sign rule. `proxy` may be abstract."""
+    """Jitted `(proxy state, prompt, prompt mask, tokens, mask) -> PreferenceBatch`
+    (`rank_pairs`). `proxy` may be abstract."""
     proxy_graphdef, proxy_state = nnx.split(proxy)
     rows = sharding.batch_sharding(mesh, rules, 2)
     with sharding.use(mesh, rules):
         proxy_shardings = sharding.state_shardings(proxy_state, mesh)
 
     def online_rank(proxy_state, prompt, prompt_mask, tokens, mask):
-        b = prompt.shape[0]  # rows [:b] are each prompt's first sample, [b:] its second
-        y1, y1_mask, y2, y2_mask = tokens[:b], mask[:b], tokens[b:], mask[b:]
-        proxy = nnx.merge(proxy_graphdef, proxy_state)
-        # Scored in `microbatches` sequential slices, as the update is: on CPU a slice's
-        # activations stay in cache (bench/RESULTS.md).
-        slices = split_rows((prompt, prompt_mask, y1, y1_mask, y2, y2_mask), microbatches)
-        margin = merge_rows(jax.lax.map(lambda a: both_order_margin(proxy, *a), slices))
-        first = (margin >= 0)[:, None]
-        pick = lambda a, b: jnp.where(first, a, b)
-        return PreferenceBatch(prompt, prompt_mask, pick(y1, y2), pick(y1_mask, y2_mask),
-                               pick(y2, y1), pick(y2_mask, y1_mask))
+        return rank_pairs(nnx.merge(proxy_graphdef, proxy_state), prompt, prompt_mask, tokens,
+                          mask, microbatches)
 
     return jax.jit(online_rank, in_shardings=(proxy_shardings,) + (rows,) * 4,
                    out_shardings=PreferenceBatch(*[rows] * 6))

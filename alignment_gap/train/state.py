@@ -74,23 +74,7 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
     `name` names the compiled program (`sft_update`, `policy_update`, ...).
     """
 
-    def loss_and_grads(params, batch, extras):
-        def loss_of_params(params):
-            return loss_fn(nnx.merge(graphdef, params), batch, extras)
-
-        return jax.value_and_grad(loss_of_params, has_aux=True)(params)
-
-    def step(state: TrainState, batch, extras):
-        if microbatches == 1:
-            (loss, metrics), grads = loss_and_grads(state.params, batch, extras)
-        else:
-            (loss, metrics), grads = _accumulate(loss_and_grads, state.params, batch, extras,
-                                                 microbatches, state_shardings.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-        return TrainState(state.step + 1, params, opt_state), metrics
-
+    step = update_fn(graphdef, tx, loss_fn, microbatches, state_shardings.params)
     step.__name__ = name  # the program's name in compile logs and the AOT report
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, extras_shardings),
@@ -102,6 +86,31 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
 
     run.jitted = jitted
     return run
+
+
+def update_fn(graphdef, tx, loss_fn, microbatches: int = 1, grad_shardings=None):
+    """The pure `step(state, batch, extras) -> (state, metrics)` that `make_update_step` jits
+    (and `train/stacked.py` vmaps over runs). `grad_shardings` places the accumulated gradient
+    when `microbatches` > 1."""
+
+    def loss_and_grads(params, batch, extras):
+        def loss_of_params(params):
+            return loss_fn(nnx.merge(graphdef, params), batch, extras)
+
+        return jax.value_and_grad(loss_of_params, has_aux=True)(params)
+
+    def step(state: TrainState, batch, extras):
+        if microbatches == 1:
+            (loss, metrics), grads = loss_and_grads(state.params, batch, extras)
+        else:
+            (loss, metrics), grads = _accumulate(loss_and_grads, state.params, batch, extras,
+                                                 microbatches, grad_shardings)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return step
 
 
 def _accumulate(loss_and_grads, params, batch, extras, k: int, grad_shardings):
@@ -122,15 +131,22 @@ def _accumulate(loss_and_grads, params, batch, extras, k: int, grad_shardings):
     return (loss / k, metrics), jax.tree.map(lambda g: g / k, grads)
 
 
-def make_optimizer(c) -> optax.GradientTransformation:
+def make_optimizer(c, learning_rate=None) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine decay to `end_lr_fraction`, global-norm clipping.
 
     Reads `learning_rate`, `warmup_steps`, `num_steps`, `weight_decay`, `grad_clip`,
-    `end_lr_fraction` from the trainer config.
+    `end_lr_fraction` from the trainer config. A `learning_rate` given here replaces the
+    config's and may be traced (stacked runs, `train/stacked.py`): the schedule is then the
+    config's shape with peak 1, scaled by it.
     """
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, c.learning_rate, c.warmup_steps, c.num_steps,
-        end_value=c.learning_rate * c.get("end_lr_fraction", 0.0))
+    end = c.get("end_lr_fraction", 0.0)
+    if learning_rate is None:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, c.learning_rate, c.warmup_steps, c.num_steps, end_value=c.learning_rate * end)
+    else:
+        unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, c.warmup_steps, c.num_steps,
+                                                  end_value=end)
+        schedule = lambda count: learning_rate * unit(count)
     parts = [optax.clip_by_global_norm(c.grad_clip)] if c.get("grad_clip", 0.0) else []
     parts.append(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=c.get("weight_decay", 0.0)))
     return optax.chain(*parts)

@@ -1,0 +1,149 @@
+"""Stacked runs (train/stacked.py) equal the same runs trained one by one.
+
+Two policy runs that differ in learning rate, beta, loss and data (a seed's batches) take
+the same steps stacked on a run axis and apart; parameters and metrics must agree within float
+tolerance. The stacked sampler and ranking must draw and order what each run's own programs do.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from alignment_gap import sharding
+from alignment_gap.batches import PreferenceBatch
+from alignment_gap.errors import ConfigError
+from alignment_gap.presets import models
+from alignment_gap.sampling import Sampler, SamplingConfig
+from alignment_gap.sources import rank_program
+from alignment_gap.train import stacked
+from alignment_gap.train.policy import make_policy_loss
+from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
+from tests.conftest import random_prompts
+from tests.helpers import language_model, preference_model
+
+RUNS = [stacked.RunSettings(1e-2, 0.1, "ipo"), stacked.RunSettings(3e-3, 0.5, "dpo")]
+STEPS, BATCH, P, R = 4, 4, 8, 6
+
+
+def optimizer_config(learning_rate=1e-3):
+    return ml_collections.ConfigDict(dict(learning_rate=learning_rate, warmup_steps=1,
+                                          num_steps=STEPS, end_lr_fraction=0.1,
+                                          weight_decay=0.01, grad_clip=1.0))
+
+
+def batches(seed, vocab):
+    """One run's batches: its own data order."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(STEPS):
+        prompt, prompt_mask = random_prompts(rng, BATCH, P, vocab)
+        chosen, rejected = rng.integers(2, vocab, (2, BATCH, R)).astype(np.int32)
+        lengths = rng.integers(1, R + 1, (2, BATCH))
+        masks = np.arange(R)[None, None, :] < lengths[..., None]
+        out.append(PreferenceBatch(prompt, prompt_mask, chosen, masks[0], rejected, masks[1]))
+    return out
+
+
+def test_stacked_policy_runs_equal_separate_runs(mini_config):
+    """On a (data 2, fsdp 2) mesh: the runs split over `data`, each run's batch and
+    parameters over `fsdp` (the separate runs split their batch over both)."""
+    shape = (2, 2, 1)
+    policy, mesh, rules = language_model(mini_config, shape)
+    reference, _, _ = language_model(mini_config, shape)
+    ref_graphdef, ref_params = nnx.split(reference)
+    vocab = policy.cfg.vocab_size
+    data = [batches(seed, vocab) for seed in range(len(RUNS))]
+    with sharding.use(mesh, rules):
+        ref_sh = sharding.state_shardings(ref_params, mesh)
+    rows = sharding.batch_sharding(mesh, rules, 2)
+    batch_sh = PreferenceBatch(*[rows] * 6)
+    extras = {"reference": ref_params}
+    graphdef, start, state_sh = init_train_state(policy, make_optimizer(optimizer_config()),
+                                                 mesh, rules)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+
+    apart = []
+    for run, run_data in zip(RUNS, data, strict=True):
+        tx = make_optimizer(optimizer_config(run.learning_rate))
+        loss_fn = make_policy_loss(run.loss, run.beta, 1, ref_graphdef)
+        update = make_update_step(graphdef, tx, loss_fn, mesh, rules, state_sh, batch_sh,
+                                  {"reference": ref_sh})
+        state, metrics = copy(start), []
+        for batch in run_data:
+            state, m = update(state, batch, extras)
+            metrics.append(jax.device_get(m))
+        apart.append((state, metrics))
+
+    update = stacked.make_stacked_policy_update(optimizer_config(), RUNS, graphdef,
+                                                ref_graphdef, 1, mesh, rules, state_sh,
+                                                batch_sh, ref_sh)
+    states = stacked.stack([copy(start)] * len(RUNS), state_sh)
+    for step in range(STEPS):
+        states, m = update(states, stacked.stack([d[step] for d in data], batch_sh), extras)
+        m = jax.device_get(m)
+        for i, (_, metrics) in enumerate(apart):
+            for name, value in metrics[step].items():
+                np.testing.assert_allclose(m[name][i], value, rtol=2e-4, atol=1e-5,
+                                           err_msg=f"run {i} step {step + 1} {name}")
+    # Adam divides by sqrt(v): an entry whose gradient is near zero can move by up to the
+    # learning rate on a rounding difference, hence an absolute tolerance of 1% of it.
+    leaf = jax.tree.leaves(states.params)[0]
+    assert leaf.sharding.spec[0] == "data" and leaf.addressable_shards[0].data.shape[0] == 1
+    moved = 0.0
+    for (state, _), one in zip(apart, stacked.unstack(states), strict=True):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                     state.params, one.params)
+        moved += float(squared_distance(start.params, one.params))
+    assert moved > 0  # the runs trained
+
+
+def squared_distance(a, b):
+    return sum(jnp.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                     strict=True))
+
+
+def test_stacked_sampler_and_ranking_equal_each_runs_own(mini_config):
+    runs = [language_model(mini_config, seed=seed)[0] for seed in range(2)]
+    proxy, mesh, rules = preference_model(mini_config, seed=7)
+    cfg = SamplingConfig(max_new_tokens=R, temperature=1.0, eos_id=1, pad_id=0)
+    rng = np.random.default_rng(0)
+    prompts = [random_prompts(rng, BATCH, P, runs[0].cfg.vocab_size) for _ in runs]
+    keys = [jax.random.key(i) for i in range(len(runs))]
+    params = [nnx.state(lm) for lm in runs]
+    graphdef = nnx.graphdef(runs[0])
+    with sharding.use(mesh, rules):
+        state_sh = sharding.state_shardings(params[0], mesh)
+
+    sampler = Sampler(runs[0], mesh, rules, cfg, samples_per_prompt=2)
+    rank = rank_program(proxy, mesh, rules)
+    proxy_state = nnx.state(proxy)
+    apart = []
+    for state, (prompt, mask), key in zip(params, prompts, keys, strict=True):
+        out = sampler(state, prompt, mask, key)
+        apart.append((out, rank(proxy_state, prompt, mask, out.tokens, out.mask)))
+
+    sample = stacked.stacked_sampler(graphdef, mesh, rules, state_sh, cfg, samples_per_prompt=2)
+    stacked_prompts = stacked.stack([jnp.asarray(p) for p, _ in prompts])
+    stacked_masks = stacked.stack([jnp.asarray(m) for _, m in prompts])
+    out = sample(stacked.stack(params), stacked_prompts, stacked_masks, jnp.stack(keys))
+    ranked = stacked.stacked_rank(proxy, mesh, rules)(proxy_state, stacked_prompts,
+                                                        stacked_masks, out.tokens, out.mask)
+    for i, (one_out, one_batch) in enumerate(apart):
+        np.testing.assert_array_equal(out.tokens[i], one_out.tokens)
+        np.testing.assert_array_equal(out.mask[i], one_out.mask)
+        np.testing.assert_allclose(out.logprobs[i], one_out.logprobs, rtol=1e-5, atol=1e-5)
+        for got, want in zip(jax.tree.leaves(stacked.unstack(ranked)[i]),
+                             jax.tree.leaves(one_batch), strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(out.tokens[0], out.tokens[1])  # the runs drew their own
+
+
+def test_an_unknown_loss_and_runs_that_do_not_divide_the_mesh_are_named():
+    with pytest.raises(ValueError, match="'ipo2' is unknown"):
+        stacked.settings_arrays([stacked.RunSettings(1e-3, 0.1, "ipo2")])
+    _, mesh, _ = language_model(models.get_config("nano"), (2, 1, 1))
+    with pytest.raises(ConfigError, match="3 stacked runs do not divide over the mesh's 'data'"):
+        stacked.check_runs(3, mesh)
