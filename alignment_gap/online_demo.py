@@ -68,7 +68,8 @@ class OnlineDemo:
         self.pair_sampler = Sampler(reference, self.mesh, self.rules, sampling,
                                     samples_per_prompt=2, name="online_sample")
         self.sampler = Sampler(reference, self.mesh, self.rules, sampling, name="eval_sample")
-        self.key = jax.random.key(seed)
+        self.key, self.eval_key = jax.random.split(jax.random.key(seed))
+        self._reference_texts = None
         self.history: list[dict] = []
 
     def _next_key(self):
@@ -103,7 +104,13 @@ class OnlineDemo:
 
     def win_rate(self) -> float:
         """The judge's mean verdict for the current policy's samples against the pretrained
-        model's, one pair per prompt (ties count a half)."""
-        ours, theirs = self.responses(), self.responses(self.reference)
-        return float(np.mean([self.judge(p, a, b) for p, a, b in zip(self.prompts, ours, theirs,
-                                                                     strict=True)]))
+        model's, one pair per prompt (ties count a half). Both are drawn with the same fixed
+        key (common random numbers: the untrained policy ties exactly, and the pretrained
+        model's samples are drawn once)."""
+        ours = self._texts(self.sampler(self.state.params, self.prompt, self.prompt_mask,
+                                        self.eval_key).tokens)
+        if self._reference_texts is None:
+            self._reference_texts = self._texts(self.sampler(
+                self.reference, self.prompt, self.prompt_mask, self.eval_key).tokens)
+        return float(np.mean([self.judge(p, a, b) for p, a, b in zip(
+            self.prompts, ours, self._reference_texts, strict=True)]))
