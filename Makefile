@@ -21,7 +21,7 @@ test: install
 # Unit tests only (no trainer processes, studies, notebooks, TPU compiles or tests marked slow):
 # a quick check while editing. `make test` (CI) runs everything.
 SLOW_TESTS := aot console faults multihost multiprocess notebooks packaging pretrained \
-	pretrained_notebook pretrained_runs pretrained_study study sweep trainers
+	pretrained_notebook pretrained_runs pretrained_study stacked study sweep trainers
 test-fast: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests \
 		$(SLOW_TESTS:%=--ignore=tests/test_%.py)
