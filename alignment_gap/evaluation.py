@@ -98,6 +98,11 @@ class Evaluator:
             return self.sampler(params, self.prompts.prompt, self.prompts.prompt_mask, key)
 
     def __call__(self, params) -> dict:
+        return self.evaluate(params)[0]
+
+    def evaluate(self, params) -> tuple[dict, dict]:
+        """(scores, per-prompt outcomes): the judge's verdict on each prompt (1 / 0.5 / 0),
+        the oracle's (synthetic world) and each KL prompt's sequence KL, as numpy arrays."""
         ours = self._sample(params, jax.random.fold_in(self.key, 2))
         p = self.prompts
         with sharding.use(self.mesh, self.rules):
@@ -111,16 +116,18 @@ class Evaluator:
             if self.pairs is not None:
                 result.update({k: float(v) for k, v in
                                self._classify(params, self.sft_params, self.pairs).items()})
+        outcomes = {"win": _host(wins), "kl": _host(kls)[: self.kl_prompts]}
         if self.world is not None:
-            result["oracle_win_rate"] = self._oracle_win_rate(ours)
-        return result
+            outcomes["oracle_win"] = self._oracle_outcomes(ours)
+            result["oracle_win_rate"] = float(np.mean(outcomes["oracle_win"]))
+        return result, outcomes
 
-    def _oracle_win_rate(self, ours) -> float:
+    def _oracle_outcomes(self, ours) -> np.ndarray:
         mine, theirs = _host(ours.tokens), _host(self.opponent.tokens)
         scores = []
         for words, a, b in zip(self.post_words, mine, theirs, strict=True):
             sa = world_lib.oracle_score(self.world, words, self.tokenizer.decode(a).split())
             sb = world_lib.oracle_score(self.world, words, self.tokenizer.decode(b).split())
             scores.append(1.0 if sa > sb else 0.0 if sa < sb else 0.5)
-        return float(np.mean(scores))
+        return np.asarray(scores, np.float32)
 

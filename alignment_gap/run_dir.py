@@ -11,6 +11,9 @@ one place:
                   metrics of the steps since the last logged line}: stopped on a preemption
                   signal with that step checkpointed; removed when the run resumes
 
+    outcomes/step_N.npz  one evaluation's per-prompt outcomes (a policy run's judge verdicts,
+                  oracle verdicts, KLs) at step N: what intervals over prompts resample
+
 A run is finished once `DONE.json` says `step >= num_steps` (a stage that is one pass counts
 as one step), or that it stopped early (validation plateau). The rest of the record is the
 run's result: a trainer's last metrics, an analysis stage's numbers. Records are written by
@@ -22,10 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
+import re
 
 import jax
+import numpy as np
 
 from alignment_gap.errors import ConfigError, DataError
 
@@ -95,6 +101,36 @@ def already_finished(directory: str, num_steps: int) -> bool:
                   f"{DONE}); nothing to do.", flush=True)
         return True
     return False
+
+
+OUTCOMES = "outcomes"
+
+
+def write_outcomes(directory: str, step: int, arrays: dict):
+    """Record one evaluation's per-prompt arrays at `step` (process 0, atomically; a resumed
+    run that evaluates the same step again writes the same file)."""
+    if jax.process_index() != 0:
+        return
+    folder = os.path.join(directory, OUTCOMES)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".step_{int(step)}.npz.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, os.path.join(folder, f"step_{int(step)}.npz"))
+
+
+def read_outcomes(directory: str) -> dict[int, dict]:
+    """{step: {name: per-prompt array}} of every evaluation `write_outcomes` recorded."""
+    out = {}
+    for path in glob.glob(os.path.join(directory, OUTCOMES, "step_*.npz")):
+        step = int(re.fullmatch(r"step_(\d+)\.npz", os.path.basename(path)).group(1))
+        try:
+            with np.load(path) as record:
+                out[step] = {k: record[k] for k in record.files}
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} is damaged ({e}); delete {os.path.join(directory, OUTCOMES)} "
+                            "and the run's DONE.json, and rerun it") from None
+    return dict(sorted(out.items()))
 
 
 def fail(directory: str, error: BaseException):

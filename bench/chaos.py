@@ -74,7 +74,8 @@ def run(config: str, workdir: str, kill_after: float | None) -> tuple[int, str]:
 HALF_WRITTEN = {"a checkpoint save": "stages/*/checkpoints/*.orbax-checkpoint-tmp*",
                 "a stream chunk": "stages/*/stream/open.array_record.tmp",
                 "a dataset build": "data/**/*incomplete*",
-                "a JSON record": "**/.*.json.tmp"}
+                "a JSON record": "**/.*.json.tmp",
+                "an evaluation's outcomes": "stages/*/outcomes/.*.npz.tmp"}
 
 
 def temporary_files(workdir: str) -> dict[str, set]:

@@ -82,12 +82,12 @@ def test_study_report_states_how_the_splits_were_made():
     d.kind = "arena"
     assert ("no validation and test splits: they are carved from train, each the records whose "
             "prompt's SHA-256 falls in a fixed 5%") in datasets.describe(d)
-    from alignment_gap.study import report
+    from alignment_gap.study import differences, report
     from configs import study
 
     s = study.get_config("smoke")
     s.data.kind = "hh"
-    text = report.markdown(s, [], {}, {})
+    text = report.markdown(s, [], differences.compare([]), {}, {})
     assert datasets.describe(s.data) in text and "oracle: none (real data)" in text
 
 

@@ -86,3 +86,19 @@ def test_steps_a_preemption_left_unlogged_average_into_the_resumed_runs_next_lin
         resumed.add(m)
     assert resumed.compute() == straight.compute()  # to the last bit
     assert run_dir.unlogged_at(str(tmp_path / "fresh"), 0) == []
+
+
+def test_per_prompt_outcomes_round_trip_by_step_and_a_damaged_file_is_named(tmp_path):
+    import numpy as np
+
+    run_dir.write_outcomes(str(tmp_path), 12, {"win": [1.0, 0.5, 0.0], "kl": [0.1, 0.2]})
+    run_dir.write_outcomes(str(tmp_path), 6, {"win": [0.0, 0.0, 1.0], "kl": [0.3, 0.4]})
+    (tmp_path / "outcomes" / ".step_18.npz.tmp").write_bytes(b"half")  # a write cut short
+    read = run_dir.read_outcomes(str(tmp_path))
+    assert list(read) == [6, 12]
+    np.testing.assert_array_equal(read[12]["win"], [1.0, 0.5, 0.0])
+    np.testing.assert_array_equal(read[6]["kl"], [0.3, 0.4])
+    (tmp_path / "outcomes" / "step_6.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=r"step_6.npz is damaged .*; delete .*outcomes and the "
+                                        "run's DONE.json"):
+        run_dir.read_outcomes(str(tmp_path))

@@ -13,7 +13,15 @@ from jax.experimental import multihost_utils
 from alignment_gap import run_dir, sharding
 from alignment_gap.data import datasets, pipelines
 from alignment_gap.sampling import Sampler, SamplingConfig
-from alignment_gap.study import hypotheses, pipeline, relabel_stage, report, results, scheduler
+from alignment_gap.study import (
+    differences,
+    hypotheses,
+    pipeline,
+    relabel_stage,
+    report,
+    results,
+    scheduler,
+)
 from alignment_gap.train import common
 
 
@@ -53,8 +61,9 @@ def run(config, workdir: str):
         "D_initial labels kept by the golden relabelling":
             relabel_stage.kept_initial_label(plan.dir(plan.relabel)),
     }
-    path = report.write_report(config, rows, timings, extras, workdir, findings)
-    print(results.verdict(rows))
+    comparison = differences.compare(results.outcome_points(stages, workdir))
+    path = report.write_report(config, rows, comparison, timings, extras, workdir, findings)
+    print(results.verdict(comparison))
     for finding in findings:
         agree = sum(v.agree is True for v in finding.verdicts)
         print(f"hypothesis {finding.name}: the paper's findings reproduce in {agree} of "

@@ -130,15 +130,21 @@ def run(config, workdir: str):
         state, metrics = update(state, batch, {"reference": ref_params})
         return state, {**metrics, **source.stats}
 
-    evaluator = None
+    evaluate = None
     if config.eval.golden_checkpoint:
         evaluator = _evaluator(config, rt, policy, ref_params)
+
+        def evaluate(s):
+            scores, outcomes = evaluator.evaluate(s.params)
+            run_dir.write_outcomes(workdir, int(jax.device_get(s.step)), outcomes)
+            return scores, False
+
     loop = Loop(config, workdir, update=step,
                 next_batch=lambda s, key: source.next_batch(s.params, key),
                 checkpointer=ckpt, meta=common.meta("lm", config.model, rt),
                 data_iterator=data_iterator,
                 on_checkpoint=recorder.seal if recorder is not None else None,
-                evaluate=(lambda s: (evaluator(s.params), False)) if evaluator else None,
+                evaluate=evaluate,
                 evaluate_at_start=True,
                 progress_keys=("loss", "kl_sequence", "classifier_accuracy"))
     state, _ = loop.run(state, rng)

@@ -1,0 +1,103 @@
+"""Online minus offline at matched KL budgets (study/differences.py) on hand-made outcomes.
+
+Each test builds per-prompt outcomes whose right answer is known: a clear winner, no difference,
+a checkpoint that is lucky on the selection prompts, budgets one method never reached, one seed.
+"""
+
+import numpy as np
+import pytest
+
+from alignment_gap.study import differences, results
+
+N = 64  # evaluation prompts: 32 selection (even positions), 32 test (odd)
+
+
+def point(method, seed, kl, win, oracle=None, step=6):
+    p = {"method": method, "seed": seed, "kl": kl, "step": step,
+         "win": np.asarray(win, np.float32)}
+    if oracle is not None:
+        p["oracle_win"] = np.asarray(oracle, np.float32)
+    return p
+
+
+def noisy(rng, rate):
+    return (rng.random(N) < rate).astype(np.float32)
+
+
+def test_a_clear_winner_is_named_by_the_judge_and_the_oracle_beside_it():
+    rng = np.random.default_rng(0)
+    points = []
+    for seed in range(3):
+        points.append(point("online", seed, 1.0, noisy(rng, 0.9), oracle=noisy(rng, 0.5)))
+        points.append(point("offline", seed, 1.0, noisy(rng, 0.3), oracle=noisy(rng, 0.5)))
+    c = differences.compare(points, replicates=500)
+    golden, oracle = differences.headline(c), differences.headline(c, "oracle")
+    assert golden["verdict"] == "online better" and golden["low"] > 0
+    assert golden["difference"] == pytest.approx(golden["online"] - golden["offline"])
+    assert oracle["verdict"] == "undecided" and oracle["low"] < 0 < oracle["high"]
+    text = results.verdict(c)
+    assert "golden judge: online minus offline" in text and "online better" in text
+    assert "oracle: online minus offline" in text and "undecided" in text
+    assert "32 test prompts and 3 seeds" in text and "32 other prompts" in text
+
+
+def test_the_same_outcomes_for_both_methods_are_undecided():
+    rng = np.random.default_rng(1)
+    points = []
+    for seed in range(2):
+        win = noisy(rng, 0.6)
+        points += [point("online", seed, 2.0, win), point("offline", seed, 2.0, win)]
+    row = differences.headline(differences.compare(points, replicates=200))
+    assert row["difference"] == 0.0 and row["verdict"] == "undecided"
+
+
+def test_the_checkpoint_is_chosen_on_selection_prompts_and_scored_on_test_prompts():
+    select, test = differences.split(N)
+    lucky = np.zeros(N)
+    lucky[select] = 1.0  # best on the selection half, never wins a test prompt
+    steady = np.full(N, 0.5)
+    points = [point("offline", 0, 0.5, lucky, step=6), point("offline", 0, 0.6, steady, step=12),
+              point("online", 0, 0.5, steady)]
+    row = differences.headline(differences.compare(points, replicates=50))
+    assert row["offline"] == 0.0  # the lucky checkpoint, scored where it was not chosen
+    assert row["online"] == 0.5
+
+
+def test_a_budget_counts_only_checkpoints_within_it():
+    points = [point("online", 0, 0.2, np.full(N, 0.6)), point("online", 0, 4.0, np.ones(N)),
+              point("offline", 0, 0.3, np.full(N, 0.7))]
+    c = differences.compare(points, budgets=[0.25, 0.3, 4.0], replicates=50)
+    below, low, high = c["rows"]["golden"]
+    assert np.isnan(below["offline"]) and below["verdict"] == "undecided"  # none within 0.25
+    assert (low["online"], low["offline"]) == (pytest.approx(0.6), pytest.approx(0.7))
+    assert low["verdict"] == "offline better"
+    assert (high["online"], high["offline"]) == (pytest.approx(1.0), pytest.approx(0.7))
+    assert high["verdict"] == "online better"
+    assert c["headline_kl"] == pytest.approx(0.3)  # the most KL offline used
+
+
+def test_methods_that_share_no_budget_cannot_be_compared_and_say_why():
+    points = [point("online", 0, 5.0, np.ones(N)), point("offline", 0, 0.5, np.zeros(N))]
+    c = differences.compare(points, replicates=20)
+    assert np.isnan(differences.headline(c)["difference"])
+    assert "No KL budget is reached by every seed" in results.verdict(c)
+
+
+def test_one_seed_says_the_interval_covers_prompts_only():
+    rng = np.random.default_rng(2)
+    points = [point("online", 0, 1.0, noisy(rng, 0.7)), point("offline", 0, 1.0, noisy(rng, 0.5))]
+    assert "one seed: prompts only" in results.verdict(differences.compare(points, replicates=50))
+
+
+def test_seeds_that_agree_exactly_have_no_interval():
+    assert np.isnan(results.mean_ci([0.75, 0.75])[1])
+    assert results.mean_ci([0.7, 0.8])[1] > 0
+
+
+def test_a_method_whose_runs_all_moved_past_a_budget_is_scored_there_by_its_start():
+    start = np.full(N, 0.5)
+    points = [point("online", 0, 0.0, start, step=0), point("online", 0, 0.05, np.ones(N)),
+              point("offline", 0, 0.0, start, step=0), point("offline", 0, 0.4, np.ones(N))]
+    row = differences.headline(differences.compare(points, replicates=50))
+    assert row["kl"] == pytest.approx(0.05)  # the most online used
+    assert (row["online"], row["offline"]) == (1.0, 0.5) and row["verdict"] == "online better"
