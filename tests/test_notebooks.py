@@ -86,4 +86,5 @@ def test_inspect_notebook_runs_the_smoke_study_when_no_study_is_given(monkeypatc
     outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "no study given: running" in outputs and "== stage sft " in outputs
     assert "evaluated checkpoints" in outputs and "POST:" in outputs
+    assert "| KL budget (nats) | golden: online |" in outputs  # the budget table
     assert not re.search(r"^[IWE]\d{4} ", outputs, re.M)  # library logs went to its log.txt

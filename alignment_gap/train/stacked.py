@@ -2,8 +2,11 @@
 
 Such runs share every shape, so their train states are stacked on a leading "run" axis and the
 update step, the sampler and the proxy's ranking are `vmap`ped over it: one program per step
-for the whole sweep instead of one per run. On a CPU a small model's step is mostly overhead
-and small matmuls, and a stack of n runs costs far less than n steps (`bench/stacked_runs.py`).
+for the whole sweep instead of one per run, split over the mesh's `data` axis. What it saves is
+compiles and processes (one program, not one per learning rate); a step of n stacked runs still
+costs about n steps on a 2-core CPU, where a mini step is compute, not overhead (measured in
+`bench/stacked_runs.py`, bench/RESULTS.md). An accelerator that one small run leaves idle is
+where a stack should pay; that is not measured yet.
 
     runs = [RunSettings(1e-3, 0.1, "ipo"), RunSettings(5e-4, 0.5, "dpo")]
     update = make_stacked_policy_update(config, runs, graphdef, ref_graphdef, eos_id, mesh,
