@@ -24,8 +24,8 @@ os.environ["XLA_FLAGS"] = f"{ORIGINAL_XLA_FLAGS or ''} --xla_backend_optimizatio
 # The slowest files first: pytest-xdist then spreads the rest over the workers as they finish
 # (run with --no-loadscope-reorder, which keeps this order). Seconds on 2 cores, Dec 2026.
 SLOWEST_FIRST = ("test_study", "test_multihost", "test_models", "test_pretrained_notebook",
-                 "test_trainers", "test_faults", "test_aot", "test_sampling", "test_pretrained",
-                 "test_packaging", "test_notebooks", "test_architectures")
+                 "test_trainers", "test_faults", "test_aot", "test_stacked", "test_sampling",
+                 "test_pretrained", "test_packaging", "test_notebooks", "test_architectures")
 
 from configs import meshes, models  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Online minus offline at matched KL budgets (study/differences.py) on hand-made outcomes.
+"""Online minus offline at matched KL budgets (study/differences.py) on hand-made outcomes, and
+the classification hypothesis's stream means.
 
 Each test builds per-prompt outcomes whose right answer is known: a clear winner, no difference,
 a checkpoint that is lucky on the selection prompts, budgets one method never reached, one seed.
@@ -101,3 +102,14 @@ def test_a_method_whose_runs_all_moved_past_a_budget_is_scored_there_by_its_star
     row = differences.headline(differences.compare(points, replicates=50))
     assert row["kl"] == pytest.approx(0.05)  # the most online used
     assert (row["online"], row["offline"]) == (1.0, 0.5) and row["verdict"] == "online better"
+
+
+def test_stream_accuracies_average_the_checkpoints_after_step_0():
+    """At step 0 every policy is the SFT policy: margins 0, accuracy exactly 0.5 (a tie)."""
+    from alignment_gap.study.hypotheses import classification
+
+    points = [{"step": 0, "proxy/golden": 0.8, "online/golden": 0.5},
+              {"step": 6, "proxy/golden": 0.7, "online/golden": 0.9},
+              {"step": 12, "proxy/golden": 0.6, "online/golden": 0.7}]
+    means = classification.stream_means(points)
+    assert means == {"proxy/golden": pytest.approx(0.65), "online/golden": pytest.approx(0.8)}

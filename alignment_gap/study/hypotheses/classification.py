@@ -154,6 +154,16 @@ def _figure(rows, points, path):
     plt.close(fig)
 
 
+def stream_means(points: list[dict]) -> dict:
+    """Each classifier's accuracy on the online stream ("proxy/golden", ...), averaged over the
+    checkpoints after step 0: there every policy is the SFT policy, whose margins are all 0 (a
+    tie, exactly 0.5), which would pull the policies' means toward chance."""
+    moved = [q for q in points if q["step"] > 0] or points
+    return {f"{n}/{j}": float(np.mean([q[f"{n}/{j}"] for q in moved if f"{n}/{j}" in q]))
+            for n in CLASSIFIERS for j in ("golden", "oracle")
+            if any(f"{n}/{j}" in q for q in moved)}
+
+
 def analyse(plan, rows, workdir: str) -> Finding:
     rows = [r for r in rows if r.get("group") == "main"]
     points = run_dir.result(plan.dir(stream_stage(plan)))["checkpoints"]
@@ -168,9 +178,8 @@ def analyse(plan, rows, workdir: str) -> Finding:
                          for m in ("classifier_accuracy", "likelihood_drift")}
     pts = np.array([(r["classifier_accuracy"], r["win_rate"]) for r in rows if r["step"] > 0])
     corr = float(np.corrcoef(pts.T)[0, 1]) if len(pts) > 2 else float("nan")
-    stream = {f"{n}/{j}": float(np.mean([q[f"{n}/{j}"] for q in points if f"{n}/{j}" in q]))
-              for n in CLASSIFIERS for j in ("golden", "oracle")
-              if any(f"{n}/{j}" in q for q in points)}
+    moved = [q for q in points if q["step"] > 0] or points
+    stream = stream_means(points)
     proxy = [q["proxy/golden"] for q in points]
     half = max(1, len(proxy) // 2)
     early, late = float(np.mean(proxy[:half])), float(np.mean(proxy[half:] or proxy))
@@ -180,7 +189,7 @@ def analyse(plan, rows, workdir: str) -> Finding:
     for n in CLASSIFIERS:
         lines.append(f"| {n} | {shared.num(stream.get(f'{n}/golden', np.nan))} | "
                      f"{shared.num(stream.get(f'{n}/oracle', np.nan))} |")
-    lines += ["", f"Mean over {len(points)} checkpoints of the seed-0 online run, "
+    lines += ["", f"Mean over the {len(moved)} checkpoints after step 0 of the seed-0 online run, "
               f"{points[0]['pairs'] if points else 0} stream pairs each (`offline_own`: the "
               "offline policy classifying pairs of its own samples; `online` on the stream is the "
               "online policy on its own samples). Final D_golden accuracy: online "
