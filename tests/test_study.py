@@ -194,7 +194,7 @@ def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke)
     assert all(timings[name] == sec for name, sec in before.items())  # shared stages reused
     for stage in ("tandem-s0", "shuffled-s0", "quality-data", "d_sft_vs_800-s0",
                   "classification-stream", "online-best_of_two-s0", "shuffled_b2-s0", "sft-nano",
-                  "online-nano-s0", "window4-s0"):
+                  "online-nano-s0", "window4-s0", "offline_same_lr-s0-lr0.0002"):
         assert any(name.startswith(stage) for name in timings), stage
     report = (workdir / "report.md").read_text()
     table = report[report.index("## Verdicts: what the paper found"):]
@@ -211,6 +211,9 @@ def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke)
     # Tandem replay retraces the online run it replays (the token stream is exact).
     coverage = next(f for f in summary if f["name"] == "coverage")
     assert coverage["verdicts"][0]["agree"] is True, coverage["verdicts"][0]
+    # A replay's gain is measured against offline on D_golden at its own learning rate.
+    assert "offline at the same learning rate" in coverage["verdicts"][1]["ours"] or (
+        coverage["verdicts"][1]["agree"] is None)
     rows = json.loads((workdir / "results.json").read_text())
     online = {r["step"]: r["win_rate"] for r in rows if r["stage"].startswith("online-s0")}
     tandem = {r["step"]: r["win_rate"] for r in rows if r["stage"].startswith("tandem-s0")}
