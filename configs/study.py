@@ -71,6 +71,7 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
         c.quality.pairs = 4 * c.batch_size
         c.scaling.sizes = ["nano", c.model.name]
         c.coverage.orders = [o for o in c.coverage.orders if o[0] != "window_eighth"]
+        c.noncontrastive.offline_learning_rates = [c.noncontrastive.learning_rate]
     return c
 
 
@@ -89,7 +90,9 @@ def _hypothesis_sections(c):
     c.classification = ml_collections.ConfigDict()
     c.classification.stream_pairs = 2 * c.batch_size  # Online-stream pairs at each checkpoint.
     c.noncontrastive = ml_collections.ConfigDict()
-    c.noncontrastive.learning_rate = c.online_learning_rates[0]  # Best-of-2, online and offline.
+    c.noncontrastive.learning_rate = c.online_learning_rates[0]  # Best-of-2 online (and shuffled).
+    lr = c.noncontrastive.learning_rate  # Best-of-2 offline on D_golden: its own sweep.
+    c.noncontrastive.offline_learning_rates = [lr / 2, lr, 2.5 * lr]
     c.scaling = ml_collections.ConfigDict()
     c.scaling.sizes = ["nano", "mini", "small"]  # Policy sizes (>= 8x params), same proxy.
     c.scaling.quantile = 0.9  # "best" = this quantile of a method's run peaks at a size.

@@ -214,6 +214,10 @@ def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke)
     # A replay's gain is measured against offline on D_golden at its own learning rate.
     assert "offline at the same learning rate" in coverage["verdicts"][1]["ours"] or (
         coverage["verdicts"][1]["agree"] is None)
+    # Best-of-2: online against offline's own sweep at matched KL, with an interval.
+    noncontrastive = next(f for f in summary if f["name"] == "noncontrastive")
+    assert "online minus offline at KL" in noncontrastive["verdicts"][0]["ours"]
+    assert "| KL budget (nats) | golden: online_b2 | golden: offline_b2 |" in report
     rows = json.loads((workdir / "results.json").read_text())
     online = {r["step"]: r["win_rate"] for r in rows if r["stage"].startswith("online-s0")}
     tandem = {r["step"]: r["win_rate"] for r in rows if r["stage"].startswith("tandem-s0")}

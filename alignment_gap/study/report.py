@@ -63,13 +63,15 @@ def format_interval(mean_ci) -> str:
     return f"{mean:.3f}" + (f" +- {half:.3f}" if np.isfinite(half) else " (no interval)")
 
 
-def budget_table(comparison: dict) -> list[str]:
-    """Online minus offline at each KL budget, the golden judge's and the oracle's columns."""
+def budget_table(comparison: dict, methods=("online", "offline")) -> list[str]:
+    """`a` minus `b` at each KL budget (`differences.compare`), the golden judge's and the
+    oracle's columns."""
+    a, b = methods
     judges = list(comparison["rows"])
     if not judges:
-        return ["No seed has both online and offline evaluations yet."]
+        return [f"No seed has both {a} and {b} evaluations yet."]
     head = "| KL budget (nats) |" + "".join(
-        f" {j}: online | {j}: offline | {j}: online - offline [95%] |" for j in judges)
+        f" {j}: {a} | {j}: {b} | {j}: {a} - {b} [95%] |" for j in judges)
     lines = [head, "| --- |" + " --- | --- | --- |" * len(judges)]
     for i, budget in enumerate(comparison["budgets"]):
         mark = " (headline)" if budget == comparison["headline_kl"] else ""
@@ -78,7 +80,7 @@ def budget_table(comparison: dict) -> list[str]:
             r = comparison["rows"][j][i]
             interval = ("no interval" if not np.isfinite(r["low"]) else
                         f"[{r['low']:+.3f}, {r['high']:+.3f}]")
-            cells.append(f" {r['online']:.3f} | {r['offline']:.3f} | {r['difference']:+.3f} "
+            cells.append(f" {r[a]:.3f} | {r[b]:.3f} | {r['difference']:+.3f} "
                          f"{interval}: {r['verdict']} |")
         lines.append(f"| {budget:.3g}{mark} |" + "".join(cells))
     return lines

@@ -1,13 +1,15 @@
 """Hypothesis 4, a non-contrastive loss (paper Sec. 5.4, Fig. 9).
 
 Best-of-2 (SFT on the winner of each pair, no reference, no loser) online against the proxy,
-offline on D_golden, and offline on the Best-of-2 online run's own stream shuffled. If the gap
+offline on D_golden (its own learning-rate sweep; compared with online at matched KL budgets,
+`study/differences.py`), and offline on the Best-of-2 online run's own stream shuffled. If the gap
 comes from contrastive losses, it should vanish here; the paper finds it persists (except on
 Chatbot Arena), and that the shuffled online stream roughly matches online.
 """
 
 from __future__ import annotations
 
+from alignment_gap.study import differences, report
 from alignment_gap.study.hypotheses import shared
 from alignment_gap.study.hypotheses.shared import Finding, Verdict
 
@@ -21,8 +23,9 @@ def runs(plan) -> dict:
     for seed in s.seeds:
         online = plan.online(seed, lr, loss=LOSS, group=NAME)
         out["online_b2"].append(online)
-        out["offline_b2"].append(plan.offline(seed, lr, s.policy.beta, s.policy.steps,
-                                              method="offline_b2", group=NAME, loss=LOSS))
+        out["offline_b2"] += [plan.offline(seed, offline_lr, s.policy.beta, s.policy.steps,
+                                           method="offline_b2", group=NAME, loss=LOSS)
+                              for offline_lr in s.noncontrastive.offline_learning_rates]
         out["shuffled_b2"].append(plan.offline(seed, lr, s.policy.beta, s.policy.steps,
                                                method="shuffled_b2", group=NAME, loss=LOSS,
                                                replay=(online, "shuffle", 1)))
@@ -46,12 +49,23 @@ def analyse(plan, rows, workdir: str) -> Finding:
     lines = shared.runs_section(rows, labels, describe, workdir, "noncontrastive.png",
                                 "Best-of-2: online vs offline (cf. Fig. 9)")
     peak = {label: shared.seed_peaks(rows, label) for label in labels}
-    on, off, shuf = peak["online_b2"], peak["offline_b2"], peak["shuffled_b2"]
+    on, shuf = peak["online_b2"], peak["shuffled_b2"]
+    # Online against offline's own lr sweep at matched KL, from per-prompt outcomes.
+    comparison = differences.compare(shared.outcome_points(plan, r),
+                                     methods=("online_b2", "offline_b2"))
+    row = differences.headline(comparison)
+    lines += ["", "Best-of-2 online minus offline at matched KL budgets (as the main study's "
+              "verdict; offline over its learning rates "
+              f"{list(plan.study.noncontrastive.offline_learning_rates)}):", "",
+              *report.budget_table(comparison, ("online_b2", "offline_b2"))]
+    gap = (None if row is None or row["verdict"] == "undecided"
+           else row["verdict"] == "online_b2 better")
     verdicts = [
         Verdict("With Best-of-2 the online-offline gap persists",
-                f"online {on[0]:.3f} vs offline {off[0]:.3f}"
-                + ("" if shared.overlap(on, off) else " (95% intervals apart)"),
-                bool(on[0] > off[0])),
+                "no matched budget" if row is None else
+                f"online minus offline at KL {row['kl']:.3g}: {row['difference']:+.3f} "
+                f"[{row['low']:+.3f}, {row['high']:+.3f}] (golden judge), {row['verdict']}",
+                gap),
         Verdict("Best-of-2 on the online stream, shuffled, roughly matches online",
                 f"shuffled {shuf[0]:.3f} vs online {on[0]:.3f}",
                 bool(abs(shuf[0] - on[0]) < 0.03 or shared.overlap(shuf, on))),
