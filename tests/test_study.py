@@ -65,6 +65,10 @@ def test_smoke_study_writes_table_plot_and_report(smoke):
             if row["verdict"] != "undecided":
                 assert row["low"] > 0 or row["high"] < 0
     assert "golden judge: online minus offline" in summary["verdict"]
+    # How far the golden judge is from the truth, on its own D_golden pairs (synthetic world).
+    graded = summary["golden model agreement with the oracle on D_golden pairs"]
+    assert set(graded) == {"validation", "test"} and all(0.5 < v <= 1.0 for v in graded.values())
+    assert "- golden model agreement with the oracle on D_golden pairs: {" in report
     assert "oracle: online minus offline" in summary["verdict"]
     timings = json.loads((workdir / "timings.json").read_text())
     assert {"sft", "golden", "relabel", "proxy"} <= set(timings)

@@ -2,16 +2,18 @@
 
 The relabelling itself (judges, the new TFDS dataset) is `data/relabel.py`; this stage loads
 the finished golden model as the judge, writes `comparisons/<name>`, and records how many of
-D_initial's labels the golden model kept.
+D_initial's labels the golden model kept and, in the synthetic world, how often the exact
+oracle agrees with the golden model's order on D_golden's validation and test pairs.
 """
 
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from alignment_gap import run_dir
 from alignment_gap.data import builders, datasets
-from alignment_gap.data.relabel import model_judge, relabel
+from alignment_gap.data.relabel import decoded, model_judge, oracle_judge, relabel
 from alignment_gap.train import common
 
 
@@ -29,14 +31,32 @@ def run(study, golden_dir: str, name: str, out_dir: str):
                         rt.mesh, rt.rules)
     sources = datasets.initial_comparisons(study.data)
     relabel(sources, judge, name, study.data.dir)
-    agreement = _agreement(sources, builders.Comparisons(name=name, data_dir=study.data.dir)
-                           .as_data_source())
-    run_dir.finish(out_dir, dataset=name, kept_initial_label=agreement)
+    golden_data = builders.Comparisons(name=name, data_dir=study.data.dir).as_data_source()
+    agreement = _agreement(sources, golden_data)
+    oracle = None
+    if study.data.kind == "synthetic":  # the world's exact oracle can grade the golden model
+        judge = oracle_judge(datasets.world_config(study.data))
+        oracle = {split: _oracle_agreement(golden_data[split], judge)
+                  for split in ("validation", "test") if split in golden_data}
+    run_dir.finish(out_dir, dataset=name, kept_initial_label=agreement,
+                   golden_agrees_with_oracle=oracle)
 
 
 def kept_initial_label(out_dir: str) -> dict | None:
     """{split: fraction of D_initial's labels the golden model kept} of a finished stage."""
     return run_dir.result(out_dir).get("kept_initial_label")
+
+
+def golden_agrees_with_oracle(out_dir: str) -> dict | None:
+    """{split: fraction of D_golden pairs whose golden order the oracle shares} (synthetic)."""
+    return run_dir.result(out_dir).get("golden_agrees_with_oracle")
+
+
+def _oracle_agreement(source, judge) -> float:
+    """Fraction of `source`'s pairs whose chosen response the oracle also prefers (a tie in
+    the oracle's score counts as agreeing: it keeps the order)."""
+    records = [decoded(source[i]) for i in range(len(source))]
+    return float(np.mean(judge(records))) if records else float("nan")
 
 
 def _runtime_config(study):

@@ -60,8 +60,11 @@ def run(config, workdir: str):
             run_dir.final_metrics(plan.dir(plan.proxy)).get("eval/accuracy"),
         "D_initial labels kept by the golden relabelling":
             relabel_stage.kept_initial_label(plan.dir(plan.relabel)),
+        "golden model agreement with the oracle on D_golden pairs":
+            relabel_stage.golden_agrees_with_oracle(plan.dir(plan.relabel)),
     }
     comparison = differences.compare(results.outcome_points(stages, workdir))
+    extras = {k: v for k, v in extras.items() if v is not None}  # e.g. no oracle on real data
     path = report.write_report(config, rows, comparison, timings, extras, workdir, findings)
     print(results.verdict(comparison))
     for finding in findings:
