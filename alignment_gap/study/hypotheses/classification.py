@@ -154,11 +154,16 @@ def _figure(rows, points, path):
     plt.close(fig)
 
 
+def after_start(points: list[dict]) -> list[dict]:
+    """The stream checkpoints after step 0 (all of them if there are no others): at step 0
+    every policy is the SFT policy, whose margins are all 0 (a tie, exactly 0.5)."""
+    return [q for q in points if q["step"] > 0] or points
+
+
 def stream_means(points: list[dict]) -> dict:
-    """Each classifier's accuracy on the online stream ("proxy/golden", ...), averaged over the
-    checkpoints after step 0: there every policy is the SFT policy, whose margins are all 0 (a
-    tie, exactly 0.5), which would pull the policies' means toward chance."""
-    moved = [q for q in points if q["step"] > 0] or points
+    """Each classifier's accuracy on the online stream ("proxy/golden", ...), averaged over
+    `after_start(points)`: step 0 would pull the policies' means toward chance."""
+    moved = after_start(points)
     return {f"{n}/{j}": float(np.mean([q[f"{n}/{j}"] for q in moved if f"{n}/{j}" in q]))
             for n in CLASSIFIERS for j in ("golden", "oracle")
             if any(f"{n}/{j}" in q for q in moved)}
@@ -178,7 +183,7 @@ def analyse(plan, rows, workdir: str) -> Finding:
                          for m in ("classifier_accuracy", "likelihood_drift")}
     pts = np.array([(r["classifier_accuracy"], r["win_rate"]) for r in rows if r["step"] > 0])
     corr = float(np.corrcoef(pts.T)[0, 1]) if len(pts) > 2 else float("nan")
-    moved = [q for q in points if q["step"] > 0] or points
+    moved = after_start(points)
     stream = stream_means(points)
     proxy = [q["proxy/golden"] for q in points]
     half = max(1, len(proxy) // 2)

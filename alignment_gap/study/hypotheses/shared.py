@@ -38,12 +38,8 @@ def labelled(rows: list[dict], runs: dict) -> list[dict]:
 def outcome_points(plan, runs: dict) -> list[dict]:
     """Per-prompt outcomes of each label's stages (`results.outcome_points`), `method` set to
     the label: the input of `differences.compare` for a hypothesis's own runs."""
-    out = []
-    for label, stages in runs.items():
-        for stage in stages:
-            out += [dict(p, method=label) for p in results.outcome_points(
-                [stage], plan.workdir, group=stage.meta.get("group"))]
-    return out
+    return [dict(p, method=label) for label, stages in runs.items()
+            for p in results.outcome_points(stages, plan.workdir, group=None)]
 
 
 def run_peaks(rows: list[dict], label: str, metric: str = "win_rate") -> list[float]:
