@@ -51,13 +51,14 @@ def mean_time(fn, warmup=WARMUP, steps=STEPS) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def random_models(size: str, max_len: int, devices: int):
+def random_models(size: str, max_len: int, devices: int, dtype: str = "float32"):
     """(mesh, rules, model config, policy, reference, proxy): random-init models of `size` on
-    a data-parallel mesh of `devices` CPU devices; policy and reference are equal."""
+    a data-parallel mesh of `devices` CPU devices; policy and reference are equal. `dtype` is
+    the compute dtype (parameters stay float32)."""
     mesh_cfg = meshes.get_config("cpu")
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:devices])
     rules = mesh_cfg.rules
-    cfg = TransformerConfig.from_config(models.get_config(size), max_len=max_len)
+    cfg = TransformerConfig.from_config(models.get_config(size), max_len=max_len, dtype=dtype)
     make = lambda cls, seed: sharding.create_sharded(lambda: cls(cfg, nnx.Rngs(seed)), mesh,
                                                      rules)
     return (mesh, rules, cfg, make(LanguageModel, 0), make(LanguageModel, 0),
@@ -82,6 +83,8 @@ def main():
                         help="the policy config's `microbatches` (update step, proxy scoring)")
     parser.add_argument("--devices", type=int, default=1,
                         help="CPU devices (one per core is the point): a data-parallel mesh")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype (parameters and optimizer state stay float32)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     size, batch, p, r, sampler_prompts = SHAPES[args.shape]
@@ -91,7 +94,8 @@ def main():
                      f"the {batch} prompts (and --devices the sampler's {sampler_prompts})")
     jax.config.update("jax_num_cpu_devices", args.devices)
 
-    mesh, rules, cfg, policy, reference, proxy = random_models(size, p + 2 * r, args.devices)
+    mesh, rules, cfg, policy, reference, proxy = random_models(size, p + 2 * r, args.devices,
+                                                                 args.dtype)
     ref_graphdef, ref_params = nnx.split(reference)
     tx = optax.adamw(1e-5)
     graphdef, state, state_sh = init_train_state(policy, tx, mesh, rules)
