@@ -165,6 +165,14 @@ def validate(config, num_devices: int) -> None:
         for name in config.hypotheses:
             if name not in HYPOTHESES:
                 _fail("hypotheses", f"{name!r} is unknown", f"use some of {HYPOTHESES}")
+        stops = [f for f in ("stop_after_falls", "kl_cap") if config.policy.get(f, 0)]
+        if config.hypotheses and stops:
+            _fail(f"policy.{stops[0]}", "the hypothesis variants replay and read every online "
+                  "step, so online runs cannot stop early there",
+                  "set it to 0 or run the hypotheses from a study without it")
+    if "eval" in config and config.eval.get("stop_after_falls", 0) < 0:
+        _fail("eval.stop_after_falls", f"must be >= 0, got {config.eval.stop_after_falls}",
+              "use 0 (off) or the evaluations below the best that end a run, e.g. 2")
     lengths = config.data if "data" in config else config
     if "prompt_len" in lengths and "response_len" in lengths:
         pair = config.get("task") == "preference_model"  # reads [prompt | y1 | y2]

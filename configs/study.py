@@ -157,6 +157,10 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     c.policy.beta = 0.1  # KL strength of the online runs (the paper's default).
     c.policy.steps = 300  # Online steps per run.
     c.policy.checkpoint_every = 50  # Checkpoint and evaluation interval (one curve point each).
+    # Online runs stop before policy.steps once the golden win rate has been below its best at
+    # this many evaluations (the curve has turned) or their KL passes kl_cap nats; 0: off.
+    c.policy.stop_after_falls = 0
+    c.policy.kl_cap = 0.0
     c.policy.warmup_steps = 20  # Linear warm-up steps (at most a tenth of a run's steps).
     c.policy.end_lr_fraction = 1.0  # Constant after warm-up, as the paper's policy runs.
     c.policy.weight_decay = 0.0  # AdamW decoupled weight decay.

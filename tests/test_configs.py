@@ -11,7 +11,7 @@ from flax import nnx
 from alignment_gap import config_checks
 from alignment_gap.errors import ConfigError
 from alignment_gap.models import LanguageModel, TransformerConfig
-from configs import demo, meshes, models
+from configs import demo, meshes, models, study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +76,17 @@ def test_unknown_loss_is_a_clear_error():
     c.loss = "ppo"
     with pytest.raises(ConfigError, match=r"config.loss: 'ppo' is unknown; use"):
         config_checks.validate(c, 1)
+
+
+def test_online_runs_cannot_stop_early_under_the_hypotheses():
+    c = study.get_config("smoke_coverage")
+    config_checks.validate(c, 1)
+    c.policy.stop_after_falls = 2
+    with pytest.raises(ConfigError, match=r"config.policy.stop_after_falls: the hypothesis"):
+        config_checks.validate(c, 1)
+    c = study.get_config("smoke")
+    c.policy.stop_after_falls, c.policy.kl_cap = 2, 3.0
+    config_checks.validate(c, 1)  # the main study alone may
 
 
 def test_good_configs_pass():

@@ -168,11 +168,16 @@ def test_resuming_with_another_model_stops_naming_the_field_and_keeps_the_checkp
     assert json.loads((run / "DONE.json").read_text())["step"] == steps + 2
 
 
-def test_resumed_preference_run_keeps_its_plateau_history(tmp_path):
-    from alignment_gap.train.preference import accuracy_history
-
-    lines = [{"step": 0, "loss": 1.0}, {"step": 10, "eval/accuracy": 0.6},
-             {"step": 20, "eval/accuracy": 0.7}, {"step": 30, "eval/accuracy": 0.65}]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    assert accuracy_history(str(tmp_path), 20) == [0.6, 0.7]  # past the checkpoint: dropped
-    assert accuracy_history(str(tmp_path / "fresh"), 20) == []
+def test_online_run_stops_once_its_kl_passes_the_cap(runs):
+    root, policy = runs
+    run = root / "capped"
+    done = main("policy.py:online_tiny", run, *policy,
+                f"--config.eval.golden_checkpoint={root / 'proxy'}", "--config.eval.kl_cap=1e-9")
+    assert "stopping early (KL" in done.stdout
+    record = json.loads((run / "DONE.json").read_text())
+    assert record["stopped_early"] and record["step"] == 3  # the first evaluation after step 0
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/kl" in r]
+    assert [r["step"] for r in evals] == [0, 3] and evals[-1]["eval/kl"] > 1e-9
+    again = main("policy.py:online_tiny", run, *policy,
+                 f"--config.eval.golden_checkpoint={root / 'proxy'}", "--config.eval.kl_cap=1e-9")
+    assert "already holds a finished run" in again.stdout

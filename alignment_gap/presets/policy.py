@@ -50,6 +50,10 @@ def get_config(variant: str = "online_mini") -> ml_collections.ConfigDict:
     c.eval.prompts = 512  # Fixed test prompts for win rates (the paper uses 2048).
     c.eval.kl_prompts = 256  # Of those, prompts whose samples give the KL budget (paper: 256).
     c.eval.pairs = 256  # Held-out comparisons for classifier accuracy and likelihood drift.
+    # Stop before num_steps once the golden win rate has been below its best at this many
+    # evaluations in a row (the curve has turned; 0: off), or once the KL passes kl_cap (0: off).
+    c.eval.stop_after_falls = 0
+    c.eval.kl_cap = 0.0
     c.model.max_len = c.proxy_model.max_len = c.eval.golden_model.max_len = 128
     if variant.endswith("tiny"):
         c.data.train_pairs, c.data.validation_pairs, c.data.test_pairs = 200, 32, 32

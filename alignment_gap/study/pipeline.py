@@ -166,6 +166,8 @@ class Plan:
         cfg = self.policy_cfg("online", seed, lr, s.policy.beta, s.policy.steps,
                               proxy=self.proxy, proxy_model=s.proxy_model, model=model,
                               sft_stage=sft_stage, loss=loss)
+        cfg.eval.stop_after_falls = s.policy.get("stop_after_falls", 0)
+        cfg.eval.kl_cap = s.policy.get("kl_cap", 0.0)
         tag = "".join(f"-{t}" for t in (loss, model and model.name) if t)
         return self.add(Stage(f"online{tag}-s{seed}-lr{lr:g}", cfg, policy.run,
                               (self.proxy, *self._evaluated(sft_stage)),

@@ -43,7 +43,7 @@ class Loop:
     checkpointer: Checkpointer
     meta: dict
     data_iterator: object = None
-    evaluate: Callable | None = None  # state -> (metrics, stop?)
+    evaluate: Callable | None = None  # state -> (metrics, why to stop: "" / False to go on)
     on_checkpoint: Callable | None = None  # step -> None (e.g. seal the recorded stream)
     progress_keys: tuple = ("loss",)
     evaluate_at_start: bool = False  # Also evaluate the starting point (step 0) of a fresh run.
@@ -64,7 +64,7 @@ class Loop:
         c = self.config
         progress = metrics_lib.Progress(c.num_steps, start)
         self.last_good = self.checkpointer.latest_step()
-        pending, last, stop = None, {}, False
+        pending, last, stop = None, {}, ""
         if self.evaluate is not None and self.evaluate_at_start and start == 0:
             writer.write(0, self.evaluate(state)[0], prefix="eval/")
         for step in range(start + 1, c.num_steps + 1):
@@ -90,7 +90,7 @@ class Loop:
                 self.last_good = step
                 if stop:
                     if jax.process_index() == 0:
-                        print(f"step {step}: stopping early (validation plateau)", flush=True)
+                        print(f"step {step}: stopping early ({stop})", flush=True)
                     break
                 if preempted:
                     signal = preemption.requested() or "SIGTERM (to one of the processes)"
@@ -99,7 +99,7 @@ class Loop:
                                     f"{self.checkpointer.path(step)}; run the same command "
                                     "again to resume")
         final_step = int(jax.device_get(state.step))
-        run_dir.finish(self.workdir, final_step, metrics=last, stopped_early=stop)
+        run_dir.finish(self.workdir, final_step, metrics=last, stopped_early=bool(stop))
         return state, last
 
     def _record(self, step, step_metrics, window, writer, progress) -> dict:

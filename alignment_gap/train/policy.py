@@ -29,7 +29,7 @@ from alignment_gap.sources import (
     dataset_iterator,
     replay_iterator,
 )
-from alignment_gap.train import common
+from alignment_gap.train import common, stopping
 from alignment_gap.train.loop import Loop
 from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
 
@@ -133,11 +133,19 @@ def run(config, workdir: str):
     evaluate = None
     if config.eval.golden_checkpoint:
         evaluator = _evaluator(config, rt, policy, ref_params)
+        win_rates = stopping.logged(workdir, "eval/win_rate", int(jax.device_get(state.step)))
 
         def evaluate(s):
             scores, outcomes = evaluator.evaluate(s.params)
             run_dir.write_outcomes(workdir, int(jax.device_get(s.step)), outcomes)
-            return scores, False
+            win_rates.append(scores["win_rate"])
+            if stopping.turned(win_rates, config.eval.stop_after_falls):
+                return scores, (f"the golden win rate has been below its best "
+                                f"{max(win_rates):.3f} at {config.eval.stop_after_falls} "
+                                "evaluations")
+            if stopping.over_cap(scores["kl"], config.eval.kl_cap):
+                return scores, f"KL {scores['kl']:.2f} is past the cap {config.eval.kl_cap:g}"
+            return scores, ""
 
     loop = Loop(config, workdir, update=step,
                 next_batch=lambda s, key: source.next_batch(s.params, key),

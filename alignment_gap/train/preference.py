@@ -10,8 +10,6 @@ stops when it has not improved for `patience` evaluations (the paper stops near 
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,9 +20,8 @@ from alignment_gap import run_dir, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
-from alignment_gap.metrics import read_jsonl
 from alignment_gap.models.heads import both_order_margin
-from alignment_gap.train import common
+from alignment_gap.train import common, stopping
 from alignment_gap.train.loop import Loop
 from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
 
@@ -66,16 +63,6 @@ def init_from_lm(pm, lm_run_dir: str, config, rt) -> None:
     nnx.update(pm.backbone, nnx.state(lm.backbone))  # segment embeddings and head stay fresh
 
 
-def accuracy_history(workdir: str, upto_step: int) -> list[float]:
-    """Validation accuracies logged up to a resumed checkpoint, so a resumed run applies the
-    plateau rule to the same history an uninterrupted one would."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    return [r["eval/accuracy"] for r in read_jsonl(path)
-            if "eval/accuracy" in r and r["step"] <= upto_step]
-
-
 def run(config, workdir: str):
     if run_dir.already_finished(workdir, config.num_steps):
         return
@@ -102,7 +89,7 @@ def run(config, workdir: str):
     if ckpt.latest_step() is not None:
         state, rng, _ = ckpt.restore(state, shardings, train_iter, check=lambda saved: (
             common.check_resume(saved, "preference", config.model, rt, workdir)))
-        history = accuracy_history(workdir, int(jax.device_get(state.step)))
+        history = stopping.logged(workdir, "eval/accuracy", int(jax.device_get(state.step)))
 
     accuracy = accuracy_program(graphdef, rt.mesh)
 
@@ -114,10 +101,8 @@ def run(config, workdir: str):
             values = [float(accuracy(state.params, b)) for b in batches]
         score = float(np.mean(values))
         history.append(score)
-        best_before = max(history[:-config.patience], default=-1.0)
-        plateau = (len(history) > config.patience
-                   and max(history[-config.patience:]) <= best_before + config.min_improvement)
-        return {"accuracy": score}, plateau
+        plateau = stopping.plateaued(history, config.patience, config.min_improvement)
+        return {"accuracy": score}, "validation plateau" if plateau else False
 
     loop = Loop(config, workdir,
                 update=lambda s, b, key: update(s, b, {"key": key}),
