@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from alignment_gap import run_dir
@@ -70,6 +71,14 @@ def test_smoke_study_writes_table_plot_and_report(smoke):
     assert set(graded) == {"validation", "test"} and all(0.5 < v <= 1.0 for v in graded.values())
     assert "- golden model agreement with the oracle on D_golden pairs: {" in report
     assert "oracle: online minus offline" in summary["verdict"]
+    # ... and on the samples the policies produce (their evaluations against the SFT policy).
+    on_samples = summary["golden model agreement with the oracle on policy-vs-opponent samples"]
+    assert set(on_samples) == {"online", "offline"}
+    for method, rates in on_samples.items():
+        outcomes = [np.load(f) for f in (workdir / "stages").glob(f"{method}-*/outcomes/step_12*")]
+        last = np.mean(np.concatenate([o["win"] == o["oracle_win"] for o in outcomes]))
+        assert rates["last evaluations"] == pytest.approx(last, abs=1e-3)
+        assert 0.0 <= rates["all evaluations"] <= 1.0
     timings = json.loads((workdir / "timings.json").read_text())
     assert {"sft", "golden", "relabel", "proxy"} <= set(timings)
     samples = json.loads((workdir / "samples.json").read_text())["samples"]

@@ -100,6 +100,26 @@ def outcome_points(stages, workdir: str, group: str | None = "main") -> list[dic
     return points
 
 
+def judge_agreement(points: list[dict]) -> dict | None:
+    """How often the golden judge's verdict on a policy sample against the opponent's equals
+    the oracle's (both 1 / 0.5 / 0), per method, over the evaluations after step 0 and over
+    each run's last one: the golden model graded on the samples the policies produce, where
+    over-optimisation would open a gap. None without oracle outcomes (real data)."""
+    points = [p for p in points if "oracle_win" in p and p["step"] > 0]
+    if not points:
+        return None
+    last = {}
+    for p in points:
+        if p["step"] > last.get(p["stage"], -1):
+            last[p["stage"]] = p["step"]
+    rate = lambda ps: round(float(np.mean(np.concatenate(
+        [p["win"] == p["oracle_win"] for p in ps]))), 3)
+    return {method: {"all evaluations": rate([p for p in points if p["method"] == method]),
+                     "last evaluations": rate([p for p in points if p["method"] == method
+                                               and p["step"] == last[p["stage"]]])}
+            for method in sorted({p["method"] for p in points})}
+
+
 def verdict(comparison: dict) -> str:
     """The study's verdict (`differences.sentence`): a winner only where the interval of the
     difference excludes zero, the oracle's view beside the golden judge's."""

@@ -63,7 +63,10 @@ def run(config, workdir: str):
         "golden model agreement with the oracle on D_golden pairs":
             relabel_stage.golden_agrees_with_oracle(plan.dir(plan.relabel)),
     }
-    comparison = differences.compare(results.outcome_points(stages, workdir))
+    points = results.outcome_points(stages, workdir)
+    extras["golden model agreement with the oracle on policy-vs-opponent samples"] = (
+        results.judge_agreement(points))
+    comparison = differences.compare(points)
     extras = {k: v for k, v in extras.items() if v is not None}  # e.g. no oracle on real data
     path = report.write_report(config, rows, comparison, timings, extras, workdir, findings)
     print(results.verdict(comparison))
