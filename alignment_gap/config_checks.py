@@ -110,6 +110,7 @@ def validate(config, num_devices: int) -> None:
     models = [("model", config.get("model")), ("proxy_model", config.get("proxy_model"))]
     if "eval" in config:
         models.append(("eval.golden_model", config.eval.get("golden_model")))
+        models.append(("eval.opponent_model", config.eval.get("opponent_model") or None))
     for name, model in models:
         if model is not None:
             check_model(model, name)

@@ -79,7 +79,8 @@ def eval_sampler(lm, mesh, rules, sampling: SamplingConfig) -> Sampler:
 class Evaluator:
     def __init__(self, *, lm, sft_params, golden, opponent_params, prompts: PromptBatch,
                  pairs: PreferenceBatch | None, mesh, rules, sampling: SamplingConfig,
-                 kl_prompts: int, tokenizer=None, prompt_texts=None, world=None, seed: int = 0):
+                 kl_prompts: int, tokenizer=None, prompt_texts=None, world=None, seed: int = 0,
+                 opponent_lm=None):
         self.mesh, self.rules = mesh, rules
         self.graphdef, _ = nnx.split(lm)
         self.sft_params, self.prompts, self.pairs = sft_params, prompts, pairs
@@ -91,7 +92,13 @@ class Evaluator:
         golden_graphdef, self.golden_state = nnx.split(golden)
         self._judge, self._kl, self._classify = eval_programs(self.graphdef, golden_graphdef,
                                                               mesh)
-        self.opponent = self._sample(opponent_params, jax.random.fold_in(self.key, 1))
+        opponent_key = jax.random.fold_in(self.key, 1)
+        if opponent_lm is None:  # the policy's architecture (its SFT start, a golden policy)
+            self.opponent = self._sample(opponent_params, opponent_key)
+        else:  # another architecture (one opponent for policies of every size), sampled once
+            with sharding.use(mesh, rules):
+                self.opponent = eval_sampler(opponent_lm, mesh, rules, sampling)(
+                    nnx.state(opponent_lm), prompts.prompt, prompts.prompt_mask, opponent_key)
 
     def _sample(self, params, key):
         with sharding.use(self.mesh, self.rules):

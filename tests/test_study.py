@@ -243,6 +243,18 @@ def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke)
         "checkpoints"]
     assert [p["step"] for p in stream] == [0, 6]  # the pairs sampled after each checkpoint
     assert all(0.0 <= p[k] <= 1.0 for p in stream for k in p if "/" in k)
+    # Scaling: every size, the main one included, plays one opponent, the golden policy (of
+    # the main size), and its verdicts are matched-KL differences.
+    golden_policy = next((workdir / "stages").glob("golden_policy-*"))
+    for stage, other_size in (("online-nano-s0", True), ("online-mini-s0", False)):
+        cfg = json.loads(next((workdir / "stages").glob(f"{stage}-*/config.json")).read_text())
+        assert cfg["eval"]["opponent_checkpoint"] == str(golden_policy)
+        assert ("opponent_model" in cfg["eval"]) == other_size
+        if other_size:
+            assert cfg["eval"]["opponent_model"]["width"] != cfg["model"]["width"]
+    scaling = next(f for f in summary if f["name"] == "scaling")
+    assert all("no matched budget" in v["ours"] or " at KL " in v["ours"]
+               for v in scaling["verdicts"]), scaling["verdicts"]
 
 
 def test_unknown_hypothesis_is_a_one_line_error():

@@ -236,12 +236,17 @@ def policy_run(config, b: Builder, name: str = "policy") -> Run:
     if e.golden_checkpoint:
         _, golden_graphdef, golden = b.model("preference", e.golden_model)
         sft_params = reference
-        if e.opponent_checkpoint:
-            _, _, sft_params = b.model("lm", config.model)
-            resident["opponent policy"] = sft_params
         judge, kl, classify = eval_programs(graphdef, golden_graphdef, b.mesh)
         sampler = eval_sampler(lm, b.mesh, b.rules, sampling)
         programs.append(b.sampler_program(sampler, lm, state.params, e.prompts, p, r))
+        if e.opponent_checkpoint:
+            opponent_model = e.get("opponent_model") or None  # absent: the policy's
+            opponent_lm, _, opponent = b.model("lm", opponent_model or config.model)
+            resident["opponent policy"] = opponent
+            if opponent_model:  # another architecture samples with its own program, once
+                programs.append(b.sampler_program(
+                    eval_sampler(opponent_lm, b.mesh, b.rules, sampling), opponent_lm, opponent,
+                    e.prompts, p, r))
         prompt, mask = b.prompts(e.prompts, p)
         ours = (b.rows(e.prompts, r), b.rows(e.prompts, r, dtype=jnp.bool_))
         theirs = (b.rows(e.prompts, r), b.rows(e.prompts, r, dtype=jnp.bool_))

@@ -47,6 +47,8 @@ def get_config(variant: str = "online_mini") -> ml_collections.ConfigDict:
     c.eval.golden_checkpoint = ""  # Run directory of the golden preference model; empty: no eval.
     c.eval.golden_model = models.get_config("mini")  # The golden model's architecture.
     c.eval.opponent_checkpoint = ""  # Run directory of the opponent policy; empty: the SFT policy.
+    # An opponent of another architecture (one opponent for policies of several sizes) is named
+    # by adding eval.opponent_model (a model config, as eval.golden_model); absent: the policy's.
     c.eval.prompts = 512  # Fixed test prompts for win rates (the paper uses 2048).
     c.eval.kl_prompts = 256  # Of those, prompts whose samples give the KL budget (paper: 256).
     c.eval.pairs = 256  # Held-out comparisons for classifier accuracy and likelihood drift.

@@ -91,13 +91,18 @@ class Plan:
             proxy_cfg.init.checkpoint = s.proxy_init
         self.proxy = self.add(Stage("proxy", proxy_cfg, preference.run, tuple(proxy_upstream)))
 
-        self.opponent = None
-        if s.opponent == "golden_policy":  # Online IPO against the golden model itself.
-            cfg = self.policy_cfg("online", 0, s.online_learning_rates[0], s.policy.beta,
-                                  s.golden_policy_steps, proxy=self.golden,
-                                  proxy_model=s.golden_model, evaluate=False)
-            self.opponent = self.add(Stage("golden_policy", cfg, policy.run,
-                                           (self.sft, self.golden, self.relabel)))
+        self.opponent = self.golden_policy() if s.opponent == "golden_policy" else None
+
+    def golden_policy(self) -> Stage:
+        """The paper's fixed opponent: the main-size policy trained online against the golden
+        model itself (the win-rate opponent of every run when `opponent` is golden_policy; of
+        every size in the scaling variant)."""
+        s = self.study
+        cfg = self.policy_cfg("online", 0, s.online_learning_rates[0], s.policy.beta,
+                              s.golden_policy_steps, proxy=self.golden,
+                              proxy_model=s.golden_model, evaluate=False)
+        return self.add(Stage("golden_policy", cfg, policy.run,
+                              (self.sft, self.golden, self.relabel)))
 
     def dir(self, stage: Stage) -> str:
         return stage.directory(self.workdir)
@@ -126,7 +131,7 @@ class Plan:
         return Stage("sft" if main_policy else f"sft-{model.name}", cfg, sft.run)
 
     def policy_cfg(self, source, seed, lr, beta, steps, *, proxy=None, proxy_model=None,
-                   evaluate=True, model=None, sft_stage=None, loss=None):
+                   evaluate=True, model=None, sft_stage=None, loss=None, opponent=None):
         s = self.study
         model = model or s.model
         cfg = _common(policy_configs.get_config(f"{source}_mini"), s, s.policy, steps,
@@ -148,41 +153,46 @@ class Plan:
         cfg.eval.golden_model = ml_collections.ConfigDict(s.golden_model.to_dict())
         if evaluate:
             cfg.eval.golden_checkpoint = self.dir(self.golden)
-            cfg.eval.opponent_checkpoint = self.dir(self.opponent) if self.opponent else ""
+            opponent = opponent or self.opponent
+            cfg.eval.opponent_checkpoint = self.dir(opponent) if opponent else ""
+            if opponent and opponent.config.model.to_dict() != model.to_dict():
+                cfg.eval.opponent_model = ml_collections.ConfigDict(
+                    opponent.config.model.to_dict())
             cfg.eval.prompts, cfg.eval.kl_prompts = s.eval.prompts, s.eval.kl_prompts
             cfg.eval.pairs = s.eval.pairs
         return cfg
 
-    def _evaluated(self, sft_stage=None) -> tuple:
-        return tuple(x for x in (sft_stage or self.sft, self.golden, self.relabel, self.opponent)
-                     if x is not None)
+    def _evaluated(self, sft_stage=None, opponent=None) -> tuple:
+        return tuple(x for x in (sft_stage or self.sft, self.golden, self.relabel,
+                                 opponent or self.opponent) if x is not None)
 
     def online(self, seed: int, lr: float | None = None, *, loss=None, model=None,
-               group="main") -> Stage:
-        """An online run against the proxy (recording D_online); `model`: another policy size."""
+               group="main", opponent=None) -> Stage:
+        """An online run against the proxy (recording D_online); `model`: another policy size;
+        `opponent`: a policy stage to win against instead of the study's opponent."""
         s = self.study
         lr = s.online_learning_rates[0] if lr is None else lr
         sft_stage = self.add(self.sft_stage(model)) if model is not None else None
         cfg = self.policy_cfg("online", seed, lr, s.policy.beta, s.policy.steps,
                               proxy=self.proxy, proxy_model=s.proxy_model, model=model,
-                              sft_stage=sft_stage, loss=loss)
+                              sft_stage=sft_stage, loss=loss, opponent=opponent)
         cfg.eval.stop_after_falls = s.policy.get("stop_after_falls", 0)
         cfg.eval.kl_cap = s.policy.get("kl_cap", 0.0)
         tag = "".join(f"-{t}" for t in (loss, model and model.name) if t)
         return self.add(Stage(f"online{tag}-s{seed}-lr{lr:g}", cfg, policy.run,
-                              (self.proxy, *self._evaluated(sft_stage)),
+                              (self.proxy, *self._evaluated(sft_stage, opponent)),
                               dict(method="online", seed=seed, learning_rate=lr,
                                    beta=s.policy.beta, steps=s.policy.steps, group=group)))
 
     def offline(self, seed: int, lr: float, beta: float, steps: int, *, method="offline",
                 group="main", loss=None, model=None, comparisons=None, replay=None,
-                upstream=()) -> Stage:
+                upstream=(), opponent=None) -> Stage:
         """An offline run on D_golden, another comparisons dataset, or a replayed stream.
 
         `replay`: (online stage, order, window)."""
         sft_stage = self.add(self.sft_stage(model)) if model is not None else None
         cfg = self.policy_cfg("offline", seed, lr, beta, steps, model=model,
-                              sft_stage=sft_stage, loss=loss)
+                              sft_stage=sft_stage, loss=loss, opponent=opponent)
         if comparisons:
             cfg.data.comparisons = comparisons
         if replay is not None:
@@ -193,7 +203,8 @@ class Plan:
         name = f"{method}-s{seed}-lr{lr:g}-b{beta:g}-n{steps}"
         if model is not None:
             name = f"{method}-{model.name}-s{seed}-lr{lr:g}-b{beta:g}-n{steps}"
-        return self.add(Stage(name, cfg, policy.run, (*self._evaluated(sft_stage), *upstream),
+        return self.add(Stage(name, cfg, policy.run,
+                              (*self._evaluated(sft_stage, opponent), *upstream),
                               dict(method=method, seed=seed, learning_rate=lr, beta=beta,
                                    steps=steps, group=group)))
 

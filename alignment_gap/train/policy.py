@@ -98,7 +98,8 @@ def run(config, workdir: str):
         common.check_frozen("preference", config.eval.golden_checkpoint, config.eval.golden_model,
                             rt, "config.eval.golden_checkpoint")
     if config.eval.opponent_checkpoint:
-        common.check_frozen("lm", config.eval.opponent_checkpoint, config.model, rt,
+        common.check_frozen("lm", config.eval.opponent_checkpoint,
+                            config.eval.get("opponent_model") or config.model, rt,
                             "config.eval.opponent_checkpoint")
 
     if pretrained_start:  # no SFT run: policy and reference are the pretrained model
@@ -188,8 +189,12 @@ def _evaluator(config, rt, policy, sft_params) -> Evaluator:
     """Win rate vs the opponent (golden judge), KL to SFT, classifier accuracy, drift."""
     e, d = config.eval, config.data
     golden = common.load_frozen("preference", e.golden_checkpoint, e.golden_model, rt)
-    opponent = (nnx.state(common.load_frozen("lm", e.opponent_checkpoint, config.model, rt))
-                if e.opponent_checkpoint else sft_params)
+    opponent, opponent_lm = sft_params, None
+    if e.opponent_checkpoint and e.get("opponent_model"):  # another architecture
+        opponent_lm = common.load_frozen("lm", e.opponent_checkpoint, e.opponent_model, rt)
+        opponent = None
+    elif e.opponent_checkpoint:
+        opponent = nnx.state(common.load_frozen("lm", e.opponent_checkpoint, config.model, rt))
 
     def fixed(rows: int) -> pipelines.BatchShape:
         return pipelines.BatchShape(rows, d.prompt_len, d.response_len,
@@ -210,4 +215,5 @@ def _evaluator(config, rt, policy, sft_params) -> Evaluator:
     return Evaluator(lm=policy, sft_params=sft_params, golden=golden, opponent_params=opponent,
                      prompts=rt.global_batch(prompts), pairs=pairs, mesh=rt.mesh, rules=rt.rules,
                      sampling=sampling_config(config, rt.tokenizer), kl_prompts=e.kl_prompts,
-                     tokenizer=rt.tokenizer, prompt_texts=texts, world=world, seed=config.seed)
+                     tokenizer=rt.tokenizer, prompt_texts=texts, world=world, seed=config.seed,
+                     opponent_lm=opponent_lm)
