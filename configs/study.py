@@ -94,7 +94,8 @@ def _hypothesis_sections(c):
     lr = c.noncontrastive.learning_rate  # Best-of-2 offline on D_golden: its own sweep.
     c.noncontrastive.offline_learning_rates = [lr / 2, lr, 2.5 * lr]
     c.scaling = ml_collections.ConfigDict()
-    c.scaling.sizes = ["nano", "mini", "small"]  # Policy sizes (>= 8x params), same proxy.
+    c.scaling.sizes = ["nano", "mini", "small"]  # Policy sizes (>= 8x params), same proxy,
+    # each against one opponent: the golden policy (trained at the main size, c.model).
     c.scaling.quantile = 0.9  # "best" = this quantile of a method's run peaks at a size.
 
 
