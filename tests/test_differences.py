@@ -113,3 +113,22 @@ def test_stream_accuracies_average_the_checkpoints_after_step_0():
               {"step": 12, "proxy/golden": 0.6, "online/golden": 0.7}]
     means = classification.stream_means(points)
     assert means == {"proxy/golden": pytest.approx(0.65), "online/golden": pytest.approx(0.8)}
+
+
+def test_interpolated_frontiers_mix_the_checkpoints_either_side_of_a_budget():
+    # One seed; online: the start (KL 0, wins half) and a checkpoint at KL 2 that wins all.
+    # At budget 1 the best single checkpoint within it is the start (0.5); the mixture that
+    # takes the KL-2 checkpoint's response on half the prompts spends exactly 1 nat and wins
+    # 0.75. Offline never moves (0.5 everywhere), so only the interpolated view sees a gap.
+    half = np.tile([1.0, 0.0, 0.0, 1.0], N // 4)  # 0.5 on both halves
+    points = [point("online", 0, 0.0, half, step=0), point("online", 0, 2.0, np.ones(N)),
+              point("offline", 0, 0.0, half, step=0), point("offline", 0, 2.5, half)]
+    step = differences.compare(points, budgets=[1.0], replicates=50)
+    mixed = differences.compare(points, budgets=[1.0], replicates=50, interpolate=True)
+    assert step["rows"]["golden"][0]["online"] == pytest.approx(0.5)
+    assert mixed["rows"]["golden"][0]["online"] == pytest.approx(0.75)
+    assert mixed["rows"]["golden"][0]["offline"] == pytest.approx(0.5)
+    assert mixed["interpolated"] and not step["interpolated"]
+    weights = differences.mixtures(np.array([0.0, 2.0]), 1.0, interpolate=True)
+    assert weights.tolist() == [[1.0, 0.0], [0.5, 0.5]]  # the start; the half-half mixture
+    assert differences.mixtures(np.array([0.0, 2.0]), 3.0, True).tolist() == [[1, 0], [0, 1]]

@@ -66,6 +66,12 @@ def test_smoke_study_writes_table_plot_and_report(smoke):
             if row["verdict"] != "undecided":
                 assert row["low"] > 0 or row["high"] < 0
     assert "golden judge: online minus offline" in summary["verdict"]
+    # Beside it, the same comparison through mixtures of two checkpoints; at the largest
+    # budget no checkpoint lies beyond, so there it is the single-checkpoint comparison.
+    mixed = summary["comparison_interpolated"]
+    assert mixed["interpolated"] and mixed["budgets"] == comparison["budgets"]
+    assert "### Through mixtures of two checkpoints" in report
+    assert mixed["rows"]["golden"][-1] == comparison["rows"]["golden"][-1]
     # How far the golden judge is from the truth, on its own D_golden pairs (synthetic world).
     graded = summary["golden model agreement with the oracle on D_golden pairs"]
     assert set(graded) == {"validation", "test"} and all(0.5 < v <= 1.0 for v in graded.values())

@@ -49,24 +49,44 @@ def _draws(rng, n: int, replicates: int) -> np.ndarray:
     return np.vstack([np.ones((1, n)), counts]) / n
 
 
-def _curves(points, budgets, select, score) -> dict:
-    """{seed: [len(budgets), R] curve} of one method: `select`/`score` are [C, R] per point."""
+def mixtures(kl: np.ndarray, budget: float, interpolate: bool) -> np.ndarray:
+    """[M, C] weights of the policies affordable at `budget` over C checkpoints: each
+    checkpoint with KL <= budget and, with `interpolate`, each mixture of one of those with one
+    beyond it whose mean KL is the budget exactly (a prompt's response comes from the first with
+    probability p: the mixture's KL is at most the mean of theirs, its win rate exactly theirs)."""
+    below, above = np.flatnonzero(kl <= budget), np.flatnonzero(kl > budget)
+    rows = [np.eye(len(kl))[below]]
+    if interpolate and below.size and above.size:
+        i, j = np.repeat(below, above.size), np.tile(above, below.size)
+        p = (kl[j] - budget) / (kl[j] - kl[i])
+        pairs = np.zeros((i.size, len(kl)))
+        pairs[np.arange(i.size), i] = p
+        pairs[np.arange(i.size), j] = 1.0 - p
+        rows.append(pairs)
+    return np.concatenate(rows)
+
+
+def _curves(points, budgets, select, scores, interpolate=False) -> dict:
+    """{seed: {judge: [len(budgets), R] curve}} of one method: `select` and each of `scores`
+    ({judge: ...}) are [C, R] per point; the policy chosen on `select` is scored by each."""
     out = {}
+    replicate = np.arange(select.shape[1])
     for seed in sorted({p["seed"] for p in points}):
-        rows = [i for i, p in enumerate(points) if p["seed"] == seed]
+        rows = np.array([i for i, p in enumerate(points) if p["seed"] == seed])
         kl = np.array([points[i]["kl"] for i in rows])
-        curve = np.full((len(budgets), select.shape[1]), np.nan)
+        curves = {j: np.full((len(budgets), select.shape[1]), np.nan) for j in scores}
         for g, budget in enumerate(budgets):
-            eligible = np.array(rows)[kl <= budget]
-            if eligible.size:
-                best = np.argmax(select[eligible], axis=0)
-                curve[g] = score[eligible][best, np.arange(select.shape[1])]
-        out[seed] = curve
+            weights = mixtures(kl, budget, interpolate)
+            if weights.size:
+                best = np.argmax(weights @ select[rows], axis=0)
+                for judge, score in scores.items():
+                    curves[judge][g] = (weights @ score[rows])[best, replicate]
+        out[seed] = curves
     return out
 
 
 def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
-            replicates: int = REPLICATES, seed: int = 0) -> dict:
+            replicates: int = REPLICATES, seed: int = 0, interpolate: bool = False) -> dict:
     """Online minus offline at matched KL budgets.
 
     `points`: one per evaluation with `method`, `seed`, `kl` and per-prompt arrays `win` and,
@@ -77,6 +97,8 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
     the largest, plus the headline budget: the largest KL both methods reached). Returns the
     budgets, the headline budget and, per judge ("golden", "oracle"), one row per budget:
     each method's curve (mean over seeds), the difference, its interval and the verdict.
+    `interpolate`: the curves are frontiers through mixtures of two checkpoints (`mixtures`),
+    so a budget between two evaluations gets the policy between them, not the one below.
     """
     a, b = methods
     points = [p for p in points if p["method"] in methods]
@@ -110,20 +132,21 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
     judges = ["golden"] + (["oracle"] if all("oracle_win" in p for p in points) else [])
     out = {"seeds": seeds, "budgets": [float(x) for x in budgets], "headline_kl": headline,
            "reached": reached, "least": least, "replicates": replicates, "rows": {},
-           "prompts": {"selection": len(select_at), "test": len(test_at)}}
+           "prompts": {"selection": len(select_at), "test": len(test_at)},
+           "interpolated": interpolate}
     curves = {}
     for m in methods:
         win = np.stack([p["win"] for p in groups[m]]).astype(float)
         select = win[:, select_at] @ select_w.T  # [C, R + 1]
-        curves[m] = {"golden": _curves(groups[m], budgets, select, win[:, test_at] @ test_w.T)}
+        scores = {"golden": win[:, test_at] @ test_w.T}
         if "oracle" in judges:
             oracle = np.stack([p["oracle_win"] for p in groups[m]]).astype(float)
-            curves[m]["oracle"] = _curves(groups[m], budgets, select,
-                                          oracle[:, test_at] @ test_w.T)
+            scores["oracle"] = oracle[:, test_at] @ test_w.T
+        curves[m] = _curves(groups[m], budgets, select, scores, interpolate)
     tail = (1 - LEVEL) / 2 * 100
     for judge in judges:
         # [seeds, budgets, R + 1] -> mean over each replicate's drawn seeds.
-        by_seed = {m: np.stack([curves[m][judge][s] for s in seeds]) for m in methods}
+        by_seed = {m: np.stack([curves[m][s][judge] for s in seeds]) for m in methods}
         means = {m: np.stack([by_seed[m][seed_draws[r], :, r].mean(0)
                               for r in range(replicates + 1)], axis=-1) for m in methods}
         diff = means[a] - means[b]

@@ -86,7 +86,10 @@ def budget_table(comparison: dict, methods=("online", "offline")) -> list[str]:
     return lines
 
 
-def markdown(study, rows, comparison, timings: dict, extras: dict, findings=()) -> str:
+def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
+             mixed=None) -> str:
+    """The report; `mixed`: the same comparison through mixtures of two checkpoints
+    (`differences.compare(..., interpolate=True)`), shown below the verdict's own table."""
     p, g = results.peaks(rows), results.peaks(rows, "oracle_win_rate")
     lines = ["# Online vs offline: the controlled study", "",
              f"**{results.verdict(comparison)}**", "",
@@ -99,6 +102,7 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=()) 
              "seeds; 95% paired bootstrap over prompts and seeds. A method is better only where "
              "the interval excludes zero. The oracle scores the checkpoints the judge chose.", "",
              *budget_table(comparison), "",
+             *_mixed_section(mixed),
              "## Peak win rate (best checkpoint per seed, chosen and scored on all prompts; "
              "offline: best over its sweep)", "",
              "| method | golden win rate | oracle win rate | seeds |", "| --- | --- | --- | --- |"]
@@ -150,14 +154,27 @@ def hypotheses_markdown(study, findings) -> list[str]:
     return lines + [""]
 
 
-def write_report(study, rows, comparison, timings, extras, workdir: str, findings=()) -> str:
+def _mixed_section(mixed) -> list[str]:
+    if not mixed or not mixed.get("rows"):
+        return []
+    return ["### Through mixtures of two checkpoints (interpolated frontiers)", "",
+            "The same, except that a budget between two evaluations may be spent on a mixture "
+            "of a checkpoint within it and one beyond it: each prompt is answered by the second "
+            "with the probability that makes their mean KL the budget (the mixture's KL is at "
+            "most that mean, its win rate exactly the mixture of theirs). The verdict above "
+            "stands on single checkpoints.", "", *budget_table(mixed), ""]
+
+
+def write_report(study, rows, comparison, timings, extras, workdir: str, findings=(),
+                 mixed=None) -> str:
     frontier_plot(rows, os.path.join(workdir, "frontier.png"))
-    text = markdown(study, rows, comparison, timings, extras, findings)
+    text = markdown(study, rows, comparison, timings, extras, findings, mixed)
     path = os.path.join(workdir, "report.md")
     with open(path, "w") as f:
         f.write(text)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump({"verdict": results.verdict(comparison), "comparison": comparison,
+                   "comparison_interpolated": mixed,
                    "peaks": results.peaks(rows),
                    "oracle_peaks": results.peaks(rows, "oracle_win_rate"),
                    "timings": timings, **extras,

@@ -67,8 +67,10 @@ def run(config, workdir: str):
     extras["golden model agreement with the oracle on policy-vs-opponent samples"] = (
         results.judge_agreement(points))
     comparison = differences.compare(points)
+    mixed = differences.compare(points, interpolate=True)
     extras = {k: v for k, v in extras.items() if v is not None}  # e.g. no oracle on real data
-    path = report.write_report(config, rows, comparison, timings, extras, workdir, findings)
+    path = report.write_report(config, rows, comparison, timings, extras, workdir, findings,
+                               mixed)
     print(results.verdict(comparison))
     for finding in findings:
         agree = sum(v.agree is True for v in finding.verdicts)
