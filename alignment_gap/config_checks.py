@@ -174,6 +174,11 @@ def validate(config, num_devices: int) -> None:
     if "eval" in config and config.eval.get("stop_after_falls", 0) < 0:
         _fail("eval.stop_after_falls", f"must be >= 0, got {config.eval.stop_after_falls}",
               "use 0 (off) or the evaluations below the best that end a run, e.g. 2")
+    if "eval" in config and not config.eval.get("golden_checkpoint", True):
+        for name in ("stop_after_falls", "kl_cap"):
+            if config.eval.get(name, 0):
+                _fail(f"eval.{name}", "stops a run on its evaluations, and this run has none",
+                      "set config.eval.golden_checkpoint (the judge) or set it to 0")
     lengths = config.data if "data" in config else config
     if "prompt_len" in lengths and "response_len" in lengths:
         pair = config.get("task") == "preference_model"  # reads [prompt | y1 | y2]

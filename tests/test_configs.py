@@ -11,7 +11,7 @@ from flax import nnx
 from alignment_gap import config_checks
 from alignment_gap.errors import ConfigError
 from alignment_gap.models import LanguageModel, TransformerConfig
-from configs import demo, meshes, models, study
+from configs import demo, meshes, models, policy, study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,6 +87,15 @@ def test_online_runs_cannot_stop_early_under_the_hypotheses():
     c = study.get_config("smoke")
     c.policy.stop_after_falls, c.policy.kl_cap = 2, 3.0
     config_checks.validate(c, 1)  # the main study alone may
+
+
+def test_a_stop_rule_needs_evaluations():
+    c = policy.get_config("online_tiny")
+    c.eval.kl_cap = 2.0
+    with pytest.raises(ConfigError, match=r"config.eval.kl_cap: stops a run on its evaluations"):
+        config_checks.validate(c, 1)
+    c.eval.golden_checkpoint = "/runs/golden"
+    config_checks.validate(c, 1)
 
 
 def test_good_configs_pass():
