@@ -51,20 +51,26 @@ def analyse(plan, rows, workdir: str) -> Finding:
     peak = {label: shared.seed_peaks(rows, label) for label in labels}
     on, shuf = peak["online_b2"], peak["shuffled_b2"]
     # Online against offline's own lr sweep at matched KL, from per-prompt outcomes.
-    comparison = differences.compare(shared.outcome_points(plan, r),
-                                     methods=("online_b2", "offline_b2"))
-    row = differences.headline(comparison)
+    points, methods = shared.outcome_points(plan, r), ("online_b2", "offline_b2")
+    comparison = differences.compare(points, methods=methods)
+    mixed = differences.compare(points, methods=methods, interpolate=True)
+    row, mixed_row = differences.headline(comparison), differences.headline(mixed)
     lines += ["", "Best-of-2 online minus offline at matched KL budgets (as the main study's "
               "verdict; offline over its learning rates "
               f"{list(plan.study.noncontrastive.offline_learning_rates)}):", "",
-              *report.budget_table(comparison, ("online_b2", "offline_b2"))]
+              *report.budget_table(comparison, methods), "",
+              "The same through interpolated frontiers (mixtures of two checkpoints, as in the "
+              "main report):", "", *report.budget_table(mixed, methods)]
     gap = (None if row is None or row["verdict"] == "undecided"
            else row["verdict"] == "online_b2 better")
     verdicts = [
         Verdict("With Best-of-2 the online-offline gap persists",
                 "no matched budget" if row is None else
                 f"online minus offline at KL {row['kl']:.3g}: {row['difference']:+.3f} "
-                f"[{row['low']:+.3f}, {row['high']:+.3f}] (golden judge), {row['verdict']}",
+                f"[{row['low']:+.3f}, {row['high']:+.3f}] (golden judge), {row['verdict']}"
+                + ("" if mixed_row is None else
+                   f"; interpolated: {mixed_row['difference']:+.3f} [{mixed_row['low']:+.3f}, "
+                   f"{mixed_row['high']:+.3f}], {mixed_row['verdict']}"),
                 gap),
         Verdict("Best-of-2 on the online stream, shuffled, roughly matches online",
                 f"shuffled {shuf[0]:.3f} vs online {on[0]:.3f}",
