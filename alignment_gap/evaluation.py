@@ -96,13 +96,13 @@ class Evaluator:
         if opponent_lm is None:  # the policy's architecture (its SFT start, a golden policy)
             self.opponent = self._sample(opponent_params, opponent_key)
         else:  # another architecture (one opponent for policies of every size), sampled once
-            with sharding.use(mesh, rules):
-                self.opponent = eval_sampler(opponent_lm, mesh, rules, sampling)(
-                    nnx.state(opponent_lm), prompts.prompt, prompts.prompt_mask, opponent_key)
+            self.opponent = self._sample(nnx.state(opponent_lm), opponent_key,
+                                         eval_sampler(opponent_lm, mesh, rules, sampling))
 
-    def _sample(self, params, key):
+    def _sample(self, params, key, sampler=None):
         with sharding.use(self.mesh, self.rules):
-            return self.sampler(params, self.prompts.prompt, self.prompts.prompt_mask, key)
+            return (sampler or self.sampler)(params, self.prompts.prompt,
+                                             self.prompts.prompt_mask, key)
 
     def __call__(self, params) -> dict:
         return self.evaluate(params)[0]
