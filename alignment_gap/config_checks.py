@@ -171,6 +171,16 @@ def validate(config, num_devices: int) -> None:
             _fail(f"policy.{stops[0]}", "the hypothesis variants replay and read every online "
                   "step, so online runs cannot stop early there",
                   "set it to 0 or run the hypotheses from a study without it")
+    if config.get("task") == "study" and config.eval.get("test_prompts", 0):
+        e, d = config.eval, config.data
+        if e.test_prompts % (shape[0] * shape[1]):
+            _fail("eval.test_prompts", f"{e.test_prompts} is not divisible by mesh data*fsdp="
+                  f"{shape[0] * shape[1]}", f"use a multiple of {shape[0] * shape[1]}")
+        if d.kind == "synthetic" and e.prompts + e.test_prompts > d.test_pairs:
+            _fail("eval.test_prompts", f"the test stage scores prompts {e.prompts} to "
+                  f"{e.prompts + e.test_prompts - 1} of the test split (after the "
+                  f"eval.prompts={e.prompts} the runs choose on), and it has data.test_pairs="
+                  f"{d.test_pairs}", f"raise data.test_pairs to >= {e.prompts + e.test_prompts}")
     if "eval" in config and config.eval.get("stop_after_falls", 0) < 0:
         _fail("eval.stop_after_falls", f"must be >= 0, got {config.eval.stop_after_falls}",
               "use 0 (off) or the evaluations below the best that end a run, e.g. 2")

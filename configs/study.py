@@ -187,6 +187,11 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     c.eval.prompts = 256  # Fixed test prompts per evaluation (paper: 2048).
     c.eval.kl_prompts = 256  # Prompts whose samples measure the KL budget (paper: 256).
     c.eval.pairs = 256  # Held-out D_golden pairs for classifier accuracy and drift.
+    # > 0: the evaluations above only choose checkpoints; a test stage scores the candidates
+    # (within candidate_margin of the best selection win rate at their KL) on this many other
+    # test-split prompts. 0: the evaluation prompts' halves choose and score.
+    c.eval.test_prompts = 0
+    c.eval.candidate_margin = 0.03
     c.data.train_pairs = 20_000
     c.data.label_temperature = 0.15  # Label noise: the proxy must find a learnable signal.
     for m in (c.model, c.golden_model, c.proxy_model):
@@ -202,6 +207,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         c.offline_learning_rates, c.offline_steps = [5e-4], [12]
         c.golden_policy_steps = 6
         c.eval.prompts, c.eval.kl_prompts, c.eval.pairs = 32, 16, 32
+        c.eval.test_prompts = 32
     elif variant == "mini_golden_opponent":
         c.opponent = "golden_policy"
     elif variant == "tpu_v5p_3b":  # Same study, bigger models, on a v5p-64 (fsdp 8 x tensor 4).

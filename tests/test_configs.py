@@ -89,6 +89,17 @@ def test_online_runs_cannot_stop_early_under_the_hypotheses():
     config_checks.validate(c, 1)  # the main study alone may
 
 
+def test_the_test_stage_needs_test_prompts_after_the_selection_prompts():
+    c = study.get_config("smoke")  # 32 selection + 32 test prompts of a 64-prompt test split
+    config_checks.validate(c, 1)
+    c.eval.test_prompts = 48
+    with pytest.raises(ConfigError, match=r"config.eval.test_prompts: the test stage scores "
+                       r"prompts 32 to 79 .* raise data.test_pairs to >= 80"):
+        config_checks.validate(c, 1)
+    c.data.test_pairs = 80
+    config_checks.validate(c, 1)
+
+
 def test_a_stop_rule_needs_evaluations():
     c = policy.get_config("online_tiny")
     c.eval.kl_cap = 2.0

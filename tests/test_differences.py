@@ -132,3 +132,39 @@ def test_interpolated_frontiers_mix_the_checkpoints_either_side_of_a_budget():
     weights = differences.mixtures(np.array([0.0, 2.0]), 1.0, interpolate=True)
     assert weights.tolist() == [[1.0, 0.0], [0.5, 0.5]]  # the start; the half-half mixture
     assert differences.mixtures(np.array([0.0, 2.0]), 3.0, True).tolist() == [[1, 0], [0, 1]]
+
+
+def test_with_a_test_stage_every_evaluation_prompt_selects_and_its_own_prompts_score():
+    """Points carrying `test_win` (the test stage's candidates) are chosen on all of `win` and
+    scored on `test_win`: a checkpoint that is lucky on the selection prompts wins nothing on
+    the test prompts, and the report says how many prompts of each kind it used."""
+    lucky, steady = np.ones(N), np.full(N, 0.5)
+    points = [point("offline", 0, 0.5, lucky, step=6), point("offline", 0, 0.6, steady, step=12),
+              point("online", 0, 0.5, steady)]
+    for p, test in zip(points, (np.zeros(16), np.full(16, 0.5), np.full(16, 0.75)), strict=True):
+        p["test_win"] = test
+    c = differences.compare(points, replicates=50)
+    row = differences.headline(c)
+    assert (row["offline"], row["online"]) == (0.0, 0.75)
+    assert c["prompts"] == {"selection": N, "test": 16} and c["test_stage"]
+    assert "16 test prompts and 1 seed" in results.verdict(c)
+
+
+def test_the_test_stage_scores_only_checkpoints_a_resample_could_choose():
+    """Candidates: within the margin of the best selection win rate at no more KL, per method
+    and seed; step 0 once per method and seed."""
+    from alignment_gap.study import test_stage
+
+    def rated(method, kl, rate, step, stage="run"):
+        return {**point(method, 0, kl, np.full(N, rate), step=step), "stage": stage}
+
+    points = [rated("online", 0.0, 0.5, 0, "a"), rated("online", 0.0, 0.5, 0, "b"),
+              rated("online", 0.2, 0.70, 6, "a"), rated("online", 0.4, 0.60, 12, "a"),
+              rated("online", 0.5, 0.68, 6, "b"), rated("online", 0.9, 0.80, 12, "b"),
+              rated("offline", 0.0, 0.5, 0), rated("offline", 0.3, 0.4, 6)]
+    chosen = {(p["method"], p["stage"], p["step"]) for p in test_stage.candidates(points, 0.03)}
+    assert chosen == {("online", "a", 0), ("online", "a", 6), ("online", "b", 6),
+                      ("online", "b", 12), ("offline", "run", 0)}
+    # With no margin only the frontier itself: b's step 6 (0.68 < 0.70 at less KL) drops out.
+    assert ("online", "b", 6) not in {(p["method"], p["stage"], p["step"])
+                                      for p in test_stage.candidates(points, 0.0)}

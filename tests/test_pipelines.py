@@ -98,3 +98,17 @@ def test_sft_reads_both_sides_and_prompts_pipeline(data):
     prompts = next(iter(pipelines.prompt_pipeline(source, tok, SHAPE, seed=0, shuffle=False)))
     assert isinstance(prompts, PromptBatch)
     assert tok.decode(prompts.prompt[0]) == tok.decode(tok.encode(first["prompt"].decode())[-48:])
+
+
+def test_a_window_of_a_source_reads_its_records_and_nothing_past_them(data):
+    """The test stage's prompts: records [start, start + count) of the test split."""
+    source, tok = data
+    window = pipelines.Window(source, 16, 8)
+    prompts = next(iter(pipelines.prompt_pipeline(window, tok, SHAPE, seed=0, shuffle=False,
+                                                  num_epochs=1)))
+    want = [tok.decode(tok.encode(source[16 + i]["prompt"].decode())[-48:]) for i in range(8)]
+    assert [tok.decode(p) for p in prompts.prompt] == want
+    with pytest.raises(IndexError):
+        window[8]
+    with pytest.raises(ValueError, match=r"records \[36, 44\) are not all in a source of 40"):
+        pipelines.Window(source, 36, 8)

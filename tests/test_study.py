@@ -66,6 +66,19 @@ def test_smoke_study_writes_table_plot_and_report(smoke):
             if row["verdict"] != "undecided":
                 assert row["low"] > 0 or row["high"] < 0
     assert "golden judge: online minus offline" in summary["verdict"]
+    # Chosen on the runs' 32 evaluation prompts, scored on the test stage's 32 others: at the
+    # largest budget each method's number is the test score of the checkpoint that the
+    # selection prompts rate best (the test stage scored it: a candidate).
+    assert comparison["test_stage"] and comparison["prompts"] == {"selection": 32, "test": 32}
+    (test_dir,) = (workdir / "stages").glob("test-*")
+    for method in ("online", "offline"):
+        evaluations = {(d.name, int(f.stem[5:])): np.load(f) for d in (workdir / "stages").glob(
+            f"{method}-*") for f in (d / "outcomes").glob("step_*.npz")}
+        (run, step), _ = max(evaluations.items(),  # ties: the least KL, as compare's order
+                             key=lambda kv: (kv[1]["win"].mean(), -kv[1]["kl"].mean()))
+        scored = test_dir / "scored" / ("start-s0" if step == 0 else run.rsplit("-", 1)[0])
+        test_win = np.load(scored / "outcomes" / f"step_{step}.npz")["win"]
+        assert comparison["rows"]["golden"][-1][method] == pytest.approx(test_win.mean())
     # Beside it, the same comparison through mixtures of two checkpoints; at the largest
     # budget no checkpoint lies beyond, so there it is the single-checkpoint comparison.
     mixed = summary["comparison_interpolated"]

@@ -31,7 +31,7 @@ from alignment_gap.evaluation import eval_programs, eval_sampler
 from alignment_gap.models import KVCache
 from alignment_gap.sampling import SamplingConfig
 from alignment_gap.sources import online_sampler, rank_program
-from alignment_gap.study import pipeline
+from alignment_gap.study import pipeline, test_stage
 from alignment_gap.study.hypotheses.probe import CHUNK, margin_h_program, probe_sampler
 from alignment_gap.study.run import SIDE_BY_SIDE, side_by_side_sampler
 from alignment_gap.train import common, policy, preference, sft
@@ -234,36 +234,58 @@ def policy_run(config, b: Builder, name: str = "policy") -> Run:
             layers=config.proxy_model.num_layers))
         resident["proxy preference model"] = proxy_params
     if e.golden_checkpoint:
-        _, golden_graphdef, golden = b.model("preference", e.golden_model)
-        sft_params = reference
-        judge, kl, classify = eval_programs(graphdef, golden_graphdef, b.mesh)
-        sampler = eval_sampler(lm, b.mesh, b.rules, sampling)
-        programs.append(b.sampler_program(sampler, lm, state.params, e.prompts, p, r))
-        if e.opponent_checkpoint:
-            opponent_model = e.get("opponent_model") or None  # absent: the policy's
-            opponent_lm, _, opponent = b.model("lm", opponent_model or config.model)
-            resident["opponent policy"] = opponent
-            if opponent_model:  # another architecture samples with its own program, once
-                programs.append(b.sampler_program(
-                    eval_sampler(opponent_lm, b.mesh, b.rules, sampling), opponent_lm, opponent,
-                    e.prompts, p, r))
-        prompt, mask = b.prompts(e.prompts, p)
-        ours = (b.rows(e.prompts, r), b.rows(e.prompts, r, dtype=jnp.bool_))
-        theirs = (b.rows(e.prompts, r), b.rows(e.prompts, r, dtype=jnp.bool_))
-        programs += [
-            Program("eval_judge", judge, (golden, prompt, mask, *ours, *theirs),
-                    resident_args=(0, 1, 2, 5, 6), layers=e.golden_model.num_layers),
-            Program("eval_kl", kl, (state.params, sft_params, prompt, mask, *ours),
-                    resident_args=(0, 1, 2, 3), layers=layers),
-        ]
-        resident.update({"golden judge": golden, "evaluation prompts and opponent samples":
-                         (prompt, mask, *theirs)})
-        if e.pairs:
-            pairs = b.pairs(e.pairs, p, r)
-            programs.append(Program("eval_classify", classify, (state.params, sft_params, pairs),
-                                    resident_args=(0, 1, 2), layers=layers))
-            resident["evaluation pairs"] = pairs
+        evaluation, held = evaluation_programs(config, b, lm, graphdef, state.params, reference)
+        programs += evaluation
+        resident.update(held)
     return Run(name, programs, resident)
+
+
+def evaluation_programs(config, b: Builder, lm, graphdef, params, sft_params):
+    """(programs, resident arrays) of a policy run's evaluations (`evaluation.py`)."""
+    d, e = config.data, config.eval
+    p, r, layers = d.prompt_len, d.response_len, config.model.num_layers
+    sampling, programs, resident = _sampling(config), [], {}
+    _, golden_graphdef, golden = b.model("preference", e.golden_model)
+    judge, kl, classify = eval_programs(graphdef, golden_graphdef, b.mesh)
+    sampler = eval_sampler(lm, b.mesh, b.rules, sampling)
+    programs.append(b.sampler_program(sampler, lm, params, e.prompts, p, r))
+    if e.opponent_checkpoint:
+        opponent_model = e.get("opponent_model") or None  # absent: the policy's
+        opponent_lm, _, opponent = b.model("lm", opponent_model or config.model)
+        resident["opponent policy"] = opponent
+        if opponent_model:  # another architecture samples with its own program, once
+            programs.append(b.sampler_program(
+                eval_sampler(opponent_lm, b.mesh, b.rules, sampling), opponent_lm, opponent,
+                e.prompts, p, r))
+    prompt, mask = b.prompts(e.prompts, p)
+    ours = (b.rows(e.prompts, r), b.rows(e.prompts, r, dtype=jnp.bool_))
+    theirs = (b.rows(e.prompts, r), b.rows(e.prompts, r, dtype=jnp.bool_))
+    programs += [
+        Program("eval_judge", judge, (golden, prompt, mask, *ours, *theirs),
+                resident_args=(0, 1, 2, 5, 6), layers=e.golden_model.num_layers),
+        Program("eval_kl", kl, (params, sft_params, prompt, mask, *ours),
+                resident_args=(0, 1, 2, 3), layers=layers),
+    ]
+    resident.update({"golden judge": golden, "evaluation prompts and opponent samples":
+                     (prompt, mask, *theirs)})
+    if e.pairs:
+        pairs = b.pairs(e.pairs, p, r)
+        programs.append(Program("eval_classify", classify, (params, sft_params, pairs),
+                                resident_args=(0, 1, 2), layers=layers))
+        resident["evaluation pairs"] = pairs
+    return programs, resident
+
+
+def test_run(study, b: Builder, name: str = "test") -> Run:
+    """`study/test_stage.py`: a run's evaluations on the test prompts, one checkpoint at a
+    time (any main run's config: they evaluate alike)."""
+    plan = pipeline.build_plan(study, workdir="<aot>")
+    run_config = next(s.config for s in plan.test.upstream if "method" in s.meta)
+    config = test_stage.evaluation_config(run_config, study, 0)
+    lm, graphdef, params = b.model("lm", config.model)
+    _, _, sft_params = b.model("lm", config.model)
+    programs, resident = evaluation_programs(config, b, lm, graphdef, params, sft_params)
+    return Run(name, programs, {"policy": params, "SFT policy": sft_params, **resident})
 
 
 def margins(b: Builder, model_cfg, rows: int, p: int, r: int):
@@ -337,7 +359,7 @@ def study_runs(study, b: Builder) -> list[Run]:
 _BUILDERS = {"sft": sft_run, "preference_model": preference_run, "policy": policy_run}
 # Study stages that are not trainer runs, by name.
 _STAGE_BUILDERS = {"relabel": relabel_run, "quality-data": probe_run,
-                   "classification-stream": probe_run}
+                   "classification-stream": probe_run, "test": test_run}
 
 
 def build(config, mesh) -> list[Run]:

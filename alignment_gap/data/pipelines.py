@@ -34,6 +34,25 @@ class BatchShape:
         return self.rows if self.rows is not None else slice(0, self.global_batch_size)
 
 
+class Window:
+    """Records `[start, start + count)` of a random-access source, itself random access (the
+    test stage's prompts: the ones after those every evaluation reads)."""
+
+    def __init__(self, source, start: int, count: int):
+        if start < 0 or count < 0 or start + count > len(source):
+            raise ValueError(f"records [{start}, {start + count}) are not all in a source of "
+                             f"{len(source)}")
+        self.source, self.start, self.count = source, start, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.count:
+            raise IndexError(f"record {i} of a window of {self.count}")
+        return self.source[self.start + int(i)]
+
+
 def as_text(value) -> str:
     """A record field as text (TFDS Text features come back as bytes)."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -2,9 +2,11 @@
 
 Every policy evaluation records each prompt's outcome (`run_dir.write_outcomes`): the golden
 judge's verdict against the opponent (1 / 0.5 / 0), the oracle's (synthetic world) and the KL
-of the KL prompts. The evaluation prompts are split into two disjoint halves: checkpoints are
-*chosen* on the selection half (even positions) and *scored* on the test half (odd), so the
-best-of-many choice does not flatter the number reported.
+of the KL prompts. Checkpoints are *chosen* on selection prompts and *scored* on disjoint test
+prompts, so the best-of-many choice does not flatter the number reported: with the study's
+test stage (`test_stage.py`, points carrying `test_win`), every evaluation prompt selects and
+the stage's own prompts test; without it the evaluation prompts are split into two halves
+(even positions select, odd ones test).
 
 A method's budget curve for one seed: at KL budget k, the test win rate of the checkpoint the
 selection half rates best among its checkpoints with KL <= k (offline: over all its sweep's
@@ -90,7 +92,8 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
     """Online minus offline at matched KL budgets.
 
     `points`: one per evaluation with `method`, `seed`, `kl` and per-prompt arrays `win` and,
-    where there is an oracle, `oracle_win` (the same prompts in every point). Include each
+    where there is an oracle, `oracle_win` (the same prompts in every point); with `test_win`
+    (and `test_oracle_win`) in every point, those are the test scores. Include each
     run's step 0 (the SFT policy at KL 0): the policy any budget affords, so a method whose
     runs all moved further than a budget is scored there by what it started from.
     `budgets`: KL budgets (default: 8 log-spaced from the smallest positive KL evaluated to
@@ -121,8 +124,12 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
         budgets = sorted({*(float(x) for x in budgets), float(headline)})
     budgets = np.asarray(budgets, float)
 
+    tested = all("test_win" in p for p in points)
     n = len(points[0]["win"])
-    select_at, test_at = split(n)
+    if tested:  # the test stage's candidates: all evaluation prompts select, its own test
+        select_at, test_at, test_key = np.arange(n), np.arange(len(points[0]["test_win"])), "test_"
+    else:
+        (select_at, test_at), test_key = split(n), ""
     rng = np.random.default_rng(seed)
     select_w = _draws(rng, len(select_at), replicates)  # [R, n_select]
     test_w = _draws(rng, len(test_at), replicates)
@@ -133,15 +140,16 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
     out = {"seeds": seeds, "budgets": [float(x) for x in budgets], "headline_kl": headline,
            "reached": reached, "least": least, "replicates": replicates, "rows": {},
            "prompts": {"selection": len(select_at), "test": len(test_at)},
-           "interpolated": interpolate}
+           "interpolated": interpolate, "test_stage": tested}
     curves = {}
     for m in methods:
-        win = np.stack([p["win"] for p in groups[m]]).astype(float)
-        select = win[:, select_at] @ select_w.T  # [C, R + 1]
-        scores = {"golden": win[:, test_at] @ test_w.T}
+        def stacked(key, group=groups[m]):
+            return np.stack([p[key] for p in group]).astype(float)
+
+        select = stacked("win")[:, select_at] @ select_w.T  # [C, R + 1]
+        scores = {"golden": stacked(f"{test_key}win")[:, test_at] @ test_w.T}
         if "oracle" in judges:
-            oracle = np.stack([p["oracle_win"] for p in groups[m]]).astype(float)
-            scores["oracle"] = oracle[:, test_at] @ test_w.T
+            scores["oracle"] = stacked(f"{test_key}oracle_win")[:, test_at] @ test_w.T
         curves[m] = _curves(groups[m], budgets, select, scores, interpolate)
     tail = (1 - LEVEL) / 2 * 100
     for judge in judges:

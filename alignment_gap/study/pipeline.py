@@ -2,7 +2,7 @@
 
     D_initial -> golden model -> relabel -> D_golden -> SFT -> proxy model (from SFT)
       -> [golden policy] -> online runs (per seed) -> offline sweep (lr x beta x steps, per seed)
-      -> results table -> plots -> report
+      -> [test stage: candidate checkpoints on held-out prompts] -> results table -> plots -> report
 
 `Plan` builds the stages upstream first; hypothesis variants add theirs through the same
 helpers. Each trainer stage's config takes its fields from the trainer's preset and every value
@@ -23,7 +23,7 @@ from alignment_gap import pretrained
 from alignment_gap.presets import policy as policy_configs
 from alignment_gap.presets import preference_model as preference_configs
 from alignment_gap.presets import sft as sft_configs
-from alignment_gap.study import hypotheses, relabel_stage
+from alignment_gap.study import hypotheses, relabel_stage, test_stage
 from alignment_gap.study.scheduler import Stage
 from alignment_gap.train import policy, preference, sft
 
@@ -92,6 +92,7 @@ class Plan:
         self.proxy = self.add(Stage("proxy", proxy_cfg, preference.run, tuple(proxy_upstream)))
 
         self.opponent = self.golden_policy() if s.opponent == "golden_policy" else None
+        self.test = None  # the test stage (`add_test_stage`), where eval.test_prompts is set
 
     def golden_policy(self) -> Stage:
         """The paper's fixed opponent: the main-size policy trained online against the golden
@@ -103,6 +104,15 @@ class Plan:
                               proxy_model=s.golden_model, evaluate=False)
         return self.add(Stage("golden_policy", cfg, policy.run,
                               (self.sft, self.golden, self.relabel)))
+
+    def add_test_stage(self) -> Stage:
+        """Score the main runs' candidate checkpoints on test prompts none of them was chosen
+        on (`test_stage.py`); call it once the main runs are added."""
+        runs = [st for st in self.stages if st.meta.get("group") == "main"]
+        stage = Stage("test", test_stage.config(self.study), None, (self.sft, *runs))
+        stage.run = lambda cfg, out: test_stage.run(self, runs, out)
+        self.test = self.add(stage)
+        return self.test
 
     def dir(self, stage: Stage) -> str:
         return stage.directory(self.workdir)
@@ -218,6 +228,8 @@ def build_plan(study, workdir: str) -> Plan:
     for seed, lr, beta, steps in itertools.product(s.seeds, s.offline_learning_rates,
                                                    s.offline_betas, s.offline_steps):
         plan.offline(seed, lr, beta, steps)
+    if s.eval.get("test_prompts", 0):
+        plan.add_test_stage()
     for name in s.hypotheses:
         hypotheses.get(name).add_stages(plan)
     return plan

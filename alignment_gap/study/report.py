@@ -98,7 +98,11 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
              "At each budget, each seed's checkpoint with KL at most the budget that the "
              f"{comparison.get('prompts', {}).get('selection', 0)} selection prompts rate best "
              f"(offline: over its whole sweep), scored on the "
-             f"{comparison.get('prompts', {}).get('test', 0)} disjoint test prompts; mean over "
+             f"{comparison.get('prompts', {}).get('test', 0)} disjoint test prompts"
+             + (" of the test stage (it scores the checkpoints within "
+                f"{study.eval.candidate_margin:g} of the best selection win rate at no more "
+                "KL, among which the bootstrap re-chooses)" if comparison.get("test_stage") else "")
+             + "; mean over "
              "seeds; 95% paired bootstrap over prompts and seeds. A method is better only where "
              "the interval excludes zero. The oracle scores the checkpoints the judge chose.", "",
              *budget_table(comparison), "",

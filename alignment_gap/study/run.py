@@ -21,6 +21,7 @@ from alignment_gap.study import (
     report,
     results,
     scheduler,
+    test_stage,
 )
 from alignment_gap.train import common
 
@@ -66,6 +67,8 @@ def run(config, workdir: str):
     points = results.outcome_points(stages, workdir)
     extras["golden model agreement with the oracle on policy-vs-opponent samples"] = (
         results.judge_agreement(points))
+    if plan.test is not None:  # chosen on the runs' evaluations, scored on other prompts
+        points = test_stage.tested(points, plan.dir(plan.test))
     comparison = differences.compare(points)
     mixed = differences.compare(points, interpolate=True)
     extras = {k: v for k, v in extras.items() if v is not None}  # e.g. no oracle on real data

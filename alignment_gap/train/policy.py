@@ -133,7 +133,7 @@ def run(config, workdir: str):
 
     evaluate = None
     if config.eval.golden_checkpoint:
-        evaluator = _evaluator(config, rt, policy, ref_params)
+        evaluator = make_evaluator(config, rt, policy, ref_params)
         win_rates = stopping.logged(workdir, "eval/win_rate", int(jax.device_get(state.step)))
 
         def evaluate(s):
@@ -185,8 +185,10 @@ def _source(config, rt, policy, workdir, ckpt):
     return source, iterator, recorder
 
 
-def _evaluator(config, rt, policy, sft_params) -> Evaluator:
-    """Win rate vs the opponent (golden judge), KL to SFT, classifier accuracy, drift."""
+def make_evaluator(config, rt, policy, sft_params) -> Evaluator:
+    """Win rate vs the opponent (golden judge), KL to SFT, classifier accuracy, drift, on the
+    test split's first `eval.prompts` prompts (from `eval.first_prompt`, where a config sets
+    it: the study's test stage reads the ones after those every run's evaluations read)."""
     e, d = config.eval, config.data
     golden = common.load_frozen("preference", e.golden_checkpoint, e.golden_model, rt)
     opponent, opponent_lm = sft_params, None
@@ -201,7 +203,9 @@ def _evaluator(config, rt, policy, sft_params) -> Evaluator:
                                     sharding.process_rows(rt.mesh, rt.rules, rows))
 
     prompt_source = datasets.prompts(d)["test"]
-    count = min(e.prompts, len(prompt_source))
+    first = e.get("first_prompt", 0)
+    count = min(e.prompts, len(prompt_source) - first)
+    prompt_source = pipelines.Window(prompt_source, first, count)
     prompts = next(iter(pipelines.prompt_pipeline(prompt_source, rt.tokenizer, fixed(count),
                                                   seed=0, shuffle=False, num_epochs=1)))
     texts = [pipelines.as_text(prompt_source[i]["prompt"]) for i in range(count)]
