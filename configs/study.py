@@ -2,10 +2,12 @@
 
     python -m alignment_gap.main --config configs/study.py:mini --workdir workdir/study
 Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini` (the default
-of `make study`: meaningful in under 15 minutes on 2 cores), `mini_golden_opponent` (the
-paper's golden-policy opponent), accelerator presets (`tpu_v5p_3b`, `gpu_h100_770m`) that
-swap only the model sizes and the mesh, and studies on real data from pretrained models
-(`tldr_gemma3_270m`, `hh_gemma3_270m`, and `_cpu` versions of both: every stage, a few steps).
+of `make study`: meaningful in under 15 minutes on 2 cores), `paper` (the full protocol at the
+mini size: 5 seeds, the offline grid, curves to their turn, 1,024 test prompts),
+`mini_golden_opponent` (the paper's golden-policy opponent), accelerator presets
+(`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the model sizes and the mesh, and studies on
+real data from pretrained models (`tldr_gemma3_270m`, `hh_gemma3_270m`, and `_cpu` versions of
+both: every stage, a few steps).
 
 The paper's hypotheses (PAPER.md, "Hypotheses tested") are variants too, each adding its runs,
 figure and verdict rows to the same stages and caches: `coverage`, `quality`,
@@ -136,6 +138,26 @@ def _pretrained_study(c, variant: str):
         m.max_len = c.data.prompt_len + 2 * c.data.response_len
 
 
+def _paper(c):
+    """The full protocol at the mini size (issue 17): five seeds, the offline grid over
+    learning rate (online's and below it too) x beta x two epochs of D_golden, online runs to
+    the turn of their golden curve, a proxy that sees less data than the golden model, and
+    checkpoints chosen on the evaluation prompts but reported on 1,024 others."""
+    c.seeds = [0, 1, 2, 3, 4]
+    c.data.train_pairs = 10_000  # D_initial, relabelled into D_golden
+    c.proxy.steps = 250  # 8,000 of D_golden's pairs, once: a proxy there is more to exploit in
+    c.policy.steps = 600  # online: at most; it stops where its golden curve has turned
+    c.policy.stop_after_falls = 2
+    c.policy.kl_cap = 8.0
+    c.offline_learning_rates = [1e-4, 2e-4, 5e-4, 1e-3]
+    c.offline_betas = [0.1, 0.5, 1.0]
+    c.offline_steps = [2 * c.data.train_pairs // c.batch_size]  # two epochs; shorter arms are
+    # its earlier checkpoints (the learning rate is constant after warm-up)
+    c.policy.offline_checkpoint_every = 125  # the grid's 12 runs per seed span the KL range
+    c.eval.test_prompts = 1024
+    c.data.test_pairs = c.eval.prompts + c.eval.test_prompts
+
+
 def _main(variant: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "study"  # Which entry point main.py runs.
@@ -158,6 +180,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     c.policy.beta = 0.1  # KL strength of the online runs (the paper's default).
     c.policy.steps = 300  # Online steps per run.
     c.policy.checkpoint_every = 50  # Checkpoint and evaluation interval (one curve point each).
+    c.policy.offline_checkpoint_every = 0  # The offline runs' interval (0: checkpoint_every).
     # Online runs stop before policy.steps once the golden win rate has been below its best at
     # this many evaluations (the curve has turned) or their KL passes kl_cap nats; 0: off.
     c.policy.stop_after_falls = 0
@@ -208,6 +231,8 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         c.golden_policy_steps = 6
         c.eval.prompts, c.eval.kl_prompts, c.eval.pairs = 32, 16, 32
         c.eval.test_prompts = 32
+    elif variant == "paper":
+        _paper(c)
     elif variant == "mini_golden_opponent":
         c.opponent = "golden_policy"
     elif variant == "tpu_v5p_3b":  # Same study, bigger models, on a v5p-64 (fsdp 8 x tensor 4).
@@ -221,7 +246,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     elif variant in PRETRAINED_STUDIES:
         _pretrained_study(c, variant)
     elif variant != "mini":
-        raise ValueError(f"study variant {variant!r} is unknown; use smoke, mini, "
+        raise ValueError(f"study variant {variant!r} is unknown; use smoke, mini, paper, "
                          "mini_golden_opponent, tpu_v5p_3b, gpu_h100_770m, "
                          f"{', '.join(PRETRAINED_STUDIES)}, hypotheses, "
                          f"one of {HYPOTHESES} or smoke_<that>")

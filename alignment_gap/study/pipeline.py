@@ -203,6 +203,11 @@ class Plan:
         sft_stage = self.add(self.sft_stage(model)) if model is not None else None
         cfg = self.policy_cfg("offline", seed, lr, beta, steps, model=model,
                               sft_stage=sft_stage, loss=loss, opponent=opponent)
+        every = self.study.policy.get("offline_checkpoint_every", 0)
+        if every:  # set only where it differs, so no other study's stage key changes
+            cfg.checkpoint_every = min(every, steps)
+            cfg.max_to_keep = steps // cfg.checkpoint_every + 1
+            cfg.log_every = min(cfg.log_every, cfg.checkpoint_every)
         if comparisons:
             cfg.data.comparisons = comparisons
         if replay is not None:
