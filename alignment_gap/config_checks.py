@@ -166,6 +166,10 @@ def validate(config, num_devices: int) -> None:
         for name in config.hypotheses:
             if name not in HYPOTHESES:
                 _fail("hypotheses", f"{name!r} is unknown", f"use some of {HYPOTHESES}")
+        if config.hypotheses and config.get("upstream_chains", 1) > 1:
+            _fail("upstream_chains", f"{config.upstream_chains} re-draws the main study's "
+                  "upstream stages, and the hypothesis variants analyse one draw",
+                  "set it to 1 or run the hypotheses as a study of their own")
         stops = [f for f in ("stop_after_falls", "kl_cap") if config.policy.get(f, 0)]
         if config.hypotheses and stops:
             _fail(f"policy.{stops[0]}", "the hypothesis variants replay and read every online "

@@ -162,6 +162,10 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "study"  # Which entry point main.py runs.
     c.seeds = [0, 1, 2]  # Policy-run seeds (online and offline); headline numbers average them.
+    # Upstream draws: n > 1 repeats the main study n - 1 more times with the world, SFT, golden
+    # and proxy seeds shifted by 1, 2, ... (stages named -u1, ...): the intervals then resample
+    # draws and seeds within them, and the report says the draws' share of the variance.
+    c.upstream_chains = 1
     common.add_runtime(c, model_size="mini")  # c.model: the policy (and SFT, reference) size.
     c.batch_size = 32  # Pairs per policy step (the paper's 32 prompts, one pair each).
     c.golden_model = models.get_config("mini")  # The golden preference model (paper: 11B).

@@ -100,6 +100,16 @@ def test_the_test_stage_needs_test_prompts_after_the_selection_prompts():
     config_checks.validate(c, 1)
 
 
+def test_upstream_draws_are_refused_beside_the_hypotheses():
+    c = study.get_config("smoke_coverage")
+    c.upstream_chains = 2
+    with pytest.raises(ConfigError, match=r"config.upstream_chains: 2 re-draws"):
+        config_checks.validate(c, 1)
+    c = study.get_config("smoke")
+    c.upstream_chains = 2
+    config_checks.validate(c, 1)
+
+
 def test_a_stop_rule_needs_evaluations():
     c = policy.get_config("online_tiny")
     c.eval.kl_cap = 2.0

@@ -168,3 +168,37 @@ def test_the_test_stage_scores_only_checkpoints_a_resample_could_choose():
     # With no margin only the frontier itself: b's step 6 (0.68 < 0.70 at less KL) drops out.
     assert ("online", "b", 6) not in {(p["method"], p["stage"], p["step"])
                                       for p in test_stage.candidates(points, 0.0)}
+
+
+def test_upstream_draws_are_resampled_whole_and_their_share_of_the_variance_is_estimated():
+    """Chains (upstream re-draws) are drawn first, seeds within them: every resample is made
+    of blocks of one chain's seeds. The random-effects split on a hand-made table: chain
+    means 0.1 and 1.1 (between-chain variance 0.5 - 0.02 / 2), seeds 0.2 apart (within 0.02)."""
+    units = [(c, s) for c in range(3) for s in range(2)]
+    draws = differences._unit_draws(np.random.default_rng(0), units, 200)
+    assert list(draws[0]) == list(range(6))
+    for row in draws[1:]:
+        for block in row.reshape(3, 2):
+            assert len({units[i][0] for i in block}) == 1
+    split = differences.variance_split([[0.0, 0.2], [1.0, 1.2]])
+    assert split["within chains"] == pytest.approx(0.02)
+    assert split["between chains"] == pytest.approx(0.49)
+    assert split["upstream share"] == pytest.approx(0.49 / 0.51)
+    assert differences.variance_split([[0.0, 0.2]]) is None  # one chain: nothing to split
+
+
+def test_a_study_with_upstream_draws_pairs_within_each_draw_and_says_so():
+    rng = np.random.default_rng(3)
+    points = []
+    for chain in range(2):
+        for seed in range(2):  # seed s of each chain is its own unit
+            lead = 0.3 if chain == 0 else 0.0
+            for method, rate in (("online", 0.5 + lead), ("offline", 0.5)):
+                points.append({**point(method, seed, 1.0, noisy(rng, rate)), "chain": chain})
+    c = differences.compare(points, replicates=300)
+    assert (c["chains"], c["units"], c["seeds"]) == (2, 4, [0, 1])
+    assert set(c["variance"]) == {"golden"} and 0.0 <= c["variance"]["golden"][
+        "upstream share"] <= 1.0
+    text = results.verdict(c)
+    assert "of each of 2 upstream draws" in text and "2 policy seeds in each" in text
+    assert "The upstream draws account for" in text

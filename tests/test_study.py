@@ -192,6 +192,33 @@ def test_killed_at_seeded_moments_the_study_reruns_to_the_same_results(smoke, tm
     assert chaos.differences(str(reference), str(workdir)) == [], landed
 
 
+def test_upstream_draws_repeat_the_main_study_in_another_world(smoke, tmp_path):
+    """`upstream_chains=2` in the smoke study's workdir: chain 0's stages are reused (same
+    keys), chain 1's run under `-u1` names with the world, SFT, golden and proxy seeds moved
+    on by one, and the verdict resamples both draws. (The smoke study's own outputs are put
+    back afterwards for the module's later tests.)"""
+    workdir, args, _ = smoke
+    kept = tmp_path / "kept"
+    shutil.copytree(workdir, kept, ignore=shutil.ignore_patterns("data", "jax_cache", "stages"))
+    out = subprocess.run(args + ["--config.upstream_chains=2"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    summary = json.loads((workdir / "summary.json").read_text())
+    rows = json.loads((workdir / "results.json").read_text())
+    for path in kept.iterdir():
+        shutil.copy(path, workdir / path.name)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ran = re.findall(r"^== stage (\S+) ", out.stdout, re.M)
+    assert ran and all(name.endswith("-u1") for name in ran), ran
+    assert {"sft-u1", "golden-u1", "relabel-u1", "proxy-u1", "test-u1"} <= set(ran)
+    (sft,) = (workdir / "stages").glob("sft-u1-*")
+    config = json.loads((sft / "config.json").read_text())
+    assert (config["data"]["world_seed"], config["seed"]) == (1, 1)
+    assert (summary["comparison"]["chains"], summary["comparison"]["units"]) == (2, 2)
+    assert "of each of 2 upstream draws" in summary["verdict"]
+    assert {(r["method"], r["chain"]) for r in rows} == {(m, c) for m in ("online", "offline")
+                                                         for c in (0, 1)}
+
+
 def test_finished_study_is_not_rerun(smoke):
     workdir, args, _ = smoke
     stamp = (workdir / "timings.json").read_text()

@@ -345,6 +345,8 @@ def study_runs(study, b: Builder) -> list[Run]:
     """Every stage of the study's plan (hypothesis variants included), then its report."""
     runs = []
     for stage in pipeline.build_plan(study, workdir="<aot>").stages:
+        if stage.meta.get("chain", 0):  # an upstream re-draw: chain 0's programs again
+            continue
         if stage.name in _STAGE_BUILDERS:
             runs.append(_STAGE_BUILDERS[stage.name](study, b, stage.name))
         elif stage.config.get("task") in _BUILDERS:

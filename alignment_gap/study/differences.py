@@ -68,13 +68,52 @@ def mixtures(kl: np.ndarray, budget: float, interpolate: bool) -> np.ndarray:
     return np.concatenate(rows)
 
 
+def unit(point: dict) -> tuple[int, int]:
+    """(upstream chain, policy seed): one seed's runs of both methods share its chain's
+    upstream stages and its data seed, so differences pair within a unit."""
+    return point.get("chain", 0), point["seed"]
+
+
+def _unit_draws(rng, units: list[tuple], replicates: int) -> np.ndarray:
+    """[replicates + 1, len(units)] indices into `units`: row 0 every unit once, then
+    resamples; with several chains, chains are drawn first and seeds within each (the
+    seeds of one chain share its upstream stages, so they are not independent draws)."""
+    chains = sorted({c for c, _ in units})
+    if len(chains) == 1:
+        return np.vstack([np.arange(len(units))[None],
+                          rng.integers(0, len(units), (replicates, len(units)))])
+    members = [np.array([i for i, (c, _) in enumerate(units) if c == chain]) for chain in chains]
+    size = min(len(m) for m in members)  # balanced: every chain has the same policy seeds
+    rows = [np.arange(len(units))]
+    for _ in range(replicates):
+        drawn = rng.integers(0, len(chains), len(chains))
+        rows.append(np.concatenate([members[c][rng.integers(0, len(members[c]), size)]
+                                    for c in drawn]))
+    return np.vstack(rows)
+
+
+def variance_split(differences: np.ndarray) -> dict | None:
+    """[chains, seeds] per-unit differences -> the random-effects split of their variance
+    (one-way ANOVA): between chains (the upstream stages' share) and within (policy seeds).
+    None without two chains of two seeds."""
+    d = np.asarray(differences, float)
+    if d.ndim != 2 or d.shape[0] < 2 or d.shape[1] < 2 or not np.isfinite(d).all():
+        return None
+    k = d.shape[1]
+    within = float(d.var(axis=1, ddof=1).mean())
+    between = max(0.0, float(d.mean(axis=1).var(ddof=1)) - within / k)
+    total = between + within
+    return {"between chains": between, "within chains": within,
+            "upstream share": between / total if total > 0 else float("nan")}
+
+
 def _curves(points, budgets, select, scores, interpolate=False) -> dict:
-    """{seed: {judge: [len(budgets), R] curve}} of one method: `select` and each of `scores`
+    """{unit: {judge: [len(budgets), R] curve}} of one method: `select` and each of `scores`
     ({judge: ...}) are [C, R] per point; the policy chosen on `select` is scored by each."""
     out = {}
     replicate = np.arange(select.shape[1])
-    for seed in sorted({p["seed"] for p in points}):
-        rows = np.array([i for i, p in enumerate(points) if p["seed"] == seed])
+    for key in sorted({unit(p) for p in points}):
+        rows = np.array([i for i, p in enumerate(points) if unit(p) == key])
         kl = np.array([points[i]["kl"] for i in rows])
         curves = {j: np.full((len(budgets), select.shape[1]), np.nan) for j in scores}
         for g, budget in enumerate(budgets):
@@ -83,7 +122,7 @@ def _curves(points, budgets, select, scores, interpolate=False) -> dict:
                 best = np.argmax(weights @ select[rows], axis=0)
                 for judge, score in scores.items():
                     curves[judge][g] = (weights @ score[rows])[best, replicate]
-        out[seed] = curves
+        out[key] = curves
     return out
 
 
@@ -106,14 +145,15 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
     a, b = methods
     points = [p for p in points if p["method"] in methods]
     groups = {m: [p for p in points if p["method"] == m] for m in methods}
-    seeds = sorted({p["seed"] for p in groups[a]} & {p["seed"] for p in groups[b]})
-    if not seeds:
+    units = sorted({unit(p) for p in groups[a]} & {unit(p) for p in groups[b]})
+    if not units:
         return {"seeds": [], "rows": {}, "budgets": [], "headline_kl": float("nan"),
                 "prompts": {}}
-    points = [p for p in points if p["seed"] in seeds]
+    seeds, chains = sorted({s for _, s in units}), sorted({c for c, _ in units})
+    points = [p for p in points if unit(p) in units]
     groups = {m: [p for p in points if p["method"] == m] for m in methods}
     reached = {m: max(p["kl"] for p in groups[m]) for m in methods}
-    least = {m: max(min(p["kl"] for p in groups[m] if p["seed"] == s) for s in seeds)
+    least = {m: max(min(p["kl"] for p in groups[m] if unit(p) == u) for u in units)
              for m in methods}  # the least budget at which every seed of m has a checkpoint
     headline = min(reached.values())
     if budgets is None:
@@ -131,33 +171,45 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
     else:
         (select_at, test_at), test_key = split(n), ""
     rng = np.random.default_rng(seed)
-    select_w = _draws(rng, len(select_at), replicates)  # [R, n_select]
-    test_w = _draws(rng, len(test_at), replicates)
-    seed_draws = np.vstack([np.arange(len(seeds))[None],
-                            rng.integers(0, len(seeds), (replicates, len(seeds)))])
+    # Prompt weights per chain (each chain's world has its own prompts; chain 0's are drawn
+    # first, so a study without extra chains draws what it always drew).
+    select_w = {chains[0]: _draws(rng, len(select_at), replicates)}  # [R + 1, n_select]
+    test_w = {chains[0]: _draws(rng, len(test_at), replicates)}
+    unit_draws = _unit_draws(rng, units, replicates)
+    for chain in chains[1:]:
+        select_w[chain] = _draws(rng, len(select_at), replicates)
+        test_w[chain] = _draws(rng, len(test_at), replicates)
 
     judges = ["golden"] + (["oracle"] if all("oracle_win" in p for p in points) else [])
-    out = {"seeds": seeds, "budgets": [float(x) for x in budgets], "headline_kl": headline,
+    out = {"seeds": seeds, "chains": len(chains), "units": len(units),
+           "budgets": [float(x) for x in budgets], "headline_kl": headline,
            "reached": reached, "least": least, "replicates": replicates, "rows": {},
            "prompts": {"selection": len(select_at), "test": len(test_at)},
            "interpolated": interpolate, "test_stage": tested}
     curves = {}
     for m in methods:
-        def stacked(key, group=groups[m]):
-            return np.stack([p[key] for p in group]).astype(float)
+        def weighted(key, at, weights, group=groups[m]):  # [C, R + 1]: each point's chain's
+            return np.stack([weights[p.get("chain", 0)] @ np.asarray(p[key], float)[at]
+                             for p in group])
 
-        select = stacked("win")[:, select_at] @ select_w.T  # [C, R + 1]
-        scores = {"golden": stacked(f"{test_key}win")[:, test_at] @ test_w.T}
+        select = weighted("win", select_at, select_w)
+        scores = {"golden": weighted(f"{test_key}win", test_at, test_w)}
         if "oracle" in judges:
-            scores["oracle"] = stacked(f"{test_key}oracle_win")[:, test_at] @ test_w.T
+            scores["oracle"] = weighted(f"{test_key}oracle_win", test_at, test_w)
         curves[m] = _curves(groups[m], budgets, select, scores, interpolate)
     tail = (1 - LEVEL) / 2 * 100
     for judge in judges:
-        # [seeds, budgets, R + 1] -> mean over each replicate's drawn seeds.
-        by_seed = {m: np.stack([curves[m][s][judge] for s in seeds]) for m in methods}
-        means = {m: np.stack([by_seed[m][seed_draws[r], :, r].mean(0)
+        # [units, budgets, R + 1] -> mean over each replicate's drawn units.
+        by_unit = {m: np.stack([curves[m][u][judge] for u in units]) for m in methods}
+        means = {m: np.stack([by_unit[m][unit_draws[r], :, r].mean(0)
                               for r in range(replicates + 1)], axis=-1) for m in methods}
         diff = means[a] - means[b]
+        if len(chains) > 1:  # how much of the spread the upstream draws account for
+            g = int(np.argmin(np.abs(budgets - headline)))
+            per_unit = dict(zip(units, (by_unit[a] - by_unit[b])[:, g, 0], strict=True))
+            table = [[per_unit[u] for u in units if u[0] == chain] for chain in chains]
+            balanced = len({len(row) for row in table}) == 1
+            out.setdefault("variance", {})[judge] = variance_split(table) if balanced else None
         rows = []
         for g, budget in enumerate(budgets):
             resampled = diff[g, 1:]
@@ -191,9 +243,12 @@ def sentence(comparison: dict, a: str = "online", b: str = "offline") -> str:
     if row is None:
         return (f"No seed has both {a} and {b} runs with recorded evaluations yet, so they "
                 "cannot be compared.")
-    seeds = len(comparison["seeds"])
+    seeds, chains = len(comparison["seeds"]), comparison.get("chains", 1)
     over = (f"{comparison['prompts']['test']} test prompts and {seeds} seed"
             f"{'s' * (seeds != 1)}" + (" (one seed: prompts only)" if seeds == 1 else ""))
+    if chains > 1:
+        over = (f"{comparison['prompts']['test']} test prompts of each of {chains} upstream "
+                f"draws (world, SFT, golden and proxy seeds), {seeds} policy seeds in each")
 
     def view(r, judge):
         return (f"{judge}: {a} minus {b} {r['difference']:+.3f} "
@@ -204,5 +259,12 @@ def sentence(comparison: dict, a: str = "online", b: str = "offline") -> str:
     oracle = headline(comparison, "oracle")
     if oracle is not None:
         text += f"; {view(oracle, 'oracle')}"
-    return (f"{text}. (95% paired bootstrap over {over}; checkpoints chosen on "
+    text = (f"{text}. (95% paired bootstrap over {over}; checkpoints chosen on "
             f"{comparison['prompts']['selection']} other prompts.)")
+    split_ = (comparison.get("variance") or {}).get("golden")
+    if split_ is not None:
+        text += (f" The upstream draws account for {split_['upstream share']:.0%} of the "
+                 "variance of the golden judge's difference between seeds at that budget "
+                 f"(between draws {split_['between chains']:.2g}, within "
+                 f"{split_['within chains']:.2g}; an estimate from {chains} draws).")
+    return text

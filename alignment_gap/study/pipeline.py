@@ -63,9 +63,13 @@ class Plan:
     same helpers, so a stage they share with the main study (SFT, the online runs, ...) has the
     same key and is run once."""
 
-    def __init__(self, study, workdir: str):
-        self.study, self.workdir, self.stages = study, workdir, []
-        self._by_name: dict[str, Stage] = {}
+    def __init__(self, study, workdir: str, chain: int = 0, into: Plan | None = None):
+        """`chain` > 0: an upstream re-draw (`chain_study`) whose stages are named `...-u<chain>`
+        and added to `into`'s list."""
+        self.study, self.workdir, self.chain = study, workdir, chain
+        self.stages = into.stages if into is not None else []
+        self._by_name: dict[str, Stage] = into._by_name if into is not None else {}
+        self.chains = [self]
         s = study
         self.sft = self.add(self.sft_stage(s.model))
         golden_cfg = _model_stage_config(preference_configs.get_config("golden_mini"), s,
@@ -108,7 +112,8 @@ class Plan:
     def add_test_stage(self) -> Stage:
         """Score the main runs' candidate checkpoints on test prompts none of them was chosen
         on (`test_stage.py`); call it once the main runs are added."""
-        runs = [st for st in self.stages if st.meta.get("group") == "main"]
+        runs = [st for st in self.stages if st.meta.get("group") == "main"
+                and st.meta.get("chain", 0) == self.chain]
         stage = Stage("test", test_stage.config(self.study), None, (self.sft, *runs))
         stage.run = lambda cfg, out: test_stage.run(self, runs, out)
         self.test = self.add(stage)
@@ -119,6 +124,9 @@ class Plan:
 
     def add(self, stage: Stage) -> Stage:
         """Append a stage once; a second stage with the same name must be the same stage."""
+        if self.chain and "chain" not in stage.meta:  # named once, however often it is added
+            stage.name = f"{stage.name}-u{self.chain}"
+            stage.meta["chain"] = self.chain
         if stage.name in self._by_name:
             if self._by_name[stage.name].key != stage.key:
                 raise ValueError(f"two different study stages are both named {stage.name!r}")
@@ -128,9 +136,10 @@ class Plan:
         return stage
 
     def main_runs(self, method: str) -> list[Stage]:
-        """The main study's runs of `method` (e.g. the offline sweep a hypothesis compares to)."""
-        return [s for s in self.stages
-                if s.meta.get("group") == "main" and s.meta.get("method") == method]
+        """The main study's runs of `method` in this plan's chain (e.g. the offline sweep a
+        hypothesis compares to)."""
+        return [s for s in self.stages if s.meta.get("group") == "main"
+                and s.meta.get("method") == method and s.meta.get("chain", 0) == self.chain]
 
     def sft_stage(self, model) -> Stage:
         s = self.study
@@ -224,10 +233,18 @@ class Plan:
                                    steps=steps, group=group)))
 
 
-def build_plan(study, workdir: str) -> Plan:
-    """The main study (online runs per seed, the offline sweep) plus any hypothesis variants."""
-    plan = Plan(study, workdir)
-    s = study
+def chain_study(study, chain: int):
+    """The study with its upstream re-drawn: world (synthetic data), SFT, golden and proxy
+    seeds shifted by `chain` (chain 0 is the study itself)."""
+    s = ml_collections.ConfigDict(study.to_dict())
+    s.data.world_seed += chain
+    for section in (s.sft, s.golden, s.proxy):
+        section.seed += chain
+    return s
+
+
+def _main_runs(plan: Plan):
+    s = plan.study
     for seed, lr in itertools.product(s.seeds, s.online_learning_rates):
         plan.online(seed, lr)
     for seed, lr, beta, steps in itertools.product(s.seeds, s.offline_learning_rates,
@@ -235,6 +252,16 @@ def build_plan(study, workdir: str) -> Plan:
         plan.offline(seed, lr, beta, steps)
     if s.eval.get("test_prompts", 0):
         plan.add_test_stage()
-    for name in s.hypotheses:
+
+
+def build_plan(study, workdir: str) -> Plan:
+    """The main study (online runs per seed, the offline sweep, the test stage), repeated on
+    each upstream re-draw (`upstream_chains`), plus any hypothesis variants (on chain 0)."""
+    plan = Plan(study, workdir)
+    _main_runs(plan)
+    for chain in range(1, study.get("upstream_chains", 1)):
+        plan.chains.append(Plan(chain_study(study, chain), workdir, chain, into=plan))
+        _main_runs(plan.chains[-1])
+    for name in study.hypotheses:
         hypotheses.get(name).add_stages(plan)
     return plan

@@ -16,7 +16,8 @@ from alignment_gap import run_dir
 from alignment_gap.metrics import read_jsonl
 from alignment_gap.study import differences
 
-COLUMNS = ("stage", "group", "size", "method", "seed", "learning_rate", "beta", "steps", "step",
+COLUMNS = ("stage", "group", "size", "method", "chain", "seed", "learning_rate", "beta", "steps",
+           "step",
            "kl", "win_rate", "oracle_win_rate", "classifier_accuracy", "likelihood_drift",
            "response_length")
 
@@ -33,8 +34,8 @@ def collect(stages, workdir: str) -> list[dict]:
         for record in read_jsonl(path):
             if "eval/win_rate" not in record:
                 continue
-            row = {"stage": stage.name, "size": stage.config.model.name, **stage.meta,
-                   "step": record["step"]}
+            row = {"stage": stage.name, "size": stage.config.model.name, "chain": 0,
+                   **stage.meta, "step": record["step"]}
             row.update({k[len("eval/"):]: v for k, v in record.items() if k.startswith("eval/")})
             rows.append({c: row.get(c, float("nan")) for c in COLUMNS})
     return rows
@@ -63,13 +64,15 @@ def mean_ci(values) -> tuple[float, float]:
 
 
 def peaks(rows, metric: str = "win_rate") -> dict:
-    """Per method: the best checkpoint of each seed (offline: best over its whole sweep)."""
+    """Per method: the best checkpoint of each seed (offline: best over its whole sweep); a
+    seed of an upstream re-draw is keyed `<seed>-u<chain>`."""
     out = {}
     for method in sorted({r["method"] for r in rows}):
         by_seed = {}
         for r in rows:
             if r["method"] == method and r["step"] > 0 and np.isfinite(r[metric]):
-                by_seed[r["seed"]] = max(by_seed.get(r["seed"], -np.inf), r[metric])
+                key = f"{r['seed']}-u{r['chain']}" if r.get("chain", 0) else r["seed"]
+                by_seed[key] = max(by_seed.get(key, -np.inf), r[metric])
         out[method] = {"per_seed": by_seed, "mean_ci": mean_ci(list(by_seed.values()))}
     return out
 
@@ -95,7 +98,8 @@ def outcome_points(stages, workdir: str, group: str | None = "main") -> list[dic
             continue
         for step, arrays in run_dir.read_outcomes(stage.directory(workdir)).items():
             points.append({**arrays, "stage": stage.name, "method": stage.meta["method"],
-                           "seed": stage.meta["seed"], "step": step,
+                           "seed": stage.meta["seed"], "chain": stage.meta.get("chain", 0),
+                           "step": step,
                            "kl": float(np.mean(arrays["kl"]))})
     return points
 

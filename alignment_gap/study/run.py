@@ -68,7 +68,8 @@ def run(config, workdir: str):
     extras["golden model agreement with the oracle on policy-vs-opponent samples"] = (
         results.judge_agreement(points))
     if plan.test is not None:  # chosen on the runs' evaluations, scored on other prompts
-        points = test_stage.tested(points, plan.dir(plan.test))
+        points = [p for chain in plan.chains for p in test_stage.tested(
+            [q for q in points if q["chain"] == chain.chain], chain.dir(chain.test))]
     comparison = differences.compare(points)
     mixed = differences.compare(points, interpolate=True)
     extras = {k: v for k, v in extras.items() if v is not None}  # e.g. no oracle on real data
