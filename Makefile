@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/study
 
-.PHONY: install test test-fast lint study hypotheses bench clean
+.PHONY: install test test-fast lint study hypotheses paper bench clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ study: install
 # The paper's five hypotheses as study variants, in the same workdir (reuses the study's stages).
 hypotheses: install
 	$(BIN)/python -m alignment_gap.main --config configs/study.py:hypotheses --workdir $(WORKDIR)
+
+# The full protocol (5 seeds, the offline grid, curves to their turn, 1,024 test prompts).
+paper: install
+	$(BIN)/python -m alignment_gap.main --config configs/study.py:paper --workdir workdir/paper
 
 bench: install
 	$(BIN)/python bench/foundation.py
