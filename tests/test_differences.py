@@ -143,9 +143,11 @@ def test_with_a_test_stage_every_evaluation_prompt_selects_and_its_own_prompts_s
               point("online", 0, 0.5, steady)]
     for p, test in zip(points, (np.zeros(16), np.full(16, 0.5), np.full(16, 0.75)), strict=True):
         p["test_win"] = test
+    points.append(point("offline", 0, 2.0, np.zeros(N), step=18))  # not a candidate: unscored
     c = differences.compare(points, replicates=50)
     row = differences.headline(c)
     assert (row["offline"], row["online"]) == (0.0, 0.75)
+    assert c["reached"]["offline"] == 2.0 and c["rows"]["golden"][-1]["offline"] == 0.0
     assert c["prompts"] == {"selection": N, "test": 16} and c["test_stage"]
     assert "16 test prompts and 1 seed" in results.verdict(c)
 

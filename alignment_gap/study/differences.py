@@ -131,8 +131,9 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
     """Online minus offline at matched KL budgets.
 
     `points`: one per evaluation with `method`, `seed`, `kl` and per-prompt arrays `win` and,
-    where there is an oracle, `oracle_win` (the same prompts in every point); with `test_win`
-    (and `test_oracle_win`) in every point, those are the test scores. Include each
+    where there is an oracle, `oracle_win` (the same prompts in every point); where points
+    carry `test_win` (and `test_oracle_win`: the test stage's candidates), those are the test
+    scores and only they are chosen among (the others still set the budgets). Include each
     run's step 0 (the SFT policy at KL 0): the policy any budget affords, so a method whose
     runs all moved further than a budget is scored there by what it started from.
     `budgets`: KL budgets (default: 8 log-spaced from the smallest positive KL evaluated to
@@ -164,7 +165,10 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
         budgets = sorted({*(float(x) for x in budgets), float(headline)})
     budgets = np.asarray(budgets, float)
 
-    tested = all("test_win" in p for p in points)
+    tested = any("test_win" in p for p in points)
+    if tested:  # the budgets above span every evaluation; the curves, the candidates scored
+        points = [p for p in points if "test_win" in p]
+        groups = {m: [p for p in points if p["method"] == m] for m in methods}
     n = len(points[0]["win"])
     if tested:  # the test stage's candidates: all evaluation prompts select, its own test
         select_at, test_at, test_key = np.arange(n), np.arange(len(points[0]["test_win"])), "test_"

@@ -71,17 +71,17 @@ def _scored_dir(out_dir: str, point: dict) -> str:
 
 
 def tested(points: list[dict], out_dir: str) -> list[dict]:
-    """The candidates among `points`, each with its test outcomes as `test_win`,
-    `test_oracle_win` (synthetic world) and `test_kl`: the input `differences.compare` scores
-    on the test prompts."""
-    out = []
+    """`points` with the candidates' test outcomes added as `test_win`, `test_oracle_win`
+    (synthetic world) and `test_kl`: the input `differences.compare` scores on the test
+    prompts (the other points still set its KL budgets)."""
+    scored = {}
     for p in candidates(points, _margin(out_dir)):
         arrays = run_dir.read_outcomes(_scored_dir(out_dir, p)).get(p["step"])
         if arrays is None:
             raise DataError(f"{_scored_dir(out_dir, p)} has no outcomes of step {p['step']}, a "
                             f"candidate of the test stage; delete {out_dir} and rerun the study")
-        out.append({**p, **{f"test_{k}": v for k, v in arrays.items()}})
-    return out
+        scored[id(p)] = {f"test_{k}": v for k, v in arrays.items()}
+    return [{**p, **scored.get(id(p), {})} for p in points]
 
 
 def _margin(out_dir: str) -> float:
