@@ -148,6 +148,7 @@ def test_with_a_test_stage_every_evaluation_prompt_selects_and_its_own_prompts_s
     row = differences.headline(c)
     assert (row["offline"], row["online"]) == (0.0, 0.75)
     assert c["reached"]["offline"] == 2.0 and c["rows"]["golden"][-1]["offline"] == 0.0
+    assert c["chosen"]["offline"][-1] == ["step 6"]  # the lucky one, as the report says
     assert c["prompts"] == {"selection": N, "test": 16} and c["test_stage"]
     assert "16 test prompts and 1 seed" in results.verdict(c)
 

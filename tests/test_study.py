@@ -70,6 +70,9 @@ def test_smoke_study_writes_table_plot_and_report(smoke):
     # largest budget each method's number is the test score of the checkpoint that the
     # selection prompts rate best (the test stage scored it: a candidate).
     assert comparison["test_stage"] and comparison["prompts"] == {"selection": 32, "test": 32}
+    assert "What the selection prompts chose there" in report
+    assert comparison["chosen"]["offline"][-1][0].startswith(("lr 0.0005, beta 0.1, step",
+                                                              "SFT (step 0)"))
     (test_dir,) = (workdir / "stages").glob("test-*")
     for method in ("online", "offline"):
         evaluations = {(d.name, int(f.stem[5:])): np.load(f) for d in (workdir / "stages").glob(

@@ -107,23 +107,39 @@ def variance_split(differences: np.ndarray) -> dict | None:
             "upstream share": between / total if total > 0 else float("nan")}
 
 
-def _curves(points, budgets, select, scores, interpolate=False) -> dict:
-    """{unit: {judge: [len(budgets), R] curve}} of one method: `select` and each of `scores`
-    ({judge: ...}) are [C, R] per point; the policy chosen on `select` is scored by each."""
-    out = {}
+def label(point: dict) -> str:
+    """What a chosen point is, for the report: its run's hyper-parameters and its step."""
+    if point["step"] == 0:
+        return "SFT (step 0)"
+    hyper = "".join(f"{name} {point[key]:g}, " for name, key in
+                    (("lr", "learning_rate"), ("beta", "beta"))
+                    if point.get(key) is not None)
+    return f"{hyper}step {point['step']}"
+
+
+def _curves(points, budgets, select, scores, interpolate=False) -> tuple[dict, dict]:
+    """({unit: {judge: [len(budgets), R] curve}}, {unit: [what is chosen at each budget]}) of
+    one method: `select` and each of `scores` ({judge: ...}) are [C, R] per point; the policy
+    chosen on `select` is scored by each."""
+    out, chosen = {}, {}
     replicate = np.arange(select.shape[1])
     for key in sorted({unit(p) for p in points}):
         rows = np.array([i for i, p in enumerate(points) if unit(p) == key])
         kl = np.array([points[i]["kl"] for i in rows])
         curves = {j: np.full((len(budgets), select.shape[1]), np.nan) for j in scores}
+        chosen[key] = [None] * len(budgets)
         for g, budget in enumerate(budgets):
             weights = mixtures(kl, budget, interpolate)
             if weights.size:
                 best = np.argmax(weights @ select[rows], axis=0)
                 for judge, score in scores.items():
                     curves[judge][g] = (weights @ score[rows])[best, replicate]
+                mix = weights[best[0]]  # as measured (replicate 0)
+                chosen[key][g] = " + ".join(
+                    label(points[rows[i]]) + (f" (x{mix[i]:.2f})" if mix[i] < 1 else "")
+                    for i in np.flatnonzero(mix))
         out[key] = curves
-    return out
+    return out, chosen
 
 
 def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
@@ -200,7 +216,9 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
         scores = {"golden": weighted(f"{test_key}win", test_at, test_w)}
         if "oracle" in judges:
             scores["oracle"] = weighted(f"{test_key}oracle_win", test_at, test_w)
-        curves[m] = _curves(groups[m], budgets, select, scores, interpolate)
+        curves[m], chosen = _curves(groups[m], budgets, select, scores, interpolate)
+        out.setdefault("chosen", {})[m] = [[chosen[u][g] for u in units]
+                                           for g in range(len(budgets))]
     tail = (1 - LEVEL) / 2 * 100
     for judge in judges:
         # [units, budgets, R + 1] -> mean over each replicate's drawn units.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -106,6 +107,7 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
              "seeds; 95% paired bootstrap over prompts and seeds. A method is better only where "
              "the interval excludes zero. The oracle scores the checkpoints the judge chose.", "",
              *budget_table(comparison), "",
+             *choices_table(comparison),
              *_mixed_section(mixed),
              "## Peak win rate (best checkpoint per seed, chosen and scored on all prompts; "
              "offline: best over its sweep)", "",
@@ -156,6 +158,27 @@ def hypotheses_markdown(study, findings) -> list[str]:
             agree = {True: "agree", False: "**differ**", None: "undecided"}[v.agree]
             lines.append(f"| {finding.name} | {v.claim} | {v.ours} | {agree} |")
     return lines + [""]
+
+
+def choices_table(comparison) -> list[str]:
+    """What the selection prompts choose at each budget, per method: each run's learning rate,
+    beta and step, with how many seeds chose it (is the offline sweep's best inside its grid?)."""
+    chosen = comparison.get("chosen")
+    if not chosen:
+        return []
+    methods = list(chosen)
+    lines = ["What the selection prompts chose there (each seed's checkpoint: its run's "
+             "learning rate and beta, and its step):", "",
+             "| KL budget (nats) | " + " | ".join(methods) + " |",
+             "| --- |" + " --- |" * len(methods)]
+    for g, budget in enumerate(comparison["budgets"]):
+        cells = []
+        for m in methods:
+            counts = collections.Counter(c for c in chosen[m][g] if c is not None)
+            cells.append("; ".join(f"{what}{f' (x{n} seeds)' if n > 1 else ''}"
+                                   for what, n in counts.most_common()) or "-")
+        lines.append(f"| {budget:.3g} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _mixed_section(mixed) -> list[str]:

@@ -99,7 +99,8 @@ def outcome_points(stages, workdir: str, group: str | None = "main") -> list[dic
         for step, arrays in run_dir.read_outcomes(stage.directory(workdir)).items():
             points.append({**arrays, "stage": stage.name, "method": stage.meta["method"],
                            "seed": stage.meta["seed"], "chain": stage.meta.get("chain", 0),
-                           "step": step,
+                           "learning_rate": stage.meta.get("learning_rate"),
+                           "beta": stage.meta.get("beta"), "step": step,
                            "kl": float(np.mean(arrays["kl"]))})
     return points
 
