@@ -16,7 +16,7 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12 tests
 
 # Unit tests only (no trainer processes, studies, notebooks, TPU compiles or tests marked slow):
 # a quick check while editing. `make test` (CI) runs everything.
