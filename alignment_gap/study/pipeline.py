@@ -9,7 +9,9 @@ helpers. Each trainer stage's config takes its fields from the trainer's preset 
 that shapes the run from the study config (its `sft` / `golden` / `proxy` / `policy` sections
 and the study-wide data, mesh and model sections); only logging cadence and checkpoint
 retention stay the preset's. How stages are cached and run is `scheduler.py`; the relabel
-stage's work is `relabel_stage.py`.
+stage's work is `relabel_stage.py`, the test stage's `test_stage.py`. With `upstream_chains`
+> 1 the whole chain above repeats with the upstream seeds re-drawn (`chain_study`), its stages
+named `-u<chain>`.
 """
 
 from __future__ import annotations
