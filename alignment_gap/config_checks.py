@@ -185,6 +185,11 @@ def validate(config, num_devices: int) -> None:
                   f"{e.prompts + e.test_prompts - 1} of the test split (after the "
                   f"eval.prompts={e.prompts} the runs choose on), and it has data.test_pairs="
                   f"{d.test_pairs}", f"raise data.test_pairs to >= {e.prompts + e.test_prompts}")
+    for prefix in ("policy", "eval"):
+        section = config.get(prefix)
+        if hasattr(section, "get") and section.get("stop_margin", 0.0) < 0:
+            _fail(f"{prefix}.stop_margin", f"must be >= 0, got {section.stop_margin}",
+                  "use 0 (any fall counts) or about the win rate's noise, e.g. 0.03")
     if "eval" in config and config.eval.get("stop_after_falls", 0) < 0:
         _fail("eval.stop_after_falls", f"must be >= 0, got {config.eval.stop_after_falls}",
               "use 0 (off) or the evaluations below the best that end a run, e.g. 2")

@@ -189,6 +189,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     # this many evaluations (the curve has turned) or their KL passes kl_cap nats; 0: off.
     c.policy.stop_after_falls = 0
     c.policy.kl_cap = 0.0
+    c.policy.stop_margin = 0.0  # A fall counts only this far below the best (evaluation noise).
     c.policy.warmup_steps = 20  # Linear warm-up steps (at most a tenth of a run's steps).
     c.policy.end_lr_fraction = 1.0  # Constant after warm-up, as the paper's policy runs.
     c.policy.weight_decay = 0.0  # AdamW decoupled weight decay.

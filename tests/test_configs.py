@@ -110,6 +110,13 @@ def test_upstream_draws_are_refused_beside_the_hypotheses():
     config_checks.validate(c, 1)
 
 
+def test_a_negative_stop_margin_is_a_one_line_error():
+    c = study.get_config("smoke")
+    c.policy.stop_margin = -0.01
+    with pytest.raises(ConfigError, match=r"config.policy.stop_margin: must be >= 0"):
+        config_checks.validate(c, 1)
+
+
 def test_a_stop_rule_needs_evaluations():
     c = policy.get_config("online_tiny")
     c.eval.kl_cap = 2.0

@@ -16,6 +16,13 @@ def test_turned_needs_the_last_falls_evaluations_below_the_best_before_them():
     assert not stopping.turned([0.7, 0.6], 2)  # too short to tell
 
 
+def test_a_margin_lets_dips_within_the_noise_pass():
+    history = [0.5, 0.934, 0.926, 0.914]  # the paper run's seed 0: falls of 0.008 and 0.020
+    assert stopping.turned(history, 2)
+    assert not stopping.turned(history, 2, margin=0.03)
+    assert stopping.turned([0.5, 0.934, 0.89, 0.88], 2, margin=0.03)
+
+
 def test_over_cap_is_off_at_zero():
     assert stopping.over_cap(2.5, 2.0) and not stopping.over_cap(1.5, 2.0)
     assert not stopping.over_cap(100.0, 0.0)

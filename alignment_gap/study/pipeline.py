@@ -199,6 +199,8 @@ class Plan:
                               sft_stage=sft_stage, loss=loss, opponent=opponent)
         cfg.eval.stop_after_falls = s.policy.get("stop_after_falls", 0)
         cfg.eval.kl_cap = s.policy.get("kl_cap", 0.0)
+        if s.policy.get("stop_margin", 0.0):  # set only where used: no other key changes
+            cfg.eval.stop_margin = s.policy.stop_margin
         tag = "".join(f"-{t}" for t in (loss, model and model.name) if t)
         return self.add(Stage(f"online{tag}-s{seed}-lr{lr:g}", cfg, policy.run,
                               (self.proxy, *self._evaluated(sft_stage, opponent)),

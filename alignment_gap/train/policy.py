@@ -140,10 +140,11 @@ def run(config, workdir: str):
             scores, outcomes = evaluator.evaluate(s.params)
             run_dir.write_outcomes(workdir, int(jax.device_get(s.step)), outcomes)
             win_rates.append(scores["win_rate"])
-            if stopping.turned(win_rates, config.eval.stop_after_falls):
+            margin = config.eval.get("stop_margin", 0.0)  # in a config only where set
+            if stopping.turned(win_rates, config.eval.stop_after_falls, margin):
                 return scores, (f"the golden win rate has been below its best "
-                                f"{max(win_rates):.3f} at {config.eval.stop_after_falls} "
-                                "evaluations")
+                                f"{max(win_rates):.3f}{f' by over {margin:g}' if margin else ''} "
+                                f"at {config.eval.stop_after_falls} evaluations")
             if stopping.over_cap(scores["kl"], config.eval.kl_cap):
                 return scores, f"KL {scores['kl']:.2f} is past the cap {config.eval.kl_cap:g}"
             return scores, ""

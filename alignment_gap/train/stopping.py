@@ -6,8 +6,8 @@ uninterrupted run would.
 
 - `plateaued`: a preference model's validation accuracy has not gained `min_improvement` over
   its earlier best for `patience` evaluations (the paper trains those to the plateau).
-- `turned`: a policy's golden win rate has been below its best at the last `falls`
-  evaluations: the curve has passed its peak (the paper's rise and fall).
+- `turned`: a policy's golden win rate has been below its best (by more than a margin) at the
+  last `falls` evaluations: the curve has passed its peak (the paper's rise and fall).
 - `over_cap`: a policy's KL budget is spent.
 """
 
@@ -23,11 +23,13 @@ def plateaued(history: list[float], patience: int, min_improvement: float) -> bo
     return len(history) > patience and max(history[-patience:]) <= best_before + min_improvement
 
 
-def turned(history: list[float], falls: int) -> bool:
-    """True once the last `falls` values all lie below the best before them (`falls` > 0)."""
+def turned(history: list[float], falls: int, margin: float = 0.0) -> bool:
+    """True once the last `falls` values all lie more than `margin` below the best before them
+    (`falls` > 0). A margin of about the evaluation's noise keeps chance dips from ending a
+    rising run."""
     if falls <= 0 or len(history) <= falls:
         return False
-    return max(history[-falls:]) < max(history[:-falls])
+    return max(history[-falls:]) < max(history[:-falls]) - margin
 
 
 def over_cap(kl: float, cap: float) -> bool:
