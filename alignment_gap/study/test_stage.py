@@ -74,9 +74,12 @@ def tested(points: list[dict], out_dir: str) -> list[dict]:
     """`points` with the candidates' test outcomes added as `test_win`, `test_oracle_win`
     (synthetic world) and `test_kl`: the input `differences.compare` scores on the test
     prompts (the other points still set its KL budgets)."""
-    scored = {}
+    scored, read = {}, {}
     for p in candidates(points, _margin(out_dir)):
-        arrays = run_dir.read_outcomes(_scored_dir(out_dir, p)).get(p["step"])
+        folder = _scored_dir(out_dir, p)
+        if folder not in read:  # each folder's files once, not once per candidate
+            read[folder] = run_dir.read_outcomes(folder)
+        arrays = read[folder].get(p["step"])
         if arrays is None:
             raise DataError(f"{_scored_dir(out_dir, p)} has no outcomes of step {p['step']}, a "
                             f"candidate of the test stage; delete {out_dir} and rerun the study")
@@ -105,9 +108,11 @@ def run(plan, runs, out_dir: str):
     points = results.outcome_points(runs, plan.workdir)
     chosen = candidates(points, study.eval.candidate_margin)
     rt = None
+    done = {folder: set(run_dir.read_outcomes(folder)) for folder in
+            {_scored_dir(out_dir, p) for p in chosen}}  # steps already scored (a resume)
     for seed in sorted({p["seed"] for p in chosen}):
         todo = [p for p in chosen if p["seed"] == seed
-                and p["step"] not in run_dir.read_outcomes(_scored_dir(out_dir, p))]
+                and p["step"] not in done[_scored_dir(out_dir, p)]]
         todo = list({(_scored_dir(out_dir, p), p["step"]): p for p in todo}.values())
         if not todo:
             continue
