@@ -149,6 +149,7 @@ def _paper(c):
     c.policy.steps = 600  # online: at most; it stops where its golden curve has turned
     c.policy.stop_after_falls = 2
     c.policy.kl_cap = 8.0
+    c.online_betas = [0.1, 0.3, 1.0]  # online points down to the low KL offline reaches
     c.offline_learning_rates = [1e-4, 2e-4, 5e-4, 1e-3]
     c.offline_betas = [0.1, 0.5, 1.0]
     c.offline_steps = [2 * c.data.train_pairs // c.batch_size]  # two epochs; shorter arms are
@@ -200,7 +201,8 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     # Sequential slices per update (gradient accumulation; the same update). 4 runs the mini
     # update faster on CPU (slices fit cache); on accelerators raise it only to fit memory.
     c.policy.microbatches = 4
-    c.online_learning_rates = [2e-4]  # Online runs per seed (one each).
+    c.online_learning_rates = [2e-4]  # The online sweep: lr x beta per seed.
+    c.online_betas = []  # Empty: policy.beta alone (the hypotheses' online runs use it too).
     c.offline_learning_rates = [5e-4, 1e-3]  # The offline sweep: lr x beta x steps per seed.
     c.offline_betas = [0.1]
     c.offline_steps = [300]

@@ -245,6 +245,19 @@ def test_changing_a_stage_reruns_it_and_what_depends_on_it_only(tmp_path):
     assert offline and all(a[n] == b[n] for n in offline)  # does not
 
 
+def test_an_online_beta_sweep_adds_runs_and_keeps_policy_betas_run(tmp_path):
+    base = study_configs.get_config("smoke")
+    swept = study_configs.get_config("smoke")
+    swept.online_betas = [swept.policy.beta, 1.0]
+    runs = lambda c: {s.name: s for s in pipeline.build_plan(c, str(tmp_path)).stages
+                      if s.meta.get("method") == "online"}
+    a, b = runs(base), runs(swept)
+    assert set(b) == set(a) | {f"{n}-b1" for n in a}
+    assert all(b[n].key == a[n].key for n in a)  # the policy.beta runs are reused
+    for name in a:
+        assert b[f"{name}-b1"].config.beta == 1.0 and b[f"{name}-b1"].meta["beta"] == 1.0
+        assert b[f"{name}-b1"].key != a[name].key
+
 def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke):
     workdir, args, _ = smoke
     before = json.loads((workdir / "timings.json").read_text())

@@ -187,14 +187,16 @@ class Plan:
         return tuple(x for x in (sft_stage or self.sft, self.golden, self.relabel,
                                  opponent or self.opponent) if x is not None)
 
-    def online(self, seed: int, lr: float | None = None, *, loss=None, model=None,
-               group="main", opponent=None) -> Stage:
-        """An online run against the proxy (recording D_online); `model`: another policy size;
-        `opponent`: a policy stage to win against instead of the study's opponent."""
+    def online(self, seed: int, lr: float | None = None, *, beta: float | None = None,
+               loss=None, model=None, group="main", opponent=None) -> Stage:
+        """An online run against the proxy (recording D_online); `beta`: other than
+        policy.beta (named `-b<beta>`); `model`: another policy size; `opponent`: a policy stage
+        to win against instead of the study's opponent."""
         s = self.study
         lr = s.online_learning_rates[0] if lr is None else lr
+        beta = s.policy.beta if beta is None else beta
         sft_stage = self.add(self.sft_stage(model)) if model is not None else None
-        cfg = self.policy_cfg("online", seed, lr, s.policy.beta, s.policy.steps,
+        cfg = self.policy_cfg("online", seed, lr, beta, s.policy.steps,
                               proxy=self.proxy, proxy_model=s.proxy_model, model=model,
                               sft_stage=sft_stage, loss=loss, opponent=opponent)
         cfg.eval.stop_after_falls = s.policy.get("stop_after_falls", 0)
@@ -202,10 +204,11 @@ class Plan:
         if s.policy.get("stop_margin", 0.0):  # set only where used: no other key changes
             cfg.eval.stop_margin = s.policy.stop_margin
         tag = "".join(f"-{t}" for t in (loss, model and model.name) if t)
-        return self.add(Stage(f"online{tag}-s{seed}-lr{lr:g}", cfg, policy.run,
+        beta_tag = f"-b{beta:g}" if beta != s.policy.beta else ""  # policy.beta's keep names
+        return self.add(Stage(f"online{tag}-s{seed}-lr{lr:g}{beta_tag}", cfg, policy.run,
                               (self.proxy, *self._evaluated(sft_stage, opponent)),
-                              dict(method="online", seed=seed, learning_rate=lr,
-                                   beta=s.policy.beta, steps=s.policy.steps, group=group)))
+                              dict(method="online", seed=seed, learning_rate=lr, beta=beta,
+                                   steps=s.policy.steps, group=group)))
 
     def offline(self, seed: int, lr: float, beta: float, steps: int, *, method="offline",
                 group="main", loss=None, model=None, comparisons=None, replay=None,
@@ -249,8 +252,9 @@ def chain_study(study, chain: int):
 
 def _main_runs(plan: Plan):
     s = plan.study
-    for seed, lr in itertools.product(s.seeds, s.online_learning_rates):
-        plan.online(seed, lr)
+    for seed, lr, beta in itertools.product(s.seeds, s.online_learning_rates,
+                                            s.get("online_betas") or [s.policy.beta]):
+        plan.online(seed, lr, beta=beta)
     for seed, lr, beta, steps in itertools.product(s.seeds, s.offline_learning_rates,
                                                    s.offline_betas, s.offline_steps):
         plan.offline(seed, lr, beta, steps)

@@ -110,7 +110,7 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
              *choices_table(comparison),
              *_mixed_section(mixed),
              "## Peak win rate (best checkpoint per seed, chosen and scored on all prompts; "
-             "offline: best over its sweep)", "",
+             "each method's best over its sweep)", "",
              "| method | golden win rate | oracle win rate | seeds |", "| --- | --- | --- | --- |"]
     for method in sorted(p):
         lines.append(f"| {method} | {format_interval(p[method]['mean_ci'])} | "
@@ -123,11 +123,12 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
               "sign rule); oracle: " + ("the synthetic world's exact score"
                                         if study.data.kind == "synthetic" else "none (real data)"),
               f"- policy `{study.model.name}`, proxy `{study.proxy_model.name}`, golden "
-              f"`{study.golden_model.name}`; loss {study.policy.loss}, online beta "
-              f"{study.policy.beta}; seeds {list(study.seeds)}",
+              f"`{study.golden_model.name}`; loss {study.policy.loss}; seeds {list(study.seeds)}",
               f"- {datasets.describe(study.data)}",
               f"- evaluation on {study.eval.prompts} test prompts, KL on "
               f"{study.eval.kl_prompts}",
+              f"- online sweep: lr {list(study.online_learning_rates)} x beta "
+              f"{list(study.get('online_betas') or [study.policy.beta])}",
               f"- offline sweep: lr {list(study.offline_learning_rates)} x beta "
               f"{list(study.offline_betas)} x steps {list(study.offline_steps)}"]
     for key, value in extras.items():
