@@ -2,8 +2,9 @@
 
     python -m alignment_gap.main --config configs/study.py:mini --workdir workdir/study
 Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini` (the default
-of `make study`: meaningful in under 15 minutes on 2 cores), `paper` (the full protocol at the
-mini size: 5 seeds, the offline grid, curves to their turn, 1,024 test prompts),
+of `make study`: 9 minutes on the 2-core AMD EPYC machine, 16 on the Intel Xeon one), `paper`
+(the full protocol at the mini size: 5 seeds, the offline grid and an online beta sweep, curves
+to their turn, 1,024 test prompts; about two hours on the Intel Xeon one),
 `mini_golden_opponent` (the paper's golden-policy opponent), accelerator presets
 (`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the model sizes and the mesh, and studies on
 real data from pretrained models (`tldr_gemma3_270m`, `hh_gemma3_270m`, and `_cpu` versions of
@@ -140,8 +141,8 @@ def _pretrained_study(c, variant: str):
 
 def _paper(c):
     """The full protocol at the mini size (issue 17): five seeds, the offline grid over
-    learning rate (online's and below it too) x beta x two epochs of D_golden, online runs to
-    the turn of their golden curve, a proxy that sees less data than the golden model, and
+    learning rate (online's and below it too) x beta x two epochs of D_golden, online runs over
+    beta to the turn of their golden curve, a proxy that sees less data than the golden model, and
     checkpoints chosen on the evaluation prompts but reported on 1,024 others."""
     c.seeds = [0, 1, 2, 3, 4]
     c.data.train_pairs = 10_000  # D_initial, relabelled into D_golden
