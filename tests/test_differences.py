@@ -205,3 +205,18 @@ def test_a_study_with_upstream_draws_pairs_within_each_draw_and_says_so():
     text = results.verdict(c)
     assert "of each of 2 upstream draws" in text and "2 policy seeds in each" in text
     assert "The upstream draws account for" in text
+
+
+def test_the_report_says_how_often_a_resample_would_choose_outside_the_candidates():
+    """A checkpoint the test stage did not score but as good on the selection prompts as the
+    candidate is some resamples' choice; one far below is none's."""
+    rng = np.random.default_rng(5)
+    candidate = point("online", 0, 0.5, noisy(rng, 0.6))
+    candidate["test_win"] = np.full(16, 0.6)
+    for rate, outside in ((0.6, True), (0.0, False)):
+        other = point("online", 0, 0.4, noisy(rng, rate), step=12)
+        offline = {**point("offline", 0, 0.5, noisy(rng, 0.5)), "test_win": np.full(16, 0.5)}
+        c = differences.compare([candidate, other, offline], replicates=200)
+        share = c["outside_candidates"]["online"]
+        assert (0.05 < share < 0.95) if outside else share == 0.0, share
+        assert c["outside_candidates"]["offline"] == 0.0

@@ -71,6 +71,9 @@ def test_smoke_study_writes_table_plot_and_report(smoke):
     # selection prompts rate best (the test stage scored it: a candidate).
     assert comparison["test_stage"] and comparison["prompts"] == {"selection": 32, "test": 32}
     assert "What the selection prompts chose there" in report
+    outside = comparison["outside_candidates"]
+    assert set(outside) == {"online", "offline"} and all(0 <= v <= 1 for v in outside.values())
+    assert f"{outside['online']:.1%} of online's and " in report
     assert comparison["chosen"]["offline"][-1][0].startswith(("lr 0.0005, beta 0.1, step",
                                                               "SFT (step 0)"))
     (test_dir,) = (workdir / "stages").glob("test-*")

@@ -142,6 +142,24 @@ def _curves(points, budgets, select, scores, interpolate=False) -> tuple[dict, d
     return out, chosen
 
 
+def _outside_share(points, budgets, select) -> float:
+    """With a test stage: the share of resampled choices (per seed, budget and replicate, made
+    among every evaluation on `select` [C, R + 1]) that land on a checkpoint the stage did not
+    score. The bootstrap re-chooses among the candidates only, so this says how often the
+    candidate margin cut a resample's choice short (0: never)."""
+    scored = np.array(["test_win" in p for p in points])
+    hits = total = 0
+    for key in sorted({unit(p) for p in points}):
+        rows = np.array([i for i, p in enumerate(points) if unit(p) == key])
+        kl = np.array([points[i]["kl"] for i in rows])
+        for budget in budgets:
+            within = rows[kl <= budget]
+            if within.size:
+                best = within[np.argmax(select[within, 1:], axis=0)]
+                hits, total = hits + int((~scored[best]).sum()), total + best.size
+    return hits / total if total else float("nan")
+
+
 def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
             replicates: int = REPLICATES, seed: int = 0, interpolate: bool = False) -> dict:
     """Online minus offline at matched KL budgets.
@@ -182,6 +200,7 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
     budgets = np.asarray(budgets, float)
 
     tested = any("test_win" in p for p in points)
+    every = groups  # with a test stage: every evaluation, the candidates and the others
     if tested:  # the budgets above span every evaluation; the curves, the candidates scored
         points = [p for p in points if "test_win" in p]
         groups = {m: [p for p in points if p["method"] == m] for m in methods}
@@ -217,6 +236,9 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
         if "oracle" in judges:
             scores["oracle"] = weighted(f"{test_key}oracle_win", test_at, test_w)
         curves[m], chosen = _curves(groups[m], budgets, select, scores, interpolate)
+        if tested:
+            out.setdefault("outside_candidates", {})[m] = _outside_share(
+                every[m], budgets, weighted("win", select_at, select_w, every[m]))
         out.setdefault("chosen", {})[m] = [[chosen[u][g] for u in units]
                                            for g in range(len(budgets))]
     tail = (1 - LEVEL) / 2 * 100

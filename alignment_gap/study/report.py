@@ -64,6 +64,11 @@ def format_interval(mean_ci) -> str:
     return f"{mean:.3f}" + (f" +- {half:.3f}" if np.isfinite(half) else " (no interval)")
 
 
+def _outside(comparison: dict) -> str:
+    return " and ".join(f"{share:.1%} of {method}'s" for method, share in
+                        comparison.get("outside_candidates", {}).items())
+
+
 def budget_table(comparison: dict, methods=("online", "offline")) -> list[str]:
     """`a` minus `b` at each KL budget (`differences.compare`), the golden judge's and the
     oracle's columns."""
@@ -98,11 +103,13 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
              "## Online minus offline at matched KL budgets", "",
              "At each budget, each seed's checkpoint with KL at most the budget that the "
              f"{comparison.get('prompts', {}).get('selection', 0)} selection prompts rate best "
-             f"(offline: over its whole sweep), scored on the "
+             f"(each method: over its whole sweep), scored on the "
              f"{comparison.get('prompts', {}).get('test', 0)} disjoint test prompts"
              + (" of the test stage (it scores the checkpoints within "
                 f"{study.eval.candidate_margin:g} of the best selection win rate at no more "
-                "KL, among which the bootstrap re-chooses)" if comparison.get("test_stage") else "")
+                "KL, among which the bootstrap re-chooses; of the choices a resample would make "
+                f"among every evaluation, {_outside(comparison)} fell outside them)"
+                if comparison.get("test_stage") else "")
              + "; mean over "
              "seeds; 95% paired bootstrap over prompts and seeds. A method is better only where "
              "the interval excludes zero. The oracle scores the checkpoints the judge chose.", "",
