@@ -150,7 +150,7 @@ def _paper(c):
     c.policy.steps = 600  # online: at most; it stops where its golden curve has turned
     c.policy.stop_after_falls = 2
     c.policy.kl_cap = 8.0
-    c.online_betas = [0.1, 0.3, 1.0]  # online points down to the low KL offline reaches
+    c.online_betas = [0.1, 0.3, 0.5, 1.0]  # online points down to the low KL offline reaches
     c.offline_learning_rates = [1e-4, 2e-4, 5e-4, 1e-3]
     c.offline_betas = [0.1, 0.5, 1.0]
     c.offline_steps = [2 * c.data.train_pairs // c.batch_size]  # two epochs; shorter arms are
