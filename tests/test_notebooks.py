@@ -80,11 +80,13 @@ def test_inspect_notebook_runs_the_smoke_study_when_no_study_is_given(monkeypatc
     workdir/study where the notebook runs."""
     monkeypatch.delenv("STUDY_WORKDIR", raising=False)
     monkeypatch.setenv("ALIGNMENT_GAP_SOURCE", ROOT)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # its study's temporary workdir: removed with it
     nb = nbformat.read(os.path.join(ROOT, "notebooks", "inspect_results.ipynb"), as_version=4)
     NotebookClient(nb, timeout=900, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "no study given: running" in outputs and "== stage sft " in outputs
+    assert list(tmp_path.glob("smoke_study_*/report.md"))  # in the test's folder, not /tmp
     assert "evaluated checkpoints" in outputs and "POST:" in outputs
     assert "| KL budget (nats) | golden: online |" in outputs  # the budget table
     assert not re.search(r"^[IWE]\d{4} ", outputs, re.M)  # library logs went to its log.txt
