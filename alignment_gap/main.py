@@ -89,13 +89,21 @@ def main(argv):
     except Exception as e:
         if not is_disk_full(e):
             raise
-        print(f"error: no space left on the device of {_WORKDIR.value}; free space or move "
-              "--workdir, then run the same command: the last good checkpoint of every run is "
-              "intact and the run resumes from it", file=sys.stderr, flush=True)
-        # The checkpoint writer's own tasks would report the same failure again at shutdown,
-        # after this line; their files are temporary ones that a rerun ignores.
-        sys.stdout.flush()
+        _last_line(f"error: no space left on the device of {_WORKDIR.value}; free space or "
+                   "move --workdir, then run the same command: the last good checkpoint of every "
+                   "run is intact and the run resumes from it")
         os._exit(1)
+
+
+def _last_line(line: str):
+    """Write `line` as stderr's last line. The checkpoint writer's threads report the same disk
+    failure again, at any moment until the process ends (their files are temporary ones that a
+    rerun ignores), so stderr is handed to /dev/null before the line goes out."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    err = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os.write(err, (line + "\n").encode())
 
 
 if __name__ == "__main__":
