@@ -135,7 +135,7 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
               f"- evaluation on {study.eval.prompts} test prompts, KL on "
               f"{study.eval.kl_prompts}",
               f"- online sweep: lr {list(study.online_learning_rates)} x beta "
-              f"{list(study.get('online_betas') or [study.policy.beta])}",
+              f"{sorted({r['beta'] for r in rows if r['method'] == 'online'})}",
               f"- offline sweep: lr {list(study.offline_learning_rates)} x beta "
               f"{list(study.offline_betas)} x steps {list(study.offline_steps)}"]
     for key, value in extras.items():
