@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from alignment_gap import logprobs, losses, sharding
+from alignment_gap import logprobs, losses, program_cache, sharding
 from alignment_gap.batches import PreferenceBatch, PromptBatch
 from alignment_gap.data import world as world_lib
 from alignment_gap.models.heads import both_order_margin
@@ -42,9 +42,16 @@ class EvalPrograms(NamedTuple):
     classify: Callable  # (params, sft params, PreferenceBatch) -> accuracy, likelihood drift
 
 
-def eval_programs(graphdef, golden_graphdef, mesh) -> EvalPrograms:
-    """The jitted evaluation programs (results replicated); graphdefs may come from abstract
-    models."""
+def eval_programs(graphdef, golden_graphdef, mesh, rules) -> EvalPrograms:
+    """The jitted evaluation programs (results replicated), called under `sharding.use(mesh,
+    rules)`; graphdefs may come from abstract models. One set per process for each model pair,
+    mesh and rule table: every stage evaluating the same models calls the same programs."""
+    return _eval_programs(graphdef, golden_graphdef, mesh, program_cache.rules_key(rules))
+
+
+@program_cache.cached
+def _eval_programs(graphdef, golden_graphdef, mesh, rules) -> EvalPrograms:
+    del rules  # read while tracing (`sharding.use`); part of the cache key
     replicated = sharding.replicated(mesh)
 
     @functools.partial(jax.jit, out_shardings=replicated)
@@ -91,7 +98,7 @@ class Evaluator:
         self.key = jax.random.key(seed)
         golden_graphdef, self.golden_state = nnx.split(golden)
         self._judge, self._kl, self._classify = eval_programs(self.graphdef, golden_graphdef,
-                                                              mesh)
+                                                              mesh, rules)
         opponent_key = jax.random.fold_in(self.key, 1)
         if opponent_lm is None:  # the policy's architecture (its SFT start, a golden policy)
             self.opponent = self._sample(opponent_params, opponent_key)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from alignment_gap import sharding
+from alignment_gap import program_cache, sharding
 from alignment_gap.logprobs import token_logprobs
 from alignment_gap.models.transformer import KVCache, positions_from_mask
 
@@ -147,12 +147,31 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
     return SampleOutput(final.tokens, final.logprobs, mask)
 
 
+@program_cache.cached
+def sample_program(graphdef, state_shardings_key, mesh, rules, cfg: SamplingConfig,
+                   use_cache: bool, samples_per_prompt: int, name: str):
+    """The jitted `sample` (`Sampler`), one per process for each distinct set of arguments."""
+    rows = sharding.batch_sharding(mesh, rules, 2)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def run(state, prompt, prompt_mask, key):
+        return sample(nnx.merge(graphdef, state), prompt, prompt_mask, key, cfg, use_cache,
+                      samples_per_prompt)
+
+    run.__name__ = name  # the program's name in compile logs and the AOT report
+    return jax.jit(run, in_shardings=(program_cache.shardings_of(state_shardings_key), rows,
+                                      rows, replicated),
+                   out_shardings=SampleOutput(rows, rows, rows))
+
+
 class Sampler:
     """`sample` jitted once on the training mesh, reading parameters where they already live.
 
     Call with the policy's current state (`nnx.state(policy)`): parameters are inputs with the
     same shardings the trainer keeps them in, so nothing is re-sharded between update and sample.
     `lm` may be abstract (`nnx.eval_shape`): only its structure and annotations are read.
+    Samplers of the same model graph, mesh, rules and settings share one jitted program
+    (`sample_program`), so a stage that builds another one does not trace it again.
     """
 
     def __init__(self, lm, mesh, rules, cfg: SamplingConfig, use_cache: bool = True,
@@ -161,16 +180,9 @@ class Sampler:
         graphdef, state = nnx.split(lm)
         with sharding.use(mesh, rules):
             state_sh = sharding.state_shardings(state, mesh)
-        rows = sharding.batch_sharding(mesh, rules, 2)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-        def run(state, prompt, prompt_mask, key):
-            return sample(nnx.merge(graphdef, state), prompt, prompt_mask, key, cfg, use_cache,
-                          samples_per_prompt)
-
-        run.__name__ = name  # the program's name in compile logs and the AOT report
-        self.jitted = jax.jit(run, in_shardings=(state_sh, rows, rows, replicated),
-                            out_shardings=SampleOutput(rows, rows, rows))
+        self.jitted = sample_program(graphdef, program_cache.shardings_key(state_sh), mesh,
+                                     program_cache.rules_key(rules), cfg, use_cache,
+                                     samples_per_prompt, name)
 
     def __call__(self, state, prompt_BxP, prompt_mask_BxP, key) -> SampleOutput:
         with sharding.use(self.mesh, self.rules):

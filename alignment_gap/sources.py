@@ -26,7 +26,7 @@ from array_record.python import array_record_module
 from flax import nnx, serialization
 from jax.experimental import multihost_utils
 
-from alignment_gap import sharding
+from alignment_gap import program_cache, sharding
 from alignment_gap.batches import PreferenceBatch, merge_rows, split_rows
 from alignment_gap.data import pipelines
 from alignment_gap.data.array_records import check_readable
@@ -172,17 +172,25 @@ def rank_pairs(proxy, prompt, prompt_mask, tokens, mask, microbatches: int = 1):
 
 def rank_program(proxy, mesh, rules, microbatches: int = 1):
     """Jitted `(proxy state, prompt, prompt mask, tokens, mask) -> PreferenceBatch`
-    (`rank_pairs`). `proxy` may be abstract."""
+    (`rank_pairs`). `proxy` may be abstract. One per process for each proxy graph, mesh, rule
+    table and slicing (`program_cache`)."""
     proxy_graphdef, proxy_state = nnx.split(proxy)
-    rows = sharding.batch_sharding(mesh, rules, 2)
     with sharding.use(mesh, rules):
         proxy_shardings = sharding.state_shardings(proxy_state, mesh)
+    return _rank_program(proxy_graphdef, program_cache.shardings_key(proxy_shardings), mesh,
+                         program_cache.rules_key(rules), microbatches)
+
+
+@program_cache.cached
+def _rank_program(proxy_graphdef, proxy_shardings_key, mesh, rules, microbatches: int):
+    rows = sharding.batch_sharding(mesh, rules, 2)
 
     def online_rank(proxy_state, prompt, prompt_mask, tokens, mask):
         return rank_pairs(nnx.merge(proxy_graphdef, proxy_state), prompt, prompt_mask, tokens,
                           mask, microbatches)
 
-    return jax.jit(online_rank, in_shardings=(proxy_shardings,) + (rows,) * 4,
+    return jax.jit(online_rank,
+                   in_shardings=(program_cache.shardings_of(proxy_shardings_key),) + (rows,) * 4,
                    out_shardings=PreferenceBatch(*[rows] * 6))
 
 

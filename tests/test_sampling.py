@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 
 from alignment_gap import logprobs, sharding
+from alignment_gap.evaluation import eval_programs
 from alignment_gap.sampling import Sampler, SamplingConfig, choose_tokens
 from tests.conftest import random_prompts
-from tests.helpers import language_model, sample_unsharded, scanned_copy
+from tests.helpers import language_model, preference_model, sample_unsharded, scanned_copy
 
 
 def _prompts(batch=8, length=6, seed=0):
@@ -91,6 +92,35 @@ def test_sharded_sampler_matches_one_device(mini_config):
         results.append(jax.device_get(out))
     np.testing.assert_array_equal(results[0].tokens, results[1].tokens)
     np.testing.assert_allclose(results[0].logprobs, results[1].logprobs, atol=2e-5)
+
+
+def test_samplers_and_evaluations_of_one_model_graph_share_one_traced_program(mini_config):
+    """Every study stage builds its samplers and evaluation programs again: those of the same
+    model graph, mesh, rules and settings reuse the traced program (`program_cache`); other
+    settings or rules do not."""
+    cfg = SamplingConfig(max_new_tokens=4, temperature=1.0, eos_id=-1)
+    lm, mesh, rules = language_model(mini_config)
+    other_lm, _, _ = language_model(mini_config, seed=1)  # the same graph, other weights
+    first = Sampler(lm, mesh, rules, cfg)
+    second = Sampler(other_lm, mesh, [list(r) for r in rules], cfg)  # rules as a config's lists
+    assert second.jitted is first.jitted
+    batch = sharding.global_batch(_prompts(), mesh, rules)
+    ours = first(nnx.state(lm), *batch, jax.random.key(0))
+    traced = first.jitted._cache_size()
+    theirs = second(nnx.state(other_lm), *batch, jax.random.key(0))
+    assert second.jitted._cache_size() == traced == 1
+    assert not np.array_equal(ours.tokens, theirs.tokens)  # each sampler read its own weights
+    np.testing.assert_array_equal(ours.tokens, _sample(lm, cfg, True, _prompts()).tokens)
+    hotter = Sampler(lm, mesh, rules, dataclasses.replace(cfg, temperature=2.0))
+    unsharded_batch = tuple((name, None if name == "batch" else axes) for name, axes in rules)
+    assert hotter.jitted is not first.jitted
+    assert Sampler(lm, mesh, unsharded_batch, cfg).jitted is not first.jitted
+    assert Sampler(lm, mesh, rules, cfg, name="other").jitted is not first.jitted
+    judge_graphdef = nnx.split(preference_model(mini_config)[0])[0]
+    graphdef, other_graphdef = nnx.split(lm)[0], nnx.split(other_lm)[0]
+    programs = eval_programs(graphdef, judge_graphdef, mesh, rules)
+    assert eval_programs(other_graphdef, judge_graphdef, mesh, [list(r) for r in rules]) is programs
+    assert eval_programs(graphdef, judge_graphdef, mesh, unsharded_batch) is not programs
 
 
 def test_scanned_layers_sample_what_unrolled_layers_sample(mini_config):

@@ -246,7 +246,7 @@ def evaluation_programs(config, b: Builder, lm, graphdef, params, sft_params):
     p, r, layers = d.prompt_len, d.response_len, config.model.num_layers
     sampling, programs, resident = _sampling(config), [], {}
     _, golden_graphdef, golden = b.model("preference", e.golden_model)
-    judge, kl, classify = eval_programs(graphdef, golden_graphdef, b.mesh)
+    judge, kl, classify = eval_programs(graphdef, golden_graphdef, b.mesh, b.rules)
     sampler = eval_sampler(lm, b.mesh, b.rules, sampling)
     programs.append(b.sampler_program(sampler, lm, params, e.prompts, p, r))
     if e.opponent_checkpoint:
