@@ -80,6 +80,12 @@ class Post:
         return " ".join(self.words)
 
 
+def pick(rng: np.random.Generator, items):
+    """`rng.choice(items)` for a sequence, drawing the same number from the same stream without
+    converting `items` to an array (the world's texts make hundreds of thousands of draws)."""
+    return items[int(rng.integers(0, len(items)))]
+
+
 def make_post(world: WorldConfig, index: int) -> Post:
     """Post `index` of the world: deterministic in (seed, index)."""
     rng = np.random.default_rng([world.seed, index, 1])
@@ -87,11 +93,11 @@ def make_post(world: WorldConfig, index: int) -> Post:
     words: list[str] = []
     for _ in range(rng.integers(world.min_sentences, world.max_sentences + 1)):
         def noun():
-            return str(rng.choice(TOPICS[main] if rng.random() < 0.7 else TOPICS[second]))
-        sentence = [rng.choice(DETERMINERS), noun(), rng.choice(VERBS), rng.choice(DETERMINERS),
+            return pick(rng, TOPICS[main] if rng.random() < 0.7 else TOPICS[second])
+        sentence = [pick(rng, DETERMINERS), noun(), pick(rng, VERBS), pick(rng, DETERMINERS),
                     noun()]
         if rng.random() < 0.5:
-            sentence += [rng.choice(CONNECTIVES), rng.choice(DETERMINERS), noun()]
+            sentence += [pick(rng, CONNECTIVES), pick(rng, DETERMINERS), noun()]
         words += [str(w) for w in sentence] + [PERIOD]
     return Post(tuple(words), salient_nouns(words, world.key_words))
 
@@ -138,21 +144,21 @@ def write_summary(post: Post, quality: float, rng: np.random.Generator) -> list[
     if not keep:
         keep = [post.key_words[0]] if rng.random() < quality + 0.3 else list(others[:1])
     # The well-formed shape: "my K1 VERB the K2 and K3 ...".
-    words = [str(rng.choice(DETERMINERS))]
+    words = [pick(rng, DETERMINERS)]
     for i, noun in enumerate(keep):
         if i == 1:
-            words += [str(rng.choice(verbs)) if verbs else "changed", str(rng.choice(DETERMINERS))]
+            words += [pick(rng, verbs) if verbs else "changed", pick(rng, DETERMINERS)]
         elif i > 1:
-            words += [str(rng.choice(CONNECTIVES))]
+            words += [pick(rng, CONNECTIVES)]
         words.append(noun)
     sloppiness = 1.0 - quality
     extra = rng.poisson(4.0 * sloppiness)  # Rambling: more post nouns and filler.
     for _ in range(extra):
-        words += [str(rng.choice(CONNECTIVES)), str(rng.choice(others or post.key_words))]
+        words += [pick(rng, CONNECTIVES), pick(rng, others or post.key_words)]
     if rng.random() < 0.5 * sloppiness:  # Invent a noun the post never mentions.
-        words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(NOUNS)))
+        words.insert(int(rng.integers(0, len(words) + 1)), pick(rng, NOUNS))
     if rng.random() < 0.4 * sloppiness:  # Repeat a word.
-        words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(words)))
+        words.insert(int(rng.integers(0, len(words) + 1)), pick(rng, words))
     if rng.random() < 0.6 * sloppiness:  # Scramble part of the order.
         i, j = sorted(rng.integers(0, len(words), 2))
         words[i:j + 1] = list(rng.permutation(words[i:j + 1]))
