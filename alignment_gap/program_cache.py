@@ -8,7 +8,9 @@ So every stage re-traced and re-lowered the same evaluation, sampling and rankin
 
 The factories of programs that depend on hashable arguments alone are wrapped in `cached`: a
 second stage asking for the same program gets the same jitted function, whose compiled
-executable JAX already holds. Rules and shardings go in through the hashable forms below.
+executable JAX already holds. So are models' abstract states (`train/common.abstract_model`), an
+abstract trace of the model's initialiser that every checkpoint load needs. Rules and shardings
+go in through the hashable forms below.
 """
 
 from __future__ import annotations

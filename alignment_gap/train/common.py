@@ -8,7 +8,7 @@ import os
 import jax
 from flax import nnx
 
-from alignment_gap import checkpoint, pretrained, run_dir, sharding
+from alignment_gap import checkpoint, pretrained, program_cache, run_dir, sharding
 from alignment_gap.data import datasets
 from alignment_gap.data.pipelines import BatchShape
 from alignment_gap.data.tokenizer import Tokenizer, check_fits_model
@@ -55,6 +55,17 @@ def build_fn(kind: str, model_cfg, seed: int = 0):
     """`() -> module` for a model kind (`lm`, `preference`) and its config section."""
     cfg = model_config(model_cfg)
     return lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(seed))
+
+
+def abstract_model(kind: str, model_cfg, mesh, rules):
+    """(graphdef, abstract state in its shardings) of a model kind and config, traced once per
+    process (`program_cache`): the test stage loads hundreds of checkpoints of one model."""
+    return _abstract_model(kind, model_config(model_cfg), mesh, program_cache.rules_key(rules))
+
+
+@program_cache.cached
+def _abstract_model(kind: str, cfg: TransformerConfig, mesh, rules):
+    return sharding.abstract_model(lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(0)), mesh, rules)
 
 
 def new_model(kind: str, model_cfg, rt: Runtime, seed: int):
@@ -137,7 +148,7 @@ def validation_batches(pipeline, count: int, global_batch, what: str) -> list:
 def load_frozen(kind: str, run_dir: str, model_cfg, rt: Runtime, step: int | None = None):
     """A model with the parameters of another run (its latest, or checkpoint `step`), read
     straight into its shardings (nothing is initialised first)."""
-    graphdef, abstract = sharding.abstract_model(build_fn(kind, model_cfg), rt.mesh, rt.rules)
+    graphdef, abstract = abstract_model(kind, model_cfg, rt.mesh, rt.rules)
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     restored = checkpoint.load_params(checkpoint_dir(run_dir), abstract, shardings, step)
     return nnx.merge(graphdef, restored)
