@@ -61,3 +61,15 @@ def test_writers_are_of_mixed_quality():
             for _ in range(200)]
     assert np.mean(good) > np.mean(poor) + 0.5
     assert np.std(good + poor) > 0.3
+
+
+def test_pick_draws_what_numpy_choice_draws():
+    """The writers draw with `pick`, not `rng.choice`: the same items from the same stream, so
+    every world text (datasets, tokenizer corpus) is what it was."""
+    for seed in range(20):
+        ours, numpy = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 1])
+        for n in (1, 2, 5, 7, 40):
+            items = [f"w{i}" for i in range(n)]
+            assert ([W.pick(ours, items) for _ in range(30)]
+                    == [str(numpy.choice(items)) for _ in range(30)])
+        assert ours.random() == numpy.random()
