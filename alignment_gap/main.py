@@ -98,12 +98,13 @@ def main(argv):
 def _last_line(line: str):
     """Write `line` as stderr's last line. The checkpoint writer's threads report the same disk
     failure again, at any moment until the process ends (their files are temporary ones that a
-    rerun ignores), so stderr is handed to /dev/null before the line goes out."""
+    rerun ignores), so stderr is handed to /dev/null before the line goes out, on a line of its
+    own: a thread may have stopped mid-line (one CI run ended on four spaces of a traceback)."""
     sys.stdout.flush()
     sys.stderr.flush()
     err = os.dup(2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    os.write(err, (line + "\n").encode())
+    os.write(err, f"\n{line}\n".encode())
 
 
 if __name__ == "__main__":
