@@ -53,7 +53,10 @@ def model_config(model_cfg) -> TransformerConfig:
 
 def build_fn(kind: str, model_cfg, seed: int = 0):
     """`() -> module` for a model kind (`lm`, `preference`) and its config section."""
-    cfg = model_config(model_cfg)
+    return _builder(kind, model_config(model_cfg), seed)
+
+
+def _builder(kind: str, cfg: TransformerConfig, seed: int = 0):
     return lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(seed))
 
 
@@ -65,7 +68,7 @@ def abstract_model(kind: str, model_cfg, mesh, rules):
 
 @program_cache.cached
 def _abstract_model(kind: str, cfg: TransformerConfig, mesh, rules):
-    return sharding.abstract_model(lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(0)), mesh, rules)
+    return sharding.abstract_model(_builder(kind, cfg), mesh, rules)
 
 
 def new_model(kind: str, model_cfg, rt: Runtime, seed: int):
