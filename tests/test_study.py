@@ -292,6 +292,14 @@ def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke)
     # A replay's gain is measured against offline on D_golden at its own learning rate.
     assert "offline at the same learning rate" in coverage["verdicts"][1]["ours"] or (
         coverage["verdicts"][1]["agree"] is None)
+    # Every verdict past the tandem check states the interval it follows from: matched-KL
+    # differences for the replays and the quality datasets, counted intervals for classifiers.
+    quality = next(f for f in summary if f["name"] == "quality")
+    classification = next(f for f in summary if f["name"] == "classification")
+    for verdict in coverage["verdicts"][1:] + quality["verdicts"]:
+        assert " at KL " in verdict["ours"] or "no KL budget" in verdict["ours"], verdict
+    for verdict in classification["verdicts"]:
+        assert "[" in verdict["ours"] or "no interval" in verdict["ours"], verdict
     # Best-of-2: online against offline's own sweep at matched KL, with an interval.
     noncontrastive = next(f for f in summary if f["name"] == "noncontrastive")
     assert "online minus offline at KL" in noncontrastive["verdicts"][0]["ours"]

@@ -156,9 +156,12 @@ def hypotheses_markdown(study, findings) -> list[str]:
     for i, finding in enumerate(findings, 1):
         lines += [f"## Hypothesis {i}: {finding.title}", "", *finding.lines, ""]
     lines += ["## Verdicts: what the paper found, what this run found", "",
-              f"Seeds {list(study.seeds)}; judge: the golden model (the oracle's view is in each "
-              "section's figure and tables). Thresholds are stated in "
-              "`alignment_gap/study/hypotheses/`; differences are reported, not tuned away.", "",
+              f"Seeds {list(study.seeds)}; a row agrees or differs by the golden judge (the "
+              "oracle beside it where a row compares runs) and only where the interval it shows "
+              "decides; otherwise it is undecided. Runs are compared at matched KL (paired "
+              "bootstrap over prompts and seeds), classifiers' accuracies by normal intervals "
+              "over the pairs counted, drifts by t-intervals over seeds; the rules are in "
+              "`alignment_gap/study/hypotheses/`.", "",
               "| hypothesis | the paper found | this run found | agree? |",
               "| --- | --- | --- | --- |"]
     for finding in findings:

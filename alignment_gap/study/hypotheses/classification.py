@@ -22,6 +22,7 @@ from flax import serialization
 
 from alignment_gap import run_dir
 from alignment_gap.sources import FIELDS, stream_chunks
+from alignment_gap.study import results
 from alignment_gap.study.hypotheses import probe, shared
 from alignment_gap.study.hypotheses.shared import Finding, Verdict
 from alignment_gap.study.report import color
@@ -29,6 +30,7 @@ from alignment_gap.study.scheduler import Stage
 
 NAME, TITLE = "classification", "Classification vs generation"
 CLASSIFIERS = ("proxy", "online", "offline", "offline_own")
+MIN_RUNS = 5  # a bootstrap over fewer runs has too few distinct draws for a percentile interval
 
 
 def stream_stage(plan):
@@ -169,61 +171,146 @@ def stream_means(points: list[dict]) -> dict:
             if any(f"{n}/{j}" in q for q in moved)}
 
 
+def stream_pairs(points: list[dict]) -> dict:
+    """How many stream pairs each mean of `stream_means` counts (its checkpoints' pairs)."""
+    moved = after_start(points)
+    return {f"{n}/{j}": int(sum(q["pairs"] for q in moved if f"{n}/{j}" in q))
+            for n in CLASSIFIERS for j in ("golden", "oracle")
+            if any(f"{n}/{j}" in q for q in moved)}
+
+
+def final_by_seed(rows, method: str, metric: str) -> dict[int, float]:
+    """Each seed's `metric` at the last evaluation of each of its runs (offline: mean over
+    its sweep's runs)."""
+    last = {}
+    for r in rows:
+        if r["method"] == method and r["step"] >= last.get(r["stage"], {"step": -1})["step"]:
+            last[r["stage"]] = r
+    seeds = sorted({r["seed"] for r in last.values()})
+    return {s: float(np.mean([r[metric] for r in last.values() if r["seed"] == s]))
+            for s in seeds}
+
+
+def run_correlation(rows, replicates: int = 2000, seed: int = 0):
+    """Pearson r(classifier accuracy, win rate) over every checkpoint after step 0, and its
+    95% bootstrap interval resampling whole runs (a run's checkpoints are not independent);
+    no interval from fewer than `MIN_RUNS` runs."""
+    by_run = {}
+    for r in rows:
+        if r["step"] > 0:
+            by_run.setdefault(r["stage"], []).append((r["classifier_accuracy"], r["win_rate"]))
+    runs = [np.array(v) for v in by_run.values()]
+    pearson = lambda pts: (float(np.corrcoef(pts.T)[0, 1]) if len(pts) > 2
+                           and np.ptp(pts, axis=0).min() > 0 else np.nan)
+    if not runs:
+        return np.nan, (np.nan, np.nan), 0
+    r = pearson(np.concatenate(runs))
+    rng = np.random.default_rng(seed)
+    draws = [pearson(np.concatenate([runs[i] for i in rng.integers(0, len(runs), len(runs))]))
+             for _ in range(replicates)]
+    draws = np.array([d for d in draws if np.isfinite(d)])
+    interval = ((np.nan, np.nan) if len(runs) < MIN_RUNS or draws.size < replicates // 2 else
+                tuple(float(x) for x in np.percentile(draws, [2.5, 97.5])))
+    return r, interval, sum(len(v) for v in runs)
+
+
 def analyse(plan, rows, workdir: str) -> Finding:
     rows = [r for r in rows if r.get("group") == "main"]
     points = run_dir.result(plan.dir(stream_stage(plan)))["checkpoints"]
     _figure(rows, points, os.path.join(workdir, "classification.png"))
-    final = {}
-    for method in ("online", "offline"):
-        last = {}
-        for r in rows:
-            if r["method"] == method and r["step"] >= last.get(r["stage"], {"step": -1})["step"]:
-                last[r["stage"]] = r
-        final[method] = {m: float(np.mean([r[m] for r in last.values()])) if last else np.nan
-                         for m in ("classifier_accuracy", "likelihood_drift")}
-    pts = np.array([(r["classifier_accuracy"], r["win_rate"]) for r in rows if r["step"] > 0])
-    corr = float(np.corrcoef(pts.T)[0, 1]) if len(pts) > 2 else float("nan")
+    accuracy = {m: final_by_seed(rows, m, "classifier_accuracy") for m in ("online", "offline")}
+    drift = {m: final_by_seed(rows, m, "likelihood_drift") for m in ("online", "offline")}
+    corr, corr_interval, n_points = run_correlation(rows)
     moved = after_start(points)
-    stream = stream_means(points)
-    proxy = [q["proxy/golden"] for q in points]
-    half = max(1, len(proxy) // 2)
-    early, late = float(np.mean(proxy[:half])), float(np.mean(proxy[half:] or proxy))
+    stream, counts = stream_means(points), stream_pairs(points)
+    pairs = plan.study.eval.pairs
+
+    def stream_cell(key):
+        if key not in stream:
+            return "-"
+        interval = shared.proportion_interval(stream[key], counts[key])
+        return f"{stream[key]:.3f} {shared.interval_text(*interval)}"
+
     lines = ["![classification.png](classification.png)", "",
-             "| classifier on the online stream | golden labels | oracle labels |",
+             "| classifier on the online stream | golden labels [95%] | oracle labels [95%] |",
              "| --- | --- | --- |"]
-    for n in CLASSIFIERS:
-        lines.append(f"| {n} | {shared.num(stream.get(f'{n}/golden', np.nan))} | "
-                     f"{shared.num(stream.get(f'{n}/oracle', np.nan))} |")
+    lines += [f"| {n} | {stream_cell(f'{n}/golden')} | {stream_cell(f'{n}/oracle')} |"
+              for n in CLASSIFIERS]
+    final = {m: float(np.mean(list(accuracy[m].values()))) if accuracy[m] else np.nan
+             for m in accuracy}
     lines += ["", f"Mean over the {len(moved)} checkpoints after step 0 of the seed-0 online run, "
               f"{points[0]['pairs'] if points else 0} stream pairs each (`offline_own`: the "
               "offline policy classifying pairs of its own samples; `online` on the stream is the "
-              "online policy on its own samples). Final D_golden accuracy: online "
-              f"{shared.num(final['online']['classifier_accuracy'])}, offline "
-              f"{shared.num(final['offline']['classifier_accuracy'])}; Pearson r(win rate, "
-              f"accuracy) over all checkpoints {shared.num(corr, 2)}."]
-    on_acc, off_acc = (final[m]["classifier_accuracy"] for m in ("online", "offline"))
-    on_drift, off_drift = (final[m]["likelihood_drift"] for m in ("online", "offline"))
-    verdicts = [
+              "online policy on its own samples); intervals: normal, over the pairs counted. "
+              f"Final D_golden accuracy (mean over seeds, {pairs} pairs): online "
+              f"{shared.num(final['online'])}, offline {shared.num(final['offline'])}; Pearson "
+              f"r(win rate, accuracy) over all checkpoints {shared.num(corr, 2)}."]
+    return Finding(NAME, TITLE, lines,
+                   claim_verdicts(final, pairs, drift, (corr, corr_interval, n_points), stream,
+                             counts, points))
+
+
+def claim_verdicts(final, pairs, drift, correlation, stream, counts, points) -> list[Verdict]:
+    """Each claim against its interval: accuracies as normal intervals over the pairs counted,
+    drifts as t-intervals over seeds, the correlation by a bootstrap over runs."""
+    levels = {m: shared.proportion_interval(final[m], pairs) for m in final}
+    below, above = (levels["online"][1] < 0.5 and levels["offline"][0] > 0.5,
+                    levels["online"][0] > 0.5 or levels["offline"][1] < 0.5)
+    corr, (lo, hi), n_points = correlation
+    seeds = sorted(set(drift["online"]) & set(drift["offline"]))
+    falls = {m: results.mean_ci([drift[m][s] for s in seeds]) for m in drift}
+    gap = results.mean_ci([drift["offline"][s] - drift["online"][s] for s in seeds])
+
+    def drift_side(mean_ci):  # +1 above zero, -1 below, 0 undecided (or no interval)
+        mean, half = mean_ci
+        return shared.interval_side(mean - half, mean + half) if np.isfinite(half) else 0
+
+    def drift_text(mean_ci):
+        mean, half = mean_ci
+        return f"{mean:.2f}" + (f" +- {half:.2f}" if np.isfinite(half) else " (no interval)")
+
+    drift_sides = [drift_side(falls[m]) for m in ("online", "offline")] + [drift_side(gap)]
+    beats = {n: shared.difference_interval(stream["proxy/golden"], counts["proxy/golden"],
+                                           stream[f"{n}/golden"], counts[f"{n}/golden"])
+             for n in ("online", "offline") if f"{n}/golden" in stream}
+    beat_sides = [shared.interval_side(*beats[n]) for n in beats]
+    proxy = [(q["proxy/golden"], q["pairs"]) for q in points]
+    half = max(1, len(proxy) // 2)
+    early, late = proxy[:half], proxy[half:] or proxy
+    share = lambda part: (float(np.average([a for a, _ in part], weights=[n for _, n in part])),
+                          int(sum(n for _, n in part)))
+    decay = shared.difference_interval(*share(early), *share(late))
+    own = {n: shared.proportion_interval(stream[f"{n}/golden"], counts[f"{n}/golden"])
+           for n in ("online", "offline_own") if f"{n}/golden" in stream}
+    return [
         Verdict("Offline policies classify D_golden at 60-70%, online ones below 50%",
-                f"final accuracy offline {off_acc:.3f}, online {on_acc:.3f}",
-                bool(off_acc > 0.55 and on_acc < 0.52)),
+                "final accuracy (95% over the pairs) " + ", ".join(
+                    f"{m} {final[m]:.3f} {shared.interval_text(*levels[m])}"
+                    for m in ("offline", "online")),
+                True if below else False if above else None),
         Verdict("Win rate and classification accuracy barely correlate",
-                f"Pearson r = {corr:.2f} over {len(pts)} checkpoints", bool(abs(corr) < 0.5)),
+                f"Pearson r = {corr:.2f} "
+                + (f"{shared.interval_text(lo, hi)} (95% bootstrap over runs)"
+                   if np.isfinite(lo) else f"(no interval: fewer than {MIN_RUNS} runs)")
+                + f" over {n_points} checkpoints",
+                True if -0.5 < lo and hi < 0.5 else False if lo > 0.5 or hi < -0.5 else None),
         Verdict("The likelihood of D_golden winners falls for every method, most for offline",
-                f"final drift online {on_drift:.2f}, offline {off_drift:.2f} nats",
-                bool(on_drift < 0 and off_drift < 0 and off_drift < on_drift)),
+                f"final drift (95% t over {len(seeds)} seed{'s' * (len(seeds) != 1)}) online "
+                f"{drift_text(falls['online'])}, offline {drift_text(falls['offline'])}, "
+                f"offline minus online {drift_text(gap)} nats",
+                False if max(drift_sides[:2]) > 0 or drift_sides[2] > 0 else
+                True if drift_sides == [-1, -1, -1] else None),
         Verdict("On the online stream the proxy model out-classifies both policies",
-                ", ".join(f"{n} {stream.get(f'{n}/golden', np.nan):.3f}"
-                          for n in ("proxy", "online", "offline")),
-                bool(stream["proxy/golden"] > max(stream["online/golden"],
-                                                  stream.get("offline/golden", 0.0)))),
+                "proxy minus " + ", ".join(
+                    f"{n} {stream['proxy/golden'] - stream[f'{n}/golden']:+.3f} "
+                    f"[{beats[n][0]:+.3f}, {beats[n][1]:+.3f}]" for n in beats),
+                False if min(beat_sides) < 0 else True if min(beat_sides) > 0 else None),
         Verdict("The proxy's accuracy decays as the policy drifts",
-                f"first half of the run {early:.3f}, second half {late:.3f}",
-                bool(late < early)),
+                f"first half of the run {share(early)[0]:.3f}, second half {share(late)[0]:.3f}: "
+                f"{share(early)[0] - share(late)[0]:+.3f} [{decay[0]:+.3f}, {decay[1]:+.3f}]",
+                shared.interval_side(*decay) > 0 if shared.interval_side(*decay) else None),
         Verdict("No policy classifies its own samples better than chance",
-                f"online {stream['online/golden']:.3f}, offline "
-                f"{stream.get('offline_own/golden', np.nan):.3f}",
-                bool(stream["online/golden"] <= 0.55
-                     and stream.get("offline_own/golden", 0.0) <= 0.55)),
+                ", ".join(f"{n} {stream[f'{n}/golden']:.3f} {shared.interval_text(*own[n])}"
+                          for n in own),
+                not any(low > 0.5 for low, _ in own.values())),
     ]
-    return Finding(NAME, TITLE, lines, verdicts)

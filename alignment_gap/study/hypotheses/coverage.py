@@ -4,7 +4,9 @@ Every online run records its batches (`D_online`). Offline IPO then replays that
 the online run's own hyper-parameters: in order ("tandem": it must retrace the online run),
 shuffled within windows of a few batches and of an eighth of the run (the paper's 4 and 500 of
 4k), and shuffled uniformly. If online wins because of what its data covers, the shuffled
-replays should keep most of its lead over plain offline IPO on D_golden.
+replays should keep most of its lead over plain offline IPO on D_golden. The verdicts compare
+runs at matched KL budgets with paired bootstrap intervals (`shared.matched`): a replay
+"gains" or "degrades" only where an interval excludes zero.
 """
 
 from __future__ import annotations
@@ -72,30 +74,31 @@ def analyse(plan, rows, workdir: str) -> Finding:
     lines += ["", f"Tandem replay vs the online run it replays: largest relative difference of "
               f"{'/'.join(TRAIN_KEYS)} at any step {gap:.1e}; largest golden win-rate "
               f"difference at any checkpoint {win_gap:.3f}."]
-    peak = {label: shared.seed_peaks(rows, label) for label in labels}
     verdicts = [Verdict("Tandem replay of D_online reproduces the online run (~0.1%)",
                         f"max relative difference {gap:.1e}, win rate {win_gap:.3f}",
                         bool(gap < 1e-3))]
     # Against offline on D_golden at the replays' own learning rate: a replay differs from it
-    # in its data alone (the main sweep's rates differ too).
-    on, off, shuf = (peak[k][0] for k in ("online", "offline_same_lr", "shuffled"))
-    if on > off:
-        share = (shuf - off) / (on - off)
-        verdicts.append(Verdict(
-            "Offline on D_online shuffled gains little over plain offline",
-            f"shuffled {shuf:.3f} vs offline at the same learning rate {off:.3f} vs online "
-            f"{on:.3f}: recovers {100 * share:.0f}% of online's lead", bool(share < 0.5)))
-    else:
-        verdicts.append(Verdict("Offline on D_online shuffled gains little over plain offline",
-                                f"online {on:.3f} did not beat offline {off:.3f}, so there is no "
-                                "lead to recover", None))
-    windows = [label for label, order, _ in s.coverage.orders if order == "window"]
-    flat = abs(peak[windows[0]][0] - peak["tandem"][0]) < 0.03 if windows else False
-    degrades = peak["shuffled"][0] < peak["tandem"][0] - 0.03
+    # in its data alone (the main sweep's rates differ too). Compared at matched KL.
+    gain = shared.matched(plan, r, "shuffled", "offline_same_lr")
+    lead = shared.matched(plan, r, "online", "shuffled")
+    gains, leads = shared.side(gain), shared.side(lead)
     verdicts.append(Verdict(
-        "Partial shuffling: flat at first, then degrades",
-        ", ".join(f"{k} {peak[k][0]:.3f}" for k in ["tandem", *windows, "shuffled"]),
-        bool(flat and degrades)))
+        "Offline on D_online shuffled gains little over plain offline",
+        f"{shared.difference_text(gain, 'shuffled', 'offline at the same learning rate')}; "
+        f"{shared.difference_text(lead, 'online', 'shuffled')}",
+        None if gains is None or leads is None else
+        False if gains > 0 else True if leads > 0 else None))
+    windows = [label for label, order, _ in s.coverage.orders if order == "window"]
+    if windows:
+        flat = shared.matched(plan, r, "tandem", windows[0])
+        degrade = shared.matched(plan, r, "tandem", "shuffled")
+        flats, degrades = shared.side(flat), shared.side(degrade)
+        verdicts.append(Verdict(
+            "Partial shuffling: flat at first, then degrades",
+            f"{shared.difference_text(flat, 'tandem', windows[0])}; "
+            f"{shared.difference_text(degrade, 'tandem', 'shuffled')}",
+            None if flats is None or degrades is None else
+            False if flats != 0 or degrades < 0 else True if degrades > 0 else None))
     return Finding(NAME, TITLE, lines, verdicts)
 
 

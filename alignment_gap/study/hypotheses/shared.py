@@ -1,5 +1,7 @@
 """What the hypothesis analyses share: their result types, rows of a set of runs, peaks, tables,
-small statistics."""
+and the intervals their verdicts follow from: matched-KL differences of two sets of runs
+(`differences.compare`), and normal intervals for accuracies counted over pairs. A verdict
+agrees or differs only where its interval decides; otherwise it is undecided (None)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import os
 
 import numpy as np
 
-from alignment_gap.study import report, results
+from alignment_gap.study import differences, report, results
+
+Z = 1.96  # two-sided 95% normal quantile
 
 
 @dataclasses.dataclass
@@ -80,13 +84,65 @@ def runs_section(rows, labels, describe: dict, workdir: str, filename: str,
             *peak_table(rows, labels, describe)]
 
 
-def overlap(a, b) -> bool:
-    """Do two (mean, half-width) intervals overlap (a missing width counts as overlapping)?"""
-    (ma, ha), (mb, hb) = a, b
-    if not (np.isfinite(ha) and np.isfinite(hb)):
-        return True
-    return abs(ma - mb) <= ha + hb
-
-
 def num(x: float, digits: int = 3) -> str:
     return "-" if not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def matched(plan, runs: dict, a: str, b: str) -> dict:
+    """`a` minus `b` at the largest KL budget both reached, as the main verdict is made
+    (checkpoints chosen on half the evaluation prompts, scored on the other half, paired
+    bootstrap over prompts and seeds): {judge: row} for the golden judge and the oracle."""
+    points = outcome_points(plan, {a: runs[a], b: runs[b]})
+    if not all("test_win" in p for p in points):  # both sides split their own prompts
+        points = [{k: v for k, v in p.items() if not k.startswith("test_")} for p in points]
+    comparison = differences.compare(points, methods=(a, b))
+    rows = {judge: differences.headline(comparison, judge) for judge in ("golden", "oracle")}
+    return {judge: row for judge, row in rows.items()
+            if row is not None and np.isfinite(row["difference"])}
+
+
+def side(rows: dict, judge: str = "golden") -> int | None:
+    """+1 where the first set of runs is better by `judge`'s interval, -1 where the second is,
+    0 where it is undecided; None without a matched budget."""
+    row = rows.get(judge)
+    return None if row is None else interval_side(row["low"], row["high"])
+
+
+def interval_side(low: float, high: float, zero: float = 0.0) -> int:
+    """+1 if the interval lies above `zero`, -1 if below, 0 if it holds it."""
+    return 1 if low > zero else -1 if high < zero else 0
+
+
+def difference_text(rows: dict, a: str, b: str) -> str:
+    """`a minus b at KL k: golden +d [lo, hi] verdict; oracle ...` (the verdict row's words)."""
+    if not rows:
+        return f"{a} and {b} reach no KL budget in common"
+    views = "; ".join(f"{judge} {r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] "
+                      f"{r['verdict']}" for judge, r in rows.items())
+    return f"{a} minus {b} at KL {next(iter(rows.values()))['kl']:.3g}: {views}"
+
+
+def proportion_interval(p: float, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy `p` counted over `n` pairs (inside [0, 1] even
+    near them; a tie counted as half a hit varies less than a hit or a miss, so it is, if
+    anything, wide)."""
+    if not n > 0 or not np.isfinite(p):
+        return np.nan, np.nan
+    z2n = Z * Z / n
+    centre = (p + z2n / 2) / (1 + z2n)
+    half = Z * np.sqrt(p * (1 - p) / n + z2n / (4 * n)) / (1 + z2n)
+    return centre - half, centre + half
+
+
+def difference_interval(p: float, n: int, q: float, m: int) -> tuple[float, float]:
+    """95% interval of `p - q`, accuracies over `n` and `m` pairs taken as independent
+    (Newcombe's hybrid of the two Wilson intervals). On the same pairs two classifiers' hits
+    tend to go together, which this leaves out, so the interval is then wider than a paired
+    one."""
+    (lp, up), (lq, uq) = proportion_interval(p, n), proportion_interval(q, m)
+    d = p - q
+    return d - np.hypot(p - lp, uq - q), d + np.hypot(up - p, q - lq)
+
+
+def interval_text(low: float, high: float) -> str:
+    return f"[{low:.3f}, {high:.3f}]"
