@@ -159,7 +159,7 @@ def hypotheses_markdown(study, findings) -> list[str]:
               f"Seeds {list(study.seeds)}; a row agrees or differs by the golden judge (the "
               "oracle beside it where a row compares runs) and only where the interval it shows "
               "decides; otherwise it is undecided. Runs are compared at matched KL (paired "
-              "bootstrap over prompts and seeds), classifiers' accuracies by normal intervals "
+              "bootstrap over prompts and seeds), classifiers' accuracies by Wilson intervals "
               "over the pairs counted, drifts by t-intervals over seeds; the rules are in "
               "`alignment_gap/study/hypotheses/`.", "",
               "| hypothesis | the paper found | this run found | agree? |",

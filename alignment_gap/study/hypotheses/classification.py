@@ -241,17 +241,17 @@ def analyse(plan, rows, workdir: str) -> Finding:
     lines += ["", f"Mean over the {len(moved)} checkpoints after step 0 of the seed-0 online run, "
               f"{points[0]['pairs'] if points else 0} stream pairs each (`offline_own`: the "
               "offline policy classifying pairs of its own samples; `online` on the stream is the "
-              "online policy on its own samples); intervals: normal, over the pairs counted. "
+              "online policy on its own samples); intervals: Wilson, over the pairs counted. "
               f"Final D_golden accuracy (mean over seeds, {pairs} pairs): online "
               f"{shared.num(final['online'])}, offline {shared.num(final['offline'])}; Pearson "
               f"r(win rate, accuracy) over all checkpoints {shared.num(corr, 2)}."]
-    return Finding(NAME, TITLE, lines,
-                   claim_verdicts(final, pairs, drift, (corr, corr_interval, n_points), stream,
-                             counts, points))
+    verdicts = claim_verdicts(final, pairs, drift, (corr, corr_interval, n_points), stream,
+                              counts, points)
+    return Finding(NAME, TITLE, lines, verdicts)
 
 
 def claim_verdicts(final, pairs, drift, correlation, stream, counts, points) -> list[Verdict]:
-    """Each claim against its interval: accuracies as normal intervals over the pairs counted,
+    """Each claim against its interval: accuracies as Wilson intervals over the pairs counted,
     drifts as t-intervals over seeds, the correlation by a bootstrap over runs."""
     levels = {m: shared.proportion_interval(final[m], pairs) for m in final}
     below, above = (levels["online"][1] < 0.5 and levels["offline"][0] > 0.5,
