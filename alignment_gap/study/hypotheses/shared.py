@@ -1,6 +1,6 @@
 """What the hypothesis analyses share: their result types, rows of a set of runs, peaks, tables,
 and the intervals their verdicts follow from: matched-KL differences of two sets of runs
-(`differences.compare`), and normal intervals for accuracies counted over pairs. A verdict
+(`differences.compare`), and Wilson intervals for accuracies counted over pairs. A verdict
 agrees or differs only where its interval decides; otherwise it is undecided (None)."""
 
 from __future__ import annotations
