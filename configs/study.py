@@ -69,7 +69,7 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
     c = _main(scale)
     c.hypotheses = list(HYPOTHESES) if hypothesis == "hypotheses" else [hypothesis]
     if scale == "mini":
-        c.seeds = [0, 1]  # Two seeds per arm keep all five variants under an hour on 2 cores.
+        c.seeds = [0, 1]  # Two seeds per arm keep all five variants at 60-90 min on 2 cores.
     else:  # smoke: every analysis's code path once, at the least cost (tests)
         c.quality.pairs = 4 * c.batch_size
         c.scaling.sizes = ["nano", c.model.name]
