@@ -79,26 +79,18 @@ def analyse(plan, rows, workdir: str) -> Finding:
                         bool(gap < 1e-3))]
     # Against offline on D_golden at the replays' own learning rate: a replay differs from it
     # in its data alone (the main sweep's rates differ too). Compared at matched KL.
-    gain = shared.matched(plan, r, "shuffled", "offline_same_lr")
-    lead = shared.matched(plan, r, "online", "shuffled")
-    gains, leads = shared.side(gain), shared.side(lead)
-    verdicts.append(Verdict(
-        "Offline on D_online shuffled gains little over plain offline",
-        f"{shared.difference_text(gain, 'shuffled', 'offline at the same learning rate')}; "
-        f"{shared.difference_text(lead, 'online', 'shuffled')}",
-        None if gains is None or leads is None else
-        False if gains > 0 else True if leads > 0 else None))
+    verdicts.append(shared.matched_verdict(
+        "Offline on D_online shuffled gains little over plain offline", plan, r,
+        [("shuffled", "offline_same_lr"), ("online", "shuffled")],
+        lambda gain, lead: False if gain > 0 else True if lead > 0 else None,
+        names={"offline_same_lr": "offline at the same learning rate"}))
     windows = [label for label, order, _ in s.coverage.orders if order == "window"]
     if windows:
-        flat = shared.matched(plan, r, "tandem", windows[0])
-        degrade = shared.matched(plan, r, "tandem", "shuffled")
-        flats, degrades = shared.side(flat), shared.side(degrade)
-        verdicts.append(Verdict(
-            "Partial shuffling: flat at first, then degrades",
-            f"{shared.difference_text(flat, 'tandem', windows[0])}; "
-            f"{shared.difference_text(degrade, 'tandem', 'shuffled')}",
-            None if flats is None or degrades is None else
-            False if flats != 0 or degrades < 0 else True if degrades > 0 else None))
+        verdicts.append(shared.matched_verdict(
+            "Partial shuffling: flat at first, then degrades", plan, r,
+            [("tandem", windows[0]), ("tandem", "shuffled")],
+            lambda flat, degrade: (False if flat != 0 or degrade < 0 else
+                                   True if degrade > 0 else None)))
     return Finding(NAME, TITLE, lines, verdicts)
 
 

@@ -59,8 +59,6 @@ def analyse(plan, rows, workdir: str) -> Finding:
               *report.budget_table(comparison, methods), "",
               "The same through interpolated frontiers (mixtures of two checkpoints, as in the "
               "main report):", "", *report.budget_table(mixed, methods)]
-    shuffled = shared.matched(plan, r, "shuffled_b2", "online_b2")
-    shuffled_side = shared.side(shuffled)
     gap = (None if row is None or row["verdict"] == "undecided"
            else row["verdict"] == "online_b2 better")
     verdicts = [
@@ -73,8 +71,8 @@ def analyse(plan, rows, workdir: str) -> Finding:
                    f"{mixed_row['high']:+.3f}], {mixed_row['verdict']}"),
                 gap),
         # "Roughly matches": no interval tells them apart (the text shows how wide it is).
-        Verdict("Best-of-2 on the online stream, shuffled, roughly matches online",
-                shared.difference_text(shuffled, "shuffled_b2", "online_b2"),
-                None if shuffled_side is None else shuffled_side == 0),
+        shared.matched_verdict("Best-of-2 on the online stream, shuffled, roughly matches online",
+                               plan, r, [("shuffled_b2", "online_b2")],
+                               lambda difference: difference == 0),
     ]
     return Finding(NAME, TITLE, lines, verdicts)

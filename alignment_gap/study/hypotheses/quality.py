@@ -23,7 +23,7 @@ from alignment_gap import run_dir
 from alignment_gap.data import datasets, pipelines
 from alignment_gap.data.relabel import model_judge, relabel
 from alignment_gap.study.hypotheses import probe, shared
-from alignment_gap.study.hypotheses.shared import Finding, Verdict
+from alignment_gap.study.hypotheses.shared import Finding
 from alignment_gap.study.scheduler import Stage
 
 NAME, TITLE = "quality", "Data quality: offline IPO on on-policy pairs"
@@ -132,18 +132,11 @@ def analyse(plan, rows, workdir: str) -> Finding:
               f"paper's 800 and step {plan.study.policy.steps} for its 4k."]
     # At matched KL budgets with paired bootstrap intervals (`shared.matched`), as the main
     # verdict: peaks at whatever KL each run reached would flatter the longer-moving runs.
-    lead = shared.matched(plan, r, "online", "d_4k_vs_4k")
-    leads = shared.side(lead)
-    verdicts = [Verdict(
+    verdicts = [shared.matched_verdict(
         "Offline on D_4k vs 4k (high-quality pairs) barely beats SFT (far below online)",
-        shared.difference_text(lead, "online", "d_4k_vs_4k"),
-        None if not leads else leads > 0)]
-    others = [tag for tag in DATASETS if tag != "d_sft_vs_800"]
-    near_sft = {tag: shared.matched(plan, r, "d_sft_vs_800", tag) for tag in others}
-    sides = [shared.side(near_sft[tag]) for tag in others]
-    verdicts.append(Verdict(
-        "Keeping one side near SFT (D_sft vs 800) helps most of the three",
-        "; ".join(shared.difference_text(near_sft[tag], "d_sft_vs_800", tag) for tag in others),
-        None if None in sides else
-        False if min(sides) < 0 else True if min(sides) > 0 else None))
+        plan, r, [("online", "d_4k_vs_4k")], lambda lead: lead > 0 if lead else None)]
+    verdicts.append(shared.matched_verdict(
+        "Keeping one side near SFT (D_sft vs 800) helps most of the three", plan, r,
+        [("d_sft_vs_800", tag) for tag in DATASETS if tag != "d_sft_vs_800"],
+        lambda *sides: False if min(sides) < 0 else True if min(sides) > 0 else None))
     return Finding(NAME, TITLE, lines, verdicts)

@@ -101,6 +101,18 @@ def matched(plan, runs: dict, a: str, b: str) -> dict:
             if row is not None and np.isfinite(row["difference"])}
 
 
+def matched_verdict(claim: str, plan, runs: dict, pairs, decide, names=None) -> Verdict:
+    """A verdict on one or more matched differences (`matched` of each (a, b) in `pairs`): its
+    words are theirs (`names` renames a label there), its answer `decide(sides)` on their
+    golden-judge sides, one argument per pair (None when some pair reached no common budget)."""
+    names = names or {}
+    found = [matched(plan, runs, a, b) for a, b in pairs]
+    sides = [side(rows) for rows in found]
+    text = "; ".join(difference_text(rows, names.get(a, a), names.get(b, b))
+                     for rows, (a, b) in zip(found, pairs, strict=True))
+    return Verdict(claim, text, None if None in sides else decide(*sides))
+
+
 def side(rows: dict, judge: str = "golden") -> int | None:
     """+1 where the first set of runs is better by `judge`'s interval, -1 where the second is,
     0 where it is undecided; None without a matched budget."""
