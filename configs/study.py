@@ -70,6 +70,10 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
     c.hypotheses = list(HYPOTHESES) if hypothesis == "hypotheses" else [hypothesis]
     if scale == "mini":
         c.seeds = [0, 1]  # Two seeds per arm keep all five variants at 60-90 min on 2 cores.
+        # The offline sweep docs/hypotheses was run with (the main study's before it took
+        # online's learning rate), so `make hypotheses` reproduces it stage for stage.
+        c.offline_learning_rates = [5e-4, 1e-3]
+        c.quality.learning_rates = [5e-4]
     else:  # smoke: every analysis's code path once, at the least cost (tests)
         c.quality.pairs = 4 * c.batch_size
         c.scaling.sizes = ["nano", c.model.name]
@@ -204,7 +208,10 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     c.policy.microbatches = 4
     c.online_learning_rates = [2e-4]  # The online sweep: lr x beta per seed.
     c.online_betas = []  # Empty: policy.beta alone (the hypotheses' online runs use it too).
-    c.offline_learning_rates = [5e-4, 1e-3]  # The offline sweep: lr x beta x steps per seed.
+    # The offline sweep: lr x beta x steps per seed. Online's learning rate (its first
+    # checkpoints fall below KL 1, where 5e-4 and 1e-3 have none) and a fast one that reaches
+    # online's KL range.
+    c.offline_learning_rates = [2e-4, 1e-3]
     c.offline_betas = [0.1]
     c.offline_steps = [300]
     c.opponent = "sft"  # sft | golden_policy: whom win rates are against.

@@ -1,5 +1,6 @@
 """Named sizes have the parameters their names promise; bad configs fail in one clear line."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from flax import nnx
 from alignment_gap import config_checks
 from alignment_gap.errors import ConfigError
 from alignment_gap.models import LanguageModel, TransformerConfig
+from alignment_gap.study import pipeline
 from configs import demo, meshes, models, policy, study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +134,24 @@ def test_good_configs_pass():
     for name in meshes.SHAPES:
         assert meshes.get_config(name).rules == meshes.RULES
 
+
+
+@pytest.mark.parametrize("docs, variant", [("mini_study", "mini"), ("hypotheses", "hypotheses"),
+                                           ("paper_study", "paper")])
+def test_committed_results_are_the_runs_their_preset_plans(docs, variant):
+    """docs/<study>/results.csv holds exactly the runs the preset's plan has: a preset changed
+    without rerunning its documented study fails here."""
+    with open(os.path.join(ROOT, "docs", docs, "results.csv")) as f:
+        documented = {row["stage"] for row in csv.DictReader(f)}
+    plan = pipeline.build_plan(study.get_config(variant), "/nonexistent")
+    planned = {s.name for s in plan.stages if s.meta.get("method")}
+    assert documented == planned, (sorted(documented - planned), sorted(planned - documented))
+
+
+@pytest.mark.parametrize("variant", ["mini", "paper"])
+def test_the_offline_sweep_reaches_down_to_onlines_learning_rate(variant):
+    c = study.get_config(variant)
+    assert min(c.offline_learning_rates) <= min(c.online_learning_rates)
 
 def _main(*args, timeout=240):
     return subprocess.run([sys.executable, "-m", "alignment_gap.main", *args], cwd=ROOT,
