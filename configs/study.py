@@ -2,7 +2,7 @@
 
     python -m alignment_gap.main --config configs/study.py:mini --workdir workdir/study
 Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini` (the default
-of `make study`: 9 minutes on the 2-core AMD EPYC machine, 16-21 on Intel Xeon ones), `paper`
+of `make study`: 9 minutes on the 2-core AMD EPYC machine, 16-27 on Intel Xeon ones), `paper`
 (the full protocol at the mini size: 5 seeds, the offline grid and an online beta sweep, curves
 to their turn, 1,024 test prompts; about two hours on the Intel Xeon one),
 `mini_golden_opponent` (the paper's golden-policy opponent), accelerator presets
