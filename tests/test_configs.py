@@ -1,4 +1,5 @@
-"""Named sizes have the parameters their names promise; bad configs fail in one clear line."""
+"""Named sizes have the parameters their names promise; bad configs fail in one clear line; the
+documented studies hold the runs their presets plan."""
 
 import csv
 import os
@@ -135,7 +136,6 @@ def test_good_configs_pass():
         assert meshes.get_config(name).rules == meshes.RULES
 
 
-
 @pytest.mark.parametrize("docs, variant", [("mini_study", "mini"), ("hypotheses", "hypotheses"),
                                            ("paper_study", "paper")])
 def test_committed_results_are_the_runs_their_preset_plans(docs, variant):
@@ -152,6 +152,7 @@ def test_committed_results_are_the_runs_their_preset_plans(docs, variant):
 def test_the_offline_sweep_reaches_down_to_onlines_learning_rate(variant):
     c = study.get_config(variant)
     assert min(c.offline_learning_rates) <= min(c.online_learning_rates)
+
 
 def _main(*args, timeout=240):
     return subprocess.run([sys.executable, "-m", "alignment_gap.main", *args], cwd=ROOT,
