@@ -147,6 +147,15 @@ def validate(config, num_devices: int) -> None:
     for name in ("log_every", "checkpoint_every", "eval_batches", "max_to_keep"):
         if name in config:
             _positive(config, "", name)
+    for step in config.get("checkpoint_steps", ()):
+        if not (isinstance(step, int) and 0 < step < config.get("num_steps", step + 1)):
+            _fail("checkpoint_steps", f"{step!r} is not a step in 1 .. num_steps-1",
+                  "list the steps between the start and the end to checkpoint at")
+    if config.get("task") == "study":
+        for step in config.policy.get("early_checkpoints", ()):
+            if not (isinstance(step, int) and step > 0):
+                _fail("policy.early_checkpoints", f"{step!r} is not a positive step",
+                      "list steps >= 1 (those at or past a run's end are skipped)")
     if "data" in config:
         _positive(config.data, "data", "prompt_len", "response_len")
     if "eval" in config and "mesh" in config:

@@ -74,6 +74,7 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
         # online's learning rate), so `make hypotheses` reproduces it stage for stage.
         c.offline_learning_rates = [5e-4, 1e-3]
         c.quality.learning_rates = [5e-4]
+        c.policy.early_checkpoints = []
     else:  # smoke: every analysis's code path once, at the least cost (tests)
         c.quality.pairs = 4 * c.batch_size
         c.scaling.sizes = ["nano", c.model.name]
@@ -149,6 +150,7 @@ def _paper(c):
     beta to the turn of their golden curve, a proxy that sees less data than the golden model, and
     checkpoints chosen on the evaluation prompts but reported on 1,024 others."""
     c.seeds = [0, 1, 2, 3, 4]
+    c.policy.early_checkpoints = []  # the plan docs/paper_study ran: online_betas reach low KL
     c.data.train_pairs = 10_000  # D_initial, relabelled into D_golden
     c.proxy.steps = 250  # 8,000 of D_golden's pairs, once: a proxy there is more to exploit in
     c.policy.steps = 600  # online: at most; it stops where its golden curve has turned
@@ -196,6 +198,9 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     c.policy.stop_after_falls = 0
     c.policy.kl_cap = 0.0
     c.policy.stop_margin = 0.0  # A fall counts only this far below the best (evaluation noise).
+    # Extra checkpoints (each evaluated) before the first interval, so that every curve has
+    # points at the low KL budgets: by step 50 online is at ~0.5 nats and offline at 0.8-1.9.
+    c.policy.early_checkpoints = [10, 25]
     c.policy.warmup_steps = 20  # Linear warm-up steps (at most a tenth of a run's steps).
     c.policy.end_lr_fraction = 1.0  # Constant after warm-up, as the paper's policy runs.
     c.policy.weight_decay = 0.0  # AdamW decoupled weight decay.
@@ -241,6 +246,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
                                     _proxy_stage(40, 16, 1e-3))
         c.batch_size = 8
         c.policy.microbatches = 1  # Slices of 2 pairs would be dispatch-bound.
+        c.policy.early_checkpoints = []  # 12-step runs: their two evaluations suffice
         c.policy.steps, c.policy.checkpoint_every = 12, 6
         c.offline_learning_rates, c.offline_steps = [5e-4], [12]
         c.golden_policy_steps = 6

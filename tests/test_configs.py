@@ -136,16 +136,61 @@ def test_good_configs_pass():
         assert meshes.get_config(name).rules == meshes.RULES
 
 
+def test_bad_extra_checkpoints_are_one_line_errors():
+    c = study.get_config("smoke")
+    c.policy.early_checkpoints = [10, 0]
+    with pytest.raises(ConfigError, match=r"config.policy.early_checkpoints: 0 is not a "
+                       r"positive step; list steps >= 1"):
+        config_checks.validate(c, 1)
+    c = policy.get_config("online_tiny")  # 6 steps
+    c.checkpoint_steps = [2, 6]
+    with pytest.raises(ConfigError, match=r"config.checkpoint_steps: 6 is not a step in 1 .. "
+                       r"num_steps-1"):
+        config_checks.validate(c, 1)
+    c.checkpoint_steps = [2, 4]
+    config_checks.validate(c, 1)
+
+
+def _schedule(stage) -> tuple[int, list[int]]:
+    """(interval, extra steps) a policy stage checkpoints and evaluates at."""
+    return stage.config.checkpoint_every, list(stage.config.get("checkpoint_steps", []))
+
+
+def test_early_checkpoints_reach_both_methods_and_steps_on_an_interval_are_not_extra():
+    plan = pipeline.build_plan(study.get_config("mini"), "/nonexistent")
+    runs = [s for s in plan.stages if s.meta.get("method")]
+    assert {s.meta["method"] for s in runs} == {"online", "offline"}
+    for stage in runs:
+        assert _schedule(stage) == (50, [10, 25]), stage.name
+        assert stage.config.max_to_keep == 300 // 50 + 1 + 2  # every checkpoint is kept
+    c = study.get_config("mini")
+    c.policy.offline_checkpoint_every = 5  # 10 and 25 are on this interval
+    offline = pipeline.build_plan(c, "/nonexistent").main_runs("offline")
+    assert [_schedule(s) for s in offline] == [(5, [])] * len(offline)
+    c.policy.early_checkpoints = [400]  # past the runs' end: skipped
+    online = pipeline.build_plan(c, "/nonexistent").main_runs("online")
+    assert "checkpoint_steps" not in online[0].config
+
+
 @pytest.mark.parametrize("docs, variant", [("mini_study", "mini"), ("hypotheses", "hypotheses"),
                                            ("paper_study", "paper")])
 def test_committed_results_are_the_runs_their_preset_plans(docs, variant):
-    """docs/<study>/results.csv holds exactly the runs the preset's plan has: a preset changed
-    without rerunning its documented study fails here."""
+    """docs/<study>/results.csv holds exactly the runs the preset's plan has, each evaluated at
+    the steps its schedule has (up to where it stopped): a preset changed without rerunning its
+    documented study fails here."""
+    documented = {}
     with open(os.path.join(ROOT, "docs", docs, "results.csv")) as f:
-        documented = {row["stage"] for row in csv.DictReader(f)}
+        for row in csv.DictReader(f):
+            documented.setdefault(row["stage"], []).append(int(row["step"]))
     plan = pipeline.build_plan(study.get_config(variant), "/nonexistent")
-    planned = {s.name for s in plan.stages if s.meta.get("method")}
-    assert documented == planned, (sorted(documented - planned), sorted(planned - documented))
+    planned = {s.name: s for s in plan.stages if s.meta.get("method")}
+    assert set(documented) == set(planned), (sorted(set(documented) - set(planned)),
+                                             sorted(set(planned) - set(documented)))
+    for name, steps in documented.items():
+        every, extra = _schedule(planned[name])
+        n = planned[name].config.num_steps
+        schedule = sorted({0, n, *range(every, n + 1, every), *extra})
+        assert steps == [k for k in schedule if k <= max(steps)], name
 
 
 @pytest.mark.parametrize("variant", ["mini", "paper"])

@@ -159,9 +159,8 @@ class Plan:
                       s.batch_size, lr)
         cfg.model = ml_collections.ConfigDict(model.to_dict())
         cfg.seed, cfg.beta, cfg.loss = seed, beta, loss or s.policy.loss
-        cfg.checkpoint_every = min(s.policy.checkpoint_every, steps)
-        cfg.max_to_keep = steps // cfg.checkpoint_every + 1  # every checkpoint: analyses read them
-        cfg.log_every = min(cfg.log_every, cfg.checkpoint_every)
+        _checkpoint_schedule(cfg, s.policy.checkpoint_every, steps,
+                             s.policy.get("early_checkpoints", ()))
         cfg.sampling.temperature = s.policy.temperature
         cfg.sampling.top_k, cfg.sampling.top_p = s.policy.top_k, s.policy.top_p
         cfg.microbatches = s.policy.get("microbatches", 1)
@@ -221,9 +220,8 @@ class Plan:
                               sft_stage=sft_stage, loss=loss, opponent=opponent)
         every = self.study.policy.get("offline_checkpoint_every", 0)
         if every:  # set only where it differs, so no other study's stage key changes
-            cfg.checkpoint_every = min(every, steps)
-            cfg.max_to_keep = steps // cfg.checkpoint_every + 1
-            cfg.log_every = min(cfg.log_every, cfg.checkpoint_every)
+            _checkpoint_schedule(cfg, every, steps,
+                                 self.study.policy.get("early_checkpoints", ()))
         if comparisons:
             cfg.data.comparisons = comparisons
         if replay is not None:
@@ -238,6 +236,20 @@ class Plan:
                               (*self._evaluated(sft_stage, opponent), *upstream),
                               dict(method=method, seed=seed, learning_rate=lr, beta=beta,
                                    steps=steps, group=group)))
+
+
+def _checkpoint_schedule(cfg, every: int, steps: int, early=()):
+    """Checkpoint (and evaluate) a policy run every `every` steps, at the `early` steps between
+    (set only where there are any: no other stage key changes) and at the end; keep them all,
+    the analyses read them."""
+    cfg.checkpoint_every = min(every, steps)
+    extra = sorted(k for k in early if 0 < k < steps and k % cfg.checkpoint_every)
+    cfg.max_to_keep = steps // cfg.checkpoint_every + 1 + len(extra)
+    cfg.log_every = min(cfg.log_every, cfg.checkpoint_every)
+    if extra:
+        cfg.checkpoint_steps = extra
+    elif "checkpoint_steps" in cfg:  # an interval set again (offline's own) that covers them
+        del cfg["checkpoint_steps"]
 
 
 def chain_study(study, chain: int):

@@ -5,7 +5,8 @@
                                                 # online: sample with the current policy
         state, metrics = update(state, batch, key)   # one jitted, donated update step
         read the previous step's metrics          # one step late: the next step is in flight
-        every checkpoint_every steps and at the end: verify, evaluate, checkpoint
+        every checkpoint_every steps, at the steps in checkpoint_steps (if the config has
+        them) and at the end: verify, evaluate, checkpoint
         preempted (SIGTERM / SIGINT, `preemption.py`): checkpoint this step, record, stop
 
 A non-finite metric stops the run with its step and the last good checkpoint named; the bad
@@ -65,6 +66,9 @@ class Loop:
         progress = metrics_lib.Progress(c.num_steps, start)
         self.last_good = self.checkpointer.latest_step()
         pending, last, stop = None, {}, ""
+        # Extra evaluation points (a curve's low-KL start); set only where used, so the
+        # configs (and stage keys) of runs without them do not change.
+        extra = set(c.get("checkpoint_steps", ()))
         if self.evaluate is not None and self.evaluate_at_start and start == 0:
             writer.write(0, self.evaluate(state)[0], prefix="eval/")
         for step in range(start + 1, c.num_steps + 1):
@@ -75,7 +79,7 @@ class Loop:
                 last = self._record(*pending, window, writer, progress)
             pending = (step, step_metrics)
             preempted = preemption.reached() and step < c.num_steps
-            scheduled = step % c.checkpoint_every == 0 or step == c.num_steps
+            scheduled = step % c.checkpoint_every == 0 or step == c.num_steps or step in extra
             if scheduled or preempted:
                 last = self._record(*pending, window, writer, progress)
                 pending = None
