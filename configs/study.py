@@ -2,9 +2,10 @@
 
     python -m alignment_gap.main --config configs/study.py:mini --workdir workdir/study
 Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini` (the default
-of `make study`: 9 minutes on the 2-core AMD EPYC machine, 16-27 on Intel Xeon ones), `paper`
-(the full protocol at the mini size: 5 seeds, the offline grid and an online beta sweep, curves
-to their turn, 1,024 test prompts; about two hours on the Intel Xeon one),
+of `make study`: 16-29 minutes on 2-core Intel Xeon machines, 9 on the AMD EPYC one before
+its early checkpoints), `paper` (the full protocol at the mini size: 5 seeds, the offline grid
+and an online beta sweep, curves to their turn, 1,024 test prompts; about two hours on the
+Intel Xeon one),
 `mini_golden_opponent` (the paper's golden-policy opponent), accelerator presets
 (`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the model sizes and the mesh, and studies on
 real data from pretrained models (`tldr_gemma3_270m`, `hh_gemma3_270m`, and `_cpu` versions of
@@ -199,8 +200,9 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     c.policy.kl_cap = 0.0
     c.policy.stop_margin = 0.0  # A fall counts only this far below the best (evaluation noise).
     # Extra checkpoints (each evaluated) before the first interval, so that every curve has
-    # points at the low KL budgets: by step 50 online is at ~0.5 nats and offline at 0.8-1.9.
-    c.policy.early_checkpoints = [10, 25]
+    # points at the low KL budgets: by step 50 online is at ~0.5 nats and offline at 0.8-1.9;
+    # at step 25 both are at ~0.17 (at step 10, ~0.006: too close to SFT to tell apart).
+    c.policy.early_checkpoints = [25, 35]
     c.policy.warmup_steps = 20  # Linear warm-up steps (at most a tenth of a run's steps).
     c.policy.end_lr_fraction = 1.0  # Constant after warm-up, as the paper's policy runs.
     c.policy.weight_decay = 0.0  # AdamW decoupled weight decay.

@@ -20,6 +20,16 @@ COLORS = {"online": "tab:blue", "offline": "tab:orange"}
 FIG1_TITLE = "Online vs offline IPO at matched KL (cf. Tang et al. 2024, Fig. 1)"
 
 
+def _schedule(policy) -> str:
+    """When the policy runs are evaluated, in words."""
+    every = policy.checkpoint_every
+    offline = policy.get("offline_checkpoint_every", 0) or every
+    early = list(policy.get("early_checkpoints", []))
+    return (f"at step 0, every {every} steps" + (f" (offline: {offline})" if offline != every
+                                                 else "")
+            + (f", at steps {early}" if early else "") + " and at each run's last step")
+
+
 def color(method: str, index: int) -> str:
     return COLORS.get(method, f"C{(index + 2) % 10}")
 
@@ -133,7 +143,7 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
               f"`{study.golden_model.name}`; loss {study.policy.loss}; seeds {list(study.seeds)}",
               f"- {datasets.describe(study.data)}",
               f"- evaluation on {study.eval.prompts} test prompts, KL on "
-              f"{study.eval.kl_prompts}",
+              f"{study.eval.kl_prompts}; {_schedule(study.policy)}",
               f"- online sweep: lr {list(study.online_learning_rates)} x beta "
               f"{sorted({r['beta'] for r in rows if r['method'] == 'online'})}",
               f"- offline sweep: lr {list(study.offline_learning_rates)} x beta "
