@@ -170,6 +170,9 @@ def test_early_checkpoints_reach_both_methods_and_steps_on_an_interval_are_not_e
     c.policy.early_checkpoints = [400]  # past the runs' end: skipped
     online = pipeline.build_plan(c, "/nonexistent").main_runs("online")
     assert "checkpoint_steps" not in online[0].config
+    plan = pipeline.build_plan(study.get_config("mini_golden_opponent"), "/nonexistent")
+    golden_policy = next(s for s in plan.stages if s.name == "golden_policy")
+    assert "checkpoint_steps" not in golden_policy.config  # trained, never evaluated
 
 
 @pytest.mark.parametrize("docs, variant", [("mini_study", "mini"), ("hypotheses", "hypotheses"),

@@ -160,7 +160,7 @@ class Plan:
         cfg.model = ml_collections.ConfigDict(model.to_dict())
         cfg.seed, cfg.beta, cfg.loss = seed, beta, loss or s.policy.loss
         _checkpoint_schedule(cfg, s.policy.checkpoint_every, steps,
-                             s.policy.get("early_checkpoints", ()))
+                             s.policy.get("early_checkpoints", ()) if evaluate else ())
         cfg.sampling.temperature = s.policy.temperature
         cfg.sampling.top_k, cfg.sampling.top_p = s.policy.top_k, s.policy.top_p
         cfg.microbatches = s.policy.get("microbatches", 1)
