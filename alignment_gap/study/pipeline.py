@@ -152,14 +152,17 @@ class Plan:
         return Stage("sft" if main_policy else f"sft-{model.name}", cfg, sft.run)
 
     def policy_cfg(self, source, seed, lr, beta, steps, *, proxy=None, proxy_model=None,
-                   evaluate=True, model=None, sft_stage=None, loss=None, opponent=None):
+                   evaluate=True, model=None, sft_stage=None, loss=None, opponent=None,
+                   checkpoint_every=0):
+        """A policy run's trainer config; `checkpoint_every`: other than policy.checkpoint_every
+        (offline's own interval)."""
         s = self.study
         model = model or s.model
         cfg = _common(policy_configs.get_config(f"{source}_mini"), s, s.policy, steps,
                       s.batch_size, lr)
         cfg.model = ml_collections.ConfigDict(model.to_dict())
         cfg.seed, cfg.beta, cfg.loss = seed, beta, loss or s.policy.loss
-        _checkpoint_schedule(cfg, s.policy.checkpoint_every, steps,
+        _checkpoint_schedule(cfg, checkpoint_every or s.policy.checkpoint_every, steps,
                              s.policy.get("early_checkpoints", ()) if evaluate else ())
         cfg.sampling.temperature = s.policy.temperature
         cfg.sampling.top_k, cfg.sampling.top_p = s.policy.top_k, s.policy.top_p
@@ -217,11 +220,9 @@ class Plan:
         `replay`: (online stage, order, window)."""
         sft_stage = self.add(self.sft_stage(model)) if model is not None else None
         cfg = self.policy_cfg("offline", seed, lr, beta, steps, model=model,
-                              sft_stage=sft_stage, loss=loss, opponent=opponent)
-        every = self.study.policy.get("offline_checkpoint_every", 0)
-        if every:  # set only where it differs, so no other study's stage key changes
-            _checkpoint_schedule(cfg, every, steps,
-                                 self.study.policy.get("early_checkpoints", ()))
+                              sft_stage=sft_stage, loss=loss, opponent=opponent,
+                              checkpoint_every=self.study.policy.get("offline_checkpoint_every",
+                                                                     0))
         if comparisons:
             cfg.data.comparisons = comparisons
         if replay is not None:
@@ -248,8 +249,6 @@ def _checkpoint_schedule(cfg, every: int, steps: int, early=()):
     cfg.log_every = min(cfg.log_every, cfg.checkpoint_every)
     if extra:
         cfg.checkpoint_steps = extra
-    elif "checkpoint_steps" in cfg:  # an interval set again (offline's own) that covers them
-        del cfg["checkpoint_steps"]
 
 
 def chain_study(study, chain: int):
