@@ -32,7 +32,7 @@ lint: install
 study: install
 	$(BIN)/python -m alignment_gap.main --config configs/study.py:mini --workdir $(WORKDIR)
 
-# The paper's five hypotheses as study variants, in the same workdir (reuses the study's stages).
+# The paper's five hypotheses as study variants, in the same workdir (reuses its upstream stages).
 hypotheses: install
 	$(BIN)/python -m alignment_gap.main --config configs/study.py:hypotheses --workdir $(WORKDIR)
 

@@ -161,10 +161,10 @@ def test_early_checkpoints_reach_both_methods_and_steps_on_an_interval_are_not_e
     runs = [s for s in plan.stages if s.meta.get("method")]
     assert {s.meta["method"] for s in runs} == {"online", "offline"}
     for stage in runs:
-        assert _schedule(stage) == (50, [25, 35]), stage.name
-        assert stage.config.max_to_keep == 300 // 50 + 1 + 2  # every checkpoint is kept
+        assert _schedule(stage) == (50, [25, 35, 45, 75]), stage.name
+        assert stage.config.max_to_keep == 300 // 50 + 1 + 4  # every checkpoint is kept
     c = study.get_config("mini")
-    c.policy.offline_checkpoint_every = 5  # 25 and 35 are on this interval
+    c.policy.offline_checkpoint_every = 5  # the early steps are on this interval
     offline = pipeline.build_plan(c, "/nonexistent").main_runs("offline")
     assert [_schedule(s) for s in offline] == [(5, [])] * len(offline)
     c.policy.early_checkpoints = [400]  # past the runs' end: skipped
