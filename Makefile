@@ -33,7 +33,7 @@ study: install
 	$(BIN)/python -m alignment_gap.main --config configs/study.py:mini --workdir $(WORKDIR)
 
 # The paper's five hypotheses as study variants, in the same workdir (reuses its upstream stages
-# and its online and lr-1e-3 offline runs of seeds 0 and 1).
+# and its online and offline runs of seeds 0 and 1).
 hypotheses: install
 	$(BIN)/python -m alignment_gap.main --config configs/study.py:hypotheses --workdir $(WORKDIR)
 

@@ -261,6 +261,23 @@ def test_an_online_beta_sweep_adds_runs_and_keeps_policy_betas_run(tmp_path):
         assert b[f"{name}-b1"].config.beta == 1.0 and b[f"{name}-b1"].meta["beta"] == 1.0
         assert b[f"{name}-b1"].key != a[name].key
 
+def test_replays_are_measured_against_the_main_sweeps_run_at_their_learning_rate(tmp_path):
+    """Where the main offline sweep has a run at the replays' (online's) learning rate, beta and
+    length, the coverage variant compares against that run instead of training it twice."""
+    from alignment_gap.study.hypotheses import coverage
+    c = study_configs.get_config("smoke_coverage")
+    lr = c.online_learning_rates[0]
+    names = lambda plan: {s.name for s in plan.stages}
+    assert any(n.startswith("offline_same_lr") for n in names(pipeline.build_plan(c, "/w")))
+    c.offline_learning_rates = [*c.offline_learning_rates, lr]
+    plan = pipeline.build_plan(c, str(tmp_path))
+    same_lr = coverage.runs(plan)["offline_same_lr"]
+    assert [r.meta["seed"] for r in same_lr] == list(c.seeds)
+    assert all(r in plan.main_runs("offline") and r.meta["learning_rate"] == lr
+               for r in same_lr)
+    assert not any(n.startswith("offline_same_lr") for n in names(plan))
+
+
 def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke):
     workdir, args, _ = smoke
     before = json.loads((workdir / "timings.json").read_text())

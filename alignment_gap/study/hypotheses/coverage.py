@@ -32,9 +32,14 @@ def runs(plan) -> dict:
         for label, order, window in s.coverage.orders:
             out[label].append(plan.offline(seed, lr, s.policy.beta, s.policy.steps, method=label,
                                            group=NAME, replay=(online, order, window)))
-        # D_golden at the replays' learning rate: what a replay's gain is measured against.
-        out["offline_same_lr"].append(plan.offline(seed, lr, s.policy.beta, s.policy.steps,
-                                                   method="offline_same_lr", group=NAME))
+        # D_golden at the replays' learning rate: what a replay's gain is measured against
+        # (the main sweep's run where it has one, not a second run of the same config).
+        main = [run for run in plan.main_runs("offline") if run.meta["seed"] == seed
+                and (run.meta["learning_rate"], run.meta["beta"], run.meta["steps"])
+                == (lr, s.policy.beta, s.policy.steps)]
+        out["offline_same_lr"] += main[:1] or [
+            plan.offline(seed, lr, s.policy.beta, s.policy.steps, method="offline_same_lr",
+                         group=NAME)]
     out["offline"] = plan.main_runs("offline")
     return out
 
