@@ -261,6 +261,7 @@ def test_an_online_beta_sweep_adds_runs_and_keeps_policy_betas_run(tmp_path):
         assert b[f"{name}-b1"].config.beta == 1.0 and b[f"{name}-b1"].meta["beta"] == 1.0
         assert b[f"{name}-b1"].key != a[name].key
 
+
 def test_replays_are_measured_against_the_main_sweeps_run_at_their_learning_rate(tmp_path):
     """Where the main offline sweep has a run at the replays' (online's) learning rate, beta and
     length, the coverage variant compares against that run instead of training it twice."""
