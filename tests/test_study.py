@@ -279,6 +279,17 @@ def test_replays_are_measured_against_the_main_sweeps_run_at_their_learning_rate
     assert not any(n.startswith("offline_same_lr") for n in names(plan))
 
 
+def test_a_plan_refuses_to_train_one_run_twice_under_two_names(tmp_path):
+    """A variant that re-adds a main run under its own name (the duplicate `offline_same_lr`
+    runs coverage once trained) is an error naming both stages, not a second identical run."""
+    plan = pipeline.build_plan(study_configs.get_config("smoke"), str(tmp_path))
+    run = plan.main_runs("offline")[0]
+    twin = pipeline.Stage("offline_again-s0", run.config, run.run, run.upstream)
+    with pytest.raises(ValueError, match=f"'offline_again-s0' would train '{run.name}' again"):
+        plan.add(twin)
+    assert plan.add(pipeline.Stage(run.name, run.config, run.run, run.upstream)) is run
+
+
 def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke):
     workdir, args, _ = smoke
     before = json.loads((workdir / "timings.json").read_text())

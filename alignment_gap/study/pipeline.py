@@ -71,6 +71,7 @@ class Plan:
         self.study, self.workdir, self.chain = study, workdir, chain
         self.stages = into.stages if into is not None else []
         self._by_name: dict[str, Stage] = into._by_name if into is not None else {}
+        self._by_key: dict[str, Stage] = into._by_key if into is not None else {}
         self.chains = [self]
         s = study
         self.sft = self.add(self.sft_stage(s.model))
@@ -125,7 +126,9 @@ class Plan:
         return stage.directory(self.workdir)
 
     def add(self, stage: Stage) -> Stage:
-        """Append a stage once; a second stage with the same name must be the same stage."""
+        """Append a stage once; a second stage with the same name must be the same stage, and
+        one with the same key (config and inputs) the same name: a run is never trained twice
+        under two names."""
         if self.chain and "chain" not in stage.meta:  # named once, however often it is added
             stage.name = f"{stage.name}-u{self.chain}"
             stage.meta["chain"] = self.chain
@@ -133,7 +136,12 @@ class Plan:
             if self._by_name[stage.name].key != stage.key:
                 raise ValueError(f"two different study stages are both named {stage.name!r}")
             return self._by_name[stage.name]
+        twin = self._by_key.get(stage.key)
+        if twin is not None:
+            raise ValueError(f"study stage {stage.name!r} would train {twin.name!r} again (same "
+                             f"config and inputs); use that stage (e.g. Plan.main_runs) instead")
         self._by_name[stage.name] = stage
+        self._by_key[stage.key] = stage
         self.stages.append(stage)
         return stage
 
