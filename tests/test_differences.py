@@ -1,5 +1,5 @@
-"""Online minus offline at matched KL budgets (study/differences.py) on hand-made outcomes, and
-the classification hypothesis's stream means.
+"""Online minus offline at matched KL budgets (study/differences.py) on hand-made outcomes, the
+classification hypothesis's stream means, and how the report words what they feed.
 
 Each test builds per-prompt outcomes whose right answer is known: a clear winner, no difference,
 a checkpoint that is lucky on the selection prompts, budgets one method never reached, one seed.
@@ -8,7 +8,8 @@ a checkpoint that is lucky on the selection prompts, budgets one method never re
 import numpy as np
 import pytest
 
-from alignment_gap.study import differences, results
+from alignment_gap.study import differences, report, results
+from configs import study as study_configs
 
 N = 64  # evaluation prompts: 32 selection (even positions), 32 test (odd)
 
@@ -220,3 +221,21 @@ def test_the_report_says_how_often_a_resample_would_choose_outside_the_candidate
         share = c["outside_candidates"]["online"]
         assert (0.05 < share < 0.95) if outside else share == 0.0, share
         assert c["outside_candidates"]["offline"] == 0.0
+
+
+def test_the_report_explains_its_peak_intervals_and_writes_measured_settings_as_prose():
+    rng = np.random.default_rng(6)
+    points = [point(m, seed, 1.0, noisy(rng, 0.6)) for m in ("online", "offline")
+              for seed in (0, 1)]
+    comparison = differences.compare(points, replicates=50)
+    extras = {"agreement": {"test": 0.84912, "validation": 0.8},
+              "on samples": {"online": {"all": 0.6761, "last": 0.69}, "offline": {"all": 0.5}}}
+    row = lambda method, seed, win: {"method": method, "seed": seed, "step": 6, "chain": 0,
+                                     "beta": 0.1, "win_rate": win, "oracle_win_rate": win}
+    for wins, no_interval in (((0.7, 0.8), False), ((0.75, 0.75), True)):
+        rows = [row(m, seed, w) for m in ("online", "offline") for seed, w in enumerate(wins)]
+        text = report.markdown(study_configs.get_config("smoke"), rows, comparison, {}, extras)
+        assert "+- is the half-width of a 95% t-interval over seeds" in text
+        assert ("no interval: one seed, or seeds that agree exactly" in text) == no_interval
+        assert "- agreement: test 0.849, validation 0.800\n" in text
+        assert "- on samples: online: all 0.676, last 0.690; offline: all 0.500\n" in text

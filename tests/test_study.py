@@ -94,7 +94,8 @@ def test_smoke_study_writes_table_plot_and_report(smoke):
     # How far the golden judge is from the truth, on its own D_golden pairs (synthetic world).
     graded = summary["golden model agreement with the oracle on D_golden pairs"]
     assert set(graded) == {"validation", "test"} and all(0.5 < v <= 1.0 for v in graded.values())
-    assert "- golden model agreement with the oracle on D_golden pairs: {" in report
+    shown = ", ".join(f"{split} {value:.3f}" for split, value in graded.items())
+    assert f"- golden model agreement with the oracle on D_golden pairs: {shown}\n" in report
     assert "oracle: online minus offline" in summary["verdict"]
     # ... and on the samples the policies produce (their evaluations against the SFT policy).
     on_samples = summary["golden model agreement with the oracle on policy-vs-opponent samples"]

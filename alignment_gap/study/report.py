@@ -74,6 +74,18 @@ def format_interval(mean_ci) -> str:
     return f"{mean:.3f}" + (f" +- {half:.3f}" if np.isfinite(half) else " (no interval)")
 
 
+def setting_value(value) -> str:
+    """A measured setting as prose: fractions to three decimals, {split: value} as
+    `split value, ...`, one level deeper as `name: split value, ...; ...`."""
+    if isinstance(value, dict):
+        nested = any(isinstance(v, dict) for v in value.values())
+        return ("; " if nested else ", ").join(
+            f"{k}{':' if nested else ''} {setting_value(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
 def _outside(comparison: dict) -> str:
     return " and ".join(f"{share:.1%} of {method}'s" for method, share in
                         comparison.get("outside_candidates", {}).items())
@@ -129,13 +141,15 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
              "## Peak win rate (best checkpoint per seed, chosen and scored on all prompts; "
              "each method's best over its sweep)", "",
              "| method | golden win rate | oracle win rate | seeds |", "| --- | --- | --- | --- |"]
-    for method in sorted(p):
-        lines.append(f"| {method} | {format_interval(p[method]['mean_ci'])} | "
-                     f"{format_interval(g.get(method, {}).get('mean_ci', (np.nan, np.nan)))} | "
-                     f"{len(p[method]['per_seed'])} |")
-    lines += ["", "Peaks are at whatever KL each method reached and flatter many-checkpoint "
-              "sweeps; the budget table above is the comparison. No interval: one seed, or "
-              "seeds that agree exactly.", "", "## Setting", "",
+    peak_rows = [f"| {method} | {format_interval(p[method]['mean_ci'])} | "
+                 f"{format_interval(g.get(method, {}).get('mean_ci', (np.nan, np.nan)))} | "
+                 f"{len(p[method]['per_seed'])} |" for method in sorted(p)]
+    lines += peak_rows
+    lines += ["", "+- is the half-width of a 95% t-interval over seeds"
+              + ("; no interval: one seed, or seeds that agree exactly"
+                 if any("(no interval)" in row for row in peak_rows) else "")
+              + ". Peaks are at whatever KL each method reached and flatter many-checkpoint "
+              "sweeps; the budget table above is the comparison.", "", "## Setting", "",
               f"- opponent: {study.opponent}; judge: the golden preference model (both-order "
               "sign rule); oracle: " + ("the synthetic world's exact score"
                                         if study.data.kind == "synthetic" else "none (real data)"),
@@ -149,7 +163,7 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
               f"- offline sweep: lr {list(study.offline_learning_rates)} x beta "
               f"{list(study.offline_betas)} x steps {list(study.offline_steps)}"]
     for key, value in extras.items():
-        lines.append(f"- {key}: {value}")
+        lines.append(f"- {key}: {setting_value(value)}")
     lines += ["", "## Stage wall time (this machine, seconds; skipped stages keep earlier "
               "times)", "", "| stage | s |", "| --- | --- |"]
     lines += [f"| {name} | {sec:.0f} |" for name, sec in timings.items()]
