@@ -17,6 +17,7 @@ MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_SCALING = ("none", "linear", "llama3")
 MESH_AXES = ("data", "fsdp", "tensor")
 SOURCES = ("online", "offline")
+OPPONENTS = ("sft", "golden_policy")
 # The paper's hypotheses, each a module of `alignment_gap.study.hypotheses`.
 HYPOTHESES = ("coverage", "quality", "classification", "noncontrastive", "scaling")
 
@@ -152,6 +153,7 @@ def validate(config, num_devices: int) -> None:
             _fail("checkpoint_steps", f"{step!r} is not a step in 1 .. num_steps-1",
                   "list the steps between the start and the end to checkpoint at")
     if config.get("task") == "study":
+        check_study(config, shape[0] * shape[1])
         for step in config.policy.get("early_checkpoints", ()):
             if not (isinstance(step, int) and step > 0):
                 _fail("policy.early_checkpoints", f"{step!r} is not a positive step",
@@ -214,6 +216,80 @@ def validate(config, num_devices: int) -> None:
         _check_max_len(config, "proxy_model", lengths, 2)
         if "eval" in config:
             _check_max_len(config.eval, "golden_model", lengths, 2, prefix="eval.")
+
+
+def _positive_values(c, field: str, fix: str, *, integers=False, allow_empty=False):
+    values = c[field]
+    if not values and not allow_empty:
+        _fail(field, "is empty", fix)
+    for v in values:
+        if not (isinstance(v, int) if integers else isinstance(v, (int, float))) or v <= 0:
+            _fail(field, f"{v!r} in {tuple(values)} is not a positive "
+                  f"{'integer' if integers else 'number'}", fix)
+
+
+def check_study(c, rows: int):
+    """The study's own fields, named as the user set them: each stage's trainer config is built
+    from them, so a mistake here would otherwise surface mid-study as a traceback."""
+    seeds = "list policy seeds, e.g. --config.seeds='(0, 1, 2)'"
+    if not c.seeds:
+        _fail("seeds", "is empty", seeds)
+    for seed in c.seeds:
+        if not isinstance(seed, int) or seed < 0:
+            _fail("seeds", f"{seed!r} in {tuple(c.seeds)} is not an integer >= 0", seeds)
+    if c.get("upstream_chains", 1) < 1:
+        _fail("upstream_chains", f"must be >= 1, got {c.upstream_chains}",
+              "1 runs the main study once")
+    for name in ("sft", "golden", "proxy"):
+        _positive(c[name], name, "steps", "batch_size", "checkpoint_every", "eval_batches")
+        if c[name].learning_rate <= 0:
+            _fail(f"{name}.learning_rate", f"must be positive, got {c[name].learning_rate}",
+                  "set the peak learning rate")
+        if c[name].batch_size % rows:
+            _fail(f"{name}.batch_size", f"{c[name].batch_size} is not divisible by mesh "
+                  f"data*fsdp={rows}", f"use a multiple of {rows}")
+    p = c.policy
+    _positive(p, "policy", "steps", "checkpoint_every", "microbatches")
+    _positive(c, "", "golden_policy_steps")
+    if p.loss not in POLICY_LOSSES:
+        _fail("policy.loss", f"{p.loss!r} is unknown", f"use one of {POLICY_LOSSES}")
+    if p.beta <= 0:
+        _fail("policy.beta", f"must be positive, got {p.beta}", "the paper uses 0.1")
+    if c.batch_size % (p.microbatches * rows):
+        _fail("policy.microbatches", f"{p.microbatches} does not split batch_size="
+              f"{c.batch_size} into slices divisible by mesh data*fsdp={rows}",
+              f"use a k >= 1 with batch_size a multiple of k*{rows}")
+    if p.get("offline_checkpoint_every", 0) < 0:
+        _fail("policy.offline_checkpoint_every", f"must be >= 0, got "
+              f"{p.offline_checkpoint_every}", "0 uses policy.checkpoint_every")
+    for name in ("stop_after_falls", "kl_cap"):
+        if p.get(name, 0) < 0:
+            _fail(f"policy.{name}", f"must be >= 0, got {p[name]}", "0 turns it off")
+    if p.temperature <= 0:
+        _fail("policy.temperature", f"must be positive, got {p.temperature}: at 0 (greedy) "
+              "both online samples are the same", "use 1.0, the paper's")
+    if p.top_k < 0:
+        _fail("policy.top_k", f"must be >= 0, got {p.top_k}", "0 turns it off")
+    if not 0.0 < p.top_p <= 1.0:
+        _fail("policy.top_p", f"must be in (0, 1], got {p.top_p}", "1.0 turns it off")
+    rates = "list positive learning rates, e.g. '(2e-4, 1e-3)'"
+    _positive_values(c, "online_learning_rates", rates)
+    _positive_values(c, "offline_learning_rates", rates)
+    _positive_values(c, "online_betas", "list positive betas or () for policy.beta alone",
+                     allow_empty=True)
+    _positive_values(c, "offline_betas", "list positive betas, e.g. '(0.1, 0.5)'")
+    _positive_values(c, "offline_steps", "list positive step counts, e.g. '(300,)'",
+                     integers=True)
+    if c.opponent not in OPPONENTS:
+        _fail("opponent", f"{c.opponent!r} is unknown", f"use one of {OPPONENTS}")
+    e = c.eval
+    _positive(e, "eval", "prompts", "kl_prompts", "pairs")
+    if e.get("test_prompts", 0) < 0:
+        _fail("eval.test_prompts", f"must be >= 0, got {e.test_prompts}",
+              "0 lets the evaluation prompts' halves choose and score")
+    if e.get("candidate_margin", 0.0) < 0:
+        _fail("eval.candidate_margin", f"must be >= 0, got {e.candidate_margin}",
+              "use about the win rate's noise, e.g. 0.03")
 
 
 def _check_max_len(config, name, lengths, responses, prefix=""):

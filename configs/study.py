@@ -83,7 +83,7 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
 
 
 def _hypothesis_sections(c):
-    c.hypotheses = []  # Hypothesis variants whose runs, figures and verdicts to add.
+    c.hypotheses = ()  # Hypothesis variants whose runs, figures and verdicts to add.
     c.coverage = ml_collections.ConfigDict()
     # Replay orders of D_online: (label, order, batches per shuffled window). The paper's
     # windows of 4 and 500 batches in 4k-step runs; 500/4000 scales to steps // 8 here.
@@ -93,15 +93,15 @@ def _hypothesis_sections(c):
     c.quality = ml_collections.ConfigDict()
     c.quality.pairs = 4096  # Train pairs sampled for each of D_4k vs 4k, D_sft vs 800, ...
     c.quality.early_step = c.policy.steps // 5  # The paper's 800 of 4k steps, scaled.
-    c.quality.learning_rates = [c.offline_learning_rates[0]]  # Offline lr on each dataset.
+    c.quality.learning_rates = (c.offline_learning_rates[0],)  # Offline lr on each dataset.
     c.classification = ml_collections.ConfigDict()
     c.classification.stream_pairs = 2 * c.batch_size  # Online-stream pairs at each checkpoint.
     c.noncontrastive = ml_collections.ConfigDict()
     c.noncontrastive.learning_rate = c.online_learning_rates[0]  # Best-of-2 online (and shuffled).
     lr = c.noncontrastive.learning_rate  # Best-of-2 offline on D_golden: its own sweep.
-    c.noncontrastive.offline_learning_rates = [lr / 2, lr, 2.5 * lr]
+    c.noncontrastive.offline_learning_rates = (lr / 2, lr, 2.5 * lr)
     c.scaling = ml_collections.ConfigDict()
-    c.scaling.sizes = ["nano", "mini", "small"]  # Policy sizes (>= 8x params), same proxy,
+    c.scaling.sizes = ("nano", "mini", "small")  # Policy sizes (>= 8x params), same proxy,
     # each against one opponent: the golden policy (trained at the main size, c.model).
     c.scaling.quantile = 0.9  # "best" = this quantile of a method's run peaks at a size.
 
@@ -168,7 +168,7 @@ def _paper(c):
 def _main(variant: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "study"  # Which entry point main.py runs.
-    c.seeds = [0, 1, 2]  # Policy-run seeds (online and offline); headline numbers average them.
+    c.seeds = (0, 1, 2)  # Policy-run seeds (online and offline); headline numbers average them.
     # Upstream draws: n > 1 repeats the main study n - 1 more times with the world, SFT, golden
     # and proxy seeds shifted by 1, 2, ... (stages named -u1, ...): the intervals then resample
     # draws and seeds within them, and the report says the draws' share of the variance.
@@ -201,7 +201,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     # curve has points across the budgets: both methods are at ~0.17 nats at step 25 (at step
     # 10, ~0.006: too close to SFT to tell apart); from step 35 to 50 offline at online's
     # learning rate goes 0.42 -> 0.79 nats, and from step 50 to 100 online 0.5 -> 0.95.
-    c.policy.early_checkpoints = [25, 35, 45, 75]
+    c.policy.early_checkpoints = (25, 35, 45, 75)
     c.policy.warmup_steps = 20  # Linear warm-up steps (at most a tenth of a run's steps).
     c.policy.end_lr_fraction = 1.0  # Constant after warm-up, as the paper's policy runs.
     c.policy.weight_decay = 0.0  # AdamW decoupled weight decay.
@@ -212,14 +212,14 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     # Sequential slices per update (gradient accumulation; the same update). 4 runs the mini
     # update faster on CPU (slices fit cache); on accelerators raise it only to fit memory.
     c.policy.microbatches = 4
-    c.online_learning_rates = [2e-4]  # The online sweep: lr x beta per seed.
-    c.online_betas = []  # Empty: policy.beta alone (the hypotheses' online runs use it too).
+    c.online_learning_rates = (2e-4,)  # The online sweep: lr x beta per seed.
+    c.online_betas = ()  # Empty: policy.beta alone (the hypotheses' online runs use it too).
     # The offline sweep: lr x beta x steps per seed. Online's learning rate (its first
     # checkpoints fall below KL 1, where 5e-4 and 1e-3 have none) and a fast one that reaches
     # online's KL range.
-    c.offline_learning_rates = [2e-4, 1e-3]
-    c.offline_betas = [0.1]
-    c.offline_steps = [300]
+    c.offline_learning_rates = (2e-4, 1e-3)
+    c.offline_betas = (0.1,)
+    c.offline_steps = (300,)
     c.opponent = "sft"  # sft | golden_policy: whom win rates are against.
     c.golden_policy_steps = 300  # golden_policy: online IPO steps against the golden model.
     c.sweep = ml_collections.ConfigDict()  # Fan the runs out over hosts sharing the workdir:

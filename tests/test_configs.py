@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from alignment_gap import config_checks
+from alignment_gap.data import datasets
 from alignment_gap.errors import ConfigError
 from alignment_gap.models import LanguageModel, TransformerConfig
 from alignment_gap.study import pipeline
@@ -79,6 +80,51 @@ def test_unknown_loss_is_a_clear_error():
     c.loss = "ppo"
     with pytest.raises(ConfigError, match=r"config.loss: 'ppo' is unknown; use"):
         config_checks.validate(c, 1)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("seeds", (), "config.seeds: is empty; list policy seeds"),
+    ("seeds", (0, -1), "config.seeds: -1 in (0, -1) is not an integer >= 0"),
+    ("upstream_chains", 0, "config.upstream_chains: must be >= 1"),
+    ("golden.steps", 0, "config.golden.steps: must be positive"),
+    ("proxy.learning_rate", 0.0, "config.proxy.learning_rate: must be positive"),
+    ("policy.checkpoint_every", 0, "config.policy.checkpoint_every: must be positive"),
+    ("policy.loss", "dpoo", "config.policy.loss: 'dpoo' is unknown; use one of"),
+    ("policy.beta", 0.0, "config.policy.beta: must be positive"),
+    ("policy.microbatches", 3, "config.policy.microbatches: 3 does not split batch_size=8"),
+    ("policy.temperature", 0.0, "config.policy.temperature: must be positive"),
+    ("policy.top_p", 1.5, "config.policy.top_p: must be in (0, 1]"),
+    ("policy.kl_cap", -1.0, "config.policy.kl_cap: must be >= 0"),
+    ("offline_learning_rates", (5e-4, 0.0), "config.offline_learning_rates: 0.0 in (0.0005, "
+     "0.0) is not a positive number"),
+    ("online_learning_rates", (), "config.online_learning_rates: is empty"),
+    ("offline_steps", (12.5,), "config.offline_steps: 12.5 in (12.5,) is not a positive integer"),
+    ("opponent", "golden", "config.opponent: 'golden' is unknown; use one of ('sft', "
+     "'golden_policy')"),
+    ("eval.kl_prompts", 0, "config.eval.kl_prompts: must be positive"),
+    ("eval.test_prompts", -1, "config.eval.test_prompts: must be >= 0"),
+])
+def test_a_bad_study_field_is_named_as_the_user_set_it(field, value, message):
+    """Study fields become the stages' trainer configs; a bad one stops the study before any
+    stage starts (it had surfaced mid-study as a ZeroDivisionError, a JAX traceback, or not at
+    all: an unknown opponent silently meant SFT while the report named it)."""
+    c = study.get_config("smoke")
+    config_checks.validate(c, 1)
+    node = c
+    *parents, leaf = field.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ConfigError) as err:
+        config_checks.validate(c, 1)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), err.value
+
+
+def test_an_unknown_data_kind_is_named_before_the_tokenizer_it_would_need():
+    c = study.get_config("smoke")
+    c.data.kind = "tldrr"
+    with pytest.raises(ConfigError, match=r"^config.data.kind: 'tldrr' is unknown; use one of"):
+        datasets.tokenizer(c.data)
 
 
 def test_online_runs_cannot_stop_early_under_the_hypotheses():
@@ -212,6 +258,16 @@ def test_cli_bad_override_exits_with_one_line():
                  "--config.model.num_heads=5")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: config.model.num_heads: 5")
+
+
+def test_cli_overrides_sweep_lists_as_tuples():
+    """The study's sweep fields are tuples, which config flags can override (lists cannot)."""
+    done = _main("--config", "configs/study.py:smoke", "--workdir", "/nonexistent",
+                 "--config.seeds=(0, 1)", "--config.offline_learning_rates=(5e-4, 0.0)")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: config.offline_learning_rates: 0.0 in (0.0005, 0.0) is not a positive number; "
+        "list positive learning rates, e.g. '(2e-4, 1e-3)'")
 
 
 @pytest.mark.slow

@@ -34,6 +34,8 @@ def _sizes(d) -> dict:
 def tokenizer(d, default: str = ""):
     """The configured tokenizer (`data.tokenizer`, else `default`: a pretrained checkpoint's);
     any kind `load_tokenizer` reads."""
+    if d.kind not in KINDS:
+        raise ConfigError(f"config.data.kind: {d.kind!r} is unknown; use one of {KINDS}")
     if d.tokenizer or default:
         return load_tokenizer(d.tokenizer or default)
     if d.kind != "synthetic":
