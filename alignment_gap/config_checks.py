@@ -10,6 +10,8 @@ import math
 
 from alignment_gap.errors import ConfigError
 from alignment_gap.losses import POLICY_LOSSES
+from alignment_gap.presets import models as model_presets
+from alignment_gap.sources import REPLAY_ORDERS
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "save_dots")
@@ -177,6 +179,7 @@ def validate(config, num_devices: int) -> None:
         for name in config.hypotheses:
             if name not in HYPOTHESES:
                 _fail("hypotheses", f"{name!r} is unknown", f"use some of {HYPOTHESES}")
+        check_hypotheses(config)
         if config.hypotheses and config.get("upstream_chains", 1) > 1:
             _fail("upstream_chains", f"{config.upstream_chains} re-draws the main study's "
                   "upstream stages, and the hypothesis variants analyse one draw",
@@ -218,8 +221,7 @@ def validate(config, num_devices: int) -> None:
             _check_max_len(config.eval, "golden_model", lengths, 2, prefix="eval.")
 
 
-def _positive_values(c, field: str, fix: str, *, integers=False, allow_empty=False):
-    values = c[field]
+def _positive_values(values, field: str, fix: str, *, integers=False, allow_empty=False):
     if not values and not allow_empty:
         _fail(field, "is empty", fix)
     for v in values:
@@ -273,12 +275,12 @@ def check_study(c, rows: int):
     if not 0.0 < p.top_p <= 1.0:
         _fail("policy.top_p", f"must be in (0, 1], got {p.top_p}", "1.0 turns it off")
     rates = "list positive learning rates, e.g. '(2e-4, 1e-3)'"
-    _positive_values(c, "online_learning_rates", rates)
-    _positive_values(c, "offline_learning_rates", rates)
-    _positive_values(c, "online_betas", "list positive betas or () for policy.beta alone",
-                     allow_empty=True)
-    _positive_values(c, "offline_betas", "list positive betas, e.g. '(0.1, 0.5)'")
-    _positive_values(c, "offline_steps", "list positive step counts, e.g. '(300,)'",
+    _positive_values(c.online_learning_rates, "online_learning_rates", rates)
+    _positive_values(c.offline_learning_rates, "offline_learning_rates", rates)
+    _positive_values(c.online_betas, "online_betas",
+                     "list positive betas or () for policy.beta alone", allow_empty=True)
+    _positive_values(c.offline_betas, "offline_betas", "list positive betas, e.g. '(0.1, 0.5)'")
+    _positive_values(c.offline_steps, "offline_steps", "list positive step counts, e.g. '(300,)'",
                      integers=True)
     if c.opponent not in OPPONENTS:
         _fail("opponent", f"{c.opponent!r} is unknown", f"use one of {OPPONENTS}")
@@ -290,6 +292,48 @@ def check_study(c, rows: int):
     if e.get("candidate_margin", 0.0) < 0:
         _fail("eval.candidate_margin", f"must be >= 0, got {e.candidate_margin}",
               "use about the win rate's noise, e.g. 0.03")
+
+
+def check_hypotheses(c):
+    """The sections of the hypothesis variants a study runs."""
+    names = set(c.hypotheses)
+    if "coverage" in names:
+        orders = "give (label, order, batches per window) with order in " \
+            f"{REPLAY_ORDERS} and a window >= 1, e.g. ('window4', 'window', 4)"
+        for entry in c.coverage.orders:
+            if not (len(entry) == 3 and entry[1] in REPLAY_ORDERS and isinstance(entry[2], int)
+                    and entry[2] >= 1):
+                _fail("coverage.orders", f"{tuple(entry)!r} is not a replay order", orders)
+        labels = {entry[0] for entry in c.coverage.orders}
+        if not {"tandem", "shuffled"} <= labels:
+            _fail("coverage.orders", f"labels {sorted(labels)} lack 'tandem' or 'shuffled', "
+                  "the two replays every verdict reads", "keep ('tandem', 'tandem', 1) and "
+                  "('shuffled', 'shuffle', 1)")
+    if "quality" in names:
+        _positive(c.quality, "quality", "pairs", "early_step")
+        _positive_values(c.quality.learning_rates, "quality.learning_rates",
+                         "list positive learning rates, e.g. '(5e-4,)'")
+    if "classification" in names:
+        _positive(c.classification, "classification", "stream_pairs")
+    if "noncontrastive" in names:
+        if c.noncontrastive.learning_rate <= 0:
+            _fail("noncontrastive.learning_rate", f"must be positive, got "
+                  f"{c.noncontrastive.learning_rate}", "online's is the paper's choice")
+        _positive_values(c.noncontrastive.offline_learning_rates,
+                         "noncontrastive.offline_learning_rates",
+                         "list positive learning rates, e.g. '(1e-4, 2e-4)'")
+    if "scaling" in names:
+        sizes = tuple(c.scaling.sizes)
+        known = (*model_presets.SIZES, *model_presets.PRETRAINED)
+        for size in sizes:
+            if size not in known:
+                _fail("scaling.sizes", f"{size!r} is not a model size", f"use some of {known}")
+        if len(set(sizes)) < 2:
+            _fail("scaling.sizes", f"{sizes} has fewer than two sizes to compare",
+                  "list two or more, smallest first, e.g. ('nano', 'mini', 'small')")
+        if not 0.0 < c.scaling.quantile <= 1.0:
+            _fail("scaling.quantile", f"must be in (0, 1], got {c.scaling.quantile}",
+                  "0.9 takes the best runs' peaks without the single luckiest")
 
 
 def _check_max_len(config, name, lengths, responses, prefix=""):

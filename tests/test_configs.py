@@ -120,6 +120,33 @@ def test_a_bad_study_field_is_named_as_the_user_set_it(field, value, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value), err.value
 
 
+@pytest.mark.parametrize("variant,field,value,message", [
+    ("smoke_scaling", "scaling.sizes", ("nano", "huge"), "config.scaling.sizes: 'huge' is not a "
+     "model size"),
+    ("smoke_scaling", "scaling.sizes", ("nano",), "config.scaling.sizes: ('nano',) has fewer "
+     "than two sizes"),
+    ("smoke_scaling", "scaling.quantile", 1.5, "config.scaling.quantile: must be in (0, 1]"),
+    ("smoke_quality", "quality.pairs", 0, "config.quality.pairs: must be positive"),
+    ("smoke_quality", "quality.learning_rates", (), "config.quality.learning_rates: is empty"),
+    ("smoke_coverage", "coverage.orders", (("tandem", "tandem", 1), ("shuffled", "random", 1)),
+     "config.coverage.orders: ('shuffled', 'random', 1) is not a replay order"),
+    ("smoke_coverage", "coverage.orders", (("tandem", "tandem", 1),), "config.coverage.orders: "
+     "labels ['tandem'] lack 'tandem' or 'shuffled'"),
+    ("smoke_classification", "classification.stream_pairs", 0,
+     "config.classification.stream_pairs: must be positive"),
+    ("smoke_noncontrastive", "noncontrastive.offline_learning_rates", (0.0,),
+     "config.noncontrastive.offline_learning_rates: 0.0 in (0.0,) is not a positive number"),
+])
+def test_a_bad_hypothesis_field_is_a_one_line_error(variant, field, value, message):
+    c = study.get_config(variant)
+    config_checks.validate(c, 1)
+    section, leaf = field.split(".")
+    c[section][leaf] = value
+    with pytest.raises(ConfigError) as err:
+        config_checks.validate(c, 1)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), err.value
+
+
 def test_an_unknown_data_kind_is_named_before_the_tokenizer_it_would_need():
     c = study.get_config("smoke")
     c.data.kind = "tldrr"
