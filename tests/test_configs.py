@@ -2,6 +2,7 @@
 documented studies hold the runs their presets plan."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -252,12 +253,17 @@ def test_early_checkpoints_reach_both_methods_and_steps_on_an_interval_are_not_e
                                            ("paper_study", "paper")])
 def test_committed_results_are_the_runs_their_preset_plans(docs, variant):
     """docs/<study>/results.csv holds exactly the runs the preset's plan has, each evaluated at
-    the steps its schedule has (up to where it stopped): a preset changed without rerunning its
-    documented study fails here."""
+    the steps its schedule has (up to where it stopped), and its config.json is the preset: a
+    preset changed without rerunning its documented study fails here."""
     documented = {}
     with open(os.path.join(ROOT, "docs", docs, "results.csv")) as f:
         for row in csv.DictReader(f):
             documented.setdefault(row["stage"], []).append(int(row["step"]))
+    with open(os.path.join(ROOT, "docs", docs, "config.json")) as f:
+        recorded = json.load(f)
+    preset = json.loads(json.dumps(study.get_config(variant).to_dict()))
+    recorded["data"].pop("dir"), preset["data"].pop("dir")  # where the datasets were cached
+    assert recorded == preset
     plan = pipeline.build_plan(study.get_config(variant), "/nonexistent")
     planned = {s.name: s for s in plan.stages if s.meta.get("method")}
     assert set(documented) == set(planned), (sorted(set(documented) - set(planned)),

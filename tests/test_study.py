@@ -53,6 +53,10 @@ def test_smoke_study_writes_table_plot_and_report(smoke):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["verdict"] in report and "## Online minus offline at matched KL" in report
     assert summary["verdict"] == first.stdout.splitlines()[-2]  # the verdict is printed
+    config = study_configs.get_config("smoke")  # beside the report: the config it is of
+    config.data.dir = str(workdir / "data")
+    assert json.loads((workdir / "config.json").read_text()) == json.loads(
+        json.dumps(config.to_dict()))
     # Every evaluation's per-prompt outcomes are on disk, and the verdict follows from them:
     # the golden judge's and the oracle's, each with its interval.
     stage = next(r["stage"] for r in rows if r["method"] == "online")

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from alignment_gap import run_dir  # noqa: E402
 from alignment_gap.data import datasets  # noqa: E402
 from alignment_gap.study import results  # noqa: E402
 
@@ -168,7 +169,8 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
               "times)", "", "| stage | s |", "| --- | --- |"]
     lines += [f"| {name} | {sec:.0f} |" for name, sec in timings.items()]
     lines += ["", f"Total: {sum(timings.values()):.0f} s. Results: `results.csv`, "
-              "`results.json`; every run's metrics: `stages/*/metrics.jsonl`.", ""]
+              "`results.json`; the study's config: `config.json`; every run's metrics: "
+              "`stages/*/metrics.jsonl`.", ""]
     if findings:
         lines += hypotheses_markdown(study, findings)
     return "\n".join(lines)
@@ -229,6 +231,7 @@ def _mixed_section(mixed) -> list[str]:
 
 def write_report(study, rows, comparison, timings, extras, workdir: str, findings=(),
                  mixed=None) -> str:
+    run_dir.write_json(workdir, "config.json", study.to_dict())  # what this report is of
     frontier_plot(rows, os.path.join(workdir, "frontier.png"))
     text = markdown(study, rows, comparison, timings, extras, findings, mixed)
     path = os.path.join(workdir, "report.md")
