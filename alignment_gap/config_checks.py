@@ -284,8 +284,18 @@ def check_study(c, rows: int):
                      integers=True)
     if c.opponent not in OPPONENTS:
         _fail("opponent", f"{c.opponent!r} is unknown", f"use one of {OPPONENTS}")
-    e = c.eval
+    e, d = c.eval, c.data
     _positive(e, "eval", "prompts", "kl_prompts", "pairs")
+    if e.kl_prompts > e.prompts:
+        _fail("eval.kl_prompts", f"{e.kl_prompts} exceeds eval.prompts={e.prompts}, the "
+              "prompts whose samples it measures", f"set it to <= {e.prompts}")
+    if d.kind == "synthetic":  # real splits' sizes are known once their files are read
+        for name, split, size in (("prompts", "test", d.test_pairs),
+                                  ("pairs", "validation", d.validation_pairs)):
+            if e[name] > size:
+                _fail(f"eval.{name}", f"{e[name]} exceeds the {split} split's data."
+                      f"{split}_pairs={size}", f"raise data.{split}_pairs to >= {e[name]} "
+                      "or evaluate on fewer")
     if e.get("test_prompts", 0) < 0:
         _fail("eval.test_prompts", f"must be >= 0, got {e.test_prompts}",
               "0 lets the evaluation prompts' halves choose and score")

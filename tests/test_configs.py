@@ -104,6 +104,10 @@ def test_unknown_loss_is_a_clear_error():
      "'golden_policy')"),
     ("eval.kl_prompts", 0, "config.eval.kl_prompts: must be positive"),
     ("eval.test_prompts", -1, "config.eval.test_prompts: must be >= 0"),
+    ("eval.kl_prompts", 128, "config.eval.kl_prompts: 128 exceeds eval.prompts=32"),
+    ("eval.prompts", 128, "config.eval.prompts: 128 exceeds the test split's data.test_pairs=64"),
+    ("eval.pairs", 128, "config.eval.pairs: 128 exceeds the validation split's "
+     "data.validation_pairs=64"),
 ])
 def test_a_bad_study_field_is_named_as_the_user_set_it(field, value, message):
     """Study fields become the stages' trainer configs; a bad one stops the study before any
