@@ -96,15 +96,21 @@ def check_model_on_mesh(m, shape, prefix="model"):
               "use a smaller fsdp axis or a divisible width")
 
 
-def check_sampling(s):
+def check_sampling(s, prefix="sampling"):
     if s.temperature < 0:
-        _fail("sampling.temperature", f"must be >= 0, got {s.temperature}", "0 means greedy")
+        _fail(f"{prefix}.temperature", f"must be >= 0, got {s.temperature}", "0 means greedy")
     if s.top_k < 0:
-        _fail("sampling.top_k", f"must be >= 0, got {s.top_k}", "0 turns it off")
+        _fail(f"{prefix}.top_k", f"must be >= 0, got {s.top_k}", "0 turns it off")
     if not 0.0 < s.top_p <= 1.0:
-        _fail("sampling.top_p", f"must be in (0, 1], got {s.top_p}", "1.0 turns it off")
+        _fail(f"{prefix}.top_p", f"must be in (0, 1], got {s.top_p}", "1.0 turns it off")
     if "max_new_tokens" in s:
-        _positive(s, "sampling", "max_new_tokens")
+        _positive(s, prefix, "max_new_tokens")
+
+
+def _check_microbatches(field: str, k: int, batch_size: int, rows: int):
+    if k < 1 or batch_size % (k * rows):
+        _fail(field, f"{k} does not split batch_size={batch_size} into slices divisible by "
+              f"mesh data*fsdp={rows}", f"use a k >= 1 with batch_size a multiple of k*{rows}")
 
 
 def validate(config, num_devices: int) -> None:
@@ -128,11 +134,8 @@ def validate(config, num_devices: int) -> None:
         if config.batch_size % rows:
             _fail("batch_size", f"{config.batch_size} is not divisible by mesh data*fsdp={rows}",
                   f"use a multiple of {rows}")
-        k = config.get("microbatches", 1)
-        if k < 1 or config.batch_size % (k * rows):
-            _fail("microbatches", f"{k} does not split batch_size={config.batch_size} into "
-                  f"slices divisible by mesh data*fsdp={rows}",
-                  f"use a k >= 1 with batch_size a multiple of k*{rows}")
+        _check_microbatches("microbatches", config.get("microbatches", 1), config.batch_size,
+                            rows)
     if "num_steps" in config:
         _positive(config, "", "num_steps")
         if config.get("warmup_steps", 0) >= config.num_steps:
@@ -257,10 +260,7 @@ def check_study(c, rows: int):
         _fail("policy.loss", f"{p.loss!r} is unknown", f"use one of {POLICY_LOSSES}")
     if p.beta <= 0:
         _fail("policy.beta", f"must be positive, got {p.beta}", "the paper uses 0.1")
-    if c.batch_size % (p.microbatches * rows):
-        _fail("policy.microbatches", f"{p.microbatches} does not split batch_size="
-              f"{c.batch_size} into slices divisible by mesh data*fsdp={rows}",
-              f"use a k >= 1 with batch_size a multiple of k*{rows}")
+    _check_microbatches("policy.microbatches", p.microbatches, c.batch_size, rows)
     if p.get("offline_checkpoint_every", 0) < 0:
         _fail("policy.offline_checkpoint_every", f"must be >= 0, got "
               f"{p.offline_checkpoint_every}", "0 uses policy.checkpoint_every")
@@ -270,10 +270,7 @@ def check_study(c, rows: int):
     if p.temperature <= 0:
         _fail("policy.temperature", f"must be positive, got {p.temperature}: at 0 (greedy) "
               "both online samples are the same", "use 1.0, the paper's")
-    if p.top_k < 0:
-        _fail("policy.top_k", f"must be >= 0, got {p.top_k}", "0 turns it off")
-    if not 0.0 < p.top_p <= 1.0:
-        _fail("policy.top_p", f"must be in (0, 1], got {p.top_p}", "1.0 turns it off")
+    check_sampling(p, "policy")
     rates = "list positive learning rates, e.g. '(2e-4, 1e-3)'"
     _positive_values(c.online_learning_rates, "online_learning_rates", rates)
     _positive_values(c.offline_learning_rates, "offline_learning_rates", rates)

@@ -41,14 +41,18 @@ def test_sizes_have_their_nominal_parameter_count(size):
         assert count < 2e6  # the CPU sizes stay tiny
 
 
+def _set(c, path: str, value):
+    """Set the (dotted) field `path` of config `c`."""
+    *parents, leaf = path.split(".")
+    for p in parents:
+        c = c[p]
+    c[leaf] = value
+
+
 def _demo(**changes):
     c = demo.get_config("mini")
     for path, value in changes.items():
-        node = c
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        _set(c, path, value)
     return c
 
 
@@ -115,11 +119,7 @@ def test_a_bad_study_field_is_named_as_the_user_set_it(field, value, message):
     all: an unknown opponent silently meant SFT while the report named it)."""
     c = study.get_config("smoke")
     config_checks.validate(c, 1)
-    node = c
-    *parents, leaf = field.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    _set(c, field, value)
     with pytest.raises(ConfigError) as err:
         config_checks.validate(c, 1)
     assert str(err.value).startswith(message) and "\n" not in str(err.value), err.value
@@ -145,8 +145,7 @@ def test_a_bad_study_field_is_named_as_the_user_set_it(field, value, message):
 def test_a_bad_hypothesis_field_is_a_one_line_error(variant, field, value, message):
     c = study.get_config(variant)
     config_checks.validate(c, 1)
-    section, leaf = field.split(".")
-    c[section][leaf] = value
+    _set(c, field, value)
     with pytest.raises(ConfigError) as err:
         config_checks.validate(c, 1)
     assert str(err.value).startswith(message) and "\n" not in str(err.value), err.value

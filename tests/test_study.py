@@ -16,6 +16,7 @@ import pytest
 from alignment_gap import run_dir
 from alignment_gap.metrics import read_jsonl
 from alignment_gap.study import pipeline
+from alignment_gap.study.hypotheses import coverage
 from bench import chaos
 from configs import study as study_configs
 
@@ -270,7 +271,6 @@ def test_an_online_beta_sweep_adds_runs_and_keeps_policy_betas_run(tmp_path):
 def test_replays_are_measured_against_the_main_sweeps_run_at_their_learning_rate(tmp_path):
     """Where the main offline sweep has a run at the replays' (online's) learning rate, beta and
     length, the coverage variant compares against that run instead of training it twice."""
-    from alignment_gap.study.hypotheses import coverage
     c = study_configs.get_config("smoke_coverage")
     lr = c.online_learning_rates[0]
     names = lambda plan: {s.name for s in plan.stages}
