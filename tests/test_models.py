@@ -109,6 +109,7 @@ def test_causal_later_tokens_do_not_change_earlier_logits(mini_config):
     assert not np.allclose(a[:, 6:], b[:, 6:])
 
 
+@pytest.mark.slow
 def test_grouped_query_attention_and_bf16_run(mini_config):
     gqa, _, _ = language_model(mini_config, num_kv_heads=2)
     assert gqa.backbone.blocks[0].attn.k.shape == (64, 2, 16)

@@ -123,6 +123,7 @@ def test_samplers_and_evaluations_of_one_model_graph_share_one_traced_program(mi
     assert eval_programs(graphdef, judge_graphdef, mesh, unsharded_batch) is not programs
 
 
+@pytest.mark.slow
 def test_scanned_layers_sample_what_unrolled_layers_sample(mini_config):
     """The stacked cache of scanned blocks, on a mesh, two samples per prompt: the same tokens
     and log-probs as unrolled layers and as full recomputation."""
@@ -138,6 +139,7 @@ def test_scanned_layers_sample_what_unrolled_layers_sample(mini_config):
         np.testing.assert_allclose(out.logprobs, outputs[0].logprobs, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_several_samples_per_prompt_in_one_loop(mini_config):
     prompts = _prompts()
     lm, mesh, rules = language_model(mini_config, (2, 2, 2))
