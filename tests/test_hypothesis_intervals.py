@@ -53,17 +53,62 @@ def test_the_correlation_interval_resamples_whole_runs():
     assert np.isnan(interval).all()
 
 
-def _claims(final_online=0.45, pairs=256, proxy=0.80, online_stream=0.75, count=320):
+def _stream(online_rate, aligned=False, pairs=96, seed=0):
+    """Stream checkpoints 0, 6, 12, 18: the proxy right on 0.9, 0.9, 0.6, 0.6 of their pairs,
+    both policies on `online_rate` after step 0 (0.5 at it), `offline_own` on half; `aligned`:
+    the policies right on the proxy's pairs first, else on pairs drawn at random."""
+    rng, points = np.random.default_rng(seed), []
+    for step, proxy_rate in ((0, 0.9), (6, 0.9), (12, 0.6), (18, 0.6)):
+        rate = online_rate if step else 0.5
+        right = lambda r: (np.arange(pairs) < round(r * pairs)).astype(float)
+        online = right(rate) if aligned else rng.permutation(right(rate))
+        hits = {"proxy/golden": right(proxy_rate), "online/golden": online,
+                "offline/golden": online, "offline_own/golden": rng.permutation(right(0.5))}
+        points.append({"step": step, "pairs": pairs,
+                       "hits": {k: v.tolist() for k, v in hits.items()},
+                       **{k: float(v.mean()) for k, v in hits.items()}})
+    return points
+
+
+def _claims(final_online=0.45, pairs=256, online_stream=0.65, aligned=False):
     final = {"online": final_online, "offline": 0.65}
     drift = {"online": {0: -1.0, 1: -1.1}, "offline": {0: -2.0, 1: -2.3}}
-    stream = {"proxy/golden": proxy, "online/golden": online_stream,
-              "offline/golden": online_stream, "offline_own/golden": 0.5}
-    counts = dict.fromkeys(stream, count)
-    points = [{"step": s, "pairs": 64, "proxy/golden": a}
-              for s, a in ((0, 0.9), (6, 0.9), (12, 0.6), (18, 0.6))]
+    points = _stream(online_stream, aligned)
+    stream, counts = classification.stream_means(points), classification.stream_pairs(points)
     verdicts = classification.claim_verdicts(final, pairs, drift, (0.1, (-0.3, 0.4), 24),
                                              stream, counts, points)
     return {v.claim.split(" ")[0] + " " + v.claim.split(" ")[1]: v for v in verdicts}
+
+
+def test_the_proxys_lead_is_paired_over_the_pairs_both_classifiers_scored():
+    """Two classifiers right on the same pairs differ less from draw to draw than two right on
+    unrelated pairs: the paired interval covers the true difference 95% of the time, and is
+    narrower than the independent one when the hits go together."""
+    rng = np.random.default_rng(2)
+    # Per pair (proxy right, policy right): both .55, proxy only .2, policy only .1, neither .15.
+    truth, trials, pairs, covered, widths = 0.1, 2000, 320, [], []
+    for _ in range(trials):
+        kind = rng.choice(4, pairs, p=[0.55, 0.2, 0.1, 0.15])
+        proxy, policy = np.isin(kind, (0, 1)).astype(float), np.isin(kind, (0, 2)).astype(float)
+        points = [{"step": 6, "hits": {"proxy/golden": proxy[:160].tolist(),
+                                       "online/golden": policy[:160].tolist()}},
+                  {"step": 12, "hits": {"proxy/golden": proxy[160:].tolist(),
+                                        "online/golden": policy[160:].tolist()}}]
+        d, lo, hi, n = classification.paired_difference(points, "proxy", "online")
+        assert n == pairs and d == pytest.approx(proxy.mean() - policy.mean())
+        covered.append(lo <= truth <= hi)
+        low, high = shared.difference_interval(proxy.mean(), pairs, policy.mean(), pairs)
+        widths.append((hi - lo) / (high - low))
+    assert np.mean(covered) == pytest.approx(0.95, abs=0.015)
+    assert np.mean(widths) < 0.85  # pairing counts the 65% of pairs on which they agree
+    # Only pairs both scored count: offline is missing at step 12, and step 0 is left out.
+    points = _stream(0.6)
+    points[2]["hits"].pop("offline/golden")
+    assert classification.paired_difference(points, "proxy", "offline")[3] == 2 * 96
+    assert classification.paired_difference(points, "proxy", "online")[3] == 3 * 96
+    # No spread, no interval (not a zero-width one): the verdict stays undecided.
+    same = [{"step": 6, "hits": {"proxy/golden": [1.0] * 8, "online/golden": [1.0] * 8}}]
+    assert np.isnan(classification.paired_difference(same, "proxy", "online")[1])
 
 
 def test_classification_verdicts_decide_only_where_their_intervals_do():
@@ -72,12 +117,15 @@ def test_classification_verdicts_decide_only_where_their_intervals_do():
         "Offline policies"].ours
     assert _claims(pairs=4096)["Offline policies"].agree is True  # [0.435, 0.465]
     assert _claims(final_online=0.6)["Offline policies"].agree is False  # above chance
-    # The proxy 0.05 ahead on 320 pairs each is within noise; 0.2 ahead is not.
-    assert close["On the"].agree is None
-    assert _claims(online_stream=0.6)["On the"].agree is True
-    assert _claims(proxy=0.6, online_stream=0.8)["On the"].agree is False
+    # The proxy 0.05 ahead on 288 pairs, right on pairs unrelated to the policies', is within
+    # noise; at the same rates with the policies right where the proxy is, it is not; 0.25
+    # ahead is not; 0.2 behind is the other way.
+    assert close["On the"].agree is None and "(288 pairs)" in close["On the"].ours
+    assert _claims(aligned=True)["On the"].agree is True
+    assert _claims(online_stream=0.45)["On the"].agree is True
+    assert _claims(online_stream=0.9)["On the"].agree is False
     assert close["Win rate"].agree is True  # [-0.3, 0.4] inside (-0.5, 0.5)
     # Drift: every seed falls, offline more, but two seeds give a t-interval of 12.7 sd.
     assert close["The likelihood"].agree is None
-    assert close["The proxy's"].agree is True  # 0.9 -> 0.6 on 128 pairs each half
-    assert close["No policy"].agree is False  # online's own samples at 0.75 of 320
+    assert close["The proxy's"].agree is True  # 0.9 -> 0.6 on 192 pairs each half
+    assert close["No policy"].agree is False  # online's own samples at 0.65 of 288

@@ -350,6 +350,10 @@ def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke)
         "checkpoints"]
     assert [p["step"] for p in stream] == [0, 6]  # the pairs sampled after each checkpoint
     assert all(0.0 <= p[k] <= 1.0 for p in stream for k in p if "/" in k)
+    # Each accuracy is its pairs' outcomes averaged; they are kept for the paired intervals.
+    assert {k for k in stream[1] if "/" in k} == set(stream[1]["hits"])
+    assert all(len(p["hits"][k]) == p["pairs"] and p[k] == pytest.approx(np.mean(p["hits"][k]))
+               for p in stream for k in p["hits"])
     # Scaling: every size, the main one included, plays one opponent, the golden policy (of
     # the main size), and its verdicts are matched-KL differences.
     golden_policy = next((workdir / "stages").glob("golden_policy-*"))

@@ -186,7 +186,8 @@ def hypotheses_markdown(study, findings) -> list[str]:
               "oracle beside it where a row compares runs) and only where the interval it shows "
               "decides; otherwise it is undecided. Runs are compared at matched KL (paired "
               "bootstrap over prompts and seeds), classifiers' accuracies by Wilson intervals "
-              "over the pairs counted, drifts by t-intervals over seeds; the rules are in "
+              "over the pairs counted (two classifiers on the same pairs by a paired "
+              "t-interval), drifts by t-intervals over seeds; the rules are in "
               "`alignment_gap/study/hypotheses/`.", "",
               "| hypothesis | the paper found | this run found | agree? |",
               "| --- | --- | --- | --- |"]

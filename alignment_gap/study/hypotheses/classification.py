@@ -37,7 +37,10 @@ def stream_stage(plan):
     s = plan.study
     online = plan.online(s.seeds[0])
     offline = _offline_partner(plan)
-    cfg = ml_collections.ConfigDict({"stream_pairs": s.classification.stream_pairs})
+    # per_pair_outcomes: part of the stage's key, so results written before each pair's
+    # outcome was kept (the paired intervals need them) are computed again.
+    cfg = ml_collections.ConfigDict({"stream_pairs": s.classification.stream_pairs,
+                                     "per_pair_outcomes": True})
     stage = Stage("classification-stream", cfg, None,
                   (online, offline, plan.proxy, plan.golden, plan.sft))
     stage.run = lambda cfg, out: _stream_accuracy(plan, online, offline, out)
@@ -85,22 +88,27 @@ def _stream_accuracy(plan, online, offline, out: str):
         online_params = p.policy(online, step) if step else p.sft_params
         predictions = {"proxy": p.margin("proxy", *pair), "online": p.h(online_params, *pair)}
         point = {"step": step, "pairs": len(recs), "online_stream_chosen_by_golden":
-                 float(np.mean(golden >= 0))}
+                 float(np.mean(golden >= 0)), "hits": {}}
         if step <= offline_steps:
             offline_params = p.policy(offline, step) if step else p.sft_params
             predictions["offline"] = p.h(offline_params, *pair)
             own = _own_pairs(p, offline_params, x["prompt"], x["prompt_mask"], step)
-            point["offline_own/golden"] = probe.accuracy(p.h(offline_params, *own["pair"]),
-                                                         own["golden"])
-            if own["oracle"] is not None:
-                point["offline_own/oracle"] = probe.accuracy(p.h(offline_params, *own["pair"]),
-                                                             own["oracle"])
+            own_margin = p.h(offline_params, *own["pair"])
+            _score(point, "offline_own/golden", own_margin, own["golden"])
+            _score(point, "offline_own/oracle", own_margin, own["oracle"])
         for name, margin in predictions.items():
-            point[f"{name}/golden"] = probe.accuracy(margin, golden)
-            if oracle is not None:
-                point[f"{name}/oracle"] = probe.accuracy(margin, oracle)
+            _score(point, f"{name}/golden", margin, golden)
+            _score(point, f"{name}/oracle", margin, oracle)
         points.append(point)
     run_dir.finish(out, checkpoints=points)
+
+
+def _score(point: dict, key: str, margin, labels):
+    """The classifier's accuracy at `point[key]`, and each pair's outcome (for paired
+    intervals) at `point["hits"][key]`; nothing without labels (no oracle)."""
+    if labels is not None:
+        point["hits"][key] = probe.hits(margin, labels).tolist()
+        point[key] = float(np.mean(point["hits"][key]))
 
 
 def _own_pairs(p, params, prompt, prompt_mask, step) -> dict:
@@ -179,6 +187,27 @@ def stream_pairs(points: list[dict]) -> dict:
             if any(f"{n}/{j}" in q for q in moved)}
 
 
+def paired_difference(points: list[dict], a: str, b: str, judge: str = "golden"):
+    """Classifier `a`'s accuracy minus `b`'s on the same stream pairs (those both scored, at
+    the checkpoints of `after_start(points)`), with its 95% interval: a t-interval over the
+    pairs' differences in outcome, which counts that two classifiers tend to be right on the
+    same pairs. Returns (difference, low, high, pairs); no interval (nan) without spread."""
+    moved = [q for q in after_start(points)
+             if f"{a}/{judge}" in q.get("hits", {}) and f"{b}/{judge}" in q.get("hits", {})]
+    d = np.concatenate([np.subtract(q["hits"][f"{a}/{judge}"], q["hits"][f"{b}/{judge}"])
+                        for q in moved]) if moved else np.array([])
+    mean, half = results.mean_ci(d)
+    return mean, mean - half, mean + half, int(d.size)
+
+
+def proxy_leads(points: list[dict]) -> dict:
+    """(policy, judge) -> the proxy's accuracy minus the policy's on the stream pairs both
+    scored, by `paired_difference`; only the pairings with pairs."""
+    leads = {(n, judge): paired_difference(points, "proxy", n, judge)
+             for n in ("online", "offline") for judge in ("golden", "oracle")}
+    return {k: v for k, v in leads.items() if v[3]}
+
+
 def final_by_seed(rows, method: str, metric: str) -> dict[int, float]:
     """Each seed's `metric` at the last evaluation of each of its runs (offline: mean over
     its sweep's runs)."""
@@ -252,6 +281,7 @@ def analyse(plan, rows, workdir: str) -> Finding:
 
 def claim_verdicts(final, pairs, drift, correlation, stream, counts, points) -> list[Verdict]:
     """Each claim against its interval: accuracies as Wilson intervals over the pairs counted,
+    the proxy's lead over a policy as a paired t-interval over the stream pairs both scored,
     drifts as t-intervals over seeds, the correlation by a bootstrap over runs."""
     levels = {m: shared.proportion_interval(final[m], pairs) for m in final}
     below, above = (levels["online"][1] < 0.5 and levels["offline"][0] > 0.5,
@@ -270,10 +300,18 @@ def claim_verdicts(final, pairs, drift, correlation, stream, counts, points) -> 
         return f"{mean:.2f}" + (f" +- {half:.2f}" if np.isfinite(half) else " (no interval)")
 
     drift_sides = [drift_side(falls[m]) for m in ("online", "offline")] + [drift_side(gap)]
-    beats = {n: shared.difference_interval(stream["proxy/golden"], counts["proxy/golden"],
-                                           stream[f"{n}/golden"], counts[f"{n}/golden"])
-             for n in ("online", "offline") if f"{n}/golden" in stream}
-    beat_sides = [shared.interval_side(*beats[n]) for n in beats]
+    beats = proxy_leads(points)
+    beaten = [n for n in ("online", "offline") if (n, "golden") in beats]
+    beat_sides = [shared.interval_side(*beats[n, "golden"][1:3]) for n in beaten]
+
+    def beat_view(n, judge):
+        d, lo, hi, _ = beats[n, judge]
+        return f"{d:+.3f} " + (f"[{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) else "(no interval)")
+
+    def beat_text(n):
+        oracle = f", oracle labels {beat_view(n, 'oracle')}" if (n, "oracle") in beats else ""
+        return f"{n} {beat_view(n, 'golden')}{oracle} ({beats[n, 'golden'][3]} pairs)"
+
     proxy = [(q["proxy/golden"], q["pairs"]) for q in points]
     half = max(1, len(proxy) // 2)
     early, late = proxy[:half], proxy[half:] or proxy
@@ -301,10 +339,11 @@ def claim_verdicts(final, pairs, drift, correlation, stream, counts, points) -> 
                 False if max(drift_sides[:2]) > 0 or drift_sides[2] > 0 else
                 True if drift_sides == [-1, -1, -1] else None),
         Verdict("On the online stream the proxy model out-classifies both policies",
-                "proxy minus " + ", ".join(
-                    f"{n} {stream['proxy/golden'] - stream[f'{n}/golden']:+.3f} "
-                    f"[{beats[n][0]:+.3f}, {beats[n][1]:+.3f}]" for n in beats),
-                False if min(beat_sides) < 0 else True if min(beat_sides) > 0 else None),
+                "proxy minus " + "; ".join(beat_text(n) for n in beaten)
+                + " (95% paired t over the pairs both scored)" if beaten
+                else "no stream pairs scored",
+                None if not beat_sides else False if min(beat_sides) < 0
+                else True if min(beat_sides) > 0 else None),
         Verdict("The proxy's accuracy decays as the policy drifts",
                 f"first half of the run {share(early)[0]:.3f}, second half {share(late)[0]:.3f}: "
                 f"{share(early)[0] - share(late)[0]:+.3f} [{decay[0]:+.3f}, {decay[1]:+.3f}]",

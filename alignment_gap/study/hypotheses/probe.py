@@ -130,7 +130,13 @@ class Probe:
         return np.asarray(out, float)
 
 
-def accuracy(prediction_margin, label_margin) -> float:
-    """How often a classifier's margin picks the label's winner (ties 1/2; label ties: `a`)."""
+def hits(prediction_margin, label_margin) -> np.ndarray:
+    """Per pair, whether a classifier's margin picks the label's winner: 1, 0, or 1/2 for a
+    tie (label ties count `a` as the winner)."""
     pred = np.where(prediction_margin > 0, 1.0, np.where(prediction_margin < 0, 0.0, 0.5))
-    return float(np.mean(np.where(label_margin >= 0, pred, 1.0 - pred)))
+    return np.where(np.asarray(label_margin) >= 0, pred, 1.0 - pred)
+
+
+def accuracy(prediction_margin, label_margin) -> float:
+    """How often a classifier's margin picks the label's winner (`hits` averaged)."""
+    return float(np.mean(hits(prediction_margin, label_margin)))

@@ -148,9 +148,9 @@ def proportion_interval(p: float, n: int) -> tuple[float, float]:
 
 def difference_interval(p: float, n: int, q: float, m: int) -> tuple[float, float]:
     """95% interval of `p - q`, accuracies over `n` and `m` pairs taken as independent
-    (Newcombe's hybrid of the two Wilson intervals). On the same pairs two classifiers' hits
-    tend to go together, which this leaves out, so the interval is then wider than a paired
-    one."""
+    (Newcombe's hybrid of the two Wilson intervals): for accuracies on different pairs. On
+    the same pairs, use `classification.paired_difference`, which counts that two
+    classifiers' hits tend to go together."""
     (lp, up), (lq, uq) = proportion_interval(p, n), proportion_interval(q, m)
     d = p - q
     return d - np.hypot(p - lp, uq - q), d + np.hypot(up - p, q - lq)
