@@ -135,8 +135,3 @@ def hits(prediction_margin, label_margin) -> np.ndarray:
     tie (label ties count `a` as the winner)."""
     pred = np.where(prediction_margin > 0, 1.0, np.where(prediction_margin < 0, 0.0, 0.5))
     return np.where(np.asarray(label_margin) >= 0, pred, 1.0 - pred)
-
-
-def accuracy(prediction_margin, label_margin) -> float:
-    """How often a classifier's margin picks the label's winner (`hits` averaged)."""
-    return float(np.mean(hits(prediction_margin, label_margin)))
