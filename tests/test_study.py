@@ -15,7 +15,7 @@ import pytest
 
 from alignment_gap import run_dir
 from alignment_gap.metrics import read_jsonl
-from alignment_gap.study import pipeline
+from alignment_gap.study import pipeline, scheduler
 from alignment_gap.study.hypotheses import coverage
 from bench import chaos
 from configs import study as study_configs
@@ -231,13 +231,16 @@ def test_upstream_draws_repeat_the_main_study_in_another_world(smoke, tmp_path):
                                                          for c in (0, 1)}
 
 
-def test_finished_study_is_not_rerun(smoke):
+def test_finished_study_is_not_rerun_even_from_a_moved_copy(smoke, tmp_path):
     workdir, args, _ = smoke
-    stamp = (workdir / "timings.json").read_text()
+    moved = tmp_path / "moved"  # its datasets stay where they were (data.dir)
+    shutil.copytree(workdir, moved, ignore=shutil.ignore_patterns("jax_cache"))
+    stamp = (moved / "timings.json").read_text()
+    args = [str(moved) if a == str(workdir) else a for a in args]
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "every stage is already finished" in again.stdout
-    assert (workdir / "timings.json").read_text() == stamp
+    assert (moved / "timings.json").read_text() == stamp
 
 
 def test_changing_a_stage_reruns_it_and_what_depends_on_it_only(tmp_path):
@@ -252,6 +255,54 @@ def test_changing_a_stage_reruns_it_and_what_depends_on_it_only(tmp_path):
     offline = [n for n in a if n.startswith("offline")]
     assert online and all(a[n] != b[n] for n in online)  # reads the proxy
     assert offline and all(a[n] == b[n] for n in offline)  # does not
+
+
+@pytest.mark.parametrize("variant", ["smoke_hypotheses", "paper"])
+def test_stage_keys_do_not_depend_on_where_the_workdir_lies(variant, tmp_path, monkeypatch):
+    """A workdir moved, or named relative, absolute or with `./`, keeps its finished stages:
+    paths into upstream stages' directories (SFT, proxy, streams) count as those stages."""
+    config = study_configs.get_config(variant)
+    config.upstream_chains = 2
+    monkeypatch.chdir(tmp_path)
+    keys = [{s.name: s.key for s in pipeline.build_plan(config, w).stages}
+            for w in ("study", "./study", str(tmp_path / "study"), "/elsewhere/moved")]
+    assert all(k == keys[0] for k in keys[1:])
+    plan = pipeline.build_plan(config, "/w")
+    # ... and a path still counts: an online run reads its proxy's directory, so a changed
+    # proxy config changes it (test_changing_a_stage_reruns_it... checks the config side).
+    online = plan.online(config.seeds[0])
+    assert online.config.proxy_checkpoint == plan.dir(plan.proxy)
+    keys = [u.key for u in online.upstream]
+    assert "/w" not in json.dumps(scheduler._relocatable(online.config.to_dict(),
+                                                         online.upstream, keys))
+
+
+def test_a_study_written_with_legacy_keys_is_found_and_continued(tmp_path):
+    """Stage directories an older study named with keys that hashed the workdir's paths are
+    found (a finished one is not rerun), and downstream stages read them."""
+    config = study_configs.get_config("smoke_hypotheses")
+    workdir = str(tmp_path)
+    plan = pipeline.build_plan(config, workdir)
+    assert plan.sft.legacy_key == plan.sft.key  # no path in its config: one key
+    assert plan.proxy.legacy_key != plan.proxy.key  # its config holds SFT's directory
+    for pick in (lambda p: p.proxy, lambda p: p.online(config.seeds[0])):
+        # As the older code left them, upstream first (its paths named legacy directories):
+        stage = pick(pipeline.build_plan(config, workdir))
+        old = os.path.join(workdir, "stages", f"{stage.name}-{stage.legacy_key}")
+        os.makedirs(old)
+        run_dir.finish(old, step=stage.config.get("num_steps", 1))
+    plan = pipeline.build_plan(config, workdir)
+    online = plan.online(config.seeds[0])
+    assert plan.dir(plan.proxy).endswith(f"proxy-{plan.proxy.legacy_key}")
+    assert online.config.proxy_checkpoint == plan.dir(plan.proxy)
+    assert plan.dir(online).endswith(online.legacy_key)  # its legacy key is the older code's
+    assert scheduler.finished(online, workdir) and not scheduler.finished(plan.golden, workdir)
+    quality = next(s for s in plan.stages if s.name == "quality-data")
+    key = quality.directory_key(workdir)
+    assert key == quality.key  # not run before: the new key, and its datasets named by it
+    assert set(quality.meta["datasets"].values()) == {f"{t}-{key}" for t in
+                                                      ("d_4k_vs_4k", "d_sft_vs_800",
+                                                       "d_800_vs_4k")}
 
 
 def test_an_online_beta_sweep_adds_runs_and_keeps_policy_betas_run(tmp_path):

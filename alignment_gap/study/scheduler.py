@@ -39,13 +39,59 @@ class Stage:
 
     @property
     def key(self) -> str:
-        payload = json.dumps({"config": self.config.to_dict(),
-                              "upstream": [u.key for u in self.upstream]},
-                             sort_keys=True, default=str)
-        return hashlib.sha1(payload.encode()).hexdigest()[:10]
+        """Hashes the config and the inputs' keys. A path into an input's run directory counts
+        as that input, not as where the workdir lies: a workdir moved or named another way
+        (relative, absolute, `./`) keeps its finished stages."""
+        keys = [u.key for u in self.upstream]
+        return _hash(_relocatable(self.config.to_dict(), self.upstream, keys), keys)
+
+    @property
+    def legacy_key(self) -> str:
+        """The key as studies before 2026-12-04 wrote it (workdir paths hashed with the
+        config), so that their stage directories are still found (`directory`)."""
+        return _hash(self.config.to_dict(), [u.legacy_key for u in self.upstream])
 
     def directory(self, workdir: str) -> str:
-        return os.path.join(workdir, "stages", f"{self.name}-{self.key}")
+        """`<workdir>/stages/<name>-<key>`, or the legacy-keyed directory an older study left."""
+        path = os.path.join(workdir, "stages", f"{self.name}-{self.key}")
+        if not os.path.isdir(path):
+            legacy = os.path.join(workdir, "stages", f"{self.name}-{self.legacy_key}")
+            if os.path.isdir(legacy):
+                return legacy
+        return path
+
+    def directory_key(self, workdir: str) -> str:
+        """The key in the name of `directory(workdir)` (what outputs outside it are named by)."""
+        return os.path.basename(self.directory(workdir))[len(self.name) + 1:]
+
+
+def _hash(config: dict, upstream_keys: list[str]) -> str:
+    payload = json.dumps({"config": config, "upstream": upstream_keys}, sort_keys=True,
+                         default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:10]
+
+
+def _relocatable(config, upstream: tuple[Stage, ...], keys: list[str]):
+    """`config` with each path into an upstream stage's directory (named by either key) written
+    as `<stage KEY>/rest`, independent of the workdir's location."""
+    marks = [(f"stages{os.sep}{u.name}-{k}", key) for u, key in zip(upstream, keys, strict=True)
+             for k in (key, u.legacy_key)]
+
+    def rewrite(value):
+        if isinstance(value, dict):
+            return {k: rewrite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [rewrite(v) for v in value]
+        if isinstance(value, str):
+            for mark, key in marks:
+                i = value.find(mark)
+                end = i + len(mark)
+                if (i != -1 and (i == 0 or value[i - 1] == os.sep)
+                        and value[end:end + 1] in ("", os.sep)):
+                    return f"<stage {key}>{value[end:]}"
+        return value
+
+    return rewrite(config)
 
 
 

@@ -46,11 +46,13 @@ def data_stage(plan):
     cfg = ml_collections.ConfigDict({"pairs": s.quality.pairs, "early": early_step(s),
                                      "final": s.policy.steps, "data": s.data.to_dict(),
                                      "model": s.model.to_dict()})
-    stage = Stage("quality-data", cfg, None, (online, plan.golden, plan.relabel, plan.sft))
-    names = {tag: f"{tag}-{stage.key}" for tag in DATASETS}
+    stage = plan.add(Stage("quality-data", cfg, None,
+                           (online, plan.golden, plan.relabel, plan.sft)))
+    # Named by the key of the directory in use: an older study's (legacy key) built them so.
+    names = {tag: f"{tag}-{stage.directory_key(plan.workdir)}" for tag in DATASETS}
     stage.run = lambda cfg, out: _build(plan, online, names, out)
     stage.meta["datasets"] = names
-    return plan.add(stage)
+    return stage
 
 
 def runs(plan) -> dict:
