@@ -104,11 +104,27 @@ def owner(stages: list[Stage], shards: int) -> dict[str, int]:
 
 
 def finished(stage: Stage, workdir: str) -> bool:
-    return run_dir.is_finished(stage.directory(workdir), stage.config.get("num_steps", 1))
+    return _finished(stage, stage.directory(workdir))
 
 
-def _check_not_failed(stage: Stage, workdir: str):
-    directory = stage.directory(workdir)
+def _finished(stage: Stage, directory: str) -> bool:
+    return run_dir.is_finished(directory, stage.config.get("num_steps", 1))
+
+
+def _directories(workdir: str):
+    """stage -> its directory, resolved once: the polling loops below ask again and again, and
+    a key hashes the configs of every stage upstream."""
+    seen = {}
+
+    def where(stage: Stage) -> str:
+        if stage.name not in seen:
+            seen[stage.name] = stage.directory(workdir)
+        return seen[stage.name]
+
+    return where
+
+
+def _check_not_failed(stage: Stage, directory: str):
     why = run_dir.failure(directory)
     if why is not None:
         raise StageFailed(f"stage {stage.name} failed (see {run_dir.failed_path(directory)}): "
@@ -118,10 +134,11 @@ def _check_not_failed(stage: Stage, workdir: str):
 def wait_for(stages: list[Stage], workdir: str, poll_s: float, timeout_s: float, why: str):
     """Block until every stage is finished; a failed one raises, so does the timeout."""
     deadline = time.monotonic() + timeout_s
+    where = _directories(workdir)
     while True:
-        pending = [s for s in stages if not finished(s, workdir)]
+        pending = [s for s in stages if not _finished(s, where(s))]
         for stage in pending:
-            _check_not_failed(stage, workdir)
+            _check_not_failed(stage, where(stage))
         if not pending:
             return
         if time.monotonic() > deadline:
@@ -143,18 +160,19 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
     owners = owner(stages, shards)
     mine = [s for s in stages if owners[s.name] == shard]
     deadline = time.monotonic() + timeout_s
+    where = _directories(workdir)
     while True:
-        pending = [s for s in mine if not finished(s, workdir)]
+        pending = [s for s in mine if not _finished(s, where(s))]
         if not pending:
             return timings
         # The first stage whose inputs are ready (scanning in order keeps one host sequential
         # and never deadlocks: the stage graph is acyclic).
-        ready = next((s for s in pending if all(finished(u, workdir) for u in s.upstream)),
-                     None)
+        ready = next((s for s in pending
+                      if all(_finished(u, where(u)) for u in s.upstream)), None)
         if ready is None:
             for stage in pending:
                 for upstream in stage.upstream:
-                    _check_not_failed(upstream, workdir)
+                    _check_not_failed(upstream, where(upstream))
             if time.monotonic() > deadline:
                 raise StageFailed(f"config.sweep.wait_timeout_s: {timeout_s:g} s passed with "
                                   f"stage {pending[0].name} still waiting for its inputs")
@@ -163,15 +181,14 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
         if preemption.stop_requested():  # a signal arrived during the last stage
             raise Preempted(f"stopped before stage {ready.name}; run the same command again "
                             "to go on")
-        _run_one(ready, workdir, timings)
+        _run_one(ready, where(ready), timings)
         run_dir.write_json(workdir, name, timings)
-        if not finished(ready, workdir):
+        if not _finished(ready, where(ready)):
             raise StageFailed(f"stage {ready.name} returned without finishing "
-                              f"({ready.directory(workdir)} has no {run_dir.DONE})")
+                              f"({where(ready)} has no {run_dir.DONE})")
 
 
-def _run_one(stage: Stage, workdir: str, timings: dict):
-    out = stage.directory(workdir)
+def _run_one(stage: Stage, out: str, timings: dict):
     if jax.process_index() == 0:
         print(f"== stage {stage.name} -> {out}", flush=True)
     run_dir.clear_failure(out)  # a retry
