@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "absl-py>=2.1",
     "numpy>=2.0",
+    "scipy>=1.13",  # t quantiles (also a jax dependency)
     # Pretrained checkpoints: Hugging Face safetensors and tokenizer.json, llama.cpp's GGUF.
     "safetensors>=0.4",
     "tokenizers>=0.20",

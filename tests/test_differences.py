@@ -94,6 +94,11 @@ def test_one_seed_says_the_interval_covers_prompts_only():
 def test_seeds_that_agree_exactly_have_no_interval():
     assert np.isnan(results.mean_ci([0.75, 0.75])[1])
     assert results.mean_ci([0.7, 0.8])[1] > 0
+    # Past the table (10 values) the t quantile, not the normal one: 11 values spread like the
+    # first 10 give a wider interval than 1.96 would (2.228 / 1.96 = 1.137 times).
+    eleven = np.arange(11.0)
+    sd = eleven.std(ddof=1) / np.sqrt(11)
+    assert results.mean_ci(eleven)[1] == pytest.approx(2.228 * sd, rel=1e-3)
 
 
 def test_a_method_whose_runs_all_moved_past_a_budget_is_scored_there_by_its_start():

@@ -70,10 +70,10 @@ def _stream(online_rate, aligned=False, pairs=96, seed=0):
     return points
 
 
-def _claims(final_online=0.45, pairs=256, online_stream=0.65, aligned=False):
+def _claims(final_online=0.45, pairs=256, online_stream=0.65, aligned=False, stream_pairs=96):
     final = {"online": final_online, "offline": 0.65}
     drift = {"online": {0: -1.0, 1: -1.1}, "offline": {0: -2.0, 1: -2.3}}
-    points = _stream(online_stream, aligned)
+    points = _stream(online_stream, aligned, pairs=stream_pairs)
     stream, counts = classification.stream_means(points), classification.stream_pairs(points)
     verdicts = classification.claim_verdicts(final, pairs, drift, (0.1, (-0.3, 0.4), 24),
                                              stream, counts, points)
@@ -129,3 +129,7 @@ def test_classification_verdicts_decide_only_where_their_intervals_do():
     assert close["The likelihood"].agree is None
     assert close["The proxy's"].agree is True  # 0.9 -> 0.6 on 192 pairs each half
     assert close["No policy"].agree is False  # online's own samples at 0.65 of 288
+    # At chance on 288 pairs ([0.443, 0.557]) more than a little above chance is not ruled out:
+    # undecided; on 2,880 ([0.482, 0.518]) it is.
+    assert _claims(online_stream=0.5)["No policy"].agree is None
+    assert _claims(online_stream=0.5, stream_pairs=960)["No policy"].agree is True

@@ -11,6 +11,7 @@ import math
 import os
 
 import numpy as np
+import scipy.stats
 
 from alignment_gap import run_dir
 from alignment_gap.metrics import read_jsonl
@@ -50,6 +51,11 @@ def write(rows: list[dict], workdir: str):
         writer.writerows(rows)
 
 
+# Two-sided 95% t quantiles by sample size as the reports have always printed them (two
+# decimals); larger samples use the exact quantile.
+T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+
+
 def mean_ci(values) -> tuple[float, float]:
     """Mean and the half-width of a 95% t-interval; nan width (no interval) from one value or
     values that agree exactly (two seeds that happened to agree are not a zero-width interval)."""
@@ -58,8 +64,8 @@ def mean_ci(values) -> tuple[float, float]:
         return float("nan"), float("nan")
     if values.size == 1 or np.all(values == values[0]):  # no spread to estimate from
         return float(values.mean()), float("nan")
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
-    half = t.get(values.size, 1.96) * values.std(ddof=1) / math.sqrt(values.size)
+    t = T_975.get(values.size) or float(scipy.stats.t.ppf(0.975, values.size - 1))
+    half = t * values.std(ddof=1) / math.sqrt(values.size)
     return float(values.mean()), float(half)
 
 

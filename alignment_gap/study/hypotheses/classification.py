@@ -282,7 +282,9 @@ def analyse(plan, rows, workdir: str) -> Finding:
 def claim_verdicts(final, pairs, drift, correlation, stream, counts, points) -> list[Verdict]:
     """Each claim against its interval: accuracies as Wilson intervals over the pairs counted,
     the proxy's lead over a policy as a paired t-interval over the stream pairs both scored,
-    drifts as t-intervals over seeds, the correlation by a bootstrap over runs."""
+    drifts as t-intervals over seeds, the correlation by a bootstrap over runs; a claim of no
+    effect agrees only where its interval excludes a relevant one (`CHANCE_MARGIN`, and r within
+    +-0.5)."""
     levels = {m: shared.proportion_interval(final[m], pairs) for m in final}
     below, above = (levels["online"][1] < 0.5 and levels["offline"][0] > 0.5,
                     levels["online"][0] > 0.5 or levels["offline"][1] < 0.5)
@@ -351,5 +353,18 @@ def claim_verdicts(final, pairs, drift, correlation, stream, counts, points) -> 
         Verdict("No policy classifies its own samples better than chance",
                 ", ".join(f"{n} {stream[f'{n}/golden']:.3f} {shared.interval_text(*own[n])}"
                           for n in own),
-                not any(low > 0.5 for low, _ in own.values())),
+                _no_better_than_chance(list(own.values()))),
     ]
+
+
+CHANCE_MARGIN = 0.05  # "no better than chance": every interval below 0.5 + this
+
+
+def _no_better_than_chance(intervals) -> bool | None:
+    """False if any policy is above chance; True only where every interval rules out more than
+    CHANCE_MARGIN above it (an interval that merely holds 0.5 is undecided, not agreement)."""
+    if any(low > 0.5 for low, _ in intervals):
+        return False
+    if intervals and all(high < 0.5 + CHANCE_MARGIN for _, high in intervals):
+        return True
+    return None
