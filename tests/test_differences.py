@@ -194,6 +194,11 @@ def test_upstream_draws_are_resampled_whole_and_their_share_of_the_variance_is_e
     assert split["between chains"] == pytest.approx(0.49)
     assert split["upstream share"] == pytest.approx(0.49 / 0.51)
     assert differences.variance_split([[0.0, 0.2]]) is None  # one chain: nothing to split
+    # A draw missing a seed's runs cannot be resampled in balanced blocks: said, not a crash
+    # deep in numpy.
+    with pytest.raises(ValueError, match=r"different numbers of policy seeds \(chain: seeds "
+                                         r"\{0: 2, 1: 1\}\)"):
+        differences._unit_draws(np.random.default_rng(0), [(0, 0), (0, 1), (1, 0)], 10)
 
 
 def test_a_study_with_upstream_draws_pairs_within_each_draw_and_says_so():

@@ -83,7 +83,11 @@ def _unit_draws(rng, units: list[tuple], replicates: int) -> np.ndarray:
         return np.vstack([np.arange(len(units))[None],
                           rng.integers(0, len(units), (replicates, len(units)))])
     members = [np.array([i for i, (c, _) in enumerate(units) if c == chain]) for chain in chains]
-    size = min(len(m) for m in members)  # balanced: every chain has the same policy seeds
+    sizes = {chain: len(m) for chain, m in zip(chains, members, strict=True)}
+    if len(set(sizes.values())) > 1:  # the plan gives every chain the study's seeds
+        raise ValueError(f"upstream draws hold different numbers of policy seeds (chain: "
+                         f"seeds {sizes}); each needs a run of every seed of both methods")
+    size = len(members[0])
     rows = [np.arange(len(units))]
     for _ in range(replicates):
         drawn = rng.integers(0, len(chains), len(chains))
