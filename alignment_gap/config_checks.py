@@ -267,6 +267,11 @@ def check_study(c, rows: int):
     for name in ("stop_after_falls", "kl_cap"):
         if p.get(name, 0) < 0:
             _fail(f"policy.{name}", f"must be >= 0, got {p[name]}", "0 turns it off")
+    if p.get("stop_after_falls", 0) and not c.eval.get("test_prompts", 0):
+        _fail("policy.stop_after_falls", f"{p.stop_after_falls} stops online runs on their "
+              "golden win rate over every evaluation prompt, and with eval.test_prompts=0 "
+              "half of those prompts score the report", "set eval.test_prompts (e.g. 256: a "
+              "test stage scores other prompts) or set it to 0")
     if p.temperature <= 0:
         _fail("policy.temperature", f"must be positive, got {p.temperature}: at 0 (greedy) "
               "both online samples are the same", "use 1.0, the paper's")

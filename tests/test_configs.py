@@ -167,6 +167,13 @@ def test_online_runs_cannot_stop_early_under_the_hypotheses():
     c = study.get_config("smoke")
     c.policy.stop_after_falls, c.policy.kl_cap = 2, 3.0
     config_checks.validate(c, 1)  # the main study alone may
+    # ... when a test stage scores the report: otherwise the stop reads the prompts that do.
+    c.eval.test_prompts = 0
+    with pytest.raises(ConfigError, match=r"^config.policy.stop_after_falls: 2 stops online runs "
+                       r".* half of those prompts score the report; set eval.test_prompts"):
+        config_checks.validate(c, 1)
+    c.policy.stop_after_falls = 0
+    config_checks.validate(c, 1)  # a KL cap reads no win rate
 
 
 def test_the_test_stage_needs_test_prompts_after_the_selection_prompts():
