@@ -40,7 +40,13 @@ def test_a_clear_winner_is_named_by_the_judge_and_the_oracle_beside_it():
     text = results.verdict(c)
     assert "golden judge: online minus offline" in text and "online better" in text
     assert "oracle: online minus offline" in text and "undecided" in text
-    assert "32 test prompts and 3 seeds" in text and "32 other prompts" in text
+    assert "32 test prompts and 3 seeds (under 5 seeds: resampling them understates" in text
+    assert "32 other prompts" in text
+    for seed in (3, 4):  # five seeds: no caveat
+        points.append(point("online", seed, 1.0, noisy(rng, 0.9), oracle=noisy(rng, 0.5)))
+        points.append(point("offline", seed, 1.0, noisy(rng, 0.3), oracle=noisy(rng, 0.5)))
+    text = results.verdict(differences.compare(points, replicates=50))
+    assert "32 test prompts and 5 seeds;" in text and "understates" not in text
 
 
 def test_the_same_outcomes_for_both_methods_are_undecided():
