@@ -305,6 +305,29 @@ def test_a_study_written_with_legacy_keys_is_found_and_continued(tmp_path):
                                                        "d_800_vs_4k")}
 
 
+def test_a_legacy_study_moved_elsewhere_is_found_under_its_new_name(tmp_path):
+    """An older study's keys hashed the workdir's name; moved, its stages are found by the name
+    their recorded configs point into (so nothing reruns), and a stage not run before is
+    still new there."""
+    config = study_configs.get_config("smoke_hypotheses")
+    before, after = str(tmp_path / "before"), str(tmp_path / "after")
+    for pick in (lambda p: p.sft, lambda p: p.proxy, lambda p: p.online(config.seeds[0])):
+        stage = pick(pipeline.build_plan(config, before))  # upstream first, as it ran
+        old = os.path.join(before, "stages", f"{stage.name}-{stage.legacy_key}")
+        os.makedirs(old)
+        run_dir.write_json(old, "config.json", stage.config.to_dict())  # as trainers do
+        run_dir.finish(old, step=stage.config.get("num_steps", 1))
+    shutil.move(before, after)
+    assert scheduler.previous_names(after) == [before]
+    plan = pipeline.build_plan(config, after)
+    online = plan.online(config.seeds[0])
+    assert plan.dir(online).startswith(os.path.join(after, "stages", "online-"))
+    assert scheduler.finished(plan.proxy, after) and scheduler.finished(online, after)
+    assert online.config.proxy_checkpoint == plan.dir(plan.proxy)  # reads the moved proxy
+    assert plan.dir(plan.golden).endswith(plan.golden.key)  # never run: a new directory
+    assert not scheduler.finished(plan.golden, after)
+
+
 def test_an_online_beta_sweep_adds_runs_and_keeps_policy_betas_run(tmp_path):
     base = study_configs.get_config("smoke")
     swept = study_configs.get_config("smoke")

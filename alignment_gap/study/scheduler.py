@@ -15,10 +15,12 @@ stops every shard waiting on it. Each shard keeps `{stage: seconds}` in its timi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
 import os
+import re
 import time
 
 import jax
@@ -51,11 +53,22 @@ class Stage:
         config), so that their stage directories are still found (`directory`)."""
         return _hash(self.config.to_dict(), [u.legacy_key for u in self.upstream])
 
+    def legacy_key_as_if(self, workdir: str, previous: str) -> str:
+        """`legacy_key` as an older study computed it in this workdir when it was named
+        `previous` (before it was moved or renamed)."""
+        return _hash(_renamed(self.config.to_dict(), workdir, previous),
+                     [u.legacy_key_as_if(workdir, previous) for u in self.upstream])
+
     def directory(self, workdir: str) -> str:
-        """`<workdir>/stages/<name>-<key>`, or the legacy-keyed directory an older study left."""
+        """`<workdir>/stages/<name>-<key>`, or the legacy-keyed directory an older study left
+        (under this workdir name or, moved since, under a name its stages' configs record)."""
         path = os.path.join(workdir, "stages", f"{self.name}-{self.key}")
-        if not os.path.isdir(path):
-            legacy = os.path.join(workdir, "stages", f"{self.name}-{self.legacy_key}")
+        if os.path.isdir(path):
+            return path
+        keys = [self.legacy_key] + [self.legacy_key_as_if(workdir, previous)
+                                    for previous in previous_names(workdir)]
+        for key in keys:
+            legacy = os.path.join(workdir, "stages", f"{self.name}-{key}")
             if os.path.isdir(legacy):
                 return legacy
         return path
@@ -72,26 +85,69 @@ def _hash(config: dict, upstream_keys: list[str]) -> str:
 
 
 def _relocatable(config, upstream: tuple[Stage, ...], keys: list[str]):
-    """`config` with each path into an upstream stage's directory (named by either key) written
-    as `<stage KEY>/rest`, independent of the workdir's location."""
-    marks = [(f"stages{os.sep}{u.name}-{k}", key) for u, key in zip(upstream, keys, strict=True)
-             for k in (key, u.legacy_key)]
+    """`config` with each path into an upstream stage's directory written as `<stage KEY>/rest`,
+    independent of the workdir's location. Paths come from `directory`, so one into
+    `stages/<name>-<any key>` is the directory in use of the upstream stage of that name."""
+    names = {u.name: key for u, key in zip(upstream, keys, strict=True)}
 
     def rewrite(value):
-        if isinstance(value, dict):
-            return {k: rewrite(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [rewrite(v) for v in value]
-        if isinstance(value, str):
-            for mark, key in marks:
-                i = value.find(mark)
-                end = i + len(mark)
-                if (i != -1 and (i == 0 or value[i - 1] == os.sep)
-                        and value[end:end + 1] in ("", os.sep)):
-                    return f"<stage {key}>{value[end:]}"
+        match = _STAGE_PATH.fullmatch(value) if isinstance(value, str) else None
+        if match and match["name"] in names:
+            return f"<stage {names[match['name']]}>{match['rest']}"
         return value
 
-    return rewrite(config)
+    return _strings(config, rewrite)
+
+
+# A path into a stage directory: <workdir>/stages/<name>-<10-hex key>[/rest].
+_SEP = re.escape(os.sep)
+_STAGE_PATH = re.compile(rf"(?:(?P<workdir>.*?){_SEP})?stages{_SEP}(?P<name>[^{_SEP}]+)-"
+                         rf"[0-9a-f]{{10}}(?P<rest>(?:{_SEP}.*)?)")
+
+
+def _strings(value, rewrite):
+    """`value` (JSON-like) with every string passed through `rewrite`; tuples become lists."""
+    if isinstance(value, dict):
+        return {k: _strings(v, rewrite) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strings(v, rewrite) for v in value]
+    return rewrite(value) if isinstance(value, str) else value
+
+
+def _renamed(config, workdir: str, previous: str):
+    """`config` with its paths into `<workdir>/stages` written under `previous` instead."""
+    here, there = os.path.join(workdir, "stages", ""), os.path.join(previous, "stages", "")
+    return _strings(config, lambda v: there + v[len(here):] if v.startswith(here) else v)
+
+
+def previous_names(workdir: str) -> list[str]:
+    """Other names this workdir's stages were run under (an older study's keys hashed them):
+    the workdirs that paths in its stages' recorded configs point into."""
+    stages = os.path.join(workdir, "stages")
+    try:
+        stamp = os.stat(stages).st_mtime_ns  # a new stage directory changes it
+    except FileNotFoundError:
+        return []
+    return _previous_names(workdir, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _previous_names(workdir: str, stamp: int) -> list[str]:
+    found = set()
+
+    def note(value):
+        match = _STAGE_PATH.fullmatch(value)
+        if match and match["workdir"] and match["workdir"] != workdir:
+            found.add(match["workdir"])
+        return value
+
+    for path in glob.glob(os.path.join(glob.escape(workdir), "stages", "*", "config.json")):
+        try:
+            with open(path) as f:
+                _strings(json.load(f), note)
+        except (OSError, ValueError):
+            continue  # a directory being written, or not a run's: it names nothing
+    return sorted(found)
 
 
 
