@@ -9,6 +9,7 @@ from flax import nnx
 
 from alignment_gap import logprobs, losses, sharding
 from alignment_gap.models import both_order_margin
+from alignment_gap.models.transformer import branched_layout
 from alignment_gap.train.state import init_train_state, make_update_step
 from tests.conftest import random_prompts
 from tests.helpers import language_model, preference_model, scanned_copy
@@ -219,6 +220,31 @@ def test_preference_model_scores_both_orders_in_one_pass(mini_config):
                                                  y1_mask), atol=1e-5)
     assert not np.allclose(forward[:5], backward[:5])  # the orders really differ
     assert forward[5] == pytest.approx(float(backward[5]), abs=1e-6)  # both empty: one input
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"scan_layers": True}, {"scan_layers": True, "num_layers": 3, "remat": "full"},
+    {"scan_layers": True, "num_layers": 1},
+    # local and global layers mixed: the scanned layers' kinds travel as flags
+    {"sliding_window": 4, "global_every": 2}, {"scan_layers": True, "sliding_window": 4,
+                                                "global_every": 2, "num_layers": 4}])
+def test_last_block_read_at_some_slots_equals_those_slots_of_the_full_pass(mini_config,
+                                                                           overrides):
+    lm, mesh, rules = language_model(mini_config, **overrides)
+    prompt, prompt_mask, y1, y1_mask, y2, y2_mask = _two_responses(mini_config)
+    tokens = np.concatenate([prompt, y1, y2], axis=1)
+    mask = np.concatenate([prompt_mask, y1_mask, y2_mask], axis=1).astype(bool)
+    positions, branches = branched_layout(prompt_mask, y1_mask, y2_mask)
+    # A prompt slot, a slot of each branch and a padded one: any slots, any order.
+    read_at = np.array([[3, 10, 18, 20]] * 6, np.int32)
+    read_at[1] = [20, 0, 14, 9]
+    with sharding.use(mesh, rules):
+        run = jax.jit(lambda m, at: m.backbone(tokens, positions, mask, branches_BxL=branches,
+                                               read_at_BxQ=at)[0])
+        full, part = run(lm, None), run(lm, read_at)
+    assert part.shape == (6, 4, mini_config.width)
+    np.testing.assert_allclose(part, np.take_along_axis(np.asarray(full), read_at[..., None], 1),
+                               atol=2e-5)
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@
 the prompt and both responses in one sequence `[prompt | y1 | y2]` (three learned segment
 embeddings tell the parts apart) and returns the logit of "y1 is preferred". Labels and
 evaluations use the both-order sign rule, `r(x, y1, y2) - r(x, y2, y1) > 0`, which cancels any
-position bias an online policy could otherwise exploit (Tang et al. 2024, App. A).
+position bias an online policy could otherwise exploit (Tang et al. 2024, App. A). The score is
+read at one token per order, so the last block computes its queries and MLP there only (the
+other positions serve it as keys and values: `read_at_BxQ` in `transformer`).
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ class PreferenceModel(nnx.Module):
         """Logit of P(y1 preferred to y2 | x), read at the last valid token; shape `[batch]`."""
         tokens, mask, segments = pair_sequence(prompt_BxP, prompt_mask_BxP, y1_BxR, y1_mask_BxR,
                                                y2_BxR, y2_mask_BxR)
-        hidden, _ = self.backbone(tokens, positions_from_mask(mask), mask, segments_BxL=segments)
-        return self._score_at(hidden, _last_valid(mask, 0))
+        hidden, _ = self.backbone(tokens, positions_from_mask(mask), mask, segments_BxL=segments,
+                                  read_at_BxQ=_last_valid(mask, 0)[:, None])
+        return self._score(hidden[:, 0])
 
     def both_orders(self, prompt_BxP, prompt_mask_BxP, y1_BxR, y1_mask_BxR, y2_BxR, y2_mask_BxR):
         """(`r(x, y1, y2)`, `r(x, y2, y1)`) from one pass over `[prompt | y1 y2 | y2 y1]`.
@@ -109,16 +112,18 @@ class PreferenceModel(nnx.Module):
         segments = jnp.concatenate([forward_segments, forward_segments[:, p:]], axis=1)
         positions, branches = branched_layout(forward_mask[:, :p], forward_mask[:, p:],
                                               backward_mask[:, p:])
-        hidden, _ = self.backbone(tokens, positions, mask, segments_BxL=segments,
-                                  branches_BxL=branches)
         forward_end = _last_valid(forward_mask, 0)
         # With both responses empty each order ends on the prompt's last token.
         backward_end = _last_valid(mask[:, p + 2 * r:], p + 2 * r, fallback=forward_end)
-        return self._score_at(hidden, forward_end), self._score_at(hidden, backward_end)
+        hidden, _ = self.backbone(tokens, positions, mask, segments_BxL=segments,
+                                  branches_BxL=branches,
+                                  read_at_BxQ=jnp.stack([forward_end, backward_end], axis=1))
+        return self._score(hidden[:, 0]), self._score(hidden[:, 1])
 
-    def _score_at(self, hidden_BxLxD, index_B):
-        pooled = jnp.take_along_axis(hidden_BxLxD, index_B[:, None, None], axis=1)[:, 0]
-        return (pooled.astype(jnp.float32) @ self.score[...])[:, 0]
+    def _score(self, pooled_BxD):
+        """The logit from the hidden state at the read token (the last block computed the
+        sequence's other positions only as keys and values)."""
+        return (pooled_BxD.astype(jnp.float32) @ self.score[...])[:, 0]
 
 
 def _last_valid(mask_BxL, offset: int, fallback=None):

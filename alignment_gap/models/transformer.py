@@ -240,17 +240,29 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x_BxLxD, positions_BxL, key_mask_BxS, cache_kv=None, cache_index=None,
-                 branches_BxL=None, *, local=False, key_positions_BxS=None):
+                 branches_BxL=None, *, local=False, key_positions_BxS=None, query_at_BxQ=None):
         """`(output, (k, v))`: this chunk's keys and values `[batch, kv_heads, length, head_dim]`.
 
         Without `cache_kv`, attention reads the chunk itself. With one (this layer's buffers),
         the chunk is written at slot `cache_index` of a copy the queries read; the caller
         stores the returned chunk in its cache. `local`: a sliding-window layer (a Python or
         traced bool); its window is measured in positions, those of the keys being
-        `key_positions_BxS` (default: the chunk's own).
+        `key_positions_BxS` (default: the chunk's own). `query_at_BxQ` (no cache): queries at
+        those slots of each row only, output `[batch, Q, width]`; keys are every slot.
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        q = dense(x_BxLxD, self.q[...].astype(dt))
+        key_positions_BxL = positions_BxL
+        query_branch_BxL = branches_BxL
+        if query_at_BxQ is not None:
+            if cache_kv is not None:
+                raise ValueError("query_at_BxQ is for full-sequence passes, not the KV cache")
+            x_query = jnp.take_along_axis(x_BxLxD, query_at_BxQ[:, :, None], axis=1)
+            positions_BxL = jnp.take_along_axis(positions_BxL, query_at_BxQ, axis=1)
+            if branches_BxL is not None:
+                query_branch_BxL = jnp.take_along_axis(branches_BxL, query_at_BxQ, axis=1)
+        else:
+            x_query = x_BxLxD
+        q = dense(x_query, self.q[...].astype(dt))
         k = dense(x_BxLxD, self.k[...].astype(dt))
         v = dense(x_BxLxD, self.v[...].astype(dt))
         if cfg.qkv_bias:
@@ -260,11 +272,11 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         freqs = rope_frequencies(cfg, local)
         q = apply_rope(q, positions_BxL, freqs)
-        k = apply_rope(k, positions_BxL, freqs)
-        length = x_BxLxD.shape[1]
+        k = apply_rope(k, key_positions_BxL, freqs)
+        length = x_query.shape[1]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B x K x L x H
         chunk_kv = (k, v)
-        query_slot = jnp.arange(length)
+        query_slot = jnp.arange(length) if query_at_BxQ is None else query_at_BxQ
         if cache_kv is not None:
             query_slot = cache_index + query_slot
             if isinstance(cache_index, int) and cache_index == 0:
@@ -276,13 +288,14 @@ class Attention(nnx.Module):
                 k, v = (write_slots(buffer, chunk, cache_index)
                         for buffer, chunk in zip(cache_kv, chunk_kv, strict=True))
         key_slot = jnp.arange(k.shape[2])
-        visible_BxLxS = (key_slot[None, :] <= query_slot[:, None])[None] & key_mask_BxS[:, None, :]
+        causal = key_slot <= query_slot[..., None]  # L x S, or B x Q x S (query_at_BxQ)
+        visible_BxLxS = (causal if causal.ndim == 3 else causal[None]) & key_mask_BxS[:, None, :]
         if branches_BxL is not None:
-            key_branch, query_branch = branches_BxL[:, None, :], branches_BxL[:, :, None]
+            key_branch, query_branch = branches_BxL[:, None, :], query_branch_BxL[:, :, None]
             visible_BxLxS &= (key_branch == 0) | (key_branch == query_branch)
         if local is not False:
             if key_positions_BxS is None:
-                key_positions_BxS = positions_BxL
+                key_positions_BxS = key_positions_BxL
             near = positions_BxL[:, :, None] - key_positions_BxS[:, None, :] < cfg.sliding_window
             visible_BxLxS &= near if local is True else near | ~local
 
@@ -333,11 +346,16 @@ class Block(nnx.Module):
         self.post_norms = cfg.post_norms
 
     def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None, branches=None,
-                 *, local=False, key_positions=None):
+                 *, local=False, key_positions=None, query_at=None):
+        """`query_at` `[batch, Q]`: the block's output at those slots only (`[batch, Q, width]`),
+        attending to every slot as the full block would."""
         y, chunk_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, cache_index,
-                                branches, local=local, key_positions_BxS=key_positions)
+                                branches, local=local, key_positions_BxS=key_positions,
+                                query_at_BxQ=query_at)
         if self.post_norms:
             y = self.post_attn_norm(y)
+        if query_at is not None:
+            x = jnp.take_along_axis(x, query_at[:, :, None], axis=1)
         x = x + y
         y = self.mlp(self.mlp_norm(x))
         if self.post_norms:
@@ -385,9 +403,14 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.width, cfg, rngs)
 
     def __call__(self, tokens_BxL, positions_BxL, key_mask_BxS, *, segments_BxL=None,
-                 branches_BxL=None, cache: KVCache | None = None, cache_index=None):
-        if branches_BxL is not None and cache is not None:
-            raise ValueError("branches_BxL is for full-sequence passes; the KV cache has none")
+                 branches_BxL=None, cache: KVCache | None = None, cache_index=None,
+                 read_at_BxQ=None):
+        """Hidden states `[batch, length, width]` (and the cache). `read_at_BxQ` (no cache): the
+        hidden states at those slots of each row only, `[batch, Q, width]` - the last block
+        runs its queries, MLP and the final norm there alone (a score read at one token)."""
+        if (branches_BxL is not None or read_at_BxQ is not None) and cache is not None:
+            raise ValueError("branches_BxL and read_at_BxQ are for full-sequence passes; the "
+                             "KV cache has neither")
         dt = jnp.dtype(self.cfg.dtype)
         # Gather from a replicated copy: a gather from a table sharded on (vocab, embed) into a
         # batch-sharded output is a layout XLA's SPMD partitioner can only do by rematerialising.
@@ -400,7 +423,7 @@ class Transformer(nnx.Module):
             x = x + jnp.take(segment_table, segments_BxL, axis=0).astype(dt)
         x = sharding.constrain(x, ("batch", "length", "embed_act"))
         if cache is None:
-            x = self._blocks(x, positions_BxL, key_mask_BxS, branches_BxL)
+            x = self._blocks(x, positions_BxL, key_mask_BxS, branches_BxL, read_at_BxQ)
             return self.final_norm(x), None
         # A decode step's keys are the cache's slots; their positions count its valid slots.
         key_positions = None
@@ -428,11 +451,12 @@ class Transformer(nnx.Module):
             return flags[0], None
         return None, jnp.asarray(flags)
 
-    def _blocks(self, x, positions, key_mask, branches):
-        """Every block over a full sequence (training, scoring), with `remat` if configured."""
-        def apply(graphdef, state, x, local):
+    def _blocks(self, x, positions, key_mask, branches, read_at=None):
+        """Every block over a full sequence (training, scoring), with `remat` if configured;
+        with `read_at`, the last block's output at those slots only."""
+        def apply(graphdef, state, x, local, query_at=None):
             return nnx.merge(graphdef, state)(x, positions, key_mask, branches=branches,
-                                              local=local)[0]
+                                              local=local, query_at=query_at)[0]
 
         def checkpointed(fn):
             if self.cfg.remat == "none":
@@ -444,13 +468,26 @@ class Transformer(nnx.Module):
             return jax.checkpoint(fn, policy=REMAT_POLICIES[self.cfg.remat],
                                   prevent_cse=not self.cfg.scan_layers, static_argnums=(0,))
 
+        last = self.cfg.num_layers - 1
         if not self.cfg.scan_layers:
             for i, block in enumerate(self.blocks):
-                layer = checkpointed(functools.partial(apply, local=self.cfg.layer_is_local(i)))
+                layer = checkpointed(functools.partial(
+                    apply, local=self.cfg.layer_is_local(i),
+                    query_at=read_at if i == last else None))
                 x = layer(*nnx.split(block), x)
             return x
         graphdef, stacked = nnx.split(self.blocks)
         local, flags = self._layer_kinds()
+        if read_at is not None:  # all but the last layer scanned; the last one alone
+            final = jax.tree.map(lambda a: a[last], stacked)
+            stacked = jax.tree.map(lambda a: a[:last], stacked)
+            if flags is None:
+                final_layer = checkpointed(functools.partial(apply, local=local,
+                                                             query_at=read_at))
+                final_args = ()
+            else:
+                final_layer = checkpointed(functools.partial(apply, query_at=read_at))
+                final_args, flags = (flags[last],), flags[:last]
         if flags is None:
             layer = checkpointed(functools.partial(apply, local=local))
             x, _ = jax.lax.scan(lambda x, params: (layer(graphdef, params, x), None), x, stacked)
@@ -458,6 +495,8 @@ class Transformer(nnx.Module):
             layer = checkpointed(apply)
             x, _ = jax.lax.scan(lambda x, xs: (layer(graphdef, xs[0], x, xs[1]), None), x,
                                 (stacked, flags))
+        if read_at is not None:
+            x = final_layer(graphdef, final, x, *final_args)
         return x
 
     def _scan_with_cache(self, x, positions, key_mask, cache: KVCache, cache_index,
