@@ -39,7 +39,8 @@ def _host(x) -> np.ndarray:
 class EvalPrograms(NamedTuple):
     judge: Callable  # (golden state, prompt, mask, ours, mask, theirs, mask) -> [B] 1 / 0.5 / 0
     kl: Callable  # (params, sft params, prompt, mask, response, mask) -> [B] sequence KL
-    classify: Callable  # (params, sft params, PreferenceBatch) -> accuracy, likelihood drift
+    pair_logprobs: Callable  # (params, PreferenceBatch) -> ([B] chosen, [B] rejected) log-probs
+    classify: Callable  # (params, SFT's pair_logprobs, PreferenceBatch) -> accuracy, drift
 
 
 def eval_programs(graphdef, golden_graphdef, mesh, rules) -> EvalPrograms:
@@ -65,17 +66,21 @@ def _eval_programs(graphdef, golden_graphdef, mesh, rules) -> EvalPrograms:
         return logprobs.sequence_kl(nnx.merge(graphdef, params), nnx.merge(graphdef, sft_params),
                                     prompt, prompt_mask, response, response_mask)
 
+    def pair_logprobs(params, b: PreferenceBatch):
+        lm = nnx.merge(graphdef, params)
+        seq = lambda y, ym: logprobs.sequence_logprobs(lm, b.prompt, b.prompt_mask, y, ym)[1]
+        return seq(b.chosen, b.chosen_mask), seq(b.rejected, b.rejected_mask)
+
     @functools.partial(jax.jit, out_shardings=replicated)
-    def eval_classify(params, sft_params, b: PreferenceBatch):
-        policy, sft = nnx.merge(graphdef, params), nnx.merge(graphdef, sft_params)
-        seq = lambda m, y, ym: logprobs.sequence_logprobs(m, b.prompt, b.prompt_mask, y, ym)[1]
-        pw, pl = seq(policy, b.chosen, b.chosen_mask), seq(policy, b.rejected, b.rejected_mask)
-        sw, sl = seq(sft, b.chosen, b.chosen_mask), seq(sft, b.rejected, b.rejected_mask)
+    def eval_classify(params, sft_logprobs, b: PreferenceBatch):
+        (pw, pl), (sw, sl) = pair_logprobs(params, b), sft_logprobs
         h = (pw - sw) - (pl - sl)
         return {"classifier_accuracy": jnp.mean(losses.tie_half(h)),
                 "likelihood_drift": jnp.mean(pw - sw)}
 
-    return EvalPrograms(eval_judge, eval_kl, eval_classify)
+    return EvalPrograms(eval_judge, eval_kl,
+                        jax.jit(pair_logprobs, out_shardings=replicated),
+                        eval_classify)
 
 
 def eval_sampler(lm, mesh, rules, sampling: SamplingConfig) -> Sampler:
@@ -97,8 +102,11 @@ class Evaluator:
         self.sampler = eval_sampler(lm, mesh, rules, sampling)
         self.key = jax.random.key(seed)
         golden_graphdef, self.golden_state = nnx.split(golden)
-        self._judge, self._kl, self._classify = eval_programs(self.graphdef, golden_graphdef,
-                                                              mesh, rules)
+        self._judge, self._kl, pair_logprobs, self._classify = eval_programs(
+            self.graphdef, golden_graphdef, mesh, rules)
+        if pairs is not None:  # the SFT policy's log-probs of the fixed pairs, once
+            with sharding.use(mesh, rules):
+                self.sft_pair_logprobs = pair_logprobs(sft_params, pairs)
         opponent_key = jax.random.fold_in(self.key, 1)
         if opponent_lm is None:  # the policy's architecture (its SFT start, a golden policy)
             self.opponent = self._sample(opponent_params, opponent_key)
@@ -129,7 +137,8 @@ class Evaluator:
                       "response_length": float(jnp.mean(ours.mask.sum(-1)))}
             if self.pairs is not None:
                 result.update({k: float(v) for k, v in
-                               self._classify(params, self.sft_params, self.pairs).items()})
+                               self._classify(params, self.sft_pair_logprobs,
+                                              self.pairs).items()})
         outcomes = {"win": _host(wins), "kl": _host(kls)[: self.kl_prompts]}
         if self.world is not None:
             outcomes["oracle_win"] = self._oracle_outcomes(ours)

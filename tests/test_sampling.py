@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from alignment_gap import logprobs, sharding
+from alignment_gap.batches import PreferenceBatch
 from alignment_gap.evaluation import eval_programs
 from alignment_gap.sampling import Sampler, SamplingConfig, choose_tokens
 from tests.conftest import random_prompts
@@ -201,3 +202,29 @@ def test_online_source_ranks_by_the_proxy_in_any_number_of_slices(mini_config):
                                one.rejected, one.rejected_mask)
     assert np.all(np.asarray(margin) >= 0)  # chosen is the one the proxy prefers
     assert (one.chosen != one.rejected).any()
+
+
+def test_policy_as_classifier_reads_the_sft_log_probs_computed_once(mini_config):
+    """`classify` takes the SFT policy's log-probs of the fixed pairs (computed once per
+    evaluator): the SFT policy itself ties on every pair (accuracy 1/2, drift 0), and another
+    policy scores what the four sequence log-probs computed directly give."""
+    sft, mesh, rules = language_model(mini_config)
+    policy = language_model(mini_config, seed=1)[0]
+    judge_graphdef = nnx.split(preference_model(mini_config)[0])[0]
+    programs = eval_programs(nnx.split(sft)[0], judge_graphdef, mesh, rules)
+    prompt, prompt_mask = _prompts(batch=8, length=6, seed=3)
+    chosen, chosen_mask = _prompts(batch=8, length=5, seed=4)
+    rejected, rejected_mask = _prompts(batch=8, length=5, seed=5)
+    chosen_mask, rejected_mask = chosen_mask[:, ::-1], rejected_mask[:, ::-1]  # right-padded
+    pairs = PreferenceBatch(prompt, prompt_mask, chosen, chosen_mask, rejected, rejected_mask)
+    with sharding.use(mesh, rules):
+        cached = programs.pair_logprobs(nnx.state(sft), pairs)
+        itself = programs.classify(nnx.state(sft), cached, pairs)
+        other = programs.classify(nnx.state(policy), cached, pairs)
+    assert float(itself["classifier_accuracy"]) == 0.5 and float(itself["likelihood_drift"]) == 0
+    seq = lambda m, y, ym: np.asarray(logprobs.sequence_logprobs(m, prompt, prompt_mask, y, ym)[1])
+    pw, pl = seq(policy, chosen, chosen_mask), seq(policy, rejected, rejected_mask)
+    sw, sl = seq(sft, chosen, chosen_mask), seq(sft, rejected, rejected_mask)
+    h = (pw - sw) - (pl - sl)
+    assert float(other["classifier_accuracy"]) == np.mean(np.where(h > 0, 1.0, 0.0))
+    np.testing.assert_allclose(float(other["likelihood_drift"]), np.mean(pw - sw), atol=1e-5)

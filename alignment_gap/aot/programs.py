@@ -246,7 +246,8 @@ def evaluation_programs(config, b: Builder, lm, graphdef, params, sft_params):
     p, r, layers = d.prompt_len, d.response_len, config.model.num_layers
     sampling, programs, resident = _sampling(config), [], {}
     _, golden_graphdef, golden = b.model("preference", e.golden_model)
-    judge, kl, classify = eval_programs(graphdef, golden_graphdef, b.mesh, b.rules)
+    judge, kl, pair_logprobs, classify = eval_programs(graphdef, golden_graphdef, b.mesh,
+                                                       b.rules)
     sampler = eval_sampler(lm, b.mesh, b.rules, sampling)
     programs.append(b.sampler_program(sampler, lm, params, e.prompts, p, r))
     if e.opponent_checkpoint:
@@ -270,8 +271,11 @@ def evaluation_programs(config, b: Builder, lm, graphdef, params, sft_params):
                      (prompt, mask, *theirs)})
     if e.pairs:
         pairs = b.pairs(e.pairs, p, r)
-        programs.append(Program("eval_classify", classify, (params, sft_params, pairs),
-                                resident_args=(0, 1, 2), layers=layers))
+        sft_logprobs = (b.replicated(e.pairs, dtype=jnp.float32),) * 2
+        programs += [Program("eval_sft_pair_logprobs", pair_logprobs, (sft_params, pairs),
+                             resident_args=(0, 1), layers=layers),
+                     Program("eval_classify", classify, (params, sft_logprobs, pairs),
+                             resident_args=(0, 1, 2), layers=layers)]
         resident["evaluation pairs"] = pairs
     return programs, resident
 
