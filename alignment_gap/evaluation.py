@@ -66,20 +66,20 @@ def _eval_programs(graphdef, golden_graphdef, mesh, rules) -> EvalPrograms:
         return logprobs.sequence_kl(nnx.merge(graphdef, params), nnx.merge(graphdef, sft_params),
                                     prompt, prompt_mask, response, response_mask)
 
-    def pair_logprobs(params, b: PreferenceBatch):
+    def eval_pair_logprobs(params, b: PreferenceBatch):
         lm = nnx.merge(graphdef, params)
         seq = lambda y, ym: logprobs.sequence_logprobs(lm, b.prompt, b.prompt_mask, y, ym)[1]
         return seq(b.chosen, b.chosen_mask), seq(b.rejected, b.rejected_mask)
 
     @functools.partial(jax.jit, out_shardings=replicated)
     def eval_classify(params, sft_logprobs, b: PreferenceBatch):
-        (pw, pl), (sw, sl) = pair_logprobs(params, b), sft_logprobs
+        (pw, pl), (sw, sl) = eval_pair_logprobs(params, b), sft_logprobs
         h = (pw - sw) - (pl - sl)
         return {"classifier_accuracy": jnp.mean(losses.tie_half(h)),
                 "likelihood_drift": jnp.mean(pw - sw)}
 
     return EvalPrograms(eval_judge, eval_kl,
-                        jax.jit(pair_logprobs, out_shardings=replicated),
+                        jax.jit(eval_pair_logprobs, out_shardings=replicated),
                         eval_classify)
 
 

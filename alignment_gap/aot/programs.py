@@ -272,7 +272,7 @@ def evaluation_programs(config, b: Builder, lm, graphdef, params, sft_params):
     if e.pairs:
         pairs = b.pairs(e.pairs, p, r)
         sft_logprobs = (b.replicated(e.pairs, dtype=jnp.float32),) * 2
-        programs += [Program("eval_sft_pair_logprobs", pair_logprobs, (sft_params, pairs),
+        programs += [Program("eval_pair_logprobs", pair_logprobs, (sft_params, pairs),
                              resident_args=(0, 1), layers=layers),
                      Program("eval_classify", classify, (params, sft_logprobs, pairs),
                              resident_args=(0, 1, 2), layers=layers)]
