@@ -242,9 +242,12 @@ def test_last_block_read_at_some_slots_equals_those_slots_of_the_full_pass(mini_
         run = jax.jit(lambda m, at: m.backbone(tokens, positions, mask, branches_BxL=branches,
                                                read_at_BxQ=at)[0])
         full, part = run(lm, None), run(lm, read_at)
-    assert part.shape == (6, 4, mini_config.width)
+        window = jax.jit(lambda m: m.backbone(tokens, positions, mask, branches_BxL=branches,
+                                              read_at_BxQ=(8, 17))[0])(lm)  # a static window
+    assert part.shape == (6, 4, mini_config.width) and window.shape == (6, 9, mini_config.width)
     np.testing.assert_allclose(part, np.take_along_axis(np.asarray(full), read_at[..., None], 1),
                                atol=2e-5)
+    np.testing.assert_allclose(window, np.asarray(full)[:, 8:17], atol=2e-5)
 
 
 @pytest.mark.slow

@@ -50,10 +50,12 @@ class LanguageModel(nnx.Module):
         if positions_BxL is None:
             positions_BxL = positions_from_mask(mask_BxL)
         key_mask = mask_BxL if cache is None else cache_mask_BxS
+        # Without a cache the last block runs only where logits are read (`read_at_BxQ`).
+        read_at = tuple(logits_window) if logits_window is not None and cache is None else None
         hidden, cache = self.backbone(tokens_BxL, positions_BxL, key_mask,
                                       branches_BxL=branches_BxL, cache=cache,
-                                      cache_index=cache_index)
-        if logits_window is not None:
+                                      cache_index=cache_index, read_at_BxQ=read_at)
+        if logits_window is not None and read_at is None:
             hidden = hidden[:, logits_window[0]: logits_window[1]]
         dt = jnp.dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:

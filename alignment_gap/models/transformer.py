@@ -184,6 +184,14 @@ def dense(x, w, contract: int = 1):
     return y.reshape(*x.shape[: x.ndim - contract], *n_shape)
 
 
+def rows_at(a_BxL, at):
+    """`a[:, at]` along the length axis: `at` is a static `(start, stop)` window or per-row slots
+    `[batch, Q]` (trailing axes of `a` kept)."""
+    if isinstance(at, tuple):
+        return a_BxL[:, at[0]: at[1]]
+    return jnp.take_along_axis(a_BxL, at.reshape(at.shape + (1,) * (a_BxL.ndim - 2)), axis=1)
+
+
 def rope_frequencies(cfg: TransformerConfig, local):
     """Inverse RoPE wavelengths `[head_dim / 2]` of a local or global layer (`local` may be a
     traced boolean: scanned layers of both kinds)."""
@@ -256,10 +264,10 @@ class Attention(nnx.Module):
         if query_at_BxQ is not None:
             if cache_kv is not None:
                 raise ValueError("query_at_BxQ is for full-sequence passes, not the KV cache")
-            x_query = jnp.take_along_axis(x_BxLxD, query_at_BxQ[:, :, None], axis=1)
-            positions_BxL = jnp.take_along_axis(positions_BxL, query_at_BxQ, axis=1)
+            x_query = rows_at(x_BxLxD, query_at_BxQ)
+            positions_BxL = rows_at(positions_BxL, query_at_BxQ)
             if branches_BxL is not None:
-                query_branch_BxL = jnp.take_along_axis(branches_BxL, query_at_BxQ, axis=1)
+                query_branch_BxL = rows_at(branches_BxL, query_at_BxQ)
         else:
             x_query = x_BxLxD
         q = dense(x_query, self.q[...].astype(dt))
@@ -276,7 +284,12 @@ class Attention(nnx.Module):
         length = x_query.shape[1]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B x K x L x H
         chunk_kv = (k, v)
-        query_slot = jnp.arange(length) if query_at_BxQ is None else query_at_BxQ
+        if query_at_BxQ is None:
+            query_slot = jnp.arange(length)
+        elif isinstance(query_at_BxQ, tuple):
+            query_slot = jnp.arange(*query_at_BxQ)
+        else:
+            query_slot = query_at_BxQ
         if cache_kv is not None:
             query_slot = cache_index + query_slot
             if isinstance(cache_index, int) and cache_index == 0:
@@ -355,7 +368,7 @@ class Block(nnx.Module):
         if self.post_norms:
             y = self.post_attn_norm(y)
         if query_at is not None:
-            x = jnp.take_along_axis(x, query_at[:, :, None], axis=1)
+            x = rows_at(x, query_at)
         x = x + y
         y = self.mlp(self.mlp_norm(x))
         if self.post_norms:
@@ -407,7 +420,8 @@ class Transformer(nnx.Module):
                  read_at_BxQ=None):
         """Hidden states `[batch, length, width]` (and the cache). `read_at_BxQ` (no cache): the
         hidden states at those slots of each row only, `[batch, Q, width]` - the last block
-        runs its queries, MLP and the final norm there alone (a score read at one token)."""
+        runs its queries, MLP and the final norm there alone (a score read at one token, the
+        logits of a response). Per-row slots `[batch, Q]`, or a static `(start, stop)` window."""
         if (branches_BxL is not None or read_at_BxQ is not None) and cache is not None:
             raise ValueError("branches_BxL and read_at_BxQ are for full-sequence passes; the "
                              "KV cache has neither")
