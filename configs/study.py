@@ -3,7 +3,7 @@
     python -m alignment_gap.main --config configs/study.py:mini --workdir workdir/study
 Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini` (the default
 of `make study`: 16-29 minutes on 2-core Intel Xeon machines, 28 from empty with its four
-early checkpoints; 9.6 from empty on the AMD EPYC one, 2026-12-04), `paper` (the full protocol
+early checkpoints; 7.0 from empty on the AMD EPYC one, 2026-12-04), `paper` (the full protocol
 at the mini size: 5 seeds, the offline grid and an online beta sweep, curves to their turn,
 1,024 test prompts; about two hours on the Intel Xeon one),
 `mini_golden_opponent` (the paper's golden-policy opponent), accelerator presets
