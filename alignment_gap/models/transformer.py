@@ -13,6 +13,10 @@ the prefix and to earlier tokens of its own branch only - exactly what it would 
 The KV cache is a plain pytree (`KVCache`) passed in and returned, so the sampler can run it
 through `jax.lax.while_loop` under `jax.jit` without any mutable module state.
 
+A full-sequence pass can be read at some slots only (`read_at_BxQ`: a score's token, a
+response's logits): the last block then runs its queries, MLP and final norm at those slots,
+the others serving it only as keys and values.
+
 Two options for large models, both off by default (the CPU presets run unrolled layers):
 `scan_layers` stores the blocks' parameters stacked on a leading `layers` axis and runs them
 with one `jax.lax.scan` (the KV cache stacked the same way), so compile time no longer grows
@@ -360,8 +364,9 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, key_mask, cache_kv=None, cache_index=None, branches=None,
                  *, local=False, key_positions=None, query_at=None):
-        """`query_at` `[batch, Q]`: the block's output at those slots only (`[batch, Q, width]`),
-        attending to every slot as the full block would."""
+        """`query_at` (per-row slots `[batch, Q]` or a static `(start, stop)` window): the
+        block's output at those slots only, `[batch, Q, width]`, attending to every slot as the
+        full block would."""
         y, chunk_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, cache_index,
                                 branches, local=local, key_positions_BxS=key_positions,
                                 query_at_BxQ=query_at)
