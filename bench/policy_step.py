@@ -9,7 +9,8 @@
 Online step = sample two responses per prompt with the KV-cache sampler + rank them with the
 proxy preference model (both orders) + the update step (whose forward includes the frozen
 reference's log-probs). Offline step = the next dataset-shaped batch + the same update step.
-Parts are also timed alone (reference log-probs as their own jitted call). Step times are the
+Parts are also timed alone (reference log-probs as their own jitted call), and the golden and
+proxy models' training step on the offline step's pairs. Step times are the
 mean of steps 4..23 (3 warm-up steps dropped), as peerbench measures. Random-init models, EOS
 disabled so every response has its full length (as the peers generate). Tokens/s count the
 tokens of the `[prompt | response]` sequences a step handles (the prompt once per response, as
@@ -35,6 +36,7 @@ from alignment_gap.presets import meshes, models
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.sources import OnlineSource
 from alignment_gap.train.policy import _pair_logits, make_policy_loss
+from alignment_gap.train.preference import random_order_loss
 from alignment_gap.train.state import init_train_state, make_update_step
 
 # shape: (model size, prompts per step, prompt length, response length, sampler prompts)
@@ -155,6 +157,18 @@ def main():
     t_sample = float(np.mean(sample_times[WARMUP:]))
     t_score = float(np.mean(score_times[WARMUP:]))
 
+    # The golden and proxy models' training step (`train/preference.py`) on the same pairs.
+    pm_graphdef, pm_state, pm_sh = init_train_state(nnx.clone(proxy), tx, mesh, rules)
+    pm_update = make_update_step(pm_graphdef, tx, random_order_loss, mesh, rules, pm_sh,
+                                 PreferenceBatch(*[rows] * 6), name="preference_update")
+    pm_holder = {"state": pm_state}
+
+    def preference_step():
+        pm_holder["state"], m = pm_update(pm_holder["state"], to_global(offline_batch),
+                                          {"key": jax.random.key(2)})
+        return m["loss"]
+    t_preference = mean_time(preference_step)
+
     sampler = Sampler(policy, mesh, rules, sampling)
     sp = rng.integers(3, cfg.vocab_size, (sampler_prompts, p)).astype(np.int32)
     t_sampler = mean_time(lambda: sampler(holder["state"].params, sp, np.ones_like(sp, bool),
@@ -169,7 +183,8 @@ def main():
         "online_step_s": t_online, "offline_step_s": t_offline,
         "online_over_offline": t_online / t_offline,
         "sample_s": t_sample, "score_s": t_score, "reference_logprobs_s": t_ref,
-        "update_s": t_update,
+        "update_s": t_update, "preference_update_s": t_preference,
+        "preference_update_tokens_per_s": batch * (p + 2 * r) / t_preference,
         "sample_tokens_per_s": 2 * batch * r / t_sample,
         "score_tokens_per_s": 2 * batch * (p + 2 * r) / t_score,
         "reference_tokens_per_s": seq_tokens / t_ref,
@@ -193,6 +208,8 @@ def main():
                            ("  (reference log-probs alone)", "reference_logprobs_s",
                             "reference_tokens_per_s"),
                            ("offline step", "offline_step_s", "offline_tokens_per_s"),
+                           ("preference-model update (golden / proxy training)",
+                            "preference_update_s", "preference_update_tokens_per_s"),
                            (f"sampler call ({sampler_prompts} prompts)", "sampler_call_s",
                             "sampler_tokens_per_s")):
         print(f"| {name} | {results[key]:.4f} | {results[tok]:,.0f} |")
