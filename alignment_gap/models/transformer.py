@@ -263,6 +263,8 @@ class Attention(nnx.Module):
         those slots of each row only, output `[batch, Q, width]`; keys are every slot.
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        # Keys are every slot; with `query_at_BxQ`, positions_BxL (and branches) from here on
+        # are the queries' own, gathered at those slots.
         key_positions_BxL = positions_BxL
         query_branch_BxL = branches_BxL
         if query_at_BxQ is not None:
