@@ -440,6 +440,11 @@ def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke)
     scaling = next(f for f in summary if f["name"] == "scaling")
     assert all("no matched budget" in v["ours"] or " at KL " in v["ours"]
                for v in scaling["verdicts"]), scaling["verdicts"]
+    # Every matched-KL verdict row gives the oracle's difference beside the golden judge's.
+    for verdict in (coverage["verdicts"][1:] + quality["verdicts"] + noncontrastive["verdicts"]
+                    + scaling["verdicts"]):
+        if " at KL " in verdict["ours"]:
+            assert "golden" in verdict["ours"] and "oracle" in verdict["ours"], verdict
 
 
 def test_unknown_hypothesis_is_a_one_line_error():

@@ -53,6 +53,7 @@ def analyse(plan, rows, workdir: str) -> Finding:
     comparison = differences.compare(points, methods=methods)
     mixed = differences.compare(points, methods=methods, interpolate=True)
     row, mixed_row = differences.headline(comparison), differences.headline(mixed)
+    oracle_row = differences.headline(comparison, "oracle")
     lines += ["", "Best-of-2 online minus offline at matched KL budgets (as the main study's "
               "verdict; offline over its learning rates "
               f"{list(plan.study.noncontrastive.offline_learning_rates)}):", "",
@@ -66,6 +67,9 @@ def analyse(plan, rows, workdir: str) -> Finding:
                 "no matched budget" if row is None else
                 f"online minus offline at KL {row['kl']:.3g}: {row['difference']:+.3f} "
                 f"[{row['low']:+.3f}, {row['high']:+.3f}] (golden judge), {row['verdict']}"
+                + ("" if oracle_row is None else
+                   f"; oracle {oracle_row['difference']:+.3f} [{oracle_row['low']:+.3f}, "
+                   f"{oracle_row['high']:+.3f}], {oracle_row['verdict']}")
                 + ("" if mixed_row is None else
                    f"; interpolated: {mixed_row['difference']:+.3f} [{mixed_row['low']:+.3f}, "
                    f"{mixed_row['high']:+.3f}], {mixed_row['verdict']}"),

@@ -73,6 +73,10 @@ def _difference(row) -> str:
             f"{row['kl']:.3g}, {row['verdict']}")
 
 
+def _judges(golden, oracle) -> str:
+    return f"golden {_difference(golden)}; oracle {_difference(oracle)}"
+
+
 def _agree(row, better: str) -> bool | None:
     """True when the interval names `better`, None when undecided (or no row), else False."""
     if row is None or row["verdict"] == "undecided":
@@ -124,16 +128,13 @@ def analyse(plan, rows, workdir: str) -> Finding:
               "on the test prompts, 95% paired bootstrap (as the main verdict). "
               f"{sizes[-1]} minus {sizes[0]}, online: golden {_difference(grown[0])}; "
               f"oracle {_difference(grown[1])}."]
-    golden_gaps = [gaps[size][0] for size in sizes]
-    persists = [_agree(row, "online") for row in golden_gaps]
-    verdicts = [
+    persists = [_agree(gaps[size][0], "online") for size in sizes]
+    verdicts = [  # decided by the golden judge's interval; the oracle's beside it
         Verdict("A bigger policy reaches a higher win rate (online, at matched KL)",
-                f"{sizes[-1]} minus {sizes[0]}: {_difference(grown[0])} (golden judge)",
-                _agree(grown[0], large)),
+                f"{sizes[-1]} minus {sizes[0]}: {_judges(*grown)}", _agree(grown[0], large)),
         Verdict("The online-offline gap persists at every size",
                 "online minus offline: " + "; ".join(
-                    f"{size} {_difference(row)}" for size, row in zip(sizes, golden_gaps,
-                                                                        strict=True)),
+                    f"{size} {_judges(*gaps[size])}" for size in sizes),
                 False if False in persists else None if None in persists else True),
     ]
     return Finding(NAME, TITLE, lines, verdicts)
