@@ -119,9 +119,6 @@ class Evaluator:
             return (sampler or self.sampler)(params, self.prompts.prompt,
                                              self.prompts.prompt_mask, key)
 
-    def __call__(self, params) -> dict:
-        return self.evaluate(params)[0]
-
     def evaluate(self, params) -> tuple[dict, dict]:
         """(scores, per-prompt outcomes): the judge's verdict on each prompt (1 / 0.5 / 0),
         the oracle's (synthetic world) and each KL prompt's sequence KL, as numpy arrays."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 POLICY_LOSSES = ("ipo", "dpo", "slic", "best_of_two")
 
@@ -69,6 +70,9 @@ def next_token_loss(per_token_logprobs, mask):
     return -(per_token_logprobs * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def preference_model_loss(logit_w_first, logit_l_first):
-    """Pairwise model likelihood, `-(1/2 log r(x,yw,yl) + 1/2 log(1 - r(x,yl,yw)))` (App. A)."""
-    return -0.5 * (jax.nn.log_sigmoid(logit_w_first) + jax.nn.log_sigmoid(-logit_l_first))
+def preference_model_loss(logit_first, winner_first):
+    """Pairwise model likelihood per example, `-log r(x, yw, yl)` when the winner was read first
+    and `-log(1 - r(x, yl, yw))` when second (App. A averages both orders; a trainer that draws
+    the order per example has the same expected loss): `logit_first` = logit of r(x, first,
+    second)."""
+    return optax.sigmoid_binary_cross_entropy(logit_first, jnp.asarray(winner_first, jnp.float32))

@@ -26,9 +26,10 @@ def test_sft_and_preference_model_losses_by_hand():
     per_token = np.array([[-1.0, -2.0, -9.0]])
     mask = np.array([[True, True, False]])
     assert float(losses.next_token_loss(per_token, mask)) == pytest.approx(1.5)
-    # r(x,yw,yl)=sigmoid(0)=1/2, r(x,yl,yw)=sigmoid(log 3)=3/4: -(log(1/2) + log(1/4))/2
-    value = losses.preference_model_loss(np.float32(0.0), np.float32(math.log(3)))
-    assert float(value) == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2, rel=1e-6)
+    # Winner first, r(x,yw,yl)=sigmoid(0)=1/2: -log(1/2); winner second, r(x,yl,yw)=
+    # sigmoid(log 3)=3/4: -log(1 - 3/4).
+    value = losses.preference_model_loss(np.float32([0.0, math.log(3)]), np.array([True, False]))
+    np.testing.assert_allclose(value, [-math.log(0.5), -math.log(0.25)], rtol=1e-6)
 
 
 def _log_softmax(x):

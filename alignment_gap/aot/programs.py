@@ -54,14 +54,6 @@ class Program:
     layers: int = 1  # Depth of the models it runs (costs are extrapolated in depth).
 
     @property
-    def ident(self) -> tuple:
-        """Name, detail and the shapes of what is not a model: the same across model depths
-        (the cost variants of `report.py` are matched by it)."""
-        data = [a for i, a in enumerate(self.args) if i not in self.resident_args]
-        shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(data))
-        return self.name, self.detail, shapes
-
-    @property
     def key(self) -> tuple:
         """Two programs with equal keys compile to the same program up to constants (a
         learning rate, beta): the report keeps one."""

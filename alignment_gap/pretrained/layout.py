@@ -36,9 +36,6 @@ class Spec:
         split = self.row_dims + self.col_dims
         return tuple(split[p] for p in self.perm)
 
-    def to_ours(self, stored: np.ndarray) -> np.ndarray:
-        return stored.reshape(self.row_dims + self.col_dims).transpose(self.perm)
-
     def to_stored(self, ours: np.ndarray) -> np.ndarray:
         return ours.transpose(np.argsort(self.perm)).reshape(self.stored_shape)
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from alignment_gap import run_dir, sharding
+from alignment_gap import losses, run_dir, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
@@ -35,8 +34,7 @@ def random_order_loss(model, batch: PreferenceBatch, extras):
     second, second_mask = pick(batch.rejected, batch.chosen), pick(batch.rejected_mask,
                                                                    batch.chosen_mask)
     logits = model(batch.prompt, batch.prompt_mask, first, first_mask, second, second_mask)
-    target = winner_first.astype(jnp.float32)
-    loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target))
+    loss = jnp.mean(losses.preference_model_loss(logits, winner_first))
     accuracy = jnp.mean((logits > 0) == winner_first)
     return loss, {"accuracy": accuracy}
 
