@@ -11,6 +11,7 @@ import math
 from alignment_gap.errors import ConfigError
 from alignment_gap.losses import POLICY_LOSSES
 from alignment_gap.presets import models as model_presets
+from alignment_gap.presets.hypotheses import HYPOTHESES
 from alignment_gap.sources import REPLAY_ORDERS
 
 DTYPES = ("float32", "bfloat16")
@@ -20,8 +21,6 @@ ROPE_SCALING = ("none", "linear", "llama3")
 MESH_AXES = ("data", "fsdp", "tensor")
 SOURCES = ("online", "offline")
 OPPONENTS = ("sft", "golden_policy")
-# The paper's hypotheses, each a module of `alignment_gap.study.hypotheses`.
-HYPOTHESES = ("coverage", "quality", "classification", "noncontrastive", "scaling")
 
 
 

@@ -29,13 +29,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alignment_gap import sharding
-from alignment_gap.batches import PreferenceBatch
+from alignment_gap import logprobs, sharding
+from alignment_gap.batches import PreferenceBatch, PromptBatch
 from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
 from alignment_gap.presets import meshes, models
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.sources import OnlineSource
-from alignment_gap.train.policy import _pair_logits, make_policy_loss
+from alignment_gap.train.policy import make_policy_loss
 from alignment_gap.train.preference import random_order_loss
 from alignment_gap.train.state import init_train_state, make_update_step
 
@@ -71,7 +71,6 @@ class _Prompts:
     """An endless iterator of one fixed prompt batch (input cost is the data bench's topic)."""
 
     def __init__(self, prompt, mask):
-        from alignment_gap.batches import PromptBatch
         self.batch = PromptBatch(prompt, mask)
 
     def __next__(self):
@@ -141,7 +140,9 @@ def main():
         sample_times.append(online.stats["sample_s"])
         score_times.append(online.stats["score_s"])
 
-    ref_logits = jax.jit(lambda params, b: _pair_logits(nnx.merge(ref_graphdef, params), b)[0])
+    ref_logits = jax.jit(lambda params, b: logprobs.pair_response_logits(
+        nnx.merge(ref_graphdef, params), b.prompt, b.prompt_mask, b.chosen, b.chosen_mask,
+        b.rejected, b.rejected_mask))
     update_only = lambda: update(holder["state"], to_global(offline_batch),
                                  {"reference": ref_params})
     t_online = mean_time(online_step)

@@ -19,8 +19,8 @@ is the same at smoke scale (tests). Run them in the main study's workdir to reus
 
 import ml_collections
 
-from alignment_gap.config_checks import HYPOTHESES
 from alignment_gap.presets import common, meshes, models
+from alignment_gap.presets.hypotheses import HYPOTHESES
 
 
 def _stage(steps, batch_size, learning_rate, *, warmup_steps, eval_batches):

@@ -8,8 +8,8 @@ verdict rows comparing what the paper found with what this run found.
 
 from __future__ import annotations
 
-from alignment_gap.config_checks import HYPOTHESES
 from alignment_gap.errors import ConfigError
+from alignment_gap.presets.hypotheses import HYPOTHESES
 from alignment_gap.study.hypotheses import (
     classification,
     coverage,
@@ -18,8 +18,7 @@ from alignment_gap.study.hypotheses import (
     scaling,
 )
 
-MODULES = {"coverage": coverage, "quality": quality, "classification": classification,
-           "noncontrastive": noncontrastive, "scaling": scaling}  # by config_checks.HYPOTHESES
+MODULES = {m.NAME: m for m in (coverage, quality, classification, noncontrastive, scaling)}
 
 
 def get(name: str):
