@@ -8,9 +8,7 @@ sampler, and compared with its initial self by the exact per-token KL.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import time
 
 import jax
@@ -20,12 +18,10 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from alignment_gap import logprobs, losses, sharding
+from alignment_gap import logprobs, losses, run_dir, sharding
 from alignment_gap.models import LanguageModel, TransformerConfig
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.train.state import init_train_state, make_update_step
-
-SUMMARY = "demo_summary.json"
 
 
 def sorting_batch(rng: np.random.Generator, rows: int, config):
@@ -50,11 +46,8 @@ def sft_loss(model, batch, extras):
 
 
 def run(config, workdir: str) -> dict:
-    summary_path = os.path.join(workdir, SUMMARY)
-    if os.path.exists(summary_path):
-        print(f"{workdir} already holds a finished demo ({SUMMARY}); nothing to do.")
-        with open(summary_path) as f:
-            return json.load(f)
+    if run_dir.already_finished(workdir, config.num_steps):
+        return run_dir.result(workdir)
 
     mesh = sharding.make_mesh(config.mesh)
     rules = config.mesh.rules
@@ -128,10 +121,8 @@ def run(config, workdir: str) -> dict:
         "processes": jax.process_count(),
         "mesh": dict(mesh.shape),
     }
+    run_dir.finish(workdir, config.num_steps, **summary)  # the summary is the run's result
     if is_chief:
-        os.makedirs(workdir, exist_ok=True)
-        with open(summary_path, "w") as f:
-            json.dump(summary, f, indent=2)
         for k, v in summary.items():
             print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
         _show_examples(eval_batch, sampled_tokens[eval_slice][:3])

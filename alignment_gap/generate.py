@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from alignment_gap import checkpoint, pretrained, sharding
+from alignment_gap import checkpoint, pretrained, run_dir, sharding
 from alignment_gap.data import datasets
 from alignment_gap.data.pipelines import encode_prompt
 from alignment_gap.data.pretrained_tokenizers import load_tokenizer
@@ -60,8 +60,8 @@ def load(spec: str, max_len: int, dtype: str, mesh, rules):
     return lm, load_tokenizer(_TOKENIZER.value or path)
 
 
-def _load_run(run_dir: str, max_len: int, dtype: str, mesh, rules):
-    config_path = os.path.join(run_dir, "config.json")
+def _load_run(directory: str, max_len: int, dtype: str, mesh, rules):
+    config_path = os.path.join(directory, run_dir.CONFIG)
     if not os.path.exists(config_path):
         raise ConfigError(f"--checkpoint: {config_path} is missing; run:DIR takes the run "
                           "directory a trainer wrote (config.json, checkpoints/)")
@@ -72,7 +72,7 @@ def _load_run(run_dir: str, max_len: int, dtype: str, mesh, rules):
     cfg = TransformerConfig.from_config(model_cfg)
     graphdef, abstract = sharding.abstract_model(lambda: LanguageModel(cfg, nnx.Rngs(0)), mesh,
                                                  rules)
-    params = checkpoint.load_params(os.path.join(run_dir, "checkpoints"), abstract,
+    params = checkpoint.load_params(os.path.join(directory, run_dir.CHECKPOINTS), abstract,
                                     jax.tree.map(lambda x: x.sharding, abstract))
     tokenizer = (load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else
                  datasets.tokenizer(config.data, pretrained.checkpoint_path(

@@ -16,6 +16,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 from tensorboardX import SummaryWriter
 
+from alignment_gap import run_dir
 from alignment_gap.errors import DataError
 
 
@@ -48,7 +49,7 @@ class Writer:
 
     def __init__(self, workdir: str, name: str = "train"):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = os.path.join(workdir, run_dir.METRICS)
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
@@ -72,7 +73,7 @@ class Writer:
 def drop_after(workdir: str, step: int):
     """Keep the records of `metrics.jsonl` up to `step`, the step a run resumes from (none when
     it starts afresh: even step 0's evaluation is logged again). Process 0; atomic."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = os.path.join(workdir, run_dir.METRICS)
     if jax.process_index() != 0 or not os.path.exists(path):
         return
     with open(path) as f:

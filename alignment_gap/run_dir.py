@@ -13,6 +13,10 @@ one place:
 
     outcomes/step_N.npz  one evaluation's per-prompt outcomes (a policy run's judge verdicts,
                   oracle verdicts, KLs) at step N: what intervals over prompts resample
+    config.json   the config the run (or study) was started with
+    checkpoints/  the trainer's orbax checkpoints (`checkpoint.Checkpointer`)
+    metrics.jsonl  one JSON line per logged step and evaluation (`metrics.MetricWriter`)
+    stream/       an online run's recorded batches, sealed at each checkpoint (`sources`)
 
 A run is finished once `DONE.json` says `step >= num_steps` (a stage that is one pass counts
 as one step), or that it stopped early (validation plateau). The rest of the record is the
@@ -39,6 +43,10 @@ LOCK = ".lock"
 DONE = "DONE.json"
 FAILED = "FAILED.json"
 PREEMPTED = "PREEMPTED.json"
+CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+STREAM = "stream"
 
 
 def write_json(directory: str, name: str, payload: dict):

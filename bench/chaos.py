@@ -31,7 +31,7 @@ import time
 
 from array_record.python import array_record_module
 
-from alignment_gap import sources
+from alignment_gap import run_dir, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("results.json", "results.csv", "samples.json")
@@ -95,7 +95,7 @@ def half_written(before: dict[str, set], after: dict[str, set]) -> list[str]:
 def _streams(workdir: str) -> dict[str, str]:
     """Run name -> its recorded stream directory."""
     return {os.path.basename(os.path.dirname(p)).rsplit("-", 1)[0]: p
-            for p in glob.glob(os.path.join(workdir, "stages", "*", "stream"))}
+            for p in glob.glob(os.path.join(workdir, "stages", "*", run_dir.STREAM))}
 
 
 def stream_records(directory: str) -> list[bytes]:

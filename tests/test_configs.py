@@ -11,7 +11,7 @@ import jax
 import pytest
 from flax import nnx
 
-from alignment_gap import config_checks
+from alignment_gap import config_checks, run_dir
 from alignment_gap.data import datasets
 from alignment_gap.errors import ConfigError
 from alignment_gap.models import LanguageModel, TransformerConfig
@@ -324,6 +324,6 @@ def test_cli_overrides_apply_and_a_finished_workdir_is_left_alone(tmp_path):
             "--config.eval_prompts=16", "--config.model.num_layers=1"]
     first = _main(*args)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "steps: 6" in first.stdout and (tmp_path / "demo_summary.json").exists()
+    assert "steps: 6" in first.stdout and run_dir.result(str(tmp_path))["final_loss"] > 0
     again = _main(*args)
-    assert again.returncode == 0 and "already holds a finished demo" in again.stdout
+    assert again.returncode == 0 and "already holds a finished run" in again.stdout

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from alignment_gap import run_dir
 from launch.local_multiprocess import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def test_launcher_runs_the_demo_on_two_processes(tmp_path):
            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1"]
     done = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    summary = json.loads((workdir / "demo_summary.json").read_text())
+    summary = run_dir.result(str(workdir))  # the demo's summary is its run's result
     assert summary["processes"] == 2 and summary["devices"] == 4
     assert summary["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
     assert done.stdout.count("final_loss") == 1  # only process 0 reports

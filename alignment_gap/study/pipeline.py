@@ -21,7 +21,7 @@ import os
 
 import ml_collections
 
-from alignment_gap import pretrained
+from alignment_gap import pretrained, run_dir
 from alignment_gap.presets import policy as policy_configs
 from alignment_gap.presets import preference_model as preference_configs
 from alignment_gap.presets import sft as sft_configs
@@ -235,7 +235,7 @@ class Plan:
             cfg.data.comparisons = comparisons
         if replay is not None:
             stream_stage, order, window = replay
-            cfg.replay.stream = os.path.join(self.dir(stream_stage), "stream")
+            cfg.replay.stream = os.path.join(self.dir(stream_stage), run_dir.STREAM)
             cfg.replay.order, cfg.replay.window = order, window
             upstream = (*upstream, stream_stage)
         name = f"{method}-s{seed}-lr{lr:g}-b{beta:g}-n{steps}"

@@ -232,7 +232,7 @@ def _mixed_section(mixed) -> list[str]:
 
 def write_report(study, rows, comparison, timings, extras, workdir: str, findings=(),
                  mixed=None) -> str:
-    run_dir.write_json(workdir, "config.json", study.to_dict())  # what this report is of
+    run_dir.write_json(workdir, run_dir.CONFIG, study.to_dict())  # what this report is of
     frontier_plot(rows, os.path.join(workdir, "frontier.png"))
     text = markdown(study, rows, comparison, timings, extras, findings, mixed)
     path = os.path.join(workdir, "report.md")

@@ -29,7 +29,7 @@ def collect(stages, workdir: str) -> list[dict]:
     for stage in stages:
         if "method" not in stage.meta:
             continue
-        path = os.path.join(stage.directory(workdir), "metrics.jsonl")
+        path = os.path.join(stage.directory(workdir), run_dir.METRICS)
         if not os.path.exists(path):
             continue
         for record in read_jsonl(path):

@@ -141,7 +141,7 @@ def _previous_names(workdir: str, stamp: int) -> list[str]:
             found.add(match["workdir"])
         return value
 
-    for path in glob.glob(os.path.join(glob.escape(workdir), "stages", "*", "config.json")):
+    for path in glob.glob(os.path.join(glob.escape(workdir), "stages", "*", run_dir.CONFIG)):
         try:
             with open(path) as f:
                 _strings(json.load(f), note)

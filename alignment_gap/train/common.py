@@ -43,7 +43,7 @@ def runtime(config, workdir: str) -> Runtime:
     check_fits_model(tok, config.model.vocab_size)
     rows = sharding.process_rows(mesh, config.mesh.rules, config.batch_size)
     shape = BatchShape(config.batch_size, config.data.prompt_len, config.data.response_len, rows)
-    run_dir.write_json(workdir, "config.json", config.to_dict())
+    run_dir.write_json(workdir, run_dir.CONFIG, config.to_dict())
     return Runtime(mesh, config.mesh.rules, tok, shape)
 
 
@@ -100,7 +100,7 @@ def meta(kind: str, model_cfg, rt: Runtime) -> dict:
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(workdir, "checkpoints")
+    return os.path.join(workdir, run_dir.CHECKPOINTS)
 
 
 def check_frozen(kind: str, run_dir: str, model_cfg, rt: Runtime, what: str):

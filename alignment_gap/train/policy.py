@@ -178,7 +178,7 @@ def _source(config, rt, policy, workdir, ckpt):
     iterator = iter(pipelines.prompt_pipeline(prompts, rt.tokenizer, rt.shape, seed=config.seed,
                                               num_threads=config.data.num_threads))
     latest = ckpt.latest_step() or 0
-    recorder = (StreamRecorder(os.path.join(workdir, "stream"), latest)
+    recorder = (StreamRecorder(os.path.join(workdir, run_dir.STREAM), latest)
                 if config.record_stream else None)
     source = OnlineSource(iterator, rt.global_batch, policy, proxy, rt.mesh, rt.rules,
                           sampling_config(config, rt.tokenizer), recorder,

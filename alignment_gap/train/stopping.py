@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from alignment_gap import run_dir
 from alignment_gap.metrics import read_jsonl
 
 
@@ -39,7 +40,7 @@ def over_cap(kl: float, cap: float) -> bool:
 
 def logged(workdir: str, key: str, upto_step: int) -> list[float]:
     """The values of `key` logged in `workdir/metrics.jsonl` at steps up to `upto_step`."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = os.path.join(workdir, run_dir.METRICS)
     if not os.path.exists(path):
         return []
     return [r[key] for r in read_jsonl(path) if key in r and r["step"] <= upto_step]

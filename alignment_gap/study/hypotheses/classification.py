@@ -70,7 +70,7 @@ def _read_stream(directory: str) -> dict[int, list[dict]]:
 def _stream_accuracy(plan, online, offline, out: str):
     s = plan.study
     p = probe.Probe(plan, out)
-    stream = _read_stream(os.path.join(plan.dir(online), "stream"))
+    stream = _read_stream(os.path.join(plan.dir(online), run_dir.STREAM))
     every = min(s.policy.checkpoint_every, s.policy.steps)
     batches = max(1, s.classification.stream_pairs // s.batch_size)
     offline_steps = s.offline_steps[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from alignment_gap import run_dir
 from alignment_gap.metrics import read_jsonl
 from alignment_gap.study.hypotheses import shared
 from alignment_gap.study.hypotheses.shared import Finding, Verdict
@@ -52,7 +53,7 @@ def tandem_gap(plan, online_stages, tandem_stages) -> float:
     """Largest relative difference of any training statistic at any step, tandem vs online."""
     worst = 0.0
     for online, tandem in zip(online_stages, tandem_stages, strict=True):
-        recs = [{r["step"]: r for r in read_jsonl(os.path.join(plan.dir(st), "metrics.jsonl"))
+        recs = [{r["step"]: r for r in read_jsonl(os.path.join(plan.dir(st), run_dir.METRICS))
                  if "loss" in r} for st in (online, tandem)]
         for step in set(recs[0]) & set(recs[1]):
             for key in TRAIN_KEYS:
