@@ -2,10 +2,10 @@
 
     python -m alignment_gap.main --config configs/study.py:mini --workdir workdir/study
 Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini` (the default
-of `make study`: 16-29 minutes on 2-core Intel Xeon machines, 28 from empty with its four
-early checkpoints; 7.0 from empty on the AMD EPYC one, 2026-12-04), `paper` (the full protocol
-at the mini size: 5 seeds, the offline grid and an online beta sweep, curves to their turn,
-1,024 test prompts; about two hours on the Intel Xeon one),
+of `make study`: 10.7 minutes from empty on a 2-core Intel Xeon VM and 7.0 on an AMD EPYC one,
+2026-12-04; 16-29 on Intel Xeon VMs with earlier code), `paper` (the full protocol at the mini
+size: 5 seeds, the offline grid and an online beta sweep, curves to their turn, 1,024 test
+prompts; 106 minutes from empty on the Intel Xeon VM, 99 on AMD EPYC),
 `mini_golden_opponent` (the paper's golden-policy opponent), accelerator presets
 (`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the model sizes and the mesh, and studies on
 real data from pretrained models (`tldr_gemma3_270m`, `hh_gemma3_270m`, and `_cpu` versions of

@@ -7,8 +7,11 @@
 `Plan` builds the stages upstream first; hypothesis variants add theirs through the same
 helpers. Each trainer stage's config takes its fields from the trainer's preset and every value
 that shapes the run from the study config (its `sft` / `golden` / `proxy` / `policy` sections
-and the study-wide data, mesh and model sections); only logging cadence and checkpoint
-retention stay the preset's. How stages are cached and run is `scheduler.py`; the relabel
+and the study-wide data, mesh and model sections). What stays the preset's: logging cadence
+(`log_every`, at most the run's steps), checkpoint retention (`max_to_keep`), and fields a
+stage never reads (an offline run's `proxy_model`, the untested golden policy's `eval` sizes).
+A stage's key hashes its whole config, so moving those would rename, and rerun, the stages of
+every existing study. How stages are cached and run is `scheduler.py`; the relabel
 stage's work is `relabel_stage.py`, the test stage's `test_stage.py`. With `upstream_chains`
 > 1 the whole chain above repeats with the upstream seeds re-drawn (`chain_study`), its stages
 named `-u<chain>`.
