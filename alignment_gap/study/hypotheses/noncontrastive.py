@@ -38,6 +38,14 @@ def add_stages(plan):
     runs(plan)
 
 
+def _judges(comparison) -> str:
+    """`golden +d [lo, hi], verdict; oracle ...` at the comparison's headline budget."""
+    rows = {judge: differences.headline(comparison, judge) for judge in ("golden", "oracle")}
+    return "; ".join(f"{judge} " + ("no matched budget" if r is None else
+                                    f"{r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}], "
+                                    f"{r['verdict']}") for judge, r in rows.items())
+
+
 def analyse(plan, rows, workdir: str) -> Finding:
     r = runs(plan)
     rows = shared.labelled(rows, r)
@@ -52,8 +60,7 @@ def analyse(plan, rows, workdir: str) -> Finding:
     points, methods = shared.outcome_points(plan, r), ("online_b2", "offline_b2")
     comparison = differences.compare(points, methods=methods)
     mixed = differences.compare(points, methods=methods, interpolate=True)
-    row, mixed_row = differences.headline(comparison), differences.headline(mixed)
-    oracle_row = differences.headline(comparison, "oracle")
+    row = differences.headline(comparison)
     lines += ["", "Best-of-2 online minus offline at matched KL budgets (as the main study's "
               "verdict; offline over its learning rates "
               f"{list(plan.study.noncontrastive.offline_learning_rates)}):", "",
@@ -65,15 +72,8 @@ def analyse(plan, rows, workdir: str) -> Finding:
     verdicts = [
         Verdict("With Best-of-2 the online-offline gap persists",
                 "no matched budget" if row is None else
-                f"online minus offline at KL {row['kl']:.3g}: {row['difference']:+.3f} "
-                f"[{row['low']:+.3f}, {row['high']:+.3f}] (golden judge), {row['verdict']}"
-                + ("" if oracle_row is None else
-                   f"; oracle {oracle_row['difference']:+.3f} [{oracle_row['low']:+.3f}, "
-                   f"{oracle_row['high']:+.3f}], {oracle_row['verdict']}")
-                + ("" if mixed_row is None else
-                   f"; interpolated: {mixed_row['difference']:+.3f} [{mixed_row['low']:+.3f}, "
-                   f"{mixed_row['high']:+.3f}], {mixed_row['verdict']}"),
-                gap),
+                f"online minus offline at KL {row['kl']:.3g}: {_judges(comparison)}; through "
+                f"interpolated frontiers: {_judges(mixed)}", gap),
         # "Roughly matches": no interval tells them apart (the text shows how wide it is).
         shared.matched_verdict("Best-of-2 on the online stream, shuffled, roughly matches online",
                                plan, r, [("shuffled_b2", "online_b2")],
