@@ -123,7 +123,8 @@ def analyse(plan, rows, workdir: str) -> Finding:
                      f"{_difference(oracle)} |")
     lines += ["", f"Win rates against one opponent for every size, the golden policy. Best = "
               f"the {q:.0%} quantile over a method's runs of each run's peak win rate (seeds "
-              f"{list(s.seeds)}; offline: the whole sweep). Matched KL: at the largest budget "
+              f"{list(s.seeds)}; offline: the whole sweep), descriptive: at whatever KL, chosen "
+              "and scored on the same evaluation prompts. Matched KL: at the largest budget "
               "both methods reached, checkpoints chosen on the selection prompts and scored "
               "on the test prompts, 95% paired bootstrap (as the main verdict). "
               f"{sizes[-1]} minus {sizes[0]}, online: golden {_difference(grown[0])}; "

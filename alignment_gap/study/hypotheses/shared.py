@@ -69,7 +69,9 @@ def peak_table(rows, labels, describe: dict) -> list[str]:
         golden, oracle = (report.format_interval(seed_peaks(rows, label, metric))
                           for metric in ("win_rate", "oracle_win_rate"))
         lines.append(f"| {label} | {describe.get(label, '')} | {golden} | {oracle} | {n} |")
-    return lines
+    return lines + ["", "Peaks are descriptive: each seed's best checkpoint at whatever KL it "
+                    "reached, chosen and scored on the same evaluation prompts (mean +- 95% "
+                    "half-width over seeds); the verdicts compare at matched KL on test prompts."]
 
 
 def figure(rows, labels, workdir: str, filename: str, title: str) -> str:
