@@ -264,7 +264,8 @@ def test_early_checkpoints_reach_both_methods_and_steps_on_an_interval_are_not_e
                                            ("paper_study_amd", "paper"),
                                            ("hypotheses_amd", "hypotheses"),
                                            ("mini_study_intel_2026-12-04", "mini"),
-                                           ("paper_study_intel_2026-12-04", "paper")])
+                                           ("paper_study_intel_2026-12-04", "paper"),
+                                           ("hypotheses_intel_2026-12-04", "hypotheses")])
 def test_committed_results_are_the_runs_their_preset_plans(docs, variant):
     """docs/<study>/results.csv holds exactly the runs the preset's plan has, each evaluated at
     the steps its schedule has (up to where it stopped), and its config.json is the preset: a
