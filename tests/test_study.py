@@ -54,6 +54,9 @@ def test_smoke_study_writes_table_plot_and_report(smoke):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["verdict"] in report and "## Online minus offline at matched KL" in report
     assert summary["verdict"] == first.stdout.splitlines()[-2]  # the verdict is printed
+    places = re.findall(r"^== stage \S+ -> \S+  \((\d+) of (\d+)\)$", first.stdout, re.M)
+    assert [int(k) for k, _ in places] == list(range(1, len(places) + 1))  # k of n, in order
+    assert {int(n) for _, n in places} == {len(places)}
     config = study_configs.get_config("smoke")  # beside the report: the config it is of
     config.data.dir = str(workdir / "data")
     assert json.loads((workdir / "config.json").read_text()) == json.loads(

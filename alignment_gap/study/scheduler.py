@@ -237,16 +237,17 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
         if preemption.stop_requested():  # a signal arrived during the last stage
             raise Preempted(f"stopped before stage {ready.name}; run the same command again "
                             "to go on")
-        _run_one(ready, where(ready), timings)
+        _run_one(ready, where(ready), timings, f"{len(mine) - len(pending) + 1} of {len(mine)}")
         run_dir.write_json(workdir, name, timings)
         if not _finished(ready, where(ready)):
             raise StageFailed(f"stage {ready.name} returned without finishing "
                               f"({where(ready)} has no {run_dir.DONE})")
 
 
-def _run_one(stage: Stage, out: str, timings: dict):
+def _run_one(stage: Stage, out: str, timings: dict, place: str):
+    """Run `stage` into `out`; `place` ("3 of 19": of this host's stages) goes on its line."""
     if jax.process_index() == 0:
-        print(f"== stage {stage.name} -> {out}", flush=True)
+        print(f"== stage {stage.name} -> {out}  ({place})", flush=True)
     run_dir.clear_failure(out)  # a retry
     start = time.perf_counter()
     try:
