@@ -49,15 +49,21 @@ METRICS = "metrics.jsonl"
 STREAM = "stream"
 
 
-def write_json(directory: str, name: str, payload: dict):
-    """Write `directory/name` atomically (process 0 only; the others return)."""
+def write_text(directory: str, name: str, text: str):
+    """Write `directory/name` atomically (process 0 only; the others return): a temporary file,
+    then a rename, so a crash leaves the old file or the new one, never half of one."""
     if jax.process_index() != 0:
         return
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
     os.replace(tmp, os.path.join(directory, name))
+
+
+def write_json(directory: str, name: str, payload: dict):
+    """Write `directory/name` as JSON atomically (process 0 only)."""
+    write_text(directory, name, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def read_json(directory: str, name: str) -> dict | None:

@@ -235,15 +235,10 @@ def write_report(study, rows, comparison, timings, extras, workdir: str, finding
     run_dir.write_json(workdir, run_dir.CONFIG, study.to_dict())  # what this report is of
     frontier_plot(rows, os.path.join(workdir, "frontier.png"))
     text = markdown(study, rows, comparison, timings, extras, findings, mixed)
-    path = os.path.join(workdir, "report.md")
-    with open(path, "w") as f:
-        f.write(text)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump({"verdict": results.verdict(comparison), "comparison": comparison,
-                   "comparison_interpolated": mixed,
-                   "peaks": results.peaks(rows),
-                   "oracle_peaks": results.peaks(rows, "oracle_win_rate"),
-                   "timings": timings, **extras,
-                   "hypotheses": [dataclasses.asdict(f) for f in findings]},
-                  f, indent=2, default=str)
-    return path
+    run_dir.write_text(workdir, "report.md", text)
+    run_dir.write_text(workdir, "summary.json", json.dumps(
+        {"verdict": results.verdict(comparison), "comparison": comparison,
+         "comparison_interpolated": mixed, "peaks": results.peaks(rows),
+         "oracle_peaks": results.peaks(rows, "oracle_win_rate"), "timings": timings, **extras,
+         "hypotheses": [dataclasses.asdict(f) for f in findings]}, indent=2, default=str))
+    return os.path.join(workdir, "report.md")

@@ -6,6 +6,7 @@ Pure functions of the table, so notebooks and tests call them on any study's `re
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -43,12 +44,12 @@ def collect(stages, workdir: str) -> list[dict]:
 
 
 def write(rows: list[dict], workdir: str):
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    run_dir.write_text(workdir, "results.json", json.dumps(rows, indent=1))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    run_dir.write_text(workdir, "results.csv", table.getvalue())
 
 
 # Two-sided 95% t quantiles by sample size as the reports have always printed them (two

@@ -47,8 +47,7 @@ def run(config, workdir: str):
     samples = side_by_side(config, stages, workdir)  # every process: it runs the models
     if jax.process_index() != 0:
         return
-    with open(os.path.join(workdir, "samples.json"), "w") as f:
-        json.dump(samples, f, indent=1)
+    run_dir.write_text(workdir, "samples.json", json.dumps(samples, indent=1))
     all_rows = results.collect(stages, workdir)
     results.write(all_rows, workdir)
     rows = [r for r in all_rows if r["group"] == "main"]
