@@ -224,7 +224,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     c.golden_policy_steps = 300  # golden_policy: online IPO steps against the golden model.
     c.sweep = ml_collections.ConfigDict()  # Fan the runs out over hosts sharing the workdir:
     c.sweep.shard = 0  # this host's share (runs round-robin; shared stages and report: 0),
-    c.sweep.shards = 1  # out of this many independent jobs (launch/local_sweep.py, ...).
+    c.sweep.shards = 1  # out of this many jobs (launch/local_multiprocess.py --sweep, slurm_sweep).
     c.sweep.poll_s = 5.0  # How often a host looks for stages other hosts are finishing.
     c.sweep.wait_timeout_s = 86_400.0  # Give up (clear error) waiting this long for them.
     c.eval = ml_collections.ConfigDict()
