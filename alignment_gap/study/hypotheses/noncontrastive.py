@@ -39,11 +39,9 @@ def add_stages(plan):
 
 
 def _judges(comparison) -> str:
-    """`golden +d [lo, hi], verdict; oracle ...` at the comparison's headline budget."""
+    """Both judges' differences at the comparison's headline budget."""
     rows = {judge: differences.headline(comparison, judge) for judge in ("golden", "oracle")}
-    return "; ".join(f"{judge} " + ("no matched budget" if r is None else
-                                    f"{r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}], "
-                                    f"{r['verdict']}") for judge, r in rows.items())
+    return shared.judges_text({judge: r for judge, r in rows.items() if r is not None})
 
 
 def analyse(plan, rows, workdir: str) -> Finding:

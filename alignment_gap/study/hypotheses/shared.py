@@ -131,9 +131,13 @@ def difference_text(rows: dict, a: str, b: str) -> str:
     """`a minus b at KL k: golden +d [lo, hi] verdict; oracle ...` (the verdict row's words)."""
     if not rows:
         return f"{a} and {b} reach no KL budget in common"
-    views = "; ".join(f"{judge} {r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] "
-                      f"{r['verdict']}" for judge, r in rows.items())
-    return f"{a} minus {b} at KL {next(iter(rows.values()))['kl']:.3g}: {views}"
+    return f"{a} minus {b} at KL {next(iter(rows.values()))['kl']:.3g}: {judges_text(rows)}"
+
+
+def judges_text(rows: dict) -> str:
+    """`golden +d [lo, hi] verdict; oracle ...` of {judge: matched-KL row}."""
+    return "; ".join(f"{judge} {r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] "
+                     f"{r['verdict']}" for judge, r in rows.items())
 
 
 def proportion_interval(p: float, n: int) -> tuple[float, float]:
