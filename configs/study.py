@@ -1,15 +1,17 @@
 """The controlled study (PAPER.md, Fig. 1) end to end, from one command.
 
     python -m alignment_gap.main --config configs/study.py:mini --workdir workdir/study
-Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini` (the default
-of `make study`: 10.7 minutes from empty on a 2-core Intel Xeon VM and 7.0 on an AMD EPYC one,
-2026-12-04; 16-29 on Intel Xeon VMs with earlier code), `paper` (the full protocol at the mini
-size: 5 seeds, the offline grid and an online beta sweep, curves to their turn, 1,024 test
-prompts; 106 minutes from empty on the Intel Xeon VM, 99 on AMD EPYC),
-`mini_golden_opponent` (the paper's golden-policy opponent), accelerator presets
-(`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the model sizes and the mesh, and studies on
-real data from pretrained models (`tldr_gemma3_270m`, `hh_gemma3_270m`, and `_cpu` versions of
-both: every stage, a few steps).
+Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini` (the default of
+`make study`: 10.7 minutes from empty on a 2-core Intel Xeon VM and 7.0 on an AMD EPYC one,
+2026-12-04; 16-29 on Intel Xeon VMs with earlier code), `paper` (the full protocol at the mini size:
+5 seeds, the offline grid and an online beta sweep, curves to a turn beyond noise, 1,024 test
+prompts; its stages add to 118 minutes on the Intel Xeon VM, 2026-12-04), `paper_v1` (the same with
+any fall of the golden curve ending an online run, as docs/paper_study, _amd and _intel_2026-12-04
+ran: 106 minutes from empty on the Intel Xeon VM, 99 on AMD EPYC), `mini_chains` (mini with the
+upstream stages drawn three times: their share of the variance), `mini_golden_opponent` (the paper's
+golden-policy opponent), accelerator presets (`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the
+model sizes and the mesh, and studies on real data from pretrained models (`tldr_gemma3_270m`,
+`hh_gemma3_270m`, and `_cpu` versions of both: every stage, a few steps).
 
 The paper's hypotheses (PAPER.md, "Hypotheses tested") are variants too, each adding its runs,
 figure and verdict rows to the same stages and caches: `coverage`, `quality`,
@@ -144,16 +146,21 @@ def _pretrained_study(c, variant: str):
 
 
 def _paper(c):
-    """The full protocol at the mini size (issue 17): five seeds, the offline grid over
-    learning rate (online's and below it too) x beta x two epochs of D_golden, online runs over
-    beta to the turn of their golden curve, a proxy that sees less data than the golden model, and
-    checkpoints chosen on the evaluation prompts but reported on 1,024 others."""
+    """The full protocol at the mini size (issue 17): five seeds, the offline grid over learning
+    rate (online's and below it too) x beta x two epochs of D_golden, online runs over beta to the
+    turn of their golden curve (a fall beyond the evaluations' noise), a proxy that sees less data
+    than the golden model, and checkpoints chosen on the evaluation prompts but reported on 1,024
+    others."""
     c.seeds = [0, 1, 2, 3, 4]
     c.policy.early_checkpoints = []  # the plan docs/paper_study ran: online_betas reach low KL
     c.data.train_pairs = 10_000  # D_initial, relabelled into D_golden
     c.proxy.steps = 250  # 8,000 of D_golden's pairs, once: a proxy there is more to exploit in
     c.policy.steps = 600  # online: at most; it stops where its golden curve has turned
     c.policy.stop_after_falls = 2
+    # A fall counts past ~2 standard errors of the difference between two evaluations (0.012,
+    # median over docs/paper_study_intel_2026-12-04's online runs: paired over its 256 prompts);
+    # at 0 a plateau's noise stopped beta 0.3 runs at 200 steps where others rose to 600.
+    c.policy.stop_margin = 0.025
     c.policy.kl_cap = 8.0
     c.online_betas = [0.1, 0.3, 0.5, 1.0]  # online points down to the low KL offline reaches
     c.offline_learning_rates = [1e-4, 2e-4, 5e-4, 1e-3]
@@ -253,8 +260,12 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         c.golden_policy_steps = 6
         c.eval.prompts, c.eval.kl_prompts, c.eval.pairs = 32, 16, 32
         c.eval.test_prompts = 32
-    elif variant == "paper":
+    elif variant in ("paper", "paper_v1"):
         _paper(c)
+        if variant == "paper_v1":  # the protocol docs/paper_study{,_amd,_intel_2026-12-04} ran
+            c.policy.stop_margin = 0.0  # any fall below the best counts
+    elif variant == "mini_chains":  # the upstream's share of the variance (issue 17, item 3)
+        c.upstream_chains = 3
     elif variant == "mini_golden_opponent":
         c.opponent = "golden_policy"
     elif variant == "tpu_v5p_3b":  # Same study, bigger models, on a v5p-64 (fsdp 8 x tensor 4).
@@ -269,6 +280,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         _pretrained_study(c, variant)
     elif variant != "mini":
         raise ValueError(f"study variant {variant!r} is unknown; use smoke, mini, paper, "
+                         "paper_v1, mini_chains, "
                          "mini_golden_opponent, tpu_v5p_3b, gpu_h100_770m, "
                          f"{', '.join(PRETRAINED_STUDIES)}, hypotheses, "
                          f"one of {HYPOTHESES} or smoke_<that>")

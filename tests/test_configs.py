@@ -260,12 +260,14 @@ def test_early_checkpoints_reach_both_methods_and_steps_on_an_interval_are_not_e
 
 
 @pytest.mark.parametrize("docs, variant", [("mini_study", "mini"), ("hypotheses", "hypotheses"),
-                                           ("paper_study", "paper"), ("mini_study_amd", "mini"),
-                                           ("paper_study_amd", "paper"),
+                                           ("paper_study", "paper_v1"),
+                                           ("mini_study_amd", "mini"),
+                                           ("paper_study_amd", "paper_v1"),
                                            ("hypotheses_amd", "hypotheses"),
                                            ("mini_study_intel_2026-12-04", "mini"),
-                                           ("paper_study_intel_2026-12-04", "paper"),
-                                           ("hypotheses_intel_2026-12-04", "hypotheses")])
+                                           ("paper_study_intel_2026-12-04", "paper_v1"),
+                                           ("hypotheses_intel_2026-12-04", "hypotheses"),
+                                           ("paper_study_v2_intel_2026-12-04", "paper")])
 def test_committed_results_are_the_runs_their_preset_plans(docs, variant):
     """docs/<study>/results.csv holds exactly the runs the preset's plan has, each evaluated at
     the steps its schedule has (up to where it stopped), and its config.json is the preset: a
