@@ -15,7 +15,7 @@ import pytest
 
 from alignment_gap import run_dir
 from alignment_gap.metrics import read_jsonl
-from alignment_gap.study import pipeline, scheduler
+from alignment_gap.study import pipeline, results, scheduler
 from alignment_gap.study.hypotheses import coverage
 from bench import chaos
 from configs import study as study_configs
@@ -343,6 +343,22 @@ def test_an_online_beta_sweep_adds_runs_and_keeps_policy_betas_run(tmp_path):
     for name in a:
         assert b[f"{name}-b1"].config.beta == 1.0 and b[f"{name}-b1"].meta["beta"] == 1.0
         assert b[f"{name}-b1"].key != a[name].key
+
+
+def test_the_report_says_where_the_stop_rule_ended_the_online_runs(tmp_path):
+    c = study_configs.get_config("smoke")
+    c.seeds, c.online_betas = [0, 1], [c.policy.beta, 1.0]
+    plan = pipeline.build_plan(c, str(tmp_path))
+    assert results.online_ends(plan.stages, str(tmp_path), c.policy) is None  # rule off
+    c.policy.stop_after_falls, c.policy.stop_margin, c.policy.kl_cap = 2, 0.025, 8.0
+    plan = pipeline.build_plan(c, str(tmp_path))
+    online = [s for s in plan.stages if s.meta.get("method") == "online"]
+    assert len(online) == 4
+    for stage, step in zip(online, (6, 12, 12, 12), strict=True):
+        run_dir.finish(stage.directory(str(tmp_path)), step, stopped_early=step == 6)
+    assert results.online_ends(plan.stages, str(tmp_path), c.policy) == (
+        "the rule (the golden win rate below its best by over 0.025 at 2 evaluations or KL "
+        "over 8 nats) stopped 1 of 4 (at steps [6]); the others ran all 12 steps")
 
 
 def test_replays_are_measured_against_the_main_sweeps_run_at_their_learning_rate(tmp_path):

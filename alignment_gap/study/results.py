@@ -132,6 +132,27 @@ def judge_agreement(points: list[dict]) -> dict | None:
             for method in sorted({p["method"] for p in points})}
 
 
+def online_ends(stages, workdir: str, policy) -> str | None:
+    """Where the main online runs ended under the stop rule (None where it is off): how many
+    ran every step and the steps the rule stopped the others at, so a reader sees whether the
+    curves turned or the step cap cut them."""
+    falls, cap = policy.get("stop_after_falls", 0), policy.get("kl_cap", 0.0)
+    if not falls and not cap:
+        return None
+    runs = [s for s in stages
+            if s.meta.get("method") == "online" and s.meta.get("group") == "main"]
+    ends = [run_dir.result(s.directory(workdir)) for s in runs]
+    stopped = sorted(int(e["step"]) for e in ends if e.get("stopped_early"))
+    margin = policy.get("stop_margin", 0.0)
+    rule = " or ".join(r for r in (
+        falls and (f"the golden win rate below its best{f' by over {margin:g}' if margin else ''}"
+                   f" at {falls} evaluations"),
+        cap and f"KL over {cap:g} nats") if r)
+    return (f"the rule ({rule}) stopped {len(stopped)} of {len(runs)}"
+            + (f" (at steps {stopped})" if stopped else "")
+            + f"; the others ran all {policy.steps} steps")
+
+
 def verdict(comparison: dict) -> str:
     """The study's verdict (`differences.sentence`): a winner only where the interval of the
     difference excludes zero, the oracle's view beside the golden judge's."""

@@ -63,6 +63,7 @@ def run(config, workdir: str):
         "golden model agreement with the oracle on D_golden pairs":
             relabel_stage.golden_agrees_with_oracle(plan.dir(plan.relabel)),
     }
+    extras["online runs' ends"] = results.online_ends(stages, workdir, config.policy)
     points = results.outcome_points(stages, workdir)
     extras["golden model agreement with the oracle on policy-vs-opponent samples"] = (
         results.judge_agreement(points))
