@@ -37,7 +37,7 @@ study: install
 hypotheses: install
 	$(BIN)/python -m alignment_gap.main --config configs/study.py:hypotheses --workdir $(WORKDIR)
 
-# The full protocol (5 seeds, the offline grid, curves to their turn, 1,024 test prompts).
+# The full protocol (5 seeds, the offline grid, curves to a turn beyond noise, 1,024 test prompts).
 paper: install
 	$(BIN)/python -m alignment_gap.main --config configs/study.py:paper --workdir workdir/paper
 

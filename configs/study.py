@@ -157,9 +157,9 @@ def _paper(c):
     c.proxy.steps = 250  # 8,000 of D_golden's pairs, once: a proxy there is more to exploit in
     c.policy.steps = 600  # online: at most; it stops where its golden curve has turned
     c.policy.stop_after_falls = 2
-    # A fall counts past ~2 standard errors of the difference between two evaluations (0.012,
-    # median over docs/paper_study_intel_2026-12-04's online runs: paired over its 256 prompts);
-    # at 0 a plateau's noise stopped beta 0.3 runs at 200 steps where others rose to 600.
+    # A fall counts past ~2 standard errors of the difference between consecutive evaluations
+    # (0.012: median over the online runs of docs/paper_study_intel_2026-12-04, paired over its
+    # 256 prompts); at 0, 11 of that run's 19 stops were on falls of one prompt in 256.
     c.policy.stop_margin = 0.025
     c.policy.kl_cap = 8.0
     c.online_betas = [0.1, 0.3, 0.5, 1.0]  # online points down to the low KL offline reaches

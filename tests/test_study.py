@@ -354,11 +354,16 @@ def test_the_report_says_where_the_stop_rule_ended_the_online_runs(tmp_path):
     plan = pipeline.build_plan(c, str(tmp_path))
     online = [s for s in plan.stages if s.meta.get("method") == "online"]
     assert len(online) == 4
-    for stage, step in zip(online, (6, 12, 12, 12), strict=True):
-        run_dir.finish(stage.directory(str(tmp_path)), step, stopped_early=step == 6)
+    for stage, step, fired in zip(online, (6, 12, 12, 12), (True, True, False, False),
+                                  strict=True):
+        run_dir.finish(stage.directory(str(tmp_path)), step, stopped_early=fired)
     assert results.online_ends(plan.stages, str(tmp_path), c.policy) == (
         "the rule (the golden win rate below its best by over 0.025 at 2 evaluations or KL "
-        "over 8 nats) stopped 1 of 4 (at steps [6]); the others ran all 12 steps")
+        "over 8 nats) stopped 1 of 4 before step 12 (at steps [6]); 3 ran all 12 steps (the "
+        "rule fired at the last one in 1)")
+    c.policy.stop_after_falls, c.policy.stop_margin = 0, 0.0  # the cap alone
+    assert results.online_ends(plan.stages, str(tmp_path), c.policy).startswith(
+        "the rule (KL over 8 nats) stopped 1 of 4")
 
 
 def test_replays_are_measured_against_the_main_sweeps_run_at_their_learning_rate(tmp_path):

@@ -142,15 +142,18 @@ def online_ends(stages, workdir: str, policy) -> str | None:
     runs = [s for s in stages
             if s.meta.get("method") == "online" and s.meta.get("group") == "main"]
     ends = [run_dir.result(s.directory(workdir)) for s in runs]
-    stopped = sorted(int(e["step"]) for e in ends if e.get("stopped_early"))
+    fired = [int(e["step"]) for e in ends if e.get("stopped_early")]
+    stopped = sorted(step for step in fired if step < policy.steps)
     margin = policy.get("stop_margin", 0.0)
     rule = " or ".join(r for r in (
         falls and (f"the golden win rate below its best{f' by over {margin:g}' if margin else ''}"
                    f" at {falls} evaluations"),
         cap and f"KL over {cap:g} nats") if r)
-    return (f"the rule ({rule}) stopped {len(stopped)} of {len(runs)}"
-            + (f" (at steps {stopped})" if stopped else "")
-            + f"; the others ran all {policy.steps} steps")
+    at_last = len(fired) - len(stopped)  # the rule fired at the last evaluation anyway
+    return (f"the rule ({rule}) stopped {len(stopped)} of {len(runs)} before step "
+            f"{policy.steps}" + (f" (at steps {stopped})" if stopped else "")
+            + f"; {len(runs) - len(stopped)} ran all {policy.steps} steps"
+            + (f" (the rule fired at the last one in {at_last})" if at_last else ""))
 
 
 def verdict(comparison: dict) -> str:
