@@ -260,10 +260,12 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         c.golden_policy_steps = 6
         c.eval.prompts, c.eval.kl_prompts, c.eval.pairs = 32, 16, 32
         c.eval.test_prompts = 32
-    elif variant in ("paper", "paper_v1"):
+    elif variant in ("paper", "paper_v1", "paper_wide"):
         _paper(c)
         if variant == "paper_v1":  # the protocol docs/paper_study{,_amd,_intel_2026-12-04} ran
             c.policy.stop_margin = 0.0  # any fall below the best counts
+        if variant == "paper_wide":  # the offline grid's top edge moved out: is it under-tuned?
+            c.offline_learning_rates = [*c.offline_learning_rates, 2e-3]
     elif variant == "mini_chains":  # the upstream's share of the variance (issue 17, item 3)
         c.upstream_chains = 3
     elif variant == "mini_golden_opponent":
@@ -280,7 +282,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         _pretrained_study(c, variant)
     elif variant != "mini":
         raise ValueError(f"study variant {variant!r} is unknown; use smoke, mini, paper, "
-                         "paper_v1, mini_chains, "
+                         "paper_v1, paper_wide, mini_chains, "
                          "mini_golden_opponent, tpu_v5p_3b, gpu_h100_770m, "
                          f"{', '.join(PRETRAINED_STUDIES)}, hypotheses, "
                          f"one of {HYPOTHESES} or smoke_<that>")

@@ -219,6 +219,7 @@ def test_upstream_draws_repeat_the_main_study_in_another_world(smoke, tmp_path):
                          text=True, timeout=600)
     summary = json.loads((workdir / "summary.json").read_text())
     rows = json.loads((workdir / "results.json").read_text())
+    report = (workdir / "report.md").read_text()
     for path in kept.iterdir():
         shutil.copy(path, workdir / path.name)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -230,6 +231,9 @@ def test_upstream_draws_repeat_the_main_study_in_another_world(smoke, tmp_path):
     assert (config["data"]["world_seed"], config["seed"]) == (1, 1)
     assert (summary["comparison"]["chains"], summary["comparison"]["units"]) == (2, 2)
     assert "of each of 2 upstream draws" in summary["verdict"]
+    proxies = summary["proxy model validation accuracy (vs D_golden labels)"]  # each draw's
+    assert set(proxies) == {"draw 0", "draw 1"} and proxies["draw 0"] != proxies["draw 1"]
+    assert "- upstream draws 0-1: the world, SFT, golden and proxy seeds shifted" in report
     assert {(r["method"], r["chain"]) for r in rows} == {(m, c) for m in ("online", "offline")
                                                          for c in (0, 1)}
 

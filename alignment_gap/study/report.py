@@ -157,6 +157,9 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
               f"- policy `{study.model.name}`, proxy `{study.proxy_model.name}`, golden "
               f"`{study.golden_model.name}`; loss {study.policy.loss}; seeds {list(study.seeds)}",
               f"- {datasets.describe(study.data)}",
+              *([f"- upstream draws 0-{study.upstream_chains - 1}: the world, SFT, golden and "
+                 "proxy seeds shifted by the draw's number (their stages named `-u<draw>`)"]
+                if study.get("upstream_chains", 1) > 1 else []),
               f"- evaluation on {study.eval.prompts} test prompts, KL on "
               f"{study.eval.kl_prompts}; {_schedule(study.policy)}",
               f"- online sweep: lr {list(study.online_learning_rates)} x beta "

@@ -53,16 +53,7 @@ def run(config, workdir: str):
     rows = [r for r in all_rows if r["group"] == "main"]
     findings = [hypotheses.get(name).analyse(plan, all_rows, workdir)
                 for name in config.hypotheses]
-    extras = {
-        "golden model validation accuracy (vs D_initial labels)":
-            run_dir.final_metrics(plan.dir(plan.golden)).get("eval/accuracy"),
-        "proxy model validation accuracy (vs D_golden labels)":
-            run_dir.final_metrics(plan.dir(plan.proxy)).get("eval/accuracy"),
-        "D_initial labels kept by the golden relabelling":
-            relabel_stage.kept_initial_label(plan.dir(plan.relabel)),
-        "golden model agreement with the oracle on D_golden pairs":
-            relabel_stage.golden_agrees_with_oracle(plan.dir(plan.relabel)),
-    }
+    extras = upstream_extras(plan)
     extras["online runs' ends"] = results.online_ends(stages, workdir, config.policy)
     points = results.outcome_points(stages, workdir)
     extras["golden model agreement with the oracle on policy-vs-opponent samples"] = (
@@ -81,6 +72,30 @@ def run(config, workdir: str):
         print(f"hypothesis {finding.name}: the paper's findings reproduce in {agree} of "
               f"{len(finding.verdicts)}")
     print(f"report: {path}")
+
+
+def upstream_extras(plan) -> dict:
+    """The upstream models' measured quality for the report's setting; with upstream draws
+    (`upstream_chains`), each draw's, as {"draw k": value}."""
+
+    def measured(chain):
+        return {
+            "golden model validation accuracy (vs D_initial labels)":
+                run_dir.final_metrics(chain.dir(chain.golden)).get("eval/accuracy"),
+            "proxy model validation accuracy (vs D_golden labels)":
+                run_dir.final_metrics(chain.dir(chain.proxy)).get("eval/accuracy"),
+            "D_initial labels kept by the golden relabelling":
+                relabel_stage.kept_initial_label(chain.dir(chain.relabel)),
+            "golden model agreement with the oracle on D_golden pairs":
+                relabel_stage.golden_agrees_with_oracle(chain.dir(chain.relabel)),
+        }
+
+    if len(plan.chains) == 1:
+        return measured(plan)
+    draws = {f"draw {chain.chain}": measured(chain) for chain in plan.chains}
+    per_draw = {key: {name: d[key] for name, d in draws.items() if d[key] is not None}
+                for key in draws["draw 0"]}
+    return {key: values or None for key, values in per_draw.items()}
 
 
 SIDE_BY_SIDE = 8  # Test posts in samples.json.
