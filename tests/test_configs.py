@@ -268,7 +268,8 @@ def test_early_checkpoints_reach_both_methods_and_steps_on_an_interval_are_not_e
                                            ("paper_study_intel_2026-12-04", "paper_v1"),
                                            ("hypotheses_intel_2026-12-04", "hypotheses"),
                                            ("paper_study_v2_intel_2026-12-04", "paper"),
-                                           ("mini_chains_intel_2026-12-04", "mini_chains")])
+                                           ("mini_chains_intel_2026-12-04", "mini_chains"),
+                                           ("paper_wide_intel_2026-12-05", "paper_wide")])
 def test_committed_results_are_the_runs_their_preset_plans(docs, variant):
     """docs/<study>/results.csv holds exactly the runs the preset's plan has, each evaluated at
     the steps its schedule has (up to where it stopped), and its config.json is the preset: a
