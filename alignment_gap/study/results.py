@@ -1,6 +1,7 @@
 """The results table (one row per evaluated checkpoint) and the numbers the report states.
 
-Pure functions of the table, so notebooks and tests call them on any study's `results.json`.
+`collect`, `outcome_points` and `online_ends` read a study's run directories; the rest are
+pure functions of the table, so notebooks and tests call them on any study's `results.json`.
 """
 
 from __future__ import annotations
