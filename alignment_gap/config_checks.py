@@ -177,6 +177,9 @@ def validate(config, num_devices: int) -> None:
         if not 0 <= config.sweep.shard < config.sweep.shards:
             _fail("sweep.shard", f"{config.sweep.shard} is not in [0, sweep.shards="
                   f"{config.sweep.shards})", "number the hosts 0 .. shards-1")
+        if config.sweep.get("stack_runs", 1) < 1:
+            _fail("sweep.stack_runs", f"{config.sweep.stack_runs} is not a number of runs",
+                  "use 1 (each run alone) or more (runs per stacked program)")
     if "hypotheses" in config:
         for name in config.hypotheses:
             if name not in HYPOTHESES:

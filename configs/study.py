@@ -236,6 +236,9 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     c.sweep.shards = 1  # out of this many jobs (launch/local_multiprocess.py --sweep, slurm_sweep).
     c.sweep.poll_s = 5.0  # How often a host looks for stages other hosts are finishing.
     c.sweep.wait_timeout_s = 86_400.0  # Give up (clear error) waiting this long for them.
+    # Train up to this many offline runs of one seed and length (they differ in learning rate,
+    # beta or loss) as one stacked program (train/policy_stack.py); 1: each run alone.
+    c.sweep.stack_runs = 1
     c.eval = ml_collections.ConfigDict()
     c.eval.prompts = 256  # Fixed test prompts per evaluation (paper: 2048).
     c.eval.kl_prompts = 256  # Prompts whose samples measure the KL budget (paper: 256).

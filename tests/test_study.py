@@ -238,6 +238,52 @@ def test_upstream_draws_repeat_the_main_study_in_another_world(smoke, tmp_path):
                                                          for c in (0, 1)}
 
 
+def test_stacked_offline_runs_equal_runs_trained_alone_and_resume(smoke, tmp_path):
+    """The smoke study's offline sweep widened to two learning rates and trained as one
+    stacked program (`sweep.stack_runs=2`) in a copy of the finished study: the run the smoke
+    study trained alone (lr 5e-4) logs the same losses and evaluations within float tolerance.
+    Then both runs are reopened with the second one's last checkpoint gone (a kill between
+    two runs' saves): the stack resumes from the step both saved and ends where it ended."""
+    workdir, args, _ = smoke
+    copy = tmp_path / "w"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("data", "jax_cache"))
+    (alone,) = (workdir / "stages").glob("offline-s0-lr0.0005-*")
+    shutil.rmtree(copy / "stages" / alone.name)
+    args = [str(copy) if a == str(workdir) else a for a in args] + [
+        "--config.offline_learning_rates=[0.0005,0.001]", "--config.sweep.stack_runs=2"]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert re.findall(r"^== stage (offline\S+) .*stacked, (\d) of 2\)$", out.stdout, re.M) == [
+        (alone.name.rsplit("-", 1)[0], "1"), ("offline-s0-lr0.001-b0.1-n12", "2")]
+    runs = sorted((copy / "stages").glob("offline-s0-*"))  # lr 0.0005, then 0.001
+
+    def log(run):
+        return [{k: v for k, v in r.items() if not k.endswith("_per_s")}
+                for r in read_jsonl(run / "metrics.jsonl")]
+
+    expected, stacked = log(alone), log(runs[0])
+    assert [r["step"] for r in stacked] == [r["step"] for r in expected]
+    for a, b in zip(expected, stacked, strict=True):
+        assert a.keys() == b.keys()
+        for name, value in a.items():
+            # A batched matmul may sum in another order: Adam turns that into ~1e-4 moves.
+            assert b[name] == pytest.approx(value, rel=1e-3, abs=1e-3), (a["step"], name)
+    assert log(runs[1]) != stacked  # the other learning rate trained its own run
+    assert run_dir.read_outcomes(str(runs[0])).keys() == run_dir.read_outcomes(str(alone)).keys()
+
+    finished = [log(run) for run in runs]
+    results_json = (copy / "results.json").read_text()
+    for run in runs:
+        (run / run_dir.DONE).unlink()
+    shutil.rmtree(runs[1] / "checkpoints" / "12")
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    steps = [int(k) for k in re.findall(r"^step (\d+)/12", again.stdout, re.M)]
+    assert steps and min(steps) > 6  # both resumed from step 6
+    assert [log(run) for run in runs] == finished
+    assert (copy / "results.json").read_text() == results_json
+
+
 def test_finished_study_is_not_rerun_even_from_a_moved_copy(smoke, tmp_path):
     workdir, args, _ = smoke
     moved = tmp_path / "moved"  # its datasets stay where they were (data.dir)
@@ -395,6 +441,23 @@ def test_a_plan_refuses_to_train_one_run_twice_under_two_names(tmp_path):
     with pytest.raises(ValueError, match=f"'offline_again-s0' would train '{run.name}' again"):
         plan.add(twin)
     assert plan.add(pipeline.Stage(run.name, run.config, run.run, run.upstream)) is run
+
+
+def test_offline_runs_of_one_seed_and_length_stack_and_a_stack_stays_on_one_shard(tmp_path):
+    """`sweep.stack_runs`: the paper plan's offline grid stacks per seed (online runs never);
+    a stack is cut at `stack_runs` runs and the sweep's shards take whole stacks."""
+    plan = pipeline.build_plan(study_configs.get_config("paper"), str(tmp_path))
+    assert all(len(u) == 1 for u in scheduler.units(plan.stages, 1))
+    units = scheduler.units(plan.stages, 5)
+    offline = [u for u in units if u[0].meta["method"] == "offline"]
+    assert all(len(u) == 1 for u in units if u[0].meta["method"] == "online")
+    assert [len(u) for u in offline] == [5, 5, 2] * 5  # 12 runs per seed (4 lr x 3 beta)
+    for unit in offline:
+        assert len({(s.meta["seed"], s.meta["steps"]) for s in unit}) == 1
+        assert len({(s.meta["learning_rate"], s.meta["beta"]) for s in unit}) == len(unit)
+    owners = scheduler.owner(plan.stages, 3, 5)
+    assert all(len({owners[s.name] for s in unit}) == 1 for unit in units)
+    assert {owners[u[0].name] for u in offline} == {0, 1, 2}
 
 
 def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke):

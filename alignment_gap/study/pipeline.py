@@ -30,7 +30,7 @@ from alignment_gap.presets import preference_model as preference_configs
 from alignment_gap.presets import sft as sft_configs
 from alignment_gap.study import hypotheses, relabel_stage, test_stage
 from alignment_gap.study.scheduler import Stage
-from alignment_gap.train import policy, preference, sft
+from alignment_gap.train import policy, policy_stack, preference, sft
 
 
 def _common(stage_cfg, study, section, steps, batch_size, learning_rate):
@@ -247,7 +247,8 @@ class Plan:
         return self.add(Stage(name, cfg, policy.run,
                               (*self._evaluated(sft_stage, opponent), *upstream),
                               dict(method=method, seed=seed, learning_rate=lr, beta=beta,
-                                   steps=steps, group=group)))
+                                   steps=steps, group=group),
+                              stack=policy_stack.stack_key(cfg)))
 
 
 def _checkpoint_schedule(cfg, every: int, steps: int, early=()):

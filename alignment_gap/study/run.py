@@ -23,7 +23,7 @@ from alignment_gap.study import (
     scheduler,
     test_stage,
 )
-from alignment_gap.train import common
+from alignment_gap.train import common, policy_stack
 
 
 def run(config, workdir: str):
@@ -34,7 +34,7 @@ def run(config, workdir: str):
         print(f"{workdir}: every stage is already finished; rewriting the report only.")
     sweep = config.sweep
     scheduler.run_stages(stages, workdir, sweep.shard, sweep.shards, sweep.poll_s,
-                         sweep.wait_timeout_s)
+                         sweep.wait_timeout_s, sweep.get("stack_runs", 1), policy_stack.run)
     if sweep.shard != 0:  # a sweep host: shard 0 writes the report once every run is done
         if jax.process_index() == 0:
             print(f"shard {sweep.shard} of {sweep.shards}: its stages are finished; shard 0 "

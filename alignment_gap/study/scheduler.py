@@ -38,6 +38,9 @@ class Stage:
     run: callable  # (config, run directory) -> None; finishes the directory (run_dir.finish)
     upstream: tuple = ()  # Stages whose outputs this one reads.
     meta: dict = dataclasses.field(default_factory=dict)  # method, seed, lr, ... for results
+    # Stages with the same non-empty `stack` can be trained as one stacked program
+    # (`run_stages(stack_runs=...)`); their configs differ only in what a stack varies.
+    stack: str = ""
 
     @property
     def key(self) -> str:
@@ -151,11 +154,25 @@ def _previous_names(workdir: str, stamp: int) -> list[str]:
 
 
 
-def owner(stages: list[Stage], shards: int) -> dict[str, int]:
-    """Which sweep shard runs each stage: policy runs round-robin, everything else shard 0."""
-    runs = [s for s in stages if "method" in s.meta]
+def units(stages: list[Stage], stack_runs: int = 1) -> list[list[Stage]]:
+    """The policy runs in plan order as the units a host trains: a run alone, or up to
+    `stack_runs` runs with the same `stack`, in order, as one stacked program."""
+    out, open_units = [], {}
+    for stage in (s for s in stages if "method" in s.meta):
+        unit = open_units.get(stage.stack) if stage.stack and stack_runs > 1 else None
+        if unit is None or len(unit) == stack_runs:
+            unit = open_units[stage.stack] = []
+            out.append(unit)
+        unit.append(stage)
+    return out
+
+
+def owner(stages: list[Stage], shards: int, stack_runs: int = 1) -> dict[str, int]:
+    """Which sweep shard runs each stage: policy runs round-robin (a stack's runs together),
+    everything else shard 0."""
     out = {s.name: 0 for s in stages}
-    out.update({s.name: i % shards for i, s in enumerate(runs)})
+    for i, unit in enumerate(units(stages, stack_runs)):
+        out.update({s.name: i % shards for s in unit})
     return out
 
 
@@ -208,12 +225,18 @@ def timings_name(shard: int, shards: int) -> str:
 
 
 def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 1,
-               poll_s: float = 5.0, timeout_s: float = 86_400.0) -> dict:
+               poll_s: float = 5.0, timeout_s: float = 86_400.0, stack_runs: int = 1,
+               run_stacked=None) -> dict:
     """Run this shard's unfinished stages, each once its upstream stages are finished; returns
-    {stage name: seconds} for this shard's runs (kept in `timings_name(shard, shards)`)."""
+    {stage name: seconds} for this shard's runs (kept in `timings_name(shard, shards)`).
+
+    `stack_runs` > 1: runs of one `stack` go up to that many at a time to
+    `run_stacked(configs, directories)` (`train/policy_stack.run`); each is timed at its share
+    of the stack's seconds."""
     name = timings_name(shard, shards)
     timings = run_dir.read_json(workdir, name) or {}
-    owners = owner(stages, shards)
+    owners = owner(stages, shards, stack_runs)
+    unit_of = {s.name: unit for unit in units(stages, stack_runs) for s in unit}
     mine = [s for s in stages if owners[s.name] == shard]
     deadline = time.monotonic() + timeout_s
     where = _directories(workdir)
@@ -237,11 +260,19 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
         if preemption.stop_requested():  # a signal arrived during the last stage
             raise Preempted(f"stopped before stage {ready.name}; run the same command again "
                             "to go on")
-        _run_one(ready, where(ready), timings, f"{len(mine) - len(pending) + 1} of {len(mine)}")
+        waiting = {s.name for s in pending}
+        group = [s for s in unit_of.get(ready.name, [ready]) if s.name in waiting]
+        k = len(mine) - len(pending) + 1
+        if len(group) > 1:
+            _run_stack(group, [where(s) for s in group], timings,
+                       f"{k}-{k + len(group) - 1} of {len(mine)}", run_stacked)
+        else:
+            _run_one(ready, where(ready), timings, f"{k} of {len(mine)}")
         run_dir.write_json(workdir, name, timings)
-        if not _finished(ready, where(ready)):
-            raise StageFailed(f"stage {ready.name} returned without finishing "
-                              f"({where(ready)} has no {run_dir.DONE})")
+        for stage in group:
+            if not _finished(stage, where(stage)):
+                raise StageFailed(f"stage {stage.name} returned without finishing "
+                                  f"({where(stage)} has no {run_dir.DONE})")
 
 
 def _run_one(stage: Stage, out: str, timings: dict, place: str):
@@ -258,6 +289,27 @@ def _run_one(stage: Stage, out: str, timings: dict, place: str):
         run_dir.fail(out, e)
         raise
     timings[stage.name] = time.perf_counter() - start
+
+
+def _run_stack(group: list[Stage], outs: list[str], timings: dict, place: str, run_stacked):
+    """`group` (runs of one stack, upstream finished) as one stacked program."""
+    if jax.process_index() == 0:
+        for i, (stage, out) in enumerate(zip(group, outs, strict=True)):
+            print(f"== stage {stage.name} -> {out}  ({place}; stacked, {i + 1} of "
+                  f"{len(group)})", flush=True)
+    for out in outs:
+        run_dir.clear_failure(out)
+    start = time.perf_counter()
+    try:
+        run_stacked([s.config for s in group], outs)
+    except Preempted:
+        raise
+    except BaseException as e:
+        for out in outs:
+            run_dir.fail(out, e)
+        raise
+    seconds = (time.perf_counter() - start) / len(group)
+    timings.update({s.name: seconds for s in group})
 
 
 def merged_timings(workdir: str) -> dict:

@@ -50,21 +50,15 @@ class Loop:
     evaluate_at_start: bool = False  # Also evaluate the starting point (step 0) of a fresh run.
 
     def run(self, state, rng) -> tuple[object, dict]:
-        start = int(jax.device_get(state.step))
-        metrics_lib.drop_after(self.workdir, start)
-        writer, window = metrics_lib.Writer(self.workdir), metrics_lib.Window()
-        for step_metrics in run_dir.unlogged_at(self.workdir, start):
-            window.add(step_metrics)
-        run_dir.clear_preempted(self.workdir)
+        log = RunLog(self.config, self.workdir, self.checkpointer,
+                     int(jax.device_get(state.step)))
         try:
-            return self._run(state, rng, start, writer, window)
+            return self._run(state, rng, log)
         finally:
-            writer.close()
+            log.close()
 
-    def _run(self, state, rng, start, writer, window):
-        c = self.config
-        progress = metrics_lib.Progress(c.num_steps, start)
-        self.last_good = self.checkpointer.latest_step()
+    def _run(self, state, rng, log: RunLog):
+        c, start, writer = self.config, log.start, log.writer
         pending, last, stop = None, {}, ""
         # Extra evaluation points (a curve's low-KL start); set only where used, so the
         # configs (and stage keys) of runs without them do not change.
@@ -76,12 +70,12 @@ class Loop:
             batch = self.next_batch(state, key)
             state, step_metrics = self.update(state, batch, key)
             if pending is not None:
-                last = self._record(*pending, window, writer, progress)
+                last = log.record(*pending, self.progress_keys)
             pending = (step, step_metrics)
             preempted = preemption.reached() and step < c.num_steps
             scheduled = step % c.checkpoint_every == 0 or step == c.num_steps or step in extra
             if scheduled or preempted:
-                last = self._record(*pending, window, writer, progress)
+                last = log.record(*pending, self.progress_keys)
                 pending = None
                 if self.evaluate is not None and scheduled:
                     scores, stop = self.evaluate(state)
@@ -91,14 +85,14 @@ class Loop:
                     self.on_checkpoint(step)         # leaves a chunk a resume will drop
                 self.checkpointer.save(state, rng, self.meta, self.data_iterator)
                 self.checkpointer.wait()
-                self.last_good = step
+                log.last_good = step
                 if stop:
                     if jax.process_index() == 0:
                         print(f"step {step}: stopping early ({stop})", flush=True)
                     break
                 if preempted:
                     signal = preemption.requested() or "SIGTERM (to one of the processes)"
-                    run_dir.preempted(self.workdir, step, signal, window.added)
+                    run_dir.preempted(self.workdir, step, signal, log.window.added)
                     raise Preempted(f"{signal} at step {step} of {c.num_steps}: saved "
                                     f"{self.checkpointer.path(step)}; run the same command "
                                     "again to resume")
@@ -106,23 +100,47 @@ class Loop:
         run_dir.finish(self.workdir, final_step, metrics=last, stopped_early=bool(stop))
         return state, last
 
-    def _record(self, step, step_metrics, window, writer, progress) -> dict:
+
+
+class RunLog:
+    """One run directory's log: per-step metrics averaged over `log_every` steps into
+    `metrics.jsonl` (and TensorBoard), a non-finite metric stopped with the last good
+    checkpoint named, and a resumed run's log continued as one uninterrupted run's."""
+
+    def __init__(self, config, workdir: str, checkpointer: Checkpointer, start: int):
+        self.config, self.workdir, self.checkpointer, self.start = (config, workdir,
+                                                                    checkpointer, start)
+        metrics_lib.drop_after(workdir, start)
+        self.writer, self.window = metrics_lib.Writer(workdir), metrics_lib.Window()
+        for step_metrics in run_dir.unlogged_at(workdir, start):
+            self.window.add(step_metrics)
+        run_dir.clear_preempted(workdir)
+        self.progress = metrics_lib.Progress(config.num_steps, start)
+        self.last_good = checkpointer.latest_step()
+
+    def record(self, step, step_metrics, progress_keys=("loss",), label: str = "") -> dict:
+        """Add one step's metrics (device or host scalars); returns them on the host."""
         host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         bad = {k: v for k, v in host.items() if not math.isfinite(v)}
         if bad:
             where = (self.checkpointer.path(self.last_good) if self.last_good is not None
                      else "none (no checkpoint was written yet)")
-            raise NonFiniteLoss(f"step {step}: non-finite {bad}; stopped without checkpointing "
-                                f"this state; last good checkpoint: {where}; lower "
-                                "config.learning_rate (or check the data) and rerun: the run "
-                                "resumes from that checkpoint")
-        window.add(host)
+            raise NonFiniteLoss(f"step {step}{f' ({label})' if label else ''}: non-finite "
+                                f"{bad}; stopped without checkpointing this state; last good "
+                                f"checkpoint: {where}; lower config.learning_rate (or check the "
+                                "data) and rerun: the run resumes from that checkpoint")
+        self.window.add(host)
         if step % self.config.log_every == 0 or step == self.config.num_steps:
-            averaged = window.compute()
-            window.reset()
-            averaged["steps_per_s"] = progress.window_rate(step)
+            averaged = self.window.compute()
+            self.window.reset()
+            averaged["steps_per_s"] = self.progress.window_rate(step)
             if "tokens" in averaged:  # tokens through the update per step -> tokens/s
                 averaged["update_tokens_per_s"] = averaged["tokens"] * averaged["steps_per_s"]
-            writer.write(step, averaged)
-            progress.print(step, averaged, self.progress_keys)
+            self.writer.write(step, averaged)
+            line = self.progress.line(step, averaged, progress_keys)
+            if jax.process_index() == 0:
+                print(f"{line}  {label}" if label else line, flush=True)
         return host
+
+    def close(self):
+        self.writer.close()

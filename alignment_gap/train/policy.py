@@ -86,28 +86,8 @@ def run(config, workdir: str):
     if run_dir.already_finished(workdir, config.num_steps):
         return
     rt = common.runtime(config, workdir)
-    # Every frozen input is checked before anything is built or compiled.
-    pretrained_start = not config.sft_checkpoint and common.pretrained_checkpoint(config)
-    if not pretrained_start:
-        common.check_frozen("lm", config.sft_checkpoint, config.model, rt,
-                            "config.sft_checkpoint")
-    if config.source == "online":
-        common.check_frozen("preference", config.proxy_checkpoint, config.proxy_model, rt,
-                            "config.proxy_checkpoint")
-    if config.eval.golden_checkpoint:
-        common.check_frozen("preference", config.eval.golden_checkpoint, config.eval.golden_model,
-                            rt, "config.eval.golden_checkpoint")
-    if config.eval.opponent_checkpoint:
-        common.check_frozen("lm", config.eval.opponent_checkpoint,
-                            config.eval.get("opponent_model") or config.model, rt,
-                            "config.eval.opponent_checkpoint")
-
-    if pretrained_start:  # no SFT run: policy and reference are the pretrained model
-        policy, reference = (common.initial_model("lm", config, rt, config.seed)
-                             for _ in range(2))
-    else:
-        policy = common.load_frozen("lm", config.sft_checkpoint, config.model, rt)
-        reference = common.load_frozen("lm", config.sft_checkpoint, config.model, rt)
+    check_inputs(config, rt)  # every frozen input, before anything is built or compiled
+    policy, reference = starting_models(config, rt)
     ref_graphdef, ref_params = nnx.split(reference)
     with sharding.use(rt.mesh, rt.rules):
         ref_shardings = sharding.state_shardings(ref_params, rt.mesh)
@@ -119,7 +99,7 @@ def run(config, workdir: str):
                               microbatches=config.microbatches, name="policy_update")
 
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
-    source, data_iterator, recorder = _source(config, rt, policy, workdir, ckpt)
+    source, data_iterator, recorder = make_source(config, rt, policy, workdir, ckpt)
     rng = jax.random.key(config.seed)
     if ckpt.latest_step() is not None:
         state, rng, _ = ckpt.restore(state, shardings, data_iterator, check=lambda saved: (
@@ -162,7 +142,37 @@ def run(config, workdir: str):
     return state
 
 
-def _source(config, rt, policy, workdir, ckpt):
+def check_inputs(config, rt):
+    """Fail before any compile if a frozen input (SFT start, proxy, golden judge, opponent)
+    cannot provide the configured model."""
+    if not _pretrained_start(config):
+        common.check_frozen("lm", config.sft_checkpoint, config.model, rt,
+                            "config.sft_checkpoint")
+    if config.source == "online":
+        common.check_frozen("preference", config.proxy_checkpoint, config.proxy_model, rt,
+                            "config.proxy_checkpoint")
+    if config.eval.golden_checkpoint:
+        common.check_frozen("preference", config.eval.golden_checkpoint, config.eval.golden_model,
+                            rt, "config.eval.golden_checkpoint")
+    if config.eval.opponent_checkpoint:
+        common.check_frozen("lm", config.eval.opponent_checkpoint,
+                            config.eval.get("opponent_model") or config.model, rt,
+                            "config.eval.opponent_checkpoint")
+
+
+def starting_models(config, rt):
+    """(policy, reference): the SFT checkpoint twice, or with no SFT run the pretrained model."""
+    if _pretrained_start(config):
+        return tuple(common.initial_model("lm", config, rt, config.seed) for _ in range(2))
+    return tuple(common.load_frozen("lm", config.sft_checkpoint, config.model, rt)
+                 for _ in range(2))
+
+
+def _pretrained_start(config) -> bool:
+    return not config.sft_checkpoint and bool(common.pretrained_checkpoint(config))
+
+
+def make_source(config, rt, policy, workdir, ckpt):
     """(source, checkpointable iterator, stream recorder or None)."""
     if config.source == "offline":
         if config.replay.stream:

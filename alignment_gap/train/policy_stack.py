@@ -1,0 +1,178 @@
+"""Offline policy runs that differ only in learning rate, beta or loss, trained as one stack.
+
+An offline sweep is many runs of one shape: the same SFT start, data order (seed), length and
+checkpoint schedule. `run(configs, workdirs)` trains them stacked on a run axis with one
+compiled update step (`stacked.py`), reading each batch once, and leaves every run's directory
+as `policy.run` leaves it - config, metrics log, per-step evaluation outcomes, checkpoints
+(parameters, optimizer state, data iterator, RNG) and the finished record - so the study's
+tables, its test stage and a resume read them unchanged. Each run is evaluated with one shared
+evaluator (its programs compiled once); the starting point, the same SFT policy for every run,
+is evaluated once. Results equal separate runs' within float tolerance (tests/test_study.py).
+
+    python -m alignment_gap.main --config configs/study.py:mini --workdir W \\
+        --config.sweep.stack_runs=8       # the study's scheduler groups its offline runs
+
+Resuming: every run restarts from the last step all of them saved (a kill between two runs'
+saves leaves one ahead; its later checkpoints are dropped). A run that diverges stops the
+stack, naming that run. What a stack saves on a CPU is compiles and the repeated start
+(bench/stacked_runs.py --stages); a step of n runs still costs about n steps there.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+from flax import nnx
+
+from alignment_gap import preemption, run_dir, sharding
+from alignment_gap.batches import PreferenceBatch
+from alignment_gap.checkpoint import Checkpointer
+from alignment_gap.errors import ConfigError
+from alignment_gap.preemption import Preempted
+from alignment_gap.train import common, policy, stacked
+from alignment_gap.train.loop import RunLog
+from alignment_gap.train.state import init_train_state, make_optimizer
+
+STACKED_FIELDS = ("learning_rate", "beta", "loss")  # what may differ between stacked runs
+PROGRESS_KEYS = ("loss", "kl_sequence", "classifier_accuracy")
+
+
+def stack_key(config) -> str:
+    """Runs whose keys are equal can be trained as one stack; "" for a run that cannot (an
+    online run samples from its own policy; a stop rule ends runs at different steps)."""
+    if config.get("source") != "offline":
+        return ""
+    if config.eval.get("stop_after_falls", 0) or config.eval.get("kl_cap", 0.0):
+        return ""
+    shared = {k: v for k, v in config.to_dict().items() if k not in STACKED_FIELDS}
+    return json.dumps(shared, sort_keys=True, default=str)
+
+
+def run(configs: list, workdirs: list[str]):
+    """Train the unfinished runs among `configs` (each into its workdir) as one stack; runs
+    left over from a multiple of the mesh's run axis are trained one by one."""
+    todo = [(c, w) for c, w in zip(configs, workdirs, strict=True)
+            if not run_dir.already_finished(w, c.num_steps)]
+    if not todo:
+        return
+    keys = {stack_key(c) for c, _ in todo}
+    if "" in keys or len(keys) > 1:
+        raise ConfigError(f"runs {[w for _, w in todo]} do not stack: stacked runs are offline "
+                          f"runs without stop rules that differ only in {STACKED_FIELDS}")
+    mesh_runs = sharding.make_mesh(todo[0][0].mesh).shape[stacked.RUN_AXIS]
+    cut = len(todo) - len(todo) % mesh_runs
+    if cut >= 2:
+        _run_stack([c for c, _ in todo[:cut]], [w for _, w in todo[:cut]])
+    for config, workdir in todo[cut if cut >= 2 else 0:]:
+        policy.run(config, workdir)
+
+
+def _run_stack(configs: list, workdirs: list[str]):
+    c, n = configs[0], len(configs)
+    rt = common.runtime(c, workdirs[0])
+    for config, workdir in zip(configs[1:], workdirs[1:], strict=True):
+        run_dir.write_json(workdir, run_dir.CONFIG, config.to_dict())
+    policy.check_inputs(c, rt)
+    sft, reference = policy.starting_models(c, rt)
+    ref_graphdef, ref_params = nnx.split(reference)
+    with sharding.use(rt.mesh, rt.rules):
+        ref_shardings = sharding.state_shardings(ref_params, rt.mesh)
+    graphdef, start_state, shardings = init_train_state(sft, make_optimizer(c), rt.mesh, rt.rules)
+    batch_shardings = rt.batch_shardings(PreferenceBatch)
+    settings = [stacked.RunSettings(x.learning_rate, x.beta, x.loss) for x in configs]
+    update = stacked.make_stacked_policy_update(
+        c, settings, graphdef, ref_graphdef, rt.tokenizer.eos_id, rt.mesh, rt.rules, shardings,
+        batch_shardings, ref_shardings, c.microbatches)
+
+    ckpts = [Checkpointer(common.checkpoint_dir(w), x.max_to_keep)
+             for x, w in zip(configs, workdirs, strict=True)]
+    source, data_iterator, _ = policy.make_source(c, rt, sft, workdirs[0], ckpts[0])
+    start = _common_start(ckpts)
+    rng, states = jax.random.key(c.seed), [start_state] * n
+    if start:
+        restored = [ck.restore(start_state, shardings, data_iterator if i == 0 else None,
+                               step=start, check=lambda saved, w=w: common.check_resume(
+                                   saved, "lm", c.model, rt, w))
+                    for i, (ck, w) in enumerate(zip(ckpts, workdirs, strict=True))]
+        states, rng = [r[0] for r in restored], restored[0][1]
+    states = stacked.stack(states, shardings)
+    meta = common.meta("lm", c.model, rt)
+    logs = [RunLog(x, w, ck, start) for x, w, ck in zip(configs, workdirs, ckpts, strict=True)]
+    labels = [f"[lr {x.learning_rate:g} beta {x.beta:g} {x.loss}]" for x in configs]
+    evaluator = (policy.make_evaluator(c, rt, sft, ref_params) if c.eval.golden_checkpoint
+                 else None)
+
+    def one(i):
+        """Run i's train state as a separate run holds it."""
+        return jax.device_put(jax.tree.map(lambda x: x[i], states), shardings)
+
+    def evaluate(step, params):
+        scores = []
+        for i in range(n):
+            if i == 0 or step:  # at step 0 every run is the SFT policy: scored once
+                scored, outcomes = evaluator.evaluate(params[i])
+            run_dir.write_outcomes(workdirs[i], step, outcomes)
+            logs[i].writer.write(step, scored, prefix="eval/")
+            scores.append(scored)
+        return scores
+
+    try:
+        if evaluator is not None and start == 0:
+            evaluate(0, [start_state.params] * n)
+        last = [{} for _ in range(n)]
+        pending = None
+        extra = set(c.get("checkpoint_steps", ()))
+        for step in range(start + 1, c.num_steps + 1):
+            rng, key = jax.random.split(rng)
+            batch = source.next_batch(None, key)
+            states, step_metrics = update(states, stacked.stack([batch] * n, batch_shardings),
+                                          {"reference": ref_params})
+            if pending is not None:
+                last = _record(logs, labels, *pending)
+            pending = (step, step_metrics)
+            preempted = preemption.reached() and step < c.num_steps
+            scheduled = step % c.checkpoint_every == 0 or step == c.num_steps or step in extra
+            if not (scheduled or preempted):
+                continue
+            last, pending = _record(logs, labels, *pending), None
+            runs = [one(i) for i in range(n)]
+            if evaluator is not None and scheduled:
+                for i, scores in enumerate(evaluate(step, [r.params for r in runs])):
+                    last[i].update({f"eval/{k}": v for k, v in scores.items()})
+            for ck, state in zip(ckpts, runs, strict=True):
+                ck.save(state, rng, meta, data_iterator)
+            for ck, log in zip(ckpts, logs, strict=True):
+                ck.wait()
+                log.last_good = step
+            if preempted:
+                signal = preemption.requested() or "SIGTERM (to one of the processes)"
+                for workdir, log in zip(workdirs, logs, strict=True):
+                    run_dir.preempted(workdir, step, signal, log.window.added)
+                raise Preempted(f"{signal} at step {step} of {c.num_steps}: saved the {n} "
+                                f"stacked runs' checkpoints (e.g. {ckpts[0].path(step)}); run "
+                                "the same command again to resume")
+        for workdir, metrics in zip(workdirs, last, strict=True):
+            run_dir.finish(workdir, c.num_steps, metrics=metrics, stopped_early=False)
+    finally:
+        for ck, log in zip(ckpts, logs, strict=True):
+            log.close()
+            ck.close()
+
+
+def _record(logs, labels, step, step_metrics) -> list[dict]:
+    """Split one stacked step's metrics (a run axis in front) into each run's log."""
+    host = jax.device_get(step_metrics)
+    return [log.record(step, {k: v[i] for k, v in host.items()}, PROGRESS_KEYS, label)
+            for i, (log, label) in enumerate(zip(logs, labels, strict=True))]
+
+
+def _common_start(ckpts: list[Checkpointer]) -> int:
+    """The last step every run saved (0: start afresh); later checkpoints are dropped."""
+    latest = [ck.latest_step() or 0 for ck in ckpts]
+    start = min(latest)
+    for ck in ckpts:
+        for step in ck.manager.all_steps():
+            if step > start:
+                ck.manager.delete(step)
+    return start
