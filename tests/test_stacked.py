@@ -18,9 +18,11 @@ from alignment_gap.errors import ConfigError
 from alignment_gap.presets import models
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.sources import rank_program
-from alignment_gap.train import stacked
+from alignment_gap.study import pipeline
+from alignment_gap.train import policy_stack, stacked
 from alignment_gap.train.policy import make_policy_loss
 from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
+from configs import study as study_configs
 from tests.conftest import random_prompts
 from tests.helpers import language_model, preference_model
 
@@ -147,3 +149,26 @@ def test_an_unknown_loss_and_runs_that_do_not_divide_the_mesh_are_named():
     _, mesh, _ = language_model(models.get_config("nano"), (2, 1, 1))
     with pytest.raises(ConfigError, match="3 stacked runs do not divide over the mesh's 'data'"):
         stacked.check_runs(3, mesh)
+
+
+def test_only_offline_runs_that_differ_in_learning_rate_beta_or_loss_stack(tmp_path):
+    """`policy_stack.stack_key`: the study's offline runs of one seed and length share a key;
+    another seed, an online run or a stop rule does not; `run` refuses a mixed group."""
+    study = study_configs.get_config("smoke")
+    study.offline_learning_rates, study.offline_betas = [5e-4, 1e-3], [0.1, 0.5]
+    study.seeds = [0, 1]
+    plan = pipeline.build_plan(study, str(tmp_path))
+    offline = [s for s in plan.stages if s.meta.get("method") == "offline"]
+    keys = {}
+    for stage in offline:
+        assert stage.stack == policy_stack.stack_key(stage.config) != ""
+        keys.setdefault(stage.meta["seed"], set()).add(stage.stack)
+    assert [len(k) for k in keys.values()] == [1, 1] and keys[0] != keys[1]
+    online = next(s for s in plan.stages if s.meta.get("method") == "online")
+    assert online.stack == ""
+    stopping = offline[0].config.copy_and_resolve_references()
+    stopping.eval.kl_cap = 5.0
+    assert policy_stack.stack_key(stopping) == ""
+    with pytest.raises(ConfigError, match="do not stack: stacked runs are offline runs"):
+        policy_stack.run([offline[0].config, online.config],
+                         [str(tmp_path / "a"), str(tmp_path / "b")])

@@ -107,19 +107,12 @@ def _run_stack(configs: list, workdirs: list[str]):
         """Run i's train state as a separate run holds it."""
         return jax.device_put(jax.tree.map(lambda x: x[i], states), shardings)
 
-    def evaluate(step, params):
-        scores = []
-        for i in range(n):
-            if i == 0 or step:  # at step 0 every run is the SFT policy: scored once
-                scored, outcomes = evaluator.evaluate(params[i])
-            run_dir.write_outcomes(workdirs[i], step, outcomes)
-            logs[i].writer.write(step, scored, prefix="eval/")
-            scores.append(scored)
-        return scores
-
     try:
-        if evaluator is not None and start == 0:
-            evaluate(0, [start_state.params] * n)
+        if evaluator is not None and start == 0:  # every run starts as the SFT policy:
+            scores, outcomes = evaluator.evaluate(start_state.params)  # scored once
+            for workdir, log in zip(workdirs, logs, strict=True):
+                run_dir.write_outcomes(workdir, 0, outcomes)
+                log.writer.write(0, scores, prefix="eval/")
         last = [{} for _ in range(n)]
         pending = None
         extra = set(c.get("checkpoint_steps", ()))
@@ -136,12 +129,14 @@ def _run_stack(configs: list, workdirs: list[str]):
             if not (scheduled or preempted):
                 continue
             last, pending = _record(logs, labels, *pending), None
-            runs = [one(i) for i in range(n)]
-            if evaluator is not None and scheduled:
-                for i, scores in enumerate(evaluate(step, [r.params for r in runs])):
+            for i in range(n):  # one run's state apart at a time
+                state = one(i)
+                if evaluator is not None and scheduled:
+                    scores, outcomes = evaluator.evaluate(state.params)
+                    run_dir.write_outcomes(workdirs[i], step, outcomes)
+                    logs[i].writer.write(step, scores, prefix="eval/")
                     last[i].update({f"eval/{k}": v for k, v in scores.items()})
-            for ck, state in zip(ckpts, runs, strict=True):
-                ck.save(state, rng, meta, data_iterator)
+                ckpts[i].save(state, rng, meta, data_iterator)
             for ck, log in zip(ckpts, logs, strict=True):
                 ck.wait()
                 log.last_good = step

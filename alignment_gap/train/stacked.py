@@ -6,7 +6,8 @@ for the whole sweep instead of one per run, split over the mesh's `data` axis. W
 compiles and processes (one program, not one per learning rate); a step of n stacked runs still
 costs about n steps on a 2-core CPU, where a mini step is compute, not overhead (measured in
 `bench/stacked_runs.py`, bench/RESULTS.md). An accelerator that one small run leaves idle is
-where a stack should pay; that is not measured yet.
+where a stack should pay; that is not measured yet. The study trains its offline sweeps this way
+with `sweep.stack_runs` (`policy_stack.py`).
 
     runs = [RunSettings(1e-3, 0.1, "ipo"), RunSettings(5e-4, 0.5, "dpo")]
     update = make_stacked_policy_update(config, runs, graphdef, ref_graphdef, eos_id, mesh,
