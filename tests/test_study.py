@@ -247,7 +247,8 @@ def test_stacked_offline_runs_equal_runs_trained_alone_and_resume(smoke, tmp_pat
     workdir, args, _ = smoke
     copy = tmp_path / "w"
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("data", "jax_cache"))
-    (alone,) = (workdir / "stages").glob("offline-s0-lr0.0005-*")
+    main_runs = "offline-s0-*-n12-" + "[0-9a-f]" * 10  # not an upstream draw's (-u1-)
+    (alone,) = (workdir / "stages").glob(main_runs)
     shutil.rmtree(copy / "stages" / alone.name)
     args = [str(copy) if a == str(workdir) else a for a in args] + [
         "--config.offline_learning_rates=[0.0005,0.001]", "--config.sweep.stack_runs=2"]
@@ -255,7 +256,8 @@ def test_stacked_offline_runs_equal_runs_trained_alone_and_resume(smoke, tmp_pat
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert re.findall(r"^== stage (offline\S+) .*stacked, (\d) of 2\)$", out.stdout, re.M) == [
         (alone.name.rsplit("-", 1)[0], "1"), ("offline-s0-lr0.001-b0.1-n12", "2")]
-    runs = sorted((copy / "stages").glob("offline-s0-*"))  # lr 0.0005, then 0.001
+    runs = sorted((copy / "stages").glob(main_runs))  # lr 0.0005, then 0.001
+    assert len(runs) == 2
 
     def log(run):
         return [{k: v for k, v in r.items() if not k.endswith("_per_s")}
