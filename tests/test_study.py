@@ -240,10 +240,12 @@ def test_upstream_draws_repeat_the_main_study_in_another_world(smoke, tmp_path):
 
 def test_stacked_offline_runs_equal_runs_trained_alone_and_resume(smoke, tmp_path):
     """The smoke study's offline sweep widened to two learning rates and trained as one
-    stacked program (`sweep.stack_runs=2`) in a copy of the finished study: the run the smoke
-    study trained alone (lr 5e-4) logs the same losses and evaluations within float tolerance.
-    Then both runs are reopened with the second one's last checkpoint gone (a kill between
-    two runs' saves): the stack resumes from the step both saved and ends where it ended."""
+    stacked program (`sweep.stack_runs=2`) in a copy of the finished study, SIGTERM sent as the
+    stack starts: both runs save their first step and the study exits 75; the same command
+    finishes them, and the run the smoke study trained alone (lr 5e-4) logs the same losses
+    and evaluations within float tolerance. Then both runs are reopened with the second one's
+    last checkpoint gone (a kill between two runs' saves): the stack resumes from the step
+    both saved and ends where it ended."""
     workdir, args, _ = smoke
     copy = tmp_path / "w"
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("data", "jax_cache"))
@@ -252,12 +254,24 @@ def test_stacked_offline_runs_equal_runs_trained_alone_and_resume(smoke, tmp_pat
     shutil.rmtree(copy / "stages" / alone.name)
     args = [str(copy) if a == str(workdir) else a for a in args] + [
         "--config.offline_learning_rates=[0.0005,0.001]", "--config.sweep.stack_runs=2"]
-    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert re.findall(r"^== stage (offline\S+) .*stacked, (\d) of 2\)$", out.stdout, re.M) == [
-        (alone.name.rsplit("-", 1)[0], "1"), ("offline-s0-lr0.001-b0.1-n12", "2")]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    announced = []
+    for line in proc.stdout:  # the signal lands while the stack loads and compiles
+        announced += re.findall(r"^== stage (offline\S+) .*stacked, (\d) of 2\)$", line)
+        if len(announced) == 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 75, err[-3000:]
+    assert announced == [(alone.name.rsplit("-", 1)[0], "1"), ("offline-s0-lr0.001-b0.1-n12", "2")]
     runs = sorted((copy / "stages").glob(main_runs))  # lr 0.0005, then 0.001
     assert len(runs) == 2
+    for run in runs:
+        assert json.loads((run / "PREEMPTED.json").read_text())["step"] == 1
+        assert not (run / run_dir.DONE).exists()
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     def log(run):
         return [{k: v for k, v in r.items() if not k.endswith("_per_s")}
