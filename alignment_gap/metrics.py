@@ -99,7 +99,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 class Progress:
-    """`step 120/400  loss 0.512  31.4 steps/s  eta 9s` lines, from process 0 only."""
+    """`step 120/400  loss 0.512  31.4 steps/s  eta 9s` lines (printed by process 0)."""
 
     def __init__(self, total_steps: int, first_step: int = 0):
         self.total, self.first = total_steps, first_step
@@ -119,7 +119,3 @@ class Progress:
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         shown = "  ".join(f"{k} {scalars[k]:.4g}" for k in keys if k in scalars)
         return f"step {step}/{self.total}  {shown}  {rate:.1f} steps/s  eta {eta:.0f}s"
-
-    def print(self, step: int, scalars: dict, keys=("loss",)):
-        if jax.process_index() == 0:
-            print(self.line(step, scalars, keys), flush=True)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from alignment_gap import sharding
 from alignment_gap.batches import PreferenceBatch
+from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.errors import ConfigError
 from alignment_gap.presets import models
 from alignment_gap.sampling import Sampler, SamplingConfig
@@ -21,7 +22,12 @@ from alignment_gap.sources import rank_program
 from alignment_gap.study import pipeline
 from alignment_gap.train import policy_stack, stacked
 from alignment_gap.train.policy import make_policy_loss
-from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
+from alignment_gap.train.state import (
+    TrainState,
+    init_train_state,
+    make_optimizer,
+    make_update_step,
+)
 from configs import study as study_configs
 from tests.conftest import random_prompts
 from tests.helpers import language_model, preference_model
@@ -172,3 +178,23 @@ def test_only_offline_runs_that_differ_in_learning_rate_beta_or_loss_stack(tmp_p
     with pytest.raises(ConfigError, match="do not stack: stacked runs are offline runs"):
         policy_stack.run([offline[0].config, online.config],
                          [str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_runs_one_save_apart_resume_together_and_runs_further_apart_stack_by_step(tmp_path):
+    """`policy_stack.resume_groups` on real checkpoint directories: a kill between two runs'
+    saves (one run a save ahead) -> all from the earlier step; a run added fresh to a sweep
+    whose runs are two saves in -> nothing rolled back, each step's runs on their own."""
+    config = ml_collections.ConfigDict(dict(checkpoint_every=5, num_steps=20, max_to_keep=10))
+
+    def run(name, steps):
+        ckpt = Checkpointer(str(tmp_path / name / "checkpoints"), config.max_to_keep)
+        for step in steps:
+            state = TrainState(jnp.asarray(step), {"w": jnp.ones(2)}, {"m": jnp.zeros(2)})
+            ckpt.save(state, jax.random.key(0), {"kind": "lm"})
+        ckpt.close()
+        return config, str(tmp_path / name)
+
+    a, b, fresh = run("a", [5, 10]), run("b", [5]), run("fresh", [])
+    assert policy_stack.resume_groups([a, b]) == [(5, [a, b])]
+    assert policy_stack.resume_groups([b, fresh]) == [(0, [b, fresh])]  # one save apart too
+    assert policy_stack.resume_groups([a, b, fresh]) == [(0, [fresh]), (5, [b]), (10, [a])]

@@ -233,6 +233,8 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
     `stack_runs` > 1: runs of one `stack` go up to that many at a time to
     `run_stacked(configs, directories)` (`train/policy_stack.run`); each is timed at its share
     of the stack's seconds."""
+    if stack_runs > 1 and run_stacked is None:
+        raise ValueError("run_stages: stack_runs > 1 needs run_stacked (policy_stack.run)")
     name = timings_name(shard, shards)
     timings = run_dir.read_json(workdir, name) or {}
     owners = owner(stages, shards, stack_runs)
@@ -305,8 +307,9 @@ def _run_stack(group: list[Stage], outs: list[str], timings: dict, place: str, r
     except Preempted:
         raise
     except BaseException as e:
-        for out in outs:
-            run_dir.fail(out, e)
+        for stage, out in zip(group, outs, strict=True):
+            if not _finished(stage, out):  # a run the stack finished before it failed is done
+                run_dir.fail(out, e)
         raise
     seconds = (time.perf_counter() - start) / len(group)
     timings.update({s.name: seconds for s in group})

@@ -101,7 +101,6 @@ class Loop:
         return state, last
 
 
-
 class RunLog:
     """One run directory's log: per-step metrics averaged over `log_every` steps into
     `metrics.jsonl` (and TensorBoard), a non-finite metric stopped with the last good
