@@ -245,7 +245,7 @@ def test_stacked_offline_runs_equal_runs_trained_alone_and_resume(smoke, tmp_pat
     finishes them, and the run the smoke study trained alone (lr 5e-4) logs the same losses
     and evaluations within float tolerance. Then both runs are reopened with the second one's
     last checkpoint gone (a kill between two runs' saves): the stack resumes from the step
-    both saved and ends where it ended."""
+    both saved and ends where it ended; and with the first one's last checkpoint damaged."""
     workdir, args, _ = smoke
     copy = tmp_path / "w"
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("data", "jax_cache"))
@@ -298,6 +298,21 @@ def test_stacked_offline_runs_equal_runs_trained_alone_and_resume(smoke, tmp_pat
     assert steps and min(steps) > 6  # both resumed from step 6
     assert [log(run) for run in runs] == finished
     assert (copy / "results.json").read_text() == results_json
+
+    # The first run's last checkpoint damaged: the stack is given up before any step and each
+    # run resumes alone, the damaged step set aside (as a run alone does).
+    for run in runs:
+        (run / run_dir.DONE).unlink()
+    for chunk in (runs[0] / "checkpoints" / "12" / "params").rglob("d/*"):
+        chunk.write_bytes(chunk.read_bytes()[:chunk.stat().st_size // 2])
+    damaged = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert damaged.returncode == 0, damaged.stdout[-3000:] + damaged.stderr[-3000:]
+    assert "these runs resume one by one" in damaged.stderr
+    assert (runs[0] / "checkpoints" / "12.damaged").is_dir()
+    assert all(run_dir.is_finished(str(run), 12) for run in runs)
+    assert log(runs[1]) == finished[1]  # it had its step 12: nothing to train
+    for a, b in zip(finished[0], log(runs[0]), strict=True):  # steps 7-12 again, alone
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-3), a["step"]
 
 
 def test_finished_study_is_not_rerun_even_from_a_moved_copy(smoke, tmp_path):

@@ -22,6 +22,8 @@ not n times: a step of n stacked runs costs about n steps there.
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import jax
 from flax import nnx
@@ -66,9 +68,15 @@ def run(configs: list, workdirs: list[str]):
     mesh_runs = sharding.make_mesh(todo[0][0].mesh).shape[stacked.RUN_AXIS]
     for start, group in resume_groups(todo):
         cut = len(group) - len(group) % mesh_runs
+        alone = group[cut if cut >= 2 else 0:]
         if cut >= 2:
-            _run_stack([c for c, _ in group[:cut]], [w for _, w in group[:cut]], start)
-        for config, workdir in group[cut if cut >= 2 else 0:]:
+            try:
+                _run_stack([c for c, _ in group[:cut]], [w for _, w in group[:cut]], start)
+            except CheckpointDamaged as e:  # raised before any step: nothing was changed
+                logging.warning("%s; these runs resume one by one (each sets its damaged "
+                                "checkpoint aside)", e)
+                alone = group
+        for config, workdir in alone:
             policy.run(config, workdir)
 
 
@@ -122,22 +130,14 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
     source, data_iterator, _ = policy.make_source(c, rt, sft, workdirs[0], ckpts[0])
     rng, states = jax.random.key(c.seed), [start_state] * n
     if start:
-        states = []
-        for i, (ck, w) in enumerate(zip(ckpts, workdirs, strict=True)):
-            try:
-                state, restored_rng, _ = ck.restore(
-                    start_state, shardings, data_iterator if i == 0 else None, step=start,
-                    check=lambda saved, w=w: common.check_resume(saved, "lm", c.model, rt, w))
-            except CheckpointDamaged as e:
-                raise CheckpointDamaged(f"{e}; or train this sweep once with "
-                                        "--config.sweep.stack_runs=1: a run alone sets a "
-                                        "damaged checkpoint aside") from None
-            states.append(state)
-            rng = restored_rng if i == 0 else rng
-        for ck in ckpts:  # once every run is restored: the steps past `start` go
-            for step in ck.manager.all_steps():
-                if step > start:
-                    ck.manager.delete(step)
+        try:
+            states, rng = _restore(ckpts, start, start_state, shardings, data_iterator,
+                                   lambda saved, w: common.check_resume(saved, "lm", c.model,
+                                                                        rt, w))
+        except BaseException:
+            for ck in ckpts:
+                ck.close()
+            raise
     states = stacked.stack(states, shardings)
     sft_params = start_state.params if start == 0 else None  # for the step-0 evaluation
     del start_state
@@ -199,6 +199,24 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
         for ck, log in zip(ckpts, logs, strict=True):
             log.close()
             ck.close()
+
+
+def _restore(ckpts, start, like, shardings, data_iterator, check) -> tuple[list, object]:
+    """(each run's train state at `start`, the RNG); the data iterator is restored in place.
+    Only once every run is restored are the steps past `start` dropped: an unreadable
+    checkpoint (`CheckpointDamaged`) leaves every directory as it was."""
+    states, rng = [], None
+    for i, ck in enumerate(ckpts):
+        state, run_rng, _ = ck.restore(like, shardings, data_iterator if i == 0 else None,
+                                       step=start, check=lambda saved, ck=ck: check(
+                                           saved, os.path.dirname(ck.directory)))
+        states.append(state)
+        rng = run_rng if rng is None else rng
+    for ck in ckpts:
+        for step in ck.manager.all_steps():
+            if step > start:
+                ck.manager.delete(step)
+    return states, rng
 
 
 def _record(logs, labels, step, step_metrics) -> list[dict]:
