@@ -10,6 +10,9 @@ With one shard, `run_stages` runs every unfinished stage in order. A sweep fans 
 over hosts sharing the workdir: shard k runs its share (`owner`) and waits for the upstream
 stages other shards run; a stage that raises leaves a failure record (`run_dir.fail`) that
 stops every shard waiting on it. Each shard keeps `{stage: seconds}` in its timings file.
+With `stack_runs` > 1, runs that share a `stack` (an offline sweep's runs of one seed and
+length) are trained together as one stacked program (`units`; `train/policy_stack.py`), and a
+stack always goes to one shard.
 """
 
 from __future__ import annotations
