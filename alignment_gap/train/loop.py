@@ -60,9 +60,7 @@ class Loop:
     def _run(self, state, rng, log: RunLog):
         c, start, writer = self.config, log.start, log.writer
         pending, last, stop = None, {}, ""
-        # Extra evaluation points (a curve's low-KL start); set only where used, so the
-        # configs (and stage keys) of runs without them do not change.
-        extra = set(c.get("checkpoint_steps", ()))
+        saves = save_steps(c)
         if self.evaluate is not None and self.evaluate_at_start and start == 0:
             writer.write(0, self.evaluate(state)[0], prefix="eval/")
         for step in range(start + 1, c.num_steps + 1):
@@ -73,7 +71,7 @@ class Loop:
                 last = log.record(*pending, self.progress_keys)
             pending = (step, step_metrics)
             preempted = preemption.reached() and step < c.num_steps
-            scheduled = step % c.checkpoint_every == 0 or step == c.num_steps or step in extra
+            scheduled = step in saves
             if scheduled or preempted:
                 last = log.record(*pending, self.progress_keys)
                 pending = None
@@ -99,6 +97,14 @@ class Loop:
         final_step = int(jax.device_get(state.step))
         run_dir.finish(self.workdir, final_step, metrics=last, stopped_early=bool(stop))
         return state, last
+
+
+def save_steps(config) -> set[int]:
+    """The steps a run checkpoints (and evaluates) at: every `checkpoint_every`, the last, and
+    any extra `checkpoint_steps` (a curve's low-KL start; set only where used, so the configs
+    and stage keys of runs without them do not change)."""
+    return {*range(config.checkpoint_every, config.num_steps + 1, config.checkpoint_every),
+            config.num_steps, *config.get("checkpoint_steps", ())}
 
 
 class RunLog:

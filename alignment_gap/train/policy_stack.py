@@ -35,7 +35,7 @@ from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.errors import CheckpointDamaged, ConfigError
 from alignment_gap.preemption import Preempted
 from alignment_gap.train import common, policy, stacked
-from alignment_gap.train.loop import RunLog
+from alignment_gap.train.loop import RunLog, save_steps
 from alignment_gap.train.state import init_train_state, make_optimizer
 
 STACKED_FIELDS = ("learning_rate", "beta", "loss")  # what may differ between stacked runs
@@ -92,20 +92,14 @@ def resume_groups(runs: list[tuple]) -> list[tuple[int, list]]:
         ckpt.close()
     latest = [max(steps, default=0) for steps in saved]
     start = min(latest)
-    if all(step <= _next_save(runs[0][0], start) and (start in steps or not start)
+    next_save = min((k for k in save_steps(runs[0][0]) if k > start), default=start)
+    if all(step <= next_save and (start in steps or not start)
            for step, steps in zip(latest, saved, strict=True)):
         return [(start, runs)]
     by_step: dict[int, list] = {}
     for run, step in zip(runs, latest, strict=True):
         by_step.setdefault(step, []).append(run)
     return sorted(by_step.items())
-
-
-def _next_save(c, step: int) -> int:
-    """The first step after `step` a run of config `c` saves at."""
-    saves = {*range(c.checkpoint_every, c.num_steps + 1, c.checkpoint_every), c.num_steps,
-             *c.get("checkpoint_steps", ())}
-    return min((k for k in saves if k > step), default=step)
 
 
 def _run_stack(configs: list, workdirs: list[str], start: int):
@@ -127,41 +121,37 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
 
     ckpts = [Checkpointer(common.checkpoint_dir(w), x.max_to_keep)
              for x, w in zip(configs, workdirs, strict=True)]
-    source, data_iterator, _ = policy.make_source(c, rt, sft, workdirs[0], ckpts[0])
-    rng, states = jax.random.key(c.seed), [start_state] * n
-    if start:
-        try:
+    logs = []
+    try:
+        source, data_iterator, _ = policy.make_source(c, rt, sft, workdirs[0], ckpts[0])
+        rng, states = jax.random.key(c.seed), [start_state] * n
+        if start:
             states, rng = _restore(ckpts, start, start_state, shardings, data_iterator,
                                    lambda saved, w: common.check_resume(saved, "lm", c.model,
                                                                         rt, w))
-        except BaseException:
-            for ck in ckpts:
-                ck.close()
-            raise
-    states = stacked.stack(states, shardings)
-    sft_params = start_state.params if start == 0 else None  # for the step-0 evaluation
-    del start_state
-    meta = common.meta("lm", c.model, rt)
-    labels = [f"[lr {x.learning_rate:g} beta {x.beta:g} {x.loss}]" for x in configs]
-    evaluator = (policy.make_evaluator(c, rt, sft, ref_params) if c.eval.golden_checkpoint
-                 else None)
-    # After the evaluator's setup: the first logged window's steps/s is the steps' own (the
-    # stack's rate, shown in every run's log).
-    logs = [RunLog(x, w, ck, start) for x, w, ck in zip(configs, workdirs, ckpts, strict=True)]
+        states = stacked.stack(states, shardings)
+        sft_params = start_state.params if start == 0 else None  # for the step-0 evaluation
+        del start_state
+        meta = common.meta("lm", c.model, rt)
+        labels = [f"[lr {x.learning_rate:g} beta {x.beta:g} {x.loss}]" for x in configs]
+        evaluator = (policy.make_evaluator(c, rt, sft, ref_params) if c.eval.golden_checkpoint
+                     else None)
+        # After the evaluator's setup: the first logged window's steps/s is the steps' own
+        # (the stack's rate, shown in every run's log).
+        logs = [RunLog(x, w, ck, start)
+                for x, w, ck in zip(configs, workdirs, ckpts, strict=True)]
 
-    def one(i):
-        """Run i's train state as a separate run holds it."""
-        return jax.device_put(jax.tree.map(lambda x: x[i], states), shardings)
+        def one(i):
+            """Run i's train state as a separate run holds it."""
+            return jax.device_put(jax.tree.map(lambda x: x[i], states), shardings)
 
-    try:
         if evaluator is not None and start == 0:  # every run starts as the SFT policy,
             scores, outcomes = evaluator.evaluate(sft_params)  # scored once
             for workdir, log in zip(workdirs, logs, strict=True):
                 run_dir.write_outcomes(workdir, 0, outcomes)
                 log.writer.write(0, scores, prefix="eval/")
         last = [{} for _ in range(n)]
-        pending = None
-        extra = set(c.get("checkpoint_steps", ()))
+        pending, saves = None, save_steps(c)
         for step in range(start + 1, c.num_steps + 1):
             rng, key = jax.random.split(rng)
             batch = source.next_batch(None, key)
@@ -171,7 +161,7 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
                 last = _record(logs, labels, *pending)
             pending = (step, step_metrics)
             preempted = preemption.reached() and step < c.num_steps
-            scheduled = step % c.checkpoint_every == 0 or step == c.num_steps or step in extra
+            scheduled = step in saves
             if not (scheduled or preempted):
                 continue
             last, pending = _record(logs, labels, *pending), None
@@ -196,8 +186,9 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
         for workdir, metrics in zip(workdirs, last, strict=True):
             run_dir.finish(workdir, c.num_steps, metrics=metrics, stopped_early=False)
     finally:
-        for ck, log in zip(ckpts, logs, strict=True):
+        for log in logs:
             log.close()
+        for ck in ckpts:
             ck.close()
 
 
