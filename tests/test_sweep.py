@@ -113,3 +113,56 @@ def test_bucket_workdir_is_refused_with_the_mount_named(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: --workdir: gs://bucket/study")
     assert "launch/tpu_vm.sh --bucket" in out.stderr
+
+
+HOLDER = r'''
+import sys
+from alignment_gap.study import sweep_members
+
+workdir, shard, shards, stack_runs = sys.argv[1], *map(int, sys.argv[2:5])
+with sweep_members.member(workdir, {"shard": shard, "shards": shards, "stack_runs": stack_runs}):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes it
+'''
+
+
+def test_live_shards_given_other_settings_or_the_same_shard_stop_at_once(tmp_path):
+    """A job holds its shard of the workdir while it runs: a second job of that shard, or one
+    given other `shards` / `stack_runs` (which decide who trains which run) stops with one line;
+    once the holder has ended, its file no longer counts."""
+    from alignment_gap.errors import ConfigError
+    from alignment_gap.study import sweep_members
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "1", "2", "8"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"^config.sweep.stack_runs: 1 here \(shard 0\), "
+                           rf"but a job of shard 1 \(pid {holder.pid} on .*\) runs this workdir "
+                           r"with 8; give every shard the same"):
+            with sweep_members.member(str(tmp_path), {"shard": 0, "shards": 2, "stack_runs": 1}):
+                pass
+        with pytest.raises(ConfigError, match=r"^config.sweep.shards: 1 here"):
+            with sweep_members.member(str(tmp_path), {"shard": 0, "stack_runs": 8}):
+                pass
+        with pytest.raises(ConfigError, match=rf"^config.sweep.shard: shard 1 of {tmp_path} is "
+                           rf"already running \(pid {holder.pid} on "):
+            with sweep_members.member(str(tmp_path), {"shard": 1, "shards": 2, "stack_runs": 8}):
+                pass
+        with sweep_members.member(str(tmp_path), {"shard": 0, "shards": 2, "stack_runs": 8}):
+            pass  # the same settings: a fellow shard
+        # Through the entry point, before any stage: one line, status 1.
+        out = subprocess.run([sys.executable, "-m", "alignment_gap.main", "--config",
+                              os.path.join(ROOT, "configs", "study.py:smoke"), "--workdir",
+                              str(tmp_path), "--config.sweep.shards=2"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines()[-1].startswith(
+            "error: config.sweep.stack_runs: 1 here (shard 0), but a job of shard 1")
+        assert not (tmp_path / "stages").exists()
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
+    with sweep_members.member(str(tmp_path), {"shard": 0, "stack_runs": 2}):
+        assert (tmp_path / "sweep" / "shard-1.json").exists()  # ended: ignored
