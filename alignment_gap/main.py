@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from alignment_gap import config_checks, console, preemption, run_dir, sharding
 from alignment_gap.errors import ONE_LINE, ConfigError, is_disk_full
+from alignment_gap.study import sweep_members
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file path[:variant].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
@@ -73,6 +74,8 @@ def main(argv):
         shard = sweep.get("shard", 0)
         if sweep.get("shards", 1) == 1:  # a sweep's hosts share the workdir by design
             held.enter_context(run_dir.lock(_WORKDIR.value))
+        if "sweep" in config:  # every live shard must share the runs out alike
+            held.enter_context(sweep_members.member(_WORKDIR.value, sweep))
         console.log_to(os.path.join(_WORKDIR.value, console.log_name(jax.process_index(), shard)))
         logging.info("alignment_gap.main %s", " ".join(sys.argv[1:]))
         config_checks.validate(config, jax.device_count())

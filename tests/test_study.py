@@ -214,7 +214,8 @@ def test_upstream_draws_repeat_the_main_study_in_another_world(smoke, tmp_path):
     back afterwards for the module's later tests.)"""
     workdir, args, _ = smoke
     kept = tmp_path / "kept"
-    shutil.copytree(workdir, kept, ignore=shutil.ignore_patterns("data", "jax_cache", "stages"))
+    shutil.copytree(workdir, kept, ignore=shutil.ignore_patterns("data", "jax_cache", "stages",
+                                                                 "sweep"))
     out = subprocess.run(args + ["--config.upstream_chains=2"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600)
     summary = json.loads((workdir / "summary.json").read_text())

@@ -7,6 +7,8 @@ one host stops the others with the failing stage named instead of a hang.
 
 import json
 import os
+import re
+import select
 import subprocess
 import sys
 
@@ -115,54 +117,75 @@ def test_bucket_workdir_is_refused_with_the_mount_named(tmp_path):
     assert "launch/tpu_vm.sh --bucket" in out.stderr
 
 
+
 HOLDER = r'''
-import sys
+import sys, time
 from alignment_gap.study import sweep_members
 
 workdir, shard, shards, stack_runs = sys.argv[1], *map(int, sys.argv[2:5])
 with sweep_members.member(workdir, {"shard": shard, "shards": shards, "stack_runs": stack_runs}):
     print("held", flush=True)
-    sys.stdin.read()  # until the test closes it
+    time.sleep(600)  # until the test kills it
 '''
 
 
 def test_live_shards_given_other_settings_or_the_same_shard_stop_at_once(tmp_path):
     """A job holds its shard of the workdir while it runs: a second job of that shard, or one
-    given other `shards` / `stack_runs` (which decide who trains which run) stops with one line;
-    once the holder has ended, its file no longer counts."""
+    given other `shards` / `stack_runs` (which decide who trains which run), stops with one
+    line; once the holder is killed, its file no longer counts."""
     from alignment_gap.errors import ConfigError
     from alignment_gap.study import sweep_members
 
+    def join(**sweep):
+        with sweep_members.member(str(tmp_path), sweep):
+            pass
+
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "1", "2", "8"],
-                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
+        assert select.select([holder.stdout], [], [], 120)[0], "the holder did not start"
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ConfigError, match=rf"^config.sweep.stack_runs: 1 here \(shard 0\), "
                            rf"but a job of shard 1 \(pid {holder.pid} on .*\) runs this workdir "
                            r"with 8; give every shard the same"):
-            with sweep_members.member(str(tmp_path), {"shard": 0, "shards": 2, "stack_runs": 1}):
-                pass
+            join(shard=0, shards=2, stack_runs=1)
         with pytest.raises(ConfigError, match=r"^config.sweep.shards: 1 here"):
-            with sweep_members.member(str(tmp_path), {"shard": 0, "stack_runs": 8}):
-                pass
-        with pytest.raises(ConfigError, match=rf"^config.sweep.shard: shard 1 of {tmp_path} is "
-                           rf"already running \(pid {holder.pid} on "):
-            with sweep_members.member(str(tmp_path), {"shard": 1, "shards": 2, "stack_runs": 8}):
-                pass
-        with sweep_members.member(str(tmp_path), {"shard": 0, "shards": 2, "stack_runs": 8}):
-            pass  # the same settings: a fellow shard
-        # Through the entry point, before any stage: one line, status 1.
+            join(shard=0, stack_runs=8)
+        with pytest.raises(ConfigError, match=rf"^config.sweep.shard: shard 1 of "
+                           rf"{re.escape(str(tmp_path))} is already running \(pid {holder.pid} "):
+            join(shard=1, shards=2, stack_runs=8)
+        join(shard=0, shards=2, stack_runs=8)  # the same settings: a fellow shard
+        # Through the entry point: one line, status 2, before anything is written.
         out = subprocess.run([sys.executable, "-m", "alignment_gap.main", "--config",
                               os.path.join(ROOT, "configs", "study.py:smoke"), "--workdir",
                               str(tmp_path), "--config.sweep.shards=2"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
-        assert out.returncode == 1, out.stderr[-2000:]
+        assert out.returncode == 2, out.stderr[-2000:]
         assert out.stderr.strip().splitlines()[-1].startswith(
             "error: config.sweep.stack_runs: 1 here (shard 0), but a job of shard 1")
-        assert not (tmp_path / "stages").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
     finally:
-        holder.communicate("", timeout=60)
-    assert holder.returncode == 0
-    with sweep_members.member(str(tmp_path), {"shard": 0, "stack_runs": 2}):
-        assert (tmp_path / "sweep" / "shard-1.json").exists()  # ended: ignored
+        holder.kill()
+        holder.wait(timeout=60)
+    join(shard=0, stack_runs=2)  # the killed job's claim went with it
+    assert (tmp_path / "sweep" / "shard-1.json").exists()
+
+
+def test_shards_started_together_with_the_same_settings_all_join(tmp_path):
+    """Jobs launched at once (`launch/local_multiprocess.py --sweep`) take their files under one
+    mutex: none is refused, and each sees the others whole."""
+    holders = [subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), str(k), "3", "2"],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for k in range(3)]
+    try:
+        for holder in holders:
+            assert select.select([holder.stdout], [], [], 120)[0], holder.stderr.read()[-2000:]
+            assert holder.stdout.readline().strip() == "held", holder.stderr.read()[-2000:]
+        records = [json.loads((tmp_path / "sweep" / f"shard-{k}.json").read_text())
+                   for k in range(3)]
+        assert [(r["shard"], r["shards"], r["stack_runs"], r["pid"]) for r in records] == [
+            (k, 3, 2, h.pid) for k, h in enumerate(holders)]
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait(timeout=60)

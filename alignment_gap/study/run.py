@@ -21,18 +21,12 @@ from alignment_gap.study import (
     report,
     results,
     scheduler,
-    sweep_members,
     test_stage,
 )
 from alignment_gap.train import common, policy_stack
 
 
 def run(config, workdir: str):
-    with sweep_members.member(workdir, config.sweep):  # every live shard shares runs alike
-        _run(config, workdir)
-
-
-def _run(config, workdir: str):
     plan = pipeline.build_plan(config, workdir)
     stages = plan.stages
     pending = [s.name for s in stages if not scheduler.finished(s, workdir)]
