@@ -75,7 +75,7 @@ def main(argv):
         if sweep.get("shards", 1) == 1:  # a sweep's hosts share the workdir by design
             held.enter_context(run_dir.lock(_WORKDIR.value))
         if "sweep" in config:  # every live shard must share the runs out alike
-            held.enter_context(sweep_members.member(_WORKDIR.value, sweep))
+            held.enter_context(sweep_members.member(_WORKDIR.value, config))
         console.log_to(os.path.join(_WORKDIR.value, console.log_name(jax.process_index(), shard)))
         logging.info("alignment_gap.main %s", " ".join(sys.argv[1:]))
         config_checks.validate(config, jax.device_count())

@@ -123,7 +123,8 @@ import sys, time
 from alignment_gap.study import sweep_members
 
 workdir, shard, shards, stack_runs = sys.argv[1], *map(int, sys.argv[2:5])
-with sweep_members.member(workdir, {"shard": shard, "shards": shards, "stack_runs": stack_runs}):
+sweep = {"shard": shard, "shards": shards, "stack_runs": stack_runs}
+with sweep_members.member(workdir, {"sweep": sweep, "seeds": [0, 1]}):
     print("held", flush=True)
     time.sleep(600)  # until the test kills it
 '''
@@ -131,13 +132,14 @@ with sweep_members.member(workdir, {"shard": shard, "shards": shards, "stack_run
 
 def test_live_shards_given_other_settings_or_the_same_shard_stop_at_once(tmp_path):
     """A job holds its shard of the workdir while it runs: a second job of that shard, or one
-    given other `shards` / `stack_runs` (which decide who trains which run), stops with one
-    line; once the holder is killed, its file no longer counts."""
+    given another config (`shards` and `stack_runs` decide who trains which run, the rest the
+    plan) stops with one line naming the field; once the holder is killed, its file no longer
+    counts."""
     from alignment_gap.errors import ConfigError
     from alignment_gap.study import sweep_members
 
-    def join(**sweep):
-        with sweep_members.member(str(tmp_path), sweep):
+    def join(seeds=(0, 1), **sweep):
+        with sweep_members.member(str(tmp_path), {"sweep": sweep, "seeds": seeds}):
             pass
 
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "1", "2", "8"],
@@ -150,11 +152,14 @@ def test_live_shards_given_other_settings_or_the_same_shard_stop_at_once(tmp_pat
                            r"with 8; give every shard the same"):
             join(shard=0, shards=2, stack_runs=1)
         with pytest.raises(ConfigError, match=r"^config.sweep.shards: 1 here"):
-            join(shard=0, stack_runs=8)
+            join(shard=0, shards=1, stack_runs=8)
         with pytest.raises(ConfigError, match=rf"^config.sweep.shard: shard 1 of "
                            rf"{re.escape(str(tmp_path))} is already running \(pid {holder.pid} "):
             join(shard=1, shards=2, stack_runs=8)
-        join(shard=0, shards=2, stack_runs=8)  # the same settings: a fellow shard
+        with pytest.raises(ConfigError, match=r"^config.seeds: \[0\] here \(shard 0\), but a job "
+                           r"of shard 1 .* with \[0, 1\]; give every shard the same config"):
+            join(seeds=[0], shard=0, shards=2, stack_runs=8)
+        join(shard=0, shards=2, stack_runs=8)  # the same config: a fellow shard
         # Through the entry point: one line, status 2, before anything is written.
         out = subprocess.run([sys.executable, "-m", "alignment_gap.main", "--config",
                               os.path.join(ROOT, "configs", "study.py:smoke"), "--workdir",
@@ -167,7 +172,7 @@ def test_live_shards_given_other_settings_or_the_same_shard_stop_at_once(tmp_pat
     finally:
         holder.kill()
         holder.wait(timeout=60)
-    join(shard=0, stack_runs=2)  # the killed job's claim went with it
+    join(shard=0, shards=1, stack_runs=2)  # the killed job's claim went with it
     assert (tmp_path / "sweep" / "shard-1.json").exists()
 
 
@@ -183,8 +188,9 @@ def test_shards_started_together_with_the_same_settings_all_join(tmp_path):
             assert holder.stdout.readline().strip() == "held", holder.stderr.read()[-2000:]
         records = [json.loads((tmp_path / "sweep" / f"shard-{k}.json").read_text())
                    for k in range(3)]
-        assert [(r["shard"], r["shards"], r["stack_runs"], r["pid"]) for r in records] == [
-            (k, 3, 2, h.pid) for k, h in enumerate(holders)]
+        assert [(r["shard"], r["pid"], r["config"]) for r in records] == [
+            (k, h.pid, {"sweep.shards": 3, "sweep.stack_runs": 2, "seeds": [0, 1]})
+            for k, h in enumerate(holders)]
     finally:
         for holder in holders:
             holder.kill()
