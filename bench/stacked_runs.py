@@ -2,6 +2,7 @@
 
     python bench/stacked_runs.py                       # 8 offline runs, 4 online runs, mini
     python bench/stacked_runs.py --offline 4,8,16 --online 2,4 --devices 2
+    python bench/stacked_runs.py --microbatches 4 --stack_microbatches 4,16,32 --online ""
 
 Offline step = the update step on a dataset-shaped batch (each run its own batch); online step =
 sample two responses per prompt + rank them with the proxy + update, each run sampling from its
@@ -12,7 +13,9 @@ time, 4 online runs in at most 2.5x). "first step" is the time to the first resu
 and compiling once per program (n separate runs with different learning rates compile n
 times, a stack once; the online row's update program is the offline row's, already compiled).
 Random-init models, EOS disabled so every response has its full length; `--shape smoke` is
-the smoke study's batch of 8 pairs.
+the smoke study's batch of 8 pairs. `--microbatches` is the update's number of sequential slices
+for the run alone (the mini study uses 4); the stacks run at each of `--stack_microbatches`
+(default: the same), since a slice of n stacked runs holds n runs' activations.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ def main():
     parser.add_argument("--offline", default="8", help="stack sizes of offline runs")
     parser.add_argument("--online", default="4", help="stack sizes of online runs")
     parser.add_argument("--devices", type=int, default=1, help="CPU devices (data parallel)")
+    parser.add_argument("--microbatches", type=int, default=1, help="one run's update slices")
+    parser.add_argument("--stack_microbatches", default="",
+                        help="the stacks' update slices, a list (default: --microbatches)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", args.devices)
@@ -95,7 +101,7 @@ def main():
     # One run alone: the trainer's own programs.
     update = make_update_step(graphdef, make_optimizer(opt),
                               make_policy_loss("ipo", 0.1, -1, ref_graphdef), mesh, rules,
-                              state_sh, batch_sh, {"reference": ref_sh})
+                              state_sh, batch_sh, {"reference": ref_sh}, args.microbatches)
     sampler = Sampler(policy, mesh, rules, sampling, samples_per_prompt=2)
     rank = rank_program(proxy, mesh, rules)
     one = offline_batch()
@@ -116,16 +122,18 @@ def main():
     alone, first = {}, {}
     for kind, fn in (("offline", offline_one), ("online", online_one)):
         first[kind], alone[kind] = first_call(fn), mean_time(fn)
-        rows_out.append({"kind": kind, "runs": 1, "first_s": first[kind],
+        rows_out.append({"kind": kind, "runs": 1, "microbatches": args.microbatches,
+                         "first_s": first[kind],
                          "step_s": alone[kind], "over_one": 1.0})
 
     sample = stacked.stacked_sampler(graphdef, mesh, rules, state_sh.params, sampling,
                                       samples_per_prompt=2)
     stacked_rank = stacked.stacked_rank(proxy, mesh, rules)
 
-    def time_stack(kind: str, n: int) -> float:
+    def time_stack(kind: str, n: int, microbatches: int) -> float:
         update_n = stacked.make_stacked_policy_update(opt, sweep(n), graphdef, ref_graphdef, -1,
-                                                      mesh, rules, state_sh, batch_sh, ref_sh)
+                                                      mesh, rules, state_sh, batch_sh, ref_sh,
+                                                      microbatches)
         batches = stacked.stack([offline_batch() for _ in range(n)], batch_sh)
         held = {"states": stacked.stack([copy(start)] * n, state_sh),
                 "keys": jax.random.split(jax.random.key(1), n)}
@@ -146,22 +154,25 @@ def main():
         fn = offline_n if kind == "offline" else online_n
         return first_call(fn), mean_time(fn)
 
+    slices = [int(m) for m in args.stack_microbatches.split(",") if m] or [args.microbatches]
     for kind, sizes in (("offline", args.offline), ("online", args.online)):
-        for n in (int(s) for s in sizes.split(",") if s):
-            compiled, t = time_stack(kind, n)
-            rows_out.append({"kind": kind, "runs": n, "first_s": compiled, "step_s": t,
-                             "over_one": t / alone[kind]})
+        for n, m in itertools.product((int(s) for s in sizes.split(",") if s), slices):
+            compiled, t = time_stack(kind, n, m)
+            rows_out.append({"kind": kind, "runs": n, "microbatches": m, "first_s": compiled,
+                             "step_s": t, "over_one": t / alone[kind]})
 
     machine = cpu_model()
     print(f"\n{args.shape} ({size}), {batch} prompts, prompt {p} + response {r}, "
           f"{args.devices} CPU device(s), {machine}, jax {jax.__version__}\n")
-    print("| step | runs | first step (compile) s | s / step | x one run | per run | target |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| step | runs | update slices | first step (compile) s | s / step | x one run | "
+          "per run | target |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows_out:
         target = TARGETS.get((row["kind"], row["runs"]))
         verdict = "" if target is None else (
             f"<= {target}x: {'met' if row['over_one'] <= target else 'missed'}")
-        print(f"| {row['kind']} | {row['runs']} | {row['first_s']:.1f} | {row['step_s']:.4f} | "
+        print(f"| {row['kind']} | {row['runs']} | {row['microbatches']} | {row['first_s']:.1f} | "
+              f"{row['step_s']:.4f} | "
               f"{row['over_one']:.2f}x | {row['over_one'] / row['runs']:.2f}x | {verdict} |")
     out = args.out or f"bench/out/stacked_runs_{args.shape}_d{args.devices}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)
