@@ -172,6 +172,10 @@ def _paper(c):
     c.policy.offline_checkpoint_every = 125  # the grid's 12 runs per seed span the KL range
     c.eval.test_prompts = 1024
     c.data.test_pairs = c.eval.prompts + c.eval.test_prompts
+    # Each seed's offline grid trained as one stacked program (train/policy_stack.py): 105 min
+    # from an empty workdir on a 2-core Intel Xeon VM against stage times adding to 118 run
+    # alone; the same win rates at every evaluation (docs/paper_study_stacked_intel_2026-12-05).
+    c.sweep.stack_runs = 12
 
 
 def _main(variant: str) -> ml_collections.ConfigDict:

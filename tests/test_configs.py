@@ -259,18 +259,21 @@ def test_early_checkpoints_reach_both_methods_and_steps_on_an_interval_are_not_e
     assert "checkpoint_steps" not in golden_policy.config  # trained, never evaluated
 
 
-@pytest.mark.parametrize("docs, variant", [("mini_study", "mini"), ("hypotheses", "hypotheses"),
-                                           ("paper_study", "paper_v1"),
-                                           ("mini_study_amd", "mini"),
-                                           ("paper_study_amd", "paper_v1"),
-                                           ("hypotheses_amd", "hypotheses"),
-                                           ("mini_study_intel_2026-12-04", "mini"),
-                                           ("paper_study_intel_2026-12-04", "paper_v1"),
-                                           ("hypotheses_intel_2026-12-04", "hypotheses"),
-                                           ("paper_study_v2_intel_2026-12-04", "paper"),
-                                           ("mini_chains_intel_2026-12-04", "mini_chains"),
-                                           ("paper_wide_intel_2026-12-05", "paper_wide")])
-def test_committed_results_are_the_runs_their_preset_plans(docs, variant):
+ALONE = {"stack_runs": 1}  # ran before `paper` stacked its offline grid: every run alone
+
+
+@pytest.mark.parametrize("docs, variant, sweep", [
+    ("mini_study", "mini", {}), ("hypotheses", "hypotheses", {}),
+    ("paper_study", "paper_v1", ALONE), ("mini_study_amd", "mini", {}),
+    ("paper_study_amd", "paper_v1", ALONE), ("hypotheses_amd", "hypotheses", {}),
+    ("mini_study_intel_2026-12-04", "mini", {}),
+    ("paper_study_intel_2026-12-04", "paper_v1", ALONE),
+    ("hypotheses_intel_2026-12-04", "hypotheses", {}),
+    ("paper_study_v2_intel_2026-12-04", "paper", ALONE),
+    ("mini_chains_intel_2026-12-04", "mini_chains", {}),
+    ("paper_wide_intel_2026-12-05", "paper_wide", ALONE),
+    ("paper_study_stacked_intel_2026-12-05", "paper", {})])
+def test_committed_results_are_the_runs_their_preset_plans(docs, variant, sweep):
     """docs/<study>/results.csv holds exactly the runs the preset's plan has, each evaluated at
     the steps its schedule has (up to where it stopped), and its config.json is the preset: a
     preset changed without rerunning its documented study fails here."""
@@ -280,11 +283,13 @@ def test_committed_results_are_the_runs_their_preset_plans(docs, variant):
             documented.setdefault(row["stage"], []).append(int(row["step"]))
     with open(os.path.join(ROOT, "docs", docs, "config.json")) as f:
         recorded = json.load(f)
-    preset = json.loads(json.dumps(study.get_config(variant).to_dict()))
+    config = study.get_config(variant)
+    config.sweep.update(sweep)  # how the documented run shared its runs out
+    preset = json.loads(json.dumps(config.to_dict()))
     recorded["data"].pop("dir"), preset["data"].pop("dir")  # where the datasets were cached
     recorded["sweep"].setdefault("stack_runs", 1)  # studies from before the field: runs alone
     assert recorded == preset
-    plan = pipeline.build_plan(study.get_config(variant), "/nonexistent")
+    plan = pipeline.build_plan(config, "/nonexistent")
     planned = {s.name: s for s in plan.stages if s.meta.get("method")}
     assert set(documented) == set(planned), (sorted(set(documented) - set(planned)),
                                              sorted(set(planned) - set(documented)))
