@@ -12,6 +12,7 @@ import select
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,11 +121,13 @@ def test_bucket_workdir_is_refused_with_the_mount_named(tmp_path):
 
 HOLDER = r'''
 import sys, time
+import ml_collections
 from alignment_gap.study import sweep_members
 
 workdir, shard, shards, stack_runs = sys.argv[1], *map(int, sys.argv[2:5])
 sweep = {"shard": shard, "shards": shards, "stack_runs": stack_runs}
-with sweep_members.member(workdir, {"sweep": sweep, "seeds": [0, 1]}):
+with sweep_members.member(workdir, ml_collections.ConfigDict({"sweep": sweep,
+                                                                "seeds": [0, 1]})):
     print("held", flush=True)
     time.sleep(600)  # until the test kills it
 '''
@@ -139,7 +142,8 @@ def test_live_shards_given_other_settings_or_the_same_shard_stop_at_once(tmp_pat
     from alignment_gap.study import sweep_members
 
     def join(seeds=(0, 1), **sweep):
-        with sweep_members.member(str(tmp_path), {"sweep": sweep, "seeds": seeds}):
+        config = ml_collections.ConfigDict({"sweep": sweep, "seeds": list(seeds)})
+        with sweep_members.member(str(tmp_path), config):
             pass
 
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), "1", "2", "8"],

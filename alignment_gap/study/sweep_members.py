@@ -44,13 +44,9 @@ def settings(config) -> dict:
             else:
                 yield name, value
 
-    fields = dict(flat(json.loads(json.dumps(_as_dict(config), default=str)), ""))
+    fields = dict(flat(json.loads(json.dumps(config.to_dict(), default=str)), ""))
     return {name: fields[name] for name in (*FIRST, *sorted(set(fields) - set(FIRST)))
             if name in fields}
-
-
-def _as_dict(config) -> dict:
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
 @contextlib.contextmanager
