@@ -9,7 +9,8 @@ prompts; its stages add to 118 minutes on the Intel Xeon VM, 2026-12-04), `paper
 any fall of the golden curve ending an online run, as docs/paper_study, _amd and _intel_2026-12-04
 ran: 106 minutes from empty on the Intel Xeon VM, 99 on AMD EPYC), `paper_wide` (`paper` with
 offline lr 2e-3 too: a check that the grid's top edge does not hold offline back; 133 minutes of
-stages), `mini_chains` (mini with the upstream stages drawn three times: their share of the
+stages), `paper_low_beta` (`paper` with online beta 0.03 and 0.01 too: online past beta 0.1's
+3.5-nat plateau, to the KL cap; 118 minutes of stages), `mini_chains` (mini with the upstream stages drawn three times: their share of the
 variance), `mini_golden_opponent` (the paper's golden-policy opponent), accelerator presets
 (`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the model sizes and the mesh, and studies on real
 data from pretrained models (`tldr_gemma3_270m`, `hh_gemma3_270m`, and `_cpu` versions of both:
@@ -269,12 +270,14 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         c.golden_policy_steps = 6
         c.eval.prompts, c.eval.kl_prompts, c.eval.pairs = 32, 16, 32
         c.eval.test_prompts = 32
-    elif variant in ("paper", "paper_v1", "paper_wide"):
+    elif variant in ("paper", "paper_v1", "paper_wide", "paper_low_beta"):
         _paper(c)
         if variant == "paper_v1":  # the protocol docs/paper_study{,_amd,_intel_2026-12-04} ran
             c.policy.stop_margin = 0.0  # any fall below the best counts
         if variant == "paper_wide":  # the offline grid's top edge moved out: is it under-tuned?
             c.offline_learning_rates = [*c.offline_learning_rates, 2e-3]
+        if variant == "paper_low_beta":  # online let past beta 0.1's 3.5-nat plateau: a turn?
+            c.online_betas = [*c.online_betas, 0.03, 0.01]
     elif variant == "mini_chains":  # the upstream's share of the variance (issue 17, item 3)
         c.upstream_chains = 3
     elif variant == "mini_golden_opponent":
@@ -291,7 +294,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         _pretrained_study(c, variant)
     elif variant != "mini":
         raise ValueError(f"study variant {variant!r} is unknown; use smoke, mini, paper, "
-                         "paper_v1, paper_wide, mini_chains, "
+                         "paper_v1, paper_wide, paper_low_beta, mini_chains, "
                          "mini_golden_opponent, tpu_v5p_3b, gpu_h100_770m, "
                          f"{', '.join(PRETRAINED_STUDIES)}, hypotheses, "
                          f"one of {HYPOTHESES} or smoke_<that>")
