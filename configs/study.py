@@ -12,7 +12,9 @@ ran: 106 minutes from empty on the Intel Xeon VM, 99 on AMD EPYC), `paper_wide` 
 offline lr 2e-3 too: a check that the grid's top edge does not hold offline back; 133 minutes of
 stages), `paper_low_beta` (`paper` with online beta 0.03 and 0.01 too: online past beta 0.1's
 3.5-nat plateau, to the KL cap; 118 minutes of stages), `mini_chains` (mini with the upstream
-stages drawn three times: their share of the variance), `mini_golden_opponent` (the paper's
+stages drawn three times: their share of the variance), `mini_large_golden` (mini with a golden
+model three times the proxy's size, as in the paper's regime; 16 minutes of stages),
+`mini_golden_opponent` (the paper's
 golden-policy opponent), accelerator presets (`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the
 model sizes and the mesh, and studies on real data from pretrained models (`tldr_gemma3_270m`,
 `hh_gemma3_270m`, and `_cpu` versions of both: every stage, a few steps).
@@ -281,6 +283,9 @@ def _main(variant: str) -> ml_collections.ConfigDict:
             c.online_betas = [*c.online_betas, 0.03, 0.01]
     elif variant == "mini_chains":  # the upstream's share of the variance (issue 17, item 3)
         c.upstream_chains = 3
+    elif variant == "mini_large_golden":  # the paper's regime: golden larger than the proxy
+        c.golden_model = models.get_config("small")  # 3 layers of width 96: 3.0x mini's params
+        c.golden_model.max_len = c.data.prompt_len + 2 * c.data.response_len
     elif variant == "mini_golden_opponent":
         c.opponent = "golden_policy"
     elif variant == "tpu_v5p_3b":  # Same study, bigger models, on a v5p-64 (fsdp 8 x tensor 4).
@@ -295,7 +300,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         _pretrained_study(c, variant)
     elif variant != "mini":
         raise ValueError(f"study variant {variant!r} is unknown; use smoke, mini, paper, "
-                         "paper_v1, paper_wide, paper_low_beta, mini_chains, "
+                         "paper_v1, paper_wide, paper_low_beta, mini_chains, mini_large_golden, "
                          "mini_golden_opponent, tpu_v5p_3b, gpu_h100_770m, "
                          f"{', '.join(PRETRAINED_STUDIES)}, hypotheses, "
                          f"one of {HYPOTHESES} or smoke_<that>")
