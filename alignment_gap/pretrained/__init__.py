@@ -96,7 +96,8 @@ def staging_arrays():
     """NumPy arrays made inside live only until jax or a file has their data, so they ask the
     kernel for no huge pages. NumPy advises huge pages (madvise) for every large array; where
     the kernel then compacts memory at each fault (THP defrag `madvise`, as on our 2-core VMs)
-    a fresh GB costs seconds, and Gemma 3 270M took 9 s to load instead of 2."""
+    a fresh GB costs seconds: bench/pretrained_gemma3.py loaded Gemma 3 270M in 15-16 s with
+    the advice and 2.6-2.8 s without (bench/RESULTS.md)."""
     advise = getattr(np._core.multiarray, "_set_madvise_hugepage", None)  # NUMPY_MADVISE_HUGEPAGE
     before = advise(False) if advise else None
     try:
@@ -128,8 +129,8 @@ def _placed(checkpoint, names, spec, stacked, leaf, cfg):
                 done[key] = np.stack([layers[i].shard(read, index[1:]) for i in chosen])
             else:
                 done[key] = layers[0].shard(read, index)
-        # No copy when the dtype already matches: a fresh copy of the 262k-token embedding
-        # is 0.7 GB of new pages, about 8 s on the 2-core VMs (jax takes the array as is).
+        # No copy when the dtype already matches: a copy of the 262k-token embedding is 0.7
+        # GB of fresh pages (seconds on our VMs).
         return np.asarray(done[key], leaf.dtype)
 
     return jax.make_array_from_callback(leaf.shape, leaf.sharding, block)
