@@ -6,18 +6,17 @@ Variants: `smoke` (whole pipeline in about two minutes on 2 cores; tests), `mini
 2026-12-04; 16-29 on Intel Xeon VMs with earlier code), `paper` (the full protocol at the mini
 size: 5 seeds, the offline grid and an online beta sweep, curves to a turn beyond noise, 1,024 test
 prompts; 105 minutes from empty on the Intel Xeon VM, each seed's offline grid stacked,
-2026-12-05), `paper_v1` (the same with
-any fall of the golden curve ending an online run, as docs/paper_study, _amd and _intel_2026-12-04
-ran: 106 minutes from empty on the Intel Xeon VM, 99 on AMD EPYC), `paper_wide` (`paper` with
-offline lr 2e-3 too: a check that the grid's top edge does not hold offline back; 133 minutes of
-stages), `paper_low_beta` (`paper` with online beta 0.03 and 0.01 too: online past beta 0.1's
-3.5-nat plateau, to the KL cap; 118 minutes of stages), `mini_chains` (mini with the upstream
-stages drawn three times: their share of the variance), `mini_large_golden` (mini with a golden
-model three times the proxy's size, as in the paper's regime; 16 minutes of stages),
-`mini_golden_opponent` (the paper's
-golden-policy opponent), accelerator presets (`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the
-model sizes and the mesh, and studies on real data from pretrained models (`tldr_gemma3_270m`,
-`hh_gemma3_270m`, and `_cpu` versions of both: every stage, a few steps).
+2026-12-05), `paper_v1` (the same with any fall of the golden curve ending an online run, as
+docs/paper_study, _amd and _intel_2026-12-04 ran: 106 minutes from empty on the Intel Xeon VM, 99
+on AMD EPYC), `paper_wide` (`paper` with offline lr 2e-3 too: a check that the grid's top edge does
+not hold offline back; 133 minutes of stages), `paper_low_beta` (`paper` with online beta 0.03 and
+0.01 too: online past beta 0.1's 3.5-nat plateau, to the KL cap; 118 minutes of stages),
+`mini_chains` (mini with the upstream stages drawn three times: their share of the variance),
+`mini_large_golden` (mini with a golden model three times the proxy's size, as in the paper's
+regime; 16 minutes of stages), `mini_golden_opponent` (the paper's golden-policy opponent),
+accelerator presets (`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the model sizes and the mesh,
+and studies on real data from pretrained models (`tldr_gemma3_270m`, `hh_gemma3_270m`, and `_cpu`
+versions of both: every stage, a few steps).
 
 The paper's hypotheses (PAPER.md, "Hypotheses tested") are variants too, each adding its runs,
 figure and verdict rows to the same stages and caches: `coverage`, `quality`,

@@ -96,15 +96,13 @@ def staging_arrays():
     """NumPy arrays made inside live only until jax or a file has their data, so they ask the
     kernel for no huge pages. NumPy advises huge pages (madvise) for every large array; where
     the kernel then compacts memory at each fault (THP defrag `madvise`, as on our 2-core VMs)
-    a fresh GB costs seconds: bench/pretrained_gemma3.py loaded Gemma 3 270M in 15-16 s with
-    the advice and 2.6-2.8 s without (bench/RESULTS.md)."""
-    advise = getattr(np._core.multiarray, "_set_madvise_hugepage", None)  # NUMPY_MADVISE_HUGEPAGE
-    before = advise(False) if advise else None
+    a fresh GB costs seconds: bench/pretrained_gemma3.py loaded Gemma 3 270M in 15.1-16.5 s
+    with the advice and 2.6-2.8 s without (bench/RESULTS.md)."""
+    before = np._core.multiarray._set_madvise_hugepage(False)  # as NUMPY_MADVISE_HUGEPAGE=0
     try:
         yield
     finally:
-        if advise:
-            advise(before)
+        np._core.multiarray._set_madvise_hugepage(before)
 
 
 def _placed(checkpoint, names, spec, stacked, leaf, cfg):
