@@ -52,9 +52,9 @@ def run(config, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     rules = config.mesh.rules
     model_cfg = TransformerConfig.from_config(config.model)
-    build = lambda: LanguageModel(model_cfg, nnx.Rngs(config.seed))
-    policy = sharding.create_sharded(build, mesh, rules)
-    initial = sharding.create_sharded(build, mesh, rules)  # Same seed: the starting policy.
+    policy = sharding.create_sharded(LanguageModel, model_cfg, config.seed, mesh, rules)
+    # Same seed: the starting policy (the same program, compiled once).
+    initial = sharding.create_sharded(LanguageModel, model_cfg, config.seed, mesh, rules)
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate,
                                                   config.warmup_steps, config.num_steps)

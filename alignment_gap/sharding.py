@@ -17,6 +17,7 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from alignment_gap import program_cache
 from alignment_gap.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -108,29 +109,39 @@ def abstract_model(build_fn, mesh, rules):
         return graphdef, abstract_like(state, state_shardings(state, mesh))
 
 
-def init_program(build_fn, mesh, rules, name: str = "init_model"):
-    """(jitted initialiser `() -> state`, graphdef) of the module `build_fn()` builds, every
-    parameter created directly in its sharded layout (explicit out_shardings)."""
-    graphdef, abstract = abstract_model(build_fn, mesh, rules)
+def init_program(module_cls, cfg, mesh, rules, name: str = "init_model"):
+    """(jitted initialiser `key -> state`, graphdef) of `module_cls(cfg, nnx.Rngs(key))`, every
+    parameter created directly in its sharded layout (explicit out_shardings).
 
-    def init():
-        return nnx.state(build_fn())
+    The key is an argument, not a constant of the program: models that differ only in seed
+    (a study's golden and proxy, a test's policy and reference) share one program, built once
+    per process (`program_cache`) and compiled once per persistent compilation cache. The
+    parameters are those of a constant seed, bit for bit (tests/test_models.py)."""
+    return _init_program(module_cls, cfg, mesh, program_cache.rules_key(rules), name)
+
+
+@program_cache.cached
+def _init_program(module_cls, cfg, mesh, rules, name: str):
+    graphdef, abstract = abstract_model(lambda: module_cls(cfg, nnx.Rngs(0)), mesh, rules)
+
+    def init(key):
+        return nnx.state(module_cls(cfg, nnx.Rngs(key)))
 
     init.__name__ = name
     shardings = jax.tree.map(lambda x: x.sharding, abstract)
     return jax.jit(init, out_shardings=shardings), graphdef
 
 
-def create_sharded(build_fn, mesh, rules, name: str = "init_model"):
-    """Build an nnx module with every parameter created directly in its sharded layout.
+def create_sharded(module_cls, cfg, seed: int, mesh, rules, name: str = "init_model"):
+    """`module_cls(cfg, nnx.Rngs(seed))` with every parameter created directly in its sharded
+    layout (e.g. `create_sharded(LanguageModel, cfg, 0, mesh, rules)`).
 
-    `build_fn()` must construct the module (e.g. `lambda: LanguageModel(cfg, nnx.Rngs(0))`).
     Initialisation is one jitted program (`init_program`), so it works the same on one device,
     a fake CPU mesh and several processes, and never materialises a full copy.
     """
-    init, graphdef = init_program(build_fn, mesh, rules, name)
+    init, graphdef = init_program(module_cls, cfg, mesh, rules, name)
     with use(mesh, rules):
-        return nnx.merge(graphdef, init())
+        return nnx.merge(graphdef, init(jax.random.key(seed)))
 
 
 def replicated(mesh) -> NamedSharding:

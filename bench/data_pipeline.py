@@ -58,9 +58,9 @@ def main():
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
     rules = mesh_cfg.rules
     cfg = TransformerConfig.from_config(models.get_config("mini"), max_len=128)
-    build = lambda: LanguageModel(cfg, nnx.Rngs(0))
-    policy = sharding.create_sharded(build, mesh, rules)
-    ref_graphdef, ref_params = nnx.split(sharding.create_sharded(build, mesh, rules))
+    policy = sharding.create_sharded(LanguageModel, cfg, 0, mesh, rules)
+    ref_graphdef, ref_params = nnx.split(sharding.create_sharded(LanguageModel, cfg, 0, mesh,
+                                                                 rules))
     tx = optax.adamw(1e-5)
     graphdef, state, state_sh = init_train_state(policy, tx, mesh, rules)
     rows = sharding.batch_sharding(mesh, rules, 2)

@@ -79,7 +79,7 @@ DTYPE = "float32"
 
 def _lm(size: str, mesh, rules, **overrides):
     cfg = TransformerConfig.from_config(models.get_config(size), dtype=DTYPE, **overrides)
-    return cfg, sharding.create_sharded(lambda: LanguageModel(cfg, nnx.Rngs(0)), mesh, rules)
+    return cfg, sharding.create_sharded(LanguageModel, cfg, 0, mesh, rules)
 
 
 def bench_update(size: str, mesh, rules, peak: float) -> dict:

@@ -61,8 +61,7 @@ def random_models(size: str, max_len: int, devices: int, dtype: str = "float32")
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:devices])
     rules = mesh_cfg.rules
     cfg = TransformerConfig.from_config(models.get_config(size), max_len=max_len, dtype=dtype)
-    make = lambda cls, seed: sharding.create_sharded(lambda: cls(cfg, nnx.Rngs(seed)), mesh,
-                                                     rules)
+    make = lambda cls, seed: sharding.create_sharded(cls, cfg, seed, mesh, rules)
     return (mesh, rules, cfg, make(LanguageModel, 0), make(LanguageModel, 0),
             make(PreferenceModel, 1))
 

@@ -75,7 +75,7 @@ def _random_pairs(cfg, pairs, prompt, response, mesh, rules) -> PreferenceBatch:
 
 def bench_update(size, pairs, prompt, response, mesh, rules, peak) -> dict:
     cfg = _cfg(size, prompt + response)
-    make = lambda: sharding.create_sharded(lambda: LanguageModel(cfg, nnx.Rngs(0)), mesh, rules)
+    make = lambda: sharding.create_sharded(LanguageModel, cfg, 0, mesh, rules)
     policy, reference = make(), make()
     ref_graphdef, ref_params = nnx.split(reference)
     with sharding.use(mesh, rules):
@@ -104,7 +104,7 @@ def bench_update(size, pairs, prompt, response, mesh, rules, peak) -> dict:
 
 def bench_sampler(size, prompts, prompt, response, mesh, rules, peak) -> dict:
     cfg = _cfg(size, prompt + response)
-    lm = sharding.create_sharded(lambda: LanguageModel(cfg, nnx.Rngs(0)), mesh, rules)
+    lm = sharding.create_sharded(LanguageModel, cfg, 0, mesh, rules)
     rng = np.random.default_rng(0)
     x = rng.integers(2, cfg.vocab_size, (prompts, prompt)).astype(np.int32)
     sampler = Sampler(lm, mesh, rules, SamplingConfig(max_new_tokens=response, eos_id=-1))
@@ -119,7 +119,7 @@ def bench_sampler(size, prompts, prompt, response, mesh, rules, peak) -> dict:
 
 def bench_scoring(size, pairs, prompt, response, mesh, rules, peak) -> dict:
     cfg = _cfg(size, prompt + 2 * response)
-    pm = sharding.create_sharded(lambda: PreferenceModel(cfg, nnx.Rngs(0)), mesh, rules)
+    pm = sharding.create_sharded(PreferenceModel, cfg, 0, mesh, rules)
     graphdef, state = nnx.split(pm)
     b = _random_pairs(cfg, pairs, prompt, response, mesh, rules)
     score = jax.jit(lambda s, b: both_order_margin(nnx.merge(graphdef, s), b.prompt,

@@ -21,14 +21,14 @@ def mesh_and_rules(shape):
 def language_model(model_config, shape=(1, 1, 1), seed=0, **overrides):
     mesh, rules = mesh_and_rules(shape)
     cfg = TransformerConfig.from_config(model_config, **overrides)
-    lm = sharding.create_sharded(lambda: LanguageModel(cfg, nnx.Rngs(seed)), mesh, rules)
+    lm = sharding.create_sharded(LanguageModel, cfg, seed, mesh, rules)
     return lm, mesh, rules
 
 
 def preference_model(model_config, shape=(1, 1, 1), seed=0):
     mesh, rules = mesh_and_rules(shape)
     cfg = TransformerConfig.from_config(model_config)
-    pm = sharding.create_sharded(lambda: PreferenceModel(cfg, nnx.Rngs(seed)), mesh, rules)
+    pm = sharding.create_sharded(PreferenceModel, cfg, seed, mesh, rules)
     return pm, mesh, rules
 
 

@@ -12,7 +12,6 @@ import sys
 import jax
 import numpy as np
 import optax
-from flax import nnx
 
 from alignment_gap import logprobs, losses, sharding
 from alignment_gap.models import LanguageModel, TransformerConfig
@@ -40,7 +39,7 @@ def main(coordinator, num_processes, process_id, devices, out_path):
     mesh = sharding.make_mesh(mesh_cfg)
     rules = mesh_cfg.rules
     cfg = TransformerConfig.from_config(models.get_config("mini"))
-    lm = sharding.create_sharded(lambda: LanguageModel(cfg, nnx.Rngs(0)), mesh, rules)
+    lm = sharding.create_sharded(LanguageModel, cfg, 0, mesh, rules)
     tx = optax.adamw(1e-3)
     graphdef, state, state_sh = init_train_state(lm, tx, mesh, rules)
 

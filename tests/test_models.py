@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from alignment_gap import logprobs, losses, sharding
-from alignment_gap.models import both_order_margin
+from alignment_gap.models import LanguageModel, TransformerConfig, both_order_margin
 from alignment_gap.models.transformer import branched_layout
 from alignment_gap.train.state import init_train_state, make_update_step
 from tests.conftest import random_prompts
@@ -163,6 +163,23 @@ def test_parameters_carry_logical_axes(mini_config):
     assert logical(specs["backbone"]["embed"]) == P("vocab", "embed")
     assert logical(specs["head"]) == P("embed", "vocab")
     assert logical(specs["backbone"]["blocks"][0]["mlp"]["down"]) == P("mlp", "embed")
+
+
+def test_every_seed_runs_one_initialiser_that_gives_a_constant_seeds_parameters(mini_config):
+    """The seed is the initialiser's argument, so models that differ only in seed share one
+    compiled program; their parameters are those of a program with the seed built in, bit for
+    bit (the runs of committed studies start from the same weights as before)."""
+    cfg = TransformerConfig.from_config(mini_config)
+    models = [language_model(mini_config, (2, 2, 2), seed=seed)[0] for seed in (0, 1)]
+    _, mesh, rules = language_model(mini_config, (2, 2, 2), seed=0)
+    init, _ = sharding.init_program(LanguageModel, cfg, mesh, rules)
+    assert init._cache_size() == 1
+    with sharding.use(mesh, rules):
+        constant = jax.jit(lambda: nnx.state(LanguageModel(cfg, nnx.Rngs(1))))()
+    leaves = lambda tree: jax.tree.leaves(jax.device_get(tree))
+    for got, want in zip(leaves(nnx.state(models[1])), leaves(constant), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(models[0].head[...], models[1].head[...])
 
 
 def test_logits_window_is_the_same_rows_of_the_full_logits(mini_config):

@@ -77,8 +77,7 @@ class Builder:
 
     def model(self, kind: str, model_cfg):
         """(abstract module, graphdef, abstract state)."""
-        graphdef, state = sharding.abstract_model(common.build_fn(kind, model_cfg), self.mesh,
-                                                  self.rules)
+        graphdef, state = common.abstract_model(kind, model_cfg, self.mesh, self.rules)
         return nnx.merge(graphdef, state), graphdef, state
 
     def rows(self, *shape, dtype=jnp.int32):
@@ -152,8 +151,7 @@ def _sampling(config) -> SamplingConfig:
 def sft_run(config, b: Builder, name: str = "sft") -> Run:
     p, r = config.data.prompt_len, config.data.response_len
     layers = config.model.num_layers
-    init_lm, graphdef = sharding.init_program(common.build_fn("lm", config.model, config.seed),
-                                              b.mesh, b.rules, "init_lm")
+    init_lm, graphdef = common.init_program("lm", config.model, b.mesh, b.rules)
     _, _, params = b.model("lm", config.model)
     init_state, state, shardings, tx = b.train_state(params, config)
     batch = SFTBatch(*b.prompts(config.batch_size, p), b.rows(config.batch_size, r),
@@ -161,7 +159,7 @@ def sft_run(config, b: Builder, name: str = "sft") -> Run:
     update = make_update_step(graphdef, tx, sft.sft_loss, b.mesh, b.rules, shardings,
                               jax.tree.map(lambda x: x.sharding, batch), name="sft_update")
     return Run(name, [
-        Program("init_lm", init_lm, (), outputs_resident=True),
+        Program("init_lm", init_lm, (b.key(),), outputs_resident=True),
         init_state,
         Program("sft_update", update.jitted, (state, batch, None), resident_args=(0,),
                 layers=layers),
@@ -173,9 +171,7 @@ def sft_run(config, b: Builder, name: str = "sft") -> Run:
 def preference_run(config, b: Builder, name: str = "preference") -> Run:
     p, r = config.data.prompt_len, config.data.response_len
     layers = config.model.num_layers
-    init_pm, graphdef = sharding.init_program(
-        common.build_fn("preference", config.model, config.seed), b.mesh, b.rules,
-        "init_preference")
+    init_pm, graphdef = common.init_program("preference", config.model, b.mesh, b.rules)
     _, _, params = b.model("preference", config.model)
     init_state, state, shardings, tx = b.train_state(params, config)
     batch = b.pairs(config.batch_size, p, r)
@@ -183,7 +179,7 @@ def preference_run(config, b: Builder, name: str = "preference") -> Run:
                               shardings, jax.tree.map(lambda x: x.sharding, batch),
                               {"key": sharding.replicated(b.mesh)}, name="preference_update")
     return Run(name, [
-        Program("init_preference", init_pm, (), outputs_resident=True),
+        Program("init_preference", init_pm, (b.key(),), outputs_resident=True),
         init_state,
         Program("preference_update", update.jitted, (state, batch, {"key": b.key()}),
                 resident_args=(0,), layers=layers),

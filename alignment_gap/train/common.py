@@ -51,15 +51,6 @@ def model_config(model_cfg) -> TransformerConfig:
     return TransformerConfig.from_config(model_cfg)
 
 
-def build_fn(kind: str, model_cfg, seed: int = 0):
-    """`() -> module` for a model kind (`lm`, `preference`) and its config section."""
-    return _builder(kind, model_config(model_cfg), seed)
-
-
-def _builder(kind: str, cfg: TransformerConfig, seed: int = 0):
-    return lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(seed))
-
-
 def abstract_model(kind: str, model_cfg, mesh, rules):
     """(graphdef, abstract state in its shardings) of a model kind and config, traced once per
     process (`program_cache`): the test stage loads hundreds of checkpoints of one model."""
@@ -68,13 +59,19 @@ def abstract_model(kind: str, model_cfg, mesh, rules):
 
 @program_cache.cached
 def _abstract_model(kind: str, cfg: TransformerConfig, mesh, rules):
-    return sharding.abstract_model(_builder(kind, cfg), mesh, rules)
+    return sharding.abstract_model(lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(0)), mesh, rules)
 
 
 def new_model(kind: str, model_cfg, rt: Runtime, seed: int):
     """A freshly initialised model, created in its shardings (program `init_<kind>`)."""
-    return sharding.create_sharded(build_fn(kind, model_cfg, seed), rt.mesh, rt.rules,
-                                   name=f"init_{kind}")
+    return sharding.create_sharded(MODEL_KINDS[kind], model_config(model_cfg), seed, rt.mesh,
+                                   rt.rules, name=f"init_{kind}")
+
+
+def init_program(kind: str, model_cfg, mesh, rules):
+    """`new_model`'s program (`key -> state`) and the model's graphdef."""
+    return sharding.init_program(MODEL_KINDS[kind], model_config(model_cfg), mesh, rules,
+                                 name=f"init_{kind}")
 
 
 def pretrained_checkpoint(config) -> str:
