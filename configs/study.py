@@ -13,9 +13,9 @@ not hold offline back; 133 minutes of stages), `paper_low_beta` (`paper` with on
 0.01 too: online past beta 0.1's 3.5-nat plateau, to the KL cap; 118 minutes of stages),
 `mini_chains` (mini with the upstream stages drawn three times: their share of the variance),
 `mini_large_golden` (mini with a golden model three times the proxy's size, as in the paper's
-regime; 16 minutes of stages), `mini_weak_proxy` (that, with the proxy trained on 3,200 pairs and
-online runs of 600 steps at beta 0.1 and 0.01: a proxy to exploit), `mini_golden_opponent` (the
-paper's golden-policy opponent),
+regime; 16 minutes of stages), `mini_weak_proxy` and `mini_medium_proxy` (that, with the
+proxy trained on 3,200 or 9,600 pairs and online runs of 600 steps at beta 0.1 and 0.01: a proxy
+to exploit), `mini_golden_opponent` (the paper's golden-policy opponent),
 accelerator presets (`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the model sizes and the mesh,
 and studies on real data from pretrained models (`tldr_gemma3_270m`, `hh_gemma3_270m`, and `_cpu`
 versions of both: every stage, a few steps).
@@ -66,6 +66,10 @@ def _golden_stage(steps, batch_size, learning_rate):
 
 def _proxy_stage(steps, batch_size, learning_rate):
     return _preference_stage(steps, batch_size, learning_rate, warmup_steps=100)
+
+
+# Proxies trained on less of D_golden (32 pairs a step, each pair seen at most once).
+WEAK_PROXY_STEPS = {"mini_weak_proxy": 100, "mini_medium_proxy": 300}
 
 
 def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
@@ -284,12 +288,12 @@ def _main(variant: str) -> ml_collections.ConfigDict:
             c.online_betas = [*c.online_betas, 0.03, 0.01]
     elif variant == "mini_chains":  # the upstream's share of the variance (issue 17, item 3)
         c.upstream_chains = 3
-    elif variant in ("mini_large_golden", "mini_weak_proxy"):  # golden larger than the proxy
+    elif variant in ("mini_large_golden", *WEAK_PROXY_STEPS):  # golden larger than the proxy
         c.golden_model = models.get_config("small")  # 3 layers of width 96: 3.0x mini's params
         c.golden_model.max_len = c.data.prompt_len + 2 * c.data.response_len
-        if variant == "mini_weak_proxy":  # and a proxy to exploit: can online overshoot?
-            # 100 steps: 3,200 pairs seen once (16% of D_golden), not up to 1,000 steps.
-            c.proxy = _preference_stage(100, 32, 1e-3, warmup_steps=10)
+        if variant in WEAK_PROXY_STEPS:  # and a proxy to exploit: can online overshoot?
+            steps = WEAK_PROXY_STEPS[variant]  # 100: 3,200 pairs (16% of D_golden), seen once
+            c.proxy = _preference_stage(steps, 32, 1e-3, warmup_steps=steps // 10)
             c.proxy.checkpoint_every = 50
             # Online runs twice as long, no stop rule (it needs a test stage: eval.test_prompts
             # re-keys every run): a turn shows in the curves. Beta 0.01 runs further out.
@@ -310,7 +314,8 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     elif variant != "mini":
         raise ValueError(f"study variant {variant!r} is unknown; use smoke, mini, paper, "
                          "paper_v1, paper_wide, paper_low_beta, mini_chains, mini_large_golden, "
-                         "mini_weak_proxy, mini_golden_opponent, tpu_v5p_3b, gpu_h100_770m, "
+                         "mini_weak_proxy, mini_medium_proxy, mini_golden_opponent, tpu_v5p_3b, "
+                         "gpu_h100_770m, "
                          f"{', '.join(PRETRAINED_STUDIES)}, hypotheses, "
                          f"one of {HYPOTHESES} or smoke_<that>")
     if variant.startswith(("tpu", "gpu")) or variant in ("tldr_gemma3_270m", "hh_gemma3_270m"):
