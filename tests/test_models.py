@@ -12,7 +12,7 @@ from alignment_gap.models import LanguageModel, TransformerConfig, both_order_ma
 from alignment_gap.models.transformer import branched_layout
 from alignment_gap.train.state import init_train_state, make_update_step
 from tests.conftest import random_prompts
-from tests.helpers import language_model, preference_model, scanned_copy
+from tests.helpers import language_model, mesh_and_rules, preference_model, scanned_copy
 
 MESHES = [(2, 2, 2), (1, 4, 2), (8, 1, 1)]
 
@@ -171,7 +171,7 @@ def test_every_seed_runs_one_initialiser_that_gives_a_constant_seeds_parameters(
     bit (the runs of committed studies start from the same weights as before)."""
     cfg = TransformerConfig.from_config(mini_config)
     models = [language_model(mini_config, (2, 2, 2), seed=seed)[0] for seed in (0, 1)]
-    _, mesh, rules = language_model(mini_config, (2, 2, 2), seed=0)
+    mesh, rules = mesh_and_rules((2, 2, 2))
     init, _ = sharding.init_program(LanguageModel, cfg, mesh, rules)
     assert init._cache_size() == 1
     with sharding.use(mesh, rules):
