@@ -4,7 +4,9 @@
     python bench/stacked_runs.py --offline 4,8,16 --online 2,4 --devices 2
     python bench/stacked_runs.py --microbatches 4 --stack_microbatches 4,16,32 --online ""
 
-Offline step = the update step on a dataset-shaped batch (each run its own batch); online step =
+Offline step = the update step on a dataset-shaped batch (each run its own batch); "offline,
+one batch" = the same with every run taking the same batch (an offline sweep: one data order),
+the reference's log-probs computed once for the stack (`shared_batch`); online step =
 sample two responses per prompt + rank them with the proxy + update, each run sampling from its
 own policy. The stacked runs differ in learning rate and beta (the offline sweep's axes). Step
 times are the mean of 20 steps after 3 warm-up steps, all in one process and one sitting: read
@@ -45,7 +47,7 @@ from alignment_gap.train.state import init_train_state, make_optimizer, make_upd
 
 # The smoke study's batch of 8 pairs at the mini shape: a step small enough to be overhead.
 SHAPES = {**STEP_SHAPES, "smoke": ("mini", 8, 64, 24, 16)}
-TARGETS = {("offline", 8): 3.0, ("online", 4): 2.5}
+TARGETS = {("offline", 8): 3.0, ("offline, one batch", 8): 3.0, ("online", 4): 2.5}
 
 
 def first_call(fn) -> float:
@@ -65,6 +67,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="mini", choices=sorted(SHAPES))
     parser.add_argument("--offline", default="8", help="stack sizes of offline runs")
+    parser.add_argument("--offline_shared", default="8",
+                        help="stack sizes of offline runs that share each batch")
     parser.add_argument("--online", default="4", help="stack sizes of online runs")
     parser.add_argument("--devices", type=int, default=1, help="CPU devices (data parallel)")
     parser.add_argument("--microbatches", type=int, default=1, help="one run's update slices")
@@ -131,10 +135,14 @@ def main():
     stacked_rank = stacked.stacked_rank(proxy, mesh, rules)
 
     def time_stack(kind: str, n: int, microbatches: int) -> float:
+        shared = kind == "offline, one batch"
         update_n = stacked.make_stacked_policy_update(opt, sweep(n), graphdef, ref_graphdef, -1,
                                                       mesh, rules, state_sh, batch_sh, ref_sh,
-                                                      microbatches)
-        batches = stacked.stack([offline_batch() for _ in range(n)], batch_sh)
+                                                      microbatches, shared_batch=shared)
+        if shared:
+            batches = to_device(one, stacked.inner_shardings(batch_sh))
+        else:
+            batches = stacked.stack([offline_batch() for _ in range(n)], batch_sh)
         held = {"states": stacked.stack([copy(start)] * n, state_sh),
                 "keys": jax.random.split(jax.random.key(1), n)}
 
@@ -151,15 +159,17 @@ def main():
             held["states"], m = update_n(held["states"], b, extras)
             return m["loss"]
 
-        fn = offline_n if kind == "offline" else online_n
+        fn = online_n if kind == "online" else offline_n
         return first_call(fn), mean_time(fn)
 
     slices = [int(m) for m in args.stack_microbatches.split(",") if m] or [args.microbatches]
-    for kind, sizes in (("offline", args.offline), ("online", args.online)):
+    for kind, sizes in (("offline", args.offline), ("offline, one batch", args.offline_shared),
+                        ("online", args.online)):
         for n, m in itertools.product((int(s) for s in sizes.split(",") if s), slices):
             compiled, t = time_stack(kind, n, m)
+            one_run = alone[kind.split(",")[0]]
             rows_out.append({"kind": kind, "runs": n, "microbatches": m, "first_s": compiled,
-                             "step_s": t, "over_one": t / alone[kind]})
+                             "step_s": t, "over_one": t / one_run})
 
     machine = cpu_model()
     print(f"\n{args.shape} ({size}), {batch} prompts, prompt {p} + response {r}, "

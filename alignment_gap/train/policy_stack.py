@@ -2,10 +2,11 @@
 
 An offline sweep is many runs of one shape: the same SFT start, data order (seed), length and
 checkpoint schedule. `run(configs, workdirs)` trains them stacked on a run axis with one
-compiled update step (`stacked.py`), reading each batch once, and leaves every run's directory
-as `policy.run` leaves it - config, metrics log, per-step evaluation outcomes, checkpoints
-(parameters, optimizer state, data iterator, RNG) and the finished record - so the study's
-tables, its test stage and a resume read them unchanged. Each run is evaluated with one shared
+compiled update step (`stacked.py`), reading each batch once and computing the reference's
+log-probs of it once for the stack, and leaves every run's directory as `policy.run` leaves it
+- config, metrics log, per-step evaluation outcomes, checkpoints (parameters, optimizer state,
+data iterator, RNG) and the finished record - so the study's tables, its test stage and a
+resume read them unchanged. Each run is evaluated with one shared
 evaluator (its programs compiled once); the starting point, the same SFT policy for every run,
 is evaluated once. Results equal separate runs' within float tolerance (tests/test_study.py).
 
@@ -15,8 +16,8 @@ is evaluated once. Results equal separate runs' within float tolerance (tests/te
 Resuming: runs at most one save apart (a kill between two runs' saves) resume together from
 the earlier step, the later checkpoint dropped; runs further apart stack by step
 (`resume_groups`). A run that diverges stops the stack, naming that run. On a 2-core CPU a
-stack trains a sweep 12-19% faster than its runs one after another (bench/stacked_stages.py),
-not n times: a step of n stacked runs costs about n steps there.
+stack trains a sweep faster than its runs one after another (bench/stacked_stages.py), but not
+n times: a step of 8 stacked runs costs about 6 steps of one there (bench/stacked_runs.py).
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
     settings = [stacked.RunSettings(x.learning_rate, x.beta, x.loss) for x in configs]
     update = stacked.make_stacked_policy_update(
         c, settings, graphdef, ref_graphdef, rt.tokenizer.eos_id, rt.mesh, rt.rules, shardings,
-        batch_shardings, ref_shardings, c.microbatches)
+        batch_shardings, ref_shardings, c.microbatches, shared_batch=True)
+    shared_batch = stacked.inner_shardings(batch_shardings)  # every run's, whole per run
 
     ckpts = [Checkpointer(common.checkpoint_dir(w), x.max_to_keep)
              for x, w in zip(configs, workdirs, strict=True)]
@@ -155,7 +157,7 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
         for step in range(start + 1, c.num_steps + 1):
             rng, key = jax.random.split(rng)
             batch = source.next_batch(None, key)
-            states, step_metrics = update(states, stacked.stack([batch] * n, batch_shardings),
+            states, step_metrics = update(states, jax.device_put(batch, shared_batch),
                                           {"reference": ref_params})
             if pending is not None:
                 last = _record(logs, labels, *pending)

@@ -3,11 +3,12 @@
 Such runs share every shape, so their train states are stacked on a leading "run" axis and the
 update step, the sampler and the proxy's ranking are `vmap`ped over it: one program per step
 for the whole sweep instead of one per run, split over the mesh's `data` axis. What it saves is
-compiles and processes (one program, not one per learning rate); a step of n stacked runs still
-costs about n steps on a 2-core CPU, where a mini step is compute, not overhead (measured in
-`bench/stacked_runs.py`, bench/RESULTS.md). An accelerator that one small run leaves idle is
-where a stack should pay; that is not measured yet. The study trains its offline sweeps this way
-with `sweep.stack_runs` (`policy_stack.py`).
+compiles and processes (one program, not one per learning rate) and, where the runs take one
+batch (`shared_batch`: an offline sweep), the frozen reference's forward pass over it, done once
+for the stack; a step of n stacked runs still costs most of n steps on a 2-core CPU, where a
+mini step is compute, not overhead (8 runs: about 6 steps; `bench/stacked_runs.py`). An
+accelerator that one small run leaves idle is where a stack should pay; that is not measured
+yet. The study trains its offline sweeps this way with `sweep.stack_runs` (`policy_stack.py`).
 
     runs = [RunSettings(1e-3, 0.1, "ipo"), RunSettings(5e-4, 0.5, "dpo")]
     update = make_stacked_policy_update(config, runs, graphdef, ref_graphdef, eos_id, mesh,
@@ -20,7 +21,9 @@ The settings are inputs of the program, not constants in it, so one compiled ste
 values. What the runs share (the frozen reference, the proxy) is passed once, unstacked. The
 learning-rate schedule keeps the config's shape (warm-up, steps, end fraction) for every run;
 runs of different lengths do not stack. Results equal separate runs' within float tolerance
-(tests/test_stacked.py): a batched matmul may sum in another order.
+(tests/test_stacked.py): a batched matmul may sum in another order, and a shared batch's
+reference log-probs, computed unbatched, round apart from the policy's by ~1e-6 while the
+policy is still the reference (so that step's margins are not exact ties).
 """
 
 from __future__ import annotations
@@ -104,8 +107,9 @@ def check_runs(n: int, mesh):
                           f"of {mesh.shape[RUN_AXIS]} devices; stack a multiple of it")
 
 
-def _inner(shardings):
-    """One run's shardings inside the vmapped program: the run axis's mesh axis left out."""
+def inner_shardings(shardings):
+    """One run's shardings inside the vmapped program: the run axis's mesh axis left out (also
+    where a batch every run shares is placed: whole on each of the run axis's devices)."""
     return jax.tree.map(lambda s: NamedSharding(s.mesh, P(*(
         _without(e, RUN_AXIS) for e in s.spec))), shardings)
 
@@ -129,44 +133,57 @@ def _vmap(fn, in_axes=0):
 
 def make_stacked_update_step(graphdef, make_tx, make_loss, mesh, rules, state_shardings,
                              batch_shardings, extras_shardings=None, microbatches: int = 1,
-                             name: str = "stacked_update"):
+                             name: str = "stacked_update", shared_batch: bool = False):
     """`step(states, batches, extras, settings) -> (states, metrics)` over stacked runs.
 
     `make_tx(settings)` and `make_loss(settings)` build one run's optimizer and loss from its
     row of `settings` (traced scalars); `extras` are shared by every run. Shardings are one
     run's (as `make_update_step` takes them). Metrics come back with the run axis in front.
-    The states are donated, as in `make_update_step`.
+    The states are donated, as in `make_update_step`. With `shared_batch` every run takes the
+    same batch (one run's, no run axis): what the loss computes from the batch and `extras`
+    alone, such as a frozen reference's log-probs, is then computed once for the stack, since
+    `vmap` batches only what depends on a run's own state.
     """
 
     def one_run(state, batch, settings, extras):
         step = update_fn(graphdef, make_tx(settings), make_loss(settings), microbatches,
-                         _inner(state_shardings.params))
+                         inner_shardings(state_shardings.params))
         return step(state, batch, extras)
 
+    batch_axis = None if shared_batch else 0
+
     def step(states, batches, extras, settings):
-        return _vmap(one_run, in_axes=(0, 0, 0, None))(states, batches, settings, extras)
+        return _vmap(one_run, in_axes=(0, batch_axis, 0, None))(states, batches, settings,
+                                                                extras)
 
     step.__name__ = name
     states = stacked_shardings(state_shardings)
     runs = stacked_shardings(NamedSharding(mesh, P()))
-    return _program(step, mesh, rules,
-                    (states, stacked_shardings(batch_shardings), extras_shardings, runs),
+    batches = (inner_shardings if shared_batch else stacked_shardings)(batch_shardings)
+    return _program(step, mesh, rules, (states, batches, extras_shardings, runs),
                     (states, runs), donate_argnums=0)
 
 
 def make_stacked_policy_update(config, runs: list[RunSettings], graphdef, ref_graphdef,
                                eos_id: int, mesh, rules, state_shardings, batch_shardings,
-                               ref_shardings, microbatches: int = 1):
+                               ref_shardings, microbatches: int = 1, shared_batch: bool = False):
     """The policy trainer's update step over stacked runs, each with its own learning rate,
-    beta and loss; `update(states, batches, {"reference": params})`."""
+    beta and loss; `update(states, batches, {"reference": params})`. With `shared_batch`
+    (an offline sweep: one data order) `batches` is the one batch every run takes, and the
+    reference's log-probs of it are computed once, not once per run."""
     check_runs(len(runs), mesh)
     settings = settings_arrays(runs)
     step = make_stacked_update_step(
         graphdef, lambda s: make_optimizer(config, learning_rate=s["learning_rate"]),
         lambda s: make_policy_loss(s["loss"], s["beta"], eos_id, ref_graphdef),
         mesh, rules, state_shardings, batch_shardings, {"reference": ref_shardings},
-        microbatches, name="stacked_policy_update")
-    return lambda states, batches, extras: step(states, batches, extras, settings)
+        microbatches, name="stacked_policy_update", shared_batch=shared_batch)
+
+    def update(states, batches, extras):
+        return step(states, batches, extras, settings)
+
+    update.jitted, update.settings = step.jitted, settings  # to lower it (tests/test_stacked.py)
+    return update
 
 
 def stacked_sampler(graphdef, mesh, rules, params_shardings, cfg: SamplingConfig,
