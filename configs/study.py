@@ -15,8 +15,9 @@ not hold offline back; 133 minutes of stages), `paper_low_beta` (`paper` with on
 `mini_large_golden` (mini with a golden model three times the proxy's size, as in the paper's
 regime; 16 minutes of stages), `mini_weak_proxy` and `mini_medium_proxy` (that, with the
 proxy trained on 3,200 or 9,600 pairs and online runs of 600 steps at beta 0.1 and 0.01: a proxy
-to exploit; `mini_weak_proxy_chains`: the weak one with the upstream stages drawn three times,
-each seed's two offline runs stacked), `mini_golden_opponent` (the paper's golden-policy opponent),
+to exploit; `mini_weak_proxy_chains`, `mini_medium_proxy_chains`: those with the upstream
+stages drawn three times, each seed's two offline runs stacked), `mini_golden_opponent` (the
+paper's golden-policy opponent),
 accelerator presets (`tpu_v5p_3b`, `gpu_h100_770m`) that swap only the model sizes and the mesh,
 and studies on real data from pretrained models (`tldr_gemma3_270m`, `hh_gemma3_270m`, and `_cpu`
 versions of both: every stage, a few steps).
@@ -71,7 +72,7 @@ def _proxy_stage(steps, batch_size, learning_rate):
 
 # Proxies trained on less of D_golden (32 pairs a step, each pair seen at most once).
 WEAK_PROXY_STEPS = {"mini_weak_proxy": 100, "mini_medium_proxy": 300,
-                    "mini_weak_proxy_chains": 100}
+                    "mini_weak_proxy_chains": 100, "mini_medium_proxy_chains": 300}
 
 
 def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
@@ -301,7 +302,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
             # re-keys every run): a turn shows in the curves. Beta 0.01 runs further out.
             c.policy.steps = 600
             c.online_betas = [0.1, 0.01]
-        if variant == "mini_weak_proxy_chains":  # does the weak proxy's verdict hold in
+        if variant.endswith("_chains"):  # does the weak proxy's verdict hold in
             c.upstream_chains = 3  # other worlds, with their own golden, proxy and SFT?
             c.sweep.stack_runs = 2
     elif variant == "mini_golden_opponent":
@@ -320,6 +321,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         raise ValueError(f"study variant {variant!r} is unknown; use smoke, mini, paper, "
                          "paper_v1, paper_wide, paper_low_beta, mini_chains, mini_large_golden, "
                          "mini_weak_proxy, mini_medium_proxy, mini_weak_proxy_chains, "
+                         "mini_medium_proxy_chains, "
                          "mini_golden_opponent, tpu_v5p_3b, "
                          "gpu_h100_770m, "
                          f"{', '.join(PRETRAINED_STUDIES)}, hypotheses, "

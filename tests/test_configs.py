@@ -277,7 +277,8 @@ ALONE = {"stack_runs": 1}  # ran before `paper` stacked its offline grid: every 
     ("mini_large_golden_intel_2026-12-05", "mini_large_golden", {}),
     ("mini_weak_proxy_intel_2026-12-05", "mini_weak_proxy", {}),
     ("mini_medium_proxy_intel_2026-12-05", "mini_medium_proxy", {}),
-    ("mini_weak_proxy_chains_intel_2026-12-05", "mini_weak_proxy_chains", {})])
+    ("mini_weak_proxy_chains_intel_2026-12-05", "mini_weak_proxy_chains", {}),
+    ("mini_medium_proxy_chains_intel_2026-12-05", "mini_medium_proxy_chains", {})])
 def test_committed_results_are_the_runs_their_preset_plans(docs, variant, sweep):
     """docs/<study>/results.csv holds exactly the runs the preset's plan has, each evaluated at
     the steps its schedule has (up to where it stopped), and its config.json is the preset: a
