@@ -3,6 +3,7 @@
     python bench/stacked_runs.py                       # 8 offline runs, 4 online runs, mini
     python bench/stacked_runs.py --offline 4,8,16 --online 2,4 --devices 2
     python bench/stacked_runs.py --microbatches 4 --stack_microbatches 4,16,32 --online ""
+    python bench/stacked_runs.py --microbatches 4 --offline 8 --offline_shared 8 --online ""
 
 Offline step = the update step on a dataset-shaped batch (each run its own batch); "offline,
 one batch" = the same with every run taking the same batch (an offline sweep: one data order),
@@ -167,7 +168,7 @@ def main():
                         ("online", args.online)):
         for n, m in itertools.product((int(s) for s in sizes.split(",") if s), slices):
             compiled, t = time_stack(kind, n, m)
-            one_run = alone[kind.split(",")[0]]
+            one_run = alone["online" if kind == "online" else "offline"]
             rows_out.append({"kind": kind, "runs": n, "microbatches": m, "first_s": compiled,
                              "step_s": t, "over_one": t / one_run})
 

@@ -321,8 +321,7 @@ def _main(variant: str) -> ml_collections.ConfigDict:
         raise ValueError(f"study variant {variant!r} is unknown; use smoke, mini, paper, "
                          "paper_v1, paper_wide, paper_low_beta, mini_chains, mini_large_golden, "
                          "mini_weak_proxy, mini_medium_proxy, mini_weak_proxy_chains, "
-                         "mini_medium_proxy_chains, "
-                         "mini_golden_opponent, tpu_v5p_3b, "
+                         "mini_medium_proxy_chains, mini_golden_opponent, tpu_v5p_3b, "
                          "gpu_h100_770m, "
                          f"{', '.join(PRETRAINED_STUDIES)}, hypotheses, "
                          f"one of {HYPOTHESES} or smoke_<that>")

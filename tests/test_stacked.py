@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from alignment_gap import sharding
+from alignment_gap import logprobs, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.errors import ConfigError
@@ -21,7 +21,7 @@ from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.sources import rank_program
 from alignment_gap.study import pipeline
 from alignment_gap.train import policy_stack, stacked
-from alignment_gap.train.policy import _pair_logits, make_policy_loss
+from alignment_gap.train.policy import make_policy_loss
 from alignment_gap.train.state import (
     TrainState,
     init_train_state,
@@ -145,9 +145,13 @@ def test_a_shared_batch_runs_the_reference_forward_once_for_the_stack(mini_confi
                                                     batch_sh, ref_sh, shared_batch=shared)
         with sharding.use(mesh, stacked.run_rules(rules)):
             counts[shared] = flops(update.jitted, states, batch_in, extras, update.settings)
+    def reference_forward(params, b):
+        return logprobs.pair_response_logits(nnx.merge(ref_graphdef, params), b.prompt,
+                                             b.prompt_mask, b.chosen, b.chosen_mask, b.rejected,
+                                             b.rejected_mask)
+
     with sharding.use(mesh, rules):
-        forward = flops(jax.jit(lambda p, b: _pair_logits(nnx.merge(ref_graphdef, p), b)[0]),
-                        ref_params, batch)
+        forward = flops(jax.jit(reference_forward), ref_params, batch)
     saved = counts[False] - counts[True]
     assert 0.8 * forward < saved < 1.2 * forward, (counts, forward)
 

@@ -119,7 +119,7 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
     update = stacked.make_stacked_policy_update(
         c, settings, graphdef, ref_graphdef, rt.tokenizer.eos_id, rt.mesh, rt.rules, shardings,
         batch_shardings, ref_shardings, c.microbatches, shared_batch=True)
-    shared_batch = stacked.inner_shardings(batch_shardings)  # every run's, whole per run
+    shared_batch_shardings = stacked.inner_shardings(batch_shardings)  # whole on each run
 
     ckpts = [Checkpointer(common.checkpoint_dir(w), x.max_to_keep)
              for x, w in zip(configs, workdirs, strict=True)]
@@ -157,7 +157,7 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
         for step in range(start + 1, c.num_steps + 1):
             rng, key = jax.random.split(rng)
             batch = source.next_batch(None, key)
-            states, step_metrics = update(states, jax.device_put(batch, shared_batch),
+            states, step_metrics = update(states, jax.device_put(batch, shared_batch_shardings),
                                           {"reference": ref_params})
             if pending is not None:
                 last = _record(logs, labels, *pending)
