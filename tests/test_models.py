@@ -9,7 +9,7 @@ from flax import nnx
 
 from alignment_gap import logprobs, losses, sharding
 from alignment_gap.models import LanguageModel, TransformerConfig, both_order_margin
-from alignment_gap.models.transformer import branched_layout
+from alignment_gap.models.transformer import KVCache, branched_layout
 from alignment_gap.train.state import init_train_state, make_update_step
 from tests.conftest import random_prompts
 from tests.helpers import language_model, mesh_and_rules, preference_model, scanned_copy
@@ -265,6 +265,37 @@ def test_last_block_read_at_some_slots_equals_those_slots_of_the_full_pass(mini_
     np.testing.assert_allclose(part, np.take_along_axis(np.asarray(full), read_at[..., None], 1),
                                atol=2e-5)
     np.testing.assert_allclose(window, np.asarray(full)[:, 8:17], atol=2e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"scan_layers": True}, {"scan_layers": True, "num_layers": 1},
+    {"sliding_window": 4, "global_every": 2}, {"scan_layers": True, "sliding_window": 4,
+                                                "global_every": 2, "num_layers": 4}])
+def test_a_prefill_read_at_its_last_slots_fills_the_same_cache_with_less_work(mini_config,
+                                                                             overrides):
+    """A sampler's prefill reads logits at the prompt's last slot only: the last block then
+    runs its queries and MLP there alone, yet every layer's keys and values fill the cache."""
+    lm, mesh, rules = language_model(mini_config, num_kv_heads=2, **overrides)
+    prompt, prompt_mask = random_prompts(np.random.default_rng(4), 6, 9, mini_config.vocab_size)
+    p, slots = prompt.shape[1], prompt.shape[1] + 3
+    cache_mask = np.concatenate([prompt_mask, np.zeros((6, 3), bool)], axis=1)
+
+    def prefill(m, window):
+        cache = KVCache.zeros(m.cfg, 6, slots)
+        return m(prompt, prompt_mask, cache=cache, cache_index=0, cache_mask_BxS=cache_mask,
+                 logits_window=window)
+
+    with sharding.use(mesh, rules):
+        run = {w: jax.jit(prefill, static_argnums=1) for w in ((p - 2, p), None)}
+        (part, part_cache), (full, full_cache) = (run[w](lm, w) for w in run)
+        flops = {w: run[w].lower(lm, w).compile().cost_analysis()["flops"] for w in run}
+    np.testing.assert_allclose(part, np.asarray(full)[:, p - 2:], atol=2e-5)
+    for a, b in zip(jax.tree.leaves(part_cache), jax.tree.leaves(full_cache), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    c = lm.cfg
+    if not c.scan_layers:  # XLA counts a scan's body once, whatever its trip count
+        # the last block's MLP over p - 2 fewer slots, at the least
+        assert flops[None] - flops[(p - 2, p)] > 2 * 3 * c.width * c.mlp_dim * 6 * (p - 2)
 
 
 @pytest.mark.slow

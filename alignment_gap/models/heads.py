@@ -22,6 +22,7 @@ from alignment_gap.models.transformer import (
     TransformerConfig,
     branched_layout,
     dense,
+    is_prefill,
     param,
     positions_from_mask,
 )
@@ -50,8 +51,10 @@ class LanguageModel(nnx.Module):
         if positions_BxL is None:
             positions_BxL = positions_from_mask(mask_BxL)
         key_mask = mask_BxL if cache is None else cache_mask_BxS
-        # Without a cache the last block runs only where logits are read (`read_at_BxQ`).
-        read_at = tuple(logits_window) if logits_window is not None and cache is None else None
+        # The last block runs only where logits are read (`read_at_BxQ`), in a full pass or a
+        # prefill; a decode step's chunk is all read.
+        reads_some = logits_window is not None and (cache is None or is_prefill(cache_index))
+        read_at = tuple(logits_window) if reads_some else None
         hidden, cache = self.backbone(tokens_BxL, positions_BxL, key_mask,
                                       branches_BxL=branches_BxL, cache=cache,
                                       cache_index=cache_index, read_at_BxQ=read_at)

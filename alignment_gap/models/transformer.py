@@ -13,9 +13,9 @@ the prefix and to earlier tokens of its own branch only - exactly what it would 
 The KV cache is a plain pytree (`KVCache`) passed in and returned, so the sampler can run it
 through `jax.lax.while_loop` under `jax.jit` without any mutable module state.
 
-A full-sequence pass can be read at some slots only (`read_at_BxQ`: a score's token, a
-response's logits): the last block then runs its queries, MLP and final norm at those slots,
-the others serving it only as keys and values.
+A full-sequence pass or a sampler's prefill can be read at some slots only (`read_at_BxQ`: a
+score's token, a response's logits, a prompt's last token): the last block then runs its
+queries, MLP and final norm at those slots, the others serving it only as keys and values.
 
 Two options for large models, both off by default (the CPU presets run unrolled layers):
 `scan_layers` stores the blocks' parameters stacked on a leading `layers` axis and runs them
@@ -188,6 +188,11 @@ def dense(x, w, contract: int = 1):
     return y.reshape(*x.shape[: x.ndim - contract], *n_shape)
 
 
+def is_prefill(cache_index) -> bool:
+    """A chunk written at slot 0, known when tracing: the cache's first (prefill) call."""
+    return isinstance(cache_index, int) and cache_index == 0
+
+
 def rows_at(a_BxL, at):
     """`a[:, at]` along the length axis: `at` is a static `(start, stop)` window or per-row slots
     `[batch, Q]` (trailing axes of `a` kept)."""
@@ -268,8 +273,9 @@ class Attention(nnx.Module):
         key_positions_BxL = positions_BxL
         query_branch_BxL = branches_BxL
         if query_at_BxQ is not None:
-            if cache_kv is not None:
-                raise ValueError("query_at_BxQ is for full-sequence passes, not the KV cache")
+            if cache_kv is not None and not is_prefill(cache_index):
+                raise ValueError("query_at_BxQ is for full-sequence passes and prefills, not "
+                                 "a decode step")
             x_query = rows_at(x_BxLxD, query_at_BxQ)
             positions_BxL = rows_at(positions_BxL, query_at_BxQ)
             if branches_BxL is not None:
@@ -298,11 +304,11 @@ class Attention(nnx.Module):
             query_slot = query_at_BxQ
         if cache_kv is not None:
             query_slot = cache_index + query_slot
-            if isinstance(cache_index, int) and cache_index == 0:
+            if is_prefill(cache_index):
                 # A prefill: causally, a chunk at slot 0 sees only slots below its length, its
                 # own keys; attend to those, not the whole buffer (fewer scores, no wait on
                 # the write).
-                key_mask_BxS = key_mask_BxS[:, :length]
+                key_mask_BxS = key_mask_BxS[:, :x_BxLxD.shape[1]]
             else:
                 k, v = (write_slots(buffer, chunk, cache_index)
                         for buffer, chunk in zip(cache_kv, chunk_kv, strict=True))
@@ -429,9 +435,11 @@ class Transformer(nnx.Module):
         hidden states at those slots of each row only, `[batch, Q, width]` - the last block
         runs its queries, MLP and the final norm there alone (a score read at one token, the
         logits of a response). Per-row slots `[batch, Q]`, or a static `(start, stop)` window."""
-        if (branches_BxL is not None or read_at_BxQ is not None) and cache is not None:
-            raise ValueError("branches_BxL and read_at_BxQ are for full-sequence passes; the "
-                             "KV cache has neither")
+        if cache is not None and (branches_BxL is not None or (
+                read_at_BxQ is not None and not is_prefill(cache_index))):
+            raise ValueError("branches_BxL and read_at_BxQ are for full-sequence passes (and "
+                             "read_at_BxQ for a prefill at cache_index 0); a decode step has "
+                             "neither")
         dt = jnp.dtype(self.cfg.dtype)
         # Gather from a replicated copy: a gather from a table sharded on (vocab, embed) into a
         # batch-sharded output is a layout XLA's SPMD partitioner can only do by rematerialising.
@@ -448,17 +456,20 @@ class Transformer(nnx.Module):
             return self.final_norm(x), None
         # A decode step's keys are the cache's slots; their positions count its valid slots.
         key_positions = None
-        if self.cfg.sliding_window and not (isinstance(cache_index, int) and cache_index == 0):
+        if self.cfg.sliding_window and not is_prefill(cache_index):
             key_positions = positions_from_mask(key_mask_BxS)
         layer_args = (positions_BxL, key_mask_BxS)
         if self.cfg.scan_layers:
-            x, cache = self._scan_with_cache(x, *layer_args, cache, cache_index, key_positions)
+            x, cache = self._scan_with_cache(x, *layer_args, cache, cache_index, key_positions,
+                                             read_at_BxQ)
         else:
             new_k, new_v = [], []
+            last = self.cfg.num_layers - 1
             for i, (block, k_buffer, v_buffer) in enumerate(
                     zip(self.blocks, cache.k, cache.v, strict=True)):
                 x, (k, v) = block(x, *layer_args, (k_buffer, v_buffer), cache_index,
-                                  local=self.cfg.layer_is_local(i), key_positions=key_positions)
+                                  local=self.cfg.layer_is_local(i), key_positions=key_positions,
+                                  query_at=read_at_BxQ if i == last else None)
                 new_k.append(write_slots(k_buffer, k, cache_index))
                 new_v.append(write_slots(v_buffer, v, cache_index))
             cache = KVCache(tuple(new_k), tuple(new_v))
@@ -521,26 +532,33 @@ class Transformer(nnx.Module):
         return x
 
     def _scan_with_cache(self, x, positions, key_mask, cache: KVCache, cache_index,
-                         key_positions):
+                         key_positions, read_at=None):
         """Scanned blocks reading and writing the stacked cache (the carry): each layer writes
-        only this chunk's slots, so a decode step never copies the cache."""
+        only this chunk's slots, so a decode step never copies the cache. With `read_at` (a
+        prefill), the last layer runs alone after the scan, its output at those slots only."""
         graphdef, stacked = nnx.split(self.blocks)
         local, flags = self._layer_kinds()
         if flags is None:
             flags = jnp.zeros((self.cfg.num_layers,), bool)  # unread: `local` is static
 
-        def body(carry, xs):
+        def layer(carry, params, flag, query_at=None):
             x, k_all, v_all, i = carry
-            params, flag = xs
             x, (k, v) = nnx.merge(graphdef, params)(
                 x, positions, key_mask, (k_all[i], v_all[i]), cache_index,
-                local=flag if local is None else local, key_positions=key_positions)
+                local=flag if local is None else local, key_positions=key_positions,
+                query_at=query_at)
             k_all = write_slots(k_all, k, cache_index, layer=i)
             v_all = write_slots(v_all, v, cache_index, layer=i)
-            return (x, k_all, v_all, i + 1), None
+            return x, k_all, v_all, i + 1
 
-        (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)),
-                                               (stacked, flags))
+        carry = (x, cache.k, cache.v, jnp.int32(0))
+        scanned = self.cfg.num_layers - (read_at is not None)
+        carry, _ = jax.lax.scan(lambda c, xs: (layer(c, *xs), None), carry,
+                                jax.tree.map(lambda a: a[:scanned], (stacked, flags)))
+        if read_at is not None:
+            last = jax.tree.map(lambda a: a[scanned], (stacked, flags))
+            carry = layer(carry, *last, query_at=read_at)
+        x, k_all, v_all, _ = carry
         return x, KVCache(k_all, v_all)
 
 
