@@ -54,8 +54,21 @@ def first_argmax(x_BxV):
     return jnp.min(jnp.where(x_BxV == top, index, x_BxV.shape[-1]), axis=-1)
 
 
-def choose_tokens(logits_BxV, key, cfg: SamplingConfig):
-    """Draw one token per row after temperature, top-k and top-p."""
+# The decode loop draws every step's Gumbel noise before it starts when all of it fits in this
+# many bytes: on CPU, jax's threefry runs as a small loop of its own, whose fixed cost per call
+# was a third of a mini decode step. Larger draws (a big vocabulary) stay one per step.
+PREDRAW_NOISE_BYTES = 32 << 20
+
+
+def step_noise(key, steps: int, shape):
+    """`[steps, *shape]` Gumbel noise, step t's the same as `gumbel(fold_in(key, t), shape)`."""
+    draw = lambda t: jax.random.gumbel(jax.random.fold_in(key, t), shape, jnp.float32)
+    return jax.vmap(draw)(jnp.arange(steps))
+
+
+def choose_tokens(logits_BxV, key, cfg: SamplingConfig, noise_BxV=None):
+    """Draw one token per row after temperature, top-k and top-p. `noise_BxV`: the draw's
+    Gumbel noise if already drawn from `key` (`step_noise`); by default it is drawn here."""
     if cfg.temperature == 0.0:
         return first_argmax(logits_BxV)
     logits = logits_BxV / cfg.temperature
@@ -70,7 +83,9 @@ def choose_tokens(logits_BxV, key, cfg: SamplingConfig):
         cutoff = jnp.min(jnp.where(mass_before < cfg.top_p, sorted_desc, jnp.inf), axis=-1)
         logits = jnp.where(logits < cutoff[:, None], -jnp.inf, logits)
     # The Gumbel-max draw `jax.random.categorical` makes, with the cheaper argmax.
-    return first_argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
+    if noise_BxV is None:
+        noise_BxV = jax.random.gumbel(key, logits.shape, logits.dtype)
+    return first_argmax(logits + noise_BxV)
 
 
 class _Loop(NamedTuple):
@@ -85,12 +100,13 @@ class _Loop(NamedTuple):
 
 
 def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache: bool = True,
-           samples_per_prompt: int = 1):
+           samples_per_prompt: int = 1, predraw_noise_bytes: int = PREDRAW_NOISE_BYTES):
     """Sample up to `cfg.max_new_tokens` tokens per prompt. Traceable; see `Sampler`.
 
     `samples_per_prompt` n > 1 draws n responses per prompt in one decode loop (rows: every
     prompt's first sample, then every second, ...); each prompt is prefilled once and its cache
-    copied to its n rows.
+    copied to its n rows. Every step's Gumbel noise is drawn before the loop when it fits in
+    `predraw_noise_bytes` (the same draws as one per step).
     """
     n = samples_per_prompt
     tile = lambda x: jnp.tile(x, (n,) + (1,) * (x.ndim - 1)) if n > 1 else x
@@ -111,13 +127,17 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
     seq_mask = jnp.concatenate([prompt_mask_BxP, jnp.zeros((batch, r), bool)], axis=1)
     sequence = jnp.concatenate([prompt_BxP, jnp.full((batch, r), cfg.pad_id, jnp.int32)], axis=1)
     first_position = prompt_mask_BxP.sum(axis=1).astype(jnp.int32)
+    noise = None
+    if cfg.temperature != 0.0 and r * batch * logits.shape[-1] * 4 <= predraw_noise_bytes:
+        noise = step_noise(key, r, (batch, logits.shape[-1]))
 
     def cond(s: _Loop):
         return (s.step < r) & ~jnp.all(s.done)
 
     def body(s: _Loop):
         step_key = jax.random.fold_in(key, s.step)
-        token = choose_tokens(s.logits, step_key, cfg)
+        step_noise_BxV = None if noise is None else noise[s.step]
+        token = choose_tokens(s.logits, step_key, cfg, step_noise_BxV)
         logprob = token_logprobs(s.logits[:, None], token[:, None])[:, 0]
         live = ~s.done
         token = jnp.where(live, token, cfg.pad_id)

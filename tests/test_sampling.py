@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from alignment_gap import logprobs, sharding
+from alignment_gap import logprobs, sampling, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.evaluation import eval_programs
 from alignment_gap.sampling import Sampler, SamplingConfig, choose_tokens
@@ -38,6 +38,18 @@ def test_cache_matches_full_recompute(mini_config, cfg):
     np.testing.assert_array_equal(cached.mask, naive.mask)
     np.testing.assert_allclose(cached.logprobs, naive.logprobs, atol=2e-5)
     assert cached.mask.all()  # eos_id=-1 never fires: every slot is sampled
+
+
+def test_noise_drawn_before_the_loop_is_what_each_step_would_draw(mini_config):
+    lm, _, _ = language_model(mini_config)
+    prompts = _prompts()
+    cfg = SamplingConfig(max_new_tokens=7, temperature=0.8, top_k=40, eos_id=-1)
+    assert 7 * 8 * mini_config.vocab_size * 4 <= sampling.PREDRAW_NOISE_BYTES  # drawn first
+    drawn_first, per_step = (sampling.sample(lm, *prompts, jax.random.key(3), cfg,
+                                             predraw_noise_bytes=budget)
+                             for budget in (sampling.PREDRAW_NOISE_BYTES, 0))
+    np.testing.assert_array_equal(drawn_first.tokens, per_step.tokens)
+    np.testing.assert_allclose(drawn_first.logprobs, per_step.logprobs, atol=1e-6)
 
 
 def test_returned_logprobs_are_the_policys(mini_config):
