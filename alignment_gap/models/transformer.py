@@ -324,14 +324,21 @@ class Attention(nnx.Module):
             near = positions_BxL[:, :, None] - key_positions_BxS[:, None, :] < cfg.sliding_window
             visible_BxLxS &= near if local is True else near | ~local
 
-        b, groups = x_BxLxD.shape[0], cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, length, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("blkgh,bksh->bkgls", q, k.astype(dt)).astype(jnp.float32)
-        scores = scores * (cfg.query_scale or cfg.head_dim**-0.5)
+        # A key head's group of query heads stacked on the query axis, [batch, kv_heads,
+        # groups * length, head_dim]: both products are then plain batched matmuls, with no
+        # size-1 group axis for XLA:CPU to transpose around (one group: the usual layout).
+        b, kv, h = x_BxLxD.shape[0], cfg.num_kv_heads, cfg.head_dim
+        groups, slots = cfg.num_heads // kv, k.shape[2]
+        q = q.reshape(b, length, kv, groups, h).transpose(0, 2, 3, 1, 4)
+        q = q.reshape(b, kv, groups * length, h)
+        scores = jnp.einsum("bkqh,bksh->bkqs", q, k.astype(dt)).astype(jnp.float32)
+        scores = scores.reshape(b, kv, groups, length, slots) * (
+            cfg.query_scale or cfg.head_dim**-0.5)
         scores = jnp.where(visible_BxLxS[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgls,bksh->blkgh", probs, v.astype(dt))
-        out = out.reshape(b, length, cfg.num_heads, cfg.head_dim)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, groups * length, slots)
+        out = jnp.einsum("bkqs,bksh->bkqh", probs, v.astype(dt))
+        out = out.reshape(b, kv, groups, length, h).transpose(0, 3, 1, 2, 4)
+        out = out.reshape(b, length, cfg.num_heads, h)
         y = dense(out, self.o[...].astype(dt), contract=2)
         return y, chunk_kv
 
