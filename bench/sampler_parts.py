@@ -19,20 +19,11 @@ import jax
 import numpy as np
 from flax import nnx
 from foundation import cpu_model
-from policy_step import SHAPES, random_models
+from policy_step import SHAPES, mean_time, random_models
 
 from alignment_gap.sampling import Sampler, SamplingConfig
 
 CALLS, WARMUP = 5, 2
-
-
-def round_time(fn) -> float:
-    for _ in range(WARMUP):
-        jax.block_until_ready(fn())
-    t0 = time.perf_counter()
-    for _ in range(CALLS):
-        jax.block_until_ready(fn())
-    return (time.perf_counter() - t0) / CALLS
 
 
 def shape_row(shape: str, rounds: int) -> str:
@@ -48,8 +39,9 @@ def shape_row(shape: str, rounds: int) -> str:
     times = {n: [] for n in samplers}
     for _ in range(rounds):
         for n, sampler in samplers.items():
-            times[n].append(round_time(
-                lambda s=sampler: s(state, prompt, mask, jax.random.key(1)).tokens))
+            times[n].append(mean_time(
+                lambda s=sampler: s(state, prompt, mask, jax.random.key(1)).tokens,
+                warmup=WARMUP, steps=CALLS))
     prefill, full = (float(np.median(times[n])) for n in (1, r))
     span = {n: f"{np.median(t) * 1e3:.1f} ({min(t) * 1e3:.1f}-{max(t) * 1e3:.1f})"
             for n, t in times.items()}
