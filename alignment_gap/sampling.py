@@ -68,7 +68,8 @@ def step_noise(key, steps: int, shape):
 
 def choose_tokens(logits_BxV, key, cfg: SamplingConfig, noise_BxV=None):
     """Draw one token per row after temperature, top-k and top-p. `noise_BxV`: the draw's
-    Gumbel noise if already drawn from `key` (`step_noise`); by default it is drawn here."""
+    Gumbel noise if drawn beforehand (`step_noise`; `key` is then unused); by default it is
+    drawn here from `key`."""
     if cfg.temperature == 0.0:
         return first_argmax(logits_BxV)
     logits = logits_BxV / cfg.temperature
@@ -135,9 +136,10 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
         return (s.step < r) & ~jnp.all(s.done)
 
     def body(s: _Loop):
-        step_key = jax.random.fold_in(key, s.step)
-        step_noise_BxV = None if noise is None else noise[s.step]
-        token = choose_tokens(s.logits, step_key, cfg, step_noise_BxV)
+        if noise is None:
+            token = choose_tokens(s.logits, jax.random.fold_in(key, s.step), cfg)
+        else:  # no key to derive: this step's noise is already drawn
+            token = choose_tokens(s.logits, None, cfg, noise[s.step])
         logprob = token_logprobs(s.logits[:, None], token[:, None])[:, 0]
         live = ~s.done
         token = jnp.where(live, token, cfg.pad_id)
