@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/study
+# python with oneTBB's caching malloc preloaded (alignment_gap/allocator.py; `main` re-executes
+# itself the same way): XLA:CPU's per-step temporaries stop page-faulting.
+RUN := $(BIN)/python -m alignment_gap.allocator
 
 .PHONY: install test test-fast lint study hypotheses paper bench clean
 
@@ -16,14 +19,14 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12 tests
+	$(RUN) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12 tests
 
 # Unit tests only (no trainer processes, studies, notebooks, TPU compiles or tests marked slow):
 # a quick check while editing. `make test` (CI) runs everything.
 SLOW_TESTS := aot console faults multihost multiprocess notebooks packaging pretrained \
 	pretrained_notebook pretrained_runs pretrained_study stacked study sweep trainers
 test-fast: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests \
+	$(RUN) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests \
 		$(SLOW_TESTS:%=--ignore=tests/test_%.py)
 
 lint: install
@@ -42,7 +45,7 @@ paper: install
 	$(BIN)/python -m alignment_gap.main --config configs/study.py:paper --workdir workdir/paper
 
 bench: install
-	$(BIN)/python bench/foundation.py
+	$(RUN) bench/foundation.py
 
 clean:
 	rm -rf $(VENV) workdir

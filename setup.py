@@ -25,6 +25,9 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "tokenizers>=0.20",
     "gguf>=0.10",
+    # oneTBB's scalable malloc, preloaded by our entry points (alignment_gap/allocator.py):
+    # XLA:CPU's per-step temporaries then stop page-faulting on every step.
+    "tbb>=2021.6; sys_platform == 'linux' and platform_machine == 'x86_64'",
 ]
 
 EXTRAS = {

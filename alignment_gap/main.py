@@ -17,6 +17,11 @@ import logging
 import os
 import sys
 
+from alignment_gap import allocator
+
+if __name__ == "__main__":
+    allocator.reexec()  # before jax loads: the same command with a caching malloc (see there)
+
 import jax
 from absl import app, flags
 from ml_collections import config_flags

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from alignment_gap import logprobs, sharding
+from alignment_gap import allocator, logprobs, sharding
 from alignment_gap.batches import PreferenceBatch, PromptBatch
 from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
 from alignment_gap.presets import meshes, models
@@ -194,11 +194,12 @@ def main():
         "sampler_call_s": t_sampler, "sampler_prompts": sampler_prompts,
         "sampler_tokens_per_s": sampler_prompts * r / t_sampler,
         "date": time.strftime("%Y-%m-%d %H:%M"), "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
+        "jax": jax.__version__, "malloc": "tbb" if allocator.active() else "system",
     }
     print(f"\nshape {args.shape}: {size} ({results['params']:,} params), microbatches "
           f"{args.microbatches}, {args.devices} CPU device(s), {batch} prompts, "
-          f"prompt {p} + response {r}, mean of {STEPS} steps after {WARMUP}\n")
+          f"prompt {p} + response {r}, mean of {STEPS} steps after {WARMUP}, malloc "
+          f"{results['malloc']}\n")
     print("| part | s | tokens/s |")
     print("| --- | --- | --- |")
     for name, key, tok in (("online step", "online_step_s", "online_tokens_per_s"),
@@ -222,4 +223,5 @@ def main():
 
 
 if __name__ == "__main__":
+    allocator.reexec()  # timings with the malloc our entry points run with
     main()
