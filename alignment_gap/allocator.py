@@ -15,7 +15,8 @@ with `LD_PRELOAD` set; children inherit the setting. `python -m alignment_gap.al
 runs `python ARGS` the same way (the Makefile's tests and benchmarks). Set
 `ALIGNMENT_GAP_MALLOC=system` to keep glibc's `malloc`.
 
-Import-light on purpose (no jax): `reexec()` runs before the heavy imports of an entry point.
+Import-light on purpose (no jax of its own): `reexec()` runs before an entry point's heavy
+imports. Measured on CPU only; GPU and TPU hosts get it too unless told `system`.
 """
 
 from __future__ import annotations
