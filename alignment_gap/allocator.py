@@ -7,7 +7,10 @@ faults and about 60 ms of kernel time per peer-shape update step on a 2-core VM 
 `MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_` cannot help: a worker thread's arena is capped at
 64 MB, above which glibc maps regardless). oneTBB's `libtbbmalloc_proxy` (the `tbb` wheel)
 replaces `malloc` and, told to keep blocks of 1 MB and more (`TBB_MALLOC_SET_HUGE_SIZE_THRESHOLD`),
-hands the same block back step after step (bench/RESULTS.md has the measurements).
+hands the same block back step after step (bench/RESULTS.md has the measurements). Where
+temporaries stay small (under glibc's 32 MB mapping threshold) glibc reused them already, and
+oneTBB re-maps YNNPACK's 6.4 MB scratch buffers instead: the mini study's update step alone is
+up to ~10% slower, though `make study` as a whole took 8-17% less time.
 
 A library cannot be swapped in under a running process, so entry points call `reexec()` first:
 where the library is installed (Linux x86-64) and not yet loaded, it runs the same command again
