@@ -10,11 +10,18 @@ Returned log-probs are those of the policy itself (temperature 1, no top-k/top-p
 what losses and KL estimates need; temperature / top-k / top-p only shape the draw.
 Rows stop at their first EOS (kept, mask 1); later slots are padding (mask 0). The loop exits
 early once every row is done.
+
+On a one-device CPU mesh a `Sampler` runs its batch as two groups of prompts side by side, from
+two threads (`default_groups`): a decode step's small ops keep one core busy, and XLA:CPU runs
+calls from different threads at once. Each group draws the noise the whole batch's rows would,
+so the tokens are those of one call.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -101,13 +108,16 @@ class _Loop(NamedTuple):
 
 
 def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache: bool = True,
-           samples_per_prompt: int = 1, predraw_noise_bytes: int = PREDRAW_NOISE_BYTES):
+           samples_per_prompt: int = 1, predraw_noise_bytes: int = PREDRAW_NOISE_BYTES,
+           group: tuple[jax.Array, int] | None = None):
     """Sample up to `cfg.max_new_tokens` tokens per prompt. Traceable; see `Sampler`.
 
     `samples_per_prompt` n > 1 draws n responses per prompt in one decode loop (rows: every
     prompt's first sample, then every second, ...); each prompt is prefilled once and its cache
     copied to its n rows. Every step's Gumbel noise is drawn before the loop when it fits in
-    `predraw_noise_bytes` (the same draws as one per step).
+    `predraw_noise_bytes` (the same draws as one per step). `group` (first, total): these
+    prompts are prompts first .. of a batch of `total`, and draw the noise that batch's rows
+    would (so a batch sampled in groups gives the tokens it gives whole).
     """
     n = samples_per_prompt
     tile = lambda x: jnp.tile(x, (n,) + (1,) * (x.ndim - 1)) if n > 1 else x
@@ -128,16 +138,28 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
     seq_mask = jnp.concatenate([prompt_mask_BxP, jnp.zeros((batch, r), bool)], axis=1)
     sequence = jnp.concatenate([prompt_BxP, jnp.full((batch, r), cfg.pad_id, jnp.int32)], axis=1)
     first_position = prompt_mask_BxP.sum(axis=1).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    rows = jnp.arange(batch)  # this call's rows among the rows its noise is drawn for
+    drawn = batch
+    if group is not None:
+        first, total = group
+        rows = (rows // prompts) * total + first + rows % prompts
+        drawn = n * total
     noise = None
-    if cfg.temperature != 0.0 and r * batch * logits.shape[-1] * 4 <= predraw_noise_bytes:
-        noise = step_noise(key, r, (batch, logits.shape[-1]))
+    if cfg.temperature != 0.0 and r * drawn * vocab * 4 <= predraw_noise_bytes:
+        noise = step_noise(key, r, (drawn, vocab))
+        noise = noise if group is None else noise[:, rows]
 
     def cond(s: _Loop):
         return (s.step < r) & ~jnp.all(s.done)
 
     def body(s: _Loop):
-        if noise is None:
+        if noise is None and group is None:
             token = choose_tokens(s.logits, jax.random.fold_in(key, s.step), cfg)
+        elif noise is None:  # this step's draw for the whole batch, at this call's rows
+            draw = jax.random.gumbel(jax.random.fold_in(key, s.step), (drawn, vocab),
+                                     s.logits.dtype)
+            token = choose_tokens(s.logits, None, cfg, draw[rows])
         else:  # no key to derive: this step's noise is already drawn
             token = choose_tokens(s.logits, None, cfg, noise[s.step])
         logprob = token_logprobs(s.logits[:, None], token[:, None])[:, 0]
@@ -186,6 +208,52 @@ def sample_program(graphdef, state_shardings_key, mesh, rules, cfg: SamplingConf
                    out_shardings=SampleOutput(rows, rows, rows))
 
 
+@program_cache.cached
+def group_sample_program(graphdef, state_shardings_key, mesh, rules, cfg: SamplingConfig,
+                         use_cache: bool, samples_per_prompt: int, name: str, groups: int):
+    """`sample` of one of `groups` equal blocks of a batch's prompts, which it is given whole
+    with its first prompt's index (`Sampler` runs the groups side by side)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def run(state, prompt, prompt_mask, key, first):
+        size = prompt.shape[0] // groups
+        mine = lambda x: jax.lax.dynamic_slice_in_dim(x, first, size)
+        return sample(nnx.merge(graphdef, state), mine(prompt), mine(prompt_mask), key, cfg,
+                      use_cache, samples_per_prompt, group=(first, prompt.shape[0]))
+
+    run.__name__ = name
+    return jax.jit(run, in_shardings=(program_cache.shardings_of(state_shardings_key),
+                                      replicated, replicated, replicated, replicated),
+                   out_shardings=SampleOutput(replicated, replicated, replicated))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _merge_groups(outputs: list[SampleOutput], samples_per_prompt: int) -> SampleOutput:
+    """The groups' rows in the whole batch's order: every prompt's first sample, then ..."""
+    def merge(*parts):
+        size = parts[0].shape[0] // samples_per_prompt
+        return jnp.concatenate([x[k * size:(k + 1) * size] for k in range(samples_per_prompt)
+                                for x in parts])
+    return jax.tree.map(merge, *outputs)
+
+
+# Side-by-side groups on a one-device CPU mesh. A decode step's small ops run one after another
+# on one core; XLA:CPU runs calls made from different threads at once, so two groups of rows
+# decode on two cores (bench/RESULTS.md). Not tied to the core count, so that a run samples
+# the same way on every machine: the groups' tokens equal the whole batch's, while their
+# log-probs may differ from it in the last bits (matmuls over fewer rows round differently).
+CPU_GROUPS = 2
+_POOL = concurrent.futures.ThreadPoolExecutor(CPU_GROUPS, thread_name_prefix="sample_group")
+_TRACED: set = set()  # (group program, batch shape) pairs that have run once
+
+
+def default_groups(mesh) -> int:
+    """CPU_GROUPS on a one-device CPU mesh, else 1 (on accelerators, and on several CPU
+    devices, which already run side by side)."""
+    one_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+    return CPU_GROUPS if one_cpu else 1
+
+
 class Sampler:
     """`sample` jitted once on the training mesh, reading parameters where they already live.
 
@@ -193,19 +261,47 @@ class Sampler:
     same shardings the trainer keeps them in, so nothing is re-sharded between update and sample.
     `lm` may be abstract (`nnx.eval_shape`): only its structure and annotations are read.
     Samplers of the same model graph, mesh, rules and settings share one jitted program
-    (`sample_program`), so a stage that builds another one does not trace it again.
+    (`sample_program`), so a stage that builds another one does not trace it again. `groups`:
+    blocks of prompts sampled side by side (default: `default_groups(mesh)`; 1: one call).
     """
 
     def __init__(self, lm, mesh, rules, cfg: SamplingConfig, use_cache: bool = True,
-                 samples_per_prompt: int = 1, name: str = "sample"):
+                 samples_per_prompt: int = 1, name: str = "sample", groups: int | None = None):
         self.mesh, self.rules, self.cfg = mesh, rules, cfg
+        self.samples_per_prompt = samples_per_prompt
         graphdef, state = nnx.split(lm)
         with sharding.use(mesh, rules):
             state_sh = sharding.state_shardings(state, mesh)
-        self.jitted = sample_program(graphdef, program_cache.shardings_key(state_sh), mesh,
-                                     program_cache.rules_key(rules), cfg, use_cache,
-                                     samples_per_prompt, name)
+        args = (graphdef, program_cache.shardings_key(state_sh), mesh,
+                program_cache.rules_key(rules), cfg, use_cache, samples_per_prompt, name)
+        self.jitted = sample_program(*args)  # the whole batch in one call
+        self.groups = default_groups(mesh) if groups is None else groups
+        # What a call runs (for a batch the groups divide): a group's program or the whole's.
+        self.program = self.jitted
+        if self.groups > 1:
+            self.program = group_sample_program(*args, self.groups)
 
     def __call__(self, state, prompt_BxP, prompt_mask_BxP, key) -> SampleOutput:
+        if self.groups > 1 and prompt_BxP.shape[0] % self.groups == 0:
+            return self._in_groups(state, prompt_BxP, prompt_mask_BxP, key)
         with sharding.use(self.mesh, self.rules):
             return self.jitted(state, prompt_BxP, prompt_mask_BxP, key)
+
+    def _in_groups(self, state, prompt_BxP, prompt_mask_BxP, key) -> SampleOutput:
+        """The batch as `groups` blocks of prompts sampled side by side, each from its own
+        thread: the same tokens as one call."""
+        size = prompt_BxP.shape[0] // self.groups
+
+        def one(first):
+            with sharding.use(self.mesh, self.rules):
+                return jax.block_until_ready(self.program(state, prompt_BxP, prompt_mask_BxP,
+                                                          key, jnp.int32(first)))
+
+        firsts = range(0, prompt_BxP.shape[0], size)
+        traced = (id(self.program), prompt_BxP.shape)
+        if traced in _TRACED:
+            outputs = list(_POOL.map(one, firsts))
+        else:  # the first call traces and compiles, once: not in every thread at once
+            outputs = [one(firsts[0]), *_POOL.map(one, firsts[1:])]
+            _TRACED.add(traced)
+        return _merge_groups(outputs, self.samples_per_prompt)

@@ -52,6 +52,33 @@ def test_noise_drawn_before_the_loop_is_what_each_step_would_draw(mini_config):
     np.testing.assert_allclose(drawn_first.logprobs, per_step.logprobs, atol=1e-6)
 
 
+@pytest.mark.parametrize("samples_per_prompt,cfg", [
+    (2, SamplingConfig(max_new_tokens=6, temperature=1.0, eos_id=-1)),
+    (1, SamplingConfig(max_new_tokens=6, temperature=0.8, top_k=40, eos_id=-1)),
+    (1, SamplingConfig(max_new_tokens=6, temperature=0.0, eos_id=-1)),
+], ids=["two_per_prompt", "topk", "greedy"])
+def test_a_batch_sampled_in_side_by_side_groups_gets_the_whole_batchs_tokens(
+        mini_config, samples_per_prompt, cfg):
+    """On a one-device CPU mesh a `Sampler` runs its batch as two groups of prompts from two
+    threads: each group draws the noise the whole batch's rows would, so the tokens are the
+    whole batch's (log-probs up to rounding: matmuls over fewer rows)."""
+    lm, mesh, rules = language_model(mini_config)
+    prompt, mask = _prompts()
+    mask[:3, :2] = False  # some left padding
+    whole = Sampler(lm, mesh, rules, cfg, samples_per_prompt, groups=1)
+    grouped = Sampler(lm, mesh, rules, cfg, samples_per_prompt)
+    assert grouped.groups == sampling.CPU_GROUPS == 2 and grouped.program is not whole.program
+    a, b = (s(nnx.state(lm), prompt, mask, jax.random.key(5)) for s in (whole, grouped))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert len(set(np.asarray(b.tokens)[:, 0].tolist())) > 1 or cfg.temperature == 0.0
+    if samples_per_prompt == 1 and cfg.temperature:  # noise drawn step by step, groups too
+        per_step = [sampling.sample(lm, prompt[i:i + 4], mask[i:i + 4], jax.random.key(5), cfg,
+                                    predraw_noise_bytes=0, group=(i, 8)) for i in (0, 4)]
+        np.testing.assert_array_equal(np.concatenate([o.tokens for o in per_step]), a.tokens)
+
+
 def test_returned_logprobs_are_the_policys(mini_config):
     lm, _, _ = language_model(mini_config)
     prompts = _prompts()
@@ -116,12 +143,12 @@ def test_samplers_and_evaluations_of_one_model_graph_share_one_traced_program(mi
     other_lm, _, _ = language_model(mini_config, seed=1)  # the same graph, other weights
     first = Sampler(lm, mesh, rules, cfg)
     second = Sampler(other_lm, mesh, [list(r) for r in rules], cfg)  # rules as a config's lists
-    assert second.jitted is first.jitted
+    assert second.jitted is first.jitted and second.program is first.program
     batch = sharding.global_batch(_prompts(), mesh, rules)
     ours = first(nnx.state(lm), *batch, jax.random.key(0))
-    traced = first.jitted._cache_size()
+    traced = first.program._cache_size()
     theirs = second(nnx.state(other_lm), *batch, jax.random.key(0))
-    assert second.jitted._cache_size() == traced == 1
+    assert second.program._cache_size() == traced == 1
     assert not np.array_equal(ours.tokens, theirs.tokens)  # each sampler read its own weights
     np.testing.assert_array_equal(ours.tokens, _sample(lm, cfg, True, _prompts()).tokens)
     hotter = Sampler(lm, mesh, rules, dataclasses.replace(cfg, temperature=2.0))
