@@ -11,10 +11,10 @@ what losses and KL estimates need; temperature / top-k / top-p only shape the dr
 Rows stop at their first EOS (kept, mask 1); later slots are padding (mask 0). The loop exits
 early once every row is done.
 
-On a one-device CPU mesh a `Sampler` runs its batch as two groups of prompts side by side, from
-two threads (`default_groups`): a decode step's small ops keep one core busy, and XLA:CPU runs
-calls from different threads at once. Each group draws the noise the whole batch's rows would,
-so the tokens are those of one call.
+On a one-device CPU mesh a `Sampler` of a small model runs its batch as two groups of prompts
+side by side, from two threads (`default_groups`): a decode step's small ops keep one core busy,
+and XLA:CPU runs calls from different threads at once. Each group draws the noise the whole
+batch's rows would, so the tokens are those of one call.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -237,21 +238,27 @@ def _merge_groups(outputs: list[SampleOutput], samples_per_prompt: int) -> Sampl
     return jax.tree.map(merge, *outputs)
 
 
-# Side-by-side groups on a one-device CPU mesh. A decode step's small ops run one after another
-# on one core; XLA:CPU runs calls made from different threads at once, so two groups of rows
-# decode on two cores (bench/RESULTS.md). Not tied to the core count, so that a run samples
-# the same way on every machine: the groups' tokens equal the whole batch's, while their
-# log-probs may differ from it in the last bits (matmuls over fewer rows round differently).
+# Side-by-side groups on a one-device CPU mesh, for small models. A decode step's small ops run
+# one after another on one core; XLA:CPU runs calls made from different threads at once, so two
+# groups of rows decode on two cores (bench/RESULTS.md): the peer-shape sampler (1.2M
+# parameters, 4.7 MB) took 38% less time. A larger model's decode already keeps both cores busy
+# and two groups compete for them: at 60m (240 MB) they took 28-32% more. Between the two the
+# limit is a guess. Not tied to the core count, so that a run samples the same way on every
+# machine: the groups' tokens equal the whole batch's, while their log-probs may differ from it
+# in the last bits (matmuls over fewer rows round differently).
 CPU_GROUPS = 2
+GROUPS_MAX_PARAM_BYTES = 16 << 20
 _POOL = concurrent.futures.ThreadPoolExecutor(CPU_GROUPS, thread_name_prefix="sample_group")
 _TRACED: set = set()  # (group program, batch shape) pairs that have run once
 
 
-def default_groups(mesh) -> int:
-    """CPU_GROUPS on a one-device CPU mesh, else 1 (on accelerators, and on several CPU
-    devices, which already run side by side)."""
+def default_groups(mesh, state) -> int:
+    """CPU_GROUPS on a one-device CPU mesh for a model of at most GROUPS_MAX_PARAM_BYTES
+    (`state`: its arrays or their shapes), else 1: accelerators, several CPU devices (which
+    already run side by side) and larger models run one call."""
     one_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
-    return CPU_GROUPS if one_cpu else 1
+    size = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+    return CPU_GROUPS if one_cpu and size <= GROUPS_MAX_PARAM_BYTES else 1
 
 
 class Sampler:
@@ -262,7 +269,7 @@ class Sampler:
     `lm` may be abstract (`nnx.eval_shape`): only its structure and annotations are read.
     Samplers of the same model graph, mesh, rules and settings share one jitted program
     (`sample_program`), so a stage that builds another one does not trace it again. `groups`:
-    blocks of prompts sampled side by side (default: `default_groups(mesh)`; 1: one call).
+    blocks of prompts sampled side by side (default: `default_groups`; 1: one call).
     """
 
     def __init__(self, lm, mesh, rules, cfg: SamplingConfig, use_cache: bool = True,
@@ -275,7 +282,7 @@ class Sampler:
         args = (graphdef, program_cache.shardings_key(state_sh), mesh,
                 program_cache.rules_key(rules), cfg, use_cache, samples_per_prompt, name)
         self.jitted = sample_program(*args)  # the whole batch in one call
-        self.groups = default_groups(mesh) if groups is None else groups
+        self.groups = default_groups(mesh, state) if groups is None else groups
         # What a call runs (for a batch the groups divide): a group's program or the whole's.
         self.program = self.jitted
         if self.groups > 1:

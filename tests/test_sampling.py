@@ -10,7 +10,9 @@ from flax import nnx
 from alignment_gap import logprobs, sampling, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.evaluation import eval_programs
+from alignment_gap.models import LanguageModel, TransformerConfig
 from alignment_gap.sampling import Sampler, SamplingConfig, choose_tokens
+from configs import models
 from tests.conftest import random_prompts
 from tests.helpers import language_model, preference_model, sample_unsharded, scanned_copy
 
@@ -68,6 +70,9 @@ def test_a_batch_sampled_in_side_by_side_groups_gets_the_whole_batchs_tokens(
     whole = Sampler(lm, mesh, rules, cfg, samples_per_prompt, groups=1)
     grouped = Sampler(lm, mesh, rules, cfg, samples_per_prompt)
     assert grouped.groups == sampling.CPU_GROUPS == 2 and grouped.program is not whole.program
+    larger = nnx.eval_shape(lambda: LanguageModel(TransformerConfig.from_config(
+        models.get_config("60m")), nnx.Rngs(0)))  # its decode keeps both cores busy already
+    assert sampling.default_groups(mesh, nnx.state(larger)) == 1
     a, b = (s(nnx.state(lm), prompt, mask, jax.random.key(5)) for s in (whole, grouped))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.mask, b.mask)
