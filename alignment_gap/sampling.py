@@ -241,8 +241,8 @@ def _merge_groups(outputs: list[SampleOutput], samples_per_prompt: int) -> Sampl
 # Side-by-side groups on a one-device CPU mesh, for small models. A decode step's small ops run
 # one after another on one core; XLA:CPU runs calls made from different threads at once, so two
 # groups of rows decode on two cores (bench/RESULTS.md): the peer-shape sampler (1.2M
-# parameters, 4.7 MB) took 38% less time. A larger model's decode already keeps both cores busy
-# and two groups compete for them: at 60m (240 MB) they took 28-32% more. Between the two the
+# parameters, 4.5 MiB) took 38% less time. A larger model's decode already keeps both cores busy
+# and two groups compete for them: at 60m (254 MiB) they took 28-32% more. Between the two the
 # limit is a guess. Not tied to the core count, so that a run samples the same way on every
 # machine: the groups' tokens equal the whole batch's, while their log-probs may differ from it
 # in the last bits (matmuls over fewer rows round differently).
