@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alignment_gap.models.transformer import branched_layout
+from alignment_gap.models.attention import branched_layout
 
 
 def response_logits(lm, prompt_BxP, prompt_mask_BxP, response_BxR, response_mask_BxR):
@@ -40,7 +40,7 @@ def pair_response_logits(lm, prompt_BxP, prompt_mask_BxP, first_BxR, first_mask_
     positions, branches = branched_layout(mask[:, :p], mask[:, p: p + r], mask[:, p + r:])
     # Rows p-1 .. p+2r-2: the last prompt position predicts both responses' first tokens; row
     # p+r-1 (after the first response's last slot) predicts nothing and is dropped.
-    logits, _ = lm(tokens, mask, positions_BxL=positions, branches_BxL=branches,
+    logits, _ = lm(tokens, mask, positions_BxL=positions, branches=branches,
                    logits_window=(p - 1, p + 2 * r - 1))
     first = logits[:, :r]
     second = jnp.concatenate([logits[:, :1], logits[:, r + 1:]], axis=1)

@@ -31,7 +31,8 @@ from flax import nnx
 
 from alignment_gap import program_cache, sharding
 from alignment_gap.logprobs import token_logprobs
-from alignment_gap.models.transformer import KVCache, positions_from_mask
+from alignment_gap.models.attention import positions_from_mask
+from alignment_gap.models.transformer import KVCache
 
 
 @dataclasses.dataclass(frozen=True)

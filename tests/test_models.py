@@ -9,7 +9,8 @@ from flax import nnx
 
 from alignment_gap import logprobs, losses, sharding
 from alignment_gap.models import LanguageModel, TransformerConfig, both_order_margin
-from alignment_gap.models.transformer import KVCache, branched_layout
+from alignment_gap.models.attention import branched_layout
+from alignment_gap.models.transformer import KVCache
 from alignment_gap.train.state import init_train_state, make_update_step
 from tests.conftest import random_prompts
 from tests.helpers import language_model, mesh_and_rules, preference_model, scanned_copy
@@ -204,9 +205,14 @@ def _two_responses(mini_config):
             b["response_mask"], np.where(y2_mask, y2, 0), y2_mask)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 2)])
-def test_one_pass_over_prompt_and_both_responses_equals_two_passes(mini_config, shape):
-    lm, mesh, rules = language_model(mini_config, shape)
+@pytest.mark.parametrize("shape,overrides", [
+    ((1, 1, 1), {}), ((2, 2, 2), {}),
+    # two query heads per key head; local and global layers, the local window inside a response
+    ((1, 1, 1), {"num_kv_heads": 2}), ((1, 1, 1), {"sliding_window": 4, "global_every": 2}),
+    ((2, 2, 2), {"num_kv_heads": 2, "scan_layers": True, "num_layers": 3, "remat": "full"})])
+def test_one_pass_over_prompt_and_both_responses_equals_two_passes(mini_config, shape,
+                                                                   overrides):
+    lm, mesh, rules = language_model(mini_config, shape, **overrides)
     prompt, prompt_mask, y1, y1_mask, y2, y2_mask = _two_responses(mini_config)
     with sharding.use(mesh, rules):
         shared = jax.jit(logprobs.pair_response_logits)(lm, prompt, prompt_mask, y1, y1_mask, y2,
@@ -223,6 +229,19 @@ def test_one_pass_over_prompt_and_both_responses_equals_two_passes(mini_config, 
     np.testing.assert_allclose(np.asarray(other)[6:][y2_mask], np.asarray(shared)[6:][y2_mask],
                                atol=2e-5)
     assert not np.allclose(np.asarray(other)[:6][y1_mask], np.asarray(shared)[:6][y1_mask])
+    if shape == (1, 1, 1) and not lm.cfg.scan_layers:  # one device's count; a scan's body once
+        # Attention by branch: no scores of the prompt against the responses or between them.
+        p, r, c = prompt.shape[1], y1.shape[1], lm.cfg
+        tokens = np.concatenate([prompt, y1, y2], axis=1)
+        mask = np.concatenate([prompt_mask, y1_mask, y2_mask], axis=1)
+        with sharding.use(mesh, rules):
+            dense = jax.jit(lambda m: m(tokens, mask, logits_window=(p - 1, p + 2 * r - 1))[0])
+            branched = jax.jit(logprobs.pair_response_logits)
+            flops = [f.lower(*a).compile().cost_analysis()["flops"] for f, a in (
+                (dense, (lm,)), (branched, (lm, prompt, prompt_mask, y1, y1_mask, y2, y2_mask)))]
+        skipped = (p + 2 * r) ** 2 - p * p - 2 * r * (p + r)  # scores per head, layer and row
+        per_score = 2 * 2 * c.head_dim * c.num_heads * prompt.shape[0]  # q.k and p.v, every row
+        assert flops[0] - flops[1] > 0.8 * skipped * per_score * (c.num_layers - 1)
 
 
 def test_preference_model_scores_both_orders_in_one_pass(mini_config):
@@ -256,14 +275,19 @@ def test_last_block_read_at_some_slots_equals_those_slots_of_the_full_pass(mini_
     read_at = np.array([[3, 10, 18, 20]] * 6, np.int32)
     read_at[1] = [20, 0, 14, 9]
     with sharding.use(mesh, rules):
-        run = jax.jit(lambda m, at: m.backbone(tokens, positions, mask, branches_BxL=branches,
+        run = jax.jit(lambda m, at: m.backbone(tokens, positions, mask, branches=branches,
                                                read_at_BxQ=at)[0])
         full, part = run(lm, None), run(lm, read_at)
-        window = jax.jit(lambda m: m.backbone(tokens, positions, mask, branches_BxL=branches,
+        window = jax.jit(lambda m: m.backbone(tokens, positions, mask, branches=branches,
                                               read_at_BxQ=(8, 17))[0])(lm)  # a static window
     assert part.shape == (6, 4, mini_config.width) and window.shape == (6, 9, mini_config.width)
-    np.testing.assert_allclose(part, np.take_along_axis(np.asarray(full), read_at[..., None], 1),
-                               atol=2e-5)
+    # Per-row slots run masked dense attention, the full pass attends branch by branch: equal
+    # wherever a query sees a key. (A prompt's left pad sees none: its output, unread, is
+    # spread over different slots by the two.)
+    sees_a_key = np.take_along_axis(mask, read_at, 1) | (read_at >= prompt.shape[1])
+    assert sees_a_key.sum() >= 20
+    np.testing.assert_allclose(np.asarray(part)[sees_a_key], np.take_along_axis(
+        np.asarray(full), read_at[..., None], 1)[sees_a_key], atol=2e-5)
     np.testing.assert_allclose(window, np.asarray(full)[:, 8:17], atol=2e-5)
 
 

@@ -16,15 +16,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignment_gap import sharding
+from alignment_gap.models.attention import branched_layout, positions_from_mask
 from alignment_gap.models.transformer import (
     KVCache,
     Transformer,
     TransformerConfig,
-    branched_layout,
     dense,
     is_prefill,
     param,
-    positions_from_mask,
 )
 
 
@@ -36,7 +35,7 @@ class LanguageModel(nnx.Module):
             self.head = param(rngs, nnx.initializers.normal(stddev=cfg.width**-0.5),
                               (cfg.width, cfg.vocab_size), ("embed", "vocab"))
 
-    def __call__(self, tokens_BxL, mask_BxL, *, positions_BxL=None, branches_BxL=None,
+    def __call__(self, tokens_BxL, mask_BxL, *, positions_BxL=None, branches=None,
                  cache: KVCache | None = None, cache_index=None, cache_mask_BxS=None,
                  logits_window: tuple[int, int] | None = None):
         """Float32 next-token logits `[batch, length, vocab]` (and the updated cache).
@@ -45,7 +44,7 @@ class LanguageModel(nnx.Module):
         is written at `cache_index` and attention reads the cache slots where `cache_mask_BxS`.
         `logits_window=(start, stop)`: logits of those positions only - the vocabulary
         projection is skipped where nobody reads it (a prompt's positions, a prefill).
-        `branches_BxL`: continuations sharing one sequence (see `transformer`); pass their
+        `branches`: continuations sharing one sequence (`branched_layout`); pass their
         `positions_BxL` too.
         """
         if positions_BxL is None:
@@ -56,7 +55,7 @@ class LanguageModel(nnx.Module):
         reads_some = logits_window is not None and (cache is None or is_prefill(cache_index))
         read_at = tuple(logits_window) if reads_some else None
         hidden, cache = self.backbone(tokens_BxL, positions_BxL, key_mask,
-                                      branches_BxL=branches_BxL, cache=cache,
+                                      branches=branches, cache=cache,
                                       cache_index=cache_index, read_at_BxQ=read_at)
         if logits_window is not None and read_at is None:
             hidden = hidden[:, logits_window[0]: logits_window[1]]
@@ -121,7 +120,7 @@ class PreferenceModel(nnx.Module):
         # With both responses empty each order ends on the prompt's last token.
         backward_end = _last_valid(mask[:, p + 2 * r:], p + 2 * r, fallback=forward_end)
         hidden, _ = self.backbone(tokens, positions, mask, segments_BxL=segments,
-                                  branches_BxL=branches,
+                                  branches=branches,
                                   read_at_BxQ=jnp.stack([forward_end, backward_end], axis=1))
         return self._score(hidden[:, 0]), self._score(hidden[:, 1])
 

@@ -9,6 +9,8 @@ Optional `branches` let several continuations of one prompt share a single seque
 (`[prompt | y1 | y2]`): branch 0 is the shared prefix, and a token of branch k > 0 attends to
 the prefix and to earlier tokens of its own branch only - exactly what it would see in its own
 `[prompt | yk]` sequence, with the prompt computed once instead of once per continuation.
+The layout is static (`attention.Branches`: prefix length, branch count and length), so
+attention computes only the scores a branch can see (`attention.attend_branched`).
 
 The KV cache is a plain pytree (`KVCache`) passed in and returned, so the sampler can run it
 through `jax.lax.while_loop` under `jax.jit` without any mutable module state.
@@ -43,8 +45,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignment_gap import sharding
-
-_MASKED = -1e30  # Finite, so a query with no visible key (a pad slot) gives no NaN.
+from alignment_gap.models.attention import (
+    Branches,
+    attend,
+    attend_branched,
+    positions_from_mask,
+    window_mask,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +264,8 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x_BxLxD, positions_BxL, key_mask_BxS, cache_kv=None, cache_index=None,
-                 branches_BxL=None, *, local=False, key_positions_BxS=None, query_at_BxQ=None):
+                 branches: Branches | None = None, *, local=False, key_positions_BxS=None,
+                 query_at_BxQ=None):
         """`(output, (k, v))`: this chunk's keys and values `[batch, kv_heads, length, head_dim]`.
 
         Without `cache_kv`, attention reads the chunk itself. With one (this layer's buffers),
@@ -266,22 +274,23 @@ class Attention(nnx.Module):
         traced bool); its window is measured in positions, those of the keys being
         `key_positions_BxS` (default: the chunk's own). `query_at_BxQ` (no cache): queries at
         those slots of each row only, output `[batch, Q, width]`; keys are every slot.
+        `branches` (no cache): the chunk is a branched sequence; over all slots or a static
+        window its scores are computed branch by branch (`attention.attend_branched`).
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        # Keys are every slot; with `query_at_BxQ`, positions_BxL (and branches) from here on
-        # are the queries' own, gathered at those slots.
+        if query_at_BxQ is not None and cache_kv is not None and not is_prefill(cache_index):
+            raise ValueError("query_at_BxQ is for full-sequence passes and prefills, not a "
+                             "decode step")
+        blocked = branches is not None and not _gathered(query_at_BxQ)
+        query_at = query_at_BxQ
+        if blocked:  # queries from the window's first slot, or the prefix's end, to the last
+            start = 0 if query_at_BxQ is None else query_at_BxQ[0]
+            query_at = (min(start, branches.prefix), branches.slots)
+        # Keys are every slot; the queries' positions are those at their slots.
         key_positions_BxL = positions_BxL
-        query_branch_BxL = branches_BxL
-        if query_at_BxQ is not None:
-            if cache_kv is not None and not is_prefill(cache_index):
-                raise ValueError("query_at_BxQ is for full-sequence passes and prefills, not "
-                                 "a decode step")
-            x_query = rows_at(x_BxLxD, query_at_BxQ)
-            positions_BxL = rows_at(positions_BxL, query_at_BxQ)
-            if branches_BxL is not None:
-                query_branch_BxL = rows_at(branches_BxL, query_at_BxQ)
-        else:
-            x_query = x_BxLxD
+        x_query = x_BxLxD if query_at is None else rows_at(x_BxLxD, query_at)
+        if query_at is not None:
+            positions_BxL = rows_at(positions_BxL, query_at)
         q = dense(x_query, self.q[...].astype(dt))
         k = dense(x_BxLxD, self.k[...].astype(dt))
         v = dense(x_BxLxD, self.v[...].astype(dt))
@@ -296,12 +305,25 @@ class Attention(nnx.Module):
         length = x_query.shape[1]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # B x K x L x H
         chunk_kv = (k, v)
-        if query_at_BxQ is None:
+        b, kv, h = x_BxLxD.shape[0], cfg.num_kv_heads, cfg.head_dim
+        groups = cfg.num_heads // kv
+        scale = cfg.query_scale or cfg.head_dim**-0.5
+        q = q.reshape(b, length, kv, groups, h)
+        if blocked:
+            out = attend_branched(q, k, v, key_mask_BxS, positions_BxL, key_positions_BxL,
+                                  branches, scale, dt, local=local, window=cfg.sliding_window)
+            if query_at_BxQ is not None:  # the window's slots of those computed
+                out = out[:, query_at_BxQ[0] - query_at[0]: query_at_BxQ[1] - query_at[0]]
+                length = out.shape[1]
+            y = dense(out.reshape(b, length, cfg.num_heads, h), self.o[...].astype(dt),
+                      contract=2)
+            return y, chunk_kv
+        if query_at is None:
             query_slot = jnp.arange(length)
-        elif isinstance(query_at_BxQ, tuple):
-            query_slot = jnp.arange(*query_at_BxQ)
+        elif isinstance(query_at, tuple):
+            query_slot = jnp.arange(*query_at)
         else:
-            query_slot = query_at_BxQ
+            query_slot = query_at
         if cache_kv is not None:
             query_slot = cache_index + query_slot
             if is_prefill(cache_index):
@@ -315,32 +337,29 @@ class Attention(nnx.Module):
         key_slot = jnp.arange(k.shape[2])
         causal = key_slot <= query_slot[..., None]  # L x S, or B x Q x S (query_at_BxQ)
         visible_BxLxS = (causal if causal.ndim == 3 else causal[None]) & key_mask_BxS[:, None, :]
-        if branches_BxL is not None:
-            key_branch, query_branch = branches_BxL[:, None, :], query_branch_BxL[:, :, None]
+        if branches is not None:  # queries at per-row slots: their branch ids from the slots
+            key_branch = jnp.asarray(branches.ids())[None, None, :]
+            query_branch = branches.ids_at(query_slot)[..., None]
             visible_BxLxS &= (key_branch == 0) | (key_branch == query_branch)
-        if local is not False:
-            if key_positions_BxS is None:
-                key_positions_BxS = key_positions_BxL
-            near = positions_BxL[:, :, None] - key_positions_BxS[:, None, :] < cfg.sliding_window
-            visible_BxLxS &= near if local is True else near | ~local
-
+        if key_positions_BxS is None:
+            key_positions_BxS = key_positions_BxL
+        near = window_mask(positions_BxL, key_positions_BxS, cfg.sliding_window, local)
+        if near is not None:
+            visible_BxLxS &= near
         # A key head's group of query heads stacked on the query axis, [batch, kv_heads,
         # groups * length, head_dim]: both products are then plain batched matmuls, with no
         # size-1 group axis for XLA:CPU to transpose around (one group: the usual layout).
-        b, kv, h = x_BxLxD.shape[0], cfg.num_kv_heads, cfg.head_dim
-        groups, slots = cfg.num_heads // kv, k.shape[2]
-        q = q.reshape(b, length, kv, groups, h).transpose(0, 2, 3, 1, 4)
-        q = q.reshape(b, kv, groups * length, h)
-        scores = jnp.einsum("bkqh,bksh->bkqs", q, k.astype(dt)).astype(jnp.float32)
-        scores = scores.reshape(b, kv, groups, length, slots) * (
-            cfg.query_scale or cfg.head_dim**-0.5)
-        scores = jnp.where(visible_BxLxS[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kv, groups * length, slots)
-        out = jnp.einsum("bkqs,bksh->bkqh", probs, v.astype(dt))
+        q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * length, h)
+        out = attend(q, k, v, visible_BxLxS[:, None, None], groups, scale, dt)
         out = out.reshape(b, kv, groups, length, h).transpose(0, 3, 1, 2, 4)
         out = out.reshape(b, length, cfg.num_heads, h)
         y = dense(out, self.o[...].astype(dt), contract=2)
         return y, chunk_kv
+
+
+def _gathered(query_at) -> bool:
+    """Queries at per-row slots (an array), not all slots or a static window."""
+    return query_at is not None and not isinstance(query_at, tuple)
 
 
 MLP_ACTIVATIONS = {"silu": jax.nn.silu,
@@ -436,15 +455,15 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.width, cfg, rngs)
 
     def __call__(self, tokens_BxL, positions_BxL, key_mask_BxS, *, segments_BxL=None,
-                 branches_BxL=None, cache: KVCache | None = None, cache_index=None,
-                 read_at_BxQ=None):
+                 branches: Branches | None = None, cache: KVCache | None = None,
+                 cache_index=None, read_at_BxQ=None):
         """Hidden states `[batch, length, width]` (and the cache). `read_at_BxQ` (no cache): the
         hidden states at those slots of each row only, `[batch, Q, width]` - the last block
         runs its queries, MLP and the final norm there alone (a score read at one token, the
         logits of a response). Per-row slots `[batch, Q]`, or a static `(start, stop)` window."""
-        if cache is not None and (branches_BxL is not None or (
+        if cache is not None and (branches is not None or (
                 read_at_BxQ is not None and not is_prefill(cache_index))):
-            raise ValueError("branches_BxL and read_at_BxQ are for full-sequence passes (and "
+            raise ValueError("branches and read_at_BxQ are for full-sequence passes (and "
                              "read_at_BxQ for a prefill at cache_index 0); a decode step has "
                              "neither")
         dt = jnp.dtype(self.cfg.dtype)
@@ -459,7 +478,7 @@ class Transformer(nnx.Module):
             x = x + jnp.take(segment_table, segments_BxL, axis=0).astype(dt)
         x = sharding.constrain(x, ("batch", "length", "embed_act"))
         if cache is None:
-            x = self._blocks(x, positions_BxL, key_mask_BxS, branches_BxL, read_at_BxQ)
+            x = self._blocks(x, positions_BxL, key_mask_BxS, branches, read_at_BxQ)
             return self.final_norm(x), None
         # A decode step's keys are the cache's slots; their positions count its valid slots.
         key_positions = None
@@ -567,20 +586,3 @@ class Transformer(nnx.Module):
             carry = layer(carry, *last, query_at=read_at)
         x, k_all, v_all, _ = carry
         return x, KVCache(k_all, v_all)
-
-
-def positions_from_mask(mask_BxL):
-    """Position of each token among the valid ones (pads repeat a neighbour's; they are masked)."""
-    return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def branched_layout(prompt_mask_BxP, *branch_masks_BxR):
-    """Positions and branch ids for `[prompt | branch 1 | branch 2 | ...]`: each branch's tokens
-    get the positions they would have right after the prompt, and branch id k (the prompt 0)."""
-    prompt_length = prompt_mask_BxP.astype(jnp.int32).sum(axis=1, keepdims=True)
-    positions = [positions_from_mask(prompt_mask_BxP)]
-    branches = [jnp.zeros(prompt_mask_BxP.shape, jnp.int32)]
-    for k, mask in enumerate(branch_masks_BxR, start=1):
-        positions.append(prompt_length + positions_from_mask(mask))
-        branches.append(jnp.full(mask.shape, k, jnp.int32))
-    return jnp.concatenate(positions, axis=1), jnp.concatenate(branches, axis=1)
