@@ -42,6 +42,23 @@ def test_slices_are_described_without_a_tpu():
     assert [{d.slice_index for d in row.flat} for row in grid] == [{0}, {1}]
 
 
+def test_branched_attention_is_blocked_on_cpu_and_masked_on_a_tpu_slice():
+    """Branch-by-branch attention where it was measured faster (XLA:CPU); a TPU program keeps
+    the masked form (`models.attention.blocked_here`)."""
+    from alignment_gap.models.attention import blocked_here
+    from alignment_gap.presets import meshes
+
+    tpu = topology.resolve("v5p-8")
+    tpu_mesh = sharding.mesh_from_grid(topology.device_grid(tpu, (1, 4, 1)))
+    cpu_mesh = sharding.make_mesh(meshes.get_config("cpu"))
+    rules = meshes.get_config("cpu").rules
+    choices = {}
+    for name, mesh in (("tpu", tpu_mesh), ("cpu", cpu_mesh)):
+        with sharding.use(mesh, rules):
+            choices[name] = blocked_here()
+    assert choices == {"tpu": False, "cpu": True}
+
+
 def _build(variant, topo, **model):
     config = policy_configs.get_config(variant)
     config.mesh.data, config.mesh.fsdp = 1, -1  # every chip shards parameters and batch

@@ -11,6 +11,12 @@ repeated per branch): for a 64-token prompt and two 24-token responses, 8,320 sc
 instead of 12,544, and the softmax, its backward pass and the value product shrink with them.
 The results equal the dense form's within float rounding (tests/test_models.py).
 
+Where: on CPU meshes (`blocked_here`), where it was measured faster (bench/RESULTS.md: the mini
+update step 28% less time, proxy scoring 17%). Accelerators keep the masked form: XLA:TPU's cost
+model counts more bytes accessed for the blocked one at the TPU shapes of bench/scale_table.py
+(60m and 770m on a v5e-8: 2-3% fewer FLOPs, 12% more bytes, and the update is memory-bound
+there), and no accelerator has measured either yet.
+
 Layouts: queries `[batch, kv_heads, groups * Q, head_dim]` (a key head's query heads stacked
 on the query axis, so both products are plain batched matmuls), keys and values `[batch,
 kv_heads, S, head_dim]`, any extra batch axes after `kv_heads`.
@@ -67,6 +73,14 @@ def branched_layout(prompt_mask_BxP, *branch_masks_BxR):
 def positions_from_mask(mask_BxL):
     """Position of each token among the valid ones (pads repeat a neighbour's; they are masked)."""
     return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def blocked_here() -> bool:
+    """Whether branched sequences attend branch by branch under the current mesh: on CPU (or,
+    outside a mesh, on a CPU default backend); accelerators keep masked dense attention."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return (device.platform if device is not None else jax.default_backend()) == "cpu"
 
 
 def window_mask(query_positions, key_positions, window, local):

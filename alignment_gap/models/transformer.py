@@ -9,8 +9,8 @@ Optional `branches` let several continuations of one prompt share a single seque
 (`[prompt | y1 | y2]`): branch 0 is the shared prefix, and a token of branch k > 0 attends to
 the prefix and to earlier tokens of its own branch only - exactly what it would see in its own
 `[prompt | yk]` sequence, with the prompt computed once instead of once per continuation.
-The layout is static (`attention.Branches`: prefix length, branch count and length), so
-attention computes only the scores a branch can see (`attention.attend_branched`).
+The layout is static (`attention.Branches`: prefix length, branch count and length), so on
+CPU attention computes only the scores a branch can see (`attention.attend_branched`).
 
 The KV cache is a plain pytree (`KVCache`) passed in and returned, so the sampler can run it
 through `jax.lax.while_loop` under `jax.jit` without any mutable module state.
@@ -49,6 +49,7 @@ from alignment_gap.models.attention import (
     Branches,
     attend,
     attend_branched,
+    blocked_here,
     positions_from_mask,
     window_mask,
 )
@@ -275,13 +276,14 @@ class Attention(nnx.Module):
         `key_positions_BxS` (default: the chunk's own). `query_at_BxQ` (no cache): queries at
         those slots of each row only, output `[batch, Q, width]`; keys are every slot.
         `branches` (no cache): the chunk is a branched sequence; over all slots or a static
-        window its scores are computed branch by branch (`attention.attend_branched`).
+        window, on CPU, its scores are computed branch by branch (`attention.attend_branched`),
+        else masked.
         """
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         if query_at_BxQ is not None and cache_kv is not None and not is_prefill(cache_index):
             raise ValueError("query_at_BxQ is for full-sequence passes and prefills, not a "
                              "decode step")
-        blocked = branches is not None and not _gathered(query_at_BxQ)
+        blocked = branches is not None and not _gathered(query_at_BxQ) and blocked_here()
         query_at = query_at_BxQ
         if blocked:  # queries from the window's first slot, or the prefix's end, to the last
             start = 0 if query_at_BxQ is None else query_at_BxQ[0]
