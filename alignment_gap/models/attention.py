@@ -4,18 +4,18 @@ and its branched form, which computes only the scores a branched sequence can se
 A branched sequence is `[prefix | branch 1 | ... | branch n]` (`Branches`): several
 continuations of one prompt in one row, each reading the prefix and its own earlier tokens
 only (`transformer` explains the layout). Masked dense attention over it computes every
-query against every slot and throws most of them away: the prefix's queries against the
-branches, each branch against the others. `attend_branched` computes the prefix's queries
-against the prefix, and each branch's queries against `[prefix | itself]` (the prefix's keys
-repeated per branch): for a 64-token prompt and two 24-token responses, 8,320 scores per head
-instead of 12,544, and the softmax, its backward pass and the value product shrink with them.
-The results equal the dense form's within float rounding (tests/test_models.py).
+query against every slot and throws away the prefix's queries against the branches and each
+branch's against the others. `attend_branched` computes the prefix's queries against the
+prefix, and each branch's queries against `[prefix | itself]` (the prefix's keys repeated per
+branch): for a 64-token prompt and two 24-token responses, 8,320 scores per head instead of
+12,544, and the softmax, its backward pass and the value product shrink with them. The results
+equal the dense form's within float rounding (tests/test_models.py).
 
-Where: on CPU meshes (`blocked_here`), where it was measured faster (bench/RESULTS.md: the mini
-update step 28% less time, proxy scoring 17%). Accelerators keep the masked form: XLA:TPU's cost
-model counts more bytes accessed for the blocked one at the TPU shapes of bench/scale_table.py
-(60m and 770m on a v5e-8: 2-3% fewer FLOPs, 12% more bytes, and the update is memory-bound
-there), and no accelerator has measured either yet.
+Where: on CPU meshes (`blocked_here`), where it was measured faster (bench/RESULTS.md: the
+mini update step 28% less time, proxy ranking 18-20%). Accelerators keep the masked form:
+XLA:TPU's cost model counts more bytes accessed for the blocked one at the TPU shapes of
+bench/scale_table.py (60m and 770m on a v5e-8: 2-3% fewer FLOPs, 12% more bytes, and the
+update is memory-bound there), and no accelerator has measured either yet.
 
 Layouts: queries `[batch, kv_heads, groups * Q, head_dim]` (a key head's query heads stacked
 on the query axis, so both products are plain batched matmuls), keys and values `[batch,
