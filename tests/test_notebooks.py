@@ -13,7 +13,6 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.usefixtures("optimized_xla")  # runs studies / notebooks
 NOTEBOOKS = ("inspect_results.ipynb", "pretrained_online.ipynb")
 PIP = [sys.executable, "-m", "pip", "install", "-q"]
 

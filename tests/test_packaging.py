@@ -11,10 +11,7 @@ import site
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.usefixtures("optimized_xla")  # runs studies / notebooks
 
 
 def _run(*args, cwd, timeout=600):

@@ -3,11 +3,9 @@
 import os
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.usefixtures("optimized_xla")  # runs studies / notebooks
 
 
 def test_pretrained_notebook_samples_trains_and_plots(monkeypatch):

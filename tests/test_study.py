@@ -19,10 +19,8 @@ from alignment_gap.study import pipeline, results, scheduler
 from alignment_gap.study.hypotheses import coverage
 from bench import chaos
 from configs import study as study_configs
-from tests.conftest import TEST_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.usefixtures("optimized_xla")  # runs studies / notebooks
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +136,10 @@ def test_aot_report_holds_every_program_the_smoke_study_runs(smoke, tmp_path):
     ran = set(re.findall(r"Compiling jit\((\w+)\)", log)) - EAGER_OPS - ONE_CPU_PROGRAMS
     # Which programs, not how they compile for a TPU (tests/test_aot.py does that): 4 fake CPU
     # devices at the tests' quick XLA settings (24 s here against 49 s for v5e-4).
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}")
     out = subprocess.run([sys.executable, "-m", "alignment_gap.compile", "--config",
                           "configs/study.py:smoke", "--topology", "cpu:4", "--nocosts",
                           "--out", str(tmp_path / "smoke.json")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env=env)
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     compiled = {p["program"] for p in json.loads((tmp_path / "smoke.json").read_text())[
         "programs"]}
