@@ -111,7 +111,7 @@ class _Loop(NamedTuple):
 
 def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache: bool = True,
            samples_per_prompt: int = 1, predraw_noise_bytes: int = PREDRAW_NOISE_BYTES,
-           group: tuple[jax.Array, int] | None = None):
+           group: tuple[jax.Array, int] | None = None, run_axis: str | None = None):
     """Sample up to `cfg.max_new_tokens` tokens per prompt. Traceable; see `Sampler`.
 
     `samples_per_prompt` n > 1 draws n responses per prompt in one decode loop (rows: every
@@ -119,7 +119,9 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
     copied to its n rows. Every step's Gumbel noise is drawn before the loop when it fits in
     `predraw_noise_bytes` (the same draws as one per step). `group` (first, total): these
     prompts are prompts first .. of a batch of `total`, and draw the noise that batch's rows
-    would (so a batch sampled in groups gives the tokens it gives whole).
+    would (so a batch sampled in groups gives the tokens it gives whole). `run_axis`: the name
+    of a `vmap` axis of stacked runs (`train/stacked.py`) that decode in one loop until every
+    run is done.
     """
     n = samples_per_prompt
     tile = lambda x: jnp.tile(x, (n,) + (1,) * (x.ndim - 1)) if n > 1 else x
@@ -153,7 +155,13 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
         noise = noise if group is None else noise[:, rows]
 
     def cond(s: _Loop):
-        return (s.step < r) & ~jnp.all(s.done)
+        pending = ~jnp.all(s.done)
+        if run_axis is not None:
+            # Summed over the runs, the predicate is the same for all: vmap keeps one loop and
+            # an unbatched step, where a per-run predicate would select every carry (the whole
+            # cache) per run at each step and write the cache by scatter.
+            pending = jax.lax.psum(pending.astype(jnp.int32), run_axis) > 0
+        return (s.step < r) & pending
 
     def body(s: _Loop):
         if noise is None and group is None:
