@@ -197,6 +197,40 @@ def test_stacked_sampler_and_ranking_equal_each_runs_own(mini_config):
     assert not np.array_equal(out.tokens[0], out.tokens[1])  # the runs drew their own
 
 
+def test_a_stacked_run_that_is_done_stays_done_while_another_decodes(mini_config):
+    """Greedy decoding of one repeated prompt: with EOS set to run 0's first token, all of run
+    0's rows end at the first step while run 1 decodes on (the loop is shared); each run still
+    gets exactly what its own sampler gives it."""
+    runs = [language_model(mini_config, seed=seed)[0] for seed in range(2)]
+    _, mesh, rules = language_model(mini_config)
+    rng = np.random.default_rng(1)
+    prompt, mask = random_prompts(rng, 1, P, runs[0].cfg.vocab_size)
+    other, other_mask = random_prompts(rng, BATCH, P, runs[1].cfg.vocab_size)
+    prompts = [np.repeat(prompt, BATCH, axis=0), other]
+    masks = [np.repeat(mask, BATCH, axis=0), other_mask]
+    params = [nnx.state(lm) for lm in runs]
+    greedy = SamplingConfig(max_new_tokens=R, temperature=0.0, eos_id=-1, pad_id=0)
+    first = Sampler(runs[0], mesh, rules, greedy)(params[0], prompts[0], masks[0],
+                                                   jax.random.key(0)).tokens[0, 0]
+    cfg = SamplingConfig(max_new_tokens=R, temperature=0.0, eos_id=int(first), pad_id=0)
+    sampler = Sampler(runs[0], mesh, rules, cfg, samples_per_prompt=2)
+    apart = [sampler(state, p, m, jax.random.key(0)) for state, p, m in
+             zip(params, prompts, masks, strict=True)]
+    assert (apart[0].mask.sum(axis=1) == 1).all()  # run 0: EOS first, for every row
+    assert apart[1].mask.sum() > 2 * BATCH  # run 1 decodes past the first step
+    with sharding.use(mesh, rules):
+        state_sh = sharding.state_shardings(params[0], mesh)
+    sample = stacked.stacked_sampler(nnx.graphdef(runs[0]), mesh, rules, state_sh, cfg,
+                                     samples_per_prompt=2)
+    out = sample(stacked.stack(params), stacked.stack([jnp.asarray(p) for p in prompts]),
+                 stacked.stack([jnp.asarray(m) for m in masks]),
+                 jnp.stack([jax.random.key(0)] * 2))
+    for i, one in enumerate(apart):
+        np.testing.assert_array_equal(out.tokens[i], one.tokens)
+        np.testing.assert_array_equal(out.mask[i], one.mask)
+        np.testing.assert_allclose(out.logprobs[i], one.logprobs, rtol=1e-5, atol=1e-5)
+
+
 def test_an_unknown_loss_and_runs_that_do_not_divide_the_mesh_are_named():
     with pytest.raises(ValueError, match="'ipo2' is unknown"):
         stacked.settings_arrays([stacked.RunSettings(1e-3, 0.1, "ipo2")])

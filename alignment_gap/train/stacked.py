@@ -217,8 +217,8 @@ def stacked_rank(proxy, mesh, rules, microbatches: int = 1, name: str = "stacked
     def run(proxy_state, prompts, prompt_masks, tokens, masks):
         # One proxy for every run, and rows do not interact: the runs' pairs are one batch,
         # scored in slices of one run's slice size (`microbatches` per run). At the mini
-        # shape 4 runs ranked 6x one run's time as a vmap over the runs (all rows at once),
-        # 4.1x in slices (bench/RESULTS.md).
+        # shape 4 runs ranked in about 6x one run's time as a vmap over the runs (all rows at
+        # once), 4.1-4.3x in slices (bench/RESULTS.md).
         runs, b = prompts.shape[:2]
         merged = lambda x: x.reshape(runs * x.shape[1], *x.shape[2:])
         responses = lambda x: jnp.concatenate([merged(x[:, :b]), merged(x[:, b:])])
