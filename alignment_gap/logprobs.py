@@ -26,12 +26,14 @@ def response_logits(lm, prompt_BxP, prompt_mask_BxP, response_BxR, response_mask
 
 def pair_response_logits(lm, prompt_BxP, prompt_mask_BxP, first_BxR, first_mask_BxR,
                          second_BxR, second_mask_BxR):
-    """Logits of two responses to one prompt, `[2 * batch, R, vocab]` (first rows, then second).
+    """Logits of two responses to one prompt, `[2, batch, R, vocab]` (first, then second).
 
     One pass over `[prompt | first | second]` with branch ids: the prompt is computed once and
     each response attends to the prompt and to itself only, with the positions it would have
     after the prompt alone - the same logits as two `response_logits` calls over
-    `[prompt | first]` and `[prompt | second]` (a third fewer tokens when P = 2R).
+    `[prompt | first]` and `[prompt | second]` (a third fewer tokens when P = 2R). The pair axis
+    leads, unsharded: rows stay where the batch is sharded (joined along the batch axis, the
+    two halves had to be exchanged between devices, 12 all-to-alls per data-parallel update).
     """
     p, r = prompt_BxP.shape[1], first_BxR.shape[1]
     tokens = jnp.concatenate([prompt_BxP, first_BxR, second_BxR], axis=1)
@@ -44,7 +46,7 @@ def pair_response_logits(lm, prompt_BxP, prompt_mask_BxP, first_BxR, first_mask_
                    logits_window=(p - 1, p + 2 * r - 1))
     first = logits[:, :r]
     second = jnp.concatenate([logits[:, :1], logits[:, r + 1:]], axis=1)
-    return jnp.concatenate([first, second], axis=0)
+    return jnp.stack([first, second])
 
 
 def token_logprobs(logits_BxRxV, tokens_BxR):
@@ -62,7 +64,8 @@ def sequence_logprobs(lm, prompt_BxP, prompt_mask_BxP, response_BxR, response_ma
 
 
 def per_token_kl(logits_p_BxRxV, logits_q_BxRxV, mask_BxR):
-    """Exact KL(p || q) over the vocabulary at each valid position, `[batch, R]`."""
+    """Exact KL(p || q) over the vocabulary at each valid position, `[batch, R]` (any leading
+    axes)."""
     logp = jax.nn.log_softmax(logits_p_BxRxV, axis=-1)
     logq = jax.nn.log_softmax(logits_q_BxRxV, axis=-1)
     kl = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)

@@ -214,9 +214,10 @@ def test_one_pass_over_prompt_and_both_responses_equals_two_passes(mini_config, 
                                                                    overrides):
     lm, mesh, rules = language_model(mini_config, shape, **overrides)
     prompt, prompt_mask, y1, y1_mask, y2, y2_mask = _two_responses(mini_config)
+    # `[2, batch, R, vocab]`, pair axis first; rows joined here as the separate passes give them.
+    pair = jax.jit(lambda *a: jnp.concatenate(logprobs.pair_response_logits(*a)))
     with sharding.use(mesh, rules):
-        shared = jax.jit(logprobs.pair_response_logits)(lm, prompt, prompt_mask, y1, y1_mask, y2,
-                                                        y2_mask)
+        shared = pair(lm, prompt, prompt_mask, y1, y1_mask, y2, y2_mask)
         separate = jax.jit(lambda m: jnp.concatenate([
             logprobs.response_logits(m, prompt, prompt_mask, y1, y1_mask),
             logprobs.response_logits(m, prompt, prompt_mask, y2, y2_mask)]))(lm)
@@ -224,8 +225,7 @@ def test_one_pass_over_prompt_and_both_responses_equals_two_passes(mini_config, 
     assert shared.shape == separate.shape == (12, 6, mini_config.vocab_size)
     np.testing.assert_allclose(np.asarray(shared)[valid], np.asarray(separate)[valid], atol=2e-5)
     # The second response never reads the first: changing the first leaves it unchanged.
-    other = jax.jit(logprobs.pair_response_logits)(lm, prompt, prompt_mask, (y1 + 5) % 500 + 2,
-                                                   y1_mask, y2, y2_mask)
+    other = pair(lm, prompt, prompt_mask, (y1 + 5) % 500 + 2, y1_mask, y2, y2_mask)
     np.testing.assert_allclose(np.asarray(other)[6:][y2_mask], np.asarray(shared)[6:][y2_mask],
                                atol=2e-5)
     assert not np.allclose(np.asarray(other)[:6][y1_mask], np.asarray(shared)[:6][y1_mask])

@@ -35,11 +35,11 @@ from alignment_gap.train.state import init_train_state, make_optimizer, make_upd
 
 
 def _pair_logits(model, batch: PreferenceBatch):
-    """Response logits of chosen (rows [:B]) and rejected ([B:]), the prompt computed once."""
+    """Response logits of chosen ([0]) and rejected ([1]), the prompt computed once."""
     logits = logprobs.pair_response_logits(model, batch.prompt, batch.prompt_mask, batch.chosen,
                                            batch.chosen_mask, batch.rejected, batch.rejected_mask)
-    responses = jnp.concatenate([batch.chosen, batch.rejected])
-    masks = jnp.concatenate([batch.chosen_mask, batch.rejected_mask])
+    responses = jnp.stack([batch.chosen, batch.rejected])
+    masks = jnp.stack([batch.chosen_mask, batch.rejected_mask])
     return logits, responses, masks
 
 
@@ -52,14 +52,12 @@ def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
         ref_logits = jax.lax.stop_gradient(_pair_logits(reference, batch)[0])
         per_token = jnp.where(masks, logprobs.token_logprobs(logits, responses), 0.0)
         ref_per_token = jnp.where(masks, logprobs.token_logprobs(ref_logits, responses), 0.0)
-        seq, ref_seq = per_token.sum(-1), ref_per_token.sum(-1)
-        b = batch.prompt.shape[0]
-        policy_w, policy_l, ref_w, ref_l = seq[:b], seq[b:], ref_seq[:b], ref_seq[b:]
+        (policy_w, policy_l), (ref_w, ref_l) = per_token.sum(-1), ref_per_token.sum(-1)
         loss = jnp.mean(losses.policy_loss(name, beta, policy_w, policy_l, ref_w, ref_l))
         h = losses.margin(policy_w, policy_l, ref_w, ref_l)
         kl = logprobs.per_token_kl(logits, ref_logits, masks)
         lengths = masks.sum(-1)
-        last = jnp.take_along_axis(responses, jnp.maximum(lengths - 1, 0)[:, None], -1)[:, 0]
+        last = jnp.take_along_axis(responses, jnp.maximum(lengths - 1, 0)[..., None], -1)[..., 0]
         return loss, {
             "h": jnp.mean(h),
             "chosen_logratio": jnp.mean(policy_w - ref_w),
