@@ -33,7 +33,8 @@ def pair_response_logits(lm, prompt_BxP, prompt_mask_BxP, first_BxR, first_mask_
     after the prompt alone - the same logits as two `response_logits` calls over
     `[prompt | first]` and `[prompt | second]` (a third fewer tokens when P = 2R). The pair axis
     leads, unsharded: rows stay where the batch is sharded (joined along the batch axis, the
-    two halves had to be exchanged between devices, 12 all-to-alls per data-parallel update).
+    two halves were exchanged between devices: 12 all-to-alls in a peer-shape update on two CPU
+    devices, 32 collective-permutes in a mini one on a v5e-8; bench/RESULTS.md).
     """
     p, r = prompt_BxP.shape[1], first_BxR.shape[1]
     tokens = jnp.concatenate([prompt_BxP, first_BxR, second_BxR], axis=1)
