@@ -24,7 +24,7 @@ from alignment_gap.batches import PreferenceBatch
 from alignment_gap.data.pipelines import encode_prompt
 from alignment_gap.data.pretrained_tokenizers import load_tokenizer
 from alignment_gap.presets import meshes
-from alignment_gap.sampling import Sampler, SamplingConfig
+from alignment_gap.sampling import Sampler, SamplingConfig, per_sample
 from alignment_gap.train.policy import make_policy_loss
 from alignment_gap.train.state import init_train_state, make_update_step
 
@@ -89,11 +89,9 @@ class OnlineDemo:
         """Sample two responses per prompt, let the judge order them, one IPO update."""
         out = self.pair_sampler(self.state.params, self.prompt, self.prompt_mask,
                                 self._next_key())
-        n = len(self.prompts)
-        texts = self._texts(out.tokens)
-        first_wins = jnp.asarray([self.judge(p, texts[i], texts[n + i]) >= 0.5
-                                  for i, p in enumerate(self.prompts)])[:, None]
-        a, b = (out.tokens[:n], out.mask[:n]), (out.tokens[n:], out.mask[n:])
+        a, b = zip(per_sample(out.tokens, 2), per_sample(out.mask, 2), strict=True)
+        first_wins = jnp.asarray([self.judge(p, y1, y2) >= 0.5 for p, y1, y2 in zip(
+            self.prompts, self._texts(a[0]), self._texts(b[0]), strict=True)])[:, None]
         pick = lambda x, y: jnp.where(first_wins, x, y)
         batch = PreferenceBatch(self.prompt, self.prompt_mask, pick(a[0], b[0]),
                                 pick(a[1], b[1]), pick(b[0], a[0]), pick(b[1], a[1]))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import math
 from typing import NamedTuple
 
@@ -69,10 +68,28 @@ def first_argmax(x_BxV):
 PREDRAW_NOISE_BYTES = 32 << 20
 
 
-def step_noise(key, steps: int, shape):
-    """`[steps, *shape]` Gumbel noise, step t's the same as `gumbel(fold_in(key, t), shape)`."""
-    draw = lambda t: jax.random.gumbel(jax.random.fold_in(key, t), shape, jnp.float32)
+def gumbel_rows(key, samples: int, prompts: int, vocab: int):
+    """`[prompts * samples, vocab]` Gumbel noise for prompt-major rows (prompt i's k-th sample
+    at row `i * samples + k`). Row `i * samples + k` gets what row `k * prompts + i` of
+    `gumbel(key, (samples * prompts, vocab))` gets (jax's threefry counts elements in order),
+    so the draws do not depend on the layout; drawn this way they are drawn where their rows
+    live."""
+    noise = jax.random.gumbel(key, (samples, prompts, vocab), jnp.float32)
+    return jnp.swapaxes(noise, 0, 1).reshape(prompts * samples, vocab)
+
+
+def step_noise(key, steps: int, samples: int, prompts: int, vocab: int):
+    """`[steps, prompts * samples, vocab]` Gumbel noise, step t's the same as
+    `gumbel_rows(fold_in(key, t), ...)`."""
+    draw = lambda t: gumbel_rows(jax.random.fold_in(key, t), samples, prompts, vocab)
     return jax.vmap(draw)(jnp.arange(steps))
+
+
+def per_sample(rows, samples: int) -> list:
+    """A `samples_per_prompt` call's output rows as `samples` arrays, the k-th holding every
+    prompt's k-th sample (`[prompts, ...]`). Rows stay on the devices they are on."""
+    grouped = rows.reshape(rows.shape[0] // samples, samples, *rows.shape[1:])
+    return [grouped[:, k] for k in range(samples)]
 
 
 def choose_tokens(logits_BxV, key, cfg: SamplingConfig, noise_BxV=None):
@@ -114,9 +131,10 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
            group: tuple[jax.Array, int] | None = None, run_axis: str | None = None):
     """Sample up to `cfg.max_new_tokens` tokens per prompt. Traceable; see `Sampler`.
 
-    `samples_per_prompt` n > 1 draws n responses per prompt in one decode loop (rows: every
-    prompt's first sample, then every second, ...); each prompt is prefilled once and its cache
-    copied to its n rows. Every step's Gumbel noise is drawn before the loop when it fits in
+    `samples_per_prompt` n > 1 draws n responses per prompt in one decode loop, prompt-major
+    (prompt i's samples at rows `i * n .. i * n + n - 1`: on a data-parallel mesh they stay on
+    their prompt's device; `per_sample` splits them); each prompt is prefilled once and its
+    cache copied to its n rows. Every step's Gumbel noise is drawn before the loop when it fits in
     `predraw_noise_bytes` (the same draws as one per step). `group` (first, total): these
     prompts are prompts first .. of a batch of `total`, and draw the noise that batch's rows
     would (so a batch sampled in groups gives the tokens it gives whole). `run_axis`: the name
@@ -124,7 +142,7 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
     run is done.
     """
     n = samples_per_prompt
-    tile = lambda x: jnp.tile(x, (n,) + (1,) * (x.ndim - 1)) if n > 1 else x
+    repeat = lambda x: jnp.repeat(x, n, axis=0) if n > 1 else x
     prompts, p = prompt_BxP.shape
     batch, r = n * prompts, cfg.max_new_tokens
     prompt_mask_BxP = prompt_mask_BxP.astype(bool)
@@ -137,22 +155,20 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
     else:
         cache = None
         logits, _ = lm(prompt_BxP, prompt_mask_BxP, logits_window=(p - 1, p))
-    logits = tile(logits)
-    prompt_BxP, prompt_mask_BxP = tile(prompt_BxP), tile(prompt_mask_BxP)
+    logits = repeat(logits)
+    prompt_BxP, prompt_mask_BxP = repeat(prompt_BxP), repeat(prompt_mask_BxP)
     seq_mask = jnp.concatenate([prompt_mask_BxP, jnp.zeros((batch, r), bool)], axis=1)
     sequence = jnp.concatenate([prompt_BxP, jnp.full((batch, r), cfg.pad_id, jnp.int32)], axis=1)
     first_position = prompt_mask_BxP.sum(axis=1).astype(jnp.int32)
     vocab = logits.shape[-1]
-    rows = jnp.arange(batch)  # this call's rows among the rows its noise is drawn for
-    drawn = batch
-    if group is not None:
-        first, total = group
-        rows = (rows // prompts) * total + first + rows % prompts
-        drawn = n * total
+    # The noise is drawn for the rows of the whole batch (`total` prompts) and this call's rows
+    # taken from it: prompt-major, a group's rows are one block.
+    first, total = (0, prompts) if group is None else group
+    mine = lambda x, axis: x if group is None else jax.lax.dynamic_slice_in_dim(
+        x, n * first, batch, axis)
     noise = None
-    if cfg.temperature != 0.0 and r * drawn * vocab * 4 <= predraw_noise_bytes:
-        noise = step_noise(key, r, (drawn, vocab))
-        noise = noise if group is None else noise[:, rows]
+    if cfg.temperature != 0.0 and r * n * total * vocab * 4 <= predraw_noise_bytes:
+        noise = mine(step_noise(key, r, n, total, vocab), 1)
 
     def cond(s: _Loop):
         pending = ~jnp.all(s.done)
@@ -164,12 +180,11 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
         return (s.step < r) & pending
 
     def body(s: _Loop):
-        if noise is None and group is None:
-            token = choose_tokens(s.logits, jax.random.fold_in(key, s.step), cfg)
+        if cfg.temperature == 0.0:
+            token = choose_tokens(s.logits, None, cfg)
         elif noise is None:  # this step's draw for the whole batch, at this call's rows
-            draw = jax.random.gumbel(jax.random.fold_in(key, s.step), (drawn, vocab),
-                                     s.logits.dtype)
-            token = choose_tokens(s.logits, None, cfg, draw[rows])
+            draw = gumbel_rows(jax.random.fold_in(key, s.step), n, total, vocab)
+            token = choose_tokens(s.logits, None, cfg, mine(draw, 0))
         else:  # no key to derive: this step's noise is already drawn
             token = choose_tokens(s.logits, None, cfg, noise[s.step])
         logprob = token_logprobs(s.logits[:, None], token[:, None])[:, 0]
@@ -237,14 +252,10 @@ def group_sample_program(graphdef, state_shardings_key, mesh, rules, cfg: Sampli
                    out_shardings=SampleOutput(replicated, replicated, replicated))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _merge_groups(outputs: list[SampleOutput], samples_per_prompt: int) -> SampleOutput:
-    """The groups' rows in the whole batch's order: every prompt's first sample, then ..."""
-    def merge(*parts):
-        size = parts[0].shape[0] // samples_per_prompt
-        return jnp.concatenate([x[k * size:(k + 1) * size] for k in range(samples_per_prompt)
-                                for x in parts])
-    return jax.tree.map(merge, *outputs)
+@jax.jit
+def _merge_groups(outputs: list[SampleOutput]) -> SampleOutput:
+    """The groups' rows in the whole batch's order (prompt-major: one block per group)."""
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *outputs)
 
 
 # Side-by-side groups on a one-device CPU mesh, for small models. A decode step's small ops run
@@ -320,4 +331,4 @@ class Sampler:
         else:  # the first call traces and compiles, once: not in every thread at once
             outputs = [one(firsts[0]), *_POOL.map(one, firsts[1:])]
             _TRACED.add(traced)
-        return _merge_groups(outputs, self.samples_per_prompt)
+        return _merge_groups(outputs)

@@ -32,7 +32,7 @@ from alignment_gap.data import pipelines
 from alignment_gap.data.array_records import check_readable
 from alignment_gap.errors import ConfigError
 from alignment_gap.models.heads import both_order_margin
-from alignment_gap.sampling import Sampler, SamplingConfig
+from alignment_gap.sampling import Sampler, SamplingConfig, per_sample
 
 FIELDS = ("prompt", "prompt_mask", "chosen", "chosen_mask", "rejected", "rejected_mask")
 REPLAY_ORDERS = ("tandem", "shuffle", "window")
@@ -156,10 +156,9 @@ def online_sampler(policy, mesh, rules, sampling: SamplingConfig) -> Sampler:
 
 
 def rank_pairs(proxy, prompt, prompt_mask, tokens, mask, microbatches: int = 1):
-    """Each prompt's two samples (rows [:b] and [b:] of `tokens`) as a `PreferenceBatch`,
-    ordered by the proxy's both-order sign rule. Traceable."""
-    b = prompt.shape[0]
-    y1, y1_mask, y2, y2_mask = tokens[:b], mask[:b], tokens[b:], mask[b:]
+    """Each prompt's two samples (`online_sampler`'s rows, prompt-major) as a
+    `PreferenceBatch`, ordered by the proxy's both-order sign rule. Traceable."""
+    (y1, y2), (y1_mask, y2_mask) = per_sample(tokens, 2), per_sample(mask, 2)
     # Scored in `microbatches` sequential slices, as the update is: on CPU a slice's
     # activations stay in cache (bench/RESULTS.md).
     slices = split_rows((prompt, prompt_mask, y1, y1_mask, y2, y2_mask), microbatches)

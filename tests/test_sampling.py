@@ -194,17 +194,57 @@ def test_several_samples_per_prompt_in_one_loop(mini_config):
     two = jax.device_get(Sampler(lm, mesh, rules, greedy, samples_per_prompt=2)(
         state, *batch, jax.random.key(0)))
     b = prompts[0].shape[0]
-    assert two.tokens.shape == (2 * b, 6)  # rows [:b]: first samples, [b:]: second samples
-    np.testing.assert_array_equal(two.tokens[:b], one.tokens)
-    np.testing.assert_array_equal(two.tokens[b:], one.tokens)
+    assert two.tokens.shape == (2 * b, 6)  # prompt-major: rows 2i and 2i + 1 are prompt i's
+    for k, sample_k in enumerate(sampling.per_sample(two.tokens, 2)):
+        np.testing.assert_array_equal(sample_k, one.tokens)
+        np.testing.assert_array_equal(two.tokens[k::2], one.tokens)
     sampled = SamplingConfig(max_new_tokens=6, temperature=1.0, eos_id=-1)
     pair = jax.device_get(Sampler(lm, mesh, rules, sampled, samples_per_prompt=2)(
         state, *batch, jax.random.key(0)))
-    assert (pair.tokens[:b] != pair.tokens[b:]).any()  # two independent samples per prompt
-    per_token, _ = logprobs.sequence_logprobs(lm, np.tile(prompts[0], (2, 1)),
-                                              np.tile(prompts[1], (2, 1)), pair.tokens,
+    assert (pair.tokens[0::2] != pair.tokens[1::2]).any()  # two independent samples per prompt
+    per_token, _ = logprobs.sequence_logprobs(lm, np.repeat(prompts[0], 2, axis=0),
+                                              np.repeat(prompts[1], 2, axis=0), pair.tokens,
                                               pair.mask)
     np.testing.assert_allclose(pair.logprobs, per_token, atol=2e-5)
+
+
+def test_prompt_major_noise_is_the_sample_major_draw_rearranged():
+    """Row i * n + k of `gumbel_rows` is row k * prompts + i of one draw of the whole batch: a
+    prompt's samples sit next to each other without changing any row's draw (the layout
+    before; the online stream of a seed is the same)."""
+    key, n, prompts, vocab = jax.random.key(7), 3, 5, 11
+    flat = np.asarray(jax.random.gumbel(key, (n * prompts, vocab), np.float32))
+    rows = np.asarray(sampling.gumbel_rows(key, n, prompts, vocab))
+    for i in range(prompts):
+        for k in range(n):
+            np.testing.assert_array_equal(rows[i * n + k], flat[k * prompts + i])
+    steps = np.asarray(sampling.step_noise(key, 2, n, prompts, vocab))
+    np.testing.assert_array_equal(
+        steps[1], sampling.gumbel_rows(jax.random.fold_in(key, 1), n, prompts, vocab))
+
+
+def test_online_sampling_and_ranking_keep_each_prompts_samples_on_its_device(mini_config):
+    """On a data-parallel mesh a prompt's two samples are decoded and ranked on the prompt's
+    device: the compiled programs move no rows (with every first sample before every second,
+    the sampler took collective-permutes and all-gathers, the ranking permutes)."""
+    import re
+
+    from alignment_gap.sources import online_sampler, rank_program
+
+    lm, mesh, rules = language_model(mini_config, (2, 1, 1))
+    proxy, _, _ = preference_model(mini_config, (2, 1, 1))
+    prompt, mask = sharding.global_batch(_prompts(), mesh, rules)
+    cfg = SamplingConfig(max_new_tokens=4, temperature=1.0, eos_id=-1)
+    sampler = online_sampler(lm, mesh, rules, cfg)
+    tokens = jax.ShapeDtypeStruct((16, 4), np.int32, sharding=prompt.sharding)
+    with sharding.use(mesh, rules):
+        texts = [sampler.jitted.lower(nnx.state(lm), prompt, mask, jax.random.key(0)),
+                 rank_program(proxy, mesh, rules).lower(
+                     nnx.state(proxy), prompt, mask, tokens, tokens.update(dtype=bool))]
+    for lowered in texts:
+        text = lowered.compile().as_text()
+        ops = re.findall(r"= [^=]*? (all-to-all|collective-permute|all-gather)\(", text)
+        assert not ops, sorted(ops)
 
 
 def test_draws_are_jax_categorical_and_greedy_is_argmax():

@@ -153,13 +153,12 @@ class KVCache:
         return jax.tree.map(lambda x: sharding.constrain(x, axes), self)
 
     def repeat_rows(self, n: int) -> KVCache:
-        """Every row's cache n times (rows: all rows once, then all again, ...)."""
+        """Every row's cache n times, in place (rows: row 0 n times, then row 1, ...), so on
+        a data-parallel mesh the copies stay on their row's device."""
         if n == 1:
             return self
         batch_axis = 1 if self.stacked else 0
-        return jax.tree.map(
-            lambda x: jnp.tile(x, (1,) * batch_axis + (n,) + (1,) * (x.ndim - batch_axis - 1)),
-            self)
+        return jax.tree.map(lambda x: jnp.repeat(x, n, axis=batch_axis), self)
 
 
 def param(rngs: nnx.Rngs, init, shape, axes) -> nnx.Param:

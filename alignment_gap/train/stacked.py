@@ -220,10 +220,9 @@ def stacked_rank(proxy, mesh, rules, microbatches: int = 1, name: str = "stacked
         # shape 4 runs ranked in about 6x one run's time as a vmap over the runs (all rows at
         # once), 4.1-4.3x in slices (bench/RESULTS.md).
         runs, b = prompts.shape[:2]
-        merged = lambda x: x.reshape(runs * x.shape[1], *x.shape[2:])
-        responses = lambda x: jnp.concatenate([merged(x[:, :b]), merged(x[:, b:])])
+        merged = lambda x: x.reshape(runs * x.shape[1], *x.shape[2:])  # samples stay by prompt
         batch = rank_pairs(nnx.merge(proxy_graphdef, proxy_state), merged(prompts),
-                           merged(prompt_masks), responses(tokens), responses(masks),
+                           merged(prompt_masks), merged(tokens), merged(masks),
                            microbatches * runs)
         return jax.tree.map(lambda x: x.reshape(runs, b, *x.shape[1:]), batch)
 
