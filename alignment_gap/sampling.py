@@ -12,23 +12,21 @@ Rows stop at their first EOS (kept, mask 1); later slots are padding (mask 0). T
 early once every row is done.
 
 On a one-device CPU mesh a `Sampler` of a small model runs its batch as two groups of prompts
-side by side, from two threads (`default_groups`): a decode step's small ops keep one core busy,
+side by side, from two threads (`cpu_groups`): a decode step's small ops keep one core busy,
 and XLA:CPU runs calls from different threads at once. Each group draws the noise the whole
 batch's rows would, so the tokens are those of one call.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from alignment_gap import program_cache, sharding
+from alignment_gap import cpu_groups, program_cache, sharding
 from alignment_gap.logprobs import token_logprobs
 from alignment_gap.models.attention import positions_from_mask
 from alignment_gap.models.transformer import KVCache
@@ -252,35 +250,6 @@ def group_sample_program(graphdef, state_shardings_key, mesh, rules, cfg: Sampli
                    out_shardings=SampleOutput(replicated, replicated, replicated))
 
 
-@jax.jit
-def _merge_groups(outputs: list[SampleOutput]) -> SampleOutput:
-    """The groups' rows in the whole batch's order (prompt-major: one block per group)."""
-    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *outputs)
-
-
-# Side-by-side groups on a one-device CPU mesh, for small models. A decode step's small ops run
-# one after another on one core; XLA:CPU runs calls made from different threads at once, so two
-# groups of rows decode on two cores (bench/RESULTS.md): the peer-shape sampler (1.2M
-# parameters, 4.5 MiB) took 38% less time. A larger model's decode already keeps both cores busy
-# and two groups compete for them: at 60m (254 MiB) they took 28-32% more. Between the two the
-# limit is a guess. Not tied to the core count, so that a run samples the same way on every
-# machine: the groups' tokens equal the whole batch's, while their log-probs may differ from it
-# in the last bits (matmuls over fewer rows round differently).
-CPU_GROUPS = 2
-GROUPS_MAX_PARAM_BYTES = 16 << 20
-_POOL = concurrent.futures.ThreadPoolExecutor(CPU_GROUPS, thread_name_prefix="sample_group")
-_TRACED: set = set()  # (group program, batch shape) pairs that have run once
-
-
-def default_groups(mesh, state) -> int:
-    """CPU_GROUPS on a one-device CPU mesh for a model of at most GROUPS_MAX_PARAM_BYTES
-    (`state`: its arrays or their shapes), else 1: accelerators, several CPU devices (which
-    already run side by side) and larger models run one call."""
-    one_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
-    size = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
-    return CPU_GROUPS if one_cpu and size <= GROUPS_MAX_PARAM_BYTES else 1
-
-
 class Sampler:
     """`sample` jitted once on the training mesh, reading parameters where they already live.
 
@@ -289,7 +258,8 @@ class Sampler:
     `lm` may be abstract (`nnx.eval_shape`): only its structure and annotations are read.
     Samplers of the same model graph, mesh, rules and settings share one jitted program
     (`sample_program`), so a stage that builds another one does not trace it again. `groups`:
-    blocks of prompts sampled side by side (default: `default_groups`; 1: one call).
+    blocks of prompts sampled side by side (default: `cpu_groups.default_groups`; 1: one
+    call).
     """
 
     def __init__(self, lm, mesh, rules, cfg: SamplingConfig, use_cache: bool = True,
@@ -302,7 +272,7 @@ class Sampler:
         args = (graphdef, program_cache.shardings_key(state_sh), mesh,
                 program_cache.rules_key(rules), cfg, use_cache, samples_per_prompt, name)
         self.jitted = sample_program(*args)  # the whole batch in one call
-        self.groups = default_groups(mesh, state) if groups is None else groups
+        self.groups = cpu_groups.default_groups(mesh, state) if groups is None else groups
         # What a call runs (for a batch the groups divide): a group's program or the whole's.
         self.program = self.jitted
         if self.groups > 1:
@@ -315,20 +285,12 @@ class Sampler:
             return self.jitted(state, prompt_BxP, prompt_mask_BxP, key)
 
     def _in_groups(self, state, prompt_BxP, prompt_mask_BxP, key) -> SampleOutput:
-        """The batch as `groups` blocks of prompts sampled side by side, each from its own
-        thread: the same tokens as one call."""
-        size = prompt_BxP.shape[0] // self.groups
-
-        def one(first):
+        """The batch as `groups` blocks of prompts sampled side by side (`cpu_groups`): the
+        same tokens as one call."""
+        def call(first):
             with sharding.use(self.mesh, self.rules):
-                return jax.block_until_ready(self.program(state, prompt_BxP, prompt_mask_BxP,
-                                                          key, jnp.int32(first)))
+                return self.program(state, prompt_BxP, prompt_mask_BxP, key, first)
 
-        firsts = range(0, prompt_BxP.shape[0], size)
-        traced = (id(self.program), prompt_BxP.shape)
-        if traced in _TRACED:
-            outputs = list(_POOL.map(one, firsts))
-        else:  # the first call traces and compiles, once: not in every thread at once
-            outputs = [one(firsts[0]), *_POOL.map(one, firsts[1:])]
-            _TRACED.add(traced)
-        return _merge_groups(outputs)
+        outputs = cpu_groups.run_groups(call, self.groups, prompt_BxP.shape[0],
+                                        (id(self.program), prompt_BxP.shape))
+        return cpu_groups.merge_groups(outputs)

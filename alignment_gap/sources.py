@@ -26,7 +26,7 @@ from array_record.python import array_record_module
 from flax import nnx, serialization
 from jax.experimental import multihost_utils
 
-from alignment_gap import program_cache, sharding
+from alignment_gap import cpu_groups, program_cache, sharding
 from alignment_gap.batches import PreferenceBatch, merge_rows, split_rows
 from alignment_gap.data import pipelines
 from alignment_gap.data.array_records import check_readable
@@ -193,6 +193,55 @@ def _rank_program(proxy_graphdef, proxy_shardings_key, mesh, rules, microbatches
                    out_shardings=PreferenceBatch(*[rows] * 6))
 
 
+@program_cache.cached
+def _group_rank_program(proxy_graphdef, proxy_shardings_key, mesh, rules, microbatches: int,
+                        groups: int):
+    """`rank_pairs` of one of `groups` equal blocks of a batch's prompts (and their samples),
+    which it is given whole with its first prompt's index (`Ranker`)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def online_rank(proxy_state, prompt, prompt_mask, tokens, mask, first):
+        size = prompt.shape[0] // groups
+        mine = lambda x, n: jax.lax.dynamic_slice_in_dim(x, n * first, n * size)
+        return rank_pairs(nnx.merge(proxy_graphdef, proxy_state), mine(prompt, 1),
+                          mine(prompt_mask, 1), mine(tokens, 2), mine(mask, 2), microbatches)
+
+    return jax.jit(online_rank,
+                   in_shardings=(program_cache.shardings_of(proxy_shardings_key),)
+                   + (replicated,) * 5, out_shardings=PreferenceBatch(*[replicated] * 6))
+
+
+class Ranker:
+    """`rank_pairs` jitted on the mesh (`rank_program`). On a one-device CPU mesh a small
+    proxy ranks the batch as side-by-side groups of prompts (`cpu_groups`; each group in
+    `microbatches` slices), with the whole batch's order of every pair."""
+
+    def __init__(self, proxy, mesh, rules, microbatches: int = 1, groups: int | None = None):
+        self.mesh, self.rules, self.microbatches = mesh, rules, microbatches
+        self.jitted = rank_program(proxy, mesh, rules, microbatches)
+        proxy_graphdef, proxy_state = nnx.split(proxy)
+        self.groups = cpu_groups.default_groups(mesh, proxy_state) if groups is None else groups
+        if self.groups > 1:
+            with sharding.use(mesh, rules):
+                key = program_cache.shardings_key(sharding.state_shardings(proxy_state, mesh))
+            self.program = _group_rank_program(proxy_graphdef, key, mesh,
+                                               program_cache.rules_key(rules), microbatches,
+                                               self.groups)
+
+    def __call__(self, proxy_state, prompt, prompt_mask, tokens, mask) -> PreferenceBatch:
+        b = prompt.shape[0]
+        if self.groups == 1 or b % (self.groups * self.microbatches):
+            with sharding.use(self.mesh, self.rules):
+                return self.jitted(proxy_state, prompt, prompt_mask, tokens, mask)
+
+        def call(first):
+            with sharding.use(self.mesh, self.rules):
+                return self.program(proxy_state, prompt, prompt_mask, tokens, mask, first)
+
+        outputs = cpu_groups.run_groups(call, self.groups, b, (id(self.program), prompt.shape))
+        return cpu_groups.merge_groups(outputs)
+
+
 class OnlineSource:
     """Sample two responses per prompt from the current policy; the proxy model ranks them."""
 
@@ -203,7 +252,7 @@ class OnlineSource:
         self.mesh, self.rules = mesh, rules
         self.sampler = online_sampler(policy, mesh, rules, sampling)
         self.proxy_state = nnx.state(proxy)
-        self._rank = rank_program(proxy, mesh, rules, microbatches)
+        self.rank = Ranker(proxy, mesh, rules, microbatches)
         self.stats: dict = {}
         self.step = 0
 
@@ -213,9 +262,8 @@ class OnlineSource:
         both = self.sampler(policy_params, prompts.prompt, prompts.prompt_mask, key)
         jax.block_until_ready(both.tokens)
         t1 = time.perf_counter()
-        with sharding.use(self.mesh, self.rules):
-            batch = self._rank(self.proxy_state, prompts.prompt, prompts.prompt_mask,
-                               both.tokens, both.mask)
+        batch = self.rank(self.proxy_state, prompts.prompt, prompts.prompt_mask, both.tokens,
+                          both.mask)
         jax.block_until_ready(batch.chosen)
         t2 = time.perf_counter()
         sampled = float(jnp.sum(both.mask))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from alignment_gap import logprobs, sampling, sharding
+from alignment_gap import cpu_groups, logprobs, sampling, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.evaluation import eval_programs
 from alignment_gap.models import LanguageModel, TransformerConfig
@@ -69,10 +69,10 @@ def test_a_batch_sampled_in_side_by_side_groups_gets_the_whole_batchs_tokens(
     mask[:3, :2] = False  # some left padding
     whole = Sampler(lm, mesh, rules, cfg, samples_per_prompt, groups=1)
     grouped = Sampler(lm, mesh, rules, cfg, samples_per_prompt)
-    assert grouped.groups == sampling.CPU_GROUPS == 2 and grouped.program is not whole.program
+    assert grouped.groups == cpu_groups.CPU_GROUPS == 2 and grouped.program is not whole.program
     larger = nnx.eval_shape(lambda: LanguageModel(TransformerConfig.from_config(
         models.get_config("60m")), nnx.Rngs(0)))  # its decode keeps both cores busy already
-    assert sampling.default_groups(mesh, nnx.state(larger)) == 1
+    assert cpu_groups.default_groups(mesh, nnx.state(larger)) == 1
     a, b = (s(nnx.state(lm), prompt, mask, jax.random.key(5)) for s in (whole, grouped))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.mask, b.mask)
@@ -286,6 +286,30 @@ def test_online_source_ranks_by_the_proxy_in_any_number_of_slices(mini_config):
                                one.rejected, one.rejected_mask)
     assert np.all(np.asarray(margin) >= 0)  # chosen is the one the proxy prefers
     assert (one.chosen != one.rejected).any()
+
+
+def test_a_one_device_ranker_ranks_in_side_by_side_groups_as_one_call_does(mini_config):
+    """On a one-device CPU mesh the proxy ranks the batch as two groups of prompts from two
+    threads (in slices too): each pair in the whole batch's order, with the margins' signs."""
+    from alignment_gap.models import both_order_margin
+    from alignment_gap.sources import FIELDS, Ranker, online_sampler
+
+    lm, mesh, rules = language_model(mini_config)
+    proxy, _, _ = preference_model(mini_config, seed=3)
+    prompt, mask = _prompts(batch=8)
+    cfg = SamplingConfig(max_new_tokens=5, temperature=1.0, eos_id=-1)
+    both = online_sampler(lm, mesh, rules, cfg)(nnx.state(lm), prompt, mask, jax.random.key(7))
+    whole = Ranker(proxy, mesh, rules, groups=1)
+    assert Ranker(proxy, mesh, rules).groups == cpu_groups.CPU_GROUPS == 2
+    one = jax.device_get(whole(nnx.state(proxy), prompt, mask, both.tokens, both.mask))
+    for k in (1, 2):
+        grouped = Ranker(proxy, mesh, rules, microbatches=k)
+        assert grouped.program is not whole.jitted
+        batch = jax.device_get(grouped(nnx.state(proxy), prompt, mask, both.tokens, both.mask))
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(batch, name), getattr(one, name))
+    margin = both_order_margin(proxy, *(getattr(one, name) for name in FIELDS))
+    assert np.all(np.asarray(margin) >= 0) and (one.chosen != one.rejected).any()
 
 
 def test_policy_as_classifier_reads_the_sft_log_probs_computed_once(mini_config):

@@ -124,8 +124,8 @@ EAGER_OPS = {"_mean", "_reduce_sum", "_threefry_fold_in", "_threefry_seed", "_th
              "_where", "add", "broadcast_in_dim", "convert_element_type", "dynamic_slice",
              "stage", "true_divide", "unstack"}
 # Programs of a one-device CPU mesh only, which the tool's multi-device meshes never run: the
-# merge of a sampler's side-by-side groups (`sampling.default_groups`).
-ONE_CPU_PROGRAMS = {"_merge_groups"}
+# merge of side-by-side groups (`cpu_groups`).
+ONE_CPU_PROGRAMS = {"merge_groups"}
 
 
 def test_aot_report_holds_every_program_the_smoke_study_runs(smoke, tmp_path):
