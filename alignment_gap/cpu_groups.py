@@ -3,7 +3,7 @@
 A small model's ops run one after another on one core, and XLA:CPU runs calls made from
 different threads at once: a batch split into two groups of rows, each a call from its own
 thread, keeps both cores busy (bench/RESULTS.md). The peer-shape sampler (1.2M parameters,
-4.5 MiB) took 38% less time, and the proxy's ranking 10-18% less. A larger model's ops already
+4.5 MiB) took 38% less time, and the proxy's ranking 7-21% less. A larger model's ops already
 keep both cores busy and two groups compete for them: the 60m sampler (254 MiB) took 28-32%
 more. Between the two the limit is a guess. Not tied to the core count, so that a run does the
 same on every machine: groups give the whole batch's results, up to the last bits of floats
@@ -49,6 +49,13 @@ def run_groups(call, groups: int, rows: int, shape_key) -> list:
     outputs = [one(firsts[0]), *_POOL.map(one, firsts[1:])]
     _TRACED.add(shape_key)
     return outputs
+
+
+def group_rows(x, first, groups: int, rows_per_prompt: int = 1):
+    """The rows of `x` (a whole batch's, prompt-major) that belong to the group whose first
+    prompt is `first` (traced), one of `groups` equal blocks of prompts."""
+    size = x.shape[0] // groups
+    return jax.lax.dynamic_slice_in_dim(x, rows_per_prompt * first, size)
 
 
 @jax.jit

@@ -239,8 +239,7 @@ def group_sample_program(graphdef, state_shardings_key, mesh, rules, cfg: Sampli
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def run(state, prompt, prompt_mask, key, first):
-        size = prompt.shape[0] // groups
-        mine = lambda x: jax.lax.dynamic_slice_in_dim(x, first, size)
+        mine = lambda x: cpu_groups.group_rows(x, first, groups)
         return sample(nnx.merge(graphdef, state), mine(prompt), mine(prompt_mask), key, cfg,
                       use_cache, samples_per_prompt, group=(first, prompt.shape[0]))
 

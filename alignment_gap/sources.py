@@ -173,11 +173,16 @@ def rank_program(proxy, mesh, rules, microbatches: int = 1):
     """Jitted `(proxy state, prompt, prompt mask, tokens, mask) -> PreferenceBatch`
     (`rank_pairs`). `proxy` may be abstract. One per process for each proxy graph, mesh, rule
     table and slicing (`program_cache`)."""
+    return _rank_program(*_program_key(proxy, mesh, rules), microbatches)
+
+
+def _program_key(proxy, mesh, rules) -> tuple:
+    """(graph, shardings key, mesh, rules key): what fixes a ranking program of `proxy`."""
     proxy_graphdef, proxy_state = nnx.split(proxy)
     with sharding.use(mesh, rules):
         proxy_shardings = sharding.state_shardings(proxy_state, mesh)
-    return _rank_program(proxy_graphdef, program_cache.shardings_key(proxy_shardings), mesh,
-                         program_cache.rules_key(rules), microbatches)
+    return (proxy_graphdef, program_cache.shardings_key(proxy_shardings), mesh,
+            program_cache.rules_key(rules))
 
 
 @program_cache.cached
@@ -201,10 +206,9 @@ def _group_rank_program(proxy_graphdef, proxy_shardings_key, mesh, rules, microb
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def online_rank(proxy_state, prompt, prompt_mask, tokens, mask, first):
-        size = prompt.shape[0] // groups
-        mine = lambda x, n: jax.lax.dynamic_slice_in_dim(x, n * first, n * size)
-        return rank_pairs(nnx.merge(proxy_graphdef, proxy_state), mine(prompt, 1),
-                          mine(prompt_mask, 1), mine(tokens, 2), mine(mask, 2), microbatches)
+        mine = lambda x, n=1: cpu_groups.group_rows(x, first, groups, n)
+        return rank_pairs(nnx.merge(proxy_graphdef, proxy_state), mine(prompt),
+                          mine(prompt_mask), mine(tokens, 2), mine(mask, 2), microbatches)
 
     return jax.jit(online_rank,
                    in_shardings=(program_cache.shardings_of(proxy_shardings_key),)
@@ -218,15 +222,12 @@ class Ranker:
 
     def __init__(self, proxy, mesh, rules, microbatches: int = 1, groups: int | None = None):
         self.mesh, self.rules, self.microbatches = mesh, rules, microbatches
-        self.jitted = rank_program(proxy, mesh, rules, microbatches)
-        proxy_graphdef, proxy_state = nnx.split(proxy)
-        self.groups = cpu_groups.default_groups(mesh, proxy_state) if groups is None else groups
+        key = _program_key(proxy, mesh, rules)
+        self.jitted = _rank_program(*key, microbatches)
+        self.groups = cpu_groups.default_groups(mesh, nnx.state(proxy)) if groups is None \
+            else groups
         if self.groups > 1:
-            with sharding.use(mesh, rules):
-                key = program_cache.shardings_key(sharding.state_shardings(proxy_state, mesh))
-            self.program = _group_rank_program(proxy_graphdef, key, mesh,
-                                               program_cache.rules_key(rules), microbatches,
-                                               self.groups)
+            self.program = _group_rank_program(*key, microbatches, self.groups)
 
     def __call__(self, proxy_state, prompt, prompt_mask, tokens, mask) -> PreferenceBatch:
         b = prompt.shape[0]
