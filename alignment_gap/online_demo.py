@@ -62,7 +62,8 @@ class OnlineDemo:
         rows_sharding = sharding.batch_sharding(self.mesh, self.rules, 2)
         self.update = make_update_step(self.graphdef, tx, loss, self.mesh, self.rules, shardings,
                                        PreferenceBatch(*[rows_sharding] * 6),
-                                       {"reference": ref_shardings}, name="policy_update")
+                                       {"reference": ref_shardings}, name="policy_update",
+                                       row_mean_loss=True)
         sampling = SamplingConfig(max_new_tokens=response_len, temperature=temperature,
                                   eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
         self.pair_sampler = Sampler(reference, self.mesh, self.rules, sampling,

@@ -105,7 +105,7 @@ def main():
     loss_fn = make_policy_loss("ipo", 0.1, -1, ref_graphdef)
     update = make_update_step(graphdef, tx, loss_fn, mesh, rules, state_sh,
                               PreferenceBatch(*[rows] * 6), {"reference": ref_sh},
-                              microbatches=args.microbatches)
+                              microbatches=args.microbatches, row_mean_loss=True)
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, cfg.vocab_size, (batch, p)).astype(np.int32)

@@ -382,3 +382,44 @@ def test_microbatched_update_equals_the_full_batch_update(mini_config, shape=(2,
         assert second_loss == pytest.approx(full[1], rel=1e-5)
         np.testing.assert_allclose(head, full[2], atol=1e-6)
     assert full[1] != pytest.approx(full[0]["loss"], rel=1e-3)  # the first step changed it
+
+
+def test_a_one_device_update_of_a_row_mean_loss_runs_in_side_by_side_groups(mini_config):
+    """On a one-device CPU mesh the policy's update (a mean over pairs) computes the gradient
+    of two groups of rows from two threads (in slices too), then applies their mean: the same
+    step as one call, within float rounding. With a PRNG key among the extras (which both
+    groups would draw alike) it runs as one call."""
+    from alignment_gap.batches import PreferenceBatch
+    from alignment_gap.train.policy import make_policy_loss
+
+    b = _batch(mini_config, rows=8, seed=5)  # ragged prompts and responses
+    batch = PreferenceBatch(b["prompt"], b["prompt_mask"], b["response"], b["response_mask"],
+                            np.roll(b["response"], 3, 0), np.roll(b["response_mask"], 3, 0))
+    results = []
+    for grouped, k in ((False, 1), (True, 1), (True, 2)):
+        lm, mesh, rules = language_model(mini_config)
+        reference, _, _ = language_model(mini_config, seed=1)
+        ref_graphdef, ref_params = nnx.split(reference)
+        tx = optax.sgd(0.1)  # linear in the gradient (Adam would amplify float noise)
+        graphdef, state, state_sh = init_train_state(lm, tx, mesh, rules)
+        rows_sh = PreferenceBatch(*[sharding.batch_sharding(mesh, rules, 2)] * 6)
+        with sharding.use(mesh, rules):
+            ref_sh = sharding.state_shardings(ref_params, mesh)
+        step = make_update_step(graphdef, tx, make_policy_loss("ipo", 0.1, 1, ref_graphdef), mesh,
+                                rules, state_sh, rows_sh, {"reference": ref_sh}, microbatches=k,
+                                row_mean_loss=grouped)
+        state, metrics = step(state, batch, {"reference": ref_params})
+        state, second = step(state, batch, {"reference": ref_params})
+        assert (step.grouped is not None) == grouped
+        if grouped:  # the groups' programs ran, the whole batch's did not
+            assert step.grouped.group._cache_size() == 1 and step.jitted._cache_size() == 0
+            assert not step.grouped.takes(state.params, batch, {"key": jax.random.key(0)})
+        results.append((jax.device_get(metrics), float(second["loss"]),
+                        np.asarray(state.params["head"][...])))
+    one_call, *in_groups = results
+    for metrics, second_loss, head in in_groups:
+        for name in ("loss", "grad_norm", "h", "tokens", "classifier_accuracy"):
+            assert metrics[name] == pytest.approx(one_call[0][name], rel=1e-5, abs=1e-6), name
+        assert second_loss == pytest.approx(one_call[1], rel=1e-5)
+        np.testing.assert_allclose(head, one_call[2], atol=1e-5)  # sums over other rows
+    assert one_call[1] != pytest.approx(one_call[0]["loss"], rel=1e-3)

@@ -94,7 +94,8 @@ def run(config, workdir: str):
     loss_fn = make_policy_loss(config.loss, config.beta, rt.tokenizer.eos_id, ref_graphdef)
     update = make_update_step(graphdef, tx, loss_fn, rt.mesh, rt.rules, shardings,
                               rt.batch_shardings(PreferenceBatch), {"reference": ref_shardings},
-                              microbatches=config.microbatches, name="policy_update")
+                              microbatches=config.microbatches, name="policy_update",
+                              row_mean_loss=True)
 
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
     source, data_iterator, recorder = make_source(config, rt, policy, workdir, ckpt)

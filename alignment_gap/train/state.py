@@ -6,6 +6,8 @@ shardings taken from the parameters' logical annotations, the train state donate
 place) and the extras (frozen models, keys) never donated. With `microbatches` k > 1 the
 gradient is accumulated over k slices of the batch computed one after another: the same update,
 with one slice's activations live at a time (to fit accelerator memory; on CPU, to fit cache).
+With a loss that is a mean over rows, a small model's gradient on a one-device CPU mesh is
+computed in side-by-side groups of rows (`cpu_groups`), then applied by a second program.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alignment_gap import sharding
+from alignment_gap import cpu_groups, sharding
 from alignment_gap.batches import split_rows
 
 TOTALS = ("tokens",)  # Metrics that are totals: summed over micro-batches, not averaged.
@@ -62,7 +64,8 @@ def init_train_state(model, tx: optax.GradientTransformation, mesh, rules):
 
 
 def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_shardings,
-                     extras_shardings=None, microbatches: int = 1, name: str = "update"):
+                     extras_shardings=None, microbatches: int = 1, name: str = "update",
+                     row_mean_loss: bool = False):
     """Jit `loss_fn(model, batch, extras) -> (loss, metrics)` into a donated update step.
 
     `extras` carries what the loss reads but never trains or donates: frozen models' states
@@ -71,7 +74,10 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
     (totals such as `tokens` the sum), so a per-example mean loss gives the full batch's
     gradient; a ratio metric (`kl_per_token`) becomes the mean of the slices' ratios. Every
     slice sees the same `extras` (a PRNG key there would repeat its draws in each slice).
-    `name` names the compiled program (`sft_update`, `policy_update`, ...).
+    `name` names the compiled program (`sft_update`, `policy_update`, ...). `row_mean_loss`:
+    the loss is a mean over the batch's rows (pairs), so equal groups of rows average to the
+    batch's loss and gradient, which on a one-device CPU mesh a small model then computes in
+    side-by-side groups (`_GroupedUpdate`; a token-weighted mean would not average so).
     """
 
     step = update_fn(graphdef, tx, loss_fn, microbatches, state_shardings.params)
@@ -79,12 +85,17 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, extras_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
+    grouped = _GroupedUpdate(graphdef, tx, loss_fn, microbatches, mesh, rules, name,
+                             state_shardings) if row_mean_loss else None
 
     def run(state, batch, extras=None):
+        if grouped is not None and grouped.takes(state.params, batch, extras):
+            return grouped(state, batch, extras)
         with sharding.use(mesh, rules):
             return jitted(state, batch, extras)
 
-    run.jitted = jitted
+    run.jitted = jitted  # the whole batch in one program (what the AOT tool compiles)
+    run.grouped = grouped
     return run
 
 
@@ -92,6 +103,18 @@ def update_fn(graphdef, tx, loss_fn, microbatches: int = 1, grad_shardings=None)
     """The pure `step(state, batch, extras) -> (state, metrics)` that `make_update_step` jits
     (and `train/stacked.py` vmaps over runs). `grad_shardings` places the accumulated gradient
     when `microbatches` > 1."""
+    gradient = gradient_fn(graphdef, loss_fn, microbatches, grad_shardings)
+
+    def step(state: TrainState, batch, extras):
+        (loss, metrics), grads = gradient(state.params, batch, extras)
+        return apply_gradient(tx, state, loss, metrics, grads)
+
+    return step
+
+
+def gradient_fn(graphdef, loss_fn, microbatches: int = 1, grad_shardings=None):
+    """The pure `(params, batch, extras) -> ((loss, metrics), grads)`, averaged over
+    `microbatches` slices of the batch computed one after another."""
 
     def loss_and_grads(params, batch, extras):
         def loss_of_params(params):
@@ -99,18 +122,72 @@ def update_fn(graphdef, tx, loss_fn, microbatches: int = 1, grad_shardings=None)
 
         return jax.value_and_grad(loss_of_params, has_aux=True)(params)
 
-    def step(state: TrainState, batch, extras):
+    def gradient(params, batch, extras):
         if microbatches == 1:
-            (loss, metrics), grads = loss_and_grads(state.params, batch, extras)
-        else:
-            (loss, metrics), grads = _accumulate(loss_and_grads, state.params, batch, extras,
-                                                 microbatches, grad_shardings)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-        return TrainState(state.step + 1, params, opt_state), metrics
+            return loss_and_grads(params, batch, extras)
+        return _accumulate(loss_and_grads, params, batch, extras, microbatches, grad_shardings)
 
-    return step
+    return gradient
+
+
+def apply_gradient(tx, state: TrainState, loss, metrics, grads):
+    """The optimizer's step: (next state, metrics with `loss` and `grad_norm`)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def _mean_of_parts(parts, k: int):
+    """((loss, metrics), grads) of the whole batch from its k equal parts': means, and the
+    sums of `TOTALS`."""
+    (loss, metrics), grads = jax.tree.map(lambda *x: sum(x[1:], x[0]), *parts)
+    metrics = {name: value if name in TOTALS else value / k for name, value in metrics.items()}
+    return (loss / k, metrics), jax.tree.map(lambda g: g / k, grads)
+
+
+class _GroupedUpdate:
+    """The update of a small model on a one-device CPU mesh: the gradient of `cpu_groups`'
+    side-by-side groups of rows, each group's from its own thread (in `microbatches` slices),
+    then one program averages them (as `microbatches` would: a ratio metric becomes the mean
+    of the groups' ratios) and applies the optimizer. Not where the extras hold a PRNG key,
+    which every group would draw the same bits from."""
+
+    def __init__(self, graphdef, tx, loss_fn, microbatches: int, mesh, rules, name: str,
+                 state_shardings: TrainState):
+        self.microbatches, self.mesh, self.rules, self.groups = microbatches, mesh, rules, None
+        gradient = gradient_fn(graphdef, loss_fn, microbatches, state_shardings.params)
+
+        def group(params, batch, extras, first):
+            rows = jax.tree.map(lambda x: cpu_groups.group_rows(x, first, self.groups), batch)
+            return gradient(params, rows, extras)
+
+        def apply(state, parts):
+            (loss, metrics), grads = _mean_of_parts(parts, len(parts))
+            return apply_gradient(tx, state, loss, metrics, grads)
+
+        group.__name__, apply.__name__ = f"{name}_group", f"{name}_apply"
+        self.group = jax.jit(group)
+        self.apply = jax.jit(apply, out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                             donate_argnums=0)
+
+    def takes(self, params, batch, extras) -> bool:
+        if self.groups is None:  # fixed by the model's size, known at the first call
+            self.groups = cpu_groups.default_groups(self.mesh, params)
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        keys = any(jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+                   for x in jax.tree.leaves(extras))
+        return self.groups > 1 and rows % (self.groups * self.microbatches) == 0 and not keys
+
+    def __call__(self, state, batch, extras):
+        def call(first):  # in the group's thread, which has none of the caller's contexts
+            with sharding.use(self.mesh, self.rules):
+                return self.group(state.params, batch, extras, first)
+
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        parts = cpu_groups.run_groups(call, self.groups, rows, (id(self.group), rows))
+        with sharding.use(self.mesh, self.rules):
+            return self.apply(state, parts)
 
 
 def _accumulate(loss_and_grads, params, batch, extras, k: int, grad_shardings):
@@ -126,9 +203,8 @@ def _accumulate(loss_and_grads, params, batch, extras, k: int, grad_shardings):
         return jax.tree.map(jnp.add, total, loss_and_grads(params, one_slice, extras)), None
 
     # A scan (not a Python loop) keeps the slices sequential: XLA may not interleave them.
-    ((loss, metrics), grads), _ = jax.lax.scan(add_slice, zeros, slices)
-    metrics = {name: value if name in TOTALS else value / k for name, value in metrics.items()}
-    return (loss / k, metrics), jax.tree.map(lambda g: g / k, grads)
+    total, _ = jax.lax.scan(add_slice, zeros, slices)
+    return _mean_of_parts([total], k)
 
 
 def make_optimizer(c, learning_rate=None) -> optax.GradientTransformation:
