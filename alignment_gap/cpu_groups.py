@@ -4,11 +4,11 @@ A small model's ops run one after another on one core, and XLA:CPU runs calls ma
 different threads at once: a batch split into two groups of rows, each a call from its own
 thread, keeps both cores busy (bench/RESULTS.md). The peer-shape sampler (1.2M parameters,
 4.5 MiB) took 38% less time, the proxy's ranking 7-21% less, and the policy's update step
-(`train/state.py`: the groups' gradients, then one program applies their mean) about 5% less. A larger model's ops already
-keep both cores busy and two groups compete for them: the 60m sampler (254 MiB) took 28-32%
-more. Between the two the limit is a guess. Not tied to the core count, so that a run does the
-same on every machine: groups give the whole batch's results, up to the last bits of floats
-(matmuls over fewer rows round differently).
+(`train/state.py`: the groups' gradients, then one program applies their mean) 5-7% less. A
+larger model's ops already keep both cores busy and two groups compete for them: the 60m
+sampler (254 MiB) took 28-32% more. Between the two the limit is a guess. Not tied to the core
+count, so that a run does the same on every machine: groups give the whole batch's results, up
+to the last bits of floats (matmuls over fewer rows round differently).
 
 A group's program takes the whole batch and the index of its first row block (`first`), so
 every group is one program; `merge_groups` concatenates their outputs in the batch's order.
