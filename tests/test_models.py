@@ -375,13 +375,19 @@ def test_microbatched_update_equals_the_full_batch_update(mini_config, shape=(2,
         state, second = step(state, global_batch, {"reference": ref_params})
         results.append((jax.device_get(metrics), float(second["loss"]),
                         np.asarray(state.params["head"][...])))
-    full, *sliced = results
-    for metrics, second_loss, head in sliced:
+    _assert_same_two_steps(results, head_atol=1e-6)
+
+
+def _assert_same_two_steps(results, head_atol: float):
+    """Each of `results[1:]` ((first step's metrics, second step's loss, updated head)) is
+    `results[0]`'s, whose first step changed the loss."""
+    full, *others = results
+    for metrics, second_loss, head in others:
         for name in ("loss", "grad_norm", "h", "tokens", "classifier_accuracy"):
             assert metrics[name] == pytest.approx(full[0][name], rel=1e-5, abs=1e-6), name
         assert second_loss == pytest.approx(full[1], rel=1e-5)
-        np.testing.assert_allclose(head, full[2], atol=1e-6)
-    assert full[1] != pytest.approx(full[0]["loss"], rel=1e-3)  # the first step changed it
+        np.testing.assert_allclose(head, full[2], atol=head_atol)
+    assert full[1] != pytest.approx(full[0]["loss"], rel=1e-3)
 
 
 def test_a_one_device_update_of_a_row_mean_loss_runs_in_side_by_side_groups(mini_config):
@@ -416,10 +422,4 @@ def test_a_one_device_update_of_a_row_mean_loss_runs_in_side_by_side_groups(mini
             assert not step.grouped.takes(state.params, batch, {"key": jax.random.key(0)})
         results.append((jax.device_get(metrics), float(second["loss"]),
                         np.asarray(state.params["head"][...])))
-    one_call, *in_groups = results
-    for metrics, second_loss, head in in_groups:
-        for name in ("loss", "grad_norm", "h", "tokens", "classifier_accuracy"):
-            assert metrics[name] == pytest.approx(one_call[0][name], rel=1e-5, abs=1e-6), name
-        assert second_loss == pytest.approx(one_call[1], rel=1e-5)
-        np.testing.assert_allclose(head, one_call[2], atol=1e-5)  # sums over other rows
-    assert one_call[1] != pytest.approx(one_call[0]["loss"], rel=1e-3)
+    _assert_same_two_steps(results, head_atol=1e-5)  # the groups sum over other rows
