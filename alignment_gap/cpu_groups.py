@@ -4,8 +4,8 @@ A small model's ops run one after another on one core, and XLA:CPU runs calls ma
 different threads at once: a batch split into two groups of rows, each a call from its own
 thread, keeps both cores busy (bench/RESULTS.md). The peer-shape sampler (1.2M parameters,
 4.5 MiB) took 38% less time, the proxy's ranking 7-21% less, and the policy's update step
-(`train/state.py`: the groups' gradients, then one program applies their mean) 5-7% less. A
-larger model's ops already keep both cores busy and two groups compete for them: the 60m
+(`train/state.py`: the groups' gradients, then one program applies their mean) 4.7-7.1% less.
+A larger model's ops already keep both cores busy and two groups compete for them: the 60m
 sampler (254 MiB) took 28-32% more. Between the two the limit is a guess. Not tied to the core
 count, so that a run does the same on every machine: groups give the whole batch's results, up
 to the last bits of floats (matmuls over fewer rows round differently).
@@ -22,6 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from alignment_gap import sharding
+
 CPU_GROUPS = 2
 GROUPS_MAX_PARAM_BYTES = 16 << 20
 _POOL = concurrent.futures.ThreadPoolExecutor(CPU_GROUPS, thread_name_prefix="cpu_group")
@@ -37,13 +39,16 @@ def default_groups(mesh, state) -> int:
     return CPU_GROUPS if one_cpu and size <= GROUPS_MAX_PARAM_BYTES else 1
 
 
-def run_groups(call, groups: int, rows: int, shape_key) -> list:
-    """`call(first)` for each group's first row (0, rows / groups, ...), each from its own
-    thread, results ready. `shape_key`: the program and its batch shape; their first call
-    traces and compiles, once, before the other groups start (not in every thread at once)."""
+def run_groups(program, args: tuple, groups: int, rows: int, shape, mesh, rules) -> list:
+    """`program(*args, first)` for each group's first row (0, rows / groups, ...), each from
+    its own thread under `mesh` and `rules` (a thread has none of the caller's contexts),
+    results ready. `shape`: the batch's; a program's first call at a shape traces and
+    compiles, once, before the other groups start (not in every thread at once)."""
     def one(first):
-        return jax.block_until_ready(call(jnp.int32(first)))
+        with sharding.use(mesh, rules):
+            return jax.block_until_ready(program(*args, jnp.int32(first)))
 
+    shape_key = (id(program), shape)
     firsts = range(0, rows, rows // groups)
     if shape_key in _TRACED:
         return list(_POOL.map(one, firsts))

@@ -286,10 +286,7 @@ class Sampler:
     def _in_groups(self, state, prompt_BxP, prompt_mask_BxP, key) -> SampleOutput:
         """The batch as `groups` blocks of prompts sampled side by side (`cpu_groups`): the
         same tokens as one call."""
-        def call(first):
-            with sharding.use(self.mesh, self.rules):
-                return self.program(state, prompt_BxP, prompt_mask_BxP, key, first)
-
-        outputs = cpu_groups.run_groups(call, self.groups, prompt_BxP.shape[0],
-                                        (id(self.program), prompt_BxP.shape))
+        outputs = cpu_groups.run_groups(self.program, (state, prompt_BxP, prompt_mask_BxP, key),
+                                        self.groups, prompt_BxP.shape[0], prompt_BxP.shape,
+                                        self.mesh, self.rules)
         return cpu_groups.merge_groups(outputs)

@@ -235,11 +235,9 @@ class Ranker:
             with sharding.use(self.mesh, self.rules):
                 return self.jitted(proxy_state, prompt, prompt_mask, tokens, mask)
 
-        def call(first):
-            with sharding.use(self.mesh, self.rules):
-                return self.program(proxy_state, prompt, prompt_mask, tokens, mask, first)
-
-        outputs = cpu_groups.run_groups(call, self.groups, b, (id(self.program), prompt.shape))
+        args = (proxy_state, prompt, prompt_mask, tokens, mask)
+        outputs = cpu_groups.run_groups(self.program, args, self.groups, b, prompt.shape,
+                                        self.mesh, self.rules)
         return cpu_groups.merge_groups(outputs)
 
 

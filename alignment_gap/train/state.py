@@ -180,12 +180,9 @@ class _GroupedUpdate:
         return self.groups > 1 and rows % (self.groups * self.microbatches) == 0 and not keys
 
     def __call__(self, state, batch, extras):
-        def call(first):  # in the group's thread, which has none of the caller's contexts
-            with sharding.use(self.mesh, self.rules):
-                return self.group(state.params, batch, extras, first)
-
         rows = jax.tree.leaves(batch)[0].shape[0]
-        parts = cpu_groups.run_groups(call, self.groups, rows, (id(self.group), rows))
+        parts = cpu_groups.run_groups(self.group, (state.params, batch, extras), self.groups,
+                                      rows, rows, self.mesh, self.rules)
         with sharding.use(self.mesh, self.rules):
             return self.apply(state, parts)
 
