@@ -342,7 +342,7 @@ def test_a_data_parallel_update_keeps_every_row_on_its_device(mini_config):
         step = make_update_step(graphdef, tx, make_policy_loss("ipo", 0.1, 1, ref_graphdef), mesh,
                                 rules, state_sh, jax.tree.map(lambda x: x.sharding, batch),
                                 {"reference": ref_sh})
-        text = step.jitted.lower(state, batch, {"reference": ref_params}).compile().as_text()
+        text = step.jitted.lower(state, batch, {"reference": ref_params}, None).compile().as_text()
     ops = re.findall(r"= [^=]*? (all-to-all|collective-permute|all-gather|all-reduce)\(", text)
     assert ops and set(ops) == {"all-reduce"}, sorted(set(ops))
 
@@ -423,3 +423,51 @@ def test_a_one_device_update_of_a_row_mean_loss_runs_in_side_by_side_groups(mini
         results.append((jax.device_get(metrics), float(second["loss"]),
                         np.asarray(state.params["head"][...])))
     _assert_same_two_steps(results, head_atol=1e-5)  # the groups sum over other rows
+
+
+def test_policy_runs_that_differ_in_learning_rate_and_beta_share_one_program(mini_config):
+    """The policy trainer's update takes its learning rate and beta as inputs: a second run
+    with other values gets the first run's programs (traced and compiled once), and each run's
+    steps are those of the update with its values built in as constants."""
+    from ml_collections import ConfigDict
+
+    from alignment_gap.batches import PreferenceBatch
+    from alignment_gap.train.policy import make_policy_loss, make_policy_update
+    from alignment_gap.train.state import make_optimizer
+
+    b = _batch(mini_config, rows=8, seed=6)
+    batch = PreferenceBatch(b["prompt"], b["prompt_mask"], b["response"], b["response_mask"],
+                            np.roll(b["response"], 3, 0), np.roll(b["response_mask"], 3, 0))
+    programs, heads = [], []
+    for lr, beta in ((1e-3, 0.1), (3e-3, 0.5)):
+        config = ConfigDict(dict(learning_rate=lr, beta=beta, loss="ipo", microbatches=1,
+                                 warmup_steps=1, num_steps=10, weight_decay=0.01,
+                                 grad_clip=1.0))
+        results = []
+        for as_inputs in (True, False):
+            lm, mesh, rules = language_model(mini_config)
+            reference, _, _ = language_model(mini_config, seed=1)
+            ref_graphdef, ref_params = nnx.split(reference)
+            graphdef, state, state_sh = init_train_state(lm, make_optimizer(config), mesh, rules)
+            rows_sh = PreferenceBatch(*[sharding.batch_sharding(mesh, rules, 2)] * 6)
+            with sharding.use(mesh, rules):
+                ref_sh = sharding.state_shardings(ref_params, mesh)
+            if as_inputs:
+                step = make_policy_update(config, graphdef, ref_graphdef, 1, mesh, rules,
+                                          state_sh, rows_sh, ref_sh)
+                programs.append((step.jitted, step.grouped))
+            else:
+                step = make_update_step(graphdef, make_optimizer(config),
+                                        make_policy_loss("ipo", beta, 1, ref_graphdef), mesh,
+                                        rules, state_sh, rows_sh, {"reference": ref_sh},
+                                        row_mean_loss=True)
+            extras = {"reference": ref_params}
+            state, _ = step(state, batch, extras)  # a learning rate of 0 (warm-up)
+            state, metrics = step(state, batch, extras)
+            state, second = step(state, batch, extras)
+            results.append((jax.device_get(metrics), float(second["loss"]),
+                            np.asarray(state.params["head"][...])))
+        _assert_same_two_steps(results, head_atol=1e-6)
+        heads.append(results[0][2])
+    assert programs[0][0] is programs[1][0] and programs[0][1] is programs[1][1]
+    assert not np.allclose(heads[0], heads[1], atol=1e-6)  # the settings were used

@@ -55,8 +55,8 @@ class Program:
 
     @property
     def key(self) -> tuple:
-        """Two programs with equal keys compile to the same program up to constants (a
-        learning rate, beta): the report keeps one."""
+        """Two programs with equal keys compile to the same program up to constants (the SFT
+        and preference updates' learning rates): the report keeps one."""
         shapes = tuple((x.shape, str(x.dtype), str(x.sharding.spec))
                        for x in jax.tree.leaves(self.args))
         return self.name, self.detail, shapes
@@ -161,7 +161,7 @@ def sft_run(config, b: Builder, name: str = "sft") -> Run:
     return Run(name, [
         Program("init_lm", init_lm, (b.key(),), outputs_resident=True),
         init_state,
-        Program("sft_update", update.jitted, (state, batch, None), resident_args=(0,),
+        Program("sft_update", update.jitted, (state, batch, None, None), resident_args=(0,),
                 layers=layers),
         Program("sft_eval_loss", sft.eval_loss_program(graphdef, b.mesh), (state.params, batch),
                 resident_args=(0,), layers=layers),
@@ -181,7 +181,7 @@ def preference_run(config, b: Builder, name: str = "preference") -> Run:
     return Run(name, [
         Program("init_preference", init_pm, (b.key(),), outputs_resident=True),
         init_state,
-        Program("preference_update", update.jitted, (state, batch, {"key": b.key()}),
+        Program("preference_update", update.jitted, (state, batch, {"key": b.key()}, None),
                 resident_args=(0,), layers=layers),
         Program("preference_accuracy", preference.accuracy_program(graphdef, b.mesh),
                 (state.params, batch), resident_args=(0,), layers=layers),
@@ -196,15 +196,15 @@ def policy_run(config, b: Builder, name: str = "policy") -> Run:
     layers = config.model.num_layers
     lm, graphdef, params = b.model("lm", config.model)
     _, ref_graphdef, reference = b.model("lm", config.model)
-    init_state, state, shardings, tx = b.train_state(params, config)
-    loss_fn = policy.make_policy_loss(config.loss, config.beta, EOS_ID, ref_graphdef)
+    init_state, state, shardings, _ = b.train_state(params, config)
     batch = b.pairs(batch_size, p, r)
     extras = {"reference": reference}
-    update = make_update_step(graphdef, tx, loss_fn, b.mesh, b.rules, shardings,
-                              jax.tree.map(lambda x: x.sharding, batch),
-                              {"reference": jax.tree.map(lambda x: x.sharding, reference)},
-                              microbatches=config.microbatches, name="policy_update")
-    programs = [init_state, Program("policy_update", update.jitted, (state, batch, extras),
+    update = policy.make_policy_update(config, graphdef, ref_graphdef, EOS_ID, b.mesh, b.rules,
+                                       shardings, jax.tree.map(lambda x: x.sharding, batch),
+                                       jax.tree.map(lambda x: x.sharding, reference))
+    settings = {k: b.replicated(dtype=jnp.float32) for k in update.settings}
+    programs = [init_state, Program("policy_update", update.jitted, (state, batch, extras,
+                                                                     settings),
                                     resident_args=(0, 2), layers=layers,
                                     detail=f"{config.loss}, {config.microbatches} micro-batches")]
     resident = {"policy train state": state, "reference policy": reference}

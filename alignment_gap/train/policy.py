@@ -15,8 +15,9 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from ml_collections import ConfigDict
 
-from alignment_gap import logprobs, losses, run_dir, sharding
+from alignment_gap import logprobs, losses, program_cache, run_dir, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
@@ -31,7 +32,12 @@ from alignment_gap.sources import (
 )
 from alignment_gap.train import common, stopping
 from alignment_gap.train.loop import Loop
-from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
+from alignment_gap.train.state import (
+    init_train_state,
+    make_optimizer,
+    make_update_step,
+    schedule_fields,
+)
 
 
 def _pair_logits(model, batch: PreferenceBatch):
@@ -73,6 +79,32 @@ def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
     return loss_fn
 
 
+def make_policy_update(config, graphdef, ref_graphdef, eos_id: int, mesh, rules,
+                       state_shardings, batch_shardings, ref_shardings):
+    """The policy's update step, `update(state, batch, {"reference": params})`. Its learning
+    rate and beta are inputs of the program, not constants: a study's runs that differ only
+    in them (a sweep, online beside offline) compile it once, and in one process trace it
+    once (`program_cache`)."""
+    update = _policy_update(graphdef, ref_graphdef, eos_id, schedule_fields(config),
+                            config.loss, config.microbatches, mesh,
+                            program_cache.rules_key(rules), program_cache.shardings_key(
+                                (state_shardings, batch_shardings, ref_shardings)))
+    return update.bind({"learning_rate": config.learning_rate, "beta": config.beta})
+
+
+@program_cache.cached
+def _policy_update(graphdef, ref_graphdef, eos_id: int, schedule: tuple, loss: str,
+                   microbatches: int, mesh, rules, shardings_key):
+    optimizer = ConfigDict(dict(schedule))
+    state_shardings, batch_shardings, ref_shardings = program_cache.shardings_of(shardings_key)
+    return make_update_step(
+        graphdef, lambda s: make_optimizer(optimizer, learning_rate=s["learning_rate"]),
+        lambda s: make_policy_loss(loss, s["beta"], eos_id, ref_graphdef), mesh, rules,
+        state_shardings, batch_shardings, {"reference": ref_shardings},
+        microbatches=microbatches, name="policy_update", row_mean_loss=True,
+        settings={"learning_rate": 0.0, "beta": 1.0})  # placeholders: `bind` gives the values
+
+
 def sampling_config(config, tokenizer) -> SamplingConfig:
     s = config.sampling
     return SamplingConfig(max_new_tokens=config.data.response_len, temperature=s.temperature,
@@ -91,11 +123,9 @@ def run(config, workdir: str):
         ref_shardings = sharding.state_shardings(ref_params, rt.mesh)
     tx = make_optimizer(config)
     graphdef, state, shardings = init_train_state(policy, tx, rt.mesh, rt.rules)
-    loss_fn = make_policy_loss(config.loss, config.beta, rt.tokenizer.eos_id, ref_graphdef)
-    update = make_update_step(graphdef, tx, loss_fn, rt.mesh, rt.rules, shardings,
-                              rt.batch_shardings(PreferenceBatch), {"reference": ref_shardings},
-                              microbatches=config.microbatches, name="policy_update",
-                              row_mean_loss=True)
+    update = make_policy_update(config, graphdef, ref_graphdef, rt.tokenizer.eos_id, rt.mesh,
+                                rt.rules, shardings, rt.batch_shardings(PreferenceBatch),
+                                ref_shardings)
 
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
     source, data_iterator, recorder = make_source(config, rt, policy, workdir, ckpt)

@@ -65,7 +65,7 @@ def init_train_state(model, tx: optax.GradientTransformation, mesh, rules):
 
 def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_shardings,
                      extras_shardings=None, microbatches: int = 1, name: str = "update",
-                     row_mean_loss: bool = False):
+                     row_mean_loss: bool = False, settings: dict[str, float] | None = None):
     """Jit `loss_fn(model, batch, extras) -> (loss, metrics)` into a donated update step.
 
     `extras` carries what the loss reads but never trains or donates: frozen models' states
@@ -78,25 +78,49 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
     the loss is a mean over the batch's rows (pairs), so equal groups of rows average to the
     batch's loss and gradient, which on a one-device CPU mesh a small model then computes in
     side-by-side groups (`_GroupedUpdate`; a token-weighted mean would not average so).
+    `settings` (name -> float: a learning rate, beta): inputs of the program instead of
+    constants in it, so runs that differ only in them share one compiled program (a sweep's
+    later points read it from the persistent compilation cache). `tx` and `loss_fn` are then
+    functions of the settings (traced float32 scalars) that return the optimizer and the loss;
+    `step.bind(values)` is a step of the same programs that feeds them other values.
     """
 
-    step = update_fn(graphdef, tx, loss_fn, microbatches, state_shardings.params)
-    step.__name__ = name  # the program's name in compile logs and the AOT report
+    make_tx, make_loss = (tx, loss_fn) if settings else (lambda s: tx, lambda s: loss_fn)
     replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, extras_shardings),
+
+    def step(state, batch, extras, settings):
+        one = update_fn(graphdef, make_tx(settings), make_loss(settings), microbatches,
+                        state_shardings.params)
+        return one(state, batch, extras)
+
+    step.__name__ = name  # the program's name in compile logs and the AOT report
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, extras_shardings,
+                                         replicated if settings else None),
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
-    grouped = _GroupedUpdate(graphdef, tx, loss_fn, microbatches, mesh, rules, name,
-                             state_shardings) if row_mean_loss else None
+    grouped = _GroupedUpdate(graphdef, make_tx, make_loss, microbatches, mesh, rules, name,
+                             (state_shardings, batch_shardings, extras_shardings,
+                              replicated if settings else None)) if row_mean_loss else None
 
-    def run(state, batch, extras=None):
-        if grouped is not None and grouped.takes(state.params, batch, extras):
-            return grouped(state, batch, extras)
-        with sharding.use(mesh, rules):
-            return jitted(state, batch, extras)
+    def bind(values: dict[str, float] | None):
+        arrays = []  # the settings as arrays, made at the first call (AOT meshes have none)
 
-    run.jitted = jitted  # the whole batch in one program (what the AOT tool compiles)
-    run.grouped = grouped
-    return run
+        def run(state, batch, extras=None):
+            if values and not arrays:
+                arrays.append(jax.device_put({k: jnp.float32(v) for k, v in values.items()},
+                                             replicated))
+            inputs = arrays[0] if arrays else None
+            if grouped is not None and grouped.takes(state.params, batch, extras):
+                return grouped(state, batch, extras, inputs)
+            with sharding.use(mesh, rules):
+                return jitted(state, batch, extras, inputs)
+
+        run.jitted = jitted  # the whole batch in one program (what the AOT tool compiles)
+        run.grouped = grouped
+        run.settings = dict(values or {})  # the values the program's settings input takes
+        run.bind = bind  # the same programs with other settings (`train/policy.py`)
+        return run
+
+    return bind(settings)
 
 
 def update_fn(graphdef, tx, loss_fn, microbatches: int = 1, grad_shardings=None):
@@ -151,24 +175,32 @@ class _GroupedUpdate:
     side-by-side groups of rows, each group's from its own thread (in `microbatches` slices),
     then one program averages them (as `microbatches` would: a ratio metric becomes the mean
     of the groups' ratios) and applies the optimizer. Not where the extras hold a PRNG key,
-    which every group would draw the same bits from."""
+    which every group would draw the same bits from. `make_tx` and `make_loss` map the
+    settings input (or None) to the optimizer and the loss."""
 
-    def __init__(self, graphdef, tx, loss_fn, microbatches: int, mesh, rules, name: str,
-                 state_shardings: TrainState):
+    def __init__(self, graphdef, make_tx, make_loss, microbatches: int, mesh, rules,
+                 name: str, in_shardings: tuple):
         self.microbatches, self.mesh, self.rules, self.groups = microbatches, mesh, rules, None
-        gradient = gradient_fn(graphdef, loss_fn, microbatches, state_shardings.params)
+        state_shardings, batch_shardings, extras_shardings, settings_shardings = in_shardings
+        replicated = NamedSharding(mesh, P())
 
-        def group(params, batch, extras, first):
+        def group(params, batch, extras, settings, first):
             rows = jax.tree.map(lambda x: cpu_groups.group_rows(x, first, self.groups), batch)
+            gradient = gradient_fn(graphdef, make_loss(settings), microbatches,
+                                   state_shardings.params)
             return gradient(params, rows, extras)
 
-        def apply(state, parts):
+        def apply(state, parts, settings):
             (loss, metrics), grads = _mean_of_parts(parts, len(parts))
-            return apply_gradient(tx, state, loss, metrics, grads)
+            return apply_gradient(make_tx(settings), state, loss, metrics, grads)
 
         group.__name__, apply.__name__ = f"{name}_group", f"{name}_apply"
-        self.group = jax.jit(group)
-        self.apply = jax.jit(apply, out_shardings=(state_shardings, NamedSharding(mesh, P())),
+        # Explicit input shardings: a batch that arrives replicated (merged from the sampler's
+        # groups) and one placed by rows (a dataset's) take the same program.
+        self.group = jax.jit(group, in_shardings=(state_shardings.params, batch_shardings,
+                                                  extras_shardings, settings_shardings,
+                                                  replicated))
+        self.apply = jax.jit(apply, out_shardings=(state_shardings, replicated),
                              donate_argnums=0)
 
     def takes(self, params, batch, extras) -> bool:
@@ -179,12 +211,12 @@ class _GroupedUpdate:
                    for x in jax.tree.leaves(extras))
         return self.groups > 1 and rows % (self.groups * self.microbatches) == 0 and not keys
 
-    def __call__(self, state, batch, extras):
+    def __call__(self, state, batch, extras, settings=None):
         rows = jax.tree.leaves(batch)[0].shape[0]
-        parts = cpu_groups.run_groups(self.group, (state.params, batch, extras), self.groups,
-                                      rows, rows, self.mesh, self.rules)
+        parts = cpu_groups.run_groups(self.group, (state.params, batch, extras, settings),
+                                      self.groups, rows, rows, self.mesh, self.rules)
         with sharding.use(self.mesh, self.rules):
-            return self.apply(state, parts)
+            return self.apply(state, parts, settings)
 
 
 def _accumulate(loss_and_grads, params, batch, extras, k: int, grad_shardings):
@@ -202,6 +234,13 @@ def _accumulate(loss_and_grads, params, batch, extras, k: int, grad_shardings):
     # A scan (not a Python loop) keeps the slices sequential: XLA may not interleave them.
     total, _ = jax.lax.scan(add_slice, zeros, slices)
     return _mean_of_parts([total], k)
+
+
+def schedule_fields(c) -> tuple:
+    """What `make_optimizer` reads from a trainer config besides the peak learning rate, as a
+    hashable key (runs equal in it share an optimizer that takes the learning rate as input)."""
+    return tuple((k, c.get(k, 0.0)) for k in ("warmup_steps", "num_steps", "end_lr_fraction",
+                                                "grad_clip", "weight_decay"))
 
 
 def make_optimizer(c, learning_rate=None) -> optax.GradientTransformation:
