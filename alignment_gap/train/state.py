@@ -87,6 +87,8 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
 
     make_tx, make_loss = (tx, loss_fn) if settings else (lambda s: tx, lambda s: loss_fn)
     replicated = NamedSharding(mesh, P())
+    in_shardings = (state_shardings, batch_shardings, extras_shardings,
+                    replicated if settings else None)
 
     def step(state, batch, extras, settings):
         one = update_fn(graphdef, make_tx(settings), make_loss(settings), microbatches,
@@ -94,12 +96,10 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
         return one(state, batch, extras)
 
     step.__name__ = name  # the program's name in compile logs and the AOT report
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, extras_shardings,
-                                         replicated if settings else None),
+    jitted = jax.jit(step, in_shardings=in_shardings,
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
     grouped = _GroupedUpdate(graphdef, make_tx, make_loss, microbatches, mesh, rules, name,
-                             (state_shardings, batch_shardings, extras_shardings,
-                              replicated if settings else None)) if row_mean_loss else None
+                             in_shardings) if row_mean_loss else None
 
     def bind(values: dict[str, float] | None):
         arrays = []  # the settings as arrays, made at the first call (AOT meshes have none)
