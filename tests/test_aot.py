@@ -59,6 +59,40 @@ def test_branched_attention_is_blocked_on_cpu_and_masked_on_a_tpu_slice():
     assert choices == {"tpu": False, "cpu": True}
 
 
+def test_a_program_for_a_tpu_slice_skips_the_persistent_cache_and_a_local_one_keeps_it(
+        tmp_path):
+    """This CPU cannot load back an executable built for a TPU slice (JAX would warn and
+    compile again each time), so `compile_one` neither writes nor reads JAX's persistent cache
+    for one, and leaves the cache on for the programs this process runs."""
+    from jax.experimental.compilation_cache import compilation_cache
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from alignment_gap.presets import meshes
+
+    def program(mesh, rows):
+        x = jax.ShapeDtypeStruct((rows, 128), "float32", sharding=NamedSharding(mesh,
+                                                                                PartitionSpec()))
+        return programs.Program("scaled", jax.jit(lambda a: 2.0 * a + 1.0), (x,))
+
+    tpu = sharding.mesh_from_grid(topology.device_grid(topology.resolve("v5e-4"), (1, 4, 1)))
+    cpu = sharding.make_mesh(meshes.get_config("cpu"))
+    rules = meshes.get_config("cpu").rules
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = [getattr(jax.config, name) for name in names]
+    for name, value in zip(names, (str(tmp_path), 0), strict=True):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    try:
+        report.compile_one(program(tpu, 8), tpu, rules)
+        assert list(tmp_path.glob("*-cache")) == []
+        report.compile_one(program(cpu, 16), cpu, rules)
+        assert len(list(tmp_path.glob("*-cache"))) == 1
+    finally:
+        for name, value in zip(names, saved, strict=True):
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
 def _build(variant, topo, **model):
     config = policy_configs.get_config(variant)
     config.mesh.data, config.mesh.fsdp = 1, -1  # every chip shards parameters and batch

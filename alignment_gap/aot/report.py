@@ -15,11 +15,13 @@ published figures; the model-FLOPs utilisation ceiling is the compute share of t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from alignment_gap import sharding
 from alignment_gap.aot.programs import Program, Run
@@ -110,9 +112,27 @@ def _first_line(error: Exception) -> str:
 def compile_one(program: Program, mesh, rules):
     """(compiled, seconds) of a program lowered on `mesh`."""
     start = time.perf_counter()
-    with sharding.use(mesh, rules):
+    with sharding.use(mesh, rules), _persistent_cache_off_unless_local(mesh):
         compiled = program.jitted.lower(*program.args).compile()
     return compiled, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _persistent_cache_off_unless_local(mesh):
+    """A program compiled for another platform's topology (a TPU pod from this CPU) skips JAX's
+    persistent compilation cache: this process could not load it back (JAX warns and compiles
+    again), so writing it costs time and disk for nothing."""
+    local = mesh.devices.flat[0].platform == jax.default_backend()
+    if local or not jax.config.jax_enable_compilation_cache:
+        yield
+        return
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.reset_cache()
 
 
 def compiled_costs(program: Program, mesh, rules) -> Costs:
