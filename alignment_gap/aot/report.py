@@ -120,8 +120,8 @@ def compile_one(program: Program, mesh, rules):
 @contextlib.contextmanager
 def _persistent_cache_off_unless_local(mesh):
     """A program compiled for another platform's topology (a TPU pod from this CPU) skips JAX's
-    persistent compilation cache: this process could not load it back (JAX warns and compiles
-    again), so writing it costs time and disk for nothing."""
+    persistent compilation cache: no process here can load it back (a rerun would warn that the
+    entry cannot be read, then compile it again)."""
     local = mesh.devices.flat[0].platform == jax.default_backend()
     if local or not jax.config.jax_enable_compilation_cache:
         yield
