@@ -29,7 +29,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     --target /tmp/gpu_site .whl/*.whl
   export PYTHONPATH=/tmp/gpu_site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null \
   || echo "nvidia-smi: not found"
 $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
