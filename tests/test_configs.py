@@ -267,7 +267,7 @@ ALONE = {"stack_runs": 1}  # ran before `paper` stacked its offline grid: every 
     ("paper_study", "paper_v1", ALONE), ("mini_study_amd", "mini", {}),
     ("paper_study_amd", "paper_v1", ALONE), ("hypotheses_amd", "hypotheses", {}),
     ("mini_study_intel_2026-12-03", "mini", {}), ("mini_study_intel_2026-12-04", "mini", {}),
-    ("mini_study_intel_2026-12-05", "mini", {}),
+    ("mini_study_intel_2026-12-05", "mini", {}), ("mini_study_amd_2026-12-06", "mini", {}),
     ("paper_study_intel_2026-12-04", "paper_v1", ALONE),
     ("hypotheses_intel_2026-12-04", "hypotheses", {}),
     ("hypotheses_intel_2026-12-06", "hypotheses", {}),
