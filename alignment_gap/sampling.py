@@ -14,7 +14,10 @@ early once every row is done.
 On a one-device CPU mesh a `Sampler` of a small model runs its batch as two groups of prompts
 side by side, from two threads (`cpu_groups`): a decode step's small ops keep one core busy,
 and XLA:CPU runs calls from different threads at once. Each group draws the noise the whole
-batch's rows would, so the tokens are those of one call.
+batch's rows would, so the tokens are those of one call. On several CPU devices that hold the
+model whole (data parallel), each device decodes its own rows in a loop of its own, drawing
+its rows' noise the same way: the mesh's one loop tested every step whether all rows were done,
+a rendezvous of the devices.
 """
 
 from __future__ import annotations
@@ -220,14 +223,31 @@ def sample_program(graphdef, state_shardings_key, mesh, rules, cfg: SamplingConf
     """The jitted `sample` (`Sampler`), one per process for each distinct set of arguments."""
     rows = sharding.batch_sharding(mesh, rules, 2)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = program_cache.shardings_of(state_shardings_key)
+
+    def whole(state, prompt, prompt_mask, key, group=None):
+        return sample(nnx.merge(graphdef, state), prompt, prompt_mask, key, cfg, use_cache,
+                      samples_per_prompt, group=group)
+
+    def own_rows(state, prompt, prompt_mask, key):  # one device's prompts of the batch
+        shards = sharding.batch_shards(mesh, rules)
+        first = jax.lax.axis_index(sharding.batch_axes(rules)) * prompt.shape[0]
+        return whole(state, prompt, prompt_mask, key, group=(first, prompt.shape[0] * shards))
+
+    if sharding.whole_on_every_cpu_device(mesh, rules, state_shardings):
+        # Each device decodes its rows in a loop of its own: the mesh's program would test
+        # "every row done" across the devices at each step, a rendezvous of their threads.
+        rows_spec, whole_spec = sharding.rows_spec(rules), jax.sharding.PartitionSpec()
+        each = sharding.per_device(own_rows, mesh, (whole_spec, rows_spec, rows_spec, whole_spec),
+                                   SampleOutput(rows_spec, rows_spec, rows_spec))
+    else:
+        each = whole
 
     def run(state, prompt, prompt_mask, key):
-        return sample(nnx.merge(graphdef, state), prompt, prompt_mask, key, cfg, use_cache,
-                      samples_per_prompt)
+        return each(state, prompt, prompt_mask, key)
 
     run.__name__ = name  # the program's name in compile logs and the AOT report
-    return jax.jit(run, in_shardings=(program_cache.shardings_of(state_shardings_key), rows,
-                                      rows, replicated),
+    return jax.jit(run, in_shardings=(state_shardings, rows, rows, replicated),
                    out_shardings=SampleOutput(rows, rows, rows))
 
 

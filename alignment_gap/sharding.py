@@ -150,8 +150,38 @@ def replicated(mesh) -> NamedSharding:
 
 def batch_sharding(mesh, rules, ndim: int) -> NamedSharding:
     """Leading axis over the batch mesh axes, the rest replicated."""
-    batch_axes = dict(tuple(r) for r in rules).get("batch")
-    return NamedSharding(mesh, P(batch_axes, *([None] * (ndim - 1))))
+    axes = dict(tuple(r) for r in rules).get("batch")
+    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+
+def rows_spec(rules) -> P:
+    """The spec of an array split by rows over the batch mesh axes (`batch_sharding`'s)."""
+    return P(batch_axes(rules))
+
+
+def batch_shards(mesh, rules) -> int:
+    """How many blocks the batch's rows are split into."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(rules)]))
+
+
+def whole_on_every_cpu_device(mesh, rules, shardings) -> bool:
+    """Several CPU devices over the batch axes, each holding every array of `shardings` whole
+    (parameters of a data-parallel mesh): a program there may run as each device's own
+    (`per_device`), with no collective but those it asks for."""
+    return (batch_shards(mesh, rules) > 1 and mesh.devices.flat[0].platform == "cpu"
+            and all(s.is_fully_replicated for s in jax.tree.leaves(shardings)))
+
+
+def per_device(fn, mesh, in_specs, out_specs):
+    """`fn` as each device's program over its own rows and whole copies (`jax.shard_map`;
+    `in_specs` / `out_specs`: spec prefixes of its arguments / outputs, `rows_spec` or `P()`).
+    Model code in it traces with no rule table, so its activation constraints are no-ops."""
+    def on_one_device(*args):
+        with nnx.logical_axis_rules(()):
+            return fn(*args)
+
+    return jax.shard_map(on_one_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
 
 
 def _row_blocks(mesh, rules, global_rows: int) -> list[tuple[int, int]]:
@@ -175,7 +205,7 @@ def global_batch(local_tree, mesh, rules):
     """Process-local numpy rows (see `process_rows`) -> global jax arrays sharded on batch."""
     def to_global(x):
         x = np.asarray(x)
-        shards = int(np.prod([mesh.shape[a] for a in _batch_axes(rules)]))
+        shards = batch_shards(mesh, rules)
         local_shards = len(_row_blocks(mesh, rules, shards))
         global_shape = (x.shape[0] * shards // local_shards, *x.shape[1:])
         return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, x.ndim), x,
@@ -183,7 +213,8 @@ def global_batch(local_tree, mesh, rules):
     return jax.tree.map(to_global, local_tree)
 
 
-def _batch_axes(rules) -> tuple[str, ...]:
+def batch_axes(rules) -> tuple[str, ...]:
+    """The mesh axes the batch's rows are split over."""
     axes = dict(tuple(r) for r in rules).get("batch")
     if axes is None:
         return ()

@@ -425,6 +425,43 @@ def test_a_one_device_update_of_a_row_mean_loss_runs_in_side_by_side_groups(mini
     _assert_same_two_steps(results, head_atol=1e-5)  # the groups sum over other rows
 
 
+def test_a_row_mean_update_on_data_parallel_cpu_devices_all_reduces_once(mini_config):
+    """On CPU devices that hold the parameters whole, the policy's update computes each
+    device's gradient (its slices summed locally) and averages the devices' with one
+    all-reduce (the mesh's program all-reduced every slice's gradient and metrics): the same
+    two steps as one device's, within float rounding."""
+    from alignment_gap.batches import PreferenceBatch
+    from alignment_gap.train.policy import make_policy_loss
+
+    b = _batch(mini_config, rows=8, seed=5)  # ragged prompts and responses
+    batch = PreferenceBatch(b["prompt"], b["prompt_mask"], b["response"], b["response_mask"],
+                            np.roll(b["response"], 3, 0), np.roll(b["response_mask"], 3, 0))
+    results = []
+    for shape, k in (((1, 1, 1), 1), ((2, 1, 1), 1), ((2, 1, 1), 2), ((4, 1, 1), 2)):
+        lm, mesh, rules = language_model(mini_config, shape)
+        reference, _, _ = language_model(mini_config, shape, seed=1)
+        ref_graphdef, ref_params = nnx.split(reference)
+        tx = optax.sgd(0.1)  # linear in the gradient (Adam would amplify float noise)
+        graphdef, state, state_sh = init_train_state(lm, tx, mesh, rules)
+        rows_sh = PreferenceBatch(*[sharding.batch_sharding(mesh, rules, 2)] * 6)
+        with sharding.use(mesh, rules):
+            ref_sh = sharding.state_shardings(ref_params, mesh)
+        step = make_update_step(graphdef, tx, make_policy_loss("ipo", 0.1, 1, ref_graphdef), mesh,
+                                rules, state_sh, rows_sh, {"reference": ref_sh}, microbatches=k,
+                                row_mean_loss=True)
+        global_batch = sharding.global_batch(batch, mesh, rules)
+        extras = {"reference": ref_params}
+        if shape[0] > 1:
+            with sharding.use(mesh, rules):
+                text = step.jitted.lower(state, global_batch, extras, None).compile().as_text()
+            assert len(re.findall(r" all-reduce(?:-start)?\(", text)) == 1, (shape, k)
+        state, metrics = step(state, global_batch, extras)
+        state, second = step(state, global_batch, extras)
+        results.append((jax.device_get(metrics), float(second["loss"]),
+                        np.asarray(state.params["head"][...])))
+    _assert_same_two_steps(results, head_atol=1e-5)
+
+
 def test_policy_runs_that_differ_in_learning_rate_and_beta_share_one_program(mini_config):
     """The policy trainer's update takes its learning rate and beta as inputs: a second run
     with other values gets the first run's programs (traced and compiled once), and each run's

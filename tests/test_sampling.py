@@ -247,6 +247,46 @@ def test_online_sampling_and_ranking_keep_each_prompts_samples_on_its_device(min
         assert not ops, sorted(ops)
 
 
+def test_each_device_of_a_data_parallel_cpu_mesh_decodes_in_a_loop_of_its_own(mini_config):
+    """On CPU devices that hold the model whole, each decodes its own rows in its own loop (the
+    compiled sampler has no collective: the mesh's one loop all-reduced "every row done" at
+    each step) and draws the noise its rows draw in one device's call: the tokens of one
+    device, with EOS, and with the first device's rows all done after one token while the
+    others go on."""
+    import re
+
+    prompts = _prompts()
+    prompts[0][:4], prompts[1][:4] = prompts[0][0], prompts[1][0]  # first device: one prompt
+    lm, mesh, rules = language_model(mini_config)
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0, eos_id=-1)
+    free = Sampler(lm, mesh, rules, greedy, groups=1)(nnx.state(lm), *prompts, jax.random.key(0))
+    stops = int(free.tokens[0, 0])  # the first device's rows end at their first token
+    sampled = SamplingConfig(max_new_tokens=6, temperature=1.0, eos_id=-1)
+    free = Sampler(lm, mesh, rules, sampled, groups=1)(nnx.state(lm), *prompts, jax.random.key(3))
+    ends = int(free.tokens[5, 2])  # a sampled token that ends some rows
+    for cfg in (dataclasses.replace(greedy, eos_id=stops),
+                dataclasses.replace(sampled, eos_id=ends)):
+        outputs = []
+        for shape in ((1, 1, 1), (2, 1, 1), (4, 1, 1)):
+            lm, mesh, rules = language_model(mini_config, shape)
+            sampler = Sampler(lm, mesh, rules, cfg, samples_per_prompt=2, groups=1)
+            batch = sharding.global_batch(prompts, mesh, rules)
+            with sharding.use(mesh, rules):
+                text = sampler.jitted.lower(nnx.state(lm), *batch,
+                                            jax.random.key(3)).compile().as_text()
+            shardings = jax.tree.map(lambda x: x.sharding, nnx.state(lm))
+            assert sharding.whole_on_every_cpu_device(mesh, rules, shardings) == (shape[0] > 1)
+            assert not re.findall(r"(all-reduce|all-gather|collective-permute)\(", text), shape
+            outputs.append(jax.device_get(sampler(nnx.state(lm), *batch, jax.random.key(3))))
+        assert not outputs[0].mask.all()  # EOS ended rows early
+        if cfg.temperature == 0.0:
+            assert outputs[0].mask[:8].sum() == 8 and outputs[0].mask[8:].sum() > 8
+        for other in outputs[1:]:
+            np.testing.assert_array_equal(other.tokens, outputs[0].tokens)
+            np.testing.assert_array_equal(other.mask, outputs[0].mask)
+            np.testing.assert_allclose(other.logprobs, outputs[0].logprobs, atol=2e-5)
+
+
 def test_draws_are_jax_categorical_and_greedy_is_argmax():
     rng = np.random.default_rng(4)
     logits = rng.normal(size=(64, 512)).astype(np.float32)

@@ -287,11 +287,18 @@ def test_stacked_offline_runs_equal_runs_trained_alone_and_resume(smoke, tmp_pat
 
     expected, stacked = log(alone), log(runs[0])
     assert [r["step"] for r in stacked] == [r["step"] for r in expected]
+    # Classifier accuracy counts the signs of margins, whose float noise may cross zero. At
+    # step 1 the policy is the reference and every margin is zero up to that noise: each of the
+    # step's 8 pairs may score 0, 1/2 or 1, which moves the first logged mean (6 steps, 48
+    # pairs) by up to 4/48; later a margin near zero may flip, 1/48 a pair (on a 2-core AMD
+    # EPYC VM, 2026-12-06: 0.635 against 0.625 at step 6).
+    signs = {"classifier_accuracy": {6: 5 / 48 + 1e-6, 12: 1 / 48 + 1e-6}}
     for a, b in zip(expected, stacked, strict=True):
         assert a.keys() == b.keys()
         for name, value in a.items():
             # A batched matmul may sum in another order: Adam turns that into ~1e-4 moves.
-            assert b[name] == pytest.approx(value, rel=1e-3, abs=1e-3), (a["step"], name)
+            tolerance = signs.get(name, {}).get(a["step"], 1e-3)
+            assert b[name] == pytest.approx(value, rel=1e-3, abs=tolerance), (a["step"], name)
     assert log(runs[1]) != stacked  # the other learning rate trained its own run
     assert run_dir.read_outcomes(str(runs[0])).keys() == run_dir.read_outcomes(str(alone)).keys()
 

@@ -7,7 +7,9 @@ place) and the extras (frozen models, keys) never donated. With `microbatches` k
 gradient is accumulated over k slices of the batch computed one after another: the same update,
 with one slice's activations live at a time (to fit accelerator memory; on CPU, to fit cache).
 With a loss that is a mean over rows, a small model's gradient on a one-device CPU mesh is
-computed in side-by-side groups of rows (`cpu_groups`), then applied by a second program.
+computed in side-by-side groups of rows (`cpu_groups`), then applied by a second program; on
+several CPU devices holding the parameters whole, each device sums its slices' gradients and
+one all-reduce averages the devices' (`_per_device_gradient`).
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
     `name` names the compiled program (`sft_update`, `policy_update`, ...). `row_mean_loss`:
     the loss is a mean over the batch's rows (pairs), so equal groups of rows average to the
     batch's loss and gradient, which on a one-device CPU mesh a small model then computes in
-    side-by-side groups (`_GroupedUpdate`; a token-weighted mean would not average so).
+    side-by-side groups (`_GroupedUpdate`; a token-weighted mean would not average so) and
+    several CPU devices holding the parameters whole compute device by device
+    (`_per_device_gradient`), without a PRNG key among the extras in either case.
     `settings` (name -> float: a learning rate, beta): inputs of the program instead of
     constants in it, so runs that differ only in them share one compiled program (a sweep's
     later points read it from the persistent compilation cache). `tx` and `loss_fn` are then
@@ -90,7 +94,14 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
     in_shardings = (state_shardings, batch_shardings, extras_shardings,
                     replicated if settings else None)
 
+    per_device = row_mean_loss and sharding.whole_on_every_cpu_device(
+        mesh, rules, state_shardings.params)
+
     def step(state, batch, extras, settings):
+        if per_device and not _holds_keys(extras):
+            gradient = _per_device_gradient(graphdef, make_loss, microbatches, mesh, rules)
+            (loss, metrics), grads = gradient(state.params, batch, extras, settings)
+            return apply_gradient(make_tx(settings), state, loss, metrics, grads)
         one = update_fn(graphdef, make_tx(settings), make_loss(settings), microbatches,
                         state_shardings.params)
         return one(state, batch, extras)
@@ -207,9 +218,8 @@ class _GroupedUpdate:
         if self.groups is None:  # fixed by the model's size, known at the first call
             self.groups = cpu_groups.default_groups(self.mesh, params)
         rows = jax.tree.leaves(batch)[0].shape[0]
-        keys = any(jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-                   for x in jax.tree.leaves(extras))
-        return self.groups > 1 and rows % (self.groups * self.microbatches) == 0 and not keys
+        return (self.groups > 1 and rows % (self.groups * self.microbatches) == 0
+                and not _holds_keys(extras))
 
     def __call__(self, state, batch, extras, settings=None):
         rows = jax.tree.leaves(batch)[0].shape[0]
@@ -219,6 +229,28 @@ class _GroupedUpdate:
             return self.apply(state, parts, settings)
 
 
+def _holds_keys(extras) -> bool:
+    """Whether the extras hold a PRNG key, which groups of rows or devices would draw alike."""
+    return any(jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+               for x in jax.tree.leaves(extras))
+
+
+def _per_device_gradient(graphdef, make_loss, microbatches: int, mesh, rules):
+    """`(params, batch, extras, settings) -> ((loss, metrics), grads)` of a row-mean loss on
+    several CPU devices holding the parameters whole: each device computes its rows' gradient
+    (in `microbatches` slices, summed locally) and one all-reduce averages the devices' (as
+    `microbatches` would: a ratio metric becomes the mean of the devices' ratios). The
+    partitioned program all-reduces every slice's gradient, each a rendezvous of the devices'
+    threads."""
+    axes, devices = sharding.batch_axes(rules), sharding.batch_shards(mesh, rules)
+
+    def gradient(params, batch, extras, settings):
+        parts = gradient_fn(graphdef, make_loss(settings), microbatches)(params, batch, extras)
+        return _mean_of_parts([jax.lax.psum(parts, axes)], devices)
+
+    return sharding.per_device(gradient, mesh, (P(), sharding.rows_spec(rules), P(), P()), P())
+
+
 def _accumulate(loss_and_grads, params, batch, extras, k: int, grad_shardings):
     """((loss, metrics), grads) averaged over k slices of `batch`, one slice at a time."""
 
@@ -226,7 +258,8 @@ def _accumulate(loss_and_grads, params, batch, extras, k: int, grad_shardings):
     first = jax.tree.map(lambda x: x[0], slices)
     shapes = jax.eval_shape(loss_and_grads, params, first, extras)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    zeros = (zeros[0], jax.lax.with_sharding_constraint(zeros[1], grad_shardings))
+    if grad_shardings is not None:
+        zeros = (zeros[0], jax.lax.with_sharding_constraint(zeros[1], grad_shardings))
 
     def add_slice(total, one_slice):
         return jax.tree.map(jnp.add, total, loss_and_grads(params, one_slice, extras)), None
