@@ -390,30 +390,43 @@ def _assert_same_two_steps(results, head_atol: float):
     assert full[1] != pytest.approx(full[0]["loss"], rel=1e-3)
 
 
+def _ragged_pairs(mini_config):
+    from alignment_gap.batches import PreferenceBatch
+
+    b = _batch(mini_config, rows=8, seed=5)  # ragged prompts and responses
+    return PreferenceBatch(b["prompt"], b["prompt_mask"], b["response"], b["response_mask"],
+                           np.roll(b["response"], 3, 0), np.roll(b["response_mask"], 3, 0))
+
+
+def _policy_update(mini_config, shape, microbatches, row_mean_loss):
+    """(update step, train state, reference params, mesh, rules): an IPO update with SGD,
+    linear in the gradient (Adam would amplify float noise)."""
+    from alignment_gap.batches import PreferenceBatch
+    from alignment_gap.train.policy import make_policy_loss
+
+    lm, mesh, rules = language_model(mini_config, shape)
+    reference, _, _ = language_model(mini_config, shape, seed=1)
+    ref_graphdef, ref_params = nnx.split(reference)
+    tx = optax.sgd(0.1)
+    graphdef, state, state_sh = init_train_state(lm, tx, mesh, rules)
+    rows_sh = PreferenceBatch(*[sharding.batch_sharding(mesh, rules, 2)] * 6)
+    with sharding.use(mesh, rules):
+        ref_sh = sharding.state_shardings(ref_params, mesh)
+    step = make_update_step(graphdef, tx, make_policy_loss("ipo", 0.1, 1, ref_graphdef), mesh,
+                            rules, state_sh, rows_sh, {"reference": ref_sh},
+                            microbatches=microbatches, row_mean_loss=row_mean_loss)
+    return step, state, ref_params, mesh, rules
+
+
 def test_a_one_device_update_of_a_row_mean_loss_runs_in_side_by_side_groups(mini_config):
     """On a one-device CPU mesh the policy's update (a mean over pairs) computes the gradient
     of two groups of rows from two threads (in slices too), then applies their mean: the same
     step as one call, within float rounding. With a PRNG key among the extras (which both
     groups would draw alike) it runs as one call."""
-    from alignment_gap.batches import PreferenceBatch
-    from alignment_gap.train.policy import make_policy_loss
-
-    b = _batch(mini_config, rows=8, seed=5)  # ragged prompts and responses
-    batch = PreferenceBatch(b["prompt"], b["prompt_mask"], b["response"], b["response_mask"],
-                            np.roll(b["response"], 3, 0), np.roll(b["response_mask"], 3, 0))
+    batch = _ragged_pairs(mini_config)
     results = []
     for grouped, k in ((False, 1), (True, 1), (True, 2)):
-        lm, mesh, rules = language_model(mini_config)
-        reference, _, _ = language_model(mini_config, seed=1)
-        ref_graphdef, ref_params = nnx.split(reference)
-        tx = optax.sgd(0.1)  # linear in the gradient (Adam would amplify float noise)
-        graphdef, state, state_sh = init_train_state(lm, tx, mesh, rules)
-        rows_sh = PreferenceBatch(*[sharding.batch_sharding(mesh, rules, 2)] * 6)
-        with sharding.use(mesh, rules):
-            ref_sh = sharding.state_shardings(ref_params, mesh)
-        step = make_update_step(graphdef, tx, make_policy_loss("ipo", 0.1, 1, ref_graphdef), mesh,
-                                rules, state_sh, rows_sh, {"reference": ref_sh}, microbatches=k,
-                                row_mean_loss=grouped)
+        step, state, ref_params, _, _ = _policy_update(mini_config, (1, 1, 1), k, grouped)
         state, metrics = step(state, batch, {"reference": ref_params})
         state, second = step(state, batch, {"reference": ref_params})
         assert (step.grouped is not None) == grouped
@@ -430,25 +443,10 @@ def test_a_row_mean_update_on_data_parallel_cpu_devices_all_reduces_once(mini_co
     device's gradient (its slices summed locally) and averages the devices' with one
     all-reduce (the mesh's program all-reduced every slice's gradient and metrics): the same
     two steps as one device's, within float rounding."""
-    from alignment_gap.batches import PreferenceBatch
-    from alignment_gap.train.policy import make_policy_loss
-
-    b = _batch(mini_config, rows=8, seed=5)  # ragged prompts and responses
-    batch = PreferenceBatch(b["prompt"], b["prompt_mask"], b["response"], b["response_mask"],
-                            np.roll(b["response"], 3, 0), np.roll(b["response_mask"], 3, 0))
+    batch = _ragged_pairs(mini_config)
     results = []
     for shape, k in (((1, 1, 1), 1), ((2, 1, 1), 1), ((2, 1, 1), 2), ((4, 1, 1), 2)):
-        lm, mesh, rules = language_model(mini_config, shape)
-        reference, _, _ = language_model(mini_config, shape, seed=1)
-        ref_graphdef, ref_params = nnx.split(reference)
-        tx = optax.sgd(0.1)  # linear in the gradient (Adam would amplify float noise)
-        graphdef, state, state_sh = init_train_state(lm, tx, mesh, rules)
-        rows_sh = PreferenceBatch(*[sharding.batch_sharding(mesh, rules, 2)] * 6)
-        with sharding.use(mesh, rules):
-            ref_sh = sharding.state_shardings(ref_params, mesh)
-        step = make_update_step(graphdef, tx, make_policy_loss("ipo", 0.1, 1, ref_graphdef), mesh,
-                                rules, state_sh, rows_sh, {"reference": ref_sh}, microbatches=k,
-                                row_mean_loss=True)
+        step, state, ref_params, mesh, rules = _policy_update(mini_config, shape, k, True)
         global_batch = sharding.global_batch(batch, mesh, rules)
         extras = {"reference": ref_params}
         if shape[0] > 1:
