@@ -2,7 +2,8 @@
 
 Models name their axes (`embed`, `heads`, `batch`, ...); the config's rule table maps names to
 mesh axes. Everything that traces a model runs inside `use(mesh, rules)`, so parameter
-shardings, activation constraints and batch shardings all come from the same table.
+shardings, activation constraints and batch shardings all come from the same table. On CPU
+devices that each hold the model whole, `per_device` runs a program as each device's own.
 """
 
 from __future__ import annotations
