@@ -229,9 +229,10 @@ def sample_program(graphdef, state_shardings_key, mesh, rules, cfg: SamplingConf
         return sample(nnx.merge(graphdef, state), prompt, prompt_mask, key, cfg, use_cache,
                       samples_per_prompt, group=group)
 
+    shards, batch_axes = sharding.batch_shards(mesh, rules), sharding.batch_axes(rules)
+
     def own_rows(state, prompt, prompt_mask, key):  # one device's prompts of the batch
-        shards = sharding.batch_shards(mesh, rules)
-        first = jax.lax.axis_index(sharding.batch_axes(rules)) * prompt.shape[0]
+        first = jax.lax.axis_index(batch_axes) * prompt.shape[0]
         return whole(state, prompt, prompt_mask, key, group=(first, prompt.shape[0] * shards))
 
     if sharding.whole_on_every_cpu_device(mesh, rules, state_shardings):
