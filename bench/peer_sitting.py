@@ -134,6 +134,9 @@ def main():
     parser.add_argument("--peerbench", default=os.path.join(ROOT, "..", "shared", "peerbench"))
     parser.add_argument("--peer_runs", type=int, default=2)
     args = parser.parse_args()
+    if not os.path.exists(os.path.join(args.peerbench, "run_all.sh")):
+        parser.error(f"--peerbench {args.peerbench} holds no run_all.sh: give the path of "
+                     "the workplace's shared/peerbench")
     results_dir = os.path.join(os.environ.get("PEERBENCH_DIR", "/tmp/peerbench"), "results")
     out_dir = os.path.join(ROOT, "bench", "out")
     os.makedirs(out_dir, exist_ok=True)
