@@ -109,5 +109,6 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"cpu": cpu_model(), "calls_ms": runs}, f)
 
+
 if __name__ == "__main__":
     main()
