@@ -13,7 +13,7 @@ Runs one after another (never two at once: these machines have 2 cores), at
 then prints the two tables `bench/RESULTS.md` keeps per sitting (the peers; ours beside the
 peers' means) and how many of our runs meet each target: online step >= 2x TRL's online DPO,
 offline step >= 1.5x TRL's DPO and >= 2x Tunix's DPO, sampler call >= 2x Tunix's sampler. Paste
-them under a heading naming the `lscpu` model line the script prints. Everything it read goes
+them under a heading naming the CPU model line the script prints. Everything it read goes
 to bench/out/sitting_<label>.json.
 """
 
@@ -42,12 +42,6 @@ PEERS = {"trl_online_dpo": ("trl_online_dpo_ipo", "steady_mean_s"),
          "trl_dpo": ("trl_dpo_ipo", "steady_mean_s"),
          "tunix_dpo": ("tunix_dpo", "steady_mean_s"),
          "tunix_sampler": ("tunix_sampler", "mean_s")}
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                 if line.startswith("Model name")), "unknown")
 
 
 def read_peers(results_dir: str, runs: int, since: float) -> dict:
@@ -152,12 +146,14 @@ def main():
     peers = read_peers(results_dir, args.peer_runs, start)
     for c in reversed(CONFIGS):
         ours[config_name(*c)].append(run_ours(*c, f"{stem}_d{c[0]}_k{c[1]}_b.json"))
+    from foundation import cpu_model  # jax's imports, once the timed runs are over
+
     summary = {"label": args.label, "cpu": cpu_model(), "started": time.strftime(
         "%Y-%m-%d %H:%M UTC", time.gmtime(start)), "ended": time.strftime(
         "%Y-%m-%d %H:%M UTC", time.gmtime()), "peers": peers, "ours": ours}
     with open(stem + ".json", "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"\n`lscpu` Model name: {summary['cpu']}; {summary['started']} to "
+    print(f"\nCPU model name: {summary['cpu']}; {summary['started']} to "
           f"{summary['ended']}\n\n{tables(args.label, peers, ours)}")
 
 
