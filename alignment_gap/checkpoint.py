@@ -2,8 +2,11 @@
 
 A checkpoint directory holds one orbax step directory per save, each with the items
 `params`, `opt_state`, `loop` (`step`, RNG key data), `data` (the grain iterator's state) and
-`meta` (JSON: model config, tokenizer fingerprint, kind). orbax writes each step to a temporary
-directory and renames it when complete, so a crash never corrupts the last good checkpoint.
+`meta` (JSON: model config, tokenizer fingerprint, kind) and `log` (JSON: the training loop's own
+state at that step - its last metrics, whether a stop rule fired, the steps it has not logged
+yet - so a run killed after a save resumes its log and its decision as they were). orbax writes
+each step to a temporary directory and renames it when complete, so a crash never corrupts the
+last good checkpoint.
 
 Frozen models (the reference policy, the preference models) are loaded read-only from another
 run's checkpoints: only `params` and `meta` are read, straight into the target shardings, and
@@ -36,8 +39,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state, rng, meta: dict, data_iterator=None):
-        """`state`: a train state (`step`, `params`, `opt_state`); returns the step saved."""
+    def save(self, state, rng, meta: dict, data_iterator=None, log: dict | None = None):
+        """`state`: a train state (`step`, `params`, `opt_state`); `log`: the loop's record
+        (`train/loop.py`); returns the step saved."""
         step = int(jax.device_get(state.step))
         items = {"params": ocp.args.StandardSave(state.params),
                  "opt_state": ocp.args.StandardSave(state.opt_state),
@@ -51,8 +55,22 @@ class Checkpointer:
             # JSON copy restores under any process layout (grain's own handler writes one file
             # per process and cannot restore into a different process count).
             items["data"] = ocp.args.JsonSave(data_iterator.get_state())
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        if log is not None:
+            items["log"] = ocp.args.JsonSave(log)
+        if not self.manager.save(step, args=ocp.args.Composite(**items)):
+            # orbax skips a step at or before its latest one: the state would not be saved
+            raise RuntimeError(f"{self.path(step)}: orbax skipped this save (its latest step is "
+                               f"{self.latest_step()}); a resume must drop the steps after "
+                               "the one it restores")
         return step
+
+    def log_record(self, step: int) -> dict | None:
+        """The loop's record saved with checkpoint `step`; None for a checkpoint saved before
+        checkpoints held one."""
+        if not os.path.isdir(os.path.join(self.path(step), "log")):
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(
+            log=ocp.args.JsonRestore()))["log"]
 
     def restore(self, state, shardings, data_iterator=None, step: int | None = None,
                 check=None):
@@ -114,7 +132,7 @@ class Checkpointer:
         keeping their files; warn once naming them and the step restored instead."""
         if jax.process_index() == 0:
             for bad, _ in damaged:
-                os.replace(self.path(bad), self.path(bad) + ".damaged")
+                os.replace(self.path(bad), _free_name(self.path(bad) + ".damaged"))
         if jax.process_count() > 1:  # the others wait for the renames
             multihost_utils.sync_global_devices("set aside damaged checkpoints")
         self.manager.reload()
@@ -132,6 +150,16 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _free_name(path: str) -> str:
+    """`path`, or `path-2`, `path-3`... where an earlier one exists (the same step damaged
+    again after a rerun saved it anew)."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
 
 
 def _first_line(error: BaseException, limit: int = 160) -> str:

@@ -58,17 +58,22 @@ def dataset_iterator(source, tokenizer, shape, seed, num_threads=2):
 class StreamRecorder:
     """Writes every example of every batch, in order, as ArrayRecord chunks (process 0)."""
 
-    def __init__(self, directory: str, start_step: int):
+    def __init__(self, directory: str):
         self.directory = directory
         self.enabled = jax.process_index() == 0
-        self.first = start_step + 1
+        self.first = 1
         self._writer = None
+
+    def resume_from(self, step: int):
+        """Record from `step + 1`, the step after the checkpoint the run restored (not the
+        latest on disk: a damaged one is set aside), dropping what was recorded after it."""
+        self.first = step + 1
         if self.enabled:
-            os.makedirs(directory, exist_ok=True)
-            for stale in glob.glob(os.path.join(directory, "*.tmp")):  # after the last seal
+            os.makedirs(self.directory, exist_ok=True)
+            for stale in glob.glob(os.path.join(self.directory, "*.tmp")):  # after the last seal
                 os.remove(stale)
-            for path in stream_chunks(directory):  # chunks past a resumed checkpoint
-                if _chunk_range(path)[0] > start_step:
+            for path in stream_chunks(self.directory):  # chunks past the restored checkpoint
+                if _chunk_range(path)[0] > step:
                     os.remove(path)
 
     def _tmp(self):

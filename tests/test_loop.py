@@ -1,20 +1,30 @@
 """The training loop's schedule (`train/loop.py`) with a counting update, real orbax checkpoints
-and a real run directory: where it evaluates and checkpoints, and that the extra steps change no
-update."""
+and a real run directory: where it evaluates and checkpoints, that the extra steps change no
+update, and that a run killed at any point resumes to the same log and finished record."""
 
 import json
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import pytest
 
+from alignment_gap import run_dir
 from alignment_gap.checkpoint import Checkpointer
+from alignment_gap.train import loop as loop_module
 from alignment_gap.train.loop import Loop
 from alignment_gap.train.state import TrainState
 
 
-def _run(workdir, **schedule):
-    config = ml_collections.ConfigDict(dict(num_steps=12, log_every=3, **schedule))
+class Killed(BaseException):
+    """Stands in for a SIGKILL: nothing after it runs, nothing catches it."""
+
+
+def _run(workdir, kill_in_step=None, stop_at=None, **schedule):
+    """Train to `num_steps` (12) or to `stop_at`, where the evaluation says stop; resume from
+    the latest checkpoint in `workdir` if there is one. `kill_in_step`: die as that step's
+    batch is asked for."""
+    config = ml_collections.ConfigDict({"num_steps": 12, "log_every": 3, **schedule})
     evaluated = []
 
     def update(state, batch, key):  # params: the sum of the batches; key: read, so it matters
@@ -22,20 +32,36 @@ def _run(workdir, **schedule):
                            opt_state={"m": state.opt_state["m"] + jax.random.uniform(key)})
         return state, {"loss": batch}
 
+    def next_batch(state, key):
+        if int(state.step) + 1 == kill_in_step:
+            raise Killed
+        return jnp.float32(state.step + 1)
+
     def evaluate(state):
         evaluated.append(int(state.step))
-        return {"win_rate": float(state.params["w"])}, ""
+        stop = "the rule fired" if int(state.step) == stop_at else ""
+        return {"win_rate": float(state.params["w"])}, stop
 
     state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros(())},
                        opt_state={"m": jnp.zeros(())})
     ckpt = Checkpointer(str(workdir / "checkpoints"), max_to_keep=20)
-    loop = Loop(config, str(workdir), update=update,
-                next_batch=lambda state, key: jnp.float32(state.step + 1), checkpointer=ckpt,
+    rng = jax.random.key(0)
+    if ckpt.latest_step() is not None:
+        state, rng, _ = ckpt.restore(state, jax.tree.map(lambda x: x.sharding, state))
+    loop = Loop(config, str(workdir), update=update, next_batch=next_batch, checkpointer=ckpt,
                 meta={}, evaluate=evaluate, evaluate_at_start=True)
-    state, _ = loop.run(state, jax.random.key(0))
+    try:
+        state, _ = loop.run(state, rng)
+    finally:
+        ckpt.close()
     eval_rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().split("\n")
                  if "eval/win_rate" in line]
     return state, evaluated, sorted(ckpt.manager.all_steps()), eval_rows
+
+
+def _log(workdir) -> list[dict]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]  # wall clock
 
 
 def test_checkpoint_steps_add_evaluations_and_change_no_update(tmp_path):
@@ -49,3 +75,35 @@ def test_checkpoint_steps_add_evaluations_and_change_no_update(tmp_path):
     assert [r["eval/win_rate"] for r in rows] == [sum(range(1, s + 1)) for s in evals]
     assert (float(early.params["w"]), float(early.opt_state["m"])) == (
         float(plain.params["w"]), float(plain.opt_state["m"]))
+
+
+@pytest.mark.parametrize("stop_at", [None, 6])
+def test_a_run_killed_after_its_last_save_finishes_as_it_would_have(tmp_path, monkeypatch,
+                                                                    stop_at):
+    """Killed between the save of its last step (the end, or where its stop rule fired) and
+    its finished record: the rerun finishes with that step's metrics and decision, training no
+    further step."""
+    _run(tmp_path / "straight", stop_at=stop_at, checkpoint_every=3)
+    with monkeypatch.context() as patch:
+        def killed(*args, **kwargs):
+            raise Killed
+        patch.setattr(loop_module.run_dir, "finish", killed)
+        with pytest.raises(Killed):
+            _run(tmp_path / "killed", stop_at=stop_at, checkpoint_every=3)
+    assert run_dir.read_json(str(tmp_path / "killed"), run_dir.DONE) is None
+    _, evaluated, ckpts, _ = _run(tmp_path / "killed", stop_at=stop_at, checkpoint_every=3)
+    assert evaluated == [] and ckpts == [3, 6, 9, 12][:2 if stop_at else 4]
+    done = [run_dir.read_json(str(tmp_path / name), run_dir.DONE)
+            for name in ("straight", "killed")]
+    assert done[1] == done[0]
+    assert done[0]["stopped_early"] == bool(stop_at) and "eval/win_rate" in done[0]["metrics"]
+
+
+def test_a_run_killed_between_log_lines_resumes_the_same_averages(tmp_path):
+    """Checkpoints (every 3 steps) fall between log lines (every 2): the steps a checkpoint
+    left unlogged are averaged into the resumed run's next line."""
+    _run(tmp_path / "straight", checkpoint_every=3, log_every=2)
+    with pytest.raises(Killed):
+        _run(tmp_path / "killed", kill_in_step=5, checkpoint_every=3, log_every=2)
+    _run(tmp_path / "killed", checkpoint_every=3, log_every=2)
+    assert _log(tmp_path / "killed") == _log(tmp_path / "straight")

@@ -24,6 +24,7 @@ from alignment_gap import run_dir
 from alignment_gap.study.scheduler import Stage, run_stages, wait_for
 
 workdir, shard, shards, fail = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+time.sleep(float(sys.argv[5]) if shard == 1 else 0)  # shard 1 starting late
 
 def job(name):
     def run(cfg, out):
@@ -51,10 +52,10 @@ print("exit", shard)
 '''
 
 
-def _sweep(workdir, shards, fail=""):
+def _sweep(workdir, shards, fail="", shard1_late_s=0.0):
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(workdir), str(k), str(shards),
-                               fail], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for k in range(shards)]
+                               fail, str(shard1_late_s)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in range(shards)]
     return [(p.wait(timeout=120), *p.communicate()) for p in procs]
 
 
@@ -94,6 +95,12 @@ def test_a_failed_stage_stops_the_hosts_waiting_for_it(tmp_path):
     assert "exit 0" not in out0
     assert json.loads(next(tmp_path.glob("stages/run1-*/FAILED.json")).read_text())["error"] \
         == "RuntimeError: run1 broke"
+    # Both shards again, run1's owner starting late: the other waits for the retry instead of
+    # stopping on the earlier attempt's record.
+    for rc, _, err in _sweep(tmp_path, 2, shard1_late_s=2.0):
+        assert rc == 0, err[-2000:]
+    assert not list(tmp_path.glob("stages/*/FAILED.json"))
+    assert set(_done(tmp_path)) == {"base", "late_base", *UPSTREAM}
 
 
 @pytest.mark.parametrize("shard", [-1, 2])

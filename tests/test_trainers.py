@@ -118,6 +118,18 @@ def test_resume_continues_exactly_as_if_never_stopped(runs):
         np.testing.assert_array_equal(x.prompt, y.prompt)
         np.testing.assert_array_equal(x.chosen, y.chosen)
         np.testing.assert_array_equal(x.rejected, y.rejected)
+    # Its last checkpoint damaged: the run resumes from step 3 and records steps 4-6 anew, once.
+    damaged = root / "damaged"
+    shutil.copytree(straight, damaged)
+    (damaged / "DONE.json").unlink()
+    for chunk in (damaged / "checkpoints" / "6" / "params").rglob("d/*"):
+        chunk.write_bytes(chunk.read_bytes()[:chunk.stat().st_size // 2])
+    main("policy.py:online_tiny", damaged, *flags)
+    assert names(damaged) == names(straight)
+    pairs = zip(replay_iterator(str(straight / "stream"), shape),
+                replay_iterator(str(damaged / "stream"), shape), strict=True)
+    for _, (x, y) in zip(range(6), pairs, strict=False):
+        np.testing.assert_array_equal(x.chosen, y.chosen)
 
 
 def test_diverging_run_stops_naming_the_step_and_last_good_checkpoint(runs):

@@ -9,7 +9,9 @@ re-runs it and everything downstream.
 With one shard, `run_stages` runs every unfinished stage in order. A sweep fans the runs out
 over hosts sharing the workdir: shard k runs its share (`owner`) and waits for the upstream
 stages other shards run; a stage that raises leaves a failure record (`run_dir.fail`) that
-stops every shard waiting on it. Each shard keeps `{stage: seconds}` in its timings file.
+stops every shard waiting on it. A record already there when a shard starts is an earlier
+attempt's (`failure_records`): its owner retries that stage, so the shard waits for it.
+Each shard keeps `{stage: seconds}` in its timings file.
 With `stack_runs` > 1, runs that share a `stack` (an offline sweep's runs of one seed and
 length) are trained together as one stacked program (`units`; `train/policy_stack.py`), and a
 stack always goes to one shard.
@@ -200,21 +202,44 @@ def _directories(workdir: str):
     return where
 
 
-def _check_not_failed(stage: Stage, directory: str):
+def failure_records(workdir: str) -> dict[str, tuple]:
+    """{stage directory: identity of its failure record} for the records under `workdir` now:
+    taken when a job starts, these are an earlier attempt's."""
+    found = {}
+    for path in glob.glob(os.path.join(os.path.abspath(workdir), "stages", "*", run_dir.FAILED)):
+        identity = _identity(path)
+        if identity is not None:
+            found[os.path.dirname(path)] = identity
+    return found
+
+
+def _identity(path: str) -> tuple | None:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _check_not_failed(stage: Stage, directory: str, earlier: dict):
+    """Raise on a failure record written since this job started (`earlier`: the ones before)."""
     why = run_dir.failure(directory)
-    if why is not None:
-        raise StageFailed(f"stage {stage.name} failed (see {run_dir.failed_path(directory)}): "
-                          f"{why}")
+    path = run_dir.failed_path(directory)
+    if why is not None and _identity(path) != earlier.get(os.path.abspath(directory)):
+        raise StageFailed(f"stage {stage.name} failed (see {path}): {why}")
 
 
-def wait_for(stages: list[Stage], workdir: str, poll_s: float, timeout_s: float, why: str):
-    """Block until every stage is finished; a failed one raises, so does the timeout."""
+def wait_for(stages: list[Stage], workdir: str, poll_s: float, timeout_s: float, why: str,
+             earlier: dict | None = None):
+    """Block until every stage is finished; a failed one raises, so does the timeout.
+    `earlier`: `failure_records` as the job started (default: now)."""
+    earlier = failure_records(workdir) if earlier is None else earlier
     deadline = time.monotonic() + timeout_s
     where = _directories(workdir)
     while True:
         pending = [s for s in stages if not _finished(s, where(s))]
         for stage in pending:
-            _check_not_failed(stage, where(stage))
+            _check_not_failed(stage, where(stage), earlier)
         if not pending:
             return
         if time.monotonic() > deadline:
@@ -229,13 +254,15 @@ def timings_name(shard: int, shards: int) -> str:
 
 def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 1,
                poll_s: float = 5.0, timeout_s: float = 86_400.0, stack_runs: int = 1,
-               run_stacked=None) -> dict:
+               run_stacked=None, earlier: dict | None = None) -> dict:
     """Run this shard's unfinished stages, each once its upstream stages are finished; returns
     {stage name: seconds} for this shard's runs (kept in `timings_name(shard, shards)`).
 
     `stack_runs` > 1: runs of one `stack` go up to that many at a time to
     `run_stacked(configs, directories)` (`train/policy_stack.run`); each is timed at its share
-    of the stack's seconds."""
+    of the stack's seconds. `earlier`: `failure_records` as the job started (default: now);
+    a shard waits for the stages those name (their owners retry them) instead of stopping."""
+    earlier = failure_records(workdir) if earlier is None else earlier
     if stack_runs > 1 and run_stacked is None:
         raise ValueError("run_stages: stack_runs > 1 needs run_stacked (policy_stack.run)")
     name = timings_name(shard, shards)
@@ -256,7 +283,7 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
         if ready is None:
             for stage in pending:
                 for upstream in stage.upstream:
-                    _check_not_failed(upstream, where(upstream))
+                    _check_not_failed(upstream, where(upstream), earlier)
             if time.monotonic() > deadline:
                 raise StageFailed(f"config.sweep.wait_timeout_s: {timeout_s:g} s passed with "
                                   f"stage {pending[0].name} still waiting for its inputs")

@@ -10,12 +10,15 @@
         preempted (SIGTERM / SIGINT, `preemption.py`): checkpoint this step, record, stop
 
 A non-finite metric stops the run with its step and the last good checkpoint named; the bad
-state is never checkpointed. A resumed run first drops the metrics logged after the step it
-resumes from (an interrupted attempt logged them; they are logged again) and, after a
-preemption, averages in the steps it left unlogged, so `metrics.jsonl` reads as one
-uninterrupted run. A run directory holds `config.json`, `checkpoints/`,
-`metrics.jsonl`, `tensorboard/` and, once finished, the record `run_dir.finish` writes (last
-step and metrics); re-running a finished run says so and exits (`run_dir.already_finished`).
+state is never checkpointed. Each checkpoint holds the loop's record at its step (last
+metrics, the stop rule's decision, the steps not yet logged). A resumed run first drops the
+metrics logged after the step it resumes from (an interrupted attempt logged them; they are
+logged again) and averages in the steps that record left unlogged, so `metrics.jsonl` reads as
+one uninterrupted run; a run killed after its last save, or after the save of a step where its
+stop rule fired, finishes from that record without training on. A run directory holds
+`config.json`, `checkpoints/`, `metrics.jsonl`, `tensorboard/` and, once finished, the record
+`run_dir.finish` writes (last step and metrics); re-running a finished run says so and exits
+(`run_dir.already_finished`).
 """
 
 from __future__ import annotations
@@ -59,11 +62,13 @@ class Loop:
 
     def _run(self, state, rng, log: RunLog):
         c, start, writer = self.config, log.start, log.writer
-        pending, last, stop = None, {}, ""
+        pending, last, stop = None, log.saved.get("metrics", {}), log.saved.get("stop", "")
         saves = save_steps(c)
         if self.evaluate is not None and self.evaluate_at_start and start == 0:
             writer.write(0, self.evaluate(state)[0], prefix="eval/")
-        for step in range(start + 1, c.num_steps + 1):
+        if stop and jax.process_index() == 0:
+            print(f"step {start}: had stopped early ({stop})", flush=True)
+        for step in range(start + 1, (start if stop else c.num_steps) + 1):
             rng, key = jax.random.split(rng)
             batch = self.next_batch(state, key)
             state, step_metrics = self.update(state, batch, key)
@@ -81,7 +86,8 @@ class Loop:
                     last.update({f"eval/{k}": v for k, v in scores.items()})
                 if self.on_checkpoint is not None:  # before saving: a crash in between then
                     self.on_checkpoint(step)         # leaves a chunk a resume will drop
-                self.checkpointer.save(state, rng, self.meta, self.data_iterator)
+                self.checkpointer.save(state, rng, self.meta, self.data_iterator,
+                                       log=log.saved_record(last, stop))
                 self.checkpointer.wait()
                 log.last_good = step
                 if stop:
@@ -117,11 +123,20 @@ class RunLog:
                                                                     checkpointer, start)
         metrics_lib.drop_after(workdir, start)
         self.writer, self.window = metrics_lib.Writer(workdir), metrics_lib.Window()
-        for step_metrics in run_dir.unlogged_at(workdir, start):
+        record = checkpointer.log_record(start) if start else None
+        self.saved = record or {}  # the loop's record at `start` (`saved_record`)
+        unlogged = (record["unlogged"] if record is not None  # else saved before checkpoints
+                    else run_dir.unlogged_at(workdir, start))  # held it: a preemption's record
+        for step_metrics in unlogged:
             self.window.add(step_metrics)
         run_dir.clear_preempted(workdir)
         self.progress = metrics_lib.Progress(config.num_steps, start)
         self.last_good = checkpointer.latest_step()
+
+    def saved_record(self, metrics: dict, stop) -> dict:
+        """What a checkpoint keeps of the loop: its last metrics, why it stops ("" to go on)
+        and the steps this log has not yet averaged into a line."""
+        return {"metrics": metrics, "stop": stop or "", "unlogged": self.window.added}
 
     def record(self, step, step_metrics, progress_keys=("loss",), label: str = "") -> dict:
         """Add one step's metrics (device or host scalars); returns them on the host."""

@@ -128,13 +128,15 @@ def run(config, workdir: str):
                                 ref_shardings)
 
     ckpt = Checkpointer(common.checkpoint_dir(workdir), config.max_to_keep)
-    source, data_iterator, recorder = make_source(config, rt, policy, workdir, ckpt)
+    source, data_iterator, recorder = make_source(config, rt, policy, workdir)
     rng = jax.random.key(config.seed)
     if ckpt.latest_step() is not None:
         state, rng, _ = ckpt.restore(state, shardings, data_iterator, check=lambda saved: (
             common.check_resume(saved, "lm", config.model, rt, workdir)))
     if isinstance(source, OnlineSource):
         source.step = int(jax.device_get(state.step))  # stream records carry the loop's step
+    if recorder is not None:
+        recorder.resume_from(int(jax.device_get(state.step)))
 
     def step(state, batch, key):
         state, metrics = update(state, batch, {"reference": ref_params})
@@ -201,7 +203,7 @@ def _pretrained_start(config) -> bool:
     return not config.sft_checkpoint and bool(common.pretrained_checkpoint(config))
 
 
-def make_source(config, rt, policy, workdir, ckpt):
+def make_source(config, rt, policy, workdir):
     """(source, checkpointable iterator, stream recorder or None)."""
     if config.source == "offline":
         if config.replay.stream:
@@ -216,8 +218,7 @@ def make_source(config, rt, policy, workdir, ckpt):
     prompts = datasets.prompts(config.data)["train"]
     iterator = iter(pipelines.prompt_pipeline(prompts, rt.tokenizer, rt.shape, seed=config.seed,
                                               num_threads=config.data.num_threads))
-    latest = ckpt.latest_step() or 0
-    recorder = (StreamRecorder(os.path.join(workdir, run_dir.STREAM), latest)
+    recorder = (StreamRecorder(os.path.join(workdir, run_dir.STREAM))
                 if config.record_stream else None)
     source = OnlineSource(iterator, rt.global_batch, policy, proxy, rt.mesh, rt.rules,
                           sampling_config(config, rt.tokenizer), recorder,

@@ -125,12 +125,14 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
              for x, w in zip(configs, workdirs, strict=True)]
     logs = []
     try:
-        source, data_iterator, _ = policy.make_source(c, rt, sft, workdirs[0], ckpts[0])
+        source, data_iterator, _ = policy.make_source(c, rt, sft, workdirs[0])
         rng, states = jax.random.key(c.seed), [start_state] * n
         if start:
             states, rng = _restore(ckpts, start, start_state, shardings, data_iterator,
                                    lambda saved, w: common.check_resume(saved, "lm", c.model,
                                                                         rt, w))
+        else:  # a run may be one save ahead of one that saved nothing (a kill between saves)
+            _drop_after(ckpts, 0)
         states = stacked.stack(states, shardings)
         sft_params = start_state.params if start == 0 else None  # for the step-0 evaluation
         del start_state
@@ -152,7 +154,7 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
             for workdir, log in zip(workdirs, logs, strict=True):
                 run_dir.write_outcomes(workdir, 0, outcomes)
                 log.writer.write(0, scores, prefix="eval/")
-        last = [{} for _ in range(n)]
+        last = [log.saved.get("metrics", {}) for log in logs]
         pending, saves = None, save_steps(c)
         for step in range(start + 1, c.num_steps + 1):
             rng, key = jax.random.split(rng)
@@ -174,7 +176,8 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
                     run_dir.write_outcomes(workdirs[i], step, outcomes)
                     logs[i].writer.write(step, scores, prefix="eval/")
                     last[i].update({f"eval/{k}": v for k, v in scores.items()})
-                ckpts[i].save(state, rng, meta, data_iterator)
+                ckpts[i].save(state, rng, meta, data_iterator,
+                              log=logs[i].saved_record(last[i], ""))
             for ck, log in zip(ckpts, logs, strict=True):
                 ck.wait()
                 log.last_good = step
@@ -205,11 +208,16 @@ def _restore(ckpts, start, like, shardings, data_iterator, check) -> tuple[list,
                                            saved, os.path.dirname(ck.directory)))
         states.append(state)
         rng = run_rng if rng is None else rng
+    _drop_after(ckpts, start)
+    return states, rng
+
+
+def _drop_after(ckpts, start: int):
+    """Delete the checkpoints past `start` (the stack trains those steps again)."""
     for ck in ckpts:
         for step in ck.manager.all_steps():
             if step > start:
                 ck.manager.delete(step)
-    return states, rng
 
 
 def _record(logs, labels, step, step_metrics) -> list[dict]:
