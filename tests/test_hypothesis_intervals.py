@@ -140,3 +140,39 @@ def test_classification_verdicts_decide_only_where_their_intervals_do():
     # undecided; on 2,880 ([0.482, 0.518]) it is.
     assert _claims(online_stream=0.5)["No policy"].agree is None
     assert _claims(online_stream=0.5, stream_pairs=960)["No policy"].agree is True
+
+
+def _rows(low, high):
+    return {"golden": {"kl": 1.0, "difference": (low + high) / 2, "low": low, "high": high,
+                       "verdict": ""}}
+
+
+def test_alike_claims_agree_only_where_the_interval_lies_inside_the_margin():
+    from alignment_gap.study.hypotheses import coverage, noncontrastive
+
+    narrow, wide, apart = _rows(-0.03, 0.04), _rows(-0.031, 0.078), _rows(0.01, 0.2)
+    assert [shared.alike_side(r) for r in (narrow, wide, apart)] == [
+        shared.EQUAL, shared.UNDECIDED, 1]
+    assert shared.alike_side({}) is None
+    sides = {name: shared.alike_side(r) for name, r in
+             (("narrow", narrow), ("wide", wide), ("apart", apart))}
+    # A shuffled Best-of-2 stream 'roughly matches' online only on the narrow interval.
+    assert [noncontrastive.roughly_matches(sides[k]) for k in ("narrow", "wide", "apart")] == [
+        True, None, False]
+    assert [coverage.flat_then_degrades(sides[k], 1) for k in ("narrow", "wide", "apart")] == [
+        True, None, False]
+    assert coverage.flat_then_degrades(sides["narrow"], 0) is None
+    assert [coverage.gains_little(sides[k], 1) for k in ("narrow", "wide", "apart")] == [
+        True, None, False]
+    assert coverage.gains_little(-1, 1) is True and coverage.gains_little(sides["narrow"], 0) \
+        is None
+
+
+def test_the_oracle_peak_is_its_score_of_the_checkpoint_the_judge_chose():
+    from alignment_gap.study import results
+
+    rows = [{"method": "online", "seed": 0, "step": s, "win_rate": w, "oracle_win_rate": o,
+             "stage": "run"} for s, w, o in ((0, 0.5, 0.5), (10, 0.8, 0.3), (20, 0.6, 0.7))]
+    assert results.peaks(rows)["online"]["per_seed"] == {0: 0.8}
+    assert results.peaks(rows, "oracle_win_rate")["online"]["per_seed"] == {0: 0.3}
+    assert shared.run_peaks(rows, "online", "oracle_win_rate") == [0.3]

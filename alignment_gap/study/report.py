@@ -139,9 +139,11 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
              *budget_table(comparison), "",
              *choices_table(comparison),
              *_mixed_section(mixed),
-             "## Peak win rate (best checkpoint per seed, chosen and scored on all prompts; "
-             "each method's best over its sweep)", "",
-             "| method | golden win rate | oracle win rate | seeds |", "| --- | --- | --- | --- |"]
+             "## Peak win rate (best checkpoint per seed by the golden judge, chosen and scored "
+             "on all prompts; each method's best over its sweep; the oracle scores that "
+             "checkpoint)", "",
+             "| method | golden win rate | oracle win rate (there) | seeds |",
+             "| --- | --- | --- | --- |"]
     peak_rows = [f"| {method} | {format_interval(p[method]['mean_ci'])} | "
                  f"{format_interval(g.get(method, {}).get('mean_ci', (np.nan, np.nan)))} | "
                  f"{len(p[method]['per_seed'])} |" for method in sorted(p)]

@@ -71,16 +71,20 @@ def mean_ci(values) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
-def peaks(rows, metric: str = "win_rate") -> dict:
-    """Per method: the best checkpoint of each seed (offline: best over its whole sweep); a
-    seed of an upstream re-draw is keyed `<seed>-u<chain>`."""
+def peaks(rows, metric: str = "win_rate", chosen_by: str = "win_rate") -> dict:
+    """Per method: `metric` at the best checkpoint of each seed by `chosen_by` (offline: best
+    over its whole sweep; the golden judge chooses, so the oracle's peak is its score of the
+    judge's choice, as in the verdict); a seed of an upstream re-draw is keyed
+    `<seed>-u<chain>`."""
     out = {}
     for method in sorted({r["method"] for r in rows}):
-        by_seed = {}
+        chosen = {}
         for r in rows:
-            if r["method"] == method and r["step"] > 0 and np.isfinite(r[metric]):
+            if r["method"] == method and r["step"] > 0 and np.isfinite(r[chosen_by]):
                 key = f"{r['seed']}-u{r['chain']}" if r.get("chain", 0) else r["seed"]
-                by_seed[key] = max(by_seed.get(key, -np.inf), r[metric])
+                if key not in chosen or r[chosen_by] > chosen[key][chosen_by]:
+                    chosen[key] = r
+        by_seed = {key: r[metric] for key, r in chosen.items() if np.isfinite(r[metric])}
         out[method] = {"per_seed": by_seed, "mean_ci": mean_ci(list(by_seed.values()))}
     return out
 

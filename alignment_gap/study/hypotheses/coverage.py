@@ -87,17 +87,33 @@ def analyse(plan, rows, workdir: str) -> Finding:
     # in its data alone (the main sweep's rates differ too). Compared at matched KL.
     verdicts.append(shared.matched_verdict(
         "Offline on D_online shuffled gains little over plain offline", plan, r,
-        [("shuffled", "offline_same_lr"), ("online", "shuffled")],
-        lambda gain, lead: False if gain > 0 else True if lead > 0 else None,
-        names={"offline_same_lr": "offline at the same learning rate"}))
+        [("shuffled", "offline_same_lr"), ("online", "shuffled")], gains_little,
+        names={"offline_same_lr": "offline at the same learning rate"}, alike=(0,)))
     windows = [label for label, order, _ in s.coverage.orders if order == "window"]
     if windows:
         verdicts.append(shared.matched_verdict(
             "Partial shuffling: flat at first, then degrades", plan, r,
-            [("tandem", windows[0]), ("tandem", "shuffled")],
-            lambda flat, degrade: (False if flat != 0 or degrade < 0 else
-                                   True if degrade > 0 else None)))
+            [("tandem", windows[0]), ("tandem", "shuffled")], flat_then_degrades,
+            alike=(0,)))
     return Finding(NAME, TITLE, lines, verdicts)
+
+
+def gains_little(gain, lead: int) -> bool | None:
+    """`gain`: shuffled minus offline (an `alike_side`); `lead`: online minus shuffled. Agrees
+    where the gain's interval lies inside +-shared.EQUAL_MARGIN (or below 0) and online still
+    leads; differs where the gain is decided."""
+    if gain == 1:
+        return False
+    return True if gain in (shared.EQUAL, -1) and lead > 0 else None
+
+
+def flat_then_degrades(flat, degrade: int) -> bool | None:
+    """`flat`: tandem minus the smallest window (an `alike_side`); `degrade`: tandem minus
+    fully shuffled. Agrees where the first is alike within the margin and the second decided
+    for tandem."""
+    if flat in (1, -1) or degrade < 0:
+        return False
+    return True if flat == shared.EQUAL and degrade > 0 else None
 
 
 def _matched_eval_gap(rows) -> float:

@@ -72,9 +72,15 @@ def analyse(plan, rows, workdir: str) -> Finding:
                 "no matched budget" if row is None else
                 f"online minus offline at KL {row['kl']:.3g}: {_judges(comparison)}; through "
                 f"interpolated frontiers: {_judges(mixed)}", gap),
-        # "Roughly matches": no interval tells them apart (the text shows how wide it is).
         shared.matched_verdict("Best-of-2 on the online stream, shuffled, roughly matches online",
-                               plan, r, [("shuffled_b2", "online_b2")],
-                               lambda difference: difference == 0),
+                               plan, r, [("shuffled_b2", "online_b2")], roughly_matches,
+                               alike=(0,)),
     ]
     return Finding(NAME, TITLE, lines, verdicts)
+
+
+def roughly_matches(difference) -> bool | None:
+    """Agrees where the difference's interval lies inside +-shared.EQUAL_MARGIN (an
+    `alike_side`), differs where it excludes 0; an interval that holds 0 but reaches past the
+    margin is undecided."""
+    return True if difference == shared.EQUAL else False if difference in (1, -1) else None

@@ -134,8 +134,9 @@ def analyse(plan, rows, workdir: str) -> Finding:
               f"paper's 800 and step {plan.study.policy.steps} for its 4k."]
     # At matched KL budgets with paired bootstrap intervals (`shared.matched`), as the main
     # verdict: peaks at whatever KL each run reached would flatter the longer-moving runs.
+    # The paper's claim is also that it barely beats SFT; that half is not tested here.
     verdicts = [shared.matched_verdict(
-        "Offline on D_4k vs 4k (high-quality pairs) barely beats SFT (far below online)",
+        "Offline on D_4k vs 4k (high-quality pairs) stays below online",
         plan, r, [("online", "d_4k_vs_4k")], lambda lead: lead > 0 if lead else None)]
     verdicts.append(shared.matched_verdict(
         "Keeping one side near SFT (D_sft vs 800) helps most of the three", plan, r,

@@ -47,12 +47,14 @@ def outcome_points(plan, runs: dict) -> list[dict]:
 
 
 def run_peaks(rows: list[dict], label: str, metric: str = "win_rate") -> list[float]:
-    """The best checkpoint (past step 0) of each run of `label`."""
-    best = {}
+    """`metric` at the best checkpoint (past step 0) of each run of `label` by the golden judge
+    (for the oracle: its score of the judge's choice)."""
+    chosen = {}
     for r in rows:
-        if r["method"] == label and r["step"] > 0 and np.isfinite(r[metric]):
-            best[r["stage"]] = max(best.get(r["stage"], -np.inf), r[metric])
-    return list(best.values())
+        if r["method"] == label and r["step"] > 0 and np.isfinite(r["win_rate"]):
+            if r["stage"] not in chosen or r["win_rate"] > chosen[r["stage"]]["win_rate"]:
+                chosen[r["stage"]] = r
+    return [r[metric] for r in chosen.values() if np.isfinite(r[metric])]
 
 
 def seed_peaks(rows, label: str, metric: str = "win_rate"):
@@ -62,16 +64,17 @@ def seed_peaks(rows, label: str, metric: str = "win_rate"):
 
 
 def peak_table(rows, labels, describe: dict) -> list[str]:
-    lines = ["| runs | what | golden win rate (peak) | oracle win rate (peak) | runs |",
+    lines = ["| runs | what | golden win rate (peak) | oracle win rate (there) | runs |",
              "| --- | --- | --- | --- | --- |"]
     for label in labels:
         n = len(run_peaks(rows, label))
         golden, oracle = (report.format_interval(seed_peaks(rows, label, metric))
                           for metric in ("win_rate", "oracle_win_rate"))
         lines.append(f"| {label} | {describe.get(label, '')} | {golden} | {oracle} | {n} |")
-    return lines + ["", "Peaks are descriptive: each seed's best checkpoint at whatever KL it "
-                    "reached, chosen and scored on the same evaluation prompts (mean +- 95% "
-                    "half-width over seeds); the verdicts compare at matched KL on test prompts."]
+    return lines + ["", "Peaks are descriptive: each seed's best checkpoint by the golden judge "
+                    "at whatever KL it reached, chosen and scored on the same evaluation "
+                    "prompts, and the oracle's score of that checkpoint (mean +- 95% half-width "
+                    "over seeds); the verdicts compare at matched KL on test prompts."]
 
 
 def figure(rows, labels, workdir: str, filename: str, title: str) -> str:
@@ -103,15 +106,26 @@ def matched(plan, runs: dict, a: str, b: str) -> dict:
             if row is not None and np.isfinite(row["difference"])}
 
 
-def matched_verdict(claim: str, plan, runs: dict, pairs, decide, names=None) -> Verdict:
+# A claim that two sets of runs are alike ("roughly matches", "flat") agrees only where the
+# golden interval of their difference lies inside +-this (win-rate points): an interval that
+# merely holds 0 is undecided, not agreement.
+EQUAL_MARGIN = 0.05
+EQUAL, UNDECIDED = "equal", "undecided"
+
+
+def matched_verdict(claim: str, plan, runs: dict, pairs, decide, names=None,
+                    alike=()) -> Verdict:
     """A verdict on one or more matched differences (`matched` of each (a, b) in `pairs`): its
     words are theirs (`names` renames a label there), its answer `decide(sides)` on their
-    golden-judge sides, one argument per pair (None when some pair reached no common budget)."""
+    golden-judge sides, one argument per pair (None when some pair reached no common budget).
+    The pairs listed in `alike` (indices) are read by `alike_side` instead of `side`."""
     names = names or {}
     found = [matched(plan, runs, a, b) for a, b in pairs]
-    sides = [side(rows) for rows in found]
+    sides = [alike_side(rows) if i in alike else side(rows) for i, rows in enumerate(found)]
     text = "; ".join(difference_text(rows, names.get(a, a), names.get(b, b))
                      for rows, (a, b) in zip(found, pairs, strict=True))
+    if alike:
+        text += f" (alike: the golden interval inside +-{EQUAL_MARGIN:g})"
     return Verdict(claim, text, None if None in sides else decide(*sides))
 
 
@@ -120,6 +134,16 @@ def side(rows: dict, judge: str = "golden") -> int | None:
     0 where it is undecided; None without a matched budget."""
     row = rows.get(judge)
     return None if row is None else interval_side(row["low"], row["high"])
+
+
+def alike_side(rows: dict, judge: str = "golden") -> int | str | None:
+    """+1 / -1 as `side`; EQUAL where the interval lies inside +-EQUAL_MARGIN, UNDECIDED where
+    it holds 0 but reaches past that; None without a matched budget."""
+    found = side(rows, judge)
+    if found != 0:
+        return found
+    row = rows[judge]
+    return EQUAL if -EQUAL_MARGIN < row["low"] and row["high"] < EQUAL_MARGIN else UNDECIDED
 
 
 def interval_side(low: float, high: float, zero: float = 0.0) -> int:
