@@ -68,6 +68,8 @@ def test_tldr_comparisons_from_the_published_layout(tmp_path):
     ({"summaries": [{"text": "x"}]}, "record 1: field 'summaries' must hold exactly 2"),
     ({"info": {"id": "t3_9", "title": "t"}}, "record 1: field 'info.post' is missing"),
     ({"split": "valid3"}, "record 1: field 'split' is 'valid3'"),
+    ({"split": ["train"]}, "record 1: field 'split' is ['train']"),
+    ({"info": ["a post"]}, "record 1: field 'info' is ['a post']; expected an object"),
 ])
 def test_malformed_tldr_record_names_file_record_and_field(tmp_path, bad, message):
     manual = tmp_path / "manual" / "comparisons"

@@ -91,6 +91,12 @@ def test_export_then_import_is_exact(family, tmp_path):
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
     again = open_checkpoint(str(tmp_path))
     assert again.family == checkpoint.family and again.fields == checkpoint.fields
+    export_language_model(lm, checkpoint.family, str(tmp_path))  # the same directory again
+    if family == "qwen3":  # a sharded checkpoint's index there would be read in place of ours
+        (tmp_path / "model.safetensors.index.json").write_text("{}")
+        with pytest.raises(CheckpointError, match=r"holds other weight files \(model"
+                                                  r"\.safetensors\.index\.json\); export to"):
+            export_language_model(lm, checkpoint.family, str(tmp_path))
 
 
 def test_bfloat16_checkpoints_read_through_their_header(tmp_path):
@@ -201,3 +207,53 @@ def test_gemma3_270m_gguf_logits_equal_transformers(gemma3_270m):
     assert nll.mean() < unigram - 0.5
     greedy = _greedy(lm, mesh, rules, reference["prompt2_ids"][None], 16)[0]
     np.testing.assert_array_equal(greedy, reference["prompt2_greedy"])
+
+
+def test_a_preset_option_the_checkpoint_leaves_at_its_default_is_caught():
+    """A Llama 3 checkpoint without RoPE scaling under a preset with it has the same shapes:
+    only the comparison of every field that changes the function catches it."""
+    checkpoint = open_checkpoint(f"hf:{_fixture('qwen3')}")
+    scaled = checkpoint.model_config(rope_scaling="linear", rope_scaling_factor=8.0)
+    with pytest.raises(CheckpointError, match=r"config.model.rope_scaling is 'linear' but .* "
+                                              r"has 'none'"):
+        checkpoint.check(scaled)
+    plain = checkpoint.model_config()
+    with pytest.raises(CheckpointError, match=r"config.model.embed_scale is True"):
+        checkpoint.check(checkpoint.model_config(embed_scale=True))
+    # What a zero stands for, written out, is the same model; so are settings that don't apply.
+    checkpoint.check(checkpoint.model_config(
+        head_dim=plain.head_dim or plain.width // plain.num_heads,
+        query_scale=float(plain.head_dim or plain.width // plain.num_heads) ** -0.5,
+        rope_low_freq_factor=2.0, max_len=64, dtype="bfloat16", num_segments=3))
+
+
+@pytest.mark.parametrize("layers, query_dim", [(2, 16), (62, 32)])
+def test_a_gemma3_gguf_keeps_its_rope_scaling_and_the_27b_query_scale(tmp_path, layers,
+                                                                      query_dim):
+    import gguf
+
+    path = str(tmp_path / "gemma3.gguf")
+    w = gguf.GGUFWriter(path, arch="gemma3")
+    w.add_embedding_length(64)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(128)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_key_length(16)
+    w.add_value_length(16)
+    w.add_rope_freq_base(1e6)
+    w.add_sliding_window(1024)
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(8.0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(16)])
+    w.add_tensor("output_norm.weight", np.ones(64, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg = open_checkpoint(f"gguf:{path}").model_config()
+    assert (cfg.rope_scaling, cfg.rope_scaling_factor) == ("linear", 8.0)
+    # 62 layers is the 27b: queries scaled by (width / heads) ** -0.5, here 32, not head_dim 16
+    assert cfg.query_scale == pytest.approx(query_dim ** -0.5)

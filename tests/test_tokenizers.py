@@ -118,18 +118,19 @@ def test_gemma_prompt_gets_bos_first_as_transformers_adds_it(gemma, reference):
 
 # --- GGUF rebuild on a small file we write ----------------------------------------------------
 
-def _train_bpe(tmp_path, **extra) -> spm.SentencePieceProcessor:
+def _train_bpe(tmp_path, add_dummy_prefix=False, **extra) -> spm.SentencePieceProcessor:
     prefix = str(tmp_path / "bpe")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS), model_prefix=prefix, vocab_size=400, model_type="bpe",
         byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        normalization_rule_name="identity", add_dummy_prefix=False,
+        normalization_rule_name="identity", add_dummy_prefix=add_dummy_prefix,
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         hard_vocab_limit=False, num_threads=1, minloglevel=2, **extra)
     return spm.SentencePieceProcessor(model_file=prefix + ".model")
 
 
-def _write_gguf(path, sp, **fields):
+def _write_gguf(path, sp, space_prefix=False, **fields):
+    """`space_prefix` None: the file leaves `add_space_prefix` out (older Llama / Mistral GGUFs)."""
     gguf = pytest.importorskip("gguf")
     writer = gguf.GGUFWriter(str(path), arch="llama")
     writer.add_tokenizer_model(fields.pop("model", "llama"))
@@ -144,7 +145,8 @@ def _write_gguf(path, sp, **fields):
     writer.add_eos_token_id(1)
     writer.add_bos_token_id(2)
     writer.add_unk_token_id(3)
-    writer.add_add_space_prefix(False)
+    if space_prefix is not None:
+        writer.add_add_space_prefix(space_prefix)
     for name, value in fields.items():
         getattr(writer, f"add_{name}")(value)
     writer.write_header_to_file()
@@ -164,6 +166,13 @@ def test_small_gguf_rebuild_encodes_as_the_original_model(tmp_path):
     for text in [*TEXTS.values(), *CORPUS[:5]]:
         assert tok.encode(text) == sp.encode(text), text
         assert tok.decode(tok.encode(text)) == text
+
+
+def test_a_gguf_without_add_space_prefix_gets_llama_cpps_default_prefix(tmp_path):
+    sp = _train_bpe(tmp_path, add_dummy_prefix=True)
+    tok = load_tokenizer(_write_gguf(tmp_path / "prefixed.gguf", sp, space_prefix=None))
+    for text in ("Hello world", *TEXTS.values()):
+        assert tok.encode(text) == sp.encode(text), text
 
 
 def test_gguf_with_another_tokenizer_model_is_a_one_line_error(tmp_path):

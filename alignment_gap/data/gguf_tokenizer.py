@@ -12,8 +12,9 @@ Two things the file does not say directly:
   so they are turned back into `▁` here, or those pieces could never match.
 - the unknown piece may be typed CONTROL; sentencepiece needs exactly one UNKNOWN piece, so the
   piece at `unknown_token_id` gets that type.
-The normaliser is the identity with whitespace escaped, no dummy prefix unless
-`add_space_prefix` says so, and whitespace runs kept (Gemma's settings).
+The normaliser is the identity with whitespace escaped, a dummy prefix unless `add_space_prefix`
+says no (llama.cpp's default for these vocabularies; Gemma's files say no), and whitespace runs
+kept (Gemma's settings).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def model_proto(meta: dict, where: str = "GGUF") -> sp_model.ModelProto:
 
     norm = proto.normalizer_spec
     norm.name = "identity"
-    norm.add_dummy_prefix = bool(meta.get("add_space_prefix", False))
+    # llama.cpp adds the prefix to SentencePiece ("llama") vocabularies unless the file says no
+    norm.add_dummy_prefix = bool(meta.get("add_space_prefix", True))
     norm.remove_extra_whitespaces = False
     norm.escape_whitespaces = True
     return proto

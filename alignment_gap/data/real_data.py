@@ -142,6 +142,9 @@ def _read_json_lines(path: str, opener=open):
 
 
 def tldr_prompt(info: dict, where: str) -> str:
+    if not isinstance(info, dict):
+        raise DataError(f"{where}: field 'info' is {_shown(info)}; expected an object with "
+                        "'post' (or 'article'), 'title' and 'subreddit'")
     body = info.get("post") if info.get("post") is not None else info.get("article")
     if body is None:
         raise DataError(f"{where}: field 'info.post' is missing (nor is there 'info.article')")
@@ -161,7 +164,7 @@ def parse_tldr_comparison(record: dict, where: str) -> tuple[str, dict]:
     summaries = _field(record, "summaries", where)
     choice = _field(record, "choice", where)
     split = _field(record, "split", where)
-    if split not in TLDR_SPLITS:
+    if not isinstance(split, str) or split not in TLDR_SPLITS:
         raise DataError(f"{where}: field 'split' is {split!r}; expected one of "
                         f"{sorted(TLDR_SPLITS)}")
     if not isinstance(summaries, list) or len(summaries) != 2:

