@@ -32,7 +32,7 @@ from alignment_gap.data.pretrained_tokenizers import load_tokenizer
 from alignment_gap.errors import CheckpointError, ConfigError
 from alignment_gap.models import LanguageModel, TransformerConfig
 from alignment_gap.presets import meshes
-from alignment_gap.sampling import Sampler, SamplingConfig
+from alignment_gap.sampling import Sampler, SamplingConfig, stop_ids_beyond_eos
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "hf:DIR, gguf:FILE or run:DIR.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for a batch).")
@@ -101,7 +101,7 @@ def main(argv):
     tokens, mask = prompt_batch(tokenizer, _PROMPT.value)
     cfg = SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                          top_k=_TOP_K.value, top_p=_TOP_P.value, eos_id=tokenizer.eos_id,
-                         pad_id=tokenizer.pad_id)
+                         pad_id=tokenizer.pad_id, stop_ids=stop_ids_beyond_eos(tokenizer))
     batch = sharding.global_batch((tokens, mask), mesh, mesh_cfg.rules)
     out = Sampler(lm, mesh, mesh_cfg.rules, cfg)(nnx.state(lm), *batch,
                                                  jax.random.key(_SEED.value))

@@ -24,7 +24,7 @@ from alignment_gap.batches import PreferenceBatch
 from alignment_gap.data.pipelines import encode_prompt
 from alignment_gap.data.pretrained_tokenizers import load_tokenizer
 from alignment_gap.presets import meshes
-from alignment_gap.sampling import Sampler, SamplingConfig, per_sample
+from alignment_gap.sampling import Sampler, SamplingConfig, per_sample, stop_ids_beyond_eos
 from alignment_gap.train.policy import make_policy_loss
 from alignment_gap.train.state import init_train_state, make_update_step
 
@@ -65,7 +65,8 @@ class OnlineDemo:
                                        {"reference": ref_shardings}, name="policy_update",
                                        row_mean_loss=True)
         sampling = SamplingConfig(max_new_tokens=response_len, temperature=temperature,
-                                  eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+                                  eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                                  stop_ids=stop_ids_beyond_eos(self.tokenizer))
         self.pair_sampler = Sampler(reference, self.mesh, self.rules, sampling,
                                     samples_per_prompt=2, name="online_sample")
         self.sampler = Sampler(reference, self.mesh, self.rules, sampling, name="eval_sample")

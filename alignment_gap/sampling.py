@@ -43,10 +43,18 @@ class SamplingConfig:
     top_p: float = 1.0  # 1: off.
     eos_id: int = 1
     pad_id: int = 0
+    # Further ids that end a response as EOS does: a chat model's end-of-turn markers
+    # (`stop_ids_beyond_eos` of its tokenizer).
+    stop_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, c) -> SamplingConfig:
         return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls) if f.name in c})
+
+
+def stop_ids_beyond_eos(tokenizer) -> tuple[int, ...]:
+    """A tokenizer's end-of-sequence ids besides its EOS (where `decode` also cuts)."""
+    return tuple(i for i in getattr(tokenizer, "stop_ids", ()) if i != tokenizer.eos_id)
 
 
 class SampleOutput(NamedTuple):
@@ -193,7 +201,10 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
         token = jnp.where(live, token, cfg.pad_id)
         tokens = s.tokens.at[:, s.step].set(token)
         logprobs = s.logprobs.at[:, s.step].set(jnp.where(live, logprob, 0.0))
-        done = s.done | (token == cfg.eos_id)
+        ends = token == cfg.eos_id
+        for stop in cfg.stop_ids:
+            ends |= token == stop
+        done = s.done | ends
         slot = p + s.step
         cache_mask = s.cache_mask.at[:, slot].set(live)
         sequence = s.sequence if use_cache else s.sequence.at[:, slot].set(token)

@@ -108,6 +108,29 @@ def test_eos_stops_a_row_and_pads_the_rest(mini_config):
         assert mask[row].tolist() == [True] * valid + [False] * (5 - valid)
 
 
+def test_a_tokenizers_other_stop_ids_end_a_response_as_eos_does(mini_config):
+    """A chat model's end-of-turn marker ends the sampled response where `decode` cuts it."""
+    from types import SimpleNamespace
+
+    import ml_collections
+
+    from alignment_gap.train.policy import sampling_config
+
+    lm, _, _ = language_model(mini_config)
+    prompts = _prompts()
+    greedy = SamplingConfig(max_new_tokens=5, temperature=0.0, eos_id=-1)
+    end_of_turn = int(np.asarray(_sample(lm, greedy, True, prompts).tokens)[0, 0])
+    tokenizer = SimpleNamespace(eos_id=1, pad_id=0, stop_ids=(1, end_of_turn))
+    config = ml_collections.ConfigDict({"sampling": {"temperature": 0.0, "top_k": 0,
+                                                     "top_p": 1.0},
+                                        "data": {"response_len": 5}})
+    cfg = sampling_config(config, tokenizer)
+    assert cfg.stop_ids == (end_of_turn,)
+    out = _sample(lm, cfg, True, prompts)
+    assert np.asarray(out.mask)[0].tolist() == [True, False, False, False, False]
+    assert (np.asarray(out.tokens)[0, 1:] == 0).all()
+
+
 def test_top_k_and_top_p_restrict_the_draw():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 4000, np.float32))
     keys = jax.random.key(0)

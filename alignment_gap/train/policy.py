@@ -22,7 +22,7 @@ from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
 from alignment_gap.evaluation import Evaluator
-from alignment_gap.sampling import SamplingConfig
+from alignment_gap.sampling import SamplingConfig, stop_ids_beyond_eos
 from alignment_gap.sources import (
     OfflineSource,
     OnlineSource,
@@ -109,7 +109,7 @@ def sampling_config(config, tokenizer) -> SamplingConfig:
     s = config.sampling
     return SamplingConfig(max_new_tokens=config.data.response_len, temperature=s.temperature,
                           top_k=s.top_k, top_p=s.top_p, eos_id=tokenizer.eos_id,
-                          pad_id=tokenizer.pad_id)
+                          pad_id=tokenizer.pad_id, stop_ids=stop_ids_beyond_eos(tokenizer))
 
 
 def run(config, workdir: str):

@@ -19,7 +19,7 @@ from alignment_gap import logprobs, sharding
 from alignment_gap.data import datasets, pipelines
 from alignment_gap.data import world as world_lib
 from alignment_gap.data.relabel import margins_program
-from alignment_gap.sampling import Sampler, SamplingConfig
+from alignment_gap.sampling import Sampler, SamplingConfig, stop_ids_beyond_eos
 from alignment_gap.train import common
 
 CHUNK = 128  # Rows per call of every probe program.
@@ -56,7 +56,7 @@ class Probe:
         self.graphdef, self.sft_params = nnx.split(self.lm)
         self.sampler = probe_sampler(self.lm, rt.mesh, rt.rules, SamplingConfig(
             max_new_tokens=s.data.response_len, temperature=s.policy.temperature,
-            eos_id=tok.eos_id, pad_id=tok.pad_id))
+            eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stop_ids_beyond_eos(tok)))
         self._h = margin_h_program(self.graphdef, rt.mesh)
         self._judges = {}
 
