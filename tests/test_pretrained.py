@@ -257,3 +257,25 @@ def test_a_gemma3_gguf_keeps_its_rope_scaling_and_the_27b_query_scale(tmp_path, 
     assert (cfg.rope_scaling, cfg.rope_scaling_factor) == ("linear", 8.0)
     # 62 layers is the 27b: queries scaled by (width / heads) ** -0.5, here 32, not head_dim 16
     assert cfg.query_scale == pytest.approx(query_dim ** -0.5)
+
+
+def test_a_multimodal_gemma3_checkpoint_imports_its_language_model(tmp_path):
+    """Gemma 3 4b-27b: a multimodal config whose text_config lists only what differs from
+    transformers' defaults, the language model's tensors under `language_model.model.`."""
+    plain = json.load(open(os.path.join(_fixture("gemma3"), "config.json")))
+    defaults = ("rope_parameters", "rms_norm_eps", "hidden_activation", "tie_word_embeddings",
+                "layer_types", "_sliding_window_pattern", "attention_bias")
+    text = {k: v for k, v in plain.items() if k not in defaults and k != "architectures"}
+    config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+              "text_config": text, "vision_config": {"model_type": "siglip_vision_model"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = {f"language_model.{k}" if k.startswith("model.") else k: v
+               for k, v in load_file(os.path.join(_fixture("gemma3"), "model.safetensors")).items()}
+    tensors["vision_tower.patch_embedding.weight"] = np.zeros((4, 4), np.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    original, lm, mesh, rules = _load(f"hf:{_fixture('gemma3')}")
+    again, lm_again, _, _ = _load(f"hf:{tmp_path}")
+    assert again.fields == original.fields
+    ids = [[2, 5, 9, 17, 33, 64, 7, 11]]
+    np.testing.assert_array_equal(_logits(lm_again, mesh, rules, ids),
+                                  _logits(lm, mesh, rules, ids))

@@ -28,8 +28,23 @@ FAMILIES = {"gemma3_text": "gemma3", "gemma3": "gemma3", "qwen2": "qwen2", "qwen
             "llama": "llama3"}
 
 
+# A multimodal checkpoint's language model under the names of a text-only one: transformers 4
+# saved Gemma 3's as `language_model.model.*`, transformers 5 as `model.language_model.*`.
+_LANGUAGE_MODEL_PREFIXES = (("language_model.model.", "model."),
+                            ("model.language_model.", "model."),
+                            ("language_model.lm_head.", "lm_head."))
+
+
+def _text_name(stored: str) -> str:
+    for prefix, plain in _LANGUAGE_MODEL_PREFIXES:
+        if stored.startswith(prefix):
+            return plain + stored[len(prefix):]
+    return stored
+
+
 class SafetensorsSource:
-    """The tensors of one checkpoint directory, by name."""
+    """The tensors of one checkpoint directory, by name (a multimodal checkpoint's language
+    model under its text-only names)."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -37,27 +52,29 @@ class SafetensorsSource:
         if os.path.exists(index):
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-            self.files = {name: os.path.join(directory, file) for name, file in weight_map.items()}
+            files = {name: os.path.join(directory, file) for name, file in weight_map.items()}
         else:
             paths = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
             if not paths:
                 raise CheckpointError(f"{directory}: no *.safetensors files; export the model "
                                       "with save_pretrained(safe_serialization=True)")
-            self.files = {}
+            files = {}
             for path in paths:
                 with safe_open(path, "np") as f:
-                    self.files.update(dict.fromkeys(f.keys(), path))
+                    files.update(dict.fromkeys(f.keys(), path))
+        self.stored = {_text_name(name): name for name in files}  # our name -> the file's
+        self.files = {_text_name(name): path for name, path in files.items()}
 
     def names(self) -> set[str]:
         return set(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
         with safe_open(self.files[name], "np") as f:
-            return tuple(f.get_slice(name).get_shape())
+            return tuple(f.get_slice(self.stored[name]).get_shape())
 
     def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
         """Rows `rows` of tensor `name`, as float32."""
-        path = self.files[name]
+        path, name = self.files[name], self.stored[name]
         with safe_open(path, "np") as f:
             stored = f.get_slice(name)
             if stored.get_dtype() not in FLOAT_DTYPES:
@@ -85,11 +102,26 @@ def read_config(directory: str) -> dict:
                               "config.json beside its *.safetensors")
     with open(path) as f:
         config = json.load(f)
-    # Multimodal Gemma 3 keeps the language model's settings under text_config.
+    # Multimodal Gemma 3 keeps the language model's settings under text_config, and there
+    # only those that differ from transformers' Gemma3TextConfig defaults.
     text = config.get("text_config")
     if text is None:
         return config
-    return {**text, "model_type": text.get("model_type") or config.get("model_type", "")}
+    text = {**text, "model_type": text.get("model_type") or config.get("model_type", "")}
+    if FAMILIES.get(text["model_type"]) == "gemma3":
+        text = {**GEMMA3_TEXT_DEFAULTS, **text}
+        if "rope_parameters" not in text:
+            text = {"rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, **text}
+    return text
+
+
+# transformers' Gemma3TextConfig defaults (as transformers 5.24.0 sets them); the RoPE bases
+# are added in transformers 4's form where a config gives neither form.
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
+                            num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                            head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                            rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096,
+                            sliding_window_pattern=6, tie_word_embeddings=True)
 
 
 def _rope(config: dict, kind: str | None = None) -> dict:
