@@ -45,15 +45,18 @@ class Window:
 
 
 class Writer:
-    """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/<name>`."""
+    """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/<name>`.
+    `purge_step`: TensorBoard hides what earlier event files logged from that step on (a
+    resumed run logs those steps again)."""
 
-    def __init__(self, workdir: str, name: str = "train"):
+    def __init__(self, workdir: str, name: str = "train", purge_step: int | None = None):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, run_dir.METRICS)
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name))
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name),
+                                     purge_step=purge_step)
 
     def write(self, step: int, scalars: dict, prefix: str = ""):
         if not self.enabled:

@@ -107,3 +107,28 @@ def test_a_run_killed_between_log_lines_resumes_the_same_averages(tmp_path):
         _run(tmp_path / "killed", kill_in_step=5, checkpoint_every=3, log_every=2)
     _run(tmp_path / "killed", checkpoint_every=3, log_every=2)
     assert _log(tmp_path / "killed") == _log(tmp_path / "straight")
+
+
+def _tensorboard_events(workdir) -> list:
+    """Every event of the run's TensorBoard files, file by file in the order written."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted((workdir / "tensorboard" / "train").iterdir(),
+                       key=lambda p: p.stat().st_mtime_ns):
+        data = path.read_bytes()
+        while data:  # TFRecord: length, its CRC, the record, its CRC
+            (length,) = struct.unpack("<Q", data[:8])
+            events.append(Event.FromString(data[12:12 + length]))
+            data = data[16 + length:]
+    return events
+
+
+def test_a_resumed_run_tells_tensorboard_to_hide_the_steps_it_logs_again(tmp_path):
+    with pytest.raises(Killed):
+        _run(tmp_path, kill_in_step=8, checkpoint_every=3)
+    _run(tmp_path, checkpoint_every=3)
+    starts = [e.step for e in _tensorboard_events(tmp_path) if e.HasField("session_log")]
+    assert starts == [0, 7]  # the fresh start, then the resume from the step-6 checkpoint

@@ -122,7 +122,9 @@ class RunLog:
         self.config, self.workdir, self.checkpointer, self.start = (config, workdir,
                                                                     checkpointer, start)
         metrics_lib.drop_after(workdir, start)
-        self.writer, self.window = metrics_lib.Writer(workdir), metrics_lib.Window()
+        # As `drop_after` keeps metrics.jsonl's records up to `start` (none for a fresh start).
+        self.writer = metrics_lib.Writer(workdir, purge_step=start + 1 if start else 0)
+        self.window = metrics_lib.Window()
         record = checkpointer.log_record(start) if start else None
         self.saved = record or {}  # the loop's record at `start` (`saved_record`)
         unlogged = (record["unlogged"] if record is not None  # else saved before checkpoints
