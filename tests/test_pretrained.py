@@ -8,6 +8,7 @@ Gemma 3 270M GGUF reference comes from `tools/gguf_reference.py`.
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,12 @@ def test_export_then_import_is_exact(family, tmp_path):
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
     again = open_checkpoint(str(tmp_path))
     assert again.family == checkpoint.family and again.fields == checkpoint.fields
-    export_language_model(lm, checkpoint.family, str(tmp_path))  # the same directory again
+    # The same directory again, with a tokenizer: its special ids in config.json.
+    tokenizer = SimpleNamespace(stop_ids=(1, 106), pad_id=0, bos_id=2)
+    export_language_model(lm, checkpoint.family, str(tmp_path), tokenizer)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["eos_token_id"], written["pad_token_id"], written["bos_token_id"]) == (
+        [1, 106], 0, 2)
     if family == "qwen3":  # a sharded checkpoint's index there would be read in place of ours
         (tmp_path / "model.safetensors.index.json").write_text("{}")
         with pytest.raises(CheckpointError, match=r"holds other weight files \(model"

@@ -3,7 +3,7 @@
     checkpoint = open_checkpoint("hf:/models/qwen3-0.6b")      # or gguf:FILE, or a bare path
     cfg = checkpoint.model_config(dtype="bfloat16")            # our TransformerConfig
     lm = load_language_model(checkpoint, cfg, mesh, rules)     # straight into its shardings
-    export_language_model(lm, checkpoint.family, "/tmp/out")   # opens in transformers / vLLM
+    export_language_model(lm, checkpoint.family, "/tmp/out", tokenizer)  # transformers / vLLM
 
 Every tensor is read a shard at a time into the sharding the mesh gives it
 (`jax.make_array_from_callback`): a process reads only the rows its devices hold.
@@ -185,8 +185,9 @@ def load_trunk(model, checkpoint: Checkpoint, field: str = "model"):
     return model
 
 
-def export_language_model(lm: LanguageModel, family: str, directory: str):
-    """`lm` as a Hugging Face directory of `family` (config.json + model.safetensors)."""
+def export_language_model(lm: LanguageModel, family: str, directory: str, tokenizer=None):
+    """`lm` as a Hugging Face directory of `family` (config.json + model.safetensors);
+    `tokenizer`: its special ids go into config.json (else transformers assumes its own)."""
     cfg = lm.cfg
     tensors = {}
     with staging_arrays():
@@ -196,4 +197,4 @@ def export_language_model(lm: LanguageModel, family: str, directory: str):
             array = np.asarray(jax.device_get(value), np.float32)
             for i, layer in enumerate(array if stacked else [array]):
                 tensors[spec.name.format(layer=i)] = np.ascontiguousarray(spec.to_stored(layer))
-        hf.write_tensors(directory, tensors, hf.config_for(family, cfg))
+        hf.write_tensors(directory, tensors, hf.config_for(family, cfg, tokenizer))

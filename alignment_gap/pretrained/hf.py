@@ -240,9 +240,10 @@ ARCHITECTURES = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
                  "llama3": ("llama", "LlamaForCausalLM")}
 
 
-def config_for(family: str, cfg) -> dict:
+def config_for(family: str, cfg, tokenizer=None) -> dict:
     """The `config.json` that `architecture` reads back as `cfg` (transformers 4 key names,
-    which transformers 5 still reads)."""
+    which transformers 5 still reads); with `tokenizer`, its BOS, EOS (every stop id) and pad
+    ids, which transformers' generate reads from here."""
     model_type, class_name = ARCHITECTURES[family]
     config = dict(architectures=[class_name], model_type=model_type, vocab_size=cfg.vocab_size,
                   hidden_size=cfg.width, num_hidden_layers=cfg.num_layers,
@@ -251,6 +252,12 @@ def config_for(family: str, cfg) -> dict:
                   rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
                   rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_len,
                   torch_dtype="float32")
+    if tokenizer is not None:
+        stops = list(tokenizer.stop_ids)
+        config.update(eos_token_id=stops[0] if len(stops) == 1 else stops,
+                      pad_token_id=tokenizer.pad_id)
+        if tokenizer.bos_id is not None:
+            config["bos_token_id"] = tokenizer.bos_id
     if cfg.rope_scaling == "linear":
         config["rope_scaling"] = dict(rope_type="linear", factor=cfg.rope_scaling_factor)
     elif cfg.rope_scaling == "llama3":
