@@ -162,7 +162,8 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
               *([f"- upstream draws 0-{study.upstream_chains - 1}: the world, SFT, golden and "
                  "proxy seeds shifted by the draw's number (their stages named `-u<draw>`)"]
                 if study.get("upstream_chains", 1) > 1 else []),
-              f"- evaluation on {study.eval.prompts} test prompts, KL on "
+              f"- every checkpoint evaluated on {study.eval.prompts} prompts of the test "
+              "split (the verdict's section says which of them select and which score), KL on "
               f"{study.eval.kl_prompts}; {_schedule(study.policy)}",
               f"- online sweep: lr {list(study.online_learning_rates)} x beta "
               f"{sorted({r['beta'] for r in rows if r['method'] == 'online'})}",
