@@ -136,7 +136,7 @@ def replay_iterator(directory: str, shape, order: str = "tandem", window: int = 
                           f"{shape.response_len} do not match the stream's "
                           f"{first['prompt'].shape[0]}/{first['chosen'].shape[0]}; use those")
     if order == "shuffle":
-        records = records.shuffle(seed=seed)
+        records = records.shuffle(seed=pipelines.shuffle_seed(seed))
     elif order == "window":
         span = window * b
         perms = {}

@@ -54,6 +54,9 @@ def test_order_is_fixed_by_the_seed_and_epochs_reshuffle(data):
     second = {r.tobytes() for b in two_epochs[5:] for r in b.prompt}
     assert len(first) == 40 and first == second  # every record once per epoch
     assert not np.array_equal(two_epochs[0].prompt, two_epochs[5].prompt)  # new order
+    # Seed replicates share no epoch's order (grain shuffles epoch e with its seed + e).
+    seed_one = list(pipelines.preference_pipeline(source, tok, SHAPE, seed=1, num_epochs=1))
+    assert not np.array_equal(seed_one[0].prompt, two_epochs[5].prompt)
 
 
 def test_processes_read_disjoint_rows_of_the_same_global_batch(data):

@@ -85,10 +85,17 @@ def encode_response(tokenizer, text: str, length: int):
     return out, mask
 
 
+def shuffle_seed(seed: int) -> int:
+    """The seed grain's shuffle gets for a run's `seed`. grain shuffles epoch e with seed + e,
+    so passing run seeds straight in would give seed s's second epoch seed s + 1's first: the
+    seed replicates of a study would share data orders. A hash of the seed cannot collide so."""
+    return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
+
+
 def _global_order(source, seed: int, shuffle: bool, num_epochs: int | None):
     ds = grain.MapDataset.source(source)
     if shuffle:
-        ds = ds.shuffle(seed=seed)
+        ds = ds.shuffle(seed=shuffle_seed(seed))
     return ds.repeat(num_epochs)
 
 
