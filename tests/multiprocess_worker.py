@@ -1,9 +1,12 @@
-"""One process of the multi-process equivalence test: two update steps on a fixed batch.
+"""One process of the multi-process equivalence test: two update steps on a fixed batch, then
+a relabelling of a small synthetic dataset by a preference model sharded over every process.
 
-    python tests/multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID DEVICES OUT.json
+    python tests/multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID DEVICES OUT.json \
+        DATA_DIR
 
 Every process builds the same global batch from a seed and supplies only its own rows, so
-the result must not depend on how devices are split across processes.
+the result must not depend on how devices are split across processes; the judge's program runs
+on every process's devices while process 0 writes the relabelled dataset.
 """
 
 import json
@@ -14,7 +17,10 @@ import numpy as np
 import optax
 
 from alignment_gap import logprobs, losses, sharding
-from alignment_gap.models import LanguageModel, TransformerConfig
+from alignment_gap.data import builders, relabel, tokenizer
+from alignment_gap.data import world as W
+from alignment_gap.data.pipelines import as_text
+from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
 from alignment_gap.train.state import init_train_state, make_update_step
 from configs import meshes, models
 
@@ -26,7 +32,21 @@ def loss_fn(model, batch, extras):
     return losses.next_token_loss(per_token, mask), {}
 
 
-def main(coordinator, num_processes, process_id, devices, out_path):
+def relabelled(data_dir, mesh, rules) -> list:
+    """(chosen, rejected) of every train record as a random preference model judges them."""
+    world = W.WorldConfig(seed=2)
+    tok = tokenizer.synthetic_tokenizer(data_dir, world, vocab_size=256, corpus_posts=300)
+    source = builders.prepare(builders.synthetic_builder("comparisons", data_dir, world, train=8,
+                                                         validation=0, test=0))
+    judge_model = sharding.create_sharded(
+        PreferenceModel, TransformerConfig.from_config(models.get_config("mini")), 0, mesh, rules)
+    judge = relabel.model_judge(judge_model, tok, 32, 8, mesh, rules)
+    name = f"judged_{jax.process_count()}"
+    out = relabel.relabel(source, judge, name, data_dir)["train"]
+    return [[as_text(out[i][k]) for k in ("chosen", "rejected")] for i in range(len(out))]
+
+
+def main(coordinator, num_processes, process_id, devices, out_path, data_dir):
     dist = meshes.distributed_config()
     dist.coordinator_address = coordinator
     dist.num_processes, dist.process_id = int(num_processes), int(process_id)
@@ -54,7 +74,8 @@ def main(coordinator, num_processes, process_id, devices, out_path):
     state, second = step(state, batch)
     result = {"loss": float(first["loss"]), "grad_norm": float(first["grad_norm"]),
               "loss_after_step": float(second["loss"]), "processes": jax.process_count(),
-              "devices": jax.device_count(), "rows": [mine.start, mine.stop]}
+              "devices": jax.device_count(), "rows": [mine.start, mine.stop],
+              "relabelled": relabelled(data_dir, mesh, rules)}
     with open(out_path, "w") as f:
         json.dump(result, f)
 

@@ -1,4 +1,5 @@
-"""Real processes joined by jax.distributed: 2 x 2 CPU devices must match 1 x 4 exactly."""
+"""Real processes joined by jax.distributed: 2 x 2 CPU devices must match 1 x 4 exactly (an
+update step, and a relabelling by a preference model sharded over both processes)."""
 
 import json
 import os
@@ -18,8 +19,9 @@ ENV = dict(os.environ, PYTHONPATH=ROOT)
 def _run_workers(tmp_path, num_processes, devices):
     address = f"127.0.0.1:{free_port()}"
     outs = [tmp_path / f"{num_processes}_{i}.json" for i in range(num_processes)]
+    data = tmp_path / "data"  # the synthetic dataset and tokenizer, built by the first run
     procs = [subprocess.Popen([sys.executable, WORKER, address, str(num_processes), str(i),
-                               str(devices), str(out)], env=ENV, cwd=ROOT,
+                               str(devices), str(out), str(data)], env=ENV, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i, out in enumerate(outs)]
     for p in procs:
@@ -36,6 +38,8 @@ def test_two_processes_match_one_process(tmp_path):
     for result in two:
         for key in ("loss", "grad_norm", "loss_after_step"):
             assert result[key] == pytest.approx(one[key], rel=1e-5), key
+        # A model judge relabels on both processes' devices: the same dataset as on one.
+        assert result["relabelled"] == one["relabelled"] and len(one["relabelled"]) == 8
 
 
 def test_launcher_runs_the_demo_on_two_processes(tmp_path):
