@@ -115,7 +115,8 @@ def _check_microbatches(field: str, k: int, batch_size: int, rows: int):
 def validate(config, num_devices: int) -> None:
     """Raise ConfigError on the first problem found."""
     shape = mesh_shape(config.mesh, num_devices) if "mesh" in config else (1, 1, 1)
-    models = [("model", config.get("model")), ("proxy_model", config.get("proxy_model"))]
+    models = [("model", config.get("model")), ("proxy_model", config.get("proxy_model")),
+              ("golden_model", config.get("golden_model"))]  # the last: a study's own judge
     if "eval" in config:
         models.append(("eval.golden_model", config.eval.get("golden_model")))
         models.append(("eval.opponent_model", config.eval.get("opponent_model") or None))
@@ -222,6 +223,7 @@ def validate(config, num_devices: int) -> None:
         pair = config.get("task") == "preference_model"  # reads [prompt | y1 | y2]
         _check_max_len(config, "model", lengths, 2 if pair else 1)
         _check_max_len(config, "proxy_model", lengths, 2)
+        _check_max_len(config, "golden_model", lengths, 2)
         if "eval" in config:
             _check_max_len(config.eval, "golden_model", lengths, 2, prefix="eval.")
 
@@ -278,6 +280,9 @@ def check_study(c, rows: int):
         _fail("policy.temperature", f"must be positive, got {p.temperature}: at 0 (greedy) "
               "both online samples are the same", "use 1.0, the paper's")
     check_sampling(p, "policy")
+    if p.top_k > c.model.vocab_size:
+        _fail("policy.top_k", f"{p.top_k} exceeds model.vocab_size={c.model.vocab_size}",
+              "use a smaller top_k or 0 (off)")
     rates = "list positive learning rates, e.g. '(2e-4, 1e-3)'"
     _positive_values(c.online_learning_rates, "online_learning_rates", rates)
     _positive_values(c.offline_learning_rates, "offline_learning_rates", rates)

@@ -100,6 +100,9 @@ def test_unknown_loss_is_a_clear_error():
     ("policy.temperature", 0.0, "config.policy.temperature: must be positive"),
     ("policy.top_p", 1.5, "config.policy.top_p: must be in (0, 1]"),
     ("policy.kl_cap", -1.0, "config.policy.kl_cap: must be >= 0"),
+    ("policy.top_k", 1000, "config.policy.top_k: 1000 exceeds model.vocab_size="),
+    ("golden_model.num_heads", 3, "config.golden_model.num_heads: 3 does not divide"),
+    ("golden_model.max_len", 8, "config.golden_model.max_len: 8 is shorter than the"),
     ("offline_learning_rates", (5e-4, 0.0), "config.offline_learning_rates: 0.0 in (0.0005, "
      "0.0) is not a positive number"),
     ("online_learning_rates", (), "config.online_learning_rates: is empty"),
@@ -347,3 +350,10 @@ def test_cli_overrides_apply_and_a_finished_workdir_is_left_alone(tmp_path):
     assert "steps: 6" in first.stdout and run_dir.result(str(tmp_path))["final_loss"] > 0
     again = _main(*args)
     assert again.returncode == 0 and "already holds a finished run" in again.stdout
+
+
+def test_the_studys_samples_take_rows_that_split_over_the_mesh():
+    from alignment_gap.study.run import rows_for
+
+    assert rows_for(8, 1, 100) == 8 and rows_for(8, 16, 100) == 16 and rows_for(8, 3, 100) == 9
+    assert rows_for(8, 16, 20) == 16 and rows_for(8, 4, 6) == 4  # as many as the split holds

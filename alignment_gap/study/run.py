@@ -103,13 +103,18 @@ def upstream_extras(plan) -> dict:
     return {key: values or None for key, values in per_draw.items()}
 
 
-SIDE_BY_SIDE = 8  # Test posts in samples.json.
+SIDE_BY_SIDE = 8  # Test posts in samples.json (at least; a multiple of the mesh's batch shards).
 
 
 def side_by_side_sampler(lm, mesh, rules, response_len: int):
     """Greedy summaries for `samples.json`."""
     return Sampler(lm, mesh, rules, SamplingConfig(max_new_tokens=response_len, temperature=0.0),
                    name="study_samples")
+
+
+def rows_for(wanted: int, shards: int, available: int) -> int:
+    """At least `wanted` rows (as many as `available` allows) that split over `shards`."""
+    return min(-(-wanted // shards) * shards, available // shards * shards)
 
 
 def side_by_side(config, stages, workdir: str, count: int = SIDE_BY_SIDE) -> dict:
@@ -128,6 +133,7 @@ def side_by_side(config, stages, workdir: str, count: int = SIDE_BY_SIDE) -> dic
     stage_cfg = policies["sft"].config
     rt = common.runtime(stage_cfg, os.path.join(workdir, "stages", "samples"))
     source = datasets.prompts(config.data)["test"]
+    count = rows_for(count, sharding.batch_shards(rt.mesh, rt.rules), len(source))
     shape = pipelines.BatchShape(count, config.data.prompt_len, config.data.response_len,
                                  sharding.process_rows(rt.mesh, rt.rules, count))
     prompts = rt.global_batch(next(iter(pipelines.prompt_pipeline(
