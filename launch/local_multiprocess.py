@@ -51,9 +51,14 @@ def launch(num_processes: int, devices_per_process: int, main_args: list[str],
         procs.append(subprocess.Popen(cmd))
     signal.signal(signal.SIGTERM, lambda signum, frame: [
         p.send_signal(signum) for p in procs if p.poll() is None])
+    return supervise(procs, timeout_s)
+
+
+def supervise(procs, timeout_s: float | None = None) -> int:
+    """Wait for `procs`; the first to fail (or the timeout) stops the others. Exit status."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     status = 0
-    while any(p.poll() is None for p in procs):
+    while any([p.poll() is None for p in procs]):  # a list: every process polled each time
         failed = [p.returncode for p in procs if p.returncode not in (None, 0, EXIT_REQUEUE)]
         late = deadline is not None and time.monotonic() > deadline
         if failed or late:

@@ -56,3 +56,16 @@ def test_launcher_runs_the_demo_on_two_processes(tmp_path):
     assert summary["processes"] == 2 and summary["devices"] == 4
     assert summary["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
     assert done.stdout.count("final_loss") == 1  # only process 0 reports
+
+
+def test_the_launcher_stops_the_others_as_soon_as_any_process_fails():
+    """The second of two processes fails at once: the first is stopped then, not when it ends."""
+    import time
+
+    from launch.local_multiprocess import supervise
+
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]),
+             subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])]
+    start = time.monotonic()
+    assert supervise(procs, timeout_s=120) == 3
+    assert time.monotonic() - start < 30 and procs[0].returncode is not None
