@@ -63,6 +63,33 @@ def test_tldr_comparisons_from_the_published_layout(tmp_path):
                                              "POST: my cat knocked over plant number 0\nTL;DR:")
 
 
+def test_real_prompts_hold_each_post_once_in_the_order_it_first_appears(tmp_path):
+    """TL;DR compares several summaries of one post: the prompts a policy samples on and the
+    evaluations read hold each post once, so the test stage's window shares no post with the
+    evaluation prompts before it."""
+    import ml_collections
+
+    from alignment_gap.data import datasets
+
+    manual = tmp_path / "manual" / "comparisons"
+    manual.mkdir(parents=True)
+    lines = [_tldr_line(post, split) for post, split in ((0, "train"), (1, "valid1"))]
+    for post in (5, 6, 5, 7, 6, 5):
+        record = json.loads(_tldr_line(post, "valid2"))
+        record["summaries"][1]["text"] = f" another summary {len(lines)}"
+        lines.append(json.dumps(record))
+    (manual / "batch1.json").write_text("\n".join(lines) + "\n")
+    d = ml_collections.ConfigDict({"kind": "tldr", "dir": str(tmp_path / "data"),
+                                   "manual_dir": str(tmp_path / "manual")})
+    comparisons = datasets.initial_comparisons(d)["test"]
+    assert len(comparisons) == 6
+    test = datasets.prompts(d)["test"]
+    prompts = [_text(test[i]["prompt"]) for i in range(len(test))]
+    first_seen = list(dict.fromkeys(_text(comparisons[i]["prompt"]) for i in range(6)))
+    assert prompts == first_seen and len(prompts) == 3
+    assert len(datasets.prompts(d)["train"]) == 1  # built once, read again
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"choice": None}, "record 1: field 'choice' is None; expected 0 or 1"),
     ({"summaries": [{"text": "x"}]}, "record 1: field 'summaries' must hold exactly 2"),

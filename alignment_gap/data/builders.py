@@ -130,6 +130,46 @@ class Comparisons(tfds.core.GeneratorBasedBuilder):
             yield record["id"], {k: record[k] for k in ("id", "prompt", "chosen", "rejected")}
 
 
+class DistinctPrompts(tfds.core.GeneratorBasedBuilder):
+    """Each prompt of a comparisons dataset once, in the order it first appears: a real dataset
+    holds several comparisons of one post (TL;DR) or question (HH, Arena), and the prompts a
+    policy samples on, and those evaluations read, must each be one post. The config's name is
+    the comparisons dataset's."""
+
+    VERSION = VERSION
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default")]
+
+    def __init__(self, *, name: str, comparisons=None, **kwargs):
+        self._comparisons = comparisons or {}
+        kwargs.setdefault("file_format", FILE_FORMAT)
+        super().__init__(config=tfds.core.BuilderConfig(name=name, version=VERSION), **kwargs)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(), "prompt": tfds.features.Text()}),
+            disable_shuffling=True)  # the comparisons' order, not TFDS's key-hash order
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(source)
+                for split, source in self._comparisons.items()}
+
+    def _generate_examples(self, source):
+        seen = set()
+        for i in range(len(source)):
+            record = source[i]
+            if record["prompt"] not in seen:
+                seen.add(record["prompt"])
+                yield str(i), {"id": record["id"], "prompt": record["prompt"]}
+
+
+def distinct_prompts(name: str, comparisons: dict, data_dir: str) -> dict:
+    """Split -> the distinct prompts of `comparisons` (built once under `data_dir`)."""
+    prepare(DistinctPrompts(name=name, comparisons=comparisons, data_dir=data_dir))
+    # A builder made after the build: one made before it (on the processes other than 0)
+    # keeps no splits.
+    return DistinctPrompts(name=name, data_dir=data_dir).as_data_source()
+
+
 def prepare(builder, manual_dir: str | None = None):
     """Build the dataset unless already built; return split -> random-access data sources.
 

@@ -107,11 +107,14 @@ def comparisons(d) -> dict:
 
 
 def prompts(d) -> dict:
-    """Prompt sets, split -> source: the same prompts the comparisons are about."""
+    """Prompt sets, split -> source: the prompts the comparisons are about, each once (a real
+    dataset compares several responses to one post)."""
     if d.kind == "synthetic":
         return builders.prepare(builders.synthetic_builder("prompts", d.dir, world_config(d),
                                                            **_sizes(d)))
-    return initial_comparisons(d)
+    comparisons = initial_comparisons(d)
+    name = _real_builder(d).builder_config.name
+    return builders.distinct_prompts(f"{d.kind}-{name}", comparisons, d.dir)
 
 
 def demonstrations(d) -> dict:
