@@ -68,7 +68,7 @@ def test_gemma_gguf_has_the_files_vocabulary_and_special_ids(gemma, reference):
     assert (gemma.pad_id, gemma.eos_id, gemma.bos_id, gemma.sp.unk_id()) == (
         ref["pad"], ref["eos"], ref["bos"], ref["unk"]) == (0, 1, 2, 3)
     assert gemma.sp.piece_to_id("<end_of_turn>") == ref["end_of_turn"] == 106
-    assert gemma.add_bos and gemma.stop_ids == (1,)
+    assert gemma.add_bos and gemma.stop_ids == (1, 106)  # <end_of_turn> too, as llama.cpp
     bytes_ = [i for i in range(gemma.vocab_size) if gemma.sp.is_byte(i)]
     assert len(bytes_) == 256
     assert [gemma.sp.id_to_piece(i) for i in bytes_] == [f"<0x{b:02X}>" for b in range(256)]
@@ -173,6 +173,13 @@ def test_a_gguf_without_add_space_prefix_gets_llama_cpps_default_prefix(tmp_path
     tok = load_tokenizer(_write_gguf(tmp_path / "prefixed.gguf", sp, space_prefix=None))
     for text in ("Hello world", *TEXTS.values()):
         assert tok.encode(text) == sp.encode(text), text
+
+
+def test_a_gguf_vocabularys_end_of_turn_piece_stops_as_llama_cpp_stops(tmp_path):
+    """Gemma's GGUF names no eot_token_id; its <end_of_turn> piece still ends a response."""
+    sp = _train_bpe(tmp_path, user_defined_symbols=["<end_of_turn>"])
+    tok = load_tokenizer(_write_gguf(tmp_path / "turns.gguf", sp))
+    assert tok.stop_ids == (1, sp.piece_to_id("<end_of_turn>"))
 
 
 def test_gguf_with_another_tokenizer_model_is_a_one_line_error(tmp_path):

@@ -80,10 +80,17 @@ def model_proto(meta: dict, where: str = "GGUF") -> sp_model.ModelProto:
     return proto
 
 
+# End-of-turn pieces llama.cpp also ends generation at, whatever the file's ids say (Gemma's
+# GGUF names no eot_token_id, while its Hugging Face generation config stops at <end_of_turn>).
+END_OF_TURN_PIECES = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>")
+
+
 def stop_ids(meta: dict) -> tuple[int, ...]:
-    """EOS first, then end-of-turn / end-of-message ids where the file names them."""
+    """EOS first, then end-of-turn / end-of-message ids where the file names them, then the
+    vocabulary's end-of-turn pieces (`END_OF_TURN_PIECES`)."""
     ids = [meta.get(k) for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
-    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+    pieces = [i for i, piece in enumerate(meta.get("tokens", ())) if piece in END_OF_TURN_PIECES]
+    return tuple(dict.fromkeys(int(i) for i in [*ids, *pieces] if i is not None))
 
 
 def load_gguf_tokenizer(path: str) -> Tokenizer:
