@@ -55,8 +55,10 @@ class Writer:
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
+            # Event files are named by the second they open in: the suffix keeps a rerun within
+            # the same second from overwriting the earlier attempt's file.
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name),
-                                     purge_step=purge_step)
+                                     purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
 
     def write(self, step: int, scalars: dict, prefix: str = ""):
         if not self.enabled:
