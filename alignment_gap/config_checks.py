@@ -163,6 +163,8 @@ def validate(config, num_devices: int) -> None:
             if not (isinstance(step, int) and step > 0):
                 _fail("policy.early_checkpoints", f"{step!r} is not a positive step",
                       "list steps >= 1 (those at or past a run's end are skipped)")
+    if config.get("task") == "demo":
+        _check_demo(config, shape[0] * shape[1])
     if "data" in config:
         _positive(config.data, "data", "prompt_len", "response_len")
     if "eval" in config and "mesh" in config:
@@ -226,6 +228,21 @@ def validate(config, num_devices: int) -> None:
         _check_max_len(config, "golden_model", lengths, 2)
         if "eval" in config:
             _check_max_len(config.eval, "golden_model", lengths, 2, prefix="eval.")
+
+
+def _check_demo(c, rows: int):
+    """The sorting demo: a response is the prompt's symbols sorted, then EOS."""
+    if c.response_len < c.prompt_len + 1:
+        _fail("response_len", f"{c.response_len} is shorter than prompt_len + 1 = "
+              f"{c.prompt_len + 1} (the sorted symbols, then EOS)", f"set it to >= "
+              f"{c.prompt_len + 1}")
+    if c.sampling.max_new_tokens != c.response_len:
+        _fail("sampling.max_new_tokens", f"{c.sampling.max_new_tokens} is not response_len="
+              f"{c.response_len}, the length the demo scores", f"set it to {c.response_len}")
+    _positive(c, "", "eval_prompts")
+    if c.eval_prompts % rows:
+        _fail("eval_prompts", f"{c.eval_prompts} is not divisible by mesh data*fsdp={rows}",
+              f"use a multiple of {rows}")
 
 
 def _positive_values(values, field: str, fix: str, *, integers=False, allow_empty=False):

@@ -72,6 +72,10 @@ def _demo(**changes):
     ({"sampling.temperature": -1.0}, 1, "config.sampling.temperature"),
     ({"warmup_steps": 5000}, 1, "config.warmup_steps"),
     ({"model.max_len": 8}, 1, "config.model.max_len"),
+    ({"sampling.max_new_tokens": 12}, 1, "config.sampling.max_new_tokens: 12 is not "
+     "response_len=9"),
+    ({"prompt_len": 12}, 1, "config.response_len: 9 is shorter than prompt_len + 1 = 13"),
+    ({"eval_prompts": 12}, 8, "config.eval_prompts: 12 is not divisible by mesh data*fsdp=8"),
 ])
 def test_bad_values_name_the_field_and_the_fix(changes, devices, field):
     with pytest.raises(ConfigError) as err:
