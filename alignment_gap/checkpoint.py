@@ -30,11 +30,14 @@ from alignment_gap.sharding import abstract_like
 
 
 class Checkpointer:
+    """`max_to_keep`: the scheduled checkpoints kept (`prune`); a preemption's unscheduled one
+    never pushes a scheduled one out (the study's analyses read every scheduled step)."""
+
     def __init__(self, directory: str, max_to_keep: int = 3):
         self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                                 create=True))
+        self.max_to_keep = max_to_keep
+        self.manager = ocp.CheckpointManager(  # no retention of orbax's own: see `prune`
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -140,6 +143,15 @@ class Checkpointer:
             names = ", ".join(f"{self.path(bad)} ({why})" for bad, why in damaged)
             logging.warning("checkpoint %s could not be read; kept as .damaged, resumed from %s",
                             names, self.path(restored_step))
+
+    def prune(self, scheduled):
+        """Once a save is complete: keep the latest checkpoint and the newest `max_to_keep` of
+        the `scheduled` steps; delete the rest (a preemption's step once a later one exists)."""
+        steps = sorted(self.manager.all_steps())
+        kept = {*[s for s in steps if s in scheduled][-self.max_to_keep:], *steps[-1:]}
+        for step in steps:
+            if step not in kept:
+                self.manager.delete(step)
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))

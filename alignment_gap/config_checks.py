@@ -333,6 +333,13 @@ def check_study(c, rows: int):
 def check_hypotheses(c):
     """The sections of the hypothesis variants a study runs."""
     names = set(c.hypotheses)
+    reads_main_online = sorted(names & {"coverage", "quality", "classification",
+                                        "noncontrastive"})
+    if reads_main_online and c.online_betas and c.policy.beta not in c.online_betas:
+        _fail("online_betas", f"{tuple(c.online_betas)} lacks policy.beta={c.policy.beta:g}, "
+              f"the online run the {reads_main_online[0]} variant reads (it would join the "
+              "main comparison unscored by its test stage)", f"add {c.policy.beta:g} to "
+              "online_betas, or set policy.beta to one of them")
     if "coverage" in names:
         orders = "give (label, order, batches per window) with order in " \
             f"{REPLAY_ORDERS} and a window >= 1, e.g. ('window4', 'window', 4)"

@@ -144,6 +144,8 @@ def test_a_bad_study_field_is_named_as_the_user_set_it(field, value, message):
      "config.coverage.orders: ('shuffled', 'random', 1) is not a replay order"),
     ("smoke_coverage", "coverage.orders", (("tandem", "tandem", 1),), "config.coverage.orders: "
      "labels ['tandem'] lack 'tandem' or 'shuffled'"),
+    ("smoke_coverage", "online_betas", (0.5,), "config.online_betas: (0.5,) lacks "
+     "policy.beta=0.1, the online run the coverage variant reads"),
     ("smoke_classification", "classification.stream_pairs", 0,
      "config.classification.stream_pairs: must be positive"),
     ("smoke_noncontrastive", "noncontrastive.offline_learning_rates", (0.0,),

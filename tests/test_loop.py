@@ -20,12 +20,12 @@ class Killed(BaseException):
     """Stands in for a SIGKILL: nothing after it runs, nothing catches it."""
 
 
-def _run(workdir, kill_in_step=None, stop_at=None, **schedule):
+def _run(workdir, kill_in_step=None, stop_at=None, keep=20, preempt_at=None, **schedule):
     """Train to `num_steps` (12) or to `stop_at`, where the evaluation says stop; resume from
     the latest checkpoint in `workdir` if there is one. `kill_in_step`: die as that step's
-    batch is asked for."""
+    batch is asked for; `preempt_at`: a SIGTERM arrives in that step; `keep`: max_to_keep."""
     config = ml_collections.ConfigDict({"num_steps": 12, "log_every": 3, **schedule})
-    evaluated = []
+    evaluated, signalled = [], [False]
 
     def update(state, batch, key):  # params: the sum of the batches; key: read, so it matters
         state = TrainState(step=state.step + 1, params={"w": state.params["w"] + batch},
@@ -35,6 +35,7 @@ def _run(workdir, kill_in_step=None, stop_at=None, **schedule):
     def next_batch(state, key):
         if int(state.step) + 1 == kill_in_step:
             raise Killed
+        signalled[0] = int(state.step) + 1 == preempt_at
         return jnp.float32(state.step + 1)
 
     def evaluate(state):
@@ -44,15 +45,18 @@ def _run(workdir, kill_in_step=None, stop_at=None, **schedule):
 
     state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.zeros(())},
                        opt_state={"m": jnp.zeros(())})
-    ckpt = Checkpointer(str(workdir / "checkpoints"), max_to_keep=20)
+    ckpt = Checkpointer(str(workdir / "checkpoints"), max_to_keep=keep)
     rng = jax.random.key(0)
     if ckpt.latest_step() is not None:
         state, rng, _ = ckpt.restore(state, jax.tree.map(lambda x: x.sharding, state))
     loop = Loop(config, str(workdir), update=update, next_batch=next_batch, checkpointer=ckpt,
                 meta={}, evaluate=evaluate, evaluate_at_start=True)
+    reached = loop_module.preemption.reached
+    loop_module.preemption.reached = lambda: signalled[0]
     try:
         state, _ = loop.run(state, rng)
     finally:
+        loop_module.preemption.reached = reached
         ckpt.close()
     eval_rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().split("\n")
                  if "eval/win_rate" in line]
@@ -132,3 +136,16 @@ def test_a_resumed_run_tells_tensorboard_to_hide_the_steps_it_logs_again(tmp_pat
     _run(tmp_path, checkpoint_every=3)
     starts = [e.step for e in _tensorboard_events(tmp_path) if e.HasField("session_log")]
     assert starts == [0, 7]  # the fresh start, then the resume from the step-6 checkpoint
+
+
+def test_a_preemptions_checkpoint_pushes_no_scheduled_one_out(tmp_path):
+    """Every scheduled checkpoint kept (max_to_keep = their number, as a study's policy runs
+    keep them): a SIGTERM's unscheduled save at step 7 displaces none of them and goes once
+    the next scheduled save is complete."""
+    from alignment_gap.preemption import Preempted
+
+    with pytest.raises(Preempted):
+        _run(tmp_path, keep=4, preempt_at=7, checkpoint_every=3)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6, 7]
+    _, _, ckpts, _ = _run(tmp_path, keep=4, checkpoint_every=3)
+    assert ckpts == [3, 6, 9, 12]

@@ -89,6 +89,7 @@ class Loop:
                 self.checkpointer.save(state, rng, self.meta, self.data_iterator,
                                        log=log.saved_record(last, stop))
                 self.checkpointer.wait()
+                self.checkpointer.prune(saves)
                 log.last_good = step
                 if stop:
                     if jax.process_index() == 0:

@@ -180,6 +180,7 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
                               log=logs[i].saved_record(last[i], ""))
             for ck, log in zip(ckpts, logs, strict=True):
                 ck.wait()
+                ck.prune(saves)
                 log.last_good = step
             if preempted:
                 signal = preemption.requested() or "SIGTERM (to one of the processes)"
