@@ -128,6 +128,9 @@ def test_grouped_query_attention_and_bf16_run(mini_config):
     assert out16.dtype == jnp.float32  # logits come back in float32 whatever the compute dtype
     np.testing.assert_allclose(out16, out32, atol=0.1)
     assert not np.allclose(out16, out32, atol=1e-6)  # bf16 really was used
+    # ... and its logits keep float32's precision (the head's product is not rounded to bf16)
+    rounded = np.asarray(jnp.asarray(out16).astype(jnp.bfloat16).astype(jnp.float32))
+    assert np.mean(np.asarray(out16) != rounded) > 0.5
 
 
 def test_preference_model_reads_both_responses_and_sign_rule_is_antisymmetric(mini_config):

@@ -60,11 +60,12 @@ class LanguageModel(nnx.Module):
         if logits_window is not None and read_at is None:
             hidden = hidden[:, logits_window[0]: logits_window[1]]
         dt = jnp.dtype(self.cfg.dtype)
-        if self.cfg.tie_embeddings:
-            logits = dense(hidden, self.backbone.embed[...].astype(dt).T)
-        else:
-            logits = dense(hidden, self.head[...].astype(dt))
-        logits = sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        # Float32 out of the matmul itself: rounded to bfloat16 first, every log-prob (and a
+        # DPO / IPO log-ratio, a sum over tokens) would carry bfloat16's error.
+        weights = self.backbone.embed[...].astype(dt).T if self.cfg.tie_embeddings else \
+            self.head[...].astype(dt)
+        logits = dense(hidden, weights, out_dtype=jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "length", "vocab"))
         return logits, cache
 
 

@@ -183,15 +183,16 @@ class RMSNorm(nnx.Module):
         return (normed * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
-def dense(x, w, contract: int = 1):
-    """`x[..., K] @ w[K, N]` for K, N possibly multi-axis, as one 2-D matmul.
+def dense(x, w, contract: int = 1, out_dtype=None):
+    """`x[..., K] @ w[K, N]` for K, N possibly multi-axis, as one 2-D matmul; `out_dtype`: the
+    product's dtype (float32 from bfloat16 operands: accumulated and kept at full precision).
 
     XLA:CPU runs a 2-D dot (and, above all, its weight gradient, which contracts batch and
     length) several times faster than the same contraction written as a 3-D einsum.
     """
     k_shape, n_shape = w.shape[:contract], w.shape[contract:]
     k = math.prod(k_shape)
-    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
     return y.reshape(*x.shape[: x.ndim - contract], *n_shape)
 
 
