@@ -333,6 +333,14 @@ def check_study(c, rows: int):
 def check_hypotheses(c):
     """The sections of the hypothesis variants a study runs."""
     names = set(c.hypotheses)
+    if "classification" in names:  # it reads the offline partner at each online checkpoint
+        online_every = c.policy.checkpoint_every
+        offline_every = c.policy.get("offline_checkpoint_every", 0) or online_every
+        if online_every % offline_every:
+            _fail("policy.offline_checkpoint_every", f"{offline_every} does not divide "
+                  f"policy.checkpoint_every={online_every}: the classification variant reads "
+                  "the offline run at every online checkpoint", "use a divisor of it, or 0 "
+                  "(policy.checkpoint_every)")
     reads_main_online = sorted(names & {"coverage", "quality", "classification",
                                         "noncontrastive"})
     if reads_main_online and c.online_betas and c.policy.beta not in c.online_betas:

@@ -146,6 +146,8 @@ def test_a_bad_study_field_is_named_as_the_user_set_it(field, value, message):
      "labels ['tandem'] lack 'tandem' or 'shuffled'"),
     ("smoke_coverage", "online_betas", (0.5,), "config.online_betas: (0.5,) lacks "
      "policy.beta=0.1, the online run the coverage variant reads"),
+    ("smoke_classification", "policy.offline_checkpoint_every", 5,
+     "config.policy.offline_checkpoint_every: 5 does not divide policy.checkpoint_every="),
     ("smoke_classification", "classification.stream_pairs", 0,
      "config.classification.stream_pairs: must be positive"),
     ("smoke_noncontrastive", "noncontrastive.offline_learning_rates", (0.0,),
