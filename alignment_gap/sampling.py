@@ -54,7 +54,7 @@ class SamplingConfig:
 
 def stop_ids_beyond_eos(tokenizer) -> tuple[int, ...]:
     """A tokenizer's end-of-sequence ids besides its EOS (where `decode` also cuts)."""
-    return tuple(i for i in getattr(tokenizer, "stop_ids", ()) if i != tokenizer.eos_id)
+    return tuple(i for i in tokenizer.stop_ids if i != tokenizer.eos_id)
 
 
 class SampleOutput(NamedTuple):

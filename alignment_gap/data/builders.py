@@ -164,10 +164,7 @@ class DistinctPrompts(tfds.core.GeneratorBasedBuilder):
 
 def distinct_prompts(name: str, comparisons: dict, data_dir: str) -> dict:
     """Split -> the distinct prompts of `comparisons` (built once under `data_dir`)."""
-    prepare(DistinctPrompts(name=name, comparisons=comparisons, data_dir=data_dir))
-    # A builder made after the build: one made before it (on the processes other than 0)
-    # keeps no splits.
-    return DistinctPrompts(name=name, data_dir=data_dir).as_data_source()
+    return prepare(DistinctPrompts(name=name, comparisons=comparisons, data_dir=data_dir))
 
 
 def prepare(builder, manual_dir: str | None = None):
@@ -181,7 +178,9 @@ def prepare(builder, manual_dir: str | None = None):
         builder.download_and_prepare(download_config=config)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"prepare {builder.name}/{builder.builder_config.name}")
-        builder.download_and_prepare(download_config=config)  # finds it built: reads its info
+        builder.download_and_prepare(download_config=config)  # finds it built
+        # A builder made before process 0 built the dataset keeps its empty splits: read them.
+        builder.info.read_from_directory(builder.data_dir)
     check_readable(sorted(glob.glob(os.path.join(builder.data_dir, "*.array_record*"))),
                    f"delete {builder.data_dir} and run the same command: it is built again")
     return builder.as_data_source()

@@ -48,10 +48,7 @@ def relabel(sources: dict, judge, name: str, data_dir: str, batch_size: int = BA
     runs on all processes' devices, so no process may skip it."""
     splits = {split: list(relabelled_records(src, judge, batch_size))
               for split, src in sources.items()}
-    builders.prepare(builders.Comparisons(name=name, splits=splits, data_dir=data_dir))
-    # Read through a builder made after the build: on the other processes the one above was
-    # made before process 0 wrote the dataset, and its splits stay empty.
-    return builders.Comparisons(name=name, data_dir=data_dir).as_data_source()
+    return builders.prepare(builders.Comparisons(name=name, splits=splits, data_dir=data_dir))
 
 
 def oracle_judge(world: world_lib.WorldConfig):
