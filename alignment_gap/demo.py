@@ -64,8 +64,7 @@ def run(config, workdir: str) -> dict:
     batch_sh = {"prompt": rows, "prompt_mask": rows, "response": rows, "response_mask": rows}
     update = make_update_step(graphdef, tx, sft_loss, mesh, rules, state_sh, batch_sh)
 
-    rows = sharding.process_rows(mesh, rules, config.batch_size)
-    local_rows = rows.stop - rows.start
+    local_rows = sharding.process_rows(mesh, rules, config.batch_size).count
     rng = np.random.default_rng([config.seed, jax.process_index()])
     is_chief = jax.process_index() == 0
     start, metrics = time.perf_counter(), None
@@ -83,10 +82,9 @@ def run(config, workdir: str) -> dict:
 
     policy = nnx.merge(graphdef, state.params)
     sampler = Sampler(policy, mesh, rules, SamplingConfig.from_config(config.sampling))
-    eval_slice = sharding.process_rows(mesh, rules, config.eval_prompts)
-    eval_rows = eval_slice.stop - eval_slice.start
+    eval_rows = sharding.process_rows(mesh, rules, config.eval_prompts)
     eval_batch = sorting_batch(np.random.default_rng([config.seed, 10_000 + jax.process_index()]),
-                               eval_rows, config)
+                               eval_rows.count, config)
     prompts = sharding.global_batch({k: eval_batch[k] for k in ("prompt", "prompt_mask")},
                                     mesh, rules)
     key = jax.random.key(config.seed)
@@ -125,7 +123,7 @@ def run(config, workdir: str) -> dict:
     if is_chief:
         for k, v in summary.items():
             print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
-        _show_examples(eval_batch, sampled_tokens[eval_slice][:3])
+        _show_examples(eval_batch, eval_rows.select(sampled_tokens)[:3])
     logging.info("demo finished: %s", summary)
     return summary
 

@@ -11,7 +11,9 @@ import pytest
 from alignment_gap import config_checks, sharding
 from alignment_gap.aot import programs, report, topology
 from alignment_gap.compile import depth_variant
+from configs import meshes
 from configs import policy as policy_configs
+from configs import study as study_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +42,40 @@ def test_slices_are_described_without_a_tpu():
     assert two.chips == 8 and {d.slice_index for d in two.devices} == {0, 1}
     grid = topology.device_grid(two, (2, 4, 1))  # the data axis spans the two slices
     assert [{d.slice_index for d in row.flat} for row in grid] == [{0}, {1}]
+
+
+def _ids(grid):
+    return [d.id for d in grid.flat]
+
+
+@pytest.mark.parametrize("name,slices,shape", [
+    ("v5p-64", 1, (1, 8, 4)),  # tpu_v5p_3b's fsdp_tp4 mesh
+    ("v5p-128", 1, (1, 8, 8)),  # no whole torus axes fit: one is split
+    ("v5e-4", 2, (2, 4, 1))])  # multi-slice: the data axis spans the slices
+def test_a_run_on_the_slice_builds_the_mesh_its_programs_were_compiled_for(name, slices, shape):
+    target = topology.resolve(name, slices=slices)
+    mesh_cfg = meshes.get_config("cpu")
+    mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = shape
+    run_mesh = sharding.make_mesh(mesh_cfg, target.devices)  # what the trainers call
+    assert _ids(run_mesh.devices) == _ids(topology.device_grid(target, shape))
+
+
+def test_every_host_of_a_v5p_64_feeds_the_rows_its_chips_hold():
+    """On the flagship mesh (`study.py:tpu_v5p_3b`: fsdp 8 x tensor 4 on a v5p-64) the torus
+    order gives each host two blocks of the batch, each shared with a host beside it on the
+    tensor axis; a host's loader reads exactly the rows its chips hold, and every row is read."""
+    config = study_configs.get_config("tpu_v5p_3b")
+    target = topology.resolve("v5p-64")
+    mesh, rules = sharding.make_mesh(config.mesh, target.devices), config.mesh.rules
+    rows = 64
+    held = sharding.batch_sharding(mesh, rules, 1).devices_indices_map((rows,))
+    shares = {p: sharding.rows_of_process(mesh, rules, rows, p)
+              for p in sorted({d.process_index for d in target.devices})}
+    assert len(shares) == 8 and {s.count for s in shares.values()} == {rows // 4}
+    assert max(len(s.blocks) for s in shares.values()) == 2  # not one block per host
+    for device, (index,) in held.items():
+        assert set(range(rows)[index]) <= set(shares[device.process_index].indices)
+    assert set().union(*(s.indices for s in shares.values())) == set(range(rows))
 
 
 def test_branched_attention_is_blocked_on_cpu_and_masked_on_a_tpu_slice():

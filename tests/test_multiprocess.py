@@ -16,12 +16,12 @@ WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 
 
-def _run_workers(tmp_path, num_processes, devices):
+def _run_workers(tmp_path, num_processes, devices, layout="torus"):
     address = f"127.0.0.1:{free_port()}"
-    outs = [tmp_path / f"{num_processes}_{i}.json" for i in range(num_processes)]
+    outs = [tmp_path / f"{layout}_{num_processes}_{i}.json" for i in range(num_processes)]
     data = tmp_path / "data"  # the synthetic dataset and tokenizer, built by the first run
     procs = [subprocess.Popen([sys.executable, WORKER, address, str(num_processes), str(i),
-                               str(devices), str(out), str(data)], env=ENV, cwd=ROOT,
+                               str(devices), str(out), str(data), layout], env=ENV, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i, out in enumerate(outs)]
     for p in procs:
@@ -33,9 +33,12 @@ def _run_workers(tmp_path, num_processes, devices):
 def test_two_processes_match_one_process(tmp_path):
     (one,) = _run_workers(tmp_path, 1, 4)
     two = _run_workers(tmp_path, 2, 2)
+    interleaved = _run_workers(tmp_path, 2, 2, "interleaved")
     assert one["devices"] == 4 and all(r["processes"] == 2 and r["devices"] == 4 for r in two)
-    assert sorted(tuple(r["rows"]) for r in two) == [(0, 4), (4, 8)]  # each supplies its half
-    for result in two:
+    assert sorted(r["rows"] for r in two) == [[[0, 4]], [[4, 8]]]  # each supplies its half
+    # Processes alternating along the batch axis each supply two blocks.
+    assert sorted(r["rows"] for r in interleaved) == [[[0, 2], [4, 6]], [[2, 4], [6, 8]]]
+    for result in two + interleaved:
         for key in ("loss", "grad_norm", "loss_after_step"):
             assert result[key] == pytest.approx(one[key], rel=1e-5), key
         # A model judge relabels on both processes' devices: the same dataset as on one.

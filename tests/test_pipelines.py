@@ -5,6 +5,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from alignment_gap import sharding
 from alignment_gap.batches import PreferenceBatch, PromptBatch, SFTBatch
 from alignment_gap.data import builders, pipelines, tokenizer
 from alignment_gap.data import world as W
@@ -59,17 +60,23 @@ def test_order_is_fixed_by_the_seed_and_epochs_reshuffle(data):
     assert not np.array_equal(seed_one[0].prompt, two_epochs[5].prompt)
 
 
-def test_processes_read_disjoint_rows_of_the_same_global_batch(data):
+@pytest.mark.parametrize("shares", [
+    [((0, 4),), ((4, 8),)],  # one block each
+    [((0, 2), (4, 6)), ((2, 4), (6, 8))],  # interleaved, as a torus-ordered mesh can make them
+])
+def test_processes_read_their_rows_of_the_same_global_batch(data, shares):
     source, tok = data
     whole = iter(pipelines.preference_pipeline(source, tok, SHAPE, seed=0))
-    halves = [iter(pipelines.preference_pipeline(
-        source, tok, pipelines.BatchShape(8, 48, 12, rows=rows), seed=0))
-        for rows in (slice(0, 4), slice(4, 8))]
+    parts_of = [iter(pipelines.preference_pipeline(
+        source, tok, pipelines.BatchShape(8, 48, 12, rows=sharding.ProcessRows(blocks)), seed=0))
+        for blocks in shares]
     for _ in range(3):
         expected = next(whole)
-        parts = [next(h) for h in halves]
+        parts = [next(p) for p in parts_of]
         assert parts[0].chosen.shape == (4, 12)
-        np.testing.assert_array_equal(np.concatenate([p.chosen for p in parts]), expected.chosen)
+        for blocks, part in zip(shares, parts, strict=True):
+            want = sharding.ProcessRows(blocks).select(expected.chosen)
+            np.testing.assert_array_equal(part.chosen, want)
 
 
 def test_orbax_restores_the_iterator_to_exactly_the_next_batch(data, tmp_path):

@@ -22,7 +22,9 @@ import re
 
 import jax
 import numpy as np
-from jax.experimental import mesh_utils, topologies
+from jax.experimental import topologies
+
+from alignment_gap import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,18 +160,6 @@ def resolve(name: str, slices: int = 1) -> Target:
 
 
 def device_grid(target: Target, mesh_shape: tuple[int, int, int]) -> np.ndarray:
-    """Devices arranged as the (data, fsdp, tensor) mesh: within a slice in the order the
-    torus favours; across slices, the data axis spans the slices (only data-parallel traffic
-    crosses the data-center network)."""
-    data, fsdp, tensor = mesh_shape
-    if target.slices == 1:
-        # Splitting a physical axis lets e.g. fsdp 64 x tensor 4 lie on a 16x16 torus.
-        return mesh_utils.create_device_mesh(mesh_shape, list(target.devices),
-                                             allow_split_physical_axes=True)
-    if data % target.slices:
-        raise TopologyError(f"config.mesh.data: {data} is not a multiple of --slices="
-                            f"{target.slices}; the data axis spans the slices, so make it a "
-                            "multiple (or -1)")
-    return mesh_utils.create_hybrid_device_mesh((data // target.slices, fsdp, tensor),
-                                                (target.slices, 1, 1), list(target.devices),
-                                                allow_split_physical_axes=True)
+    """The target's devices as the (data, fsdp, tensor) mesh a run on it builds
+    (`sharding.device_grid`)."""
+    return sharding.device_grid(target.devices, mesh_shape)

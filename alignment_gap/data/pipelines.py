@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from alignment_gap.batches import PreferenceBatch, PromptBatch, SFTBatch
+from alignment_gap.sharding import ProcessRows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +28,11 @@ class BatchShape:
     global_batch_size: int
     prompt_len: int
     response_len: int
-    rows: slice | None = None  # This process's rows of each global batch (None: all).
+    rows: ProcessRows | None = None  # This process's rows of each global batch (None: all).
 
     @property
-    def local_rows(self) -> slice:
-        return self.rows if self.rows is not None else slice(0, self.global_batch_size)
+    def local_rows(self) -> ProcessRows:
+        return self.rows if self.rows is not None else ProcessRows.every(self.global_batch_size)
 
 
 class Window:
@@ -101,14 +102,14 @@ def _global_order(source, seed: int, shuffle: bool, num_epochs: int | None):
 
 def local_records(ordered, shape: BatchShape):
     """This process's records of every global batch, batch after batch."""
-    rows, b = shape.local_rows, shape.global_batch_size
-    local_b = rows.stop - rows.start
+    rows, b = shape.local_rows.indices, shape.global_batch_size
+    local_b = len(rows)
     if len(ordered) == sys.maxsize:
         count = sys.maxsize // b * local_b
     else:
         count = len(ordered) // b * local_b  # drop the last partial global batch
     return grain.MapDataset.range(count).map(
-        lambda i: ordered[(i // local_b) * b + rows.start + i % local_b]), local_b
+        lambda i: ordered[(i // local_b) * b + rows[i % local_b]]), local_b
 
 
 def _finish(ds, local_b: int, to_batch, num_threads: int, prefetch: int):
