@@ -85,22 +85,32 @@ class Checkpointer:
         A latest checkpoint that cannot be read (truncated or corrupted files) is set aside as
         `<step>.damaged` and the previous one is restored, with a warning naming both. When
         none can be restored, nothing is renamed and the error names the directory: a run
-        never starts from scratch on its own."""
+        never starts from scratch on its own. With several processes, each reads its own
+        shards and a step any of them cannot read is passed over by all: every process resumes
+        from the same step."""
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
-        damaged = []
+        reader, damaged = self._reader(), []
         for candidate in steps:
+            meta, restored, error = None, None, None
             try:
-                meta = _restore_meta(self.manager, candidate)
+                meta = _restore_meta(reader, candidate)
             except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
-                damaged.append((candidate, _first_line(e)))
+                error = e
+            if error is None and check is not None:
+                check(meta)  # the same file on every process: all raise or none
+            if error is None:
+                try:
+                    restored = self._read(reader, candidate, state, shardings,
+                                          data_iterator is not None)
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            failed = _processes_failing(error is not None)
+            if failed:
+                why = _first_line(error) if error is not None else \
+                    f"process {', '.join(map(str, failed))} could not read it"
+                damaged.append((candidate, why))
                 continue
-            if check is not None:
-                check(meta)
-            try:
-                new_state, rng = self._restore(candidate, state, shardings, data_iterator)
-            except Exception as e:  # noqa: BLE001
-                damaged.append((candidate, _first_line(e)))
-                continue
+            new_state, rng = self._resume(restored, state, shardings, data_iterator)
             if damaged:
                 self._set_aside(damaged, candidate)
             return new_state, rng, meta
@@ -109,8 +119,16 @@ class Checkpointer:
             f"{damaged[0][0]}: {damaged[0][1]}); if the config changed, set it back, else move "
             "the directory away to train from scratch")
 
-    def _restore(self, step: int, state, shardings, data_iterator) -> tuple:
-        """(state, rng) of checkpoint `step`; the data iterator is restored in place."""
+    def _reader(self):
+        """A manager that reads this process's shards with no barrier among processes: orbax
+        waits at one after every restore, where a process whose read failed never arrives."""
+        me = jax.process_index()
+        return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me})))
+
+    @staticmethod
+    def _read(reader, step: int, state, shardings, with_data: bool) -> dict:
         items = {"params": ocp.args.StandardRestore(abstract_like(state.params,
                                                                   shardings.params)),
                  "opt_state": ocp.args.StandardRestore(abstract_like(state.opt_state,
@@ -118,9 +136,13 @@ class Checkpointer:
                  "loop": ocp.args.StandardRestore({"step": np.zeros((), np.int32),
                                                    "rng": np.asarray(jax.random.key_data(
                                                        jax.random.key(0)))})}
-        if data_iterator is not None:
+        if with_data:
             items["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return reader.restore(step, args=ocp.args.Composite(**items))
+
+    @staticmethod
+    def _resume(restored, state, shardings, data_iterator) -> tuple:
+        """(state, rng) of a step every process has read; the data iterator is set in place."""
         if data_iterator is not None:
             data_iterator.set_state(restored["data"])
         loop = restored["loop"]
@@ -180,6 +202,14 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
         return type(error).__name__
     text = text.splitlines()[0].split(" See full TensorStore details")[0]  # drops a repr
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _processes_failing(failed_here: bool) -> list[int]:
+    """The processes for which `failed_here` is true (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return [0] if failed_here else []
+    flags = np.asarray(multihost_utils.process_allgather(np.asarray(failed_here)))
+    return [int(i) for i in np.flatnonzero(flags)]
 
 
 def _restore_meta(manager, step: int) -> dict:

@@ -1,5 +1,11 @@
 """The checkpointer's own guarantees on real orbax directories: a damaged step set aside as
-often as it is damaged, and a save orbax would skip is an error, not a silent no-op."""
+often as it is damaged, a save orbax would skip is an error, not a silent no-op, and a step that
+one of two processes cannot read is passed over by both."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +13,10 @@ import pytest
 
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.train.state import TrainState
+from launch.local_multiprocess import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "checkpoint_worker.py")
 
 
 def _state(step: int) -> TrainState:
@@ -50,3 +60,34 @@ def test_a_save_orbax_would_skip_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"/2: orbax skipped this save \(its latest step is 3\)"):
         _save(ckpt, 2)
     ckpt.close()
+
+
+def _two_processes(tmp_path, mode: str) -> list[dict]:
+    address = f"127.0.0.1:{free_port()}"
+    outs = [tmp_path / f"{mode}_{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, WORKER, address, str(i), mode,
+                               str(tmp_path / "ckpt"), str(out)], cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for i, out in enumerate(outs)]
+    logs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [log[-3000:] for log in logs]
+    return [json.loads(out.read_text()) | {"log": log} for out, log in zip(outs, logs,
+                                                                          strict=True)]
+
+
+def test_a_step_one_process_cannot_read_is_passed_over_by_every_process(tmp_path):
+    """Process 1's shards of step 2 are damaged, process 0's are whole: both resume from step 1
+    (before, process 0 restored step 2 and waited for process 1 in orbax's barrier)."""
+    _two_processes(tmp_path, "save")
+    step_2 = tmp_path / "ckpt" / "2"
+    shards = [f for item in ("params", "opt_state")
+              for f in (step_2 / item / "ocdbt.process_1").rglob("d/*")]
+    assert shards
+    for chunk in shards:
+        chunk.write_bytes(chunk.read_bytes()[:chunk.stat().st_size // 2])
+    first, second = _two_processes(tmp_path, "restore")
+    assert first["step"] == second["step"] == 1
+    assert first["firsts"] + second["firsts"] == [1.0, 1025.0, 2049.0, 3073.0]
+    assert (tmp_path / "ckpt" / "2.damaged").is_dir()
+    assert "/ckpt/2 (process 1 could not read it) could not be read" in first["log"]

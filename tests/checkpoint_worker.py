@@ -1,0 +1,61 @@
+"""One of two processes saving or restoring a train state sharded over both (the checkpointer's
+multi-process restore test).
+
+    python tests/checkpoint_worker.py COORDINATOR PROCESS_ID save|restore DIRECTORY OUT.json
+
+`save` writes steps 1 and 2, each parameter `arange(4096) + step` split over 2 x 2 CPU devices;
+`restore` writes the step it resumed from and the first value of each of its local shards.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from alignment_gap import sharding
+from alignment_gap.checkpoint import Checkpointer
+from alignment_gap.train.state import TrainState
+from configs import meshes
+
+SIZE = 4096
+
+
+def main(coordinator, process_id, mode, directory, out_path):
+    dist = meshes.distributed_config()
+    dist.coordinator_address, dist.num_processes = coordinator, 2
+    dist.process_id, dist.local_cpu_devices = int(process_id), 2
+    dist.initialization_timeout_s, dist.heartbeat_timeout_s = 60, 10
+    sharding.initialize_distributed(dist)
+    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices())
+    split, whole = NamedSharding(mesh, P("x")), NamedSharding(mesh, P())
+
+    def state(step):
+        w = jax.make_array_from_callback(
+            (SIZE,), split, lambda index: np.arange(SIZE, dtype=np.float32)[index] + step)
+        return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), whole),
+                          params={"w": w}, opt_state={"m": w})
+
+    checkpointer = Checkpointer(directory, max_to_keep=5)
+    result = {}
+    if mode == "save":
+        for step in (1, 2):
+            checkpointer.save(state(step), jax.random.key(0), {"kind": "test"})
+            checkpointer.wait()
+    else:
+        restored, _, _ = checkpointer.restore(state(0), TrainState(whole, {"w": split},
+                                                                   {"m": split}))
+        result = {"step": int(restored.step),
+                  "firsts": sorted(float(np.asarray(s.data)[0])
+                                   for s in restored.params["w"].addressable_shards)}
+    checkpointer.close()
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
+    jax.distributed.shutdown()
