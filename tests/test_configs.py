@@ -11,7 +11,7 @@ import jax
 import pytest
 from flax import nnx
 
-from alignment_gap import config_checks, run_dir
+from alignment_gap import config_checks, resume_guard, run_dir
 from alignment_gap.data import datasets
 from alignment_gap.errors import ConfigError
 from alignment_gap.models import LanguageModel, TransformerConfig
@@ -365,3 +365,20 @@ def test_the_studys_samples_take_rows_that_split_over_the_mesh():
 
     assert rows_for(8, 1, 100) == 8 and rows_for(8, 16, 100) == 16 and rows_for(8, 3, 100) == 9
     assert rows_for(8, 16, 20) == 16 and rows_for(8, 4, 6) == 4  # as many as the split holds
+
+
+def test_a_resume_may_move_and_relayout_a_run_but_not_change_what_it_trains():
+    started = policy.get_config("online_tiny")
+    now = policy.get_config("online_tiny")
+    now.sft_checkpoint, now.proxy_checkpoint = "/moved/sft", "/moved/proxy"
+    now.data.dir, now.mesh.data, now.microbatches = "/moved/data", 4, 2
+    now.distributed.num_processes, now.log_every = 2, 1
+    now.num_steps = started.num_steps + 10  # policy runs keep the rate after warm-up
+    assert resume_guard.changes(json.loads(json.dumps(started.to_dict(), default=str)),
+                                now.to_dict()) == []
+    now.beta, now.sampling.temperature, now.eval.kl_cap = 0.5, 0.7, 3.0
+    assert [f for f, _, _ in resume_guard.changes(started.to_dict(), now.to_dict())] == [
+        "beta", "eval.kl_cap", "sampling.temperature"]
+    now.end_lr_fraction = 0.1  # now the schedule decays towards num_steps
+    assert "num_steps" in [f for f, _, _ in resume_guard.changes(started.to_dict(),
+                                                                 now.to_dict())]

@@ -168,16 +168,43 @@ def test_resuming_with_another_model_stops_naming_the_field_and_keeps_the_checkp
     run = tmp_path / "sft"
     shutil.copytree(root / "sft", run)
     steps = json.loads((run / "DONE.json").read_text())["step"]
+    (run / "DONE.json").unlink()  # as if killed after its last save
     before = sorted(os.listdir(run / "checkpoints"))
     done = main("sft.py:tiny", run, f"--config.data.dir={root / 'data'}",
-                f"--config.num_steps={steps + 10}", "--config.model.num_layers=3", expect=1)
+                "--config.model.num_layers=3", expect=1)
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith(f"error: resuming {run}: ") and "Traceback" not in done.stderr
     assert "was trained with num_layers=2 (configured 3); set the model config" in message
     assert sorted(os.listdir(run / "checkpoints")) == before  # nothing set aside as damaged
-    main("sft.py:tiny", run, f"--config.data.dir={root / 'data'}",  # the right model resumes
-         f"--config.num_steps={steps + 2}")
-    assert json.loads((run / "DONE.json").read_text())["step"] == steps + 2
+    main("sft.py:tiny", run, f"--config.data.dir={root / 'data'}")  # the right model resumes
+    assert json.loads((run / "DONE.json").read_text())["step"] == steps
+
+
+def test_resuming_under_a_config_that_changes_what_was_trained_stops_naming_the_fields(
+        runs, tmp_path):
+    """A moved data directory resumes; another learning rate, or more steps of a schedule
+    that decays towards num_steps, would make a run of two halves: refused, nothing touched."""
+    root, _ = runs
+    run = tmp_path / "sft"
+    shutil.copytree(root / "sft", run)
+    shutil.copytree(root / "data", tmp_path / "moved_data")
+    steps = json.loads((run / "DONE.json").read_text())["step"]
+    (run / "DONE.json").unlink()
+    started = (run / "config.json").read_text()
+    for change, says in ((["--config.learning_rate=0.5", "--config.seed=7"],
+                          "learning_rate 0.003 -> 0.5; seed 0 -> 7; set it back, or start in a "
+                          "new workdir"),
+                         ([f"--config.num_steps={steps + 5}"],
+                          f"num_steps {steps} -> {steps + 5} (the learning rate decays towards "
+                          "num_steps: set end_lr_fraction=1.0 for a run that can be extended)")):
+        done = main("sft.py:tiny", run, f"--config.data.dir={tmp_path / 'moved_data'}", *change,
+                    expect=1)
+        message = done.stderr.strip().splitlines()[-1]
+        assert message.startswith(f"error: {run}: this run resumes from its checkpoints but the "
+                                  "config changed what it trains: ") and says in message, message
+        assert (run / "config.json").read_text() == started
+    main("sft.py:tiny", run, f"--config.data.dir={tmp_path / 'moved_data'}")
+    assert json.loads((run / "DONE.json").read_text())["step"] == steps
 
 
 def test_online_run_stops_once_its_kl_passes_the_cap(runs):

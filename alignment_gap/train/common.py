@@ -8,7 +8,7 @@ import os
 import jax
 from flax import nnx
 
-from alignment_gap import checkpoint, pretrained, program_cache, run_dir, sharding
+from alignment_gap import checkpoint, pretrained, program_cache, resume_guard, run_dir, sharding
 from alignment_gap.data import datasets
 from alignment_gap.data.pipelines import BatchShape
 from alignment_gap.data.tokenizer import Tokenizer, check_fits_model
@@ -37,6 +37,7 @@ class Runtime:
 
 
 def runtime(config, workdir: str) -> Runtime:
+    resume_guard.check(workdir, config)
     mesh = sharding.make_mesh(config.mesh)
     tok = datasets.tokenizer(config.data, default=pretrained.checkpoint_path(
         pretrained_checkpoint(config)))

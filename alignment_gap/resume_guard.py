@@ -1,0 +1,69 @@
+"""A rerun in a workdir with checkpoints resumes that run: its config may differ from the one
+the run started with only where the difference changes nothing already trained.
+
+    check(workdir, config)   # before the trainer writes config.json; ConfigError naming fields
+
+May change: where things are (data and checkpoint paths: workdirs move), how the work is laid
+out (mesh, processes, micro-batches, remat), how often it logs and saves, and `num_steps` when
+the learning rate does not decay towards it (`end_lr_fraction` 1: constant after warm-up).
+Everything else (seed, loss, learning rate, data, sampling, evaluation and stop rules) would
+make one run of two halves that no single config describes. Model fields are left to the
+checkpoint's own check (`checkpoint.check_compatible`), which names them as it refuses.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from alignment_gap import run_dir
+from alignment_gap.errors import ConfigError
+
+_LAYOUT = ("distributed.", "mesh.", "model.")
+_FREE = {"log_every", "checkpoint_every", "max_to_keep", "microbatches", "data.dir",
+         "data.manual_dir", "data.num_threads", "init_from", "replay.stream", "task"}
+
+
+def _may_change(field: str) -> bool:
+    return (field in _FREE or field.startswith(_LAYOUT) or field.endswith("checkpoint")
+            or field.endswith(".remat"))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changes(started: dict, now: dict) -> list[tuple[str, object, object]]:
+    """(field, value the run started with, value now) of every difference a resume refuses.
+    Fields only one side has (a config written by another version of the code) are not
+    compared."""
+    before, after = _flat(started), _flat(json.loads(json.dumps(now, default=str)))
+    out = [(f, before[f], after[f]) for f in sorted(before.keys() & after.keys())
+           if before[f] != after[f] and not _may_change(f)]
+    steps_only = [c for c in out if c[0] == "num_steps"]
+    if steps_only and after.get("end_lr_fraction", 0.0) == 1.0:
+        out.remove(steps_only[0])  # no decay towards num_steps: the trained steps still hold
+    return out
+
+
+def check(workdir: str, config) -> None:
+    """Refuse to resume a run in `workdir` under a config that changes what it trained."""
+    saved = glob.glob(os.path.join(glob.escape(workdir), run_dir.CHECKPOINTS, "[0-9]*"))
+    started = run_dir.read_json(workdir, run_dir.CONFIG)
+    if started is None or not any(os.path.basename(p).isdigit() for p in saved):
+        return
+    found = changes(started, config.to_dict())
+    if not found:
+        return
+    said = "; ".join(f"{field} {old!r} -> {new!r}" for field, old, new in found)
+    why = (" (the learning rate decays towards num_steps: set end_lr_fraction=1.0 for a run "
+           "that can be extended)" if any(f == "num_steps" for f, _, _ in found) else "")
+    raise ConfigError(f"{workdir}: this run resumes from its checkpoints but the config changed "
+                      f"what it trains: {said}{why}; set it back, or start in a new workdir")
