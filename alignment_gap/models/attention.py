@@ -94,14 +94,19 @@ def window_mask(query_positions, key_positions, window, local):
 
 def attend(q, k, v, visible, groups: int, scale: float, dtype):
     """softmax(q k^T * scale) v where `visible` (broadcast to `[..., groups, Q, S]`), in the
-    queries' layout `[..., groups * Q, head_dim]`."""
+    queries' layout `[..., groups * Q, head_dim]`. A query with no visible key reads nothing
+    (output 0): a softmax over masked scores alone would spread it over every slot, later ones
+    included (the last slot of an all-padding prompt predicts the first response token)."""
     *lead, rows, _ = q.shape
     slots = k.shape[-2]
     scores = jnp.einsum("...qh,...sh->...qs", q, k.astype(dtype)).astype(jnp.float32)
     scores = scores.reshape(*lead, groups, rows // groups, slots) * scale
     scores = jnp.where(visible, scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(*lead, rows, slots)
-    return jnp.einsum("...qs,...sh->...qh", probs, v.astype(dtype))
+    out = jnp.einsum("...qs,...sh->...qh", probs, v.astype(dtype))
+    sees = jnp.broadcast_to(jnp.any(visible, axis=-1, keepdims=True),
+                            (*lead, groups, rows // groups, 1)).reshape(*lead, rows, 1)
+    return jnp.where(sees, out, jnp.zeros((), out.dtype))
 
 
 def attend_branched(q_BxQxKxGxH, k_BxKxSxH, v_BxKxSxH, key_mask_BxS, query_positions_BxQ,
