@@ -3,7 +3,8 @@
 * **Win rate** against a fixed opponent (the SFT policy, or a "golden policy"), judged by the
   golden preference model's both-order sign rule on a fixed prompt subset (a tie counts 1/2).
 * **KL budget**: one sample per prompt, the exact per-token KL to the SFT policy summed over
-  tokens, averaged over prompts.
+  tokens, averaged over prompts. The samples are the policy's own (temperature 1, no top-k or
+  top-p), whatever the run samples its win-rate responses with.
 * **Oracle win rate** (synthetic world only): the same comparison judged by the exact oracle.
 * **Policy-as-classifier accuracy** on held-out `D_golden` pairs (`h(yw, yl) > 0`; a tie, as
   for the SFT policy itself where h = 0, counts 1/2) and
@@ -15,6 +16,7 @@ move only because the policy moves. The opponent's responses are sampled once an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -88,6 +90,12 @@ def eval_sampler(lm, mesh, rules, sampling: SamplingConfig) -> Sampler:
     return Sampler(lm, mesh, rules, sampling, name="eval_sample")
 
 
+def kl_sampling(sampling: SamplingConfig) -> SamplingConfig:
+    """`sampling` as the policy's own distribution (temperature 1, no top-k or top-p): the one
+    a sequence KL estimate must sample from to be unbiased."""
+    return dataclasses.replace(sampling, temperature=1.0, top_k=0, top_p=1.0)
+
+
 class Evaluator:
     def __init__(self, *, lm, sft_params, golden, opponent_params, prompts: PromptBatch,
                  pairs: PreferenceBatch | None, mesh, rules, sampling: SamplingConfig,
@@ -100,6 +108,11 @@ class Evaluator:
         self.post_words = ([world_lib.post_words_from_prompt(t) for t in prompt_texts]
                            if world is not None else None)
         self.sampler = eval_sampler(lm, mesh, rules, sampling)
+        # KL(policy || SFT) averages over the policy's own samples: where the run samples
+        # otherwise (a temperature, top-k or top-p), they are drawn apart (`kl_sampling`).
+        pure = kl_sampling(sampling)
+        self.kl_sampler = None if pure == sampling else Sampler(lm, mesh, rules, pure,
+                                                                name="eval_kl_sample")
         self.key = jax.random.key(seed)
         golden_graphdef, self.golden_state = nnx.split(golden)
         self._judge, self._kl, pair_logprobs, self._classify = eval_programs(
@@ -122,13 +135,15 @@ class Evaluator:
     def evaluate(self, params) -> tuple[dict, dict]:
         """(scores, per-prompt outcomes): the judge's verdict on each prompt (1 / 0.5 / 0),
         the oracle's (synthetic world) and each KL prompt's sequence KL, as numpy arrays."""
-        ours = self._sample(params, jax.random.fold_in(self.key, 2))
+        key = jax.random.fold_in(self.key, 2)
+        ours = self._sample(params, key)
+        own = ours if self.kl_sampler is None else self._sample(params, key, self.kl_sampler)
         p = self.prompts
         with sharding.use(self.mesh, self.rules):
             wins = self._judge(self.golden_state, p.prompt, p.prompt_mask, ours.tokens, ours.mask,
                                self.opponent.tokens, self.opponent.mask)
-            kls = self._kl(params, self.sft_params, p.prompt, p.prompt_mask, ours.tokens,
-                           ours.mask)
+            kls = self._kl(params, self.sft_params, p.prompt, p.prompt_mask, own.tokens,
+                           own.mask)
             result = {"win_rate": float(jnp.mean(wins)),
                       "kl": float(jnp.mean(kls[: self.kl_prompts])),
                       "response_length": float(jnp.mean(ours.mask.sum(-1)))}

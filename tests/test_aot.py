@@ -220,3 +220,16 @@ def test_a_mesh_the_slice_cannot_hold_is_a_config_error():
                         "--config.mesh.data=8")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: config.mesh:")
+
+
+def test_a_run_sampling_at_another_temperature_compiles_the_kls_own_sampler():
+    """Evaluations draw the KL's samples from the policy itself where the run samples
+    otherwise (`evaluation.kl_sampling`): that sampler is one more program to prove."""
+    names = {}
+    for temperature in (1.0, 0.7):
+        config, mesh = _build("online_tiny", "cpu:1")
+        config.eval.golden_checkpoint = "/golden"  # evaluations on: a judge is configured
+        config.sampling.temperature = temperature
+        (run,) = programs.build(config, mesh)
+        names[temperature] = {p.name for p in run.programs}
+    assert names[0.7] - names[1.0] == {"eval_kl_sample"} and "eval_sample" in names[1.0]

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from alignment_gap import cpu_groups, logprobs, sampling, sharding
-from alignment_gap.batches import PreferenceBatch
-from alignment_gap.evaluation import eval_programs
+from alignment_gap.batches import PreferenceBatch, PromptBatch
+from alignment_gap.evaluation import Evaluator, eval_programs
 from alignment_gap.models import LanguageModel, TransformerConfig
 from alignment_gap.sampling import Sampler, SamplingConfig, choose_tokens
 from configs import models
@@ -399,3 +399,25 @@ def test_policy_as_classifier_reads_the_sft_log_probs_computed_once(mini_config)
     h = (pw - sw) - (pl - sl)
     assert float(other["classifier_accuracy"]) == np.mean(np.where(h > 0, 1.0, 0.0))
     np.testing.assert_allclose(float(other["likelihood_drift"]), np.mean(pw - sw), atol=1e-5)
+
+
+def test_the_kl_is_estimated_on_the_policys_own_samples_whatever_the_run_samples_with():
+    """A run sampling at temperature 0.3 with top-k 5 reports the KL a temperature-1 run
+    reports (the same draws of the policy itself); its win-rate responses are its own."""
+    config = models.get_config("mini")
+    policy, mesh, rules = language_model(config, seed=1)
+    sft, _, _ = language_model(config, seed=0)
+    golden, _, _ = preference_model(config, seed=2)
+    prompt, mask = sharding.global_batch(_prompts(), mesh, rules)
+    results = {}
+    for name, overrides in (("pure", {}), ("tempered", {"temperature": 0.3, "top_k": 5})):
+        evaluator = Evaluator(lm=policy, sft_params=nnx.state(sft), golden=golden,
+                              opponent_params=nnx.state(sft), prompts=PromptBatch(prompt, mask),
+                              pairs=None, mesh=mesh, rules=rules, kl_prompts=8,
+                              sampling=SamplingConfig(max_new_tokens=6, eos_id=-1, **overrides))
+        results[name] = evaluator.evaluate(nnx.state(policy))
+    (pure, pure_outcomes), (tempered, tempered_outcomes) = results["pure"], results["tempered"]
+    assert pure["kl"] > 0 and tempered["kl"] == pure["kl"]
+    np.testing.assert_array_equal(tempered_outcomes["kl"], pure_outcomes["kl"])
+    # The judge saw other responses: the tempered ones.
+    assert not np.array_equal(tempered_outcomes["win"], pure_outcomes["win"])
