@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -13,7 +14,7 @@ from alignment_gap import logprobs, losses, sharding
 from alignment_gap.models import LanguageModel, TransformerConfig, both_order_margin
 from alignment_gap.models.attention import branched_layout
 from alignment_gap.models.transformer import KVCache
-from alignment_gap.train.state import init_train_state, make_update_step
+from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
 from tests.conftest import random_prompts
 from tests.helpers import language_model, mesh_and_rules, preference_model, scanned_copy
 
@@ -522,3 +523,23 @@ def test_policy_runs_that_differ_in_learning_rate_and_beta_share_one_program(min
         heads.append(results[0][2])
     assert programs[0][0] is programs[1][0] and programs[0][1] is programs[1][1]
     assert not np.allclose(heads[0], heads[1], atol=1e-6)  # the settings were used
+
+
+def test_weight_decay_shrinks_weights_but_not_norm_scales_or_biases(mini_config):
+    lm, _, _ = language_model(mini_config, qkv_bias=True)
+    params = nnx.state(lm, nnx.Param)
+    c = ml_collections.ConfigDict({"learning_rate": 0.1, "warmup_steps": 0, "num_steps": 10,
+                                   "end_lr_fraction": 1.0, "weight_decay": 0.5})
+    tx = make_optimizer(c)
+    bias = params["backbone"]["blocks"][0]["attn"]["q_bias"]
+    bias[...] = jnp.ones_like(bias[...])  # initialised at 0, which decay would not move
+    zeros = jax.tree.map(jnp.zeros_like, params)  # no gradient: decay alone moves them
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    moved = optax.apply_updates(params, updates)
+    block = lambda state: state["backbone"]["blocks"][0]
+    np.testing.assert_allclose(moved["head"][...], 0.95 * params["head"][...], rtol=1e-6)
+    np.testing.assert_allclose(block(moved)["mlp"]["up"][...],
+                               0.95 * block(params)["mlp"]["up"][...], rtol=1e-6)
+    for kept in (lambda s: s["backbone"]["final_norm"]["scale"],
+                 lambda s: block(s)["attn_norm"]["scale"], lambda s: block(s)["attn"]["q_bias"]):
+        np.testing.assert_array_equal(kept(moved)[...], kept(params)[...])

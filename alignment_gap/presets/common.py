@@ -36,7 +36,7 @@ def add_training(c, *, steps, batch_size, learning_rate, warmup_steps):
     c.learning_rate = learning_rate  # AdamW peak learning rate.
     c.warmup_steps = warmup_steps  # Linear warm-up steps.
     c.end_lr_fraction = 0.1  # Cosine decay ends at this fraction of the peak.
-    c.weight_decay = 0.0  # AdamW decoupled weight decay.
+    c.weight_decay = 0.0  # AdamW decoupled weight decay (of weights, not norm scales or biases).
     c.grad_clip = 1.0  # Global-norm gradient clipping (0: off).
     c.log_every = 50  # Steps between metric writes and progress lines.
     c.checkpoint_every = 500  # Steps between checkpoints (and at the end).

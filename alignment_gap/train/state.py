@@ -293,5 +293,17 @@ def make_optimizer(c, learning_rate=None) -> optax.GradientTransformation:
                                                   end_value=end)
         schedule = lambda count: learning_rate * unit(count)
     parts = [optax.clip_by_global_norm(c.grad_clip)] if c.get("grad_clip", 0.0) else []
-    parts.append(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=c.get("weight_decay", 0.0)))
+    decay = c.get("weight_decay", 0.0)
+    parts.append(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=decay,
+                             mask=decayed if decay else None))
     return optax.chain(*parts)
+
+
+def decayed(params):
+    """Which parameters weight decay shrinks: weight matrices and embeddings, not norm scales
+    or biases (as is usual: decaying a norm's scale pulls the layer towards zero output)."""
+    def is_weight(path, _):
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        name = next(n for n in reversed(names) if n != "value")
+        return not (name == "scale" or name.endswith("bias"))
+    return jax.tree_util.tree_map_with_path(is_weight, params)
