@@ -87,14 +87,30 @@ def prompt_batch(tokenizer, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]
     return np.stack([t for t, _ in rows]), np.stack([m for _, m in rows])
 
 
+def check_flags(vocab_size: int | None = None):
+    """The sampling flags' ranges, as the configs' `sampling` fields are checked."""
+    if _TEMPERATURE.value < 0:
+        raise ConfigError(f"--temperature: must be >= 0, got {_TEMPERATURE.value}; 0 is greedy")
+    if not 0.0 < _TOP_P.value <= 1.0:
+        raise ConfigError(f"--top_p: must be in (0, 1], got {_TOP_P.value}; 1 turns it off")
+    if _TOP_K.value < 0 or (vocab_size is not None and _TOP_K.value > vocab_size):
+        raise ConfigError(f"--top_k: must be in [0, {vocab_size or 'vocab size'}], got "
+                          f"{_TOP_K.value}; 0 turns it off")
+
+
 def main(argv):
     del argv
+    try:
+        check_flags()
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     mesh_cfg = meshes.get_config("cpu")
     mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = (int(n) for n in _MESH.value.split(","))
     mesh = sharding.make_mesh(mesh_cfg)
     start = time.perf_counter()
     try:
         lm, tokenizer = load(_CHECKPOINT.value, 4096, _DTYPE.value, mesh, mesh_cfg.rules)
+        check_flags(lm.cfg.vocab_size)
     except (ConfigError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     loaded = time.perf_counter()

@@ -3,9 +3,10 @@ the run started with only where the difference changes nothing already trained.
 
     check(workdir, config)   # before the trainer writes config.json; ConfigError naming fields
 
-May change: where things are (data and checkpoint paths: workdirs move), how the work is laid
-out (mesh, processes, micro-batches, remat), how often it logs and saves, and `num_steps` when
-the learning rate does not decay towards it (`end_lr_fraction` 1: constant after warm-up).
+May change: where things are (data, tokenizer and checkpoint paths: workdirs move), how the
+work is laid out (mesh, processes, micro-batches, remat, the frozen models' dtype), how often it
+logs and saves, and `num_steps` when the learning rate does not decay towards it
+(`end_lr_fraction` 1: constant after warm-up).
 Everything else (seed, loss, learning rate, data, sampling, evaluation and stop rules) would
 make one run of two halves that no single config describes. Model fields are left to the
 checkpoint's own check (`checkpoint.check_compatible`), which names them as it refuses.
@@ -17,15 +18,23 @@ import glob
 import json
 import os
 
-from alignment_gap import run_dir
+from alignment_gap import checkpoint, run_dir
 from alignment_gap.errors import ConfigError
 
 _LAYOUT = ("distributed.", "mesh.", "model.")
-_FREE = {"log_every", "checkpoint_every", "max_to_keep", "microbatches", "data.dir",
-         "data.manual_dir", "data.num_threads", "init_from", "replay.stream", "task"}
+_FREE = {"log_every", "checkpoint_every", "checkpoint_steps", "max_to_keep", "microbatches",
+         "data.dir", "data.manual_dir", "data.num_threads", "data.tokenizer", "init_from",
+         "replay.stream", "task"}
+# The frozen models' configs: how they run (their dtype on another accelerator, remat) may
+# change; their architecture is checked against their checkpoints as they load.
+_FROZEN_MODELS = ("proxy_model.", "eval.golden_model.", "eval.opponent_model.")
+# Fields a config may lack (`.get` defaults): one present on one side only is a change.
+_OPTIONAL = ("eval.opponent_model.", "eval.first_prompt")
 
 
 def _may_change(field: str) -> bool:
+    if field.startswith(_FROZEN_MODELS):
+        return field.rsplit(".", 1)[1] in checkpoint.NOT_ARCHITECTURE
     return (field in _FREE or field.startswith(_LAYOUT) or field.endswith("checkpoint")
             or field.endswith(".remat"))
 
@@ -41,12 +50,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def changes(started: dict, now: dict) -> list[tuple[str, object, object]]:
-    """(field, value the run started with, value now) of every difference a resume refuses.
-    Fields only one side has (a config written by another version of the code) are not
-    compared."""
+    """(field, value the run started with, value now) of every difference a resume refuses
+    (None for a side that lacks the field). Fields only one side has are a change where the
+    config may omit them (`_OPTIONAL`); elsewhere they come from another version of the
+    code, and are not compared."""
     before, after = _flat(started), _flat(json.loads(json.dumps(now, default=str)))
-    out = [(f, before[f], after[f]) for f in sorted(before.keys() & after.keys())
-           if before[f] != after[f] and not _may_change(f)]
+    fields = (before.keys() & after.keys()) | {f for f in before.keys() ^ after.keys()
+                                               if f.startswith(_OPTIONAL)}
+    out = [(f, before.get(f), after.get(f)) for f in sorted(fields)
+           if before.get(f) != after.get(f) and not _may_change(f)]
     steps_only = [c for c in out if c[0] == "num_steps"]
     if steps_only and after.get("end_lr_fraction", 0.0) == 1.0:
         out.remove(steps_only[0])  # no decay towards num_steps: the trained steps still hold

@@ -68,7 +68,9 @@ def first_argmax(x_BxV):
     two-operand reduction that took ~7% of a small model's decode step; same result."""
     top = jnp.max(x_BxV, axis=-1, keepdims=True)
     index = jax.lax.broadcasted_iota(jnp.int32, x_BxV.shape, x_BxV.ndim - 1)
-    return jnp.min(jnp.where(x_BxV == top, index, x_BxV.shape[-1]), axis=-1)
+    # A NaN is the maximum, as for argmax (max is then NaN, equal to nothing).
+    hit = (x_BxV == top) | jnp.isnan(x_BxV)
+    return jnp.min(jnp.where(hit, index, x_BxV.shape[-1]), axis=-1)
 
 
 # The decode loop draws every step's Gumbel noise before it starts when all of it fits in this
@@ -115,8 +117,10 @@ def choose_tokens(logits_BxV, key, cfg: SamplingConfig, noise_BxV=None):
         sorted_desc = -jnp.sort(-logits, axis=-1)
         probs = jax.nn.softmax(sorted_desc, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # Smallest logit still inside the nucleus (the top token always is).
-        cutoff = jnp.min(jnp.where(mass_before < cfg.top_p, sorted_desc, jnp.inf), axis=-1)
+        # Smallest logit still inside the nucleus; the top token always is (top_p -> 0 is
+        # greedy, not an empty nucleus).
+        inside = (mass_before < cfg.top_p) | (jnp.arange(logits.shape[-1]) == 0)
+        cutoff = jnp.min(jnp.where(inside, sorted_desc, jnp.inf), axis=-1)
         logits = jnp.where(logits < cutoff[:, None], -jnp.inf, logits)
     # The Gumbel-max draw `jax.random.categorical` makes, with the cheaper argmax.
     if noise_BxV is None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import pytest
 from flax import nnx
 
@@ -374,11 +375,16 @@ def test_a_resume_may_move_and_relayout_a_run_but_not_change_what_it_trains():
     now.data.dir, now.mesh.data, now.microbatches = "/moved/data", 4, 2
     now.distributed.num_processes, now.log_every = 2, 1
     now.num_steps = started.num_steps + 10  # policy runs keep the rate after warm-up
+    now.data.tokenizer, now.checkpoint_steps = "/moved/tok.model", [4]
+    now.proxy_model.dtype = now.eval.golden_model.dtype = "bfloat16"  # on a GPU now
     assert resume_guard.changes(json.loads(json.dumps(started.to_dict(), default=str)),
                                 now.to_dict()) == []
     now.beta, now.sampling.temperature, now.eval.kl_cap = 0.5, 0.7, 3.0
+    now.proxy_model.num_layers = 3  # another proxy
+    now.eval.opponent_model = ml_collections.ConfigDict({"width": 8})  # another opponent
     assert [f for f, _, _ in resume_guard.changes(started.to_dict(), now.to_dict())] == [
-        "beta", "eval.kl_cap", "sampling.temperature"]
+        "beta", "eval.kl_cap", "eval.opponent_model.width", "proxy_model.num_layers",
+        "sampling.temperature"]
     now.end_lr_fraction = 0.1  # now the schedule decays towards num_steps
     assert "num_steps" in [f for f, _, _ in resume_guard.changes(started.to_dict(),
                                                                  now.to_dict())]

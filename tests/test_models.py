@@ -543,3 +543,17 @@ def test_weight_decay_shrinks_weights_but_not_norm_scales_or_biases(mini_config)
     for kept in (lambda s: s["backbone"]["final_norm"]["scale"],
                  lambda s: block(s)["attn_norm"]["scale"], lambda s: block(s)["attn"]["q_bias"]):
         np.testing.assert_array_equal(kept(moved)[...], kept(params)[...])
+
+
+def test_the_optimizer_state_keeps_adamws_tree_so_older_checkpoints_restore(mini_config):
+    lm, _, _ = language_model(mini_config)
+    params = nnx.state(lm, nnx.Param)
+    for decay in (0.0, 0.1):
+        c = ml_collections.ConfigDict({"learning_rate": 0.1, "warmup_steps": 0, "num_steps": 10,
+                                       "end_lr_fraction": 1.0, "weight_decay": decay,
+                                       "grad_clip": 1.0})
+        before = optax.chain(optax.clip_by_global_norm(1.0),
+                             optax.adamw(optax.constant_schedule(0.1), b1=0.9, b2=0.95,
+                                         weight_decay=decay))
+        assert jax.tree.structure(make_optimizer(c).init(params)) == \
+            jax.tree.structure(before.init(params))

@@ -76,6 +76,18 @@ def test_generate_names_a_bad_checkpoint_in_one_line(tmp_path):
 
 
 
+@pytest.mark.parametrize("flag,says", [
+    (["--top_p", "0"], "--top_p: must be in (0, 1], got 0.0"),
+    (["--top_k", "129"], "--top_k: must be in [0, 128], got 129"),  # the vocabulary is 128
+    (["--temperature", "-1"], "--temperature: must be >= 0")])
+def test_generate_names_a_bad_sampling_flag_in_one_line(setup, flag, says):
+    _, spm, _ = setup
+    done = run("alignment_gap.generate", "--checkpoint", f"hf:{QWEN3}", "--tokenizer", spm,
+               "--prompt", "x", *flag, expect=1)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and says in last and "Traceback" not in done.stderr
+
+
 def test_a_missing_pretrained_checkpoint_is_one_line_naming_it(setup, tmp_path):
     _, _, common = setup
     done = run("alignment_gap.main", "--config", os.path.join(ROOT, "configs", "sft.py:tiny"),

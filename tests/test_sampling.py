@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -421,3 +422,17 @@ def test_the_kl_is_estimated_on_the_policys_own_samples_whatever_the_run_samples
     np.testing.assert_array_equal(tempered_outcomes["kl"], pure_outcomes["kl"])
     # The judge saw other responses: the tempered ones.
     assert not np.array_equal(tempered_outcomes["win"], pure_outcomes["win"])
+
+
+def test_the_top_token_is_always_in_the_nucleus_and_a_nan_logit_is_the_argmax():
+    """top_p near 0 is greedy (it emptied the nucleus: every row drew token 0); a NaN logit
+    wins the argmax as in `jnp.argmax` (it gave the out-of-vocabulary id `vocab`)."""
+    logits = jnp.log(jnp.asarray([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]))
+    for top_p in (0.0, 1e-6):
+        cfg = SamplingConfig(max_new_tokens=1, temperature=0.7, top_p=top_p)
+        draws = [int(t) for key in range(20) for t in
+                 choose_tokens(logits, jax.random.key(key), cfg)[:1]]
+        assert set(draws) == {1}
+        assert list(choose_tokens(logits, jax.random.key(0), cfg)) == [1, 0]
+    with_nan = jnp.asarray([[0.0, 2.0, jnp.nan, 1.0], [3.0, 1.0, 0.0, 2.0]])
+    assert list(sampling.first_argmax(with_nan)) == list(jnp.argmax(with_nan, axis=-1)) == [2, 0]

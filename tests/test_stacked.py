@@ -5,6 +5,8 @@ the same steps stacked on a run axis and apart; parameters and metrics must agre
 tolerance. The stacked sampler and ranking must draw and order what each run's own programs do.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,11 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from alignment_gap import logprobs, sharding
+from alignment_gap import logprobs, run_dir, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.errors import ConfigError
 from alignment_gap.presets import models
+from alignment_gap.presets import policy as policy_presets
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.sources import rank_program
 from alignment_gap.study import pipeline
@@ -280,3 +283,18 @@ def test_runs_one_save_apart_resume_together_and_runs_further_apart_stack_by_ste
     assert policy_stack.resume_groups([a, b]) == [(5, [a, b])]
     assert policy_stack.resume_groups([b, fresh]) == [(0, [b, fresh])]  # one save apart too
     assert policy_stack.resume_groups([a, b, fresh]) == [(0, [fresh]), (5, [b]), (10, [a])]
+
+
+def test_a_stack_resuming_refuses_a_changed_run_before_rewriting_any_config(tmp_path):
+    """Every run of a stack is held to the config it started with (the second one's changed
+    beta was let through and its config.json overwritten)."""
+    workdirs = [str(tmp_path / f"run{i}") for i in range(2)]
+    for workdir in workdirs:
+        os.makedirs(os.path.join(workdir, run_dir.CHECKPOINTS, "3"))
+        started = policy_presets.get_config("offline_tiny")
+        run_dir.write_json(workdir, run_dir.CONFIG, started.to_dict())
+    now = [policy_presets.get_config("offline_tiny") for _ in workdirs]
+    now[1].beta = 0.5
+    with pytest.raises(ConfigError, match=r"run1: this run resumes .* beta 0.1 -> 0.5"):
+        policy_stack._run_stack(now, workdirs, start=3)
+    assert all(run_dir.read_json(w, run_dir.CONFIG)["beta"] == 0.1 for w in workdirs)

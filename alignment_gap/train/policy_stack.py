@@ -30,7 +30,7 @@ import jax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from alignment_gap import preemption, run_dir, sharding
+from alignment_gap import preemption, resume_guard, run_dir, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.errors import CheckpointDamaged, ConfigError
@@ -105,6 +105,8 @@ def resume_groups(runs: list[tuple]) -> list[tuple[int, list]]:
 
 def _run_stack(configs: list, workdirs: list[str], start: int):
     c, n = configs[0], len(configs)
+    for config, workdir in zip(configs, workdirs, strict=True):  # before any is rewritten
+        resume_guard.check(workdir, config)
     rt = common.runtime(c, workdirs[0])
     for config, workdir in zip(configs[1:], workdirs[1:], strict=True):
         run_dir.write_json(workdir, run_dir.CONFIG, config.to_dict())

@@ -293,10 +293,23 @@ def make_optimizer(c, learning_rate=None) -> optax.GradientTransformation:
                                                   end_value=end)
         schedule = lambda count: learning_rate * unit(count)
     parts = [optax.clip_by_global_norm(c.grad_clip)] if c.get("grad_clip", 0.0) else []
-    decay = c.get("weight_decay", 0.0)
-    parts.append(optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=decay,
-                             mask=decayed if decay else None))
+    # AdamW as `optax.adamw` composes it, the decay restricted to `decayed` parameters by a
+    # stateless step: the optimizer state keeps adamw's tree, so checkpoints of runs saved
+    # before the restriction still restore (optax's own mask adds a MaskedState).
+    parts.append(optax.chain(optax.scale_by_adam(b1=0.9, b2=0.95),
+                             decay_weights(c.get("weight_decay", 0.0)),
+                             optax.scale_by_learning_rate(schedule)))
     return optax.chain(*parts)
+
+
+def decay_weights(rate: float) -> optax.GradientTransformation:
+    """Adds `rate * p` to the update of each `decayed` parameter p (AdamW's decoupled decay)."""
+    def update(updates, state, params):
+        if rate:
+            updates = jax.tree.map(lambda u, p, on: u + rate * p if on else u, updates, params,
+                                   decayed(params))
+        return updates, state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def decayed(params):
