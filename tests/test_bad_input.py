@@ -20,10 +20,11 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 from array_record.python import array_record_module
 
-from alignment_gap.data import builders, real_data, tokenizer
+from alignment_gap.data import builders, datasets, real_data, tokenizer
 from alignment_gap.data.pipelines import BatchShape, as_text, encode_prompt, encode_response
 from alignment_gap.errors import DataError
 from alignment_gap.sources import replay_iterator
@@ -255,3 +256,24 @@ def test_a_damaged_stream_chunk_is_one_line_naming_the_run_to_redo(tmp_path):
     message = str(error.value)
     assert message.startswith(f"{chunk}: the file is damaged (") and "\n" not in message
     assert f"delete {stream.parent} (the online run that recorded it)" in message
+
+
+def test_a_damaged_shard_of_a_written_dataset_is_one_line_not_records_of_none(tmp_path):
+    """A dataset a stage wrote (D_golden, read through `data.comparisons`) is checked as a
+    built one is: cut short, its records read as None and trained as the text "None"."""
+    records = [{"id": f"r{i}", "prompt": f"p{i}", "chosen": "c" * 50, "rejected": "r" * 50}
+               for i in range(64)]
+    builders.prepare(builders.Comparisons(name="golden-x", data_dir=str(tmp_path),
+                                          splits={"train": records,
+                                                  "validation": records[:8]}))
+    (shard,) = tmp_path.rglob("*-train.array_record*")
+    _cut_in_half(shard)
+    d = ml_collections.ConfigDict({"kind": "synthetic", "dir": str(tmp_path),
+                                   "comparisons": "golden-x"})
+    with pytest.raises(DataError) as error:
+        datasets.comparisons(d)
+    message = str(error.value)
+    assert message.startswith(f"{shard}: the file is damaged (") and "\n" not in message
+    assert "stages/relabel-*" in message
+    with pytest.raises(DataError, match="read as None: its dataset file is damaged"):
+        as_text(None)

@@ -11,10 +11,12 @@ no validation, Arena only train), its builder carves it from train (`real_data.c
 
 from __future__ import annotations
 
+import glob
 import os
 
 from alignment_gap.data import builders, real_data
 from alignment_gap.data import world as world_lib
+from alignment_gap.data.array_records import check_readable
 from alignment_gap.data.pretrained_tokenizers import load_tokenizer
 from alignment_gap.data.tokenizer import synthetic_tokenizer
 from alignment_gap.errors import ConfigError
@@ -103,6 +105,10 @@ def comparisons(d) -> dict:
     if not builder.is_prepared():
         raise ConfigError(f"config.data.comparisons: no dataset {d.comparisons!r} under "
                          f"{d.dir}/comparisons; run the stage that writes it (e.g. relabel)")
+    # Checked as a built dataset is: a damaged shard reads as records of None.
+    check_readable(sorted(glob.glob(os.path.join(builder.data_dir, "*.array_record*"))),
+                   f"delete {builder.data_dir} and the run that wrote it (a study's "
+                   "stages/relabel-*), then run the same command: it is written again")
     return builder.as_data_source()
 
 

@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from alignment_gap.batches import PreferenceBatch, PromptBatch, SFTBatch
+from alignment_gap.errors import DataError
 from alignment_gap.sharding import ProcessRows
 
 
@@ -55,7 +56,11 @@ class Window:
 
 
 def as_text(value) -> str:
-    """A record field as text (TFDS Text features come back as bytes)."""
+    """A record field as text (TFDS Text features come back as bytes). None is never a text
+    field's value: only a damaged file reads so, and its records must not train as "None"."""
+    if value is None:
+        raise DataError("a record's text field read as None: its dataset file is damaged; "
+                        "delete the dataset and run the same command to build it again")
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
