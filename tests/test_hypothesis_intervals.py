@@ -5,7 +5,10 @@ an interval does."""
 import numpy as np
 import pytest
 
-from alignment_gap.study.hypotheses import classification, shared
+from alignment_gap.data import relabel
+from alignment_gap.data import world as W
+from alignment_gap.study import results
+from alignment_gap.study.hypotheses import classification, probe, shared
 
 
 def test_accuracy_intervals_cover_the_true_rate_95_percent_of_the_time():
@@ -176,3 +179,30 @@ def test_the_oracle_peak_is_its_score_of_the_checkpoint_the_judge_chose():
     assert results.peaks(rows)["online"]["per_seed"] == {0: 0.8}
     assert results.peaks(rows, "oracle_win_rate")["online"]["per_seed"] == {0: 0.3}
     assert shared.run_peaks(rows, "online", "oracle_win_rate") == [0.3]
+
+
+def test_an_order_the_oracle_does_not_hold_earns_half_wherever_agreement_is_counted():
+    """Oracle ties (29% of pairs of good writers' summaries) count half on D_golden's pairs,
+    on the policies' samples and in the classifiers' hits: before, D_golden counted them as
+    agreement, the samples as disagreement, and the online stream as the proxy's hits."""
+    world = W.WorldConfig(seed=0)
+    text = "a summary of the post"
+    tied = {"prompt": "POST: a post\nTL;DR:", "chosen": text, "rejected": text}
+    assert relabel.oracle_agreement([tied, tied], world) == 0.5
+    points = [{"stage": "online-s0", "method": "online", "step": 6,
+               "win": np.array([1.0, 0.0, 1.0, 0.5]),
+               "oracle_win": np.array([0.5, 0.5, 1.0, 0.5])}]
+    assert results.judge_agreement(points)["online"]["last evaluations"] == 0.75
+    # The proxy's own pick is `a`; the label cannot order the last two pairs.
+    assert probe.hits(np.array([1.0, -1.0, 1.0, -1.0]), np.array([1.0, 1.0, 0.0, 0.0])).tolist() \
+        == [1.0, 0.0, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("offline,agree", [
+    ((0.509, 0.629), None),  # point 0.570, below the band: the interval does not place it in
+    ((0.694, 0.799), None),  # point 0.750, above it
+    ((0.58, 0.69), True),  # inside the band widened by EQUAL_MARGIN
+    ((0.41, 0.58), False)])  # misses the band
+def test_offline_classifies_in_the_papers_band_only_where_its_interval_lies_there(offline,
+                                                                                   agree):
+    assert classification._offline_in_band_online_below(offline, (0.35, 0.45)) is agree

@@ -64,6 +64,19 @@ def oracle_judge(world: world_lib.WorldConfig):
     return judge
 
 
+def oracle_agreement(records, world: world_lib.WorldConfig) -> float:
+    """How far the synthetic world's oracle agrees that each record's chosen response beats
+    its rejected one: 1 where it prefers chosen, 0 where rejected, 1/2 where it scores them
+    alike (an order the oracle does not hold is neither right nor wrong)."""
+    credit = []
+    for r in records:
+        post = world_lib.post_words_from_prompt(r["prompt"])
+        chosen = world_lib.oracle_score(world, post, r["chosen"].split())
+        rejected = world_lib.oracle_score(world, post, r["rejected"].split())
+        credit.append(1.0 if chosen > rejected else 0.0 if chosen < rejected else 0.5)
+    return float(np.mean(credit)) if credit else float("nan")
+
+
 def margins_program(graphdef, mesh):
     """Jitted both-order margins `r(x, a, b) - r(x, b, a)` of a batch of pairs (replicated)."""
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))

@@ -2,18 +2,17 @@
 
 The relabelling itself (judges, the new TFDS dataset) is `data/relabel.py`; this stage loads
 the finished golden model as the judge, writes `comparisons/<name>`, and records how many of
-D_initial's labels the golden model kept and, in the synthetic world, how often the exact
+D_initial's labels the golden model kept and, in the synthetic world, how far the exact
 oracle agrees with the golden model's order on D_golden's validation and test pairs.
 """
 
 from __future__ import annotations
 
 import ml_collections
-import numpy as np
 
 from alignment_gap import run_dir
 from alignment_gap.data import builders, datasets
-from alignment_gap.data.relabel import decoded, model_judge, oracle_judge, relabel
+from alignment_gap.data.relabel import decoded, model_judge, oracle_agreement, relabel
 from alignment_gap.train import common
 
 
@@ -33,13 +32,8 @@ def run(study, golden_dir: str, name: str, out_dir: str):
     relabel(sources, judge, name, study.data.dir)
     golden_data = builders.Comparisons(name=name, data_dir=study.data.dir).as_data_source()
     agreement = _agreement(sources, golden_data)
-    oracle = None
-    if study.data.kind == "synthetic":  # the world's exact oracle can grade the golden model
-        judge = oracle_judge(datasets.world_config(study.data))
-        oracle = {split: _oracle_agreement(golden_data[split], judge)
-                  for split in ("validation", "test") if split in golden_data}
     run_dir.finish(out_dir, dataset=name, kept_initial_label=agreement,
-                   golden_agrees_with_oracle=oracle)
+                   golden_oracle_agreement=_oracle_agreement(study, name))
 
 
 def kept_initial_label(out_dir: str) -> dict | None:
@@ -47,16 +41,24 @@ def kept_initial_label(out_dir: str) -> dict | None:
     return run_dir.result(out_dir).get("kept_initial_label")
 
 
-def golden_agrees_with_oracle(out_dir: str) -> dict | None:
-    """{split: fraction of D_golden pairs whose golden order the oracle shares} (synthetic)."""
-    return run_dir.result(out_dir).get("golden_agrees_with_oracle")
+def golden_agrees_with_oracle(out_dir: str, study, name: str) -> dict | None:
+    """{split: the oracle's agreement with the golden order of D_golden's pairs} (synthetic
+    data; `relabel.oracle_agreement`: an oracle tie earns half). A stage finished before ties
+    counted half (its record has no `golden_oracle_agreement`) is graded again here."""
+    result = run_dir.result(out_dir)
+    if "golden_oracle_agreement" in result:
+        return result["golden_oracle_agreement"]
+    return _oracle_agreement(study, name)
 
 
-def _oracle_agreement(source, judge) -> float:
-    """Fraction of `source`'s pairs whose chosen response the oracle also prefers (a tie in
-    the oracle's score counts as agreeing: it keeps the order)."""
-    records = [decoded(source[i]) for i in range(len(source))]
-    return float(np.mean(judge(records))) if records else float("nan")
+def _oracle_agreement(study, name: str) -> dict | None:
+    if study.data.kind != "synthetic":  # only the synthetic world has an exact oracle
+        return None
+    golden_data = builders.Comparisons(name=name, data_dir=study.data.dir).as_data_source()
+    world = datasets.world_config(study.data)
+    return {split: oracle_agreement([decoded(golden_data[split][i])
+                                     for i in range(len(golden_data[split]))], world)
+            for split in ("validation", "test") if split in golden_data}
 
 
 def _runtime_config(study):

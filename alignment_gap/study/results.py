@@ -118,10 +118,12 @@ def outcome_points(stages, workdir: str, group: str | None = "main") -> list[dic
 
 
 def judge_agreement(points: list[dict]) -> dict | None:
-    """How often the golden judge's verdict on a policy sample against the opponent's equals
-    the oracle's (both 1 / 0.5 / 0), per method, over the evaluations after step 0 and over
-    each run's last one: the golden model graded on the samples the policies produce, where
-    over-optimisation would open a gap. None without oracle outcomes (real data)."""
+    """How far the golden judge's verdict on a policy sample against the opponent's agrees
+    with the oracle's (both 1 / 0.5 / 0; credit 1 - |golden - oracle|, so an oracle tie
+    earns either verdict half, as on D_golden's pairs: `relabel.oracle_agreement`), per
+    method, over the evaluations after step 0 and over each run's last one: the golden model
+    graded on the samples the policies produce, where over-optimisation would open a gap.
+    None without oracle outcomes (real data)."""
     points = [p for p in points if "oracle_win" in p and p["step"] > 0]
     if not points:
         return None
@@ -130,7 +132,7 @@ def judge_agreement(points: list[dict]) -> dict | None:
         if p["step"] > last.get(p["stage"], -1):
             last[p["stage"]] = p["step"]
     rate = lambda ps: round(float(np.mean(np.concatenate(
-        [p["win"] == p["oracle_win"] for p in ps]))), 3)
+        [1.0 - np.abs(np.asarray(p["win"]) - np.asarray(p["oracle_win"])) for p in ps]))), 3)
     return {method: {"all evaluations": rate([p for p in points if p["method"] == method]),
                      "last evaluations": rate([p for p in points if p["method"] == method
                                                and p["step"] == last[p["stage"]]])}

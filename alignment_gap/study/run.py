@@ -92,7 +92,8 @@ def upstream_extras(plan) -> dict:
             "D_initial labels kept by the golden relabelling":
                 relabel_stage.kept_initial_label(chain.dir(chain.relabel)),
             "golden model agreement with the oracle on D_golden pairs":
-                relabel_stage.golden_agrees_with_oracle(chain.dir(chain.relabel)),
+                relabel_stage.golden_agrees_with_oracle(chain.dir(chain.relabel), chain.study,
+                                                        chain.golden_data),
         }
 
     if len(plan.chains) == 1:

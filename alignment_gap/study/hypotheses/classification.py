@@ -361,12 +361,14 @@ OFFLINE_BAND = (0.6, 0.7)  # the paper's offline accuracy on D_golden
 
 
 def _offline_in_band_online_below(offline, online) -> bool | None:
-    """Agrees where online's interval lies below chance and offline's above it, within reach of
-    the paper's band; differs where online is above chance or offline's interval misses the
-    band (below it or above it): the claim is the level as well as the order."""
+    """Agrees where online's interval lies below chance and offline's inside the paper's band
+    (widened by `shared.EQUAL_MARGIN`); differs where online is above chance or offline's
+    interval misses the band (below it or above it): the claim is the level as well as the
+    order. An offline interval that reaches into the band and out of it is undecided."""
     if online[0] > 0.5 or offline[1] < OFFLINE_BAND[0] or offline[0] > OFFLINE_BAND[1]:
         return False
-    if online[1] < 0.5 and offline[0] > 0.5:
+    low, high = OFFLINE_BAND[0] - shared.EQUAL_MARGIN, OFFLINE_BAND[1] + shared.EQUAL_MARGIN
+    if online[1] < 0.5 and low <= offline[0] and offline[1] <= high:
         return True
     return None
 

@@ -132,6 +132,8 @@ class Probe:
 
 def hits(prediction_margin, label_margin) -> np.ndarray:
     """Per pair, whether a classifier's margin picks the label's winner: 1, 0, or 1/2 for a
-    tie (label ties count `a` as the winner)."""
+    tie of either (a pair the label cannot order is no one's hit: on the online stream, `a` is
+    the proxy's own pick, so counting label ties for `a` scored them all for the proxy)."""
     pred = np.where(prediction_margin > 0, 1.0, np.where(prediction_margin < 0, 0.0, 0.5))
-    return np.where(np.asarray(label_margin) >= 0, pred, 1.0 - pred)
+    label = np.asarray(label_margin)
+    return np.where(label > 0, pred, np.where(label < 0, 1.0 - pred, 0.5))
