@@ -90,6 +90,32 @@ def test_real_prompts_hold_each_post_once_in_the_order_it_first_appears(tmp_path
     assert len(datasets.prompts(d)["train"]) == 1  # built once, read again
 
 
+def test_prompt_sets_follow_comparisons_rebuilt_from_other_files(tmp_path):
+    """Comparisons deleted and rebuilt (as a damaged shard's message asks) from files that
+    moved a post to the test split: the prompt sets are made again, so the online policy does
+    not train on a test post (they were kept by name, made of the old files)."""
+    import shutil
+
+    import ml_collections
+
+    from alignment_gap.data import datasets
+
+    manual = tmp_path / "manual" / "comparisons"
+    manual.mkdir(parents=True)
+    d = ml_collections.ConfigDict({"kind": "tldr", "dir": str(tmp_path / "data"),
+                                   "manual_dir": str(tmp_path / "manual")})
+    posts = lambda split: sorted(_text(s[i]["prompt"]).split("POST: ")[1].split("\n")[0]
+                                 for s in [datasets.prompts(d)[split]] for i in range(len(s)))
+    for layout in (((0, "train"), (1, "train"), (2, "valid1"), (3, "valid2")),
+                   ((0, "train"), (2, "valid1"), (1, "valid2"), (3, "valid2"))):
+        if (tmp_path / "data").exists():
+            shutil.rmtree(next((tmp_path / "data").glob("tldr_comparisons*")))
+        (manual / "batch1.json").write_text(
+            "\n".join(_tldr_line(post, split) for post, split in layout) + "\n")
+        train, test = posts("train"), posts("test")
+    assert [p[-1] for p in train] == ["0"] and [p[-1] for p in test] == ["1", "3"]
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"choice": None}, "record 1: field 'choice' is None; expected 0 or 1"),
     ({"summaries": [{"text": "x"}]}, "record 1: field 'summaries' must hold exactly 2"),

@@ -291,3 +291,13 @@ def test_a_split_smaller_than_a_batch_stops_before_the_first_step(tmp_path):
     assert "data.manual_dir" not in message and str(tmp_path / "manual") in message
     assert not (tmp_path / "sft" / "metrics.jsonl").exists()
     assert not (tmp_path / "sft" / "checkpoints").exists()
+
+
+def test_a_damaged_arena_parquet_file_is_one_line_naming_it(tmp_path):
+    pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "train.parquet"
+    path.write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(DataError) as err:
+        list(real_data.read_arena_file(str(path)))
+    message = str(err.value)
+    assert message.startswith(f"{path}: not a readable parquet file (") and "\n" not in message

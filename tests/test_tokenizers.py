@@ -336,3 +336,18 @@ def test_left_padding_decodes_when_pad_is_eos(tmp_path):
     ids, _ = pipelines.encode_prompt(tok, "hello", 8)
     assert tok.decode(np.asarray(ids)) == "hello"
     assert tok.decode([*tok.encode("hi"), 1, 1, *tok.encode("junk")]) == "hi"
+
+
+def test_a_tokenizer_config_asking_for_bos_of_a_model_without_one_adds_none(tmp_path):
+    """`add_bos_token: true` beside a model with no BOS piece: nothing to add (it crashed
+    encoding the first prompt with a TypeError)."""
+    prefix = str(tmp_path / "nobos")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_prefix=prefix, vocab_size=400, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=-1, unk_id=2, hard_vocab_limit=False, num_threads=1,
+        minloglevel=2)
+    with open(prefix + ".model", "rb") as f:
+        tok = Tokenizer(f.read(), prefix + ".model", add_bos=True)
+    assert tok.bos_id is None and not tok.add_bos
+    _, mask = pipelines.encode_prompt(tok, "a post", 8)
+    assert mask.sum() == len(tok.encode("a post"))

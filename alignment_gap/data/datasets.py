@@ -12,6 +12,8 @@ no validation, Arena only train), its builder carves it from train (`real_data.c
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 
 from alignment_gap.data import builders, real_data
@@ -119,8 +121,20 @@ def prompts(d) -> dict:
         return builders.prepare(builders.synthetic_builder("prompts", d.dir, world_config(d),
                                                            **_sizes(d)))
     comparisons = initial_comparisons(d)
-    name = _real_builder(d).builder_config.name
-    return builders.distinct_prompts(f"{d.kind}-{name}", comparisons, d.dir)
+    built = _real_builder(d)  # made after the build: its info is the files' on disk
+    name = f"{d.kind}-{built.builder_config.name}-{_fingerprint(built)}"
+    return builders.distinct_prompts(name, comparisons, d.dir)
+
+
+def _fingerprint(builder) -> str:
+    """Of a built dataset as TFDS recorded it: its version and each split's records per shard
+    and bytes. Comparisons rebuilt from other files (a post moved to the test split) change
+    it, so the prompt sets made of the old ones are not read for the new."""
+    splits = {name: [list(split.shard_lengths), split.num_bytes]
+              for name, split in builder.info.splits.items()}
+    payload = json.dumps({"version": str(builder.info.version), "splits": splits},
+                         sort_keys=True)
+    return hashlib.sha1(payload.encode()).hexdigest()[:8]
 
 
 def demonstrations(d) -> dict:

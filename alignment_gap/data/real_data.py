@@ -346,7 +346,13 @@ def _read_parquet(path: str):
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow, which is not installed; "
                         "pip install pyarrow, or convert the file to JSON lines") from None
-    yield from enumerate(pq.read_table(path).to_pylist())
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DataError(f"{path}: not a readable parquet file ({why}); copy it again from "
+                        "the published data, or convert it to JSON lines") from None
+    yield from enumerate(table.to_pylist())
 
 
 def read_arena_file(path: str):

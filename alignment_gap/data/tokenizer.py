@@ -55,7 +55,8 @@ class Tokenizer:
         if self.eos_id < 0:
             raise ConfigError(f"config.data.tokenizer: {path} has no EOS piece, which every "
                               "sequence needs; use a tokenizer with one")
-        self.add_bos = self.bos_id is not None if add_bos is None else bool(add_bos)
+        # A model without BOS cannot start with it, whatever a tokenizer config asks.
+        self.add_bos = self.bos_id is not None and (add_bos is None or bool(add_bos))
         self.stop_ids = tuple(dict.fromkeys([self.eos_id, *(int(i) for i in stop_ids)]))
 
     @classmethod
