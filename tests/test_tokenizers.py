@@ -286,6 +286,17 @@ def test_hf_round_trips(tmp_path, name):
     assert tok.decode(tok.encode(TEXTS[name])) == TEXTS[name]
 
 
+def test_hf_reads_a_special_tokens_string_in_the_text_as_text(tmp_path):
+    """"type </s> to stop" in a response: no EOS mid-response (decode cut it at "type "), as
+    the sentencepiece and GGUF tokenizers keep such strings as text."""
+    tok = load_tokenizer(_hf_checkpoint(tmp_path / "ckpt", config={"eos_token_id": 1}))
+    text = "type </s> to stop <|eot|>"
+    ids = tok.encode(text)
+    assert not {tok.eos_id, 2, 3} & set(ids) and tok.decode(ids) == text
+    response, mask = pipelines.encode_response(tok, text, 40)
+    assert response[mask].tolist() == [*ids, tok.eos_id]
+
+
 def test_hf_without_any_eos_is_a_config_error(tmp_path):
     ckpt = _hf_checkpoint(tmp_path / "ckpt")
     with pytest.raises(ConfigError, match="config.data.tokenizer: no EOS id"):

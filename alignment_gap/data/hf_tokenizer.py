@@ -6,8 +6,8 @@ Special ids come from the checkpoint's JSON files beside `tokenizer.json`
 always masked, and `decode` drops leading padding before it looks for EOS. BOS is added when
 `tokenizer_config.json` says `add_bos_token`, or else when the tokenizer's own post-processor
 puts BOS first (Llama 3's does; Qwen's does not, though its config.json names a `bos_token_id`).
-`encode` never adds special tokens itself; the data pipelines add BOS where it belongs. The
-fingerprint hashes the `tokenizer.json` bytes.
+`encode` never adds special tokens itself, nor reads their strings in the text as them; the data
+pipelines add BOS where it belongs. The fingerprint hashes the `tokenizer.json` bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class HFTokenizer:
                  add_bos: bool = False, stop_ids=()):
         self.path = path
         self.tk = tk
+        # Text is data: a special token's string in it ("</s>" in a post) stays text, as the
+        # sentencepiece and GGUF tokenizers keep it, not an EOS mid-response.
+        self.tk.encode_special_tokens = True
         self.fingerprint = fingerprint
         self.eos_id = int(eos_id)
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)
