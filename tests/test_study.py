@@ -109,7 +109,8 @@ def test_smoke_study_writes_table_plot_and_report(smoke):
     assert set(on_samples) == {"online", "offline"}
     for method, rates in on_samples.items():
         outcomes = [np.load(f) for f in (workdir / "stages").glob(f"{method}-*/outcomes/step_12*")]
-        last = np.mean(np.concatenate([o["win"] == o["oracle_win"] for o in outcomes]))
+        last = np.mean(np.concatenate([1 - np.abs(o["win"] - o["oracle_win"])  # ties: half
+                                       for o in outcomes]))
         assert rates["last evaluations"] == pytest.approx(last, abs=1e-3)
         assert 0.0 <= rates["all evaluations"] <= 1.0
     timings = json.loads((workdir / "timings.json").read_text())
