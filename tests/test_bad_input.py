@@ -103,6 +103,9 @@ KINDS = {  # kind -> (builder, the records of valid files, their writer)
 
 MALFORMED = [  # (what, kind, spoil the rows, write the files, the line expected)
     ("line cut short", "tldr", _cut_last_line, None, r"batch1.json: record 15: not valid JSON"),
+    ("a record that is a JSON list", "tldr", _raw(b'[{"info": {}}]'), None,
+     r"batch1.json: record 3: a JSON list, not an object; the file must hold one JSON object "
+     r"per line \(JSON lines\)"),
     ("latin-1 bytes in a UTF-8 file", "tldr", _latin1, None,
      r"batch1.json: record 3: not UTF-8 \(byte 0xe8 at column \d+\); re-encode the file"),
     ("a UTF-16 file", "tldr", _utf16, None, r"batch1.json: record 0: not UTF-8 \(byte 0xff at "

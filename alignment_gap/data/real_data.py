@@ -17,7 +17,8 @@ Nothing is downloaded: put the published files in a directory and point the buil
 
 Carving is deterministic: a record's split is decided by the SHA-256 of its prompt text alone,
 so it never depends on file order, carved splits never overlap train, and pairs sharing a
-prompt share a split (no prompt leaks from train into validation or test).
+prompt share a split (no prompt leaks from train into a carved split). Splits a dataset
+publishes are kept as published: HH's train and test can hold the same short prompt.
 
 A malformed record stops the build with the file, the record index and the field named
 (`DataError`); no record is skipped silently.
@@ -133,9 +134,15 @@ def _read_json_lines(path: str, opener=open):
                 if not line.strip():
                     continue
                 try:
-                    yield index, json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: record {index}: not valid JSON ({e.msg})") from None
+                    raise DataError(f"{path}: record {index}: not valid JSON ({e.msg}); the file "
+                                    "must hold one JSON object per line (JSON lines)") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}: record {index}: a JSON {type(record).__name__}, "
+                                    "not an object; the file must hold one JSON object per line "
+                                    "(JSON lines)")
+                yield index, record
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: the file is damaged after {index + 1} records ({e}); copy "
                         "it again from the published data") from None
