@@ -19,6 +19,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from alignment_gap import logprobs, losses, run_dir, sharding
+from alignment_gap.evaluation import kl_sampling
 from alignment_gap.models import LanguageModel, TransformerConfig
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.train.state import init_train_state, make_update_step
@@ -81,7 +82,8 @@ def run(config, workdir: str) -> dict:
     train_s = time.perf_counter() - start
 
     policy = nnx.merge(graphdef, state.params)
-    sampler = Sampler(policy, mesh, rules, SamplingConfig.from_config(config.sampling))
+    sampling = SamplingConfig.from_config(config.sampling)
+    sampler = Sampler(policy, mesh, rules, sampling)
     eval_rows = sharding.process_rows(mesh, rules, config.eval_prompts)
     eval_batch = sorting_batch(np.random.default_rng([config.seed, 10_000 + jax.process_index()]),
                                eval_rows.count, config)
@@ -93,18 +95,22 @@ def run(config, workdir: str) -> dict:
     sample = jax.block_until_ready(
         sampler(state.params, prompts["prompt"], prompts["prompt_mask"], key))
     sample_s = time.perf_counter() - t0
+    own = sample  # the KL's samples: the policy's own distribution (`evaluation.kl_sampling`)
+    if kl_sampling(sampling) != sampling:
+        own = Sampler(policy, mesh, rules, kl_sampling(sampling))(
+            state.params, prompts["prompt"], prompts["prompt_mask"], key)
 
     expected = sharding.global_batch({"r": eval_batch["response"]}, mesh, rules)["r"]
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     @functools.partial(jax.jit, out_shardings=replicated)
-    def evaluate(policy, initial, prompt, prompt_mask, sample, expected):
-        kl = logprobs.sequence_kl(policy, initial, prompt, prompt_mask, sample.tokens, sample.mask)
+    def evaluate(policy, initial, prompt, prompt_mask, sample, own, expected):
+        kl = logprobs.sequence_kl(policy, initial, prompt, prompt_mask, own.tokens, own.mask)
         exact = jnp.all(jnp.where(sample.mask, sample.tokens, 0) == expected, axis=1)
         return {"kl": jnp.mean(kl), "exact": jnp.mean(exact), "tokens": jnp.sum(sample.mask)}
 
     with sharding.use(mesh, rules):
-        stats = evaluate(policy, initial, prompts["prompt"], prompts["prompt_mask"], sample,
+        stats = evaluate(policy, initial, prompts["prompt"], prompts["prompt_mask"], sample, own,
                          expected)
     sampled_tokens = multihost_utils.process_allgather(sample.tokens, tiled=True)
 
