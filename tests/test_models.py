@@ -14,7 +14,7 @@ from alignment_gap import logprobs, losses, sharding
 from alignment_gap.models import LanguageModel, TransformerConfig, both_order_margin
 from alignment_gap.models.attention import branched_layout
 from alignment_gap.models.transformer import KVCache
-from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
+from alignment_gap.train.state import TrainState, init_train_state, make_optimizer, make_update_step
 from tests.conftest import random_prompts
 from tests.helpers import language_model, mesh_and_rules, preference_model, scanned_copy
 
@@ -557,3 +557,23 @@ def test_the_optimizer_state_keeps_adamws_tree_so_older_checkpoints_restore(mini
                                          weight_decay=decay))
         assert jax.tree.structure(make_optimizer(c).init(params)) == \
             jax.tree.structure(before.init(params))
+
+
+def test_a_policy_steps_kl_per_token_is_the_whole_batchs_however_it_is_sliced(mini_config):
+    """kl_per_token divides the batch's summed KL by its tokens once (it averaged the slices'
+    ratios: 1.0071 on one slice, 1.0026 on four, in the review's case)."""
+    from alignment_gap.batches import PreferenceBatch
+    from alignment_gap.train.policy import make_policy_loss
+    from alignment_gap.train.state import update_fn
+
+    policy, _, _ = language_model(mini_config, seed=0)
+    reference, _, _ = language_model(mini_config, seed=1)
+    graphdef, params = nnx.split(policy)
+    ref_graphdef, ref_params = nnx.split(reference)
+    batch = PreferenceBatch(*_two_responses(mini_config))  # ragged: slices' token counts differ
+    tx = optax.sgd(0.0)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    loss_fn = make_policy_loss("ipo", 0.1, 1, ref_graphdef)
+    kl = {k: float(jax.jit(update_fn(graphdef, tx, loss_fn, k))(
+        state, batch, {"reference": ref_params})[1]["kl_per_token"]) for k in (1, 2, 3)}
+    assert kl[2] == pytest.approx(kl[1], rel=1e-5) and kl[3] == pytest.approx(kl[1], rel=1e-5)

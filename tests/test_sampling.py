@@ -436,3 +436,19 @@ def test_the_top_token_is_always_in_the_nucleus_and_a_nan_logit_is_the_argmax():
         assert list(choose_tokens(logits, jax.random.key(0), cfg)) == [1, 0]
     with_nan = jnp.asarray([[0.0, 2.0, jnp.nan, 1.0], [3.0, 1.0, 0.0, 2.0]])
     assert list(sampling.first_argmax(with_nan)) == list(jnp.argmax(with_nan, axis=-1)) == [2, 0]
+
+
+def test_a_proxy_sure_of_both_orders_still_ranks_by_which_it_prefers():
+    """Logits 18 and 20 (y2 preferred): their probabilities both round to 1 in float32, and
+    the pair was ranked as a tie (y1 first)."""
+    from alignment_gap.sources import rank_pairs
+
+    class Sure:  # a proxy whose both-order logits are fixed
+        def both_orders(self, prompt, prompt_mask, y1, y1_mask, y2, y2_mask):
+            rows = prompt.shape[0]
+            return jnp.full(rows, 18.0), jnp.full(rows, 20.0)
+
+    prompt, mask = jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), bool)
+    tokens = jnp.asarray([[5, 6], [7, 8], [9, 10], [11, 12]], jnp.int32)  # prompt-major
+    batch = rank_pairs(Sure(), prompt, mask, tokens, jnp.ones((4, 2), bool))
+    assert batch.chosen.tolist() == [[7, 8], [11, 12]]  # each prompt's second sample

@@ -11,7 +11,6 @@ other positions serve it as keys and values: `read_at_BxQ` in `transformer`).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -140,6 +139,9 @@ def _last_valid(mask_BxL, offset: int, fallback=None):
 
 
 def both_order_margin(model: PreferenceModel, prompt, prompt_mask, y1, y1_mask, y2, y2_mask):
-    """`r(x, y1, y2) - r(x, y2, y1)` in probability space; > 0 means y1 wins (the sign rule)."""
+    """A margin with the sign of `r(x, y1, y2) - r(x, y2, y1)` (probabilities); > 0 means y1
+    wins (the sign rule). It is the logits' difference, which has that sign (the sigmoid is
+    increasing) where the probabilities' own difference rounds to 0: both past ~17 in float32,
+    a clear preference read as a tie."""
     forward, backward = model.both_orders(prompt, prompt_mask, y1, y1_mask, y2, y2_mask)
-    return jax.nn.sigmoid(forward) - jax.nn.sigmoid(backward)
+    return forward - backward

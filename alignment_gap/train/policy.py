@@ -69,7 +69,8 @@ def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
             "chosen_logratio": jnp.mean(policy_w - ref_w),
             "rejected_logratio": jnp.mean(policy_l - ref_l),
             "classifier_accuracy": jnp.mean(losses.tie_half(h)),
-            "kl_per_token": kl.sum() / jnp.maximum(masks.sum(), 1),
+            # kl_per_token, divided once the whole batch is summed (`state.RATIOS`)
+            "kl_total": kl.sum(), "response_tokens": masks.sum().astype(jnp.float32),
             "kl_sequence": jnp.mean(kl.sum(-1)),
             "response_length": jnp.mean(lengths),
             "eos_rate": jnp.mean((lengths > 0) & (last == eos_id)),

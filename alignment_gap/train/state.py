@@ -27,7 +27,11 @@ from jax.sharding import PartitionSpec as P
 from alignment_gap import cpu_groups, sharding
 from alignment_gap.batches import split_rows
 
-TOTALS = ("tokens",)  # Metrics that are totals: summed over micro-batches, not averaged.
+# Metrics that are totals: summed over micro-batches, groups and devices, not averaged.
+TOTALS = ("tokens", "kl_total", "response_tokens")
+# Ratio metrics: name -> (numerator, denominator), both totals, divided once the whole batch's
+# are summed (a mean of the slices' ratios would move with the slicing).
+RATIOS = {"kl_per_token": ("kl_total", "response_tokens")}
 
 
 @jax.tree_util.register_dataclass
@@ -74,7 +78,7 @@ def make_update_step(graphdef, tx, loss_fn, mesh, rules, state_shardings, batch_
     (the reference policy), RNG keys. Metrics gain `loss` and `grad_norm`; all are replicated.
     `microbatches` k: loss, gradient and metrics are the mean over k equal slices of the batch
     (totals such as `tokens` the sum), so a per-example mean loss gives the full batch's
-    gradient; a ratio metric (`kl_per_token`) becomes the mean of the slices' ratios. Every
+    gradient; a ratio metric (`RATIOS`: `kl_per_token`) divides the whole batch's totals. Every
     slice sees the same `extras` (a PRNG key there would repeat its draws in each slice).
     `name` names the compiled program (`sft_update`, `policy_update`, ...). `row_mean_loss`:
     the loss is a mean over the batch's rows (pairs), so equal groups of rows average to the
@@ -166,10 +170,14 @@ def gradient_fn(graphdef, loss_fn, microbatches: int = 1, grad_shardings=None):
 
 
 def apply_gradient(tx, state: TrainState, loss, metrics, grads):
-    """The optimizer's step: (next state, metrics with `loss` and `grad_norm`)."""
+    """The optimizer's step: (next state, metrics with `loss` and `grad_norm`, and each of
+    `RATIOS` in place of its totals)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    for name, (numerator, denominator) in RATIOS.items():
+        if numerator in metrics:
+            metrics[name] = metrics.pop(numerator) / jnp.maximum(metrics.pop(denominator), 1)
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
