@@ -11,6 +11,8 @@ import re
 import select
 import subprocess
 import sys
+import threading
+import time
 
 import ml_collections
 import pytest
@@ -206,3 +208,57 @@ def test_shards_started_together_with_the_same_settings_all_join(tmp_path):
         for holder in holders:
             holder.kill()
             holder.wait(timeout=60)
+
+
+def test_a_stopped_shard_marks_its_other_stages_so_hosts_waiting_on_them_stop(tmp_path):
+    """Shard 0 fails at run0 before its late_base, which shard 1's late_run1 needs: shard 1
+    stops naming the cause (it waited out the whole timeout, saying it was still waiting)."""
+    (rc0, _, err0), (rc1, _, err1) = _sweep(tmp_path, 2, fail="run0")
+    assert rc0 != 0 and "run0 broke" in err0
+    assert rc1 != 0 and "stage late_base failed" in err1
+    assert "not run: shard 0 stopped at stage run0 (RuntimeError: run0 broke)" in err1
+    for rc, _, err in _sweep(tmp_path, 2):  # the retry clears the records
+        assert rc == 0, err[-2000:]
+    assert not list(tmp_path.glob("stages/*/FAILED.json"))
+
+
+def _stage(name, upstream=(), seconds=0.0):
+    from alignment_gap import run_dir
+    from alignment_gap.study.scheduler import Stage
+
+    def run(cfg, out):
+        time.sleep(seconds)
+        run_dir.finish(out)
+    return Stage(name, ml_collections.ConfigDict({"name": name}), run, tuple(upstream),
+                 {"method": "m"})
+
+
+def test_the_wait_timeout_counts_waiting_not_the_shards_own_work(tmp_path):
+    """Shard 1 trains for 3 s, then waits 1 s for shard 0's stage: within a 2 s timeout."""
+    from alignment_gap import run_dir
+    from alignment_gap.study.scheduler import run_stages
+
+    theirs = _stage("theirs")  # shard 0's (runs go round-robin), finished by a timer here
+    mine, later = _stage("mine", seconds=3.0), _stage("later", [theirs])  # shard 1's
+    timer = threading.Timer(4.0, lambda: run_dir.finish(theirs.directory(str(tmp_path))))
+    timer.start()
+    try:
+        run_stages([theirs, mine, _stage("other"), later], str(tmp_path), shard=1, shards=2,
+                   poll_s=0.05, timeout_s=2.0)
+    finally:
+        timer.cancel()
+    assert run_dir.is_finished(later.directory(str(tmp_path)), 1)
+
+
+def test_a_signal_while_a_shard_waits_stops_it_for_a_requeue(tmp_path, monkeypatch):
+    from alignment_gap import preemption
+    from alignment_gap.study.scheduler import run_stages, wait_for
+
+    theirs = _stage("theirs")
+    later = _stage("later", [theirs])
+    monkeypatch.setattr(preemption._state, "requested", "SIGTERM")
+    with pytest.raises(preemption.Preempted, match="while stage later waited for its inputs"):
+        run_stages([theirs, later], str(tmp_path), shard=1, shards=2, poll_s=0.05,
+                   timeout_s=60)
+    with pytest.raises(preemption.Preempted, match="while waiting for stage theirs"):
+        wait_for([theirs], str(tmp_path), 0.05, 60, "the report")

@@ -242,6 +242,7 @@ def wait_for(stages: list[Stage], workdir: str, poll_s: float, timeout_s: float,
             _check_not_failed(stage, where(stage), earlier)
         if not pending:
             return
+        _stop_if_requested(f"while waiting for stage {pending[0].name} ({why})")
         if time.monotonic() > deadline:
             raise StageFailed(f"config.sweep.wait_timeout_s: {timeout_s:g} s passed waiting for "
                               f"stage {pending[0].name} ({why}); is its shard running?")
@@ -270,7 +271,7 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
     owners = owner(stages, shards, stack_runs)
     unit_of = {s.name: unit for unit in units(stages, stack_runs) for s in unit}
     mine = [s for s in stages if owners[s.name] == shard]
-    deadline = time.monotonic() + timeout_s
+    waiting_since = None  # the timeout counts waiting for inputs, not this shard's own work
     where = _directories(workdir)
     while True:
         pending = [s for s in mine if not _finished(s, where(s))]
@@ -284,27 +285,49 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
             for stage in pending:
                 for upstream in stage.upstream:
                     _check_not_failed(upstream, where(upstream), earlier)
-            if time.monotonic() > deadline:
+            _stop_if_requested(f"while stage {pending[0].name} waited for its inputs")
+            waiting_since = waiting_since or time.monotonic()
+            if time.monotonic() - waiting_since > timeout_s:
                 raise StageFailed(f"config.sweep.wait_timeout_s: {timeout_s:g} s passed with "
                                   f"stage {pending[0].name} still waiting for its inputs")
             time.sleep(poll_s)
             continue
-        if preemption.stop_requested():  # a signal arrived during the last stage
-            raise Preempted(f"stopped before stage {ready.name}; run the same command again "
-                            "to go on")
+        waiting_since = None
+        _stop_if_requested(f"before stage {ready.name}")  # a signal during the last stage
         waiting = {s.name for s in pending}
         group = [s for s in unit_of.get(ready.name, [ready]) if s.name in waiting]
         k = len(mine) - len(pending) + 1
-        if len(group) > 1:
-            _run_stack(group, [where(s) for s in group], timings,
-                       f"{k}-{k + len(group) - 1} of {len(mine)}", run_stacked)
-        else:
-            _run_one(ready, where(ready), timings, f"{k} of {len(mine)}")
+        try:
+            if len(group) > 1:
+                _run_stack(group, [where(s) for s in group], timings,
+                           f"{k}-{k + len(group) - 1} of {len(mine)}", run_stacked)
+            else:
+                _run_one(ready, where(ready), timings, f"{k} of {len(mine)}")
+        except Preempted:
+            raise
+        except BaseException as e:
+            # Shards waiting on this one's other stages stop at once instead of timing out.
+            _mark_not_run([s for s in pending if s not in group], where, shard, group[0], e)
+            raise
         run_dir.write_json(workdir, name, timings)
         for stage in group:
             if not _finished(stage, where(stage)):
                 raise StageFailed(f"stage {stage.name} returned without finishing "
                                   f"({where(stage)} has no {run_dir.DONE})")
+
+
+def _stop_if_requested(when: str):
+    if preemption.stop_requested():
+        raise Preempted(f"stopped {when}; run the same command again to go on")
+
+
+def _mark_not_run(stages: list[Stage], where, shard: int, failed: Stage, error: BaseException):
+    """A failure record in each of `stages` (a stopped shard's own, never to run in this
+    attempt): the shards waiting for them stop naming the cause. Its retry clears them."""
+    cause = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+    for stage in stages:
+        run_dir.fail(where(stage), StageFailed(
+            f"not run: shard {shard} stopped at stage {failed.name} ({cause})"))
 
 
 def _run_one(stage: Stage, out: str, timings: dict, place: str):
