@@ -89,7 +89,15 @@ class Checkpointer:
         shards and a step any of them cannot read is passed over by all: every process resumes
         from the same step."""
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
-        reader, damaged = self._reader(), []
+        reader = self._reader()
+        try:
+            return self._restore_first_readable(reader, steps, state, shardings, data_iterator,
+                                                check)
+        finally:
+            reader.close()
+
+    def _restore_first_readable(self, reader, steps, state, shardings, data_iterator, check):
+        damaged = []
         for candidate in steps:
             meta, restored, error = None, None, None
             try:

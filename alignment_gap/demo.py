@@ -19,7 +19,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from alignment_gap import logprobs, losses, run_dir, sharding
-from alignment_gap.evaluation import kl_sampling
+from alignment_gap.evaluation import kl_sampler
 from alignment_gap.models import LanguageModel, TransformerConfig
 from alignment_gap.sampling import Sampler, SamplingConfig
 from alignment_gap.train.state import init_train_state, make_update_step
@@ -95,10 +95,9 @@ def run(config, workdir: str) -> dict:
     sample = jax.block_until_ready(
         sampler(state.params, prompts["prompt"], prompts["prompt_mask"], key))
     sample_s = time.perf_counter() - t0
-    own = sample  # the KL's samples: the policy's own distribution (`evaluation.kl_sampling`)
-    if kl_sampling(sampling) != sampling:
-        own = Sampler(policy, mesh, rules, kl_sampling(sampling))(
-            state.params, prompts["prompt"], prompts["prompt_mask"], key)
+    own = sample  # the KL's samples: the policy's own distribution (`evaluation.kl_sampler`)
+    if (own_sampler := kl_sampler(policy, mesh, rules, sampling)) is not None:
+        own = own_sampler(state.params, prompts["prompt"], prompts["prompt_mask"], key)
 
     expected = sharding.global_batch({"r": eval_batch["response"]}, mesh, rules)["r"]
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

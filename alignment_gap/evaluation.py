@@ -96,6 +96,13 @@ def kl_sampling(sampling: SamplingConfig) -> SamplingConfig:
     return dataclasses.replace(sampling, temperature=1.0, top_k=0, top_p=1.0)
 
 
+def kl_sampler(lm, mesh, rules, sampling: SamplingConfig) -> Sampler | None:
+    """The sampler of a KL estimate's own samples where `sampling` is not the policy's own
+    distribution (`kl_sampling`); None where its samples serve."""
+    pure = kl_sampling(sampling)
+    return None if pure == sampling else Sampler(lm, mesh, rules, pure, name="eval_kl_sample")
+
+
 class Evaluator:
     def __init__(self, *, lm, sft_params, golden, opponent_params, prompts: PromptBatch,
                  pairs: PreferenceBatch | None, mesh, rules, sampling: SamplingConfig,
@@ -110,9 +117,7 @@ class Evaluator:
         self.sampler = eval_sampler(lm, mesh, rules, sampling)
         # KL(policy || SFT) averages over the policy's own samples: where the run samples
         # otherwise (a temperature, top-k or top-p), they are drawn apart (`kl_sampling`).
-        pure = kl_sampling(sampling)
-        self.kl_sampler = None if pure == sampling else Sampler(lm, mesh, rules, pure,
-                                                                name="eval_kl_sample")
+        self.kl_sampler = kl_sampler(lm, mesh, rules, sampling)
         self.key = jax.random.key(seed)
         golden_graphdef, self.golden_state = nnx.split(golden)
         self._judge, self._kl, pair_logprobs, self._classify = eval_programs(

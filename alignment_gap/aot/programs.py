@@ -27,9 +27,9 @@ from alignment_gap.batches import PreferenceBatch, SFTBatch
 from alignment_gap.data.relabel import BATCH as RELABEL_BATCH
 from alignment_gap.data.relabel import margins_program
 from alignment_gap.errors import ConfigError
-from alignment_gap.evaluation import eval_programs, eval_sampler, kl_sampling
+from alignment_gap.evaluation import eval_programs, eval_sampler, kl_sampler
 from alignment_gap.models import KVCache
-from alignment_gap.sampling import Sampler, SamplingConfig
+from alignment_gap.sampling import SamplingConfig
 from alignment_gap.sources import online_sampler, rank_program
 from alignment_gap.study import pipeline, test_stage
 from alignment_gap.study.hypotheses.probe import CHUNK, margin_h_program, probe_sampler
@@ -238,10 +238,9 @@ def evaluation_programs(config, b: Builder, lm, graphdef, params, sft_params):
                                                        b.rules)
     sampler = eval_sampler(lm, b.mesh, b.rules, sampling)
     programs.append(b.sampler_program(sampler, lm, params, e.prompts, p, r))
-    if kl_sampling(sampling) != sampling:  # the KL's own samples (`Evaluator`)
-        programs.append(b.sampler_program(Sampler(lm, b.mesh, b.rules, kl_sampling(sampling),
-                                                  name="eval_kl_sample"), lm, params,
-                                          e.prompts, p, r))
+    own = kl_sampler(lm, b.mesh, b.rules, sampling)  # the KL's own samples (`Evaluator`)
+    if own is not None:
+        programs.append(b.sampler_program(own, lm, params, e.prompts, p, r))
     if e.opponent_checkpoint:
         opponent_model = e.get("opponent_model") or None  # absent: the policy's
         opponent_lm, _, opponent = b.model("lm", opponent_model or config.model)

@@ -51,30 +51,28 @@ def relabel(sources: dict, judge, name: str, data_dir: str, batch_size: int = BA
     return builders.prepare(builders.Comparisons(name=name, splits=splits, data_dir=data_dir))
 
 
+def oracle_margins(records, world: world_lib.WorldConfig) -> np.ndarray:
+    """The synthetic world's exact oracle score of each record's chosen response minus its
+    rejected one's (> 0: the oracle prefers chosen)."""
+    def margin(r):
+        post = world_lib.post_words_from_prompt(r["prompt"])
+        return (world_lib.oracle_score(world, post, r["chosen"].split())
+                - world_lib.oracle_score(world, post, r["rejected"].split()))
+    return np.array([margin(r) for r in records], float)
+
+
 def oracle_judge(world: world_lib.WorldConfig):
     """The synthetic world's exact oracle (noise-free: the higher score wins; ties keep order)."""
-    def judge(records):
-        out = []
-        for r in records:
-            post = world_lib.post_words_from_prompt(r["prompt"])
-            chosen = world_lib.oracle_score(world, post, r["chosen"].split())
-            rejected = world_lib.oracle_score(world, post, r["rejected"].split())
-            out.append(chosen >= rejected)
-        return np.array(out, bool)
-    return judge
+    return lambda records: oracle_margins(records, world) >= 0
 
 
 def oracle_agreement(records, world: world_lib.WorldConfig) -> float:
     """How far the synthetic world's oracle agrees that each record's chosen response beats
     its rejected one: 1 where it prefers chosen, 0 where rejected, 1/2 where it scores them
     alike (an order the oracle does not hold is neither right nor wrong)."""
-    credit = []
-    for r in records:
-        post = world_lib.post_words_from_prompt(r["prompt"])
-        chosen = world_lib.oracle_score(world, post, r["chosen"].split())
-        rejected = world_lib.oracle_score(world, post, r["rejected"].split())
-        credit.append(1.0 if chosen > rejected else 0.0 if chosen < rejected else 0.5)
-    return float(np.mean(credit)) if credit else float("nan")
+    if not records:
+        return float("nan")
+    return float(np.mean(0.5 + 0.5 * np.sign(oracle_margins(records, world))))
 
 
 def margins_program(graphdef, mesh):
