@@ -218,8 +218,8 @@ def test_killed_at_seeded_moments_the_study_reruns_to_the_same_results(smoke, tm
 def test_upstream_draws_repeat_the_main_study_in_another_world(smoke, tmp_path):
     """`upstream_chains=2` in the smoke study's workdir: chain 0's stages are reused (same
     keys), chain 1's run under `-u1` names with the world, SFT, golden and proxy seeds moved
-    on by one, and the verdict resamples both draws. (The smoke study's own outputs are put
-    back afterwards for the module's later tests.)"""
+    on by one, and the verdict's interval is over the two draws' differences. (The smoke
+    study's own outputs are put back afterwards for the module's later tests.)"""
     workdir, args, _ = smoke
     kept = tmp_path / "kept"
     shutil.copytree(workdir, kept, ignore=shutil.ignore_patterns("data", "jax_cache", "stages",
@@ -239,7 +239,7 @@ def test_upstream_draws_repeat_the_main_study_in_another_world(smoke, tmp_path):
     config = json.loads((sft / "config.json").read_text())
     assert (config["data"]["world_seed"], config["seed"]) == (1, 1)
     assert (summary["comparison"]["chains"], summary["comparison"]["units"]) == (2, 2)
-    assert "of each of 2 upstream draws" in summary["verdict"]
+    assert "over the differences of 2 upstream draws" in summary["verdict"]
     proxies = summary["proxy model validation accuracy (vs D_golden labels)"]  # each draw's
     assert set(proxies) == {"draw 0", "draw 1"} and proxies["draw 0"] != proxies["draw 1"]
     assert "- upstream draws 0-1: the world, SFT, golden and proxy seeds shifted" in report

@@ -1,4 +1,4 @@
-"""Online minus offline at matched KL budgets, with paired bootstrap intervals and a verdict.
+"""Online minus offline at matched KL budgets, with t-intervals and a verdict.
 
 Every policy evaluation records each prompt's outcome (`run_dir.write_outcomes`): the golden
 judge's verdict against the opponent (1 / 0.5 / 0), the oracle's (synthetic world) and the KL
@@ -11,12 +11,19 @@ the stage's own prompts test; without it the evaluation prompts are split into t
 A method's budget curve for one seed: at KL budget k, the test win rate of the checkpoint the
 selection half rates best among its checkpoints with KL <= k (offline: over all its sweep's
 runs of that seed). The difference at k is the mean over seeds of online's curve minus the
-mean of offline's. Its interval is a paired bootstrap: each replicate redraws the seeds (one
-draw for both methods: seed s of each shares its upstream stages and data seed) and the prompts
-of both halves (the same prompts for every checkpoint of both methods), and repeats selection,
-curves and difference; the interval is the 2.5th-97.5th percentile. A verdict names a winner
-only when that interval excludes zero; otherwise it is "undecided". The oracle scores the same
-chosen checkpoints (the judge picks, as a study without an oracle would).
+mean of offline's: the mean of a seeds x test prompts table of paired differences (seed s of
+each method shares its upstream stages and data seed; every checkpoint scores the same
+prompts). Its variance treats seeds and test prompts as crossed random draws (`crossed.py`:
+ANOVA variance components) plus the part of the choice's spread that every seed shares (the
+difference re-made with the checkpoints each bootstrap resample of the selection prompts
+chooses, less each seed's own share, which the seeds' spread already holds); with upstream
+re-draws (chains), the spread of the draws' own differences, which holds everything below
+them. The interval is that variance's 95% t-interval (Satterthwaite's degrees of freedom). A
+verdict names a winner only when the interval excludes zero; otherwise it is "undecided". The
+oracle scores the same chosen checkpoints (the judge picks, as a study without an oracle
+would).
+`bench/verdict_coverage.py` measures how often these intervals cover the truth in simulated
+studies.
 
 Pure numpy; `compare` takes plain records, so notebooks and tests call it on any study.
 """
@@ -24,11 +31,14 @@ Pure numpy; `compare` takes plain records, so notebooks and tests call it on any
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import stdtrit
 
-REPLICATES = 2000
+from alignment_gap.study import crossed
+
+REPLICATES = 2000  # bootstrap resamples of the selection prompts
 LEVEL = 0.95
-# Fewer policy seeds than this and the verdict says that resampling them understates their
-# spread (2-4 seeds give 3-35 distinct resamples; issue 17 asks 5+ for a headline).
+# Fewer policy seeds than this and the verdict says its interval rests on few degrees of
+# freedom (issue 17 asks 5+ for a headline).
 HEADLINE_SEEDS = 5
 
 
@@ -77,26 +87,15 @@ def unit(point: dict) -> tuple[int, int]:
     return point.get("chain", 0), point["seed"]
 
 
-def _unit_draws(rng, units: list[tuple], replicates: int) -> np.ndarray:
-    """[replicates + 1, len(units)] indices into `units`: row 0 every unit once, then
-    resamples; with several chains, chains are drawn first and seeds within each (the
-    seeds of one chain share its upstream stages, so they are not independent draws)."""
-    chains = sorted({c for c, _ in units})
-    if len(chains) == 1:
-        return np.vstack([np.arange(len(units))[None],
-                          rng.integers(0, len(units), (replicates, len(units)))])
-    members = [np.array([i for i, (c, _) in enumerate(units) if c == chain]) for chain in chains]
-    sizes = {chain: len(m) for chain, m in zip(chains, members, strict=True)}
-    if len(set(sizes.values())) > 1:  # the plan gives every chain the study's seeds
+def _check_balanced(units: list[tuple]):
+    """Every upstream draw holds the same policy seeds (the plan gives each chain the study's
+    seeds), so the draws' differences are means over alike sets."""
+    sizes = {}
+    for chain, _ in units:
+        sizes[chain] = sizes.get(chain, 0) + 1
+    if len(set(sizes.values())) > 1:
         raise ValueError(f"upstream draws hold different numbers of policy seeds (chain: "
                          f"seeds {sizes}); each needs a run of every seed of both methods")
-    size = len(members[0])
-    rows = [np.arange(len(units))]
-    for _ in range(replicates):
-        drawn = rng.integers(0, len(chains), len(chains))
-        rows.append(np.concatenate([members[c][rng.integers(0, len(members[c]), size)]
-                                    for c in drawn]))
-    return np.vstack(rows)
 
 
 def variance_split(differences: np.ndarray) -> dict | None:
@@ -124,29 +123,65 @@ def label(point: dict) -> str:
     return f"{hyper}step {point['step']}"
 
 
-def _curves(points, budgets, select, scores, interpolate=False) -> tuple[dict, dict]:
-    """({unit: {judge: [len(budgets), R] curve}}, {unit: [what is chosen at each budget]}) of
-    one method: `select` and each of `scores` ({judge: ...}) are [C, R] per point; the policy
-    chosen on `select` is scored by each."""
-    out, chosen = {}, {}
-    replicate = np.arange(select.shape[1])
+def _curves(points, budgets, select, scores, interpolate=False) -> tuple[dict, dict, dict]:
+    """One method's choices, per unit: ({unit: {judge: [len(budgets), R + 1]}} the test win
+    rate of the policy each column of `select` [C, R + 1] chooses, {unit: {judge:
+    [len(budgets), P]}} the per-prompt test outcomes of the choice as measured (column 0),
+    {unit: [what is chosen at each budget]}); `scores` {judge: [C, P]}: each point's outcomes
+    on the P test prompts."""
+    rates, outcomes, chosen = {}, {}, {}
+    prompts = next(iter(scores.values())).shape[1]
     for key in sorted({unit(p) for p in points}):
         rows = np.array([i for i, p in enumerate(points) if unit(p) == key])
         kl = np.array([points[i]["kl"] for i in rows])
-        curves = {j: np.full((len(budgets), select.shape[1]), np.nan) for j in scores}
+        rates[key] = {j: np.full((len(budgets), select.shape[1]), np.nan) for j in scores}
+        outcomes[key] = {j: np.full((len(budgets), prompts), np.nan) for j in scores}
         chosen[key] = [None] * len(budgets)
         for g, budget in enumerate(budgets):
             weights = mixtures(kl, budget, interpolate)
             if weights.size:
                 best = np.argmax(weights @ select[rows], axis=0)
                 for judge, score in scores.items():
-                    curves[judge][g] = (weights @ score[rows])[best, replicate]
-                mix = weights[best[0]]  # as measured (replicate 0)
+                    policies = weights @ score[rows]  # [M, P]: each affordable policy's outcomes
+                    rates[key][judge][g] = policies.mean(1)[best]
+                    outcomes[key][judge][g] = policies[best[0]]
+                mix = weights[best[0]]  # as measured (column 0)
                 chosen[key][g] = " + ".join(
                     label(points[rows[i]]) + (f" (x{mix[i]:.2f})" if mix[i] < 1 else "")
                     for i in np.flatnonzero(mix))
-        out[key] = curves
-    return out, chosen
+    return rates, outcomes, chosen
+
+
+def interval(table, resampled, chains, level: float = LEVEL) -> dict:
+    """The difference and its t-interval at one budget. `table` [units, P]: each unit's
+    per-prompt difference of the choices as measured; `resampled` [units, R]: each unit's
+    difference of the choices a selection-prompt resample makes (scored on all test prompts);
+    `chains` [units]: each unit's upstream draw. One draw: seeds x prompts crossed
+    (`crossed.variance`) plus the choice's spread that the seeds share; several: the draws'
+    differences."""
+    table = np.asarray(table, float)
+    center = float(table.mean()) if table.size else float("nan")
+    draws = sorted(set(chains))
+    if len(draws) > 1:
+        by_draw = np.array([table[np.asarray(chains) == c].mean() for c in draws])
+        var, df = float(by_draw.var(ddof=1) / len(draws)), float(len(draws) - 1)
+    else:
+        parts = [crossed.variance(table)]
+        # The choice's spread over selection-prompt resamples, less its seed-specific part
+        # (each seed's own luck in choosing is already in the seeds' spread): what a new set
+        # of selection prompts would move in every seed alike.
+        resampled = np.asarray(resampled, float)
+        if resampled.shape[1] > 1:
+            shared = (resampled.mean(0).var(ddof=1)
+                      - resampled.var(axis=1, ddof=1).mean() / len(resampled))
+            parts.append((max(0.0, float(shared)), float(resampled.shape[1] - 1)))
+        var, df = crossed.combine(parts)
+    if not (np.isfinite(center) and np.isfinite(var)):
+        return {"difference": center, "low": np.nan, "high": np.nan, "se": np.nan,
+                "df": np.nan}
+    half = float(stdtrit(df, 0.5 + level / 2)) * np.sqrt(var) if var > 0 else 0.0
+    return {"difference": center, "low": center - half, "high": center + half,
+            "se": float(np.sqrt(var)), "df": df}
 
 
 def _outside_share(points, budgets, select) -> float:
@@ -216,15 +251,11 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
         select_at, test_at, test_key = np.arange(n), np.arange(len(points[0]["test_win"])), "test_"
     else:
         (select_at, test_at), test_key = split(n), ""
+    _check_balanced(units)
     rng = np.random.default_rng(seed)
-    # Prompt weights per chain (each chain's world has its own prompts; chain 0's are drawn
-    # first, so a study without extra chains draws what it always drew).
-    select_w = {chains[0]: _draws(rng, len(select_at), replicates)}  # [R + 1, n_select]
-    test_w = {chains[0]: _draws(rng, len(test_at), replicates)}
-    unit_draws = _unit_draws(rng, units, replicates)
-    for chain in chains[1:]:
-        select_w[chain] = _draws(rng, len(select_at), replicates)
-        test_w[chain] = _draws(rng, len(test_at), replicates)
+    # Selection-prompt weights per chain (each chain's world has its own prompts); row 0 the
+    # prompts as measured, then resamples.
+    select_w = {chain: _draws(rng, len(select_at), replicates) for chain in chains}
 
     judges = ["golden"] + (["oracle"] if all("oracle_win" in p for p in points) else [])
     out = {"seeds": seeds, "chains": len(chains), "units": len(units),
@@ -232,44 +263,42 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
            "reached": reached, "least": least, "replicates": replicates, "rows": {},
            "prompts": {"selection": len(select_at), "test": len(test_at)},
            "interpolated": interpolate, "test_stage": tested}
-    curves = {}
+    rates, outcomes = {}, {}
     for m in methods:
-        def weighted(key, at, weights, group=groups[m]):  # [C, R + 1]: each point's chain's
-            return np.stack([weights[p.get("chain", 0)] @ np.asarray(p[key], float)[at]
+        def selection(group):  # [C, R + 1]: each point's win rate under its chain's weights
+            return np.stack([select_w[p.get("chain", 0)] @ np.asarray(p["win"], float)[select_at]
                              for p in group])
 
-        select = weighted("win", select_at, select_w)
-        scores = {"golden": weighted(f"{test_key}win", test_at, test_w)}
+        scores = {"golden": np.stack([np.asarray(p[f"{test_key}win"], float)[test_at]
+                                      for p in groups[m]])}
         if "oracle" in judges:
-            scores["oracle"] = weighted(f"{test_key}oracle_win", test_at, test_w)
-        curves[m], chosen = _curves(groups[m], budgets, select, scores, interpolate)
+            scores["oracle"] = np.stack([np.asarray(p[f"{test_key}oracle_win"], float)[test_at]
+                                         for p in groups[m]])
+        rates[m], outcomes[m], chosen = _curves(groups[m], budgets, selection(groups[m]),
+                                                scores, interpolate)
         if tested:
             out.setdefault("outside_candidates", {})[m] = _outside_share(
-                every[m], budgets, weighted("win", select_at, select_w, every[m]))
+                every[m], budgets, selection(every[m]))
         out.setdefault("chosen", {})[m] = [[chosen[u][g] for u in units]
                                            for g in range(len(budgets))]
-    tail = (1 - LEVEL) / 2 * 100
+    chain_of = [c for c, _ in units]
     for judge in judges:
-        # [units, budgets, R + 1] -> mean over each replicate's drawn units.
-        by_unit = {m: np.stack([curves[m][u][judge] for u in units]) for m in methods}
-        means = {m: np.stack([by_unit[m][unit_draws[r], :, r].mean(0)
-                              for r in range(replicates + 1)], axis=-1) for m in methods}
-        diff = means[a] - means[b]
+        # [units, budgets, P] per-prompt outcomes of the choices; [units, budgets, R] the test
+        # win rates of the choices each selection resample makes.
+        table = {m: np.stack([outcomes[m][u][judge] for u in units]) for m in methods}
+        resampled = {m: np.stack([rates[m][u][judge][:, 1:] for u in units]) for m in methods}
         if len(chains) > 1:  # how much of the spread the upstream draws account for
             g = int(np.argmin(np.abs(budgets - headline)))
-            per_unit = dict(zip(units, (by_unit[a] - by_unit[b])[:, g, 0], strict=True))
-            table = [[per_unit[u] for u in units if u[0] == chain] for chain in chains]
-            balanced = len({len(row) for row in table}) == 1
-            out.setdefault("variance", {})[judge] = variance_split(table) if balanced else None
+            per_unit = dict(zip(units, (table[a] - table[b])[:, g].mean(1), strict=True))
+            split_table = [[per_unit[u] for u in units if u[0] == chain] for chain in chains]
+            out.setdefault("variance", {})[judge] = variance_split(split_table)
         rows = []
         for g, budget in enumerate(budgets):
-            resampled = diff[g, 1:]
-            lo, hi = ((np.nan, np.nan) if np.isnan(resampled).any()
-                      else np.percentile(resampled, [tail, 100 - tail]))
-            rows.append({"kl": float(budget), a: float(means[a][g, 0]),
-                         b: float(means[b][g, 0]), "difference": float(diff[g, 0]),
-                         "low": float(lo), "high": float(hi),
-                         "verdict": verdict_of(lo, hi, a, b)})
+            row = interval(table[a][:, g] - table[b][:, g],
+                           resampled[a][:, g] - resampled[b][:, g], chain_of)
+            rows.append({"kl": float(budget), a: float(table[a][:, g].mean()),
+                         b: float(table[b][:, g].mean()), **row,
+                         "verdict": verdict_of(row["low"], row["high"], a, b)})
         out["rows"][judge] = rows
     return out
 
@@ -297,23 +326,27 @@ def sentence(comparison: dict, a: str = "online", b: str = "offline") -> str:
     seeds, chains = len(comparison["seeds"]), comparison.get("chains", 1)
     over = (f"{comparison['prompts']['test']} test prompts and {seeds} seed"
             f"{'s' * (seeds != 1)}" + (" (one seed: prompts only)" if seeds == 1 else
-                                       f" (under {HEADLINE_SEEDS} seeds: resampling them "
-                                       "understates their spread)"
+                                       f" (under {HEADLINE_SEEDS} seeds: a rough interval "
+                                       "from few degrees of freedom)"
                                        if seeds < HEADLINE_SEEDS else ""))
     if chains > 1:
-        over = (f"{comparison['prompts']['test']} test prompts of each of {chains} upstream "
-                f"draws (world, SFT, golden and proxy seeds), {seeds} policy seeds in each")
+        over = (f"the differences of {chains} upstream draws (world, SFT, golden and proxy "
+                f"seeds; {comparison['prompts']['test']} test prompts and {seeds} policy seeds "
+                "in each)")
 
     def view(r, judge):
+        df = f" ({r['df']:.3g} df)" if np.isfinite(r.get("df", np.nan)) else ""
         return (f"{judge}: {a} minus {b} {r['difference']:+.3f} "
-                f"[{r['low']:+.3f}, {r['high']:+.3f}], {r['verdict']}")
+                f"[{r['low']:+.3f}, {r['high']:+.3f}]{df}, {r['verdict']}")
 
     text = (f"At a KL budget of {row['kl']:.3g} nats (the most both methods used), "
             f"{view(row, 'golden judge')}")
     oracle = headline(comparison, "oracle")
     if oracle is not None:
         text += f"; {view(oracle, 'oracle')}"
-    text = (f"{text}. (95% paired bootstrap over {over}; checkpoints chosen on "
+    crossed_ = ("" if chains > 1 else ", seeds and prompts as crossed random draws, the "
+                "choice's own spread over resampled selection prompts included")
+    text = (f"{text}. (95% t-intervals over {over}{crossed_}; checkpoints chosen on "
             f"{comparison['prompts']['selection']} other prompts.)")
     split_ = (comparison.get("variance") or {}).get("golden")
     if split_ is not None:

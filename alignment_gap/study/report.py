@@ -130,11 +130,15 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
              f"{comparison.get('prompts', {}).get('test', 0)} disjoint test prompts"
              + (" of the test stage (it scores the checkpoints within "
                 f"{study.eval.candidate_margin:g} of the best selection win rate at no more "
-                "KL, among which the bootstrap re-chooses; of the choices a resample would make "
-                f"among every evaluation, {_outside(comparison)} fell outside them)"
+                "KL, among which the selection-prompt resamples re-choose; of the choices a "
+                f"resample would make among every evaluation, {_outside(comparison)} fell "
+                "outside them)"
                 if comparison.get("test_stage") else "")
              + "; mean over "
-             "seeds; 95% paired bootstrap over prompts and seeds. A method is better only where "
+             "seeds; 95% t-interval, seeds and test prompts as crossed random draws plus the "
+             "part of the choice's spread over resampled selection prompts that every seed "
+             "shares (with upstream draws: over the draws' own differences). A method is "
+             "better only where "
              "the interval excludes zero. The oracle scores the checkpoints the judge chose.", "",
              *budget_table(comparison), "",
              *choices_table(comparison),
@@ -191,8 +195,8 @@ def hypotheses_markdown(study, findings) -> list[str]:
               f"Seeds {list(study.seeds)}; a row agrees or differs by the golden judge (the "
               "oracle beside it where a row compares runs) and only where the interval it shows "
               "decides; otherwise it is undecided. Runs are compared at matched KL (paired "
-              "bootstrap over prompts and seeds), classifiers' accuracies by Wilson intervals "
-              "over the pairs counted (two classifiers on the same pairs by a paired "
+              "t-intervals, seeds and prompts crossed), classifiers' accuracies by Wilson "
+              "intervals over the pairs counted (two classifiers on the same pairs by a paired "
               "t-interval), drifts by t-intervals over seeds; the rules are in "
               "`alignment_gap/study/hypotheses/`.", "",
               "| hypothesis | the paper found | this run found | agree? |",

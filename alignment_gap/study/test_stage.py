@@ -12,9 +12,9 @@ within `eval.candidate_margin` of the best among that method's and seed's checkp
 more KL. Any other checkpoint is beaten by more than the margin at every budget that affords
 it, alone (the stepped frontier) and inside a mixture (the interpolated frontier: a mixture with
 a dominated checkpoint is beaten by the same mixture with the one that dominates it). So the
-bootstrap's re-selection ranges over the candidates: a resample would have to move a
-non-candidate by more than the margin to choose it. Step 0 (the SFT policy, the same for every
-run of a seed) is a candidate of every method and is scored once per seed.
+re-selection on resampled selection prompts ranges over the candidates: a resample would have
+to move a non-candidate by more than the margin to choose it. Step 0 (the SFT policy, the same
+for every run of a seed) is a candidate of every method and is scored once per seed.
 
 Outcomes: `scored/<run stage or start-s<seed>>/outcomes/step_N.npz`, written as each candidate is
 scored (`run_dir.write_outcomes`), so an interrupted stage resumes with the rest.

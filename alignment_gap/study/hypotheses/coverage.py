@@ -5,7 +5,7 @@ the online run's own hyper-parameters: in order ("tandem": it must retrace the o
 shuffled within windows of a few batches and of an eighth of the run (the paper's 4 and 500 of
 4k), and shuffled uniformly. If online wins because of what its data covers, the shuffled
 replays should keep most of its lead over plain offline IPO on D_golden. The verdicts compare
-runs at matched KL budgets with paired bootstrap intervals (`shared.matched`): a replay
+runs at matched KL budgets with t-intervals (`shared.matched`): a replay
 "gains" or "degrades" only where an interval excludes zero.
 """
 

@@ -10,7 +10,7 @@ and labelled by the golden model (paper Fig. 5 and 12, step counts scaled to thi
 Offline IPO then trains on each (the validation split is D_golden's, so every evaluation reads
 the same held-out pairs). The paper: high-quality pairs alone barely beat SFT (far below
 online); keeping one side near SFT helps most. The verdicts compare runs at matched KL budgets
-with paired bootstrap intervals (`shared.matched`); undecided unless an interval excludes zero.
+with t-intervals (`shared.matched`); undecided unless an interval excludes zero.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def analyse(plan, rows, workdir: str) -> Finding:
     lines += ["", f"Each dataset: {next(iter(stats.values()))['pairs']} training pairs sampled on "
               f"the training prompts, labelled by the golden model; step {early} stands for the "
               f"paper's 800 and step {plan.study.policy.steps} for its 4k."]
-    # At matched KL budgets with paired bootstrap intervals (`shared.matched`), as the main
+    # At matched KL budgets with t-intervals (`shared.matched`), as the main
     # verdict: peaks at whatever KL each run reached would flatter the longer-moving runs.
     # The paper's claim is also that it barely beats SFT; that half is not tested here.
     verdicts = [shared.matched_verdict(

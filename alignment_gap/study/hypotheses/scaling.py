@@ -4,8 +4,8 @@ The same study at several policy sizes (>= 8x parameters apart; on CPU `nano`, `
 `small`) with the same proxy and golden models: each size gets its own SFT, online runs and
 offline sweep (offline tuned per size: its best over the sweep). Every size plays against one
 fixed opponent, the golden policy (the main-size policy trained online against the golden
-model), so win rates compare across sizes. The verdicts are matched-KL differences with paired
-bootstrap intervals (`study/differences.py`): online minus offline at each size, and the
+model), so win rates compare across sizes. The verdicts are matched-KL differences with
+t-intervals (`study/differences.py`): online minus offline at each size, and the
 largest size's online runs minus the smallest's. The descriptive table shows "best" = the
 `scaling.quantile` quantile of each method's run peaks, normalised by online's (the paper's
 Fig. 11 normalisation). The paper: peaks rise with size, and the online-offline gap barely
@@ -126,7 +126,7 @@ def analyse(plan, rows, workdir: str) -> Finding:
               f"{list(s.seeds)}; offline: the whole sweep), descriptive: at whatever KL, chosen "
               "and scored on the same evaluation prompts. Matched KL: at the largest budget "
               "both methods reached, checkpoints chosen on the selection prompts and scored "
-              "on the test prompts, 95% paired bootstrap (as the main verdict). "
+              "on the test prompts, 95% t-interval (as the main verdict). "
               f"{sizes[-1]} minus {sizes[0]}, online: golden {_difference(grown[0])}; "
               f"oracle {_difference(grown[1])}."]
     persists = [_agree(gaps[size][0], "online") for size in sizes]

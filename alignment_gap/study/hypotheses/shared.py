@@ -95,8 +95,8 @@ def num(x: float, digits: int = 3) -> str:
 
 def matched(plan, runs: dict, a: str, b: str) -> dict:
     """`a` minus `b` at the largest KL budget both reached, as the main verdict is made
-    (checkpoints chosen on half the evaluation prompts, scored on the other half, paired
-    bootstrap over prompts and seeds): {judge: row} for the golden judge and the oracle."""
+    (checkpoints chosen on half the evaluation prompts, scored on the other half, t-interval
+    with seeds and prompts crossed): {judge: row} for the golden judge and the oracle."""
     points = outcome_points(plan, {a: runs[a], b: runs[b]})
     if not all("test_win" in p for p in points):  # both sides split their own prompts
         points = [{k: v for k, v in p.items() if not k.startswith("test_")} for p in points]
