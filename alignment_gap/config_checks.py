@@ -350,10 +350,13 @@ def check_hypotheses(c):
               "online_betas, or set policy.beta to one of them")
     if "coverage" in names:
         orders = "give (label, order, batches per window) with order in " \
-            f"{REPLAY_ORDERS} and a window >= 1, e.g. ('window4', 'window', 4)"
+            f"{REPLAY_ORDERS} and a window of >= 1 batches or a fraction of the run below 1, " \
+            "e.g. ('window4', 'window', 4) or ('window_eighth', 'window', 0.125)"
         for entry in c.coverage.orders:
-            if not (len(entry) == 3 and entry[1] in REPLAY_ORDERS and isinstance(entry[2], int)
-                    and entry[2] >= 1):
+            window = entry[2] if len(entry) == 3 else None
+            if not (len(entry) == 3 and entry[1] in REPLAY_ORDERS and (
+                    (isinstance(window, int) and window >= 1)
+                    or (isinstance(window, float) and 0 < window < 1))):
                 _fail("coverage.orders", f"{tuple(entry)!r} is not a replay order", orders)
         labels = {entry[0] for entry in c.coverage.orders}
         if not {"tandem", "shuffled"} <= labels:

@@ -101,17 +101,19 @@ def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
 def _hypothesis_sections(c):
     c.hypotheses = ()  # Hypothesis variants whose runs, figures and verdicts to add.
     c.coverage = ml_collections.ConfigDict()
-    # Replay orders of D_online: (label, order, batches per shuffled window). The paper's
-    # windows of 4 and 500 batches in 4k-step runs; 500/4000 scales to steps // 8 here.
+    # Replay orders of D_online: (label, order, batches per shuffled window; a fraction below
+    # 1: that share of policy.steps, at least 2). The paper's windows of 4 and 500 batches in
+    # 4k-step runs; 500/4000 scales to an eighth of the run here.
     c.coverage.orders = [("tandem", "tandem", 1), ("window4", "window", 4),
-                         ("window_eighth", "window", max(2, c.policy.steps // 8)),
-                         ("shuffled", "shuffle", 1)]
+                         ("window_eighth", "window", 0.125), ("shuffled", "shuffle", 1)]
     c.quality = ml_collections.ConfigDict()
     c.quality.pairs = 4096  # Train pairs sampled for each of D_4k vs 4k, D_sft vs 800, ...
-    c.quality.early_step = c.policy.steps // 5  # The paper's 800 of 4k steps, scaled.
+    # The paper's 800 of 4k steps, scaled; references follow --config.policy.steps and
+    # --config.batch_size until set themselves.
+    c.quality.early_step = c.policy.get_ref("steps") // 5
     c.quality.learning_rates = (c.offline_learning_rates[0],)  # Offline lr on each dataset.
     c.classification = ml_collections.ConfigDict()
-    c.classification.stream_pairs = 2 * c.batch_size  # Online-stream pairs at each checkpoint.
+    c.classification.stream_pairs = 2 * c.get_ref("batch_size")  # Stream pairs a checkpoint.
     c.noncontrastive = ml_collections.ConfigDict()
     c.noncontrastive.learning_rate = c.online_learning_rates[0]  # Best-of-2 online (and shuffled).
     lr = c.noncontrastive.learning_rate  # Best-of-2 offline on D_golden: its own sweep.

@@ -17,6 +17,7 @@ from alignment_gap.data import datasets
 from alignment_gap.errors import ConfigError
 from alignment_gap.models import LanguageModel, TransformerConfig
 from alignment_gap.study import pipeline
+from alignment_gap.study.hypotheses import coverage
 from configs import demo, meshes, models, policy, study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -309,6 +310,9 @@ def test_committed_results_are_the_runs_their_preset_plans(docs, variant, sweep)
     preset = json.loads(json.dumps(config.to_dict()))
     recorded["data"].pop("dir"), preset["data"].pop("dir")  # where the datasets were cached
     recorded["sweep"].setdefault("stack_runs", 1)  # studies from before the field: runs alone
+    # Replay windows given as a share of the run were recorded in batches before 2026-12-07.
+    preset["coverage"]["orders"] = [[label, order, coverage.batches(window, config.policy.steps)]
+                                    for label, order, window in preset["coverage"]["orders"]]
     assert recorded == preset
     plan = pipeline.build_plan(config, "/nonexistent")
     planned = {s.name: s for s in plan.stages if s.meta.get("method")}
@@ -388,3 +392,26 @@ def test_a_resume_may_move_and_relayout_a_run_but_not_change_what_it_trains():
     now.end_lr_fraction = 0.1  # now the schedule decays towards num_steps
     assert "num_steps" in [f for f, _, _ in resume_guard.changes(started.to_dict(),
                                                                  now.to_dict())]
+
+
+def test_fields_derived_from_the_run_length_and_batch_follow_command_line_overrides():
+    """The hypothesis sections scale with policy.steps and batch_size (quality's early
+    checkpoint, the classification stream's pairs, the replay window of an eighth of the run):
+    overriding those on the command line moves them too, unless they are set themselves; the
+    plan's replay runs get the window in batches."""
+    script = ("import sys, json\nfrom absl import flags\nfrom ml_collections import config_flags"
+              "\nc = config_flags.DEFINE_config_file('config')\nflags.FLAGS(sys.argv)\n"
+              "c = c.value\nprint(json.dumps([c.quality.early_step, "
+              "c.classification.stream_pairs, c.policy.steps, c.batch_size]))")
+    base = [sys.executable, "-c", script, "--config=configs/study.py:mini_hypotheses"]
+    runs = [base, base + ["--config.policy.steps=600", "--config.batch_size=16"],
+            base + ["--config.policy.steps=600", "--config.quality.early_step=7"]]
+    out = [json.loads(subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                                     check=True).stdout) for args in runs]
+    assert out == [[60, 64, 300, 32], [120, 32, 600, 16], [7, 64, 600, 32]]
+    config = study.get_config("mini_coverage")
+    config.policy.steps = 48
+    windows = {s.config.replay.window for s in pipeline.build_plan(config, "/nonexistent").stages
+               if s.config.get("replay") and s.config.replay.get("order") == "window"}
+    assert windows == {4, 6}  # window4, and an eighth of 48 steps
+    assert coverage.batches(0.125, 8) == 2 and coverage.batches(4, 8) == 4

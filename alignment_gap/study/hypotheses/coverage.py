@@ -22,6 +22,12 @@ NAME, TITLE = "coverage", "Data coverage: replaying D_online offline"
 TRAIN_KEYS = ("loss", "h", "kl_sequence", "grad_norm")
 
 
+def batches(window, steps: int) -> int:
+    """A replay window in batches: an int as given; a fraction below 1, that share of the run's
+    steps (at least 2), so it follows --config.policy.steps."""
+    return window if isinstance(window, int) else max(2, int(steps * window))
+
+
 def runs(plan) -> dict:
     s = plan.study
     out = {"online": [], **{label: [] for label, _, _ in s.coverage.orders},
@@ -32,7 +38,8 @@ def runs(plan) -> dict:
         lr = online.meta["learning_rate"]
         for label, order, window in s.coverage.orders:
             out[label].append(plan.offline(seed, lr, s.policy.beta, s.policy.steps, method=label,
-                                           group=NAME, replay=(online, order, window)))
+                                           group=NAME,
+                                           replay=(online, order, batches(window, s.policy.steps))))
         # D_golden at the replays' learning rate: what a replay's gain is measured against
         # (the main sweep's run where it has one, not a second run of the same config).
         main = [run for run in plan.main_runs("offline") if run.meta["seed"] == seed
@@ -72,7 +79,8 @@ def analyse(plan, rows, workdir: str) -> Finding:
                 "shuffled": "D_online shuffled uniformly"}
     for label, order, window in s.coverage.orders:
         if order == "window":
-            describe[label] = f"D_online shuffled within windows of {window} batches"
+            describe[label] = ("D_online shuffled within windows of "
+                               f"{batches(window, s.policy.steps)} batches")
     gap = tandem_gap(plan, r["online"], r["tandem"])
     win_gap = _matched_eval_gap(rows)
     lines = shared.runs_section(rows, labels, describe, workdir, "coverage.png",
