@@ -247,18 +247,28 @@ def test_the_report_says_how_often_a_resample_would_choose_outside_the_candidate
         assert c["outside_candidates"]["offline"] == 0.0
 
 
+def test_peaks_are_chosen_on_selection_prompts_and_scored_on_test_prompts():
+    """Each seed's peak is the checkpoint past step 0 that the selection prompts rate best at
+    any KL, scored on the test prompts: a checkpoint lucky on the selection half scores its
+    test half, not the selection half's 1.0; the start is no peak."""
+    select, _ = differences.split(N)
+    lucky = np.zeros(N)
+    lucky[select] = 1.0
+    points = [point("offline", 0, 0.0, np.ones(N), step=0), point("offline", 0, 3.0, lucky),
+              point("offline", 0, 0.5, np.full(N, 0.5), step=12),
+              point("online", 0, 0.0, np.ones(N), step=0), point("online", 0, 0.5, np.ones(N))]
+    peaks = results.held_out_peaks(differences.compare(points, replicates=20))
+    assert peaks["offline"]["per_seed"] == {"0": 0.0} and peaks["online"]["per_seed"] == {"0": 1.0}
+
+
 def test_the_report_explains_its_peak_intervals_and_writes_measured_settings_as_prose():
-    rng = np.random.default_rng(6)
-    points = [point(m, seed, 1.0, noisy(rng, 0.6)) for m in ("online", "offline")
-              for seed in (0, 1)]
-    comparison = differences.compare(points, replicates=50)
     extras = {"agreement": {"test": 0.84912, "validation": 0.8},
               "on samples": {"online": {"all": 0.6761, "last": 0.69}, "offline": {"all": 0.5}}}
-    row = lambda method, seed, win: {"method": method, "seed": seed, "step": 6, "chain": 0,
-                                     "beta": 0.1, "win_rate": win, "oracle_win_rate": win}
     for wins, no_interval in (((0.7, 0.8), False), ((0.75, 0.75), True)):
-        rows = [row(m, seed, w) for m in ("online", "offline") for seed, w in enumerate(wins)]
-        text = report.markdown(study_configs.get_config("smoke"), rows, comparison, {}, extras)
+        points = [point(m, seed, 1.0, np.full(N, w)) for m in ("online", "offline")
+                  for seed, w in enumerate(wins)]
+        comparison = differences.compare(points, replicates=20)
+        text = report.markdown(study_configs.get_config("smoke"), [], comparison, {}, extras)
         assert "+- is the half-width of a 95% t-interval over seeds" in text
         assert ("no interval: one seed, or seeds that agree exactly" in text) == no_interval
         assert "- agreement: test 0.849, validation 0.800\n" in text

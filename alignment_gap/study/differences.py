@@ -269,13 +269,21 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
             return np.stack([select_w[p.get("chain", 0)] @ np.asarray(p["win"], float)[select_at]
                              for p in group])
 
-        scores = {"golden": np.stack([np.asarray(p[f"{test_key}win"], float)[test_at]
-                                      for p in groups[m]])}
-        if "oracle" in judges:
-            scores["oracle"] = np.stack([np.asarray(p[f"{test_key}oracle_win"], float)[test_at]
-                                         for p in groups[m]])
+        def test_scores(group):  # {judge: [C, P]}: each point's outcomes on the test prompts
+            return {j: np.stack([np.asarray(p[f"{test_key}{key}"], float)[test_at]
+                                 for p in group])
+                    for j, key in (("golden", "win"), ("oracle", "oracle_win")) if j in judges}
+
         rates[m], outcomes[m], chosen = _curves(groups[m], budgets, selection(groups[m]),
-                                                scores, interpolate)
+                                                test_scores(groups[m]), interpolate)
+        # Each seed's peak: the checkpoint past step 0 the selection prompts rate best at
+        # any KL, scored on the test prompts (a best-of-many choice scored where it was made
+        # would flatter a large sweep).
+        moved = [p for p in groups[m] if p["step"] > 0] or groups[m]
+        peak, _, _ = _curves(moved, [np.inf], selection(moved)[:, :1], test_scores(moved))
+        out.setdefault("peaks", {})[m] = {
+            j: {(f"{s}-u{c}" if c else str(s)): float(peak[c, s][j][0, 0]) for c, s in peak}
+            for j in judges}
         if tested:
             out.setdefault("outside_candidates", {})[m] = _outside_share(
                 every[m], budgets, selection(every[m]))

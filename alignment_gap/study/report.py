@@ -119,7 +119,8 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
              mixed=None) -> str:
     """The report; `mixed`: the same comparison through mixtures of two checkpoints
     (`differences.compare(..., interpolate=True)`), shown below the verdict's own table."""
-    p, g = results.peaks(rows), results.peaks(rows, "oracle_win_rate")
+    p, g = results.held_out_peaks(comparison), results.held_out_peaks(comparison, "oracle")
+    prompts = comparison.get("prompts", {})
     lines = ["# Online vs offline: the controlled study", "",
              f"**{results.verdict(comparison)}**", "",
              "![frontier](frontier.png)", "",
@@ -143,9 +144,10 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
              *budget_table(comparison), "",
              *choices_table(comparison),
              *_mixed_section(mixed),
-             "## Peak win rate (best checkpoint per seed by the golden judge, chosen and scored "
-             "on all prompts; each method's best over its sweep; the oracle scores that "
-             "checkpoint)", "",
+             "## Peak win rate (best checkpoint per seed at any KL by the golden judge: chosen "
+             f"on the {prompts.get('selection', 0)} selection prompts, scored on the "
+             f"{prompts.get('test', 0)} test prompts; each method's best over its sweep; the "
+             "oracle scores that checkpoint)", "",
              "| method | golden win rate | oracle win rate (there) | seeds |",
              "| --- | --- | --- | --- |"]
     peak_rows = [f"| {method} | {format_interval(p[method]['mean_ci'])} | "
@@ -248,7 +250,8 @@ def write_report(study, rows, comparison, timings, extras, workdir: str, finding
     run_dir.write_text(workdir, "report.md", text)
     run_dir.write_text(workdir, "summary.json", json.dumps(
         {"verdict": results.verdict(comparison), "comparison": comparison,
-         "comparison_interpolated": mixed, "peaks": results.peaks(rows),
-         "oracle_peaks": results.peaks(rows, "oracle_win_rate"), "timings": timings, **extras,
+         "comparison_interpolated": mixed, "peaks": results.held_out_peaks(comparison),
+         "oracle_peaks": results.held_out_peaks(comparison, "oracle"), "timings": timings,
+         **extras,
          "hypotheses": [dataclasses.asdict(f) for f in findings]}, indent=2, default=str))
     return os.path.join(workdir, "report.md")

@@ -89,6 +89,17 @@ def peaks(rows, metric: str = "win_rate", chosen_by: str = "win_rate") -> dict:
     return out
 
 
+def held_out_peaks(comparison: dict, judge: str = "golden") -> dict:
+    """`peaks`' shape from `differences.compare`'s held-out peaks: per method, each seed's
+    checkpoint the selection prompts rate best at any KL, scored on the test prompts."""
+    out = {}
+    for method, by_judge in comparison.get("peaks", {}).items():
+        by_seed = {key: v for key, v in by_judge.get(judge, {}).items() if np.isfinite(v)}
+        if by_seed:
+            out[method] = {"per_seed": by_seed, "mean_ci": mean_ci(list(by_seed.values()))}
+    return out
+
+
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Upper-left Pareto frontier of (kl, value): no other point has less KL and more value."""
     best, out = -np.inf, []
