@@ -281,6 +281,7 @@ ALONE = {"stack_runs": 1}  # ran before `paper` stacked its offline grid: every 
     ("paper_study_amd", "paper_v1", ALONE), ("hypotheses_amd", "hypotheses", {}),
     ("mini_study_intel_2026-12-03", "mini", {}), ("mini_study_intel_2026-12-04", "mini", {}),
     ("mini_study_intel_2026-12-05", "mini", {}), ("mini_study_amd_2026-12-06", "mini", {}),
+    ("mini_study_amd_2026-12-07", "mini", {}),
     ("paper_study_intel_2026-12-04", "paper_v1", ALONE),
     ("hypotheses_intel_2026-12-04", "hypotheses", {}),
     ("hypotheses_intel_2026-12-06", "hypotheses", {}),
@@ -311,8 +312,9 @@ def test_committed_results_are_the_runs_their_preset_plans(docs, variant, sweep)
     recorded["data"].pop("dir"), preset["data"].pop("dir")  # where the datasets were cached
     recorded["sweep"].setdefault("stack_runs", 1)  # studies from before the field: runs alone
     # Replay windows given as a share of the run were recorded in batches before 2026-12-07.
-    preset["coverage"]["orders"] = [[label, order, coverage.batches(window, config.policy.steps)]
-                                    for label, order, window in preset["coverage"]["orders"]]
+    for c in (preset, recorded):
+        c["coverage"]["orders"] = [[label, order, coverage.batches(window, config.policy.steps)]
+                                   for label, order, window in c["coverage"]["orders"]]
     assert recorded == preset
     plan = pipeline.build_plan(config, "/nonexistent")
     planned = {s.name: s for s in plan.stages if s.meta.get("method")}

@@ -352,8 +352,8 @@ def sentence(comparison: dict, a: str = "online", b: str = "offline") -> str:
     oracle = headline(comparison, "oracle")
     if oracle is not None:
         text += f"; {view(oracle, 'oracle')}"
-    crossed_ = ("" if chains > 1 else ", seeds and prompts as crossed random draws, the "
-                "choice's own spread over resampled selection prompts included")
+    crossed_ = ("" if chains > 1 else ", seeds and prompts as crossed random draws, plus the "
+                "choice's spread over resampled selection prompts that the seeds share")
     text = (f"{text}. (95% t-intervals over {over}{crossed_}; checkpoints chosen on "
             f"{comparison['prompts']['selection']} other prompts.)")
     split_ = (comparison.get("variance") or {}).get("golden")

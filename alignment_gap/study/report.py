@@ -157,8 +157,8 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
     lines += ["", "+- is the half-width of a 95% t-interval over seeds"
               + ("; no interval: one seed, or seeds that agree exactly"
                  if any("(no interval)" in row for row in peak_rows) else "")
-              + ". Peaks are at whatever KL each method reached and flatter many-checkpoint "
-              "sweeps; the budget table above is the comparison.", "", "## Setting", "",
+              + ". Peaks are at whatever KL each method reached; the budget table above is the "
+              "comparison.", "", "## Setting", "",
               f"- opponent: {study.opponent}; judge: the golden preference model (both-order "
               "sign rule); oracle: " + ("the synthetic world's exact score"
                                         if study.data.kind == "synthetic" else "none (real data)"),
