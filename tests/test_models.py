@@ -12,7 +12,7 @@ from flax import nnx
 
 from alignment_gap import logprobs, losses, sharding
 from alignment_gap.models import LanguageModel, TransformerConfig, both_order_margin
-from alignment_gap.models.attention import branched_layout
+from alignment_gap.models.attention import attend, branched_layout
 from alignment_gap.models.transformer import KVCache
 from alignment_gap.train.state import TrainState, init_train_state, make_optimizer, make_update_step
 from tests.conftest import random_prompts
@@ -132,6 +132,17 @@ def test_grouped_query_attention_and_bf16_run(mini_config):
     # ... and its logits keep float32's precision (the head's product is not rounded to bf16)
     rounded = np.asarray(jnp.asarray(out16).astype(jnp.bfloat16).astype(jnp.float32))
     assert np.mean(np.asarray(out16) != rounded) > 0.5
+
+
+def test_bfloat16_attention_scores_keep_float32_precision():
+    """Scores 20 and 20.156 (bfloat16 holds neither gap: 20.156 rounds to 20.125) must reach
+    the softmax as computed: the second value's weight is sigmoid(0.156), not sigmoid(0.125)."""
+    q = jnp.full((1, 1, 1), 20.0, jnp.bfloat16)
+    k = jnp.asarray([[[1.0], [1.0078125]]], jnp.bfloat16)  # both exact in bfloat16
+    v = jnp.asarray([[[0.0], [1.0]]], jnp.bfloat16)
+    out = attend(q, k, v, jnp.ones((1, 1, 2), bool), 1, 1.0, jnp.bfloat16)
+    expected = 1 / (1 + np.exp(-20.0 * 0.0078125))
+    assert float(out[0, 0, 0]) == pytest.approx(expected, abs=2e-3)  # not 0.531 (rounded)
 
 
 def test_preference_model_reads_both_responses_and_sign_rule_is_antisymmetric(mini_config):

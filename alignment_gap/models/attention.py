@@ -99,7 +99,10 @@ def attend(q, k, v, visible, groups: int, scale: float, dtype):
     included (the last slot of an all-padding prompt predicts the first response token)."""
     *lead, rows, _ = q.shape
     slots = k.shape[-2]
-    scores = jnp.einsum("...qh,...sh->...qs", q, k.astype(dtype)).astype(jnp.float32)
+    # Scores leave the product in float32: rounded to bfloat16 first (8 bits of mantissa),
+    # a score near 20 would move by up to 1/16 before the softmax exponentiates it.
+    scores = jnp.einsum("...qh,...sh->...qs", q, k.astype(dtype),
+                        preferred_element_type=jnp.float32)
     scores = scores.reshape(*lead, groups, rows // groups, slots) * scale
     scores = jnp.where(visible, scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(*lead, rows, slots)
