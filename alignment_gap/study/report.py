@@ -197,9 +197,10 @@ def hypotheses_markdown(study, findings) -> list[str]:
               f"Seeds {list(study.seeds)}; a row agrees or differs by the golden judge (the "
               "oracle beside it where a row compares runs) and only where the interval it shows "
               "decides; otherwise it is undecided. Runs are compared at matched KL (paired "
-              "t-intervals, seeds and prompts crossed), classifiers' accuracies by Wilson "
-              "intervals over the pairs counted (two classifiers on the same pairs by a paired "
-              "t-interval), drifts by t-intervals over seeds; the rules are in "
+              "t-intervals, seeds and prompts crossed), final accuracies over seeds and pairs, "
+              "stream accuracies by Wilson intervals over the pairs counted (two classifiers on "
+              "the same pairs by a paired t-interval), drifts by t-intervals over seeds; the "
+              "rules are in "
               "`alignment_gap/study/hypotheses/`.", "",
               "| hypothesis | the paper found | this run found | agree? |",
               "| --- | --- | --- | --- |"]

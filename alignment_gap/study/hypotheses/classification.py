@@ -274,18 +274,23 @@ def analyse(plan, rows, workdir: str) -> Finding:
               f"Final D_golden accuracy (mean over seeds, {pairs} pairs): online "
               f"{shared.num(final['online'])}, offline {shared.num(final['offline'])}; Pearson "
               f"r(win rate, accuracy) over all checkpoints {shared.num(corr, 2)}."]
-    verdicts = claim_verdicts(final, pairs, drift, (corr, corr_interval, n_points), stream,
+    verdicts = claim_verdicts(accuracy, pairs, drift, (corr, corr_interval, n_points), stream,
                               counts, points)
     return Finding(NAME, TITLE, lines, verdicts)
 
 
-def claim_verdicts(final, pairs, drift, correlation, stream, counts, points) -> list[Verdict]:
-    """Each claim against its interval: accuracies as Wilson intervals over the pairs counted,
-    the proxy's lead over a policy as a paired t-interval over the stream pairs both scored,
-    drifts as t-intervals over seeds, the correlation by a bootstrap over runs; a claim of no
-    effect agrees only where its interval excludes a relevant one (`CHANCE_MARGIN`, and r within
-    +-0.5)."""
-    levels = {m: shared.proportion_interval(final[m], pairs) for m in final}
+def claim_verdicts(accuracy, pairs, drift, correlation, stream, counts,
+                   points) -> list[Verdict]:
+    """Each claim against its interval: the final D_golden accuracies ({method: {seed: value}},
+    each seed's on the same `pairs` pairs) over seeds and pairs (`seeds_and_pairs_interval`),
+    the stream's accuracies as Wilson intervals over the pairs counted, the proxy's lead over a
+    policy as a paired t-interval over the stream pairs both scored, drifts as t-intervals over
+    seeds, the correlation by a bootstrap over runs; a claim of no effect agrees only where its
+    interval excludes a relevant one (`CHANCE_MARGIN`, and r within +-0.5)."""
+    final = {m: float(np.mean(list(v.values()))) if v else np.nan for m, v in accuracy.items()}
+    levels = {m: shared.seeds_and_pairs_interval(list(accuracy[m].values()), pairs)
+              for m in accuracy}
+    seeds_counted = max((len(v) for v in accuracy.values()), default=0)
     corr, (lo, hi), n_points = correlation
     seeds = sorted(set(drift["online"]) & set(drift["offline"]))
     falls = {m: results.mean_ci([drift[m][s] for s in seeds]) for m in drift}
@@ -322,7 +327,8 @@ def claim_verdicts(final, pairs, drift, correlation, stream, counts, points) -> 
            for n in ("online", "offline_own") if f"{n}/golden" in stream}
     return [
         Verdict("Offline policies classify D_golden at 60-70%, online ones below 50%",
-                "final accuracy (95% over the pairs) " + ", ".join(
+                f"final accuracy (95% over {seeds_counted} seed{'s' * (seeds_counted != 1)} and "
+                f"{pairs} pairs) " + ", ".join(
                     f"{m} {final[m]:.3f} {shared.interval_text(*levels[m])}"
                     for m in ("offline", "online"))
                 + f" (the paper's offline band {OFFLINE_BAND[0]:.0%}-{OFFLINE_BAND[1]:.0%})",

@@ -9,8 +9,9 @@ import dataclasses
 import os
 
 import numpy as np
+from scipy.special import stdtrit
 
-from alignment_gap.study import differences, report, results
+from alignment_gap.study import crossed, differences, report, results
 
 Z = 1.96  # two-sided 95% normal quantile
 
@@ -174,6 +175,24 @@ def proportion_interval(p: float, n: int) -> tuple[float, float]:
     centre = (p + z2n / 2) / (1 + z2n)
     half = Z * np.sqrt(p * (1 - p) / n + z2n / (4 * n)) / (1 + z2n)
     return centre - half, centre + half
+
+
+def seeds_and_pairs_interval(by_seed, pairs: int) -> tuple[float, float]:
+    """95% interval of a mean over seeds of accuracies each counted on the same `pairs` pairs:
+    the seeds' spread (each seed's accuracy carries its own pair-by-pair noise too) plus the
+    shared pairs' binomial variance p (1 - p) / pairs, which the seeds' spread cannot show (every
+    seed reads the same pairs) and which bounds that component from above; a t quantile with
+    Satterthwaite's degrees of freedom, clipped to [0, 1]. One seed: Wilson over the pairs."""
+    values = np.asarray([v for v in by_seed if np.isfinite(v)], float)
+    if values.size == 0 or not pairs > 0:
+        return np.nan, np.nan
+    p = float(values.mean())
+    if values.size == 1:
+        return proportion_interval(p, pairs)
+    var, df = crossed.combine([(float(values.var(ddof=1)) / values.size, values.size - 1),
+                               (p * (1 - p) / pairs, pairs - 1)])
+    half = float(stdtrit(df, 0.975)) * np.sqrt(var) if var > 0 else 0.0
+    return max(0.0, p - half), min(1.0, p + half)
 
 
 def difference_interval(p: float, n: int, q: float, m: int) -> tuple[float, float]:
