@@ -21,11 +21,11 @@ re-draws (chains), the spread of the draws' own differences, which holds everyth
 them. The interval is that variance's 95% t-interval (Satterthwaite's degrees of freedom). A
 verdict names a winner only when the interval excludes zero; otherwise it is "undecided". The
 oracle scores the same chosen checkpoints (the judge picks, as a study without an oracle
-would).
-`bench/verdict_coverage.py` measures how often these intervals cover the truth in simulated
-studies.
+would). `bench/verdict_coverage.py` measures how often these intervals cover the truth in
+simulated studies.
 
-Pure numpy; `compare` takes plain records, so notebooks and tests call it on any study.
+Pure numpy and scipy's t quantile; `compare` takes plain records, so notebooks and tests call it
+on any study.
 """
 
 from __future__ import annotations
