@@ -185,7 +185,19 @@ def test_the_oracle_peak_is_its_score_of_the_checkpoint_the_judge_chose():
              "stage": "run"} for s, w, o in ((0, 0.5, 0.5), (10, 0.8, 0.3), (20, 0.6, 0.7))]
     assert results.peaks(rows)["online"]["per_seed"] == {0: 0.8}
     assert results.peaks(rows, "oracle_win_rate")["online"]["per_seed"] == {0: 0.3}
-    assert shared.run_peaks(rows, "online", "oracle_win_rate") == [0.3]
+    # From per-prompt outcomes, as the hypotheses' tables read them: chosen on the selection
+    # half (even positions), scored on the test half (odd ones), one peak per run.
+    def point(stage, step, select, test, oracle):
+        win = np.ravel(np.column_stack([np.full(8, select), np.full(8, test)]))
+        return {"method": "online", "seed": 0, "stage": stage, "step": step, "kl": 0.1 * step,
+                "win": win, "oracle_win": np.full(16, oracle)}
+
+    points = [point("a", 0, 1.0, 1.0, 1.0), point("a", 10, 0.9, 0.2, 0.3),
+              point("a", 20, 0.6, 0.7, 0.7), point("b", 10, 0.5, 0.5, 0.4)]
+    assert shared.run_peaks(points, "online") == [0.2, 0.5]  # a's step 10 (not step 0)
+    assert shared.run_peaks(points, "online", "oracle") == [0.3, 0.4]
+    table = "\n".join(shared.peak_table(points, ["online"], {}))
+    assert "| online |  | 0.200 (no interval) | 0.300 (no interval) | 2 |" in table, table
 
 
 def test_an_order_the_oracle_does_not_hold_earns_half_wherever_agreement_is_counted():

@@ -123,6 +123,36 @@ def label(point: dict) -> str:
     return f"{hyper}step {point['step']}"
 
 
+def prompt_sets(points: list[dict]) -> tuple[list[dict], np.ndarray, np.ndarray, str]:
+    """(the points that are scored, selection positions in `win`, test positions, the test
+    arrays' key prefix). With a test stage (points carrying `test_win`) only its candidates
+    are scored: all of `win` selects and `test_win` tests; otherwise `win`'s halves (`split`)."""
+    if any("test_win" in p for p in points):
+        scored = [p for p in points if "test_win" in p]
+        return (scored, np.arange(len(scored[0]["win"])), np.arange(len(scored[0]["test_win"])),
+                "test_")
+    return (points, *split(len(points[0]["win"])), "")
+
+
+def peaks(points: list[dict], method: str, key=unit) -> dict:
+    """{judge: {group: test win rate}} of `method`'s peaks: per group of its points (`key`:
+    each unit by default, or e.g. each run), the checkpoint past step 0 that the selection
+    prompts rate best at any KL, scored on the test prompts (`prompt_sets`). Chosen and scored
+    on the same prompts, a best-of-many choice would flatter a large sweep."""
+    scored, select_at, test_at, test_key = prompt_sets(points) if points else ([], [], [], "")
+    mine = [p for p in scored if p["method"] == method]
+    best = {}
+    for p in [p for p in mine if p["step"] > 0] or mine:
+        rate = float(np.mean(np.asarray(p["win"], float)[select_at]))
+        if key(p) not in best or rate > best[key(p)][0]:
+            best[key(p)] = (rate, p)
+    judges = {"golden": "win", "oracle": "oracle_win"}
+    return {judge: {k: float(np.mean(np.asarray(p[test_key + name], float)[test_at]))
+                    for k, (_, p) in best.items() if test_key + name in p}
+            for judge, name in judges.items()
+            if any(test_key + name in p for _, p in best.values())}
+
+
 def _curves(points, budgets, select, scores, interpolate=False) -> tuple[dict, dict, dict]:
     """One method's choices, per unit: ({unit: {judge: [len(budgets), R + 1]}} the test win
     rate of the policy each column of `select` [C, R + 1] chooses, {unit: {judge:
@@ -241,16 +271,11 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
         budgets = sorted({*(float(x) for x in budgets), float(headline)})
     budgets = np.asarray(budgets, float)
 
-    tested = any("test_win" in p for p in points)
     every = groups  # with a test stage: every evaluation, the candidates and the others
-    if tested:  # the budgets above span every evaluation; the curves, the candidates scored
-        points = [p for p in points if "test_win" in p]
-        groups = {m: [p for p in points if p["method"] == m] for m in methods}
-    n = len(points[0]["win"])
-    if tested:  # the test stage's candidates: all evaluation prompts select, its own test
-        select_at, test_at, test_key = np.arange(n), np.arange(len(points[0]["test_win"])), "test_"
-    else:
-        (select_at, test_at), test_key = split(n), ""
+    # The budgets above span every evaluation; the curves, the points that are scored.
+    points, select_at, test_at, test_key = prompt_sets(points)
+    tested = test_key == "test_"
+    groups = {m: [p for p in points if p["method"] == m] for m in methods}
     _check_balanced(units)
     rng = np.random.default_rng(seed)
     # Selection-prompt weights per chain (each chain's world has its own prompts); row 0 the
@@ -276,14 +301,9 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
 
         rates[m], outcomes[m], chosen = _curves(groups[m], budgets, selection(groups[m]),
                                                 test_scores(groups[m]), interpolate)
-        # Each seed's peak: the checkpoint past step 0 the selection prompts rate best at
-        # any KL, scored on the test prompts (a best-of-many choice scored where it was made
-        # would flatter a large sweep).
-        moved = [p for p in groups[m] if p["step"] > 0] or groups[m]
-        peak, _, _ = _curves(moved, [np.inf], selection(moved)[:, :1], test_scores(moved))
         out.setdefault("peaks", {})[m] = {
-            j: {(f"{s}-u{c}" if c else str(s)): float(peak[c, s][j][0, 0]) for c, s in peak}
-            for j in judges}
+            judge: {(f"{s}-u{c}" if c else str(s)): v for (c, s), v in by_unit.items()}
+            for judge, by_unit in peaks(groups[m], m).items()}
         if tested:
             out.setdefault("outside_candidates", {})[m] = _outside_share(
                 every[m], budgets, selection(every[m]))

@@ -83,7 +83,8 @@ def analyse(plan, rows, workdir: str) -> Finding:
                                f"{batches(window, s.policy.steps)} batches")
     gap = tandem_gap(plan, r["online"], r["tandem"])
     win_gap = _matched_eval_gap(rows)
-    lines = shared.runs_section(rows, labels, describe, workdir, "coverage.png",
+    points = shared.scored_points(plan, r)
+    lines = shared.runs_section(rows, points, labels, describe, workdir, "coverage.png",
                                 "Data coverage: offline IPO on the online stream (cf. Fig. 3-4)")
     lines += ["", f"Tandem replay vs the online run it replays: largest relative difference of "
               f"{'/'.join(TRAIN_KEYS)} at any step {gap:.1e}; largest golden win-rate "

@@ -52,7 +52,8 @@ def analyse(plan, rows, workdir: str) -> Finding:
                 "offline_b2": "Best-of-2 on D_golden winners",
                 "shuffled_b2": "Best-of-2 on online_b2's stream, shuffled",
                 "online": "online IPO (main)", "offline": "offline IPO (main sweep)"}
-    lines = shared.runs_section(rows, labels, describe, workdir, "noncontrastive.png",
+    points = shared.scored_points(plan, r)
+    lines = shared.runs_section(rows, points, labels, describe, workdir, "noncontrastive.png",
                                 "Best-of-2: online vs offline (cf. Fig. 9)")
     # Online against offline's own lr sweep at matched KL, from per-prompt outcomes.
     points, methods = shared.outcome_points(plan, r), ("online_b2", "offline_b2")

@@ -127,7 +127,8 @@ def analyse(plan, rows, workdir: str) -> Finding:
                 "final": f"online@{plan.study.policy.steps}"}.get
         describe[tag] = (f"{side(st['first_side'])} vs {side(st['second_side'])}; first side "
                          f"wins {st['first_side_wins']:.2f}")
-    lines = shared.runs_section(rows, labels, describe, workdir, "quality.png",
+    points = shared.scored_points(plan, r)
+    lines = shared.runs_section(rows, points, labels, describe, workdir, "quality.png",
                                 "Data quality: offline IPO on on-policy pairs (cf. Fig. 5, 12)")
     lines += ["", f"Each dataset: {next(iter(stats.values()))['pairs']} training pairs sampled on "
               f"the training prompts, labelled by the golden model; step {early} stands for the "

@@ -90,10 +90,11 @@ def analyse(plan, rows, workdir: str) -> Finding:
     table = []
     for size in sizes:
         entry = {"size": size, "params": parameter_count(_model(s, size))}
-        for metric in ("win_rate", "oracle_win_rate"):
+        points = shared.scored_points(plan, {method: r[(method, size)]
+                                             for method in ("online", "offline")})
+        for metric, judge in (("win_rate", "golden"), ("oracle_win_rate", "oracle")):
             for method in ("online", "offline"):
-                sub = shared.labelled(rows, {method: r[(method, size)]})
-                peaks = shared.run_peaks(sub, method, metric)
+                peaks = shared.run_peaks(points, method, judge)
                 entry[f"{method}/{metric}"] = float(np.quantile(peaks, q)) if peaks else np.nan
             entry[f"normalised/{metric}"] = (entry[f"offline/{metric}"]
                                              / entry[f"online/{metric}"])

@@ -47,35 +47,36 @@ def outcome_points(plan, runs: dict) -> list[dict]:
             for p in results.outcome_points(stages, plan.workdir, group=None)]
 
 
-def run_peaks(rows: list[dict], label: str, metric: str = "win_rate") -> list[float]:
-    """`metric` at the best checkpoint (past step 0) of each run of `label` by the golden judge
-    (for the oracle: its score of the judge's choice)."""
-    chosen = {}
-    for r in rows:
-        if r["method"] == label and r["step"] > 0 and np.isfinite(r["win_rate"]):
-            if r["stage"] not in chosen or r["win_rate"] > chosen[r["stage"]]["win_rate"]:
-                chosen[r["stage"]] = r
-    return [r[metric] for r in chosen.values() if np.isfinite(r[metric])]
+def scored_points(plan, runs: dict) -> list[dict]:
+    """`outcome_points` as the verdicts score them: the test stage's scores where every label's
+    runs have them, otherwise each evaluation's own prompts split in two (`differences.split`)."""
+    points = outcome_points(plan, runs)
+    if not all("test_win" in p for p in points):
+        points = [{k: v for k, v in p.items() if not k.startswith("test_")} for p in points]
+    return points
 
 
-def seed_peaks(rows, label: str, metric: str = "win_rate"):
-    """(mean, 95% half-width) over seeds of each seed's best checkpoint over its runs."""
-    return results.peaks([r for r in rows if r["method"] == label], metric).get(
-        label, {"mean_ci": (float("nan"), float("nan"))})["mean_ci"]
+def run_peaks(points: list[dict], label: str, judge: str = "golden") -> list[float]:
+    """Each run of `label`'s peak (`differences.peaks`: its best checkpoint by the golden judge
+    on the selection prompts, scored on the test prompts; the oracle: its score of that
+    choice)."""
+    return list(differences.peaks(points, label, key=lambda p: p["stage"]).get(judge, {})
+                .values())
 
 
-def peak_table(rows, labels, describe: dict) -> list[str]:
+def peak_table(points, labels, describe: dict) -> list[str]:
     lines = ["| runs | what | golden win rate (peak) | oracle win rate (there) | runs |",
              "| --- | --- | --- | --- | --- |"]
     for label in labels:
-        n = len(run_peaks(rows, label))
-        golden, oracle = (report.format_interval(seed_peaks(rows, label, metric))
-                          for metric in ("win_rate", "oracle_win_rate"))
+        n = len({p["stage"] for p in points if p["method"] == label})
+        by_seed = differences.peaks(points, label)
+        golden, oracle = (report.format_interval(results.mean_ci(list(
+            by_seed.get(judge, {}).values()))) for judge in ("golden", "oracle"))
         lines.append(f"| {label} | {describe.get(label, '')} | {golden} | {oracle} | {n} |")
     return lines + ["", "Peaks are descriptive: each seed's best checkpoint by the golden judge "
-                    "at whatever KL it reached, chosen and scored on the same evaluation "
-                    "prompts, and the oracle's score of that checkpoint (mean +- 95% half-width "
-                    "over seeds); the verdicts compare at matched KL on test prompts."]
+                    "at whatever KL it reached, chosen on the selection prompts and scored on "
+                    "the test prompts, and the oracle's score of that checkpoint (mean +- 95% "
+                    "half-width over seeds); the verdicts compare at matched KL."]
 
 
 def figure(rows, labels, workdir: str, filename: str, title: str) -> str:
@@ -83,11 +84,12 @@ def figure(rows, labels, workdir: str, filename: str, title: str) -> str:
     return f"![{filename}]({filename})"
 
 
-def runs_section(rows, labels, describe: dict, workdir: str, filename: str,
+def runs_section(rows, points, labels, describe: dict, workdir: str, filename: str,
                  title: str) -> list[str]:
-    """The frontier figure of these runs, then their peak table."""
+    """The frontier figure of these runs (`rows`), then their peak table (`points`:
+    `scored_points`)."""
     return [figure(rows, labels, workdir, filename, title), "",
-            *peak_table(rows, labels, describe)]
+            *peak_table(points, labels, describe)]
 
 
 def num(x: float, digits: int = 3) -> str:
@@ -98,9 +100,7 @@ def matched(plan, runs: dict, a: str, b: str) -> dict:
     """`a` minus `b` at the largest KL budget both reached, as the main verdict is made
     (checkpoints chosen on half the evaluation prompts, scored on the other half, t-interval
     with seeds and prompts crossed): {judge: row} for the golden judge and the oracle."""
-    points = outcome_points(plan, {a: runs[a], b: runs[b]})
-    if not all("test_win" in p for p in points):  # both sides split their own prompts
-        points = [{k: v for k, v in p.items() if not k.startswith("test_")} for p in points]
+    points = scored_points(plan, {a: runs[a], b: runs[b]})
     comparison = differences.compare(points, methods=(a, b))
     rows = {judge: differences.headline(comparison, judge) for judge in ("golden", "oracle")}
     return {judge: row for judge, row in rows.items()
