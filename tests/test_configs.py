@@ -286,6 +286,7 @@ ALONE = {"stack_runs": 1}  # ran before `paper` stacked its offline grid: every 
     ("hypotheses_intel_2026-12-04", "hypotheses", {}),
     ("hypotheses_intel_2026-12-06", "hypotheses", {}),
     ("hypotheses_amd_2026-12-06", "hypotheses", {}),
+    ("hypotheses_amd_2026-12-07", "hypotheses", {}),
     ("paper_study_v2_intel_2026-12-04", "paper", ALONE),
     ("mini_chains_intel_2026-12-04", "mini_chains", {}),
     ("paper_wide_intel_2026-12-05", "paper_wide", ALONE),
