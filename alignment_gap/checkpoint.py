@@ -104,8 +104,7 @@ class Checkpointer:
                 meta = _restore_meta(reader, candidate)
             except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
                 error = e
-            if error is None and check is not None:
-                check(meta)  # the same file on every process: all raise or none
+            self._check_everywhere(check, meta if error is None else None, candidate)
             if error is None:
                 try:
                     restored = self._read(reader, candidate, state, shardings,
@@ -126,6 +125,24 @@ class Checkpointer:
             f"{self.directory}: no checkpoint can be restored into this run (step "
             f"{damaged[0][0]}: {damaged[0][1]}); if the config changed, set it back, else move "
             "the directory away to train from scratch")
+
+    def _check_everywhere(self, check, meta, step: int):
+        """`check(meta)` on each process that read `meta` (None: it could not), then one
+        collective, so a refusal stops every process: a process that could not read the meta
+        raises too, rather than wait for the others in the next collective."""
+        refusal = None
+        if check is not None and meta is not None:
+            try:
+                check(meta)
+            except Exception as e:  # noqa: BLE001 - re-raised below, once every process knows
+                refusal = e
+        refusing = _processes_failing(refusal is not None)
+        if refusal is not None:
+            raise refusal
+        if refusing:
+            raise IncompatibleCheckpoint(
+                f"{self.directory}: step {step} does not fit this run (process "
+                f"{', '.join(map(str, refusing))} refused it; its log says why)")
 
     def _reader(self):
         """A manager that reads this process's shards with no barrier among processes: orbax

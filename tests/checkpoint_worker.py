@@ -4,7 +4,9 @@ multi-process restore test).
     python tests/checkpoint_worker.py COORDINATOR PROCESS_ID save|restore DIRECTORY OUT.json
 
 `save` writes steps 1 and 2, each parameter `arange(4096) + step` split over 2 x 2 CPU devices;
-`restore` writes the step it resumed from and the first value of each of its local shards.
+`restore` writes the step it resumed from and the first value of each of its local shards;
+`refuse` restores with a check that refuses every checkpoint while process 1 cannot read step
+2's meta, and writes the error each process raised.
 """
 
 import json
@@ -16,8 +18,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alignment_gap import sharding
+from alignment_gap import checkpoint, sharding
 from alignment_gap.checkpoint import Checkpointer
+from alignment_gap.errors import IncompatibleCheckpoint
 from alignment_gap.train.state import TrainState
 from configs import meshes
 
@@ -45,6 +48,25 @@ def main(coordinator, process_id, mode, directory, out_path):
         for step in (1, 2):
             checkpointer.save(state(step), jax.random.key(0), {"kind": "test"})
             checkpointer.wait()
+    elif mode == "refuse":
+        if int(process_id) == 1:
+            read = checkpoint._restore_meta
+
+            def unreadable(manager, step):
+                if step == 2:
+                    raise OSError("meta of step 2: unreadable here")
+                return read(manager, step)
+
+            checkpoint._restore_meta = unreadable
+
+        def refuse(meta):
+            raise IncompatibleCheckpoint(f"a {meta['kind']!r} checkpoint does not fit")
+
+        try:
+            checkpointer.restore(state(0), TrainState(whole, {"w": split}, {"m": split}),
+                                 check=refuse)
+        except IncompatibleCheckpoint as e:
+            result = {"refused": str(e)}
     else:
         restored, _, _ = checkpointer.restore(state(0), TrainState(whole, {"w": split},
                                                                    {"m": split}))

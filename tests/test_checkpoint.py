@@ -62,7 +62,7 @@ def test_a_save_orbax_would_skip_is_an_error(tmp_path):
     ckpt.close()
 
 
-def _two_processes(tmp_path, mode: str) -> list[dict]:
+def _two_processes(tmp_path, mode: str, timeout: int = 180) -> list[dict]:
     address = f"127.0.0.1:{free_port()}"
     outs = [tmp_path / f"{mode}_{i}.json" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, WORKER, address, str(i), mode,
@@ -70,7 +70,11 @@ def _two_processes(tmp_path, mode: str) -> list[dict]:
                               env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for i, out in enumerate(outs)]
-    logs = [p.communicate(timeout=180)[0] for p in procs]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:  # a hang: no process outlives the test
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0, 0], [log[-3000:] for log in logs]
     return [json.loads(out.read_text()) | {"log": log} for out, log in zip(outs, logs,
                                                                           strict=True)]
@@ -91,3 +95,14 @@ def test_a_step_one_process_cannot_read_is_passed_over_by_every_process(tmp_path
     assert first["firsts"] + second["firsts"] == [1.0, 1025.0, 2049.0, 3073.0]
     assert (tmp_path / "ckpt" / "2.damaged").is_dir()
     assert "/ckpt/2 (process 1 could not read it) could not be read" in first["log"]
+
+
+def test_a_refusal_on_one_process_stops_the_process_that_could_not_read_the_meta(tmp_path):
+    """Process 0 reads step 2's meta and its check refuses the checkpoint; process 1 cannot
+    read that meta. Both raise the refusal (process 1 naming process 0) instead of process 1
+    waiting for process 0 in the next collective."""
+    _two_processes(tmp_path, "save")
+    first, second = _two_processes(tmp_path, "refuse", timeout=120)
+    assert first["refused"] == "a 'test' checkpoint does not fit"
+    assert second["refused"].endswith("/ckpt: step 2 does not fit this run (process 0 refused "
+                                      "it; its log says why)"), second
