@@ -193,7 +193,7 @@ def test_upstream_draws_set_the_interval_and_their_share_of_the_variance_is_esti
     table = np.array([[0.0] * 8 + [1.0] * 8] * 4)  # 4 units x 16 prompts; draw means 0.5
     table[2] += 0.2  # draw 1's units: 0.7 and 0.6
     table[3] += 0.1
-    row = differences.interval(table, np.zeros((4, 5)), [0, 0, 1, 1])
+    row = differences.interval(table, np.zeros((4, 5)), [0, 0, 1, 1], 32)
     draws = np.array([0.5, 0.65])
     half = 12.706 * draws.std(ddof=1) / np.sqrt(2)  # t with 1 degree of freedom
     assert row["difference"] == pytest.approx(draws.mean())
@@ -326,3 +326,30 @@ def test_the_verdicts_intervals_cover_the_truth_about_95_percent_of_the_time():
     assert 0.8 < implied / diff.var(ddof=1) < 1.3
     named = np.mean((low > 0) | (high < 0))
     assert 0.015 <= named <= 0.09, named
+
+
+def test_the_selection_prompts_spread_counts_what_moves_every_seed_alike():
+    """Two units' differences over four selection resamples: a part both share (+-1) and a
+    part each has alone (orthogonal patterns). The shared part's variance (4/3) is what a new
+    set of selection prompts adds to the mean over seeds; one seed alone carries all of its
+    spread (8/3), which then widens its interval beyond the prompts' own."""
+    shared, alone = np.array([1.0, -1.0, 1.0, -1.0]), np.array([[1.0, 1.0, -1.0, -1.0],
+                                                                  [1.0, -1.0, -1.0, 1.0]])
+    resampled = shared[None, :] + alone
+    assert differences._shared_choice_spread(resampled) == pytest.approx(4 / 3)
+    assert differences._shared_choice_spread(resampled[:1]) == pytest.approx(8 / 3)
+    rng = np.random.default_rng(8)
+    table = rng.normal(0.1, 1.0, (1, 64))
+    still, moving = (differences.interval(table, r, [0], 32)
+                     for r in (np.zeros((1, 4)), 0.1 * resampled[:1]))
+    assert moving["se"] ** 2 == pytest.approx(still["se"] ** 2 + 0.01 * 8 / 3)
+
+
+def test_a_seed_whose_start_beats_its_checkpoints_keeps_its_peak():
+    """Per seed, past step 0 where it has a later checkpoint: a seed with only its start
+    among the candidates is scored there, not dropped from the peaks' mean."""
+    points = [point("online", 0, 0.0, np.full(N, 0.5), step=0),
+              point("online", 0, 1.0, np.full(N, 0.6)),
+              point("online", 1, 0.0, np.full(N, 0.7), step=0)]
+    assert differences.peaks(points, "online") == {"golden": {(0, 0): pytest.approx(0.6),
+                                                              (0, 1): pytest.approx(0.7)}}

@@ -133,6 +133,9 @@ def test_classification_verdicts_decide_only_where_their_intervals_do():
     spread = _claims(pairs=4096, offline_spread=0.05)["Offline policies"]
     assert spread.agree is None and "over 2 seeds and 4096 pairs" in spread.ours
     assert _claims(pairs=4096, offline_spread=0.01)["Offline policies"].agree is True
+    # Seeds that agree at an end are not certain: never narrower than Wilson over the pairs.
+    low, high = shared.seeds_and_pairs_interval([0.0, 0.0], 256)
+    assert (low, high) == (0.0, pytest.approx(shared.proportion_interval(0.0, 256)[1])) and high > 0
     assert "band 60%-70%" in close["Offline policies"].ours
     # The proxy 0.05 ahead on 288 pairs, right on pairs unrelated to the policies', is within
     # noise; at the same rates with the policies right where the proxy is, it is not; 0.25

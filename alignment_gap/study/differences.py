@@ -136,16 +136,18 @@ def prompt_sets(points: list[dict]) -> tuple[list[dict], np.ndarray, np.ndarray,
 
 def peaks(points: list[dict], method: str, key=unit) -> dict:
     """{judge: {group: test win rate}} of `method`'s peaks: per group of its points (`key`:
-    each unit by default, or e.g. each run), the checkpoint past step 0 that the selection
-    prompts rate best at any KL, scored on the test prompts (`prompt_sets`). Chosen and scored
-    on the same prompts, a best-of-many choice would flatter a large sweep."""
+    each unit by default, or e.g. each run), the checkpoint past step 0 (the start where a
+    group has no other) that the selection prompts rate best at any KL, scored on the test
+    prompts (`prompt_sets`). Chosen and scored on the same prompts, a best-of-many choice would
+    flatter a large sweep."""
     scored, select_at, test_at, test_key = prompt_sets(points) if points else ([], [], [], "")
     mine = [p for p in scored if p["method"] == method]
     best = {}
-    for p in [p for p in mine if p["step"] > 0] or mine:
+    for p in mine:  # past step 0 where a group has such a checkpoint, else its start
         rate = float(np.mean(np.asarray(p["win"], float)[select_at]))
-        if key(p) not in best or rate > best[key(p)][0]:
-            best[key(p)] = (rate, p)
+        rank = (p["step"] > 0, rate)
+        if key(p) not in best or rank > best[key(p)][0]:
+            best[key(p)] = (rank, p)
     judges = {"golden": "win", "oracle": "oracle_win"}
     return {judge: {k: float(np.mean(np.asarray(p[test_key + name], float)[test_at]))
                     for k, (_, p) in best.items() if test_key + name in p}
@@ -182,11 +184,24 @@ def _curves(points, budgets, select, scores, interpolate=False) -> tuple[dict, d
     return rates, outcomes, chosen
 
 
-def interval(table, resampled, chains, level: float = LEVEL) -> dict:
+def _shared_choice_spread(resampled: np.ndarray) -> float:
+    """The variance a new set of selection prompts adds to the mean over units, from each
+    unit's difference under R resamples [units, R]: the mean covariance between two units'
+    (what moves every seed alike; each seed's own luck in choosing is already in the seeds'
+    spread). One unit: its whole spread, which nothing else holds."""
+    units = len(resampled)
+    each = float(resampled.var(axis=1, ddof=1).mean())
+    if units == 1:
+        return each
+    of_mean = float(resampled.mean(0).var(ddof=1))
+    return max(0.0, (units * of_mean - each) / (units - 1))
+
+
+def interval(table, resampled, chains, selection_prompts: int, level: float = LEVEL) -> dict:
     """The difference and its t-interval at one budget. `table` [units, P]: each unit's
     per-prompt difference of the choices as measured; `resampled` [units, R]: each unit's
-    difference of the choices a selection-prompt resample makes (scored on all test prompts);
-    `chains` [units]: each unit's upstream draw. One draw: seeds x prompts crossed
+    difference of the choices a resample of the `selection_prompts` makes (scored on all test
+    prompts); `chains` [units]: each unit's upstream draw. One draw: seeds x prompts crossed
     (`crossed.variance`) plus the choice's spread that the seeds share; several: the draws'
     differences."""
     table = np.asarray(table, float)
@@ -197,14 +212,9 @@ def interval(table, resampled, chains, level: float = LEVEL) -> dict:
         var, df = float(by_draw.var(ddof=1) / len(draws)), float(len(draws) - 1)
     else:
         parts = [crossed.variance(table)]
-        # The choice's spread over selection-prompt resamples, less its seed-specific part
-        # (each seed's own luck in choosing is already in the seeds' spread): what a new set
-        # of selection prompts would move in every seed alike.
         resampled = np.asarray(resampled, float)
-        if resampled.shape[1] > 1:
-            shared = (resampled.mean(0).var(ddof=1)
-                      - resampled.var(axis=1, ddof=1).mean() / len(resampled))
-            parts.append((max(0.0, float(shared)), float(resampled.shape[1] - 1)))
+        if resampled.shape[1] > 1 and selection_prompts > 1:
+            parts.append((_shared_choice_spread(resampled), float(selection_prompts - 1)))
         var, df = crossed.combine(parts)
     if not (np.isfinite(center) and np.isfinite(var)):
         return {"difference": center, "low": np.nan, "high": np.nan, "se": np.nan,
@@ -323,7 +333,7 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
         rows = []
         for g, budget in enumerate(budgets):
             row = interval(table[a][:, g] - table[b][:, g],
-                           resampled[a][:, g] - resampled[b][:, g], chain_of)
+                           resampled[a][:, g] - resampled[b][:, g], chain_of, len(select_at))
             rows.append({"kl": float(budget), a: float(table[a][:, g].mean()),
                          b: float(table[b][:, g].mean()), **row,
                          "verdict": verdict_of(row["low"], row["high"], a, b)})
@@ -372,8 +382,9 @@ def sentence(comparison: dict, a: str = "online", b: str = "offline") -> str:
     oracle = headline(comparison, "oracle")
     if oracle is not None:
         text += f"; {view(oracle, 'oracle')}"
-    crossed_ = ("" if chains > 1 else ", seeds and prompts as crossed random draws, plus the "
-                "choice's spread over resampled selection prompts that the seeds share")
+    crossed_ = ("" if chains > 1 else ", plus the choice's spread over resampled selection "
+                "prompts" if seeds == 1 else ", seeds and prompts as crossed random draws, plus "
+                "the choice's spread over resampled selection prompts that the seeds share")
     text = (f"{text}. (95% t-intervals over {over}{crossed_}; checkpoints chosen on "
             f"{comparison['prompts']['selection']} other prompts.)")
     split_ = (comparison.get("variance") or {}).get("golden")

@@ -287,6 +287,7 @@ def claim_verdicts(accuracy, pairs, drift, correlation, stream, counts,
     policy as a paired t-interval over the stream pairs both scored, drifts as t-intervals over
     seeds, the correlation by a bootstrap over runs; a claim of no effect agrees only where its
     interval excludes a relevant one (`CHANCE_MARGIN`, and r within +-0.5)."""
+    accuracy = {m: {s: a for s, a in v.items() if np.isfinite(a)} for m, v in accuracy.items()}
     final = {m: float(np.mean(list(v.values()))) if v else np.nan for m, v in accuracy.items()}
     levels = {m: shared.seeds_and_pairs_interval(list(accuracy[m].values()), pairs)
               for m in accuracy}

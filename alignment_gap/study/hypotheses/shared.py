@@ -182,7 +182,9 @@ def seeds_and_pairs_interval(by_seed, pairs: int) -> tuple[float, float]:
     the seeds' spread (each seed's accuracy carries its own pair-by-pair noise too) plus the
     shared pairs' binomial variance p (1 - p) / pairs, which the seeds' spread cannot show (every
     seed reads the same pairs) and which bounds that component from above; a t quantile with
-    Satterthwaite's degrees of freedom, clipped to [0, 1]. One seed: Wilson over the pairs."""
+    Satterthwaite's degrees of freedom, clipped to [0, 1] and never narrower than Wilson's over
+    the pairs (seeds that agree at 0 or 1 would otherwise give a zero-width interval). One seed:
+    Wilson over the pairs."""
     values = np.asarray([v for v in by_seed if np.isfinite(v)], float)
     if values.size == 0 or not pairs > 0:
         return np.nan, np.nan
@@ -192,7 +194,8 @@ def seeds_and_pairs_interval(by_seed, pairs: int) -> tuple[float, float]:
     var, df = crossed.combine([(float(values.var(ddof=1)) / values.size, values.size - 1),
                                (p * (1 - p) / pairs, pairs - 1)])
     half = float(stdtrit(df, 0.975)) * np.sqrt(var) if var > 0 else 0.0
-    return max(0.0, p - half), min(1.0, p + half)
+    low, high = proportion_interval(p, pairs)
+    return min(low, max(0.0, p - half)), max(high, min(1.0, p + half))
 
 
 def difference_interval(p: float, n: int, q: float, m: int) -> tuple[float, float]:
