@@ -301,7 +301,7 @@ def test_the_verdicts_intervals_cover_the_truth_about_95_percent_of_the_time():
     outcomes from one distribution; seeds and prompts differ; the checkpoint is chosen on the
     selection prompts): the interval's implied variance is about the difference's true
     variance over studies, and about 5% of verdicts name a winner. Measured on these 400
-    studies: 1.19 times the true variance, a winner in 2.75% of them; resampling seeds and
+    studies: 1.20 times the true variance, a winner in 2.75% of them; resampling seeds and
     prompts together (the estimator before 2026-12-07): 1.75 times, 0.5%."""
     from scipy.special import stdtrit
 
