@@ -71,27 +71,10 @@ def mean_ci(values) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
-def peaks(rows, metric: str = "win_rate", chosen_by: str = "win_rate") -> dict:
-    """Per method: `metric` at the best checkpoint of each seed by `chosen_by` (offline: best
-    over its whole sweep; the golden judge chooses, so the oracle's peak is its score of the
-    judge's choice, as in the verdict); a seed of an upstream re-draw is keyed
-    `<seed>-u<chain>`."""
-    out = {}
-    for method in sorted({r["method"] for r in rows}):
-        chosen = {}
-        for r in rows:
-            if r["method"] == method and r["step"] > 0 and np.isfinite(r[chosen_by]):
-                key = f"{r['seed']}-u{r['chain']}" if r.get("chain", 0) else r["seed"]
-                if key not in chosen or r[chosen_by] > chosen[key][chosen_by]:
-                    chosen[key] = r
-        by_seed = {key: r[metric] for key, r in chosen.items() if np.isfinite(r[metric])}
-        out[method] = {"per_seed": by_seed, "mean_ci": mean_ci(list(by_seed.values()))}
-    return out
-
-
 def held_out_peaks(comparison: dict, judge: str = "golden") -> dict:
-    """`peaks`' shape from `differences.compare`'s held-out peaks: per method, each seed's
-    checkpoint the selection prompts rate best at any KL, scored on the test prompts."""
+    """Per method {"per_seed": {seed: peak}, "mean_ci": (mean, 95% half-width)} from
+    `differences.compare`'s peaks: each seed's checkpoint the selection prompts rate best at any
+    KL, scored on the test prompts."""
     out = {}
     for method, by_judge in comparison.get("peaks", {}).items():
         by_seed = {key: v for key, v in by_judge.get(judge, {}).items() if np.isfinite(v)}
