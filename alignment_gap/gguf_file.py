@@ -42,10 +42,10 @@ class GgufFile:
 
     def __init__(self, path: str):
         self.path = path
-        with open(path, "rb") as f:
-            self._buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._offset = 0
         try:
+            with open(path, "rb") as f:  # an empty file (an interrupted copy) cannot be mapped
+                self._buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self.fields, self.tensors = self._read()
         except (struct.error, ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not a readable GGUF file ({e}); copy it "

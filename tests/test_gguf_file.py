@@ -58,6 +58,7 @@ def test_every_field_and_tensor_byte_equals_the_gguf_packages_reader(written):
     (lambda b: b[:200], "unpack_from requires a buffer"),
     (lambda b: b"GGML" + b[4:], "the magic is b'GGML'"),
     (lambda b: b[:4] + (1).to_bytes(4, "little") + b[8:], "version 1"),
+    (lambda b: b"", "cannot mmap an empty file"),
 ])
 def test_a_cut_or_foreign_file_is_one_line_naming_it(written, damage, says):
     written.write_bytes(damage(written.read_bytes()))

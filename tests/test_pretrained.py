@@ -118,9 +118,12 @@ def test_bfloat16_checkpoints_read_through_their_header(tmp_path):
                                   tensors[name][3:9].astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
-def _broken_copy(tmp_path, change_tensors=None, change_config=None):
+def _broken_copy(tmp_path, change_tensors=None, change_config=None, damage=None):
     shutil.copytree(_fixture("qwen3"), tmp_path / "ckpt")
     root = tmp_path / "ckpt"
+    if damage:  # (file, bytes -> bytes): a cut copy
+        name, cut = damage
+        (root / name).write_bytes(cut((root / name).read_bytes()))
     if change_tensors:
         tensors = load_file(str(root / "model.safetensors"))
         change_tensors(tensors)
@@ -142,6 +145,9 @@ def _broken_copy(tmp_path, change_tensors=None, change_config=None):
      "tensor model.norm.weight is I8; only F32/F16/BF16/F64 weights can be imported"),
     (dict(change_config=lambda c: c.update(model_type="gpt2")),
      "model_type 'gpt2' is not supported"),
+    (dict(damage=("config.json", lambda b: b[:24])), "config.json: not valid JSON (Expecting"),
+    (dict(damage=("model.safetensors", lambda b: b[:len(b) // 2])),
+     "model.safetensors: not a readable safetensors file (Error while deserializing header"),
 ])
 def test_bad_checkpoints_fail_in_one_line_naming_the_tensor(tmp_path, breakage, message):
     with pytest.raises(CheckpointError) as err:

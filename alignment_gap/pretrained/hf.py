@@ -50,8 +50,9 @@ class SafetensorsSource:
         self.directory = directory
         index = os.path.join(directory, INDEX)
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no weight_map; copy the checkpoint again")
             files = {name: os.path.join(directory, file) for name, file in weight_map.items()}
         else:
             paths = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
@@ -60,7 +61,7 @@ class SafetensorsSource:
                                       "with save_pretrained(safe_serialization=True)")
             files = {}
             for path in paths:
-                with safe_open(path, "np") as f:
+                with _safetensors(path) as f:
                     files.update(dict.fromkeys(f.keys(), path))
         self.stored = {_text_name(name): name for name in files}  # our name -> the file's
         self.files = {_text_name(name): path for name, path in files.items()}
@@ -69,13 +70,13 @@ class SafetensorsSource:
         return set(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with safe_open(self.files[name], "np") as f:
+        with _safetensors(self.files[name]) as f:
             return tuple(f.get_slice(self.stored[name]).get_shape())
 
     def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
         """Rows `rows` of tensor `name`, as float32."""
         path, name = self.files[name], self.stored[name]
-        with safe_open(path, "np") as f:
+        with _safetensors(path) as f:
             stored = f.get_slice(name)
             if stored.get_dtype() not in FLOAT_DTYPES:
                 raise CheckpointError(f"{path}: tensor {name} is {stored.get_dtype()}; only "
@@ -84,6 +85,23 @@ class SafetensorsSource:
             if stored.get_dtype() != "BF16":
                 return np.asarray(stored[rows], np.float32)
         return np.asarray(_bfloat16_view(path, name)[rows], np.float32)
+
+
+def _safetensors(path: str):
+    """`safe_open(path)`; a cut or foreign file raises CheckpointError naming it."""
+    try:
+        return safe_open(path, "np")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file "
+                              f"({str(e).splitlines()[0]}); copy it again") from None
+
+
+def _json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); copy it again") from None
 
 
 def _bfloat16_view(path: str, name: str) -> np.ndarray:
@@ -100,8 +118,7 @@ def read_config(directory: str) -> dict:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: missing; a Hugging Face checkpoint directory holds "
                               "config.json beside its *.safetensors")
-    with open(path) as f:
-        config = json.load(f)
+    config = _json(path)
     # Multimodal Gemma 3 keeps the language model's settings under text_config, and there
     # only those that differ from transformers' Gemma3TextConfig defaults.
     text = config.get("text_config")
