@@ -239,12 +239,10 @@ def test_a_preset_option_the_checkpoint_leaves_at_its_default_is_caught():
         rope_low_freq_factor=2.0, max_len=64, dtype="bfloat16", num_segments=3))
 
 
-@pytest.mark.parametrize("layers, query_dim", [(2, 16), (62, 32)])
-def test_a_gemma3_gguf_keeps_its_rope_scaling_and_the_27b_query_scale(tmp_path, layers,
-                                                                      query_dim):
+def _gemma3_gguf(path: str, layers: int, tokens: bool = True):
+    """A tensorless Gemma 3 GGUF's metadata (and its final norm), as llama.cpp writes it."""
     import gguf
 
-    path = str(tmp_path / "gemma3.gguf")
     w = gguf.GGUFWriter(path, arch="gemma3")
     w.add_embedding_length(64)
     w.add_block_count(layers)
@@ -259,16 +257,31 @@ def test_a_gemma3_gguf_keeps_its_rope_scaling_and_the_27b_query_scale(tmp_path, 
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(8.0)
     w.add_tokenizer_model("llama")
-    w.add_token_list([f"t{i}" for i in range(16)])
+    if tokens:
+        w.add_token_list([f"t{i}" for i in range(16)])
     w.add_tensor("output_norm.weight", np.ones(64, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+@pytest.mark.parametrize("layers, query_dim", [(2, 16), (62, 32)])
+def test_a_gemma3_gguf_keeps_its_rope_scaling_and_the_27b_query_scale(tmp_path, layers,
+                                                                      query_dim):
+    path = _gemma3_gguf(str(tmp_path / "gemma3.gguf"), layers)
     cfg = open_checkpoint(f"gguf:{path}").model_config()
     assert (cfg.rope_scaling, cfg.rope_scaling_factor) == ("linear", 8.0)
     # 62 layers is the 27b: queries scaled by (width / heads) ** -0.5, here 32, not head_dim 16
     assert cfg.query_scale == pytest.approx(query_dim ** -0.5)
+
+
+def test_a_gemma3_gguf_without_its_vocabulary_names_the_missing_key(tmp_path):
+    path = _gemma3_gguf(str(tmp_path / "gemma3.gguf"), 2, tokens=False)
+    with pytest.raises(CheckpointError, match=r"gemma3.gguf: GGUF metadata "
+                                              r"tokenizer.ggml.tokens is missing; convert"):
+        open_checkpoint(f"gguf:{path}").model_config()
 
 
 def test_a_multimodal_gemma3_checkpoint_imports_its_language_model(tmp_path):

@@ -57,6 +57,13 @@ class GgufSource:
     def field(self, key: str, default=None):
         return self.file.fields.get(key, default)
 
+    def required(self, key: str):
+        """Field `key`; its absence raises CheckpointError naming the file and the key."""
+        if key not in self.file.fields:
+            raise CheckpointError(f"{self.path}: GGUF metadata {key} is missing; convert the "
+                                  "model again with llama.cpp's convert_hf_to_gguf.py")
+        return self.file.fields[key]
+
     def names(self) -> set[str]:
         hf = set(_TOP)
         for i in range(self.field("gemma3.block_count")):
@@ -82,10 +89,10 @@ GEMMA3_27B_LAYERS = 62
 
 def architecture(source: GgufSource) -> tuple[str, dict]:
     """(family, our model fields) from the metadata (see the module doc for what is implied)."""
-    key = lambda k: source.field(f"gemma3.{k}")
+    key = lambda k: source.required(f"gemma3.{k}")
     heads, head_dim = key("attention.head_count"), key("attention.key_length")
     width, layers = key("embedding_length"), key("block_count")
-    vocab = len(source.field("tokenizer.ggml.tokens"))
+    vocab = len(source.required("tokenizer.ggml.tokens"))
     query_dim = width // heads if layers == GEMMA3_27B_LAYERS else head_dim
     return "gemma3", dict(
         vocab_size=vocab, width=width, num_layers=layers,
