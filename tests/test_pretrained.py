@@ -94,10 +94,15 @@ def test_export_then_import_is_exact(family, tmp_path):
     assert again.family == checkpoint.family and again.fields == checkpoint.fields
     # The same directory again, with a tokenizer: its special ids in config.json.
     tokenizer = SimpleNamespace(stop_ids=(1, 106), pad_id=0, bos_id=2)
-    export_language_model(lm, checkpoint.family, str(tmp_path), tokenizer)
+    export_language_model(lm, checkpoint.family, str(tmp_path), tokenizer,
+                          context_len=checkpoint.context_len)
     written = json.loads((tmp_path / "config.json").read_text())
     assert (written["eos_token_id"], written["pad_token_id"], written["bos_token_id"]) == (
         [1, 106], 0, 2)
+    # The context the source was made for, not the length this model was loaded at.
+    source = json.loads(open(os.path.join(_fixture(family), "config.json")).read())
+    assert written["max_position_embeddings"] == source["max_position_embeddings"] \
+        != lm.cfg.max_len
     if family == "qwen3":  # a sharded checkpoint's index there would be read in place of ours
         (tmp_path / "model.safetensors.index.json").write_text("{}")
         with pytest.raises(CheckpointError, match=r"holds other weight files \(model"

@@ -3,7 +3,8 @@
     checkpoint = open_checkpoint("hf:/models/qwen3-0.6b")      # or gguf:FILE, or a bare path
     cfg = checkpoint.model_config(dtype="bfloat16")            # our TransformerConfig
     lm = load_language_model(checkpoint, cfg, mesh, rules)     # straight into its shardings
-    export_language_model(lm, checkpoint.family, "/tmp/out", tokenizer)  # transformers / vLLM
+    export_language_model(lm, checkpoint.family, "/tmp/out", tokenizer,   # transformers / vLLM
+                          context_len=checkpoint.context_len)
 
 Every tensor is read a shard at a time into the sharding the mesh gives it
 (`jax.make_array_from_callback`): a process reads only the rows its devices hold.
@@ -35,6 +36,7 @@ class Checkpoint:
     family: str  # gemma3 | qwen2 | qwen3 | llama3
     fields: dict  # our model fields the checkpoint fixes
     source: object  # names(), shape(name), read(name, rows)
+    context_len: int | None = None  # the positions it was made for (not our max_len)
 
     def model_config(self, **overrides) -> TransformerConfig:
         """Our config of this architecture (`overrides`: dtype, max_len, scan_layers, ...)."""
@@ -96,10 +98,13 @@ def open_checkpoint(spec: str) -> Checkpoint:
     if kind == "gguf":
         source = gguf_checkpoint.GgufSource(path)
         family, fields = gguf_checkpoint.architecture(source)
+        context = source.field("gemma3.context_length")
     else:
-        family, fields = hf.architecture(hf.read_config(path), os.path.join(path, "config.json"))
+        config = hf.read_config(path)
+        family, fields = hf.architecture(config, os.path.join(path, "config.json"))
         source = hf.SafetensorsSource(path)
-    return Checkpoint(path, family, fields, source)
+        context = config.get("max_position_embeddings")
+    return Checkpoint(path, family, fields, source, int(context) if context else None)
 
 
 def pretrained_state(checkpoint: Checkpoint, state, cfg: TransformerConfig):
@@ -185,9 +190,14 @@ def load_trunk(model, checkpoint: Checkpoint, field: str = "model"):
     return model
 
 
-def export_language_model(lm: LanguageModel, family: str, directory: str, tokenizer=None):
+def export_language_model(lm: LanguageModel, family: str, directory: str, tokenizer=None,
+                          context_len: int | None = None):
     """`lm` as a Hugging Face directory of `family` (config.json + model.safetensors);
-    `tokenizer`: its special ids go into config.json (else transformers assumes its own)."""
+    `tokenizer`: its special ids go into config.json (else transformers assumes its own);
+    `context_len`: config.json's max_position_embeddings, the context a server (vLLM) allows:
+    pass the source checkpoint's (`Checkpoint.context_len`), else it is `lm`'s max_len, the
+    length it was trained at. No tokenizer files are written: point transformers or vLLM at the
+    source checkpoint's (`--tokenizer`)."""
     cfg = lm.cfg
     tensors = {}
     with staging_arrays():
@@ -197,4 +207,4 @@ def export_language_model(lm: LanguageModel, family: str, directory: str, tokeni
             array = np.asarray(jax.device_get(value), np.float32)
             for i, layer in enumerate(array if stacked else [array]):
                 tensors[spec.name.format(layer=i)] = np.ascontiguousarray(spec.to_stored(layer))
-        hf.write_tensors(directory, tensors, hf.config_for(family, cfg, tokenizer))
+        hf.write_tensors(directory, tensors, hf.config_for(family, cfg, tokenizer, context_len))

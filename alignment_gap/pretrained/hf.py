@@ -257,17 +257,19 @@ ARCHITECTURES = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
                  "llama3": ("llama", "LlamaForCausalLM")}
 
 
-def config_for(family: str, cfg, tokenizer=None) -> dict:
+def config_for(family: str, cfg, tokenizer=None, context_len: int | None = None) -> dict:
     """The `config.json` that `architecture` reads back as `cfg` (transformers 4 key names,
     which transformers 5 still reads); with `tokenizer`, its BOS, EOS (every stop id) and pad
-    ids, which transformers' generate reads from here."""
+    ids, which transformers' generate reads from here; max_position_embeddings `context_len`
+    (default `cfg.max_len`)."""
     model_type, class_name = ARCHITECTURES[family]
     config = dict(architectures=[class_name], model_type=model_type, vocab_size=cfg.vocab_size,
                   hidden_size=cfg.width, num_hidden_layers=cfg.num_layers,
                   num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
                   head_dim=cfg.head_dim, intermediate_size=cfg.mlp_dim,
                   rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-                  rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_len,
+                  rope_theta=cfg.rope_theta,
+                  max_position_embeddings=context_len or cfg.max_len,
                   torch_dtype="float32")
     if tokenizer is not None:
         stops = list(tokenizer.stop_ids)
