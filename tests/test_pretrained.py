@@ -309,3 +309,23 @@ def test_a_multimodal_gemma3_checkpoint_imports_its_language_model(tmp_path):
     ids = [[2, 5, 9, 17, 33, 64, 7, 11]]
     np.testing.assert_array_equal(_logits(lm_again, mesh, rules, ids),
                                   _logits(lm, mesh, rules, ids))
+
+
+def test_a_failed_export_leaves_the_previous_one_and_no_temporary_file(tmp_path, monkeypatch):
+    """The disk fills while the weights are written: the previous export stays as it was and
+    no model-sized temporary file is left behind."""
+    from alignment_gap.pretrained import hf
+
+    checkpoint, lm, _, _ = _load(f"hf:{_fixture('qwen3')}")
+    export_language_model(lm, checkpoint.family, str(tmp_path))
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+
+    def full_disk(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 1024)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_language_model(lm, checkpoint.family, str(tmp_path))
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before

@@ -231,10 +231,13 @@ def _require(config: dict, where: str, **expected):
 
 
 def write_tensors(directory: str, tensors: dict[str, np.ndarray], config: dict):
-    """One `model.safetensors` and `config.json` (written under temporary names, then renamed:
-    an interrupted export never leaves a half-written checkpoint behind). A directory that holds
-    other weight files (another checkpoint's shards and index, which an import would read in
-    place of these) is refused, not cleared."""
+    """One `model.safetensors` and `config.json`, each written whole under a temporary name
+    (removed if writing fails: a full disk leaves no model-sized leftover) and then renamed, the
+    config last: an interrupted export leaves no half-written file, though between the two
+    renames the new weights sit beside the previous export's config (an import then fails on the
+    first shape that differs, naming it). A directory that holds other weight files (another
+    checkpoint's shards and index, which an import would read in place of these) is refused, not
+    cleared."""
     os.makedirs(directory, exist_ok=True)
     others = sorted(n for n in os.listdir(directory)
                     if n != "model.safetensors" and (n.endswith(".safetensors")
@@ -245,9 +248,15 @@ def write_tensors(directory: str, tensors: dict[str, np.ndarray], config: dict):
                               "directory, or move them away first")
     weights, config_path = (os.path.join(directory, n) for n in ("model.safetensors",
                                                                   "config.json"))
-    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
-    with open(config_path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2)
+    try:
+        save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+        with open(config_path + ".tmp", "w") as f:
+            json.dump(config, f, indent=2)
+    except BaseException:
+        for leftover in (weights + ".tmp", config_path + ".tmp"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise
     os.replace(weights + ".tmp", weights)
     os.replace(config_path + ".tmp", config_path)
 
