@@ -30,6 +30,8 @@ on any study.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 from scipy.special import stdtrit
 
@@ -90,9 +92,7 @@ def unit(point: dict) -> tuple[int, int]:
 def _check_balanced(units: list[tuple]):
     """Every upstream draw holds the same policy seeds (the plan gives each chain the study's
     seeds), so the draws' differences are means over alike sets."""
-    sizes = {}
-    for chain, _ in units:
-        sizes[chain] = sizes.get(chain, 0) + 1
+    sizes = dict(collections.Counter(chain for chain, _ in units))
     if len(set(sizes.values())) > 1:
         raise ValueError(f"upstream draws hold different numbers of policy seeds (chain: "
                          f"seeds {sizes}); each needs a run of every seed of both methods")
@@ -382,9 +382,13 @@ def sentence(comparison: dict, a: str = "online", b: str = "offline") -> str:
     oracle = headline(comparison, "oracle")
     if oracle is not None:
         text += f"; {view(oracle, 'oracle')}"
-    crossed_ = ("" if chains > 1 else ", plus the choice's spread over resampled selection "
-                "prompts" if seeds == 1 else ", seeds and prompts as crossed random draws, plus "
-                "the choice's spread over resampled selection prompts that the seeds share")
+    if chains > 1:
+        crossed_ = ""
+    elif seeds == 1:
+        crossed_ = ", plus the choice's spread over resampled selection prompts"
+    else:
+        crossed_ = (", seeds and prompts as crossed random draws, plus the choice's spread over "
+                    "resampled selection prompts that the seeds share")
     text = (f"{text}. (95% t-intervals over {over}{crossed_}; checkpoints chosen on "
             f"{comparison['prompts']['selection']} other prompts.)")
     split_ = (comparison.get("variance") or {}).get("golden")
