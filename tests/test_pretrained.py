@@ -150,6 +150,8 @@ def _broken_copy(tmp_path, change_tensors=None, change_config=None, damage=None)
      "tensor model.norm.weight is I8; only F32/F16/BF16/F64 weights can be imported"),
     (dict(change_config=lambda c: c.update(model_type="gpt2")),
      "model_type 'gpt2' is not supported"),
+    (dict(change_config=lambda c: c.update(use_sliding_window=True)),
+     "use_sliding_window=True is not supported (expected False)"),
     (dict(damage=("config.json", lambda b: b[:24])), "config.json: not valid JSON (Expecting"),
     (dict(damage=("model.safetensors", lambda b: b[:len(b) // 2])),
      "model.safetensors: not a readable safetensors file (Error while deserializing header"),

@@ -177,7 +177,7 @@ def architecture(config: dict, where: str) -> tuple[str, dict]:
     elif family == "qwen2":
         _require(config, where, use_sliding_window=False)
     elif family == "qwen3":
-        _require(config, where, attention_bias=False)
+        _require(config, where, attention_bias=False, use_sliding_window=False)
     else:
         _require(config, where, attention_bias=False, mlp_bias=False)
     if family != "gemma3" and config.get("hidden_act", "silu") != "silu":
