@@ -165,6 +165,26 @@ def test_preference_model_reads_both_responses_and_sign_rule_is_antisymmetric(mi
     assert not np.allclose(changed, logits)
 
 
+def test_sign_rule_accuracy_counts_a_tie_half_as_the_win_rates_do(mini_config):
+    from alignment_gap.batches import PreferenceBatch
+    from alignment_gap.train.preference import sign_rule_accuracy
+
+    pm, mesh, rules = preference_model(mini_config, (2, 2, 2))
+    b = _batch(mini_config, rows=8)
+    y2 = np.roll(b["response"], 1, axis=0)
+    y2_mask = np.roll(b["response_mask"], 1, axis=0)
+    same = PreferenceBatch(b["prompt"], b["prompt_mask"], b["response"], b["response_mask"],
+                           b["response"], b["response_mask"])
+    apart = PreferenceBatch(b["prompt"], b["prompt_mask"], b["response"], b["response_mask"],
+                            y2, y2_mask)
+    with sharding.use(mesh, rules):
+        tied = float(jax.jit(sign_rule_accuracy)(pm, same))
+        either = [float(jax.jit(sign_rule_accuracy)(pm, x)) for x in (apart, PreferenceBatch(
+            apart.prompt, apart.prompt_mask, y2, y2_mask, b["response"], b["response_mask"]))]
+    assert tied == 0.5  # every pair a tie: neither response preferred
+    assert sum(either) == pytest.approx(1.0)  # no ties: a swap turns each right into wrong
+
+
 def test_parameters_carry_logical_axes(mini_config):
     lm, mesh, rules = language_model(mini_config, (1, 4, 2))
     specs = nnx.get_partition_spec(nnx.state(lm))

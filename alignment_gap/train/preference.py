@@ -40,10 +40,11 @@ def random_order_loss(model, batch: PreferenceBatch, extras):
 
 
 def sign_rule_accuracy(model, batch: PreferenceBatch):
-    """Fraction of pairs where the both-order sign rule prefers the labelled winner."""
+    """Fraction of pairs where the both-order sign rule prefers the labelled winner, a tie
+    (e.g. two identical responses) counting 1/2 as in the win rates."""
     margin = both_order_margin(model, batch.prompt, batch.prompt_mask, batch.chosen,
                                batch.chosen_mask, batch.rejected, batch.rejected_mask)
-    return jnp.mean(margin > 0)
+    return jnp.mean(losses.tie_half(margin))
 
 
 def accuracy_program(graphdef, mesh):
