@@ -61,7 +61,7 @@ def _eval_programs(graphdef, golden_graphdef, mesh, rules) -> EvalPrograms:
     def eval_judge(golden_state, prompt, prompt_mask, ours, ours_mask, theirs, theirs_mask):
         margin = both_order_margin(nnx.merge(golden_graphdef, golden_state), prompt,
                                    prompt_mask, ours, ours_mask, theirs, theirs_mask)
-        return jnp.where(margin > 0, 1.0, jnp.where(margin < 0, 0.0, 0.5))
+        return losses.tie_half(margin)
 
     @functools.partial(jax.jit, out_shardings=replicated)
     def eval_kl(params, sft_params, prompt, prompt_mask, response, response_mask):

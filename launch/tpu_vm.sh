@@ -2,15 +2,19 @@
 # Run alignment_gap on every worker of a Cloud TPU VM (pod slice).
 #
 #   launch/tpu_vm.sh --tpu NAME --zone ZONE [--create ACCELERATOR --version RUNTIME] \
-#       [--bucket BUCKET] [--sweep] -- \
+#       [--bucket BUCKET] [--sweep] [--python PYTHON] -- \
 #       --config configs/study.py:tpu_v5p_3b --workdir /mnt/gcs/BUCKET/study
 #
 # configs/study.py:tpu_v5p_3b is sized for a v5p-64 slice (--create v5p-64: 32 chips, mesh
 # fsdp 8 x tensor 4). Prove it there before renting it, on any CPU:
 #   python -m alignment_gap.compile --config configs/study.py:tpu_v5p_3b --topology v5p-64
 #
-# Copies this checkout to all workers, installs it with the `tpu` extra (pinned by
-# constraints.txt) and starts the same command everywhere:
+# Copies this checkout's tracked files (uncommitted edits included) to all workers, installs it
+# with the `tpu` extra (pinned by constraints.txt) under the workers' `python3` (3.11 or newer:
+# a runtime image whose python3 is older stops here, naming it; --python names another
+# interpreter on the workers) and starts the same command everywhere, detached from this SSH
+# session (a dropped connection does not stop the run): each worker's output goes to
+# ~/alignment_gap.log there and is followed here until the run ends:
 #   default  one job over all workers: --config.distributed.from_environment=True
 #            (jax.distributed.initialize() reads the TPU environment);
 #   --sweep  one independent job per worker, each running its share of the study's runs
@@ -21,7 +25,7 @@
 # multi-process and sweep code paths it relies on are tested on CPU with
 # launch/local_multiprocess.py.
 set -euo pipefail
-TPU="" ZONE="" CREATE="" VERSION="" BUCKET="" SWEEP=0
+TPU="" ZONE="" CREATE="" VERSION="" BUCKET="" SWEEP=0 PYTHON=python3
 while [[ $# -gt 0 && "$1" != "--" ]]; do
   case "$1" in
     --tpu) TPU=$2; shift 2 ;;
@@ -30,6 +34,7 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do
     --version) VERSION=$2; shift 2 ;;
     --bucket) BUCKET=$2; shift 2 ;;
     --sweep) SWEEP=1; shift ;;
+    --python) PYTHON=$2; shift 2 ;;
     *) echo "unknown flag $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -41,7 +46,9 @@ if [[ -n "$CREATE" ]]; then
     --version "${VERSION:?--version is required with --create}"
 fi
 bundle=$(mktemp -d)/alignment_gap.tgz
-git archive --format=tar.gz -o "$bundle" HEAD
+# The working tree's tracked files as a dangling commit (no ref or file changes); empty if clean.
+snapshot=$(git -c user.name=tpu_vm.sh -c user.email=tpu_vm.sh@localhost stash create)
+git archive --format=tar.gz -o "$bundle" "${snapshot:-HEAD}"
 gcloud compute tpus tpu-vm scp "$bundle" "$TPU":~/alignment_gap.tgz --zone "$ZONE" --worker=all
 args=$(printf '%q ' "$@")
 mount=""
@@ -51,14 +58,22 @@ if [[ -n "$BUCKET" ]]; then
 fi
 if [[ $SWEEP == 1 ]]; then
   # Each worker's number and the worker count, from the TPU VM metadata server.
-  md="curl -s -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes"
-  role="--config.sweep.shard=\$($md/agent-worker-number) \
-    --config.sweep.shards=\$($md/worker-network-endpoints | tr ',' '\n' | wc -l)"
+  # The endpoint list is comma-separated with no newline at its end: count fields, not lines.
+  md="curl -sf -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes"
+  roles="shard=\$($md/agent-worker-number || :); shards=\$($md/worker-network-endpoints | awk -F, '{print NF}')
+  [ -n \"\$shard\" ] && [ -n \"\$shards\" ] || { echo \"error: the metadata server gave no worker number or count\" >&2; exit 2; }"
+  role='--config.sweep.shard=$shard --config.sweep.shards=$shards'
 else
+  roles=":"
   role="--config.distributed.from_environment=True"
 fi
+need="import sys; sys.exit(sys.version_info < (3, 11))"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "
   set -e; $mount
+  $PYTHON -c '$need' || { echo \"error: \$($PYTHON --version 2>&1) on \$(hostname); alignment_gap needs Python >= 3.11: pass --python with one there (e.g. uv python install 3.11)\" >&2; exit 2; }
+  $roles
   mkdir -p ~/alignment_gap && tar xzf ~/alignment_gap.tgz -C ~/alignment_gap
-  cd ~/alignment_gap && python3 -m pip install -q -c constraints.txt -e '.[tpu]'
-  python3 -m alignment_gap.main $args $role"
+  cd ~/alignment_gap && $PYTHON -m pip install -q -c constraints.txt -e '.[tpu]'
+  : > ~/alignment_gap.log  # there before tail looks for it
+  nohup $PYTHON -m alignment_gap.main $args $role >> ~/alignment_gap.log 2>&1 < /dev/null &
+  run=\$!; tail -n +1 -f --pid=\$run ~/alignment_gap.log; wait \$run"
