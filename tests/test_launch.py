@@ -132,3 +132,14 @@ def test_the_checkout_is_shipped_with_its_uncommitted_edits(tmp_path, edited):
     assert status == (" M README.md\n" if edited else ""), status  # the checkout untouched
     assert "stash" not in subprocess.run(["git", "stash", "list"], cwd=repo, capture_output=True,
                                          text=True, check=True).stdout
+
+
+def test_local_sh_reads_relative_paths_from_where_it_is_run(tmp_path):
+    stub = tmp_path / "python"
+    stub.write_text('#!/usr/bin/env bash\npwd; printf "%s\\n" "$@"\n')
+    stub.chmod(0o755)
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "--workdir", "out"],
+                         cwd=tmp_path, env={**os.environ, "PYTHON": str(stub)},
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.splitlines() == [str(tmp_path), "-m", "alignment_gap.main", "--workdir",
+                                       "out"]
