@@ -58,7 +58,27 @@ def write_text(directory: str, name: str, text: str):
     tmp = os.path.join(directory, f".{name}.tmp")
     with open(tmp, "w", newline="") as f:
         f.write(text)
-    os.replace(tmp, os.path.join(directory, name))
+    replace_durably(tmp, os.path.join(directory, name))
+
+
+def replace_durably(tmp: str, path: str):
+    """Rename the written file `tmp` to `path` once its bytes are on disk, then record the
+    rename on disk too: after a power cut or a kernel crash, `path` holds the old contents or
+    the new, never a name pointing at blocks not yet written."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    try:  # some filesystems (FUSE mounts) refuse fsync on a directory; the rename stands
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def write_json(directory: str, name: str, payload: dict):

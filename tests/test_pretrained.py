@@ -331,3 +331,28 @@ def test_a_failed_export_leaves_the_previous_one_and_no_temporary_file(tmp_path,
     with pytest.raises(OSError, match="No space left"):
         export_language_model(lm, checkpoint.family, str(tmp_path))
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
+
+
+def test_an_export_renames_each_file_only_once_its_bytes_are_on_disk(tmp_path, monkeypatch):
+    """A power cut must not leave `model.safetensors` naming blocks never written: each
+    temporary file is fsynced before its rename, and the directory after it."""
+    from alignment_gap import run_dir
+    from alignment_gap.pretrained import hf
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", os.path.abspath(src)))
+        replace(src, dst)
+
+    monkeypatch.setattr(run_dir.os, "fsync", logged_fsync)
+    monkeypatch.setattr(run_dir.os, "replace", logged_replace)
+    hf.write_tensors(str(tmp_path), {"w": np.ones((2, 3), np.float32)}, {"model_type": "x"})
+    names = [os.path.join(tmp_path, n) for n in ("model.safetensors", "config.json")]
+    assert events == [e for name in names for e in (
+        ("fsync", name + ".tmp"), ("replace", name + ".tmp"), ("fsync", str(tmp_path)))]

@@ -18,6 +18,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from alignment_gap import run_dir
 from alignment_gap.errors import CheckpointError
 from alignment_gap.presets.models import FAMILY_ARCHITECTURE
 
@@ -232,8 +233,9 @@ def _require(config: dict, where: str, **expected):
 
 def write_tensors(directory: str, tensors: dict[str, np.ndarray], config: dict):
     """One `model.safetensors` and `config.json`, each written whole under a temporary name
-    (removed if writing fails: a full disk leaves no model-sized leftover) and then renamed, the
-    config last: an interrupted export leaves no half-written file, though between the two
+    (removed if writing fails: a full disk leaves no model-sized leftover) and then renamed once
+    on disk, the config last: an interrupted export (a power cut included) leaves no
+    half-written file, though between the two
     renames the new weights sit beside the previous export's config (where that was another
     architecture, an import fails on the first shape that differs, naming it). A directory that
     holds other weight files (another checkpoint's shards and index, which an import would read
@@ -257,8 +259,8 @@ def write_tensors(directory: str, tensors: dict[str, np.ndarray], config: dict):
             if os.path.exists(leftover):
                 os.remove(leftover)
         raise
-    os.replace(weights + ".tmp", weights)
-    os.replace(config_path + ".tmp", config_path)
+    run_dir.replace_durably(weights + ".tmp", weights)
+    run_dir.replace_durably(config_path + ".tmp", config_path)
 
 
 ARCHITECTURES = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
