@@ -7,15 +7,13 @@ import dataclasses
 import json
 import os
 
-import matplotlib
+import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from alignment_gap import run_dir  # noqa: E402
-from alignment_gap.data import datasets  # noqa: E402
-from alignment_gap.study import results  # noqa: E402
+from alignment_gap import run_dir
+from alignment_gap.data import datasets
+from alignment_gap.study import results
 
 COLORS = {"online": "tab:blue", "offline": "tab:orange"}
 FIG1_TITLE = "Online vs offline IPO at matched KL (cf. Tang et al. 2024, Fig. 1)"
@@ -35,13 +33,20 @@ def color(method: str, index: int) -> str:
     return COLORS.get(method, f"C{(index + 2) % 10}")
 
 
+def figure(rows: int, cols: int, figsize, **subplots) -> tuple[Figure, np.ndarray]:
+    """A figure and its axes, made without pyplot: no matplotlib backend is chosen or changed,
+    so a notebook that imports this keeps its inline plots (save with `fig.savefig`)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, **subplots)
+
+
 def frontier_plot(rows, path: str, methods=("online", "offline"), title: str = FIG1_TITLE):
     """x = log KL, y = golden win rate (left) and oracle win rate (right); one dot per
     checkpoint of every run of a method, and the method's Pareto frontier over its runs."""
     metrics = [("win_rate", "golden-model win rate")]
     if any(np.isfinite(r["oracle_win_rate"]) for r in rows):
         metrics.append(("oracle_win_rate", "oracle win rate (synthetic world)"))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    fig, axes = figure(1, len(metrics), (6 * len(metrics), 4.5), squeeze=False)
     for ax, (metric, label) in zip(axes[0], metrics, strict=True):
         for index, method in enumerate(methods):
             pts = [(r["kl"], r[metric]) for r in rows
@@ -63,7 +68,6 @@ def frontier_plot(rows, path: str, methods=("online", "offline"), title: str = F
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def format_interval(mean_ci) -> str:

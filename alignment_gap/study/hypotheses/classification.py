@@ -15,7 +15,6 @@ import os
 
 import grain
 import jax
-import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 from flax import serialization
@@ -25,7 +24,7 @@ from alignment_gap.sources import FIELDS, stream_chunks
 from alignment_gap.study import results
 from alignment_gap.study.hypotheses import probe, shared
 from alignment_gap.study.hypotheses.shared import Finding, Verdict
-from alignment_gap.study.report import color
+from alignment_gap.study.report import color, figure
 from alignment_gap.study.scheduler import Stage
 
 NAME, TITLE = "classification", "Classification vs generation"
@@ -128,8 +127,7 @@ def _mean_curve(rows, method, metric):
 
 
 def _figure(rows, points, path):
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = figure(2, 2, (11, 8))
     for i, method in enumerate(("online", "offline")):
         c = color(method, i)
         axes[0, 0].plot(*_mean_curve(rows, method, "classifier_accuracy"), "-o", color=c,
@@ -161,7 +159,6 @@ def _figure(rows, points, path):
     fig.suptitle("Classification vs generation (cf. Tang et al. 2024, Fig. 6-8)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def after_start(points: list[dict]) -> list[dict]:

@@ -18,7 +18,6 @@ import itertools
 import os
 
 import jax
-import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
@@ -27,6 +26,7 @@ from alignment_gap.presets import models
 from alignment_gap.study import differences
 from alignment_gap.study.hypotheses import shared
 from alignment_gap.study.hypotheses.shared import Finding, Verdict
+from alignment_gap.study.report import figure
 from alignment_gap.train.common import model_config
 
 NAME, TITLE = "scaling", "Scaling the policy"
@@ -144,7 +144,7 @@ def analyse(plan, rows, workdir: str) -> Finding:
 
 
 def _figure(table, q, workdir: str):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = figure(1, 2, (11, 4.2))
     x = [e["params"] for e in table]
     for metric, style in (("win_rate", "-o"), ("oracle_win_rate", ":x")):
         judge = "golden" if metric == "win_rate" else "oracle"
@@ -164,4 +164,3 @@ def _figure(table, q, workdir: str):
     fig.suptitle("Scaling the policy with a fixed proxy (cf. Fig. 10-11)")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "scaling.png"), dpi=120)
-    plt.close(fig)
