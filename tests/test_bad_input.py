@@ -102,50 +102,50 @@ KINDS = {  # kind -> (builder, the records of valid files, their writer)
 }
 
 MALFORMED = [  # (what, kind, spoil the rows, write the files, the line expected)
-    ("line cut short", "tldr", _cut_last_line, None, r"batch1.json: record 15: not valid JSON"),
+    ("line cut short", "tldr", _cut_last_line, None, r"batch1.json: line 16: not valid JSON"),
     ("a record that is a JSON list", "tldr", _raw(b'[{"info": {}}]'), None,
-     r"batch1.json: record 3: a JSON list, not an object; the file must hold one JSON object "
+     r"batch1.json: line 4: a JSON list, not an object; the file must hold one JSON object "
      r"per line \(JSON lines\)"),
     ("latin-1 bytes in a UTF-8 file", "tldr", _latin1, None,
-     r"batch1.json: record 3: not UTF-8 \(byte 0xe8 at column \d+\); re-encode the file"),
-    ("a UTF-16 file", "tldr", _utf16, None, r"batch1.json: record 0: not UTF-8 \(byte 0xff at "
+     r"batch1.json: line 4: not UTF-8 \(byte 0xe8 at column \d+\); re-encode the file"),
+    ("a UTF-16 file", "tldr", _utf16, None, r"batch1.json: line 1: not UTF-8 \(byte 0xff at "
      r"column 0\)"),
     ("half of an emoji (a lone surrogate escape)", "tldr", _set("summaries.0.text", "ok \ud83d"),
-     None, r"record 3: summaries\[0\]: field 'text' holds '\\ud83d' at character 3, half of a "
+     None, r"line 4: summaries\[0\]: field 'text' holds '\\ud83d' at character 3, half of a "
      r"UTF-16 pair"),
     ("choice as text", "tldr", _set("choice", "1"), None,
-     r"record 3: field 'choice' is '1'; expected 0 or 1"),
+     r"line 4: field 'choice' is '1'; expected 0 or 1"),
     ("choice as a boolean", "tldr", _set("choice", True), None, r"field 'choice' is True"),
     ("summary as a number", "tldr", _set("summaries.1.text", 5), None,
-     r"record 3: summaries\[1\]: field 'text' is 5; expected text"),
+     r"line 4: summaries\[1\]: field 'text' is 5; expected text"),
     ("post as a list", "tldr", _set("info.post", ["a"]), None,
-     r"record 3: field 'info.post' is \['a'\]; expected text"),
+     r"line 4: field 'info.post' is \['a'\]; expected text"),
     ("summary as a whole document", "tldr", _set("summaries.1.text", {"body": "x" * 50_000}),
      None, r"summaries\[1\]: field 'text' is \{'body': 'xxx+\.\.\.; expected text"),
     ("one summary", "tldr", _set("summaries", [{"text": "a"}]), None,
-     r"record 3: field 'summaries' must hold exactly 2 summaries"),
+     r"line 4: field 'summaries' must hold exactly 2 summaries"),
     ("unknown split", "tldr", _set("split", "valid3"), None, r"field 'split' is 'valid3'"),
     ("missing post id", "tldr", _set("info.id", None), None,
-     r"record 3: field 'info.id' is None; expected text or a number"),
-    ("an empty line of JSON", "tldr", _raw(b"{}"), None, r"record 3: field 'info' is missing"),
+     r"line 4: field 'info.id' is None; expected text or a number"),
+    ("an empty line of JSON", "tldr", _raw(b"{}"), None, r"line 4: field 'info' is missing"),
     ("gzip cut short", "hh", None, lambda b: gzip.compress(b)[:-40],
      r"helpful-base/train.jsonl.gz: the file is damaged after \d+ records \(.*\); copy it "
      "again"),
     ("not gzip", "hh", None, lambda b: b, r"train.jsonl.gz: the file is damaged after 0 records "
      r"\(Not a gzipped file"),
     ("dialogue as a list", "hh", _set("chosen", ["Human: hi"]), None,
-     r"train.jsonl.gz: record 3: field 'chosen' is \['Human: hi'\]; expected text"),
+     r"train.jsonl.gz: line 4: field 'chosen' is \['Human: hi'\]; expected text"),
     ("empty dialogue", "hh", _set("chosen", ""), None,
-     r"record 3: field 'chosen' has no 'Assistant:' turn"),
+     r"line 4: field 'chosen' has no 'Assistant:' turn"),
     ("dialogues about different questions", "hh", _set("rejected", "\n\nHuman: other?\n\n"
                                                        "Assistant: no."), None,
-     r"record 3: fields 'chosen' and 'rejected' share no prompt ending in an 'Assistant:' turn"),
+     r"line 4: fields 'chosen' and 'rejected' share no prompt ending in an 'Assistant:' turn"),
 ]
 
 
 def _build(kind, data, manual):
     make_builder = KINDS[kind][0]
-    return builders.prepare(make_builder(str(data)), manual_dir=str(manual))
+    return builders.prepare(make_builder(str(data), str(manual)), manual_dir=str(manual))
 
 
 def _finished_datasets(data):
@@ -219,7 +219,7 @@ def test_a_bad_record_stops_the_trainer_with_one_line_before_anything_is_written
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "batch1.json: record 3: not UTF-8" in last, last
+    assert last.startswith("error: ") and "batch1.json: line 4: not UTF-8" in last, last
     assert not (tmp_path / "sft" / "checkpoints").exists()
     assert not _finished_datasets(tmp_path / "data")
 

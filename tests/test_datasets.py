@@ -53,12 +53,13 @@ def test_tldr_comparisons_from_the_published_layout(tmp_path):
     (manual / "batch1.json").write_text("\n".join(
         [_tldr_line(0), _tldr_line(1, choice=1), _tldr_line(2, "valid1"),
          _tldr_line(3, "valid2")]) + "\n")
-    sources = builders.prepare(real_data.tldr_builder(str(tmp_path / "data")),
+    sources = builders.prepare(real_data.tldr_builder(str(tmp_path / "data"),
+                                                      str(tmp_path / "manual")),
                                manual_dir=str(tmp_path / "manual"))
     assert {k: len(v) for k, v in sources.items()} == {"train": 2, "validation": 1, "test": 1}
     rows = {_text(sources["train"][i]["post_id"]): sources["train"][i] for i in range(2)}
-    assert _text(rows["t3_0"]["chosen"]) == "cat broke plant 0"
-    assert _text(rows["t3_1"]["chosen"]) == "plant"  # choice=1 picks the second summary
+    assert _text(rows["t3_0"]["chosen"]) == " cat broke plant 0"  # the space after TL;DR:
+    assert _text(rows["t3_1"]["chosen"]) == " plant"  # choice=1 picks the second summary
     assert _text(rows["t3_0"]["prompt"]) == ("SUBREDDIT: r/pets\nTITLE: cat trouble\n"
                                              "POST: my cat knocked over plant number 0\nTL;DR:")
 
@@ -116,13 +117,57 @@ def test_prompt_sets_follow_comparisons_rebuilt_from_other_files(tmp_path):
     assert [p[-1] for p in train] == ["0"] and [p[-1] for p in test] == ["1", "3"]
 
 
+def test_other_or_changed_manual_files_build_another_dataset(tmp_path):
+    """The built dataset is named by the files it came from: a sample first, then the full
+    files at another path, then one label flipped in place (same size) each build anew; the
+    first files again find their dataset built."""
+    def tldr(root, lines):
+        (root / "comparisons").mkdir(parents=True, exist_ok=True)
+        (root / "comparisons" / "batch1.json").write_text("\n".join(lines) + "\n")
+        return str(root)
+
+    def chosen(manual):
+        train = builders.prepare(real_data.tldr_builder(str(tmp_path / "data"), manual),
+                                 manual_dir=manual)["train"]
+        return sorted(_text(train[i]["chosen"]) for i in range(len(train)))
+
+    rest = [_tldr_line(8, "valid1"), _tldr_line(9, "valid2")]
+    sample = tldr(tmp_path / "sample", [_tldr_line(0), *rest])
+    full = tldr(tmp_path / "full", [_tldr_line(0), _tldr_line(1), _tldr_line(2), *rest])
+    assert chosen(sample) == [" cat broke plant 0"]
+    assert len(chosen(full)) == 3
+    tldr(tmp_path / "full", [_tldr_line(0, choice=1), _tldr_line(1), _tldr_line(2), *rest])
+    assert chosen(full) == [" cat broke plant 1", " cat broke plant 2", " plant"]
+    assert len(list((tmp_path / "data").glob("tldr_comparisons/*/*/dataset_info.json"))) == 3
+    assert chosen(sample) == [" cat broke plant 0"]
+
+
+def test_cnn_dm_comparisons_are_dropped_and_counted(tmp_path):
+    """The published comparisons/ folder holds CNN/Daily Mail batches too: news articles, no
+    Reddit post. They are not TL;DR posts to select or score checkpoints on."""
+    news = json.loads(_tldr_line(5, "valid2"))
+    news["info"] = {"id": "cnn-1", "article": "(CNN) The president said...", "site": "cnn"}
+    news["batch"] = "cnndm0"
+    manual = tmp_path / "manual" / "comparisons"
+    manual.mkdir(parents=True)
+    (manual / "cnndm0.json").write_text(json.dumps(news) + "\n")
+    (manual / "batch1.json").write_text("\n".join(
+        [_tldr_line(0), _tldr_line(2, "valid1"), _tldr_line(3, "valid2")]) + "\n")
+    builder = real_data.tldr_builder(str(tmp_path / "data"), str(tmp_path / "manual"))
+    sources = builders.prepare(builder, manual_dir=str(tmp_path / "manual"))
+    test = sources["test"]
+    assert [_text(test[i]["post_id"]) for i in range(len(test))] == ["t3_3"]
+    built = real_data.tldr_builder(str(tmp_path / "data"), str(tmp_path / "manual"))
+    assert built.info.metadata["dropped_news"] == 1
+
+
 @pytest.mark.parametrize("bad,message", [
-    ({"choice": None}, "record 1: field 'choice' is None; expected 0 or 1"),
-    ({"summaries": [{"text": "x"}]}, "record 1: field 'summaries' must hold exactly 2"),
-    ({"info": {"id": "t3_9", "title": "t"}}, "record 1: field 'info.post' is missing"),
-    ({"split": "valid3"}, "record 1: field 'split' is 'valid3'"),
-    ({"split": ["train"]}, "record 1: field 'split' is ['train']"),
-    ({"info": ["a post"]}, "record 1: field 'info' is ['a post']; expected an object"),
+    ({"choice": None}, "line 2: field 'choice' is None; expected 0 or 1"),
+    ({"summaries": [{"text": "x"}]}, "line 2: field 'summaries' must hold exactly 2"),
+    ({"info": {"id": "t3_9", "title": "t"}}, "line 2: field 'info.post' is missing"),
+    ({"split": "valid3"}, "line 2: field 'split' is 'valid3'"),
+    ({"split": ["train"]}, "line 2: field 'split' is ['train']"),
+    ({"info": ["a post"]}, "line 2: field 'info' is ['a post']; expected an object"),
 ])
 def test_malformed_tldr_record_names_file_record_and_field(tmp_path, bad, message):
     manual = tmp_path / "manual" / "comparisons"
@@ -130,7 +175,7 @@ def test_malformed_tldr_record_names_file_record_and_field(tmp_path, bad, messag
     lines = [_tldr_line(0), _tldr_line(1, **bad)]
     (manual / "batch7.json").write_text("\n".join(lines) + "\n")
     with pytest.raises(Exception) as err:
-        builders.prepare(real_data.tldr_builder(str(tmp_path / "data")),
+        builders.prepare(real_data.tldr_builder(str(tmp_path / "data"), str(tmp_path / "manual")),
                          manual_dir=str(tmp_path / "manual"))
     assert "batch7.json" in str(err.value) and message in str(err.value)
 
@@ -156,13 +201,13 @@ def test_anthropic_hh_extracts_the_shared_prompt(tmp_path):
     _write_hh(manual / "helpful-base" / "test.jsonl.gz", [
         {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4",
          "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"}])
-    sources = builders.prepare(real_data.hh_builder(str(tmp_path / "data")),
+    sources = builders.prepare(real_data.hh_builder(str(tmp_path / "data"), str(manual)),
                                manual_dir=str(manual))
     assert len(sources["train"]) + len(sources["validation"]) == 42 and len(sources["test"]) == 1
     rows = [s[i] for s in (sources["train"], sources["validation"]) for i in range(len(s))]
     egg = next(r for r in rows if b"egg" in r["prompt"])
     assert _text(egg["prompt"]) == turn + "\n\nAssistant:"
-    assert _text(egg["chosen"]) == "Boil for 8 minutes." and _text(egg["rejected"]) == "No idea."
+    assert _text(egg["chosen"]) == " Boil for 8 minutes." and _text(egg["rejected"]) == " No idea."
 
 
 def test_malformed_hh_record_names_file_record_and_field(tmp_path):
@@ -171,8 +216,9 @@ def test_malformed_hh_record_names_file_record_and_field(tmp_path):
         {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
         {"chosen": "\n\nHuman: a\n\nAssistant: b"}])
     _write_hh(manual / "helpful-base" / "test.jsonl.gz", [])
-    with pytest.raises(Exception, match=r"train.jsonl.gz: record 1: field 'rejected' is missing"):
-        builders.prepare(real_data.hh_builder(str(tmp_path / "data")), manual_dir=str(manual))
+    with pytest.raises(Exception, match=r"train.jsonl.gz: line 2: field 'rejected' is missing"):
+        builders.prepare(real_data.hh_builder(str(tmp_path / "data"), str(manual)),
+                         manual_dir=str(manual))
 
 
 def test_tokenizer_trains_caches_round_trips_and_checks_fingerprints(tmp_path):

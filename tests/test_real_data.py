@@ -45,7 +45,7 @@ def write_hh(manual, train=60, test=6, reverse=False):
 
 def test_hh_has_a_validation_split_carved_from_train_disjoint_and_order_free(tmp_path):
     manual = write_hh(tmp_path / "manual")
-    builder = real_data.hh_builder(str(tmp_path / "data"))
+    builder = real_data.hh_builder(str(tmp_path / "data"), str(manual))
     sources = builders.prepare(builder, manual_dir=str(manual))
     assert set(sources) == {"train", "validation", "test"}
     sizes = {split: len(source) for split, source in sources.items()}
@@ -57,8 +57,9 @@ def test_hh_has_a_validation_split_carved_from_train_disjoint_and_order_free(tmp
                for p in prompts["validation"])
     assert "carved from train" in builder.info.description
     # The same records in the opposite file order carve the same validation prompts.
-    again = builders.prepare(real_data.hh_builder(str(tmp_path / "data2")),
-                             manual_dir=str(write_hh(tmp_path / "reversed", reverse=True)))
+    reversed_files = str(write_hh(tmp_path / "reversed", reverse=True))
+    again = builders.prepare(real_data.hh_builder(str(tmp_path / "data2"), reversed_files),
+                             manual_dir=reversed_files)
     assert set(_column(again["validation"], "prompt")) == prompts["validation"]
 
 
@@ -139,7 +140,7 @@ def _write_jsonl(path, rows):
 
 
 def build_arena(tmp_path, manual):
-    builder = real_data.arena_builder(str(tmp_path / "data"))
+    builder = real_data.arena_builder(str(tmp_path / "data"), str(manual))
     return builder, builders.prepare(builder, manual_dir=str(manual))
 
 
@@ -151,16 +152,16 @@ def test_arena_keeps_single_turn_winners_and_drops_ties_and_multi_turn(tmp_path)
     assert len(rows) == 40 and all(len(source) for source in sources.values())
     by_prompt = {as_text(r["prompt"]): r for r in rows}
     a_wins = by_prompt["\n\nHuman: Which river runs through city 1?\n\nAssistant:"]
-    assert as_text(a_wins["chosen"]) == "City 1."
+    assert as_text(a_wins["chosen"]) == " City 1."
     assert as_text(a_wins["chosen_model"]) == "vicuna-13b"
     b_wins = by_prompt["\n\nHuman: Which river runs through city 2?\n\nAssistant:"]
-    assert as_text(b_wins["chosen"]) == "I am not sure about 2."
-    assert as_text(b_wins["rejected"]) == "City 2." and as_text(b_wins["language"]) == "English"
+    assert as_text(b_wins["chosen"]) == " I am not sure about 2."
+    assert as_text(b_wins["rejected"]) == " City 2." and as_text(b_wins["language"]) == "English"
     assert not any(f"city {i}?" in p for p in by_prompt for i in (100, 101, 200, 201))
     expected = {"pairs": 40, "dropped_ties": 4, "dropped_multi_turn": 3}
     assert dict(builder.info.metadata) == expected
     # The counts are stored with the dataset: a fresh builder reads them back.
-    reread = real_data.arena_builder(str(tmp_path / "data"))
+    reread = real_data.arena_builder(str(tmp_path / "data"), str(tmp_path / "manual"))
     assert dict(reread.info.metadata) == expected
     for split, source in sources.items():
         assert all(real_data.carved_split(p, ("validation", "test")) == split
@@ -219,13 +220,13 @@ def _other_question(record):
 
 
 @pytest.mark.parametrize("spoil,message", [
-    (_missing_winner, "record 1: field 'winner' is missing"),
-    (lambda r: r.update(winner="model_c"), "record 1: field 'winner' is 'model_c'; expected"),
-    (_bad_role, "record 1: field 'conversation_b[1].role' is 'bot'; expected 'assistant'"),
-    (_missing_content, "record 1: conversation_a[0]: field 'content' is missing"),
-    (_turn_count, "record 1: field 'conversation_a' holds 2 turns; field 'turn' is 2"),
-    (_other_question, "record 1: fields 'conversation_a' and 'conversation_b' open with"),
-    (lambda r: r.update(language=None), "record 1: field 'language' is None; expected text"),
+    (_missing_winner, "line 2: field 'winner' is missing"),
+    (lambda r: r.update(winner="model_c"), "line 2: field 'winner' is 'model_c'; expected"),
+    (_bad_role, "line 2: field 'conversation_b[1].role' is 'bot'; expected 'assistant'"),
+    (_missing_content, "line 2: conversation_a[0]: field 'content' is missing"),
+    (_turn_count, "line 2: field 'conversation_a' holds 2 turns; field 'turn' is 2"),
+    (_other_question, "line 2: fields 'conversation_a' and 'conversation_b' open with"),
+    (lambda r: r.update(language=None), "line 2: field 'language' is None; expected text"),
 ])
 def test_malformed_arena_record_is_one_line_naming_file_record_and_field(tmp_path, spoil,
                                                                           message):
@@ -242,7 +243,7 @@ def test_arena_line_that_is_not_json_is_one_line_naming_file_and_record(tmp_path
     manual = tmp_path / "manual"
     manual.mkdir()
     (manual / "battles.jsonl").write_text(json.dumps(battle(0)) + "\n{\"model_a\": \n")
-    with pytest.raises(DataError, match=r"battles.jsonl: record 1: not valid JSON") as err:
+    with pytest.raises(DataError, match=r"battles.jsonl: line 2: not valid JSON") as err:
         build_arena(tmp_path, manual)
     assert "\n" not in str(err.value)
 

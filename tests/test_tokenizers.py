@@ -362,3 +362,37 @@ def test_a_tokenizer_config_asking_for_bos_of_a_model_without_one_adds_none(tmp_
     assert tok.bos_id is None and not tok.add_bos
     _, mask = pipelines.encode_prompt(tok, "a post", 8)
     assert mask.sum() == len(tok.encode("a post"))
+
+
+def _published_pairs():
+    """(prompt, response, the published text they come from) of a TL;DR comparison and an HH
+    dialogue, parsed as the builders do."""
+    summary = " My cat ate it. "
+    line = {"info": {"id": "t3_1", "post": "My cat ate my plant.", "title": "Cat", "subreddit":
+                     "pets"}, "summaries": [{"text": summary}, {"text": " Cat."}],
+            "choice": 0, "split": "train"}
+    _, tldr = real_data.parse_tldr_comparison(line, "test")
+    chosen = f"{real_data.HUMAN} Hi there{real_data.ASSISTANT} Hello! How can I help?"
+    rejected = f"{real_data.HUMAN} Hi there{real_data.ASSISTANT} What."
+    hh = real_data.split_hh_dialogue(chosen, rejected, "test")
+    return [(tldr["prompt"], tldr["chosen"], (tldr["prompt"] + summary).rstrip()),
+            (*hh[:2], chosen)]
+
+
+def _response_tokens_as_after_the_prompt(tok):
+    for prompt, response, published in _published_pairs():
+        together = tok.encode(published)
+        assert together[:len(tok.encode(prompt))] == tok.encode(prompt), prompt
+        # Tokenised apart (as the pipelines do), the response is what it is in the published
+        # text, after its prompt ("TL;DR: My", not "TL;DR:My").
+        assert tok.encode(response) == together[len(tok.encode(prompt)):], response
+
+
+def test_a_real_datasets_response_tokenises_as_it_does_after_its_prompt_byte_level(tmp_path):
+    _response_tokens_as_after_the_prompt(
+        load_tokenizer(_hf_checkpoint(tmp_path / "ckpt", config={"eos_token_id": 1})))
+
+
+@pytest.mark.slow  # reads the real GGUF file
+def test_a_real_datasets_response_tokenises_as_it_does_after_its_prompt_gemma(gemma):
+    _response_tokens_as_after_the_prompt(gemma)

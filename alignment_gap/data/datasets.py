@@ -54,20 +54,20 @@ def initial_comparisons(d) -> dict:
     if d.kind == "synthetic":
         return builders.prepare(builders.synthetic_builder("comparisons", d.dir, world_config(d),
                                                            **_sizes(d)))
-    builder = _real_builder(d)
     if not d.manual_dir or not os.path.isdir(d.manual_dir) or not os.listdir(d.manual_dir):
         raise ConfigError(f"config.data.manual_dir: {d.manual_dir!r} is not a directory holding "
                           f"files; put the {d.kind} files there and set the path")
+    builder = _real_builder(d)
     return _with_every_split(builders.prepare(builder, manual_dir=d.manual_dir), d)
 
 
 def _real_builder(d):
     if d.kind == "tldr":
-        return real_data.tldr_builder(d.dir)
+        return real_data.tldr_builder(d.dir, d.manual_dir)
     if d.kind == "hh":
-        return real_data.hh_builder(d.dir, d.hh_subset)
+        return real_data.hh_builder(d.dir, d.manual_dir, d.hh_subset)
     if d.kind == "arena":
-        return real_data.arena_builder(d.dir)
+        return real_data.arena_builder(d.dir, d.manual_dir)
     raise ConfigError(f"config.data.kind: {d.kind!r} is unknown; use one of {KINDS}")
 
 
@@ -88,7 +88,8 @@ def describe(d) -> str:
                 f"{d.validation_pairs}, test {d.test_pairs}")
     if d.kind == "tldr":
         return ("data: OpenAI TL;DR comparisons from data.manual_dir, the published splits "
-                "(train, valid1 as validation, valid2 as test)")
+                "(train, valid1 as validation, valid2 as test), the CNN/Daily Mail batches "
+                "dropped")
     if d.kind == "hh":
         return (f"data: Anthropic HH-RLHF {d.hh_subset}, train and test as published. "
                 f"{real_data.carving_note(real_data.AnthropicHh.CARVED)}")

@@ -3,10 +3,11 @@
 Nothing is downloaded: put the published files in a directory and point the builder at it.
 
 * **TL;DR comparisons** (OpenAI summarize-from-feedback): `comparisons/*.json`, one JSON object
-  per line with `info` (`id`, `post` or `article`, `title`, `subreddit`), `summaries` (two
-  objects with `text`), `choice` (0 or 1) and `split` (`train`, `valid1`, `valid2` -> train,
-  validation, test). The prompt is the paper's layout, `SUBREDDIT: r/... TITLE: ... POST: ...
-  TL;DR:`.
+  per line with `info` (`id`, `post`, `title`, `subreddit`), `summaries` (two objects with
+  `text`), `choice` (0 or 1) and `split` (`train`, `valid1`, `valid2` -> train, validation,
+  test). The prompt is the paper's layout, `SUBREDDIT: r/... TITLE: ... POST: ... TL;DR:`. The
+  published folder also holds CNN/Daily Mail batches (`info.article`, no `post`): news, not
+  Reddit posts; they are dropped and counted (`dropped_news` in the dataset's metadata).
 * **Anthropic HH-RLHF**: `<subset>/{train,test}.jsonl.gz` (e.g. `helpful-base`), lines of
   `chosen` / `rejected` dialogues. The shared prefix up to the last `Assistant:` turn becomes
   the prompt; the final assistant turns are the responses. HH publishes no validation split:
@@ -15,18 +16,29 @@ Nothing is downloaded: put the published files in a directory and point the buil
   manual dir, one battle per record; rules in `ChatbotArena`. Arena publishes only train:
   validation and test are carved from it.
 
+A response is stored as it follows its prompt in the published text: one leading space (`TL;DR:
+summary`, `Assistant: reply`), trailing whitespace dropped. Responses are tokenised apart from
+their prompts, so the space must be in the response: a pretrained tokenizer that adds no space of
+its own (Gemma's, and the byte-level ones of Qwen and Llama 3) then reads `TL;DR: My` as the
+model saw such text, not `TL;DR:My`.
+
+The built dataset's name carries a fingerprint of the files it was built from (their paths
+under the manual dir and their bytes): pointing `manual_dir` at other files, or changing them,
+builds a new dataset beside the old one instead of reading the old one.
+
 Carving is deterministic: a record's split is decided by the SHA-256 of its prompt text alone,
 so it never depends on file order, carved splits never overlap train, and pairs sharing a
 prompt share a split (no prompt leaks from train into a carved split). Splits a dataset
 publishes are kept as published: HH's train and test can hold the same short prompt.
 
-A malformed record stops the build with the file, the record index and the field named
-(`DataError`); no record is skipped silently.
+A malformed record stops the build with the file, the line (a parquet file: the row, from 0)
+and the field named (`DataError`); no record is skipped silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import gzip
 import hashlib
@@ -34,17 +46,24 @@ import json
 import os
 import zlib
 
+import jax
+import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
-from alignment_gap.data.builders import FILE_FORMAT, VERSION, comparison_features
+from alignment_gap.data.builders import FILE_FORMAT, comparison_features
 from alignment_gap.errors import DataError
 
 TLDR_SPLITS = {"train": "train", "valid1": "validation", "valid2": "test"}
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 CARVE_FRACTION = 0.05  # Of train, for each split the published data lacks.
-# 1.1.0: validation carved from train (1.0.0 had train and test only).
-HH_VERSION = tfds.core.Version("1.1.0")
+# 1.1.0 (HH 1.2.0): responses keep their leading space; TL;DR drops the CNN/DM batches.
+TLDR_VERSION = tfds.core.Version("1.1.0")
+# 1.1.0: validation carved from train (1.0.0 had train and test only); 1.2.0: as above.
+HH_VERSION = tfds.core.Version("1.2.0")
+ARENA_VERSION = tfds.core.Version("1.1.0")
+RELEASE_NOTES = {"1.1.0": "responses keep the leading space that follows their prompt."}
 
 
 def hash_unit(text: str) -> float:
@@ -118,17 +137,26 @@ def _text_field(record, name: str, where: str) -> str:
     return _text(_field(record, name, where), name, where)
 
 
+def response(text: str) -> str:
+    """A response as it follows its prompt: one leading space, no trailing whitespace ("" for
+    an empty one, which trains as EOS alone)."""
+    text = text.strip()
+    return f" {text}" if text else ""
+
+
 def _read_json_lines(path: str, opener=open):
-    """(line index, record) of a JSON-lines file; a line that is not UTF-8 or not JSON, and a
-    gzip file cut short or not gzip at all, stop with one line naming the file and the fix."""
+    """(line index from 0, where: "path: line n" counted from 1 as editors do, record) of a
+    JSON-lines file; a line that is not UTF-8 or not JSON, and a gzip file cut short or not gzip
+    at all, stop with one line naming the file and the fix."""
     index = -1
     try:
         with opener(path, "rb") as f:
             for index, raw in enumerate(f):
+                where = f"{path}: line {index + 1}"
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{path}: record {index}: not UTF-8 (byte "
+                    raise DataError(f"{where}: not UTF-8 (byte "
                                     f"{raw[e.start]:#04x} at column {e.start}); re-encode the "
                                     "file as UTF-8") from None
                 if not line.strip():
@@ -136,13 +164,13 @@ def _read_json_lines(path: str, opener=open):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: record {index}: not valid JSON ({e.msg}); the file "
+                    raise DataError(f"{where}: not valid JSON ({e.msg}); the file "
                                     "must hold one JSON object per line (JSON lines)") from None
                 if not isinstance(record, dict):
-                    raise DataError(f"{path}: record {index}: a JSON {type(record).__name__}, "
+                    raise DataError(f"{where}: a JSON {type(record).__name__}, "
                                     "not an object; the file must hold one JSON object per line "
                                     "(JSON lines)")
-                yield index, record
+                yield index, where, record
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: the file is damaged after {index + 1} records ({e}); copy "
                         "it again from the published data") from None
@@ -151,10 +179,10 @@ def _read_json_lines(path: str, opener=open):
 def tldr_prompt(info: dict, where: str) -> str:
     if not isinstance(info, dict):
         raise DataError(f"{where}: field 'info' is {_shown(info)}; expected an object with "
-                        "'post' (or 'article'), 'title' and 'subreddit'")
-    body = info.get("post") if info.get("post") is not None else info.get("article")
+                        "'post', 'title' and 'subreddit'")
+    body = info.get("post")
     if body is None:
-        raise DataError(f"{where}: field 'info.post' is missing (nor is there 'info.article')")
+        raise DataError(f"{where}: field 'info.post' is missing")
     for name, value in (("post", body), ("title", info.get("title")),
                         ("subreddit", info.get("subreddit"))):
         if value is not None:
@@ -163,6 +191,12 @@ def tldr_prompt(info: dict, where: str) -> str:
     subreddit = info.get("subreddit")
     head = f"SUBREDDIT: r/{subreddit}\n" if subreddit else ""
     return f"{head}TITLE: {title}\nPOST: {body}\nTL;DR:"
+
+
+def is_news(record: dict) -> bool:
+    """A CNN/Daily Mail comparison of the published folder: `info` with an `article`, no `post`."""
+    info = record.get("info")
+    return isinstance(info, dict) and info.get("post") is None and info.get("article") is not None
 
 
 def parse_tldr_comparison(record: dict, where: str) -> tuple[str, dict]:
@@ -180,8 +214,8 @@ def parse_tldr_comparison(record: dict, where: str) -> tuple[str, dict]:
         raise DataError(f"{where}: field 'choice' is {_shown(choice)}; expected 0 or 1")
     texts = [_text_field(s, "text", f"{where}: summaries[{i}]") for i, s in enumerate(summaries)]
     return TLDR_SPLITS[split], {
-        "prompt": tldr_prompt(info, where), "chosen": texts[choice].strip(),
-        "rejected": texts[1 - choice].strip(), "post_id": _post_id(record, where)}
+        "prompt": tldr_prompt(info, where), "chosen": response(texts[choice]),
+        "rejected": response(texts[1 - choice]), "post_id": _post_id(record, where)}
 
 
 def _post_id(record: dict, where: str) -> str:
@@ -206,7 +240,7 @@ def split_hh_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str,
             raise DataError(f"{where}: fields 'chosen' and 'rejected' share no prompt ending "
                             f"in an '{ASSISTANT.strip()}' turn")
         prompt = shared[: cut + len(ASSISTANT)]
-    return prompt, chosen[len(prompt):].strip(), rejected[len(prompt):].strip()
+    return prompt, response(chosen[len(prompt):]), response(rejected[len(prompt):])
 
 
 @dataclasses.dataclass
@@ -214,35 +248,49 @@ class ManualConfig(tfds.core.BuilderConfig):
     subsets: tuple[str, ...] = ()  # HH only: subset directories to read.
 
 
+def tldr_files(root: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(root, "comparisons", "*.json")))
+
+
 class TldrComparisons(tfds.core.GeneratorBasedBuilder):
     """OpenAI summarize-from-feedback comparisons (`comparisons/*.json` in the manual dir)."""
 
-    VERSION = VERSION
+    VERSION = TLDR_VERSION
+    RELEASE_NOTES = {**RELEASE_NOTES, "1.1.0": RELEASE_NOTES["1.1.0"] + " CNN/DM dropped."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Put the published comparisons/*.json files in manual_dir."
 
     def _info(self):
         return tfds.core.DatasetInfo(
             builder=self, features=comparison_features(post_id=tfds.features.Text()),
+            metadata=tfds.core.MetadataDict(),
             description="OpenAI TL;DR comparisons; the published splits train, valid1 and "
-                        "valid2 are train, validation and test.")
+                        "valid2 are train, validation and test; the CNN/DM batches dropped.")
 
     def _split_generators(self, dl_manager):
         root = os.fspath(dl_manager.manual_dir)
-        files = sorted(glob.glob(os.path.join(root, "comparisons", "*.json")))
+        files = tldr_files(root)
         if not files:
             raise DataError(f"{root}/comparisons: no *.json files; put the summarize-from-"
                             "feedback comparison files there")
         by_split = {name: [] for name in TLDR_SPLITS.values()}
+        news = 0
         for path in files:
-            for index, record in _read_json_lines(path):
-                where = f"{path}: record {index}"
+            for index, where, record in _read_json_lines(path):
+                if is_news(record):
+                    news += 1
+                    continue
                 split, example = parse_tldr_comparison(record, where)
                 by_split[split].append((f"{os.path.basename(path)}:{index}", example))
+        self.info.metadata.update(dropped_news=news)
         return {split: self._generate_examples(rows) for split, rows in by_split.items() if rows}
 
     def _generate_examples(self, rows):
         for key, example in rows:
             yield key, {"id": key, **example}
+
+
+def hh_files(root: str, subsets, splits=("train", "test")) -> list[str]:
+    return [os.path.join(root, s, f"{split}.jsonl.gz") for s in subsets for split in splits]
 
 
 class AnthropicHh(tfds.core.GeneratorBasedBuilder):
@@ -252,7 +300,8 @@ class AnthropicHh(tfds.core.GeneratorBasedBuilder):
     """
 
     VERSION = HH_VERSION
-    RELEASE_NOTES = {"1.1.0": "validation split carved from train."}
+    RELEASE_NOTES = {"1.1.0": "validation split carved from train.",
+                     "1.2.0": RELEASE_NOTES["1.1.0"]}
     BUILDER_CONFIGS = [ManualConfig(name=s, version=HH_VERSION, subsets=(s,)) for s in
                        ("helpful-base", "harmless-base", "helpful-online",
                         "helpful-rejection-sampled")]
@@ -274,7 +323,7 @@ class AnthropicHh(tfds.core.GeneratorBasedBuilder):
                 for split, (files, carve_to) in plan.items()}
 
     def _files(self, root: str, split: str) -> list[str]:
-        paths = [os.path.join(root, s, f"{split}.jsonl.gz") for s in self.builder_config.subsets]
+        paths = hh_files(root, self.builder_config.subsets, (split,))
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise DataError(f"{missing[0]}: file is missing; put the HH-RLHF "
@@ -284,8 +333,7 @@ class AnthropicHh(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, paths, carve_to: str | None):
         """Every record of `paths` (`carve_to=None`), or those `carved_split` sends there."""
         for path in paths:
-            for index, record in _read_json_lines(path, gzip.open):
-                where = f"{path}: record {index}"
+            for index, where, record in _read_json_lines(path, gzip.open):
                 chosen, rejected = (_text_field(record, k, where) for k in ("chosen", "rejected"))
                 prompt, good, bad = split_hh_dialogue(chosen, rejected, where)
                 if carve_to is not None and carved_split(prompt, self.CARVED) != carve_to:
@@ -341,7 +389,7 @@ def parse_arena_battle(record, where: str) -> tuple[str, dict | None]:
     if turns > 1:
         return "multi_turn", None
     w = ARENA_WINNERS.index(winner)
-    replies, prompt = (a[1].strip(), b[1].strip()), f"{HUMAN} {a[0].strip()}{ASSISTANT}"
+    replies, prompt = (response(a[1]), response(b[1])), f"{HUMAN} {a[0].strip()}{ASSISTANT}"
     return "pair", {"prompt": prompt, "chosen": replies[w], "rejected": replies[1 - w],
                     "language": language, "chosen_model": models[w],
                     "rejected_model": models[1 - w]}
@@ -359,14 +407,20 @@ def _read_parquet(path: str):
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise DataError(f"{path}: not a readable parquet file ({why}); copy it again from "
                         "the published data, or convert it to JSON lines") from None
-    yield from enumerate(table.to_pylist())
+    for index, record in enumerate(table.to_pylist()):
+        yield index, f"{path}: row {index}", record
 
 
 def read_arena_file(path: str):
-    """(record index, record) of one Arena file, by its extension."""
+    """(record index, where, record) of one Arena file, by its extension."""
     if path.endswith(".parquet"):
         return _read_parquet(path)
     return _read_json_lines(path, gzip.open if path.endswith(".gz") else open)
+
+
+def arena_files(root: str) -> list[str]:
+    return sorted({path for pattern in ARENA_PATTERNS
+                   for path in glob.glob(os.path.join(root, "**", pattern), recursive=True)})
 
 
 class ChatbotArena(tfds.core.GeneratorBasedBuilder):
@@ -394,7 +448,8 @@ class ChatbotArena(tfds.core.GeneratorBasedBuilder):
     (`carving_note`).
     """
 
-    VERSION = VERSION
+    VERSION = ARENA_VERSION
+    RELEASE_NOTES = RELEASE_NOTES
     MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the Chatbot Arena conversations (*.jsonl, *.jsonl.gz "
                                     "or *.parquet) in manual_dir.")
     CARVED = ("validation", "test")
@@ -412,8 +467,8 @@ class ChatbotArena(tfds.core.GeneratorBasedBuilder):
         by_split = {"train": [], **{name: [] for name in self.CARVED}}
         counts = {"pair": 0, "tie": 0, "multi_turn": 0}
         for path in self._files(root):
-            for index, record in read_arena_file(path):
-                outcome, example = parse_arena_battle(record, f"{path}: record {index}")
+            for index, where, record in read_arena_file(path):
+                outcome, example = parse_arena_battle(record, where)
                 counts[outcome] += 1
                 if example is not None:
                     key = f"{os.path.relpath(path, root)}:{index}"
@@ -426,8 +481,7 @@ class ChatbotArena(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(rows) for split, rows in by_split.items()}
 
     def _files(self, root: str) -> list[str]:
-        files = sorted({path for pattern in ARENA_PATTERNS
-                        for path in glob.glob(os.path.join(root, "**", pattern), recursive=True)})
+        files = arena_files(root)
         if not files:
             raise DataError(f"{root}: no {', '.join(ARENA_PATTERNS)} files; put the Chatbot "
                             "Arena conversations there")
@@ -438,21 +492,59 @@ class ChatbotArena(tfds.core.GeneratorBasedBuilder):
             yield key, {"id": key, **example}
 
 
-def tldr_builder(data_dir: str) -> TldrComparisons:
-    """Build with `builders.prepare(tldr_builder(dir), manual_dir=...)`."""
-    config = tfds.core.BuilderConfig(name="default", version=VERSION)
+def source_files(kind: str, manual_dir: str, hh_subset: str = "helpful-base") -> list[str]:
+    """The files the `kind` builder reads from `manual_dir`."""
+    if kind == "tldr":
+        return tldr_files(manual_dir)
+    if kind == "hh":
+        return hh_files(manual_dir, (hh_subset,))
+    if kind == "arena":
+        return arena_files(manual_dir)
+    raise ValueError(f"real dataset kind {kind!r} is unknown")
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> bytes:
+    del size, mtime_ns  # the cache key: a file changed on disk is read again
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+    return sha.digest()
+
+
+def source_fingerprint(paths: list[str], root: str) -> str:
+    """12 hex digits of SHA-256 over the files' paths under `root` and their bytes (a file not
+    there is left out: the builder names it). With several processes, process 0's: the one it
+    builds and the others read."""
+    sha = hashlib.sha256()
+    for path in sorted(paths):
+        if os.path.isfile(path):
+            stat = os.stat(path)
+            sha.update(os.path.relpath(path, root).encode() + b"\0")
+            sha.update(_digest(path, stat.st_size, stat.st_mtime_ns))
+    digest = np.frombuffer(sha.digest()[:6], np.uint8)
+    if jax.process_count() > 1:
+        digest = np.asarray(multihost_utils.broadcast_one_to_all(digest))
+    return bytes(digest.astype(np.uint8)).hex()
+
+
+def tldr_builder(data_dir: str, manual_dir: str) -> TldrComparisons:
+    """Build with `builders.prepare(tldr_builder(dir, manual_dir), manual_dir=manual_dir)`."""
+    source = source_fingerprint(tldr_files(manual_dir), manual_dir)
+    config = tfds.core.BuilderConfig(name=f"default-{source}", version=TLDR_VERSION)
     return TldrComparisons(data_dir=data_dir, file_format=FILE_FORMAT, config=config)
 
 
-def hh_builder(data_dir: str, subset: str = "helpful-base") -> AnthropicHh:
-    """Build with `builders.prepare(hh_builder(dir, subset), manual_dir=...)`."""
-    known = {c.name for c in AnthropicHh.BUILDER_CONFIGS}
-    config = subset if subset in known else ManualConfig(name=subset, version=HH_VERSION,
-                                                         subsets=(subset,))
+def hh_builder(data_dir: str, manual_dir: str, subset: str = "helpful-base") -> AnthropicHh:
+    """Build with `builders.prepare(hh_builder(dir, manual_dir, subset), manual_dir=...)`."""
+    source = source_fingerprint(hh_files(manual_dir, (subset,)), manual_dir)
+    config = ManualConfig(name=f"{subset}-{source}", version=HH_VERSION, subsets=(subset,))
     return AnthropicHh(data_dir=data_dir, file_format=FILE_FORMAT, config=config)
 
 
-def arena_builder(data_dir: str) -> ChatbotArena:
-    """Build with `builders.prepare(arena_builder(dir), manual_dir=...)`."""
-    config = tfds.core.BuilderConfig(name="default", version=VERSION)
+def arena_builder(data_dir: str, manual_dir: str) -> ChatbotArena:
+    """Build with `builders.prepare(arena_builder(dir, manual_dir), manual_dir=manual_dir)`."""
+    source = source_fingerprint(arena_files(manual_dir), manual_dir)
+    config = tfds.core.BuilderConfig(name=f"default-{source}", version=ARENA_VERSION)
     return ChatbotArena(data_dir=data_dir, file_format=FILE_FORMAT, config=config)
