@@ -12,7 +12,10 @@ FLOPs, per token (Kaplan et al. 2020, the causal half not discounted; N = the bl
 parameters, L layers, W width, T context): a forward 2N + 4 L W T, training 3x that; plus
 2 W V (x3 when trained) at each position whose next-token logits are computed - the response
 positions in an update, the last prompt position and each decoded token in the sampler, none in
-the preference model (a scalar head). T for a decoded token is its average context.
+the preference model (a scalar head). T for a decoded token is its average context. The last
+block runs its query, attention output and MLP only at the positions whose output is read
+(`read_at`: those logit positions, or the preference model's two scored positions per pair);
+elsewhere it computes keys and values alone, and the count follows.
 Tokens are those a pass reads, a pair's prompt once: the update reads `[prompt | chosen |
 rejected]` (P + 2R per pair), scoring `[prompt | y1 y2 | y2 y1]` (P + 4R); T for each is the
 length of its own order's sequence (P + R, P + 2R).
@@ -47,12 +50,16 @@ PAIRS = {"mini": 32, "60m": 8, "250m": 4, "770m": 2}  # pairs per update step on
 SAMPLE_PROMPTS = {"mini": 64, "60m": 16, "250m": 8, "770m": 4}
 
 
-def layer_flops(cfg: TransformerConfig, context: float, passes: int) -> float:
+def layer_flops(cfg: TransformerConfig, context: float, passes: int, read: float = 1.0) -> float:
     """Per token through the blocks: passes x 2 x matmul params + attention (passes: 1 forward,
-    3 forward + backward); the vocabulary projection is counted apart, where it is computed."""
-    per_layer = (2 * cfg.width * cfg.num_heads * cfg.head_dim
-                 + 2 * cfg.width * cfg.num_kv_heads * cfg.head_dim + 3 * cfg.width * cfg.mlp_dim)
-    return passes * (2 * cfg.num_layers * per_layer + 4 * cfg.num_layers * cfg.width * context)
+    3 forward + backward), `read` of the tokens through the whole last block and the rest
+    through its key and value projections only; the vocabulary projection is counted apart,
+    where it is computed."""
+    kv = 2 * cfg.width * cfg.num_kv_heads * cfg.head_dim
+    full = (2 * cfg.width * cfg.num_heads * cfg.head_dim + kv + 3 * cfg.width * cfg.mlp_dim
+            + 2 * cfg.width * context)  # + attention: q.k and p.v, 2 W T multiply-adds
+    last = read * full + (1 - read) * kv
+    return passes * 2 * ((cfg.num_layers - 1) * full + last)
 
 
 def head_flops(cfg: TransformerConfig, passes: int) -> float:
@@ -96,7 +103,8 @@ def bench_update(size, pairs, prompt, response, mesh, rules, peak) -> dict:
     length = prompt + response
     tokens = pairs * (prompt + 2 * response)  # the prompt once, then chosen and rejected
     # Policy forward + backward, reference forward; logits only at the response positions.
-    flops = (tokens * (layer_flops(cfg, length, 3) + layer_flops(cfg, length, 1))
+    read = 2 * response / (prompt + 2 * response)  # the positions whose logits are read
+    flops = (tokens * (layer_flops(cfg, length, 3, read) + layer_flops(cfg, length, 1, read))
              + 2 * pairs * response * (head_flops(cfg, 3) + head_flops(cfg, 1)))
     return _row("update (policy fwd+bwd+AdamW, reference fwd)", size, f"{pairs} pairs x "
                 f"{length}", seconds, tokens, flops, peak)
@@ -110,7 +118,8 @@ def bench_sampler(size, prompts, prompt, response, mesh, rules, peak) -> dict:
     sampler = Sampler(lm, mesh, rules, SamplingConfig(max_new_tokens=response, eos_id=-1))
     state, key = nnx.state(lm), jax.random.key(0)
     seconds = timed(lambda: sampler(state, x, np.ones_like(x, bool), key).tokens, 3)
-    flops = prompts * (prompt * layer_flops(cfg, prompt / 2, 1) + head_flops(cfg, 1)  # prefill
+    flops = prompts * (prompt * layer_flops(cfg, prompt / 2, 1, 1 / prompt)  # prefill
+                       + head_flops(cfg, 1)
                        + response * (layer_flops(cfg, prompt + response / 2, 1)
                                      + head_flops(cfg, 1)))
     return _row("sampler (prefill + KV-cache decode)", size, f"{prompts} x {prompt} + "
@@ -129,8 +138,9 @@ def bench_scoring(size, pairs, prompt, response, mesh, rules, peak) -> dict:
         seconds = timed(lambda: score(state, b), 3 if size != "mini" else 10)
     length = prompt + 2 * response
     tokens = pairs * (prompt + 4 * response)  # the prompt once, then each order's responses
+    read = 2 / (prompt + 4 * response)  # each order's scored position
     return _row("preference scoring (both orders)", size, f"{pairs} pairs x {length}", seconds,
-                tokens, tokens * layer_flops(cfg, length, 1), peak)  # no vocabulary head
+                tokens, tokens * layer_flops(cfg, length, 1, read), peak)  # no vocabulary head
 
 
 def _row(what, size, shape, seconds, tokens, flops, peak) -> dict:
