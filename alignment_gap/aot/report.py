@@ -97,6 +97,8 @@ class Result:
 
 
 def ideal_step(costs: Costs, chip) -> dict:
+    """The step at the chip's published peaks. `mfu_ceiling` divides the compiler's FLOPs,
+    which hold any rematerialised forward: of a `remat` program it bounds hardware FLOPs."""
     compute_s = costs.flops / (chip.peak_tflops * 1e12)
     memory_s = costs.bytes / (chip.hbm_gbps * 1e9)
     ideal = max(compute_s, memory_s)
