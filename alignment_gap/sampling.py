@@ -190,44 +190,51 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
             # an unbatched step, where a per-run predicate would select every carry (the whole
             # cache) per run at each step and write the cache by scatter.
             pending = jax.lax.psum(pending.astype(jnp.int32), run_axis) > 0
-        return (s.step < r) & pending
+        return (s.step < r - 1) & pending
 
-    def body(s: _Loop):
+    def draw(s: _Loop) -> tuple[_Loop, jax.Array, jax.Array]:
+        """Step `s.step`'s token drawn from `s.logits` into the carry; (carry, token, live)."""
         if cfg.temperature == 0.0:
             token = choose_tokens(s.logits, None, cfg)
         elif noise is None:  # this step's draw for the whole batch, at this call's rows
-            draw = gumbel_rows(jax.random.fold_in(key, s.step), n, total, vocab)
-            token = choose_tokens(s.logits, None, cfg, mine(draw, 0))
+            step_draw = gumbel_rows(jax.random.fold_in(key, s.step), n, total, vocab)
+            token = choose_tokens(s.logits, None, cfg, mine(step_draw, 0))
         else:  # no key to derive: this step's noise is already drawn
             token = choose_tokens(s.logits, None, cfg, noise[s.step])
         logprob = token_logprobs(s.logits[:, None], token[:, None])[:, 0]
         live = ~s.done
         token = jnp.where(live, token, cfg.pad_id)
-        tokens = s.tokens.at[:, s.step].set(token)
-        logprobs = s.logprobs.at[:, s.step].set(jnp.where(live, logprob, 0.0))
         ends = token == cfg.eos_id
         for stop in cfg.stop_ids:
             ends |= token == stop
-        done = s.done | ends
+        return s._replace(tokens=s.tokens.at[:, s.step].set(token),
+                          logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, logprob, 0.0)),
+                          done=s.done | ends,
+                          cache_mask=s.cache_mask.at[:, p + s.step].set(live)), token, live
+
+    def body(s: _Loop):
+        s, token, live = draw(s)
         slot = p + s.step
-        cache_mask = s.cache_mask.at[:, slot].set(live)
         sequence = s.sequence if use_cache else s.sequence.at[:, slot].set(token)
         if use_cache:
             positions = (first_position + s.step)[:, None]
             logits, cache = lm(token[:, None], live[:, None], positions_BxL=positions,
-                               cache=s.cache, cache_index=slot, cache_mask_BxS=cache_mask)
+                               cache=s.cache, cache_index=slot, cache_mask_BxS=s.cache_mask)
             next_logits = logits[:, 0]
         else:
             cache = None
-            logits, _ = lm(sequence, cache_mask, positions_BxL=positions_from_mask(cache_mask))
+            logits, _ = lm(sequence, s.cache_mask,
+                           positions_BxL=positions_from_mask(s.cache_mask))
             next_logits = jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False)
-        return _Loop(s.step + 1, next_logits, cache, cache_mask, sequence, tokens, logprobs, done)
+        return s._replace(step=s.step + 1, logits=next_logits, cache=cache, sequence=sequence)
 
     init = _Loop(
         step=jnp.int32(0), logits=logits[:, -1], cache=cache, cache_mask=seq_mask,
         sequence=sequence, tokens=jnp.full((batch, r), cfg.pad_id, jnp.int32),
         logprobs=jnp.zeros((batch, r), jnp.float32), done=jnp.zeros((batch,), bool))
-    final = jax.lax.while_loop(cond, body, init)
+    # Every step but the last draws and runs the policy on its token; the last token is drawn
+    # after the loop, with no forward pass for logits nothing would read.
+    final, _, _ = draw(jax.lax.while_loop(cond, body, init))
     mask = final.cache_mask[:, p:]
     return SampleOutput(final.tokens, final.logprobs, mask)
 

@@ -3,8 +3,9 @@
     python bench/sampler_parts.py                     # mini and peer shapes, one device
     python bench/sampler_parts.py --shapes peer --rounds 8
 
-A call that draws one token is the prefill (plus one draw); a full call adds the decode loop,
-so a decode step costs (full - prefill) / (new tokens - 1). Both programs are timed in rounds
+A call that draws one token is the prefill plus one draw (before 2026-12-07 it also ran one
+decode step, whose logits nothing read); a full call adds the decode loop, so a decode step
+costs (full - prefill) / (new tokens - 1). Both programs are timed in rounds
 that alternate between them (this machine's speed drifts within minutes), 5 calls a round after
 2 warm-up calls; the table gives each one's median round and its range. Random-init policy, EOS
 off so every row decodes every step (as `bench/policy_step.py`'s sampler call).
