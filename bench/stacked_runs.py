@@ -41,7 +41,7 @@ from policy_step import mean_time, random_models
 from alignment_gap import allocator, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.sampling import Sampler, SamplingConfig
-from alignment_gap.sources import rank_program
+from alignment_gap.sources import Ranker
 from alignment_gap.train import stacked
 from alignment_gap.train.policy import make_policy_loss
 from alignment_gap.train.state import init_train_state, make_optimizer, make_update_step
@@ -103,12 +103,14 @@ def main():
     def to_device(tree, shardings):
         return jax.device_put(tree, shardings)
 
-    # One run alone: the trainer's own programs.
+    # One run alone: the trainer's own programs (its row-mean update, which a one-device CPU
+    # mesh runs as side-by-side groups, and its ranker).
     update = make_update_step(graphdef, make_optimizer(opt),
                               make_policy_loss("ipo", 0.1, -1, ref_graphdef), mesh, rules,
-                              state_sh, batch_sh, {"reference": ref_sh}, args.microbatches)
+                              state_sh, batch_sh, {"reference": ref_sh}, args.microbatches,
+                              row_mean_loss=True)
     sampler = Sampler(policy, mesh, rules, sampling, samples_per_prompt=2)
-    rank = rank_program(proxy, mesh, rules)
+    rank = Ranker(proxy, mesh, rules)
     one = offline_batch()
     holder = {"state": copy(start), "key": jax.random.key(0)}
 

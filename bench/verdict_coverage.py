@@ -108,8 +108,13 @@ def main():
         for name, module in estimators.items():
             r = run(module, design, args.studies, args.replicates)
             print(f"| {design[0]} | {name} | {r['sd']:.4f} | {r['se_ratio']:.2f} | "
-                  f"{r['var_ratio']:.2f} | {r['df']:.3g} | {r['coverage']:.3f} | "
-                  f"{r['named']:.3f} |", flush=True)
+                  f"{r['var_ratio']:.2f} | {r['df']:.3g} | {_share(r['coverage'], args.studies)}"
+                  f" | {_share(r['named'], args.studies)} |", flush=True)
+
+
+def _share(p: float, studies: int) -> str:
+    """A share of simulated studies with its Monte Carlo standard error."""
+    return f"{p:.3f} +- {np.sqrt(p * (1 - p) / studies):.3f}"
 
 
 if __name__ == "__main__":
