@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from alignment_gap.data import tokenizer
+from configs import study
 from tests.test_real_data import _hh_row, write_hh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,3 +53,21 @@ def test_every_stage_runs_from_the_pretrained_checkpoint_on_hh(tmp_path):
     assert sft_config["model"]["sliding_window"] == 4 and sft_config["data"]["kind"] == "hh"
     report = (workdir / "report.md").read_text()
     assert "carved" in report  # the report says where HH's validation split came from
+
+
+def test_stage_keys_follow_the_data_files_not_only_their_path(tmp_path):
+    """Records edited in place (or other files copied to the same path): every stage reading
+    them gets a new key, so a rerun trains on the new data rather than reusing the old."""
+    from alignment_gap.study import pipeline
+
+    manual = write_hh(tmp_path / "manual", train=60, test=6)
+    c = study.get_config("hh_gemma3_270m_cpu")
+    c.data.manual_dir, c.data.dir = str(manual), str(tmp_path / "data")
+    keys = lambda: {s.name: s.key for s in pipeline.build_plan(c, str(tmp_path / "w")).stages}
+    before = keys()
+    assert keys() == before  # the same files: the same stages
+    write_hh(manual, train=60, test=6, reverse=True)  # the same records in another order
+    after = keys()
+    assert after.keys() == before.keys() and "sft" in after
+    assert all(after[name] != key for name, key in before.items()), [
+        name for name, key in before.items() if after[name] == key]

@@ -61,6 +61,13 @@ def initial_comparisons(d) -> dict:
     return _with_every_split(builders.prepare(builder, manual_dir=d.manual_dir), d)
 
 
+def source_fingerprint(d) -> str:
+    """Of the files a real dataset is built from (`real_data.source_fingerprint`): a study puts it
+    in its stages' configs, so their keys follow the files' contents, not their path alone."""
+    files = real_data.source_files(d.kind, d.manual_dir, d.hh_subset) if d.manual_dir else []
+    return real_data.source_fingerprint(files, d.manual_dir)
+
+
 def _real_builder(d):
     if d.kind == "tldr":
         return real_data.tldr_builder(d.dir, d.manual_dir)

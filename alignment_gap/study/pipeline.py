@@ -25,6 +25,7 @@ import os
 import ml_collections
 
 from alignment_gap import pretrained, run_dir
+from alignment_gap.data import datasets
 from alignment_gap.presets import policy as policy_configs
 from alignment_gap.presets import preference_model as preference_configs
 from alignment_gap.presets import sft as sft_configs
@@ -37,6 +38,8 @@ def _common(stage_cfg, study, section, steps, batch_size, learning_rate):
     """Set a trainer config's study-wide sections (data, mesh, distributed) and its optimiser
     from the study: `section` (the stage's section of the study config) says the schedule."""
     stage_cfg.data = ml_collections.ConfigDict(study.data.to_dict())
+    if study.data.kind != "synthetic":  # files changed in place make new stages, not old ones
+        stage_cfg.data.source = datasets.source_fingerprint(study.data)
     # One tokenizer for every stage: the configured one, else the pretrained policy's.
     stage_cfg.data.tokenizer = study.data.tokenizer or pretrained.checkpoint_path(
         study.init.checkpoint)
