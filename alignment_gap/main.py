@@ -98,6 +98,7 @@ def main(argv):
         sys.exit(1)
     except preemption.Preempted as e:  # saved; the scheduler requeues on this status
         print(f"preempted: {e}", file=sys.stderr)
+        preemption.record_saved()
         sys.exit(preemption.EXIT_REQUEUE)
     except Exception as e:
         if not is_disk_full(e):

@@ -17,6 +17,11 @@ only increases (the protocol needs that) and is the same on every process.
 
 Stages without update steps (dataset builds, relabelling, the report) run to their end; the
 study stops before its next stage.
+
+A launcher running several processes learns which of them saved: with `$ALIGNMENT_GAP_SAVED_DIR`
+set, each process that exits 75 leaves `process_<index>` there (`record_saved`). srun reports
+the highest status of its tasks, so 75 alone cannot tell "every process saved" from "one failed
+while the others saved"; `launch/slurm.sbatch` requeues only on the first.
 """
 
 from __future__ import annotations
@@ -30,6 +35,19 @@ from jax.experimental import multihost_utils
 
 EXIT_REQUEUE = 75  # sysexits.h EX_TEMPFAIL; SLURM: `RequeueExit=75` or `scontrol requeue`
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+SAVED_DIR_ENV = "ALIGNMENT_GAP_SAVED_DIR"
+
+
+def record_saved():
+    """Leave `$ALIGNMENT_GAP_SAVED_DIR/process_<index>` (where set): this process saved and
+    exits 75."""
+    directory = os.environ.get(SAVED_DIR_ENV)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"process_{jax.process_index()}"), "w") as f:
+            f.write(f"{EXIT_REQUEUE}\n")
 
 
 class Preempted(Exception):  # noqa: N818 - not an error: the run stopped on request

@@ -96,12 +96,16 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_saved_step(strai
     flags = ["--config.num_steps=200", "--config.checkpoint_every=100",
              f"--config.distributed.coordinator_address={address}",
              "--config.distributed.num_processes=2", "--config.distributed.local_cpu_devices=1"]
+    saved_dir = tmp_path / "saved"  # where launch/slurm.sbatch asks each process to say it saved
+    env = {**os.environ, "ALIGNMENT_GAP_SAVED_DIR": str(saved_dir)}
     procs = [subprocess.Popen(_args(run, root / "data", *flags,
                                     f"--config.distributed.process_id={i}"),
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env)
              for i in range(2)]
     outs = _signal_after_step(procs, signal.SIGTERM, to=(1,))
     assert [p.returncode for p in procs] == [REQUEUE, REQUEUE], [e[-2000:] for _, e in outs]
+    assert sorted(os.listdir(saved_dir)) == ["process_0", "process_1"]
     steps = {int(re.search(r"at step (\d+) of", err).group(1)) for _, err in outs}
     saved = json.loads((run / "PREEMPTED.json").read_text())["step"]
     assert steps == {saved} and saved < 100

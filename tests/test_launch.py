@@ -143,3 +143,50 @@ def test_local_sh_reads_relative_paths_from_where_it_is_run(tmp_path):
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.splitlines() == [str(tmp_path), "-m", "alignment_gap.main", "--workdir",
                                        "out"]
+
+
+SRUN = r'''#!/usr/bin/env bash
+# Stands in for srun: $SLURM_NTASKS tasks of the command here, srun's status the highest.
+while [[ "$1" == --* ]]; do shift; done
+worst=0
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i "$@"; rc=$?
+  [ "$rc" -gt "$worst" ] && worst=$rc
+done
+exit $worst
+'''
+
+TASK = r'''#!/usr/bin/env bash
+# A task's `python -m alignment_gap.main`: exits with the status $STATUSES gives its task, and
+# on 75 says it saved as main does (preemption.record_saved).
+status=$(echo $STATUSES | cut -d' ' -f$((SLURM_PROCID + 1)))
+if [ "$status" = 75 ]; then
+  mkdir -p "$ALIGNMENT_GAP_SAVED_DIR" && echo 75 > "$ALIGNMENT_GAP_SAVED_DIR/process_$SLURM_PROCID"
+fi
+exit "$status"
+'''
+
+
+@pytest.mark.parametrize("statuses,requeued,status", [
+    ("75 75 75", True, 75), ("75 1 75", False, 1), ("0 0 0", False, 0), ("1 1 1", False, 1)])
+def test_slurm_requeues_only_when_every_process_saved(tmp_path, statuses, requeued, status):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("python", TASK),
+                       ("scontrol", '#!/usr/bin/env bash\necho "$@" >> "$REQUEUES"\n')):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NTASKS": "3",
+           "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "4", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "STATUSES": statuses, "REQUEUES": str(tmp_path / "requeues")}
+    (tmp_path / ".alignment_gap_saved" / "42").mkdir(parents=True)  # a previous attempt's
+    (tmp_path / ".alignment_gap_saved" / "42" / "process_1").write_text("75\n")
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "--workdir", "w"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == status, out.stderr
+    assert (tmp_path / "requeues").exists() == requeued
+    if requeued:
+        assert (tmp_path / "requeues").read_text() == "requeue 42\n"
+    if statuses == "75 1 75":
+        assert "error: 2 of 3 processes saved" in out.stderr
+
