@@ -503,7 +503,7 @@ def source_files(kind: str, manual_dir: str, hh_subset: str = "helpful-base") ->
     raise ValueError(f"real dataset kind {kind!r} is unknown")
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4096)  # more than a dataset has files: a scan of them all hits
 def _digest(path: str, size: int, mtime_ns: int) -> bytes:
     del size, mtime_ns  # the cache key: a file changed on disk is read again
     sha = hashlib.sha256()
