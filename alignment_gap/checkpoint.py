@@ -88,7 +88,8 @@ class Checkpointer:
         never starts from scratch on its own. With several processes, each reads its own
         shards and a step any of them cannot read is passed over by all: every process resumes
         from the same step."""
-        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        steps = [step] if step is not None else _agreed_steps(
+            sorted(self.manager.all_steps(), reverse=True))
         reader = self._reader()
         try:
             return self._restore_first_readable(reader, steps, state, shardings, data_iterator,
@@ -227,6 +228,17 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
         return type(error).__name__
     text = text.splitlines()[0].split(" See full TensorStore details")[0]  # drops a repr
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _agreed_steps(steps: list[int]) -> list[int]:
+    """Process 0's list of `steps` on every process. Each lists the shared directory itself, and
+    a stale listing on one host (a network filesystem's cached directory) must not set the
+    processes on different steps: a step a process cannot read is passed over by all."""
+    if jax.process_count() == 1:
+        return steps
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    mine = np.asarray(steps if jax.process_index() == 0 else [0] * count, np.int32)
+    return [int(s) for s in np.asarray(multihost_utils.broadcast_one_to_all(mine))]
 
 
 def _processes_failing(failed_here: bool) -> list[int]:

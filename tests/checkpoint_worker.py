@@ -6,7 +6,8 @@ multi-process restore test).
 `save` writes steps 1 and 2, each parameter `arange(4096) + step` split over 2 x 2 CPU devices;
 `restore` writes the step it resumed from and the first value of each of its local shards;
 `refuse` restores with a check that refuses every checkpoint while process 1 cannot read step
-2's meta, and writes the error each process raised.
+2's meta, and writes the error each process raised; `stale` restores as `restore` does while
+process 1's listing of the directory lacks step 2 (a network filesystem's stale cache).
 """
 
 import json
@@ -68,6 +69,9 @@ def main(coordinator, process_id, mode, directory, out_path):
         except IncompatibleCheckpoint as e:
             result = {"refused": str(e)}
     else:
+        if mode == "stale" and int(process_id) == 1:
+            listed = checkpointer.manager.all_steps
+            checkpointer.manager.all_steps = lambda: [s for s in listed() if s != 2]
         restored, _, _ = checkpointer.restore(state(0), TrainState(whole, {"w": split},
                                                                    {"m": split}))
         result = {"step": int(restored.step),

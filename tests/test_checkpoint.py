@@ -97,6 +97,14 @@ def test_a_step_one_process_cannot_read_is_passed_over_by_every_process(tmp_path
     assert "/ckpt/2 (process 1 could not read it) could not be read" in first["log"]
 
 
+def test_processes_restore_process_0s_latest_step_whatever_their_own_listing(tmp_path):
+    """Process 1's listing of the directory lacks step 2 (a stale network filesystem cache):
+    both still resume from step 2, the latest process 0 lists, which process 1 can read."""
+    _two_processes(tmp_path, "save")
+    results = _two_processes(tmp_path, "stale", timeout=120)
+    assert [r["step"] for r in results] == [2, 2], [r["log"][-2000:] for r in results]
+
+
 def test_a_refusal_on_one_process_stops_the_process_that_could_not_read_the_meta(tmp_path):
     """Process 0 reads step 2's meta and its check refuses the checkpoint; process 1 cannot
     read that meta. Both raise the refusal (process 1 naming process 0) instead of process 1
