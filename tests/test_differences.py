@@ -353,3 +353,22 @@ def test_a_seed_whose_start_beats_its_checkpoints_keeps_its_peak():
               point("online", 1, 0.0, np.full(N, 0.7), step=0)]
     assert differences.peaks(points, "online") == {"golden": {(0, 0): pytest.approx(0.6),
                                                               (0, 1): pytest.approx(0.7)}}
+
+
+def test_a_summary_with_undefined_numbers_is_strict_json_and_reads_back_into_the_tables():
+    """One seed's interval and a peak without one hold NaN: summary.json writes null there
+    (jq and JavaScript refuse NaN), and the tables a notebook draws from it read null as none."""
+    import json
+
+    rng = np.random.default_rng(2)
+    points = [point("online", 0, 1.0, noisy(rng, 0.7)), point("offline", 0, 1.0, noisy(rng, 0.5))]
+    comparison = differences.compare(points, replicates=50)
+    peaks = results.held_out_peaks(comparison)
+    summary = {"comparison": comparison, "peaks": peaks, "df": np.float64(np.inf)}
+    text = json.dumps(report.strict_json(summary), allow_nan=False, default=str)
+    assert "NaN" not in text and "Infinity" not in text
+    read = json.loads(text)
+    assert read["df"] is None
+    assert report.budget_table(read["comparison"]) == report.budget_table(comparison)
+    assert ({m: report.format_interval(v["mean_ci"]) for m, v in read["peaks"].items()}
+            == {m: report.format_interval(v["mean_ci"]) for m, v in peaks.items()})

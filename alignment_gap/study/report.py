@@ -73,10 +73,29 @@ def frontier_plot(rows, path: str, methods=("online", "offline"), title: str = F
 def format_interval(mean_ci) -> str:
     """`mean +- half-width`; `mean (no interval)` where it cannot be estimated; `-` where
     there is no mean."""
-    mean, half = mean_ci
+    mean, half = (_number(x) for x in mean_ci)
     if not np.isfinite(mean):
         return "-"
     return f"{mean:.3f}" + (f" +- {half:.3f}" if np.isfinite(half) else " (no interval)")
+
+
+def _number(x) -> float:
+    """`x` as a float, None (what summary.json holds where a number is undefined) as NaN."""
+    return float("nan") if x is None else float(x)
+
+
+def strict_json(value):
+    """`value` (JSON-like, numpy scalars included) with every NaN or infinity as None: the
+    summary is read by jq and JavaScript too, which refuse Python's NaN and Infinity."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def setting_value(value) -> str:
@@ -110,7 +129,8 @@ def budget_table(comparison: dict, methods=("online", "offline")) -> list[str]:
         mark = " (headline)" if budget == comparison["headline_kl"] else ""
         cells = []
         for j in judges:
-            r = comparison["rows"][j][i]
+            r = {k: _number(v) if k in (a, b, "difference", "low", "high") else v
+                 for k, v in comparison["rows"][j][i].items()}
             interval = ("no interval" if not np.isfinite(r["low"]) else
                         f"[{r['low']:+.3f}, {r['high']:+.3f}]")
             cells.append(f" {r[a]:.3f} | {r[b]:.3f} | {r['difference']:+.3f} "
@@ -253,10 +273,11 @@ def write_report(study, rows, comparison, timings, extras, workdir: str, finding
     frontier_plot(rows, os.path.join(workdir, "frontier.png"))
     text = markdown(study, rows, comparison, timings, extras, findings, mixed)
     run_dir.write_text(workdir, "report.md", text)
-    run_dir.write_text(workdir, "summary.json", json.dumps(
+    run_dir.write_text(workdir, "summary.json", json.dumps(strict_json(
         {"verdict": results.verdict(comparison), "comparison": comparison,
          "comparison_interpolated": mixed, "peaks": results.held_out_peaks(comparison),
          "oracle_peaks": results.held_out_peaks(comparison, "oracle"), "timings": timings,
          **extras,
-         "hypotheses": [dataclasses.asdict(f) for f in findings]}, indent=2, default=str))
+         "hypotheses": [dataclasses.asdict(f) for f in findings]}), indent=2, default=str,
+        allow_nan=False))
     return os.path.join(workdir, "report.md")
