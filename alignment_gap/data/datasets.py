@@ -64,8 +64,7 @@ def initial_comparisons(d) -> dict:
 def source_fingerprint(d) -> str:
     """Of the files a real dataset is built from (`real_data.source_fingerprint`): a study puts it
     in its stages' configs, so their keys follow the files' contents, not their path alone."""
-    files = real_data.source_files(d.kind, d.manual_dir, d.hh_subset) if d.manual_dir else []
-    return real_data.source_fingerprint(files, d.manual_dir)
+    return real_data.source_fingerprint(d.kind, d.manual_dir, d.hh_subset)
 
 
 def _real_builder(d):

@@ -513,15 +513,16 @@ def _digest(path: str, size: int, mtime_ns: int) -> bytes:
     return sha.digest()
 
 
-def source_fingerprint(paths: list[str], root: str) -> str:
-    """12 hex digits of SHA-256 over the files' paths under `root` and their bytes (a file not
-    there is left out: the builder names it). With several processes, process 0's: the one it
-    builds and the others read."""
+def source_fingerprint(kind: str, manual_dir: str, hh_subset: str = "helpful-base") -> str:
+    """12 hex digits of SHA-256 over the paths under `manual_dir` and the bytes of the files the
+    `kind` builder reads (a file not there is left out: the builder names it). With several
+    processes, process 0's: the one it builds and the others read."""
+    paths = source_files(kind, manual_dir, hh_subset) if manual_dir else []
     sha = hashlib.sha256()
     for path in sorted(paths):
         if os.path.isfile(path):
             stat = os.stat(path)
-            sha.update(os.path.relpath(path, root).encode() + b"\0")
+            sha.update(os.path.relpath(path, manual_dir).encode() + b"\0")
             sha.update(_digest(path, stat.st_size, stat.st_mtime_ns))
     digest = np.frombuffer(sha.digest()[:6], np.uint8)
     if jax.process_count() > 1:
@@ -531,20 +532,20 @@ def source_fingerprint(paths: list[str], root: str) -> str:
 
 def tldr_builder(data_dir: str, manual_dir: str) -> TldrComparisons:
     """Build with `builders.prepare(tldr_builder(dir, manual_dir), manual_dir=manual_dir)`."""
-    source = source_fingerprint(tldr_files(manual_dir), manual_dir)
+    source = source_fingerprint("tldr", manual_dir)
     config = tfds.core.BuilderConfig(name=f"default-{source}", version=TLDR_VERSION)
     return TldrComparisons(data_dir=data_dir, file_format=FILE_FORMAT, config=config)
 
 
 def hh_builder(data_dir: str, manual_dir: str, subset: str = "helpful-base") -> AnthropicHh:
     """Build with `builders.prepare(hh_builder(dir, manual_dir, subset), manual_dir=...)`."""
-    source = source_fingerprint(hh_files(manual_dir, (subset,)), manual_dir)
+    source = source_fingerprint("hh", manual_dir, subset)
     config = ManualConfig(name=f"{subset}-{source}", version=HH_VERSION, subsets=(subset,))
     return AnthropicHh(data_dir=data_dir, file_format=FILE_FORMAT, config=config)
 
 
 def arena_builder(data_dir: str, manual_dir: str) -> ChatbotArena:
     """Build with `builders.prepare(arena_builder(dir, manual_dir), manual_dir=manual_dir)`."""
-    source = source_fingerprint(arena_files(manual_dir), manual_dir)
+    source = source_fingerprint("arena", manual_dir)
     config = tfds.core.BuilderConfig(name=f"default-{source}", version=ARENA_VERSION)
     return ChatbotArena(data_dir=data_dir, file_format=FILE_FORMAT, config=config)

@@ -235,11 +235,10 @@ def write_tensors(directory: str, tensors: dict[str, np.ndarray], config: dict):
     """One `model.safetensors` and `config.json`, each written whole under a temporary name
     (removed if writing fails: a full disk leaves no model-sized leftover) and then renamed once
     on disk, the config last: an interrupted export (a power cut included) leaves no
-    half-written file, though between the two
-    renames the new weights sit beside the previous export's config (where that was another
-    architecture, an import fails on the first shape that differs, naming it). A directory that
-    holds other weight files (another checkpoint's shards and index, which an import would read
-    in place of these) is refused, not cleared."""
+    half-written file, though between the two renames the new weights sit beside the previous
+    export's config (where that was another architecture, an import fails on the first shape
+    that differs, naming it). A directory that holds other weight files (another checkpoint's
+    shards and index, which an import would read in place of these) is refused, not cleared."""
     os.makedirs(directory, exist_ok=True)
     others = sorted(n for n in os.listdir(directory)
                     if n != "model.safetensors" and (n.endswith(".safetensors")
