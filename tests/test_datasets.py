@@ -194,7 +194,12 @@ def test_anthropic_hh_extracts_the_shared_prompt(tmp_path):
         {"chosen": turn + "\n\nAssistant: Boil for 8 minutes.",
          "rejected": turn + "\n\nAssistant: No idea."},
         {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?",
-         "rejected": "\n\nHuman: Hi\n\nAssistant: What."}] + [
+         "rejected": "\n\nHuman: Hi\n\nAssistant: What."},
+        # Differing before the final turn: the responses would hold human turns. Dropped.
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Bye!",
+         "rejected": "\n\nHuman: Hi\n\nAssistant: What.\n\nHuman: Rude\n\nAssistant: No."},
+        {"chosen": "\n\nHuman: Yo\n\nAssistant: Hey.",
+         "rejected": "\n\nHuman: Yo\n\nAssistant: Hey.\n\nHuman: And?\n\nAssistant: Bye."}] + [
         # Enough prompts that the validation split carved from train is not empty.
         {"chosen": f"\n\nHuman: Count to {i}\n\nAssistant: 1..{i}",
          "rejected": f"\n\nHuman: Count to {i}\n\nAssistant: No."} for i in range(40)])
@@ -208,6 +213,9 @@ def test_anthropic_hh_extracts_the_shared_prompt(tmp_path):
     egg = next(r for r in rows if b"egg" in r["prompt"])
     assert _text(egg["prompt"]) == turn + "\n\nAssistant:"
     assert _text(egg["chosen"]) == " Boil for 8 minutes." and _text(egg["rejected"]) == " No idea."
+    assert not any(b"Human:" in r[k] for r in rows for k in ("chosen", "rejected"))
+    built = real_data.hh_builder(str(tmp_path / "data"), str(manual))  # reads what was written
+    assert built.info.metadata["dropped_diverged"] == 2
 
 
 def test_malformed_hh_record_names_file_record_and_field(tmp_path):

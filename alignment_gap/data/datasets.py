@@ -97,7 +97,8 @@ def describe(d) -> str:
                 "(train, valid1 as validation, valid2 as test), the CNN/Daily Mail batches "
                 "dropped")
     if d.kind == "hh":
-        return (f"data: Anthropic HH-RLHF {d.hh_subset}, train and test as published. "
+        return (f"data: Anthropic HH-RLHF {d.hh_subset}, train and test as published (pairs "
+                "differing before the final assistant turn dropped). "
                 f"{real_data.carving_note(real_data.AnthropicHh.CARVED)}")
     if d.kind == "arena":
         return ("data: Chatbot Arena conversations, single-turn battles with a winner (ties and "

@@ -10,8 +10,9 @@ Nothing is downloaded: put the published files in a directory and point the buil
   Reddit posts; they are dropped and counted (`dropped_news` in the dataset's metadata).
 * **Anthropic HH-RLHF**: `<subset>/{train,test}.jsonl.gz` (e.g. `helpful-base`), lines of
   `chosen` / `rejected` dialogues. The shared prefix up to the last `Assistant:` turn becomes
-  the prompt; the final assistant turns are the responses. HH publishes no validation split:
-  it is carved from train (`carved_split`).
+  the prompt; the final assistant turns are the responses. Pairs whose dialogues differ earlier
+  are dropped and counted (`dropped_diverged`). HH publishes no validation split: it is carved
+  from train (`carved_split`).
 * **Chatbot Arena conversations**: `*.jsonl`, `*.jsonl.gz` or `*.parquet` anywhere under the
   manual dir, one battle per record; rules in `ChatbotArena`. Arena publishes only train:
   validation and test are carved from it.
@@ -60,8 +61,9 @@ ASSISTANT = "\n\nAssistant:"
 CARVE_FRACTION = 0.05  # Of train, for each split the published data lacks.
 # 1.1.0 (HH 1.2.0): responses keep their leading space; TL;DR drops the CNN/DM batches.
 TLDR_VERSION = tfds.core.Version("1.1.0")
-# 1.1.0: validation carved from train (1.0.0 had train and test only); 1.2.0: as above.
-HH_VERSION = tfds.core.Version("1.2.0")
+# 1.1.0: validation carved from train (1.0.0 had train and test only); 1.2.0: as above;
+# 1.3.0: pairs differing before the final assistant turn dropped.
+HH_VERSION = tfds.core.Version("1.3.0")
 ARENA_VERSION = tfds.core.Version("1.1.0")
 RELEASE_NOTES = {"1.1.0": "responses keep the leading space that follows their prompt."}
 
@@ -88,16 +90,6 @@ def carving_note(carved: tuple[str, ...]) -> str:
             f"SHA-256 falls in a fixed {CARVE_FRACTION:.0%} of hash space (about "
             f"{CARVE_FRACTION:.0%} of train; deterministic, independent of file order, "
             "disjoint from train).")
-
-
-def _nonempty(rows, split: str, root: str):
-    """`rows` unchanged; an empty split is one line naming it (TFDS would only assert)."""
-    empty = True
-    for row in rows:
-        empty = False
-        yield row
-    if empty:
-        raise DataError(_empty_split_message(split, root))
 
 
 def _empty_split_message(split: str, root: str) -> str:
@@ -226,21 +218,17 @@ def _post_id(record: dict, where: str) -> str:
     return str(value)
 
 
-def split_hh_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
-    """(prompt, chosen response, rejected response) from two full HH dialogues."""
+def split_hh_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str, str] | None:
+    """(prompt, chosen response, rejected response) from two full HH dialogues; None when they
+    differ before the final assistant turn (see `AnthropicHh`)."""
     cut = chosen.rfind(ASSISTANT)
     if cut < 0:
         raise DataError(f"{where}: field 'chosen' has no '{ASSISTANT.strip()}' turn")
     prompt = chosen[: cut + len(ASSISTANT)]
-    if not rejected.startswith(prompt):
-        # The two dialogues diverge earlier: use the longest shared prefix ending at a turn.
-        shared = os.path.commonprefix([chosen, rejected])
-        cut = shared.rfind(ASSISTANT)
-        if cut < 0:
-            raise DataError(f"{where}: fields 'chosen' and 'rejected' share no prompt ending "
-                            f"in an '{ASSISTANT.strip()}' turn")
-        prompt = shared[: cut + len(ASSISTANT)]
-    return prompt, response(chosen[len(prompt):]), response(rejected[len(prompt):])
+    good, bad = chosen[len(prompt):], rejected[len(prompt):]
+    if not rejected.startswith(prompt) or HUMAN in good or HUMAN in bad:
+        return None
+    return prompt, response(good), response(bad)
 
 
 @dataclasses.dataclass
@@ -296,12 +284,19 @@ def hh_files(root: str, subsets, splits=("train", "test")) -> list[str]:
 class AnthropicHh(tfds.core.GeneratorBasedBuilder):
     """Anthropic HH-RLHF (`<subset>/{train,test}.jsonl.gz` in the manual dir).
 
+    A pair is the two dialogues' final assistant turns after their shared prompt. Pairs whose
+    dialogues differ before that turn are dropped, counted in the dataset's metadata
+    (`dropped_diverged`): their responses would hold later human turns (a policy trained on them
+    learns to write the user's side) and their label judges turns the prompt does not condition
+    on; this is Chatbot Arena's multi-turn rule.
+
     Splits: train and test as published; validation carved from train (`carving_note`).
     """
 
     VERSION = HH_VERSION
     RELEASE_NOTES = {"1.1.0": "validation split carved from train.",
-                     "1.2.0": RELEASE_NOTES["1.1.0"]}
+                     "1.2.0": RELEASE_NOTES["1.1.0"],
+                     "1.3.0": "pairs differing before the final assistant turn dropped."}
     BUILDER_CONFIGS = [ManualConfig(name=s, version=HH_VERSION, subsets=(s,)) for s in
                        ("helpful-base", "harmless-base", "helpful-online",
                         "helpful-rejection-sampled")]
@@ -310,17 +305,35 @@ class AnthropicHh(tfds.core.GeneratorBasedBuilder):
 
     def _info(self):
         return tfds.core.DatasetInfo(
-            builder=self, features=comparison_features(),
-            description=f"Anthropic HH-RLHF {'+'.join(self.builder_config.subsets)}. "
+            builder=self, features=comparison_features(), metadata=tfds.core.MetadataDict(),
+            description=f"Anthropic HH-RLHF {'+'.join(self.builder_config.subsets)}: pairs "
+                        "differing before the final assistant turn dropped. "
                         f"{carving_note(self.CARVED)}")
 
     def _split_generators(self, dl_manager):
         root = os.fspath(dl_manager.manual_dir)
-        train, test = self._files(root, "train"), self._files(root, "test")
-        plan = {"train": (train, "train"), "validation": (train, "validation"),
-                "test": (test, None)}  # split: (files, which part of them by carved_split)
-        return {split: _nonempty(self._generate_examples(files, carve_to), split, root)
-                for split, (files, carve_to) in plan.items()}
+        by_split = {"train": [], "validation": [], "test": []}
+        files = {published: self._files(root, published) for published in ("train", "test")}
+        diverged = 0
+        for published, paths in files.items():
+            for path in paths:
+                subset = os.path.basename(os.path.dirname(path))
+                for index, where, record in _read_json_lines(path, gzip.open):
+                    chosen, rejected = (_text_field(record, k, where) for k in
+                                        ("chosen", "rejected"))
+                    pair = split_hh_dialogue(chosen, rejected, where)
+                    if pair is None:
+                        diverged += 1
+                        continue
+                    prompt, good, bad = pair
+                    split = carved_split(prompt, self.CARVED) if published == "train" else "test"
+                    by_split[split].append((f"{subset}/{index}", {
+                        "prompt": prompt, "chosen": good, "rejected": bad}))
+        self.info.metadata.update(dropped_diverged=diverged)
+        empty = [split for split, rows in by_split.items() if not rows]
+        if empty:
+            raise DataError(_empty_split_message(empty[0], root))
+        return {split: self._generate_examples(rows) for split, rows in by_split.items()}
 
     def _files(self, root: str, split: str) -> list[str]:
         paths = hh_files(root, self.builder_config.subsets, (split,))
@@ -330,16 +343,9 @@ class AnthropicHh(tfds.core.GeneratorBasedBuilder):
                             f"{split}.jsonl.gz of that subset there")
         return paths
 
-    def _generate_examples(self, paths, carve_to: str | None):
-        """Every record of `paths` (`carve_to=None`), or those `carved_split` sends there."""
-        for path in paths:
-            for index, where, record in _read_json_lines(path, gzip.open):
-                chosen, rejected = (_text_field(record, k, where) for k in ("chosen", "rejected"))
-                prompt, good, bad = split_hh_dialogue(chosen, rejected, where)
-                if carve_to is not None and carved_split(prompt, self.CARVED) != carve_to:
-                    continue
-                key = f"{os.path.basename(os.path.dirname(path))}/{index}"
-                yield key, {"id": key, "prompt": prompt, "chosen": good, "rejected": bad}
+    def _generate_examples(self, rows):
+        for key, example in rows:
+            yield key, {"id": key, **example}
 
 
 ARENA_WINNERS = ("model_a", "model_b")
