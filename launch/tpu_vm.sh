@@ -14,7 +14,8 @@
 # a runtime image whose python3 is older stops here, naming it; --python names another
 # interpreter on the workers) and starts the same command everywhere, detached from this SSH
 # session (a dropped connection does not stop the run): each worker's output goes to
-# ~/alignment_gap.log there and is followed here until the run ends:
+# ~/alignment_gap-<UTC time>-<pid>.log there (~/alignment_gap.log links to the newest; earlier
+# launches' logs stay) and is followed here until the run ends:
 #   default  one job over all workers: --config.distributed.from_environment=True
 #            (jax.distributed.initialize() reads the TPU environment);
 #   --sweep  one independent job per worker, each running its share of the study's runs
@@ -74,6 +75,7 @@ gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "
   $roles
   mkdir -p ~/alignment_gap && tar xzf ~/alignment_gap.tgz -C ~/alignment_gap
   cd ~/alignment_gap && $PYTHON -m pip install -q -c constraints.txt -e '.[tpu]'
-  : > ~/alignment_gap.log  # there before tail looks for it
-  nohup $PYTHON -m alignment_gap.main $args $role >> ~/alignment_gap.log 2>&1 < /dev/null &
-  run=\$!; tail -n +1 -f --pid=\$run ~/alignment_gap.log; wait \$run"
+  log=~/alignment_gap-\$(date -u +%Y%m%d-%H%M%S)-\$\$.log  # a relaunch keeps the last run's log
+  : > \$log; ln -sfn \$log ~/alignment_gap.log
+  nohup $PYTHON -m alignment_gap.main $args $role >> \$log 2>&1 < /dev/null &
+  run=\$!; tail -n +1 -f --pid=\$run \$log; wait \$run"

@@ -102,6 +102,18 @@ def test_one_job_over_all_workers_returns_the_runs_exit_status(tmp_path):
     assert _main_args(tmp_path, 1)[-1] == "--config.distributed.from_environment=True"
 
 
+def test_a_relaunch_keeps_the_last_runs_log(tmp_path):
+    env = _stubs(tmp_path, workers=1)
+    for exit_status in ("75", "0"):  # preempted, then resumed to the end
+        out = _launch(ROOT, {**env, "MAIN_EXIT": exit_status})
+        assert out.returncode == int(exit_status), out.stdout[-2000:] + out.stderr[-2000:]
+    home = tmp_path / "slice" / "w0"
+    logs = sorted(home.glob("alignment_gap-*.log"))
+    assert len(logs) == 2 and all(p.read_text() == "main on worker 0\n" for p in logs), logs
+    newest = max(logs, key=lambda p: p.stat().st_mtime_ns)
+    assert os.readlink(home / "alignment_gap.log") == str(newest)
+
+
 def test_a_worker_python_older_than_3_11_stops_before_installing(tmp_path):
     env = _stubs(tmp_path, workers=2, python=OLD_PYTHON)
     out = _launch(ROOT, env)
