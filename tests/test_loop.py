@@ -103,6 +103,22 @@ def test_a_run_killed_after_its_last_save_finishes_as_it_would_have(tmp_path, mo
     assert done[0]["stopped_early"] == bool(stop_at) and "eval/win_rate" in done[0]["metrics"]
 
 
+def test_a_run_stopped_between_log_lines_logs_its_last_steps(tmp_path, monkeypatch):
+    """The stop rule fires at step 8, two steps after the last line (every 3): those steps are
+    averaged into a line at 8, also when the run is killed before its finished record."""
+    _run(tmp_path / "straight", stop_at=8, checkpoint_every=4)
+    losses = [(r["step"], r["loss"]) for r in _log(tmp_path / "straight") if "loss" in r]
+    assert losses == [(3, 2.0), (6, 5.0), (8, 7.5)]
+    with monkeypatch.context() as patch:
+        def killed(*args, **kwargs):
+            raise Killed
+        patch.setattr(loop_module.run_dir, "finish", killed)
+        with pytest.raises(Killed):
+            _run(tmp_path / "killed", stop_at=8, checkpoint_every=4)
+    _run(tmp_path / "killed", stop_at=8, checkpoint_every=4)
+    assert _log(tmp_path / "killed") == _log(tmp_path / "straight")
+
+
 def test_a_run_killed_between_log_lines_resumes_the_same_averages(tmp_path):
     """Checkpoints (every 3 steps) fall between log lines (every 2): the steps a checkpoint
     left unlogged are averaged into the resumed run's next line."""

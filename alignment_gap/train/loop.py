@@ -84,6 +84,8 @@ class Loop:
                     scores, stop = self.evaluate(state)
                     writer.write(step, scores, prefix="eval/")
                     last.update({f"eval/{k}": v for k, v in scores.items()})
+                    if stop:  # the steps since the last line would never be logged
+                        log.write_window(step, self.progress_keys)
                 if self.on_checkpoint is not None:  # before saving: a crash in between then
                     self.on_checkpoint(step)         # leaves a chunk a resume will drop
                 self.checkpointer.save(state, rng, self.meta, self.data_iterator,
@@ -154,16 +156,22 @@ class RunLog:
                                 "data) and rerun: the run resumes from that checkpoint")
         self.window.add(host)
         if step % self.config.log_every == 0 or step == self.config.num_steps:
-            averaged = self.window.compute()
-            self.window.reset()
-            averaged["steps_per_s"] = self.progress.window_rate(step)
-            if "tokens" in averaged:  # tokens through the update per step -> tokens/s
-                averaged["update_tokens_per_s"] = averaged["tokens"] * averaged["steps_per_s"]
-            self.writer.write(step, averaged)
-            line = self.progress.line(step, averaged, progress_keys)
-            if jax.process_index() == 0:
-                print(f"{line}  {label}" if label else line, flush=True)
+            self.write_window(step, progress_keys, label)
         return host
+
+    def write_window(self, step: int, progress_keys=("loss",), label: str = ""):
+        """Average the steps added since the last line into one line at `step`."""
+        if not self.window.added:
+            return
+        averaged = self.window.compute()
+        self.window.reset()
+        averaged["steps_per_s"] = self.progress.window_rate(step)
+        if "tokens" in averaged:  # tokens through the update per step -> tokens/s
+            averaged["update_tokens_per_s"] = averaged["tokens"] * averaged["steps_per_s"]
+        self.writer.write(step, averaged)
+        line = self.progress.line(step, averaged, progress_keys)
+        if jax.process_index() == 0:
+            print(f"{line}  {label}" if label else line, flush=True)
 
     def close(self):
         self.writer.close()
