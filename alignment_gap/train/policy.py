@@ -69,7 +69,10 @@ def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
             "chosen_logratio": jnp.mean(policy_w - ref_w),
             "rejected_logratio": jnp.mean(policy_l - ref_l),
             "classifier_accuracy": jnp.mean(losses.tie_half(h)),
-            # kl_per_token, divided once the whole batch is summed (`state.RATIOS`)
+            # Exact KL(policy || reference) on this batch's responses: the dataset's offline,
+            # samples at the sampling settings online; not eval/kl (temperature-1 samples of
+            # the policy, the study's KL axis). kl_per_token: divided once the whole batch is
+            # summed (`state.RATIOS`).
             "kl_total": kl.sum(), "response_tokens": masks.sum().astype(jnp.float32),
             "kl_sequence": jnp.mean(kl.sum(-1)),
             "response_length": jnp.mean(lengths),
