@@ -297,6 +297,27 @@ def test_hf_reads_a_special_tokens_string_in_the_text_as_text(tmp_path):
     assert response[mask].tolist() == [*ids, tok.eos_id]
 
 
+def test_hf_vocabulary_is_the_ids_text_and_special_ids_reach(tmp_path):
+    """Gemma 3's tokenizer.json adds the special `<image_soft_token>` one past the text model's
+    vocabulary: no text encodes to it, so the model's vocabulary fits. A non-special added
+    token is text's to spell, so it counts."""
+    ckpt = _hf_checkpoint(tmp_path / "ckpt", config={"eos_token_id": 1})
+    path = os.path.join(ckpt, "tokenizer.json")
+    tk = tokenizers.Tokenizer.from_file(path)
+    n = tk.get_vocab_size(with_added_tokens=False)
+    tk.add_special_tokens(["<image_soft_token>"])
+    tk.save(path)
+    tok = load_tokenizer(ckpt)
+    assert tk.token_to_id("<image_soft_token>") == n and tok.vocab_size == n
+    check_fits_model(tok, n)
+    tk.add_tokens(["<tool_call>"])
+    tk.save(path)
+    tok = load_tokenizer(ckpt)
+    assert tok.encode("a <tool_call>")[-1] == n + 1 and tok.vocab_size == n + 2
+    with pytest.raises(ConfigError, match=f"model.vocab_size: {n} is smaller .* >= {n + 2}"):
+        check_fits_model(tok, n)
+
+
 def test_hf_without_any_eos_is_a_config_error(tmp_path):
     ckpt = _hf_checkpoint(tmp_path / "ckpt")
     with pytest.raises(ConfigError, match="config.data.tokenizer: no EOS id"):

@@ -40,7 +40,15 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
+        """1 + the largest id this tokenizer can give: its model's pieces, added tokens that
+        text can spell (`encode` reads no special token's string), the special ids in use.
+        Not every added token: Gemma 3's tokenizer.json adds `<image_soft_token>` at 262144,
+        past the text models' vocabulary of 262144, and no text encodes to it."""
+        added = self.tk.get_added_tokens_decoder()
+        ids = [i for i, token in added.items() if not token.special]
+        ids += [self.eos_id, self.pad_id, *self.stop_ids]
+        ids += [] if self.bos_id is None else [self.bos_id]
+        return max(self.tk.get_vocab_size(with_added_tokens=False), *(i + 1 for i in ids))
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
