@@ -123,8 +123,9 @@ def test_bfloat16_checkpoints_read_through_their_header(tmp_path):
                                   tensors[name][3:9].astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
-def _broken_copy(tmp_path, change_tensors=None, change_config=None, damage=None):
-    shutil.copytree(_fixture("qwen3"), tmp_path / "ckpt")
+def _broken_copy(tmp_path, change_tensors=None, change_config=None, damage=None,
+                 family="qwen3"):
+    shutil.copytree(_fixture(family), tmp_path / "ckpt")
     root = tmp_path / "ckpt"
     if damage:  # (file, bytes -> bytes): a cut copy
         name, cut = damage
@@ -152,6 +153,17 @@ def _broken_copy(tmp_path, change_tensors=None, change_config=None, damage=None)
      "model_type 'gpt2' is not supported"),
     (dict(change_config=lambda c: c.update(use_sliding_window=True)),
      "use_sliding_window=True is not supported (expected False)"),
+    # Weights config.json has no place for (a bias it does not declare) would be dropped.
+    (dict(change_tensors=lambda t: t.update({"model.layers.1.self_attn.q_proj.bias": np.zeros(
+        32, np.float32)})), "tensor model.layers.1.self_attn.q_proj.bias has no place in the "
+     "qwen3 architecture its config.json gives"),
+    (dict(family="gemma3", change_config=lambda c: c.update(use_bidirectional_attention=True)),
+     "use_bidirectional_attention=True is not supported (expected False)"),
+    (dict(family="gemma3", change_config=lambda c: c.update(attention_bias=True)),
+     "attention_bias=True is not supported (expected False)"),
+    (dict(family="gemma3", change_config=lambda c: c["rope_parameters"][
+        "sliding_attention"].update(rope_type="linear", factor=8.0)),
+     "RoPE scaling 'linear' on the sliding-attention layers is not supported"),
     (dict(damage=("config.json", lambda b: b[:24])), "config.json: not valid JSON (Expecting"),
     (dict(damage=("model.safetensors", lambda b: b[:len(b) // 2])),
      "model.safetensors: not a readable safetensors file (Error while deserializing header"),

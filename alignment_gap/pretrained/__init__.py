@@ -111,17 +111,30 @@ def pretrained_state(checkpoint: Checkpoint, state, cfg: TransformerConfig):
     """`state` (abstract or concrete, in its shardings) with every parameter the checkpoint
     holds read into it; parameters it has no tensor for (a preference model's score head and
     segment embeddings) are left as they are."""
-    names = checkpoint.source.names()
+    names, used = checkpoint.source.names(), set()
 
     def load(path, leaf):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path][:-1]  # drop .value
         if keys[:1] == ["backbone"] and keys[1:2] == ["segment_embed"] or keys == ["score"]:
             return leaf
         spec, stacked = param_spec(tuple(keys), cfg)
-        return _placed(checkpoint, names, spec, stacked, leaf, cfg)
+        return _placed(checkpoint, names, spec, stacked, leaf, cfg, used)
 
     with staging_arrays():
-        return jax.tree_util.tree_map_with_path(load, state)
+        state = jax.tree_util.tree_map_with_path(load, state)
+    # A layer's tensor nothing read: config.json describes another architecture (Gemma 3 with
+    # attention_bias, say); dropping it would compute another function. Other tensors (a
+    # multimodal checkpoint's vision tower, an untied copy of tied embeddings) are not the
+    # language model's layers.
+    unused = sorted(n for n in names - used
+                    if n.startswith("model.layers.") and not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
+        raise CheckpointError(f"{checkpoint.where}: tensor {unused[0]}{more} has no place in "
+                              f"the {checkpoint.family} architecture its config.json gives; the "
+                              "config does not describe these weights (fix config.json, or "
+                              "use a supported architecture)")
+    return state
 
 
 @contextlib.contextmanager
@@ -138,9 +151,10 @@ def staging_arrays():
         np._core.multiarray._set_madvise_hugepage(before)
 
 
-def _placed(checkpoint, names, spec, stacked, leaf, cfg):
+def _placed(checkpoint, names, spec, stacked, leaf, cfg, used: set):
     layers = [dataclasses.replace(spec, name=spec.name.format(layer=i))
               for i in range(cfg.num_layers)] if stacked else [spec]
+    used.update(layer.name for layer in layers)
     for layer in layers:
         if layer.name not in names:
             raise CheckpointError(f"{checkpoint.where}: tensor {layer.name} is missing (expected "

@@ -209,6 +209,13 @@ def _gemma3(config: dict, where: str) -> dict:
         if config.get(capping):
             raise CheckpointError(f"{where}: {capping} is set; logit soft-capping is not "
                                   "supported")
+    # EmbeddingGemma (gemma3_text too) attends both ways: not a causal language model.
+    _require(config, where, use_bidirectional_attention=False, attention_bias=False)
+    local_rope = _rope(config, "sliding_attention")
+    if _rope_scaling(local_rope, where):
+        raise CheckpointError(f"{where}: RoPE scaling {local_rope.get('rope_type')!r} on the "
+                              "sliding-attention layers is not supported (their RoPE is "
+                              "unscaled in every published Gemma 3)")
     layers = config["num_hidden_layers"]
     kinds = config.get("layer_types") or [
         "full_attention" if (i + 1) % config.get("sliding_window_pattern", 6) == 0
@@ -220,7 +227,7 @@ def _gemma3(config: dict, where: str) -> dict:
         raise CheckpointError(f"{where}: layer_types is not one global layer every n; "
                               "only that pattern is supported")
     return dict(sliding_window=int(config["sliding_window"]), global_every=every,
-                local_rope_theta=float(_rope(config, "sliding_attention")["rope_theta"]),
+                local_rope_theta=float(local_rope["rope_theta"]),
                 query_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5)
 
 
