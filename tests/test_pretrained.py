@@ -110,6 +110,16 @@ def test_export_then_import_is_exact(family, tmp_path):
             export_language_model(lm, checkpoint.family, str(tmp_path))
 
 
+def test_an_export_under_another_family_is_refused(tmp_path):
+    """Tensors are written from the model, config.json from the family named: Qwen 2.5's
+    attention biases written as Llama 3 would load as another function."""
+    _, lm, _, _ = _load(f"hf:{_fixture('qwen2')}")
+    with pytest.raises(CheckpointError, match="export as llama3: the model's qkv_bias is True "
+                       "but a llama3 config.json says False"):
+        export_language_model(lm, "llama3", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_bfloat16_checkpoints_read_through_their_header(tmp_path):
     import ml_dtypes
 

@@ -46,19 +46,26 @@ class Checkpoint:
         """A configured model that differs from the checkpoint: one line, field and fix. Every
         field that changes what the weights compute is compared, those the checkpoint leaves
         at their defaults too (a preset's RoPE scaling on a checkpoint without it)."""
-        mine, configured = _function(self.model_config()), _function(cfg)
-        for key, value in mine.items():
-            if configured[key] != value and not (isinstance(value, float) and
-                                                 np.isclose(configured[key], value, rtol=1e-6)):
-                raise CheckpointError(f"config.{field}.{key} is {getattr(cfg, key)!r} but "
-                                      f"{self.where} has {getattr(self.model_config(), key)!r}; "
-                                      "use the preset of this checkpoint or set "
-                                      f"config.{field}.{key}={getattr(self.model_config(), key)!r}")
+        if differ := _differences(self.model_config(), cfg):
+            key = differ[0]
+            raise CheckpointError(f"config.{field}.{key} is {getattr(cfg, key)!r} but "
+                                  f"{self.where} has {getattr(self.model_config(), key)!r}; "
+                                  "use the preset of this checkpoint or set "
+                                  f"config.{field}.{key}={getattr(self.model_config(), key)!r}")
 
 
 # TransformerConfig fields that do not change what a checkpoint's weights compute (the
 # preference model's segment embeddings are its own, not the checkpoint's).
 _NOT_FUNCTION = ("max_len", "dtype", "scan_layers", "remat", "num_segments")
+
+
+def _differences(a: TransformerConfig, b: TransformerConfig) -> list[str]:
+    """The fields (`_function`) where `a` and `b` compute different functions."""
+    mine, other = _function(a), _function(b)
+    return [key for key, value in mine.items()
+            if other.get(key) != value and not (
+                isinstance(value, float) and isinstance(other.get(key), float)
+                and np.isclose(other[key], value, rtol=1e-6))]
 
 
 def _function(cfg: TransformerConfig) -> dict:
@@ -213,6 +220,15 @@ def export_language_model(lm: LanguageModel, family: str, directory: str, tokeni
     length it was trained at. No tokenizer files are written: point transformers or vLLM at the
     source checkpoint's (`--tokenizer`)."""
     cfg = lm.cfg
+    config = hf.config_for(family, cfg, tokenizer, context_len)
+    _, fields = hf.architecture(config, f"{directory}/config.json")
+    written = TransformerConfig(**fields)
+    if differ := _differences(cfg, written):  # tensors from `cfg`, config.json from `family`
+        key = differ[0]
+        raise CheckpointError(f"export as {family}: the model's {key} is {getattr(cfg, key)!r} "
+                              f"but a {family} config.json says {getattr(written, key)!r}; "
+                              "export with the family the model was loaded as "
+                              "(Checkpoint.family)")
     tensors = {}
     with staging_arrays():
         for path, value in jax.tree_util.tree_flatten_with_path(nnx.state(lm, nnx.Param))[0]:
@@ -221,4 +237,4 @@ def export_language_model(lm: LanguageModel, family: str, directory: str, tokeni
             array = np.asarray(jax.device_get(value), np.float32)
             for i, layer in enumerate(array if stacked else [array]):
                 tensors[spec.name.format(layer=i)] = np.ascontiguousarray(spec.to_stored(layer))
-        hf.write_tensors(directory, tensors, hf.config_for(family, cfg, tokenizer, context_len))
+        hf.write_tensors(directory, tensors, config)
