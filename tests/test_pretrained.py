@@ -110,6 +110,14 @@ def test_export_then_import_is_exact(family, tmp_path):
             export_language_model(lm, checkpoint.family, str(tmp_path))
 
 
+def test_a_gemma3_text_config_without_optional_keys_takes_transformers_defaults(tmp_path):
+    path = _broken_copy(tmp_path, family="gemma3",
+                        change_config=lambda c: [c.pop(k) for k in ("sliding_window",
+                                                                    "max_position_embeddings")])
+    checkpoint = open_checkpoint(f"hf:{path}")
+    assert (checkpoint.fields["sliding_window"], checkpoint.context_len) == (4096, 131_072)
+
+
 def test_an_export_under_another_family_is_refused(tmp_path):
     """Tensors are written from the model, config.json from the family named: Qwen 2.5's
     attention biases written as Llama 3 would load as another function."""
@@ -174,6 +182,7 @@ def _broken_copy(tmp_path, change_tensors=None, change_config=None, damage=None,
     (dict(family="gemma3", change_config=lambda c: c["rope_parameters"][
         "sliding_attention"].update(rope_type="linear", factor=8.0)),
      "RoPE scaling 'linear' on the sliding-attention layers is not supported"),
+    (dict(change_config=lambda c: c.pop("rms_norm_eps")), "config.json: rms_norm_eps is missing"),
     (dict(damage=("config.json", lambda b: b[:24])), "config.json: not valid JSON (Expecting"),
     (dict(damage=("model.safetensors", lambda b: b[:len(b) // 2])),
      "model.safetensors: not a readable safetensors file (Error while deserializing header"),
@@ -318,7 +327,8 @@ def test_a_multimodal_gemma3_checkpoint_imports_its_language_model(tmp_path):
     transformers' defaults, the language model's tensors under `language_model.model.`."""
     plain = json.load(open(os.path.join(_fixture("gemma3"), "config.json")))
     defaults = ("rope_parameters", "rms_norm_eps", "hidden_activation", "tie_word_embeddings",
-                "layer_types", "_sliding_window_pattern", "attention_bias")
+                "layer_types", "_sliding_window_pattern", "attention_bias",
+                "max_position_embeddings")
     text = {k: v for k, v in plain.items() if k not in defaults and k != "architectures"}
     config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
               "text_config": text, "vision_config": {"model_type": "siglip_vision_model"}}
@@ -330,6 +340,7 @@ def test_a_multimodal_gemma3_checkpoint_imports_its_language_model(tmp_path):
     original, lm, mesh, rules = _load(f"hf:{_fixture('gemma3')}")
     again, lm_again, _, _ = _load(f"hf:{tmp_path}")
     assert again.fields == original.fields
+    assert again.context_len == 131_072  # Gemma3TextConfig's, where the config is silent
     ids = [[2, 5, 9, 17, 33, 64, 7, 11]]
     np.testing.assert_array_equal(_logits(lm_again, mesh, rules, ids),
                                   _logits(lm, mesh, rules, ids))

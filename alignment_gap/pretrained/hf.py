@@ -120,17 +120,17 @@ def read_config(directory: str) -> dict:
         raise CheckpointError(f"{path}: missing; a Hugging Face checkpoint directory holds "
                               "config.json beside its *.safetensors")
     config = _json(path)
-    # Multimodal Gemma 3 keeps the language model's settings under text_config, and there
-    # only those that differ from transformers' Gemma3TextConfig defaults.
+    # Multimodal Gemma 3 keeps the language model's settings under text_config. transformers
+    # fills what a config leaves out from the class defaults (a multimodal one lists only what
+    # differs): Gemma 3's are written out here; other families' missing keys are named.
     text = config.get("text_config")
-    if text is None:
-        return config
-    text = {**text, "model_type": text.get("model_type") or config.get("model_type", "")}
-    if FAMILIES.get(text["model_type"]) == "gemma3":
-        text = {**GEMMA3_TEXT_DEFAULTS, **text}
-        if "rope_parameters" not in text:
-            text = {"rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, **text}
-    return text
+    if text is not None:
+        config = {**text, "model_type": text.get("model_type") or config.get("model_type", "")}
+    if FAMILIES.get(config.get("model_type")) == "gemma3":
+        config = {**GEMMA3_TEXT_DEFAULTS, **config}
+        if "rope_parameters" not in config:
+            config = {"rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, **config}
+    return config
 
 
 # transformers' Gemma3TextConfig defaults (as transformers 5.24.0 sets them); the RoPE bases
@@ -139,7 +139,8 @@ GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_s
                             num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
                             head_dim=256, hidden_activation="gelu_pytorch_tanh",
                             rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096,
-                            sliding_window_pattern=6, tie_word_embeddings=True)
+                            sliding_window_pattern=6, tie_word_embeddings=True,
+                            max_position_embeddings=131_072)
 
 
 def _rope(config: dict, kind: str | None = None) -> dict:
@@ -162,24 +163,29 @@ def architecture(config: dict, where: str) -> tuple[str, dict]:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported; supported: "
                               f"{sorted(FAMILIES)}")
     family = FAMILIES[model_type]
-    heads = config["num_attention_heads"]
-    fields = dict(vocab_size=config["vocab_size"], width=config["hidden_size"],
-                  num_layers=config["num_hidden_layers"], num_heads=heads,
-                  num_kv_heads=config.get("num_key_value_heads") or heads,
-                  head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                  mlp_dim=config["intermediate_size"], norm_eps=config["rms_norm_eps"],
-                  tie_embeddings=config.get("tie_word_embeddings", family == "gemma3"))
-    rope = _rope(config, "full_attention")
-    fields["rope_theta"] = float(rope["rope_theta"])
-    fields.update(_rope_scaling(rope, where))
-    fields.update(FAMILY_ARCHITECTURE[family])
-    if family == "gemma3":
-        fields.update(_gemma3(config, where))
-    elif family == "qwen2":
+    try:
+        heads = config["num_attention_heads"]
+        fields = dict(vocab_size=config["vocab_size"], width=config["hidden_size"],
+                      num_layers=config["num_hidden_layers"], num_heads=heads,
+                      num_kv_heads=config.get("num_key_value_heads") or heads,
+                      head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                      mlp_dim=config["intermediate_size"], norm_eps=config["rms_norm_eps"],
+                      tie_embeddings=config.get("tie_word_embeddings", family == "gemma3"))
+        rope = _rope(config, "full_attention")
+        fields["rope_theta"] = float(rope["rope_theta"])
+        fields.update(_rope_scaling(rope, where))
+        fields.update(FAMILY_ARCHITECTURE[family])
+        if family == "gemma3":
+            fields.update(_gemma3(config, where))
+    except KeyError as e:
+        raise CheckpointError(f"{where}: {e.args[0]} is missing; add the value the model was "
+                              "trained with (transformers' default for its config class)"
+                              ) from None
+    if family == "qwen2":
         _require(config, where, use_sliding_window=False)
     elif family == "qwen3":
         _require(config, where, attention_bias=False, use_sliding_window=False)
-    else:
+    elif family == "llama3":
         _require(config, where, attention_bias=False, mlp_bias=False)
     if family != "gemma3" and config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act {config['hidden_act']!r} is not supported "
