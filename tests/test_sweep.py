@@ -17,6 +17,8 @@ import time
 import ml_collections
 import pytest
 
+from launch.local_multiprocess import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = r'''
@@ -262,3 +264,24 @@ def test_a_signal_while_a_shard_waits_stops_it_for_a_requeue(tmp_path, monkeypat
                    timeout_s=60)
     with pytest.raises(preemption.Preempted, match="while waiting for stage theirs"):
         wait_for([theirs], str(tmp_path), 0.05, 60, "the report")
+
+
+def test_the_processes_of_one_job_run_its_stages_on_process_0s_view(tmp_path):
+    """Two processes of one job (`jax.distributed`): process 0 writes each stage's finished
+    record a moment after the other returns, and process 1 never sees them. Each runs every
+    stage once, in order, and neither stops (before, process 1 found a stage it had just run
+    unfinished: "returned without finishing")."""
+    address = f"127.0.0.1:{free_port()}"
+    worker = os.path.join(ROOT, "tests", "scheduler_worker.py")
+    outs = [tmp_path / f"out_{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, worker, address, str(i), str(tmp_path / "w"),
+                               str(out)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, out in enumerate(outs)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:  # a hang: no process outlives the test
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [log[-2000:] for log in logs]
+    assert [json.loads(out.read_text())["ran"] for out in outs] == [["a", "b", "c"]] * 2

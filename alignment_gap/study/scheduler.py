@@ -4,7 +4,8 @@ A `Stage` is one unit of the study (a trainer run, the relabelling pass, an anal
 `<workdir>/stages/<name>-<key>`, where `key` hashes the stage's own config and the keys of the
 stages it reads. A stage whose run directory is finished (`run_dir.is_finished`) is skipped,
 so an interrupted study resumes where it stopped; changing a stage's config changes its key and
-re-runs it and everything downstream.
+re-runs it and everything downstream. The processes of one multi-process job decide what is
+finished on process 0's view of the disk (`_agreed_finished`), so they run the same stages.
 
 With one shard, `run_stages` runs every unfinished stage in order. A sweep fans the runs out
 over hosts sharing the workdir: shard k runs its share (`owner`) and waits for the upstream
@@ -30,6 +31,8 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from alignment_gap import preemption, run_dir
 from alignment_gap.errors import StageFailed
@@ -189,6 +192,18 @@ def _finished(stage: Stage, directory: str) -> bool:
     return run_dir.is_finished(directory, stage.config.get("num_steps", 1))
 
 
+def _agreed_finished(stages: list[Stage], where) -> set[str]:
+    """The names of `stages` that are finished, as process 0 sees them. Several processes of
+    one job act on one view: each reads the shared disk at its own moment (a network
+    filesystem's cache can lag), and a process that skipped a stage the others run would leave
+    their collectives waiting. The broadcast also waits for process 0, which writes the
+    finished records, to reach this point."""
+    flags = np.array([_finished(s, where(s)) for s in stages], bool)
+    if jax.process_count() > 1 and len(flags):
+        flags = np.asarray(multihost_utils.broadcast_one_to_all(flags)).astype(bool)
+    return {s.name for s, done in zip(stages, flags, strict=True) if done}
+
+
 def _directories(workdir: str):
     """stage -> its directory, resolved once: the polling loops below ask again and again, and
     a key hashes the configs of every stage upstream."""
@@ -237,7 +252,8 @@ def wait_for(stages: list[Stage], workdir: str, poll_s: float, timeout_s: float,
     deadline = time.monotonic() + timeout_s
     where = _directories(workdir)
     while True:
-        pending = [s for s in stages if not _finished(s, where(s))]
+        done = _agreed_finished(stages, where)
+        pending = [s for s in stages if s.name not in done]
         for stage in pending:
             _check_not_failed(stage, where(stage), earlier)
         if not pending:
@@ -273,14 +289,15 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
     mine = [s for s in stages if owners[s.name] == shard]
     waiting_since = None  # the timeout counts waiting for inputs, not this shard's own work
     where = _directories(workdir)
+    watched = list({u.name: u for s in mine for u in (s, *s.upstream)}.values())
     while True:
-        pending = [s for s in mine if not _finished(s, where(s))]
+        done = _agreed_finished(watched, where)
+        pending = [s for s in mine if s.name not in done]
         if not pending:
             return timings
         # The first stage whose inputs are ready (scanning in order keeps one host sequential
         # and never deadlocks: the stage graph is acyclic).
-        ready = next((s for s in pending
-                      if all(_finished(u, where(u)) for u in s.upstream)), None)
+        ready = next((s for s in pending if all(u.name in done for u in s.upstream)), None)
         if ready is None:
             for stage in pending:
                 for upstream in stage.upstream:
@@ -310,8 +327,9 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
             _mark_not_run([s for s in pending if s not in group], where, shard, group[0], e)
             raise
         run_dir.write_json(workdir, name, timings)
+        done = _agreed_finished(group, where)
         for stage in group:
-            if not _finished(stage, where(stage)):
+            if stage.name not in done:
                 raise StageFailed(f"stage {stage.name} returned without finishing "
                                   f"({where(stage)} has no {run_dir.DONE})")
 
