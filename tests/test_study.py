@@ -378,6 +378,24 @@ def test_stage_keys_do_not_depend_on_where_the_workdir_lies(variant, tmp_path, m
                                                          online.upstream, keys))
 
 
+def test_stage_keys_do_not_depend_on_the_process_settings(tmp_path):
+    """Each process of one job is given its own process_id (local_multiprocess.py): they must
+    name the same stage directories. A stage an older study keyed with its process settings
+    is still found."""
+    config = study_configs.get_config("smoke")
+    one = {s.name: s.key for s in pipeline.build_plan(config, str(tmp_path)).stages}
+    config.distributed.update(coordinator_address="127.0.0.1:1234", num_processes=2,
+                              process_id=1, local_cpu_devices=1)
+    plan = pipeline.build_plan(config, str(tmp_path))
+    assert {s.name: s.key for s in plan.stages} == one
+    old = os.path.join(str(tmp_path), "stages", f"sft-{plan.sft.process_key}")
+    assert plan.sft.process_key != plan.sft.key
+    os.makedirs(old)
+    run_dir.finish(old, step=plan.sft.config.num_steps)
+    plan = pipeline.build_plan(config, str(tmp_path))
+    assert plan.dir(plan.sft) == old and scheduler.finished(plan.sft, str(tmp_path))
+
+
 def test_a_study_written_with_legacy_keys_is_found_and_continued(tmp_path):
     """Stage directories an older study named with keys that hashed the workdir's paths are
     found (a finished one is not rerun), and downstream stages read them."""

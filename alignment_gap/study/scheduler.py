@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 from alignment_gap import preemption, run_dir
 from alignment_gap.errors import StageFailed
 from alignment_gap.preemption import Preempted
+from alignment_gap.presets import meshes
 
 
 @dataclasses.dataclass
@@ -54,8 +55,18 @@ class Stage:
     def key(self) -> str:
         """Hashes the config and the inputs' keys. A path into an input's run directory counts
         as that input, not as where the workdir lies: a workdir moved or named another way
-        (relative, absolute, `./`) keeps its finished stages."""
+        (relative, absolute, `./`) keeps its finished stages. How processes find each other
+        (`distributed`) is not hashed: each process of one job is given its own process_id,
+        and a study moved onto more processes is the same study."""
         keys = [u.key for u in self.upstream]
+        config = _without_process_settings(self.config.to_dict())
+        return _hash(_relocatable(config, self.upstream, keys), keys)
+
+    @property
+    def process_key(self) -> str:
+        """The key as studies before 2026-12-07 wrote it (`distributed` hashed too): for one
+        run with other than the default process settings, its stages are still found."""
+        keys = [u.process_key for u in self.upstream]
         return _hash(_relocatable(self.config.to_dict(), self.upstream, keys), keys)
 
     @property
@@ -76,8 +87,8 @@ class Stage:
         path = os.path.join(workdir, "stages", f"{self.name}-{self.key}")
         if os.path.isdir(path):
             return path
-        keys = [self.legacy_key] + [self.legacy_key_as_if(workdir, previous)
-                                    for previous in previous_names(workdir)]
+        keys = [self.process_key, self.legacy_key] + [
+            self.legacy_key_as_if(workdir, previous) for previous in previous_names(workdir)]
         for key in keys:
             legacy = os.path.join(workdir, "stages", f"{self.name}-{key}")
             if os.path.isdir(legacy):
@@ -87,6 +98,13 @@ class Stage:
     def directory_key(self, workdir: str) -> str:
         """The key in the name of `directory(workdir)` (what outputs outside it are named by)."""
         return os.path.basename(self.directory(workdir))[len(self.name) + 1:]
+
+
+def _without_process_settings(config: dict) -> dict:
+    """`config` with its `distributed` section (if any) at the defaults, one process."""
+    if "distributed" not in config:
+        return config
+    return {**config, "distributed": meshes.distributed_config().to_dict()}
 
 
 def _hash(config: dict, upstream_keys: list[str]) -> str:
