@@ -37,6 +37,24 @@ def test_synthetic_world_builds_every_kind_with_disjoint_splits(tmp_path):
     assert all(_text(comparisons["train"][i]["prompt"]) in train_prompts for i in range(60))
 
 
+def test_a_dataset_another_job_finished_first_is_read_not_an_error(tmp_path):
+    """Two sweep shards build the same prompts at once: the one that finishes second finds the
+    first one's copy where it renames its own (FileExistsError before) and reads it."""
+    sizes = dict(train=12, validation=4, test=4)
+    slower = builders.synthetic_builder("prompts", str(tmp_path), WORLD, **sizes)
+    faster = builders.synthetic_builder("prompts", str(tmp_path), WORLD, **sizes)
+    build = slower._download_and_prepare
+
+    def overtaken(*args, **kwargs):  # the other job finishes while this one generates
+        builders.prepare(faster)
+        return build(*args, **kwargs)
+
+    slower._download_and_prepare = overtaken
+    prompts = builders.prepare(slower)
+    assert {split: len(source) for split, source in prompts.items()} == sizes
+    assert [p.name for p in (tmp_path / "synthetic_world").rglob("incomplete*")] == []
+
+
 def _tldr_line(i, split="train", choice=0, **overrides):
     record = {"info": {"id": f"t3_{i}", "post": f"my cat knocked over plant number {i}",
                        "title": "cat trouble", "subreddit": "pets"},

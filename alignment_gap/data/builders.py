@@ -175,7 +175,7 @@ def prepare(builder, manual_dir: str | None = None):
     tfds.disable_progress_bar()
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     if jax.process_index() == 0:
-        builder.download_and_prepare(download_config=config)
+        _build(builder, config)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"prepare {builder.name}/{builder.builder_config.name}")
         builder.download_and_prepare(download_config=config)  # finds it built
@@ -184,3 +184,16 @@ def prepare(builder, manual_dir: str | None = None):
     check_readable(sorted(glob.glob(os.path.join(builder.data_dir, "*.array_record*"))),
                    f"delete {builder.data_dir} and run the same command: it is built again")
     return builder.as_data_source()
+
+
+def _build(builder, config):
+    """`download_and_prepare`, where another job sharing `data_dir` (a sweep's other shard) may
+    build the same dataset at the same time: TFDS builds into a temporary directory and renames
+    it into place, so the slower job's rename finds the faster one's finished copy. That copy
+    is the same dataset (builds are deterministic): read it."""
+    try:
+        builder.download_and_prepare(download_config=config)
+    except FileExistsError:
+        if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+            raise
+        builder.info.read_from_directory(builder.data_dir)
