@@ -344,6 +344,24 @@ def test_finished_study_is_not_rerun_even_from_a_moved_copy(smoke, tmp_path):
     assert (moved / "timings.json").read_text() == stamp
 
 
+def test_a_relabel_stage_whose_dataset_was_deleted_runs_again(smoke, tmp_path):
+    """D_golden lives under data.dir, outside the relabel stage's directory: with it deleted
+    (data.dir cleared, or moved), the stage is not finished, so the study writes it again
+    instead of stopping at the proxy with "no dataset ... run the stage that writes it"."""
+    workdir, _, _ = smoke
+    config = study_configs.get_config("smoke")
+    config.data.dir = str(workdir / "data")
+    plan = pipeline.build_plan(config, str(workdir))
+    assert scheduler.finished(plan.relabel, str(workdir))
+    dataset = workdir / "data" / "comparisons" / plan.golden_data
+    os.rename(dataset, tmp_path / "aside")
+    try:
+        assert not scheduler.finished(plan.relabel, str(workdir))
+        assert scheduler.finished(plan.proxy, str(workdir))  # its outputs are in its directory
+    finally:
+        os.rename(tmp_path / "aside", dataset)
+
+
 def test_changing_a_stage_reruns_it_and_what_depends_on_it_only(tmp_path):
     base = study_configs.get_config("smoke")
     changed = study_configs.get_config("smoke")

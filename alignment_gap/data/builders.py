@@ -162,6 +162,11 @@ class DistinctPrompts(tfds.core.GeneratorBasedBuilder):
                 yield str(i), {"id": record["id"], "prompt": record["prompt"]}
 
 
+def comparisons_built(data_dir: str, name: str) -> bool:
+    """Whether `data_dir` holds the built `Comparisons` dataset `name`."""
+    return Comparisons(name=name, data_dir=data_dir).is_prepared()
+
+
 def distinct_prompts(name: str, comparisons: dict, data_dir: str) -> dict:
     """Split -> the distinct prompts of `comparisons` (built once under `data_dir`)."""
     return prepare(DistinctPrompts(name=name, comparisons=comparisons, data_dir=data_dir))

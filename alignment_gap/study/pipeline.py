@@ -19,13 +19,14 @@ named `-u<chain>`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 
 import ml_collections
 
 from alignment_gap import pretrained, run_dir
-from alignment_gap.data import datasets
+from alignment_gap.data import builders, datasets
 from alignment_gap.presets import policy as policy_configs
 from alignment_gap.presets import preference_model as preference_configs
 from alignment_gap.presets import sft as sft_configs
@@ -91,6 +92,8 @@ class Plan:
         self.golden_data = f"d_golden-{relabel.key}"
         golden_dir = self.dir(self.golden)
         relabel.run = lambda cfg, out: relabel_stage.run(s, golden_dir, self.golden_data, out)
+        relabel.outputs_present = functools.partial(builders.comparisons_built, s.data.dir,
+                                                    self.golden_data)
         self.relabel = self.add(relabel)
 
         proxy_cfg = _model_stage_config(preference_configs.get_config("proxy_mini"), s, s.proxy)

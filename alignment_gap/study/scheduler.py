@@ -50,6 +50,9 @@ class Stage:
     # Stages with the same non-empty `stack` can be trained as one stacked program
     # (`run_stages(stack_runs=...)`); their configs differ only in what a stack varies.
     stack: str = ""
+    # () -> whether what the stage wrote outside its directory (datasets under data.dir) is
+    # still there: a stage whose outputs were deleted is not finished, and runs again.
+    outputs_present: callable = None
 
     @property
     def key(self) -> str:
@@ -207,7 +210,8 @@ def finished(stage: Stage, workdir: str) -> bool:
 
 
 def _finished(stage: Stage, directory: str) -> bool:
-    return run_dir.is_finished(directory, stage.config.get("num_steps", 1))
+    return (run_dir.is_finished(directory, stage.config.get("num_steps", 1))
+            and (stage.outputs_present is None or stage.outputs_present()))
 
 
 def _agreed_finished(stages: list[Stage], where) -> set[str]:

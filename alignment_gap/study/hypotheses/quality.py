@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from alignment_gap import run_dir
-from alignment_gap.data import datasets, pipelines
+from alignment_gap.data import builders, datasets, pipelines
 from alignment_gap.data.relabel import model_judge, relabel
 from alignment_gap.study.hypotheses import probe, shared
 from alignment_gap.study.hypotheses.shared import Finding
@@ -52,6 +52,8 @@ def data_stage(plan):
     names = {tag: f"{tag}-{stage.directory_key(plan.workdir)}" for tag in DATASETS}
     stage.run = lambda cfg, out: _build(plan, online, names, out)
     stage.meta["datasets"] = names
+    stage.outputs_present = lambda: all(builders.comparisons_built(s.data.dir, name)
+                                        for name in names.values())
     return stage
 
 
