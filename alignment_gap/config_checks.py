@@ -30,9 +30,10 @@ def _fail(field: str, problem: str, fix: str):
 
 def _positive(c, prefix, *names):
     for name in names:
-        if int(c[name]) <= 0:
+        if c[name] <= 0:
             field = f"{prefix}.{name}" if prefix else name
-            _fail(field, f"must be positive, got {c[name]}", "set it to >= 1")
+            fix = "set it to >= 1" if isinstance(c[name], int) else "set it above 0"
+            _fail(field, f"must be positive, got {c[name]}", fix)
 
 
 def check_model(m, prefix="model"):

@@ -93,6 +93,16 @@ def test_unknown_loss_is_a_clear_error():
         config_checks.validate(c, 1)
 
 
+def test_sub_second_sweep_polling_is_accepted_and_zero_is_named():
+    c = study.get_config("smoke")
+    c.sweep.poll_s, c.sweep.wait_timeout_s = 0.1, 0.5
+    config_checks.validate(c, 1)  # was "must be positive, got 0.1; set it to >= 1"
+    c.sweep.poll_s = 0.0
+    with pytest.raises(ConfigError, match=r"^config.sweep.poll_s: must be positive, got 0.0; "
+                       "set it above 0$"):
+        config_checks.validate(c, 1)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("seeds", (), "config.seeds: is empty; list policy seeds"),
     ("seeds", (0, -1), "config.seeds: -1 in (0, -1) is not an integer >= 0"),
