@@ -285,3 +285,22 @@ def test_the_processes_of_one_job_run_its_stages_on_process_0s_view(tmp_path):
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], [log[-2000:] for log in logs]
     assert [json.loads(out.read_text())["ran"] for out in outs] == [["a", "b", "c"]] * 2
+
+
+def test_the_report_reads_each_stages_own_run_time(tmp_path):
+    """A stage rerun under another config on a sweep's shard: the report's time is that run's,
+    not the older single-host run's that timings.json still holds under the same name."""
+    from alignment_gap import run_dir
+    from alignment_gap.study import scheduler
+
+    def stage(seconds):
+        def run(config, out):
+            time.sleep(seconds)
+            run_dir.finish(out)
+        return scheduler.Stage("a", ml_collections.ConfigDict({"seconds": seconds}), run)
+
+    scheduler.run_stages([stage(0.0)], str(tmp_path))
+    rerun = stage(0.3)
+    scheduler.run_stages([rerun], str(tmp_path), shard=0, shards=2)
+    assert scheduler.merged_timings(str(tmp_path))["a"] < 0.3  # the older run's, by name
+    assert scheduler.stage_seconds([rerun], str(tmp_path))["a"] >= 0.3

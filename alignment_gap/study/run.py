@@ -47,8 +47,7 @@ def run(config, workdir: str):
         return
     scheduler.wait_for(stages, workdir, sweep.poll_s, sweep.wait_timeout_s,
                        "the report needs every run", earlier)
-    timings = {name: sec for name, sec in scheduler.merged_timings(workdir).items()
-               if name in {s.name for s in stages}}  # this study's stages only
+    timings = scheduler.stage_seconds(stages, workdir)
     samples = side_by_side(config, stages, workdir)  # every process: it runs the models
     if jax.process_index() != 0:
         return

@@ -287,6 +287,9 @@ def wait_for(stages: list[Stage], workdir: str, poll_s: float, timeout_s: float,
         time.sleep(poll_s)
 
 
+SECONDS = "seconds.json"  # in a stage's directory: how long its run took
+
+
 def timings_name(shard: int, shards: int) -> str:
     return "timings.json" if shards == 1 else f"timings-shard{shard}-of-{shards}.json"
 
@@ -384,6 +387,7 @@ def _run_one(stage: Stage, out: str, timings: dict, place: str):
         run_dir.fail(out, e)
         raise
     timings[stage.name] = time.perf_counter() - start
+    run_dir.write_json(out, SECONDS, {"seconds": timings[stage.name]})
 
 
 def _run_stack(group: list[Stage], outs: list[str], timings: dict, place: str, run_stacked):
@@ -406,6 +410,8 @@ def _run_stack(group: list[Stage], outs: list[str], timings: dict, place: str, r
         raise
     seconds = (time.perf_counter() - start) / len(group)
     timings.update({s.name: seconds for s in group})
+    for out in outs:
+        run_dir.write_json(out, SECONDS, {"seconds": seconds, "stacked_runs": len(group)})
 
 
 def merged_timings(workdir: str) -> dict:
@@ -413,4 +419,19 @@ def merged_timings(workdir: str) -> dict:
     out = {}
     for path in sorted(glob.glob(os.path.join(workdir, "timings*.json"))):
         out.update(run_dir.read_json(workdir, os.path.basename(path)))
+    return out
+
+
+def stage_seconds(stages: list[Stage], workdir: str) -> dict:
+    """{stage name: seconds its run took} of the finished `stages`, from each stage's own
+    record in its directory (the timings files are by name, so a stage rerun under another
+    config on another shard would read the older run's time); a stage run before those
+    records were kept: the timings files'."""
+    files, where, out = merged_timings(workdir), _directories(workdir), {}
+    for stage in stages:
+        record = run_dir.read_json(where(stage), SECONDS)
+        if record is not None:
+            out[stage.name] = record["seconds"]
+        elif stage.name in files:
+            out[stage.name] = files[stage.name]
     return out
