@@ -167,6 +167,22 @@ def test_mini_online_and_offline_programs_compile_for_tpu(topo):
             report.total_bytes(state.opt_state) / 4, rel=0.03)
 
 
+def test_the_side_by_side_samples_take_the_rows_the_study_rounds_up_to():
+    """On 16 batch shards the study samples 16 side-by-side posts (8, rounded up to a multiple
+    of the shards): the program compiled for the slice takes 16 rows (8 failed to shard and
+    stopped the tool after every other program had compiled)."""
+    study = study_configs.get_config("smoke")
+    study.mesh.data, study.mesh.fsdp = 1, -1
+    target = topology.resolve("v5e-16")
+    mesh = sharding.mesh_from_grid(topology.device_grid(
+        target, config_checks.mesh_shape(study.mesh, target.chips)))
+    run = programs.samples_run(study, programs.Builder(mesh, study.mesh.rules))
+    (program,) = run.programs
+    assert program.args[1].shape[0] == 16
+    compiled, _ = report.compile_one(program, mesh, study.mesh.rules)
+    assert compiled.memory_analysis().argument_size_in_bytes > 0
+
+
 def _costs(config, mesh):
     (run,) = programs.build(config, mesh)
     variants = tuple(programs.build(depth_variant(config, n), mesh) for n in (1, 2))

@@ -33,7 +33,7 @@ from alignment_gap.sampling import SamplingConfig
 from alignment_gap.sources import online_sampler, rank_program
 from alignment_gap.study import pipeline, test_stage
 from alignment_gap.study.hypotheses.probe import CHUNK, margin_h_program, probe_sampler
-from alignment_gap.study.run import SIDE_BY_SIDE, side_by_side_sampler
+from alignment_gap.study.run import SIDE_BY_SIDE, rows_for, side_by_side_sampler
 from alignment_gap.train import common, policy, preference, sft
 from alignment_gap.train.state import make_optimizer, make_update_step, train_state_program
 
@@ -332,8 +332,10 @@ def samples_run(study, b: Builder, name: str = "samples") -> Run:
     lm, _, params = b.model("lm", study.model)
     r = study.data.response_len
     sampler = side_by_side_sampler(lm, b.mesh, b.rules, r)
-    return Run(name, [b.sampler_program(sampler, lm, params, SIDE_BY_SIDE,
-                                        study.data.prompt_len, r)], {"policy": params})
+    shards = sharding.batch_shards(b.mesh, b.rules)  # as many rows as the run rounds up to
+    rows = rows_for(SIDE_BY_SIDE, shards, SIDE_BY_SIDE * shards)
+    return Run(name, [b.sampler_program(sampler, lm, params, rows, study.data.prompt_len, r)],
+               {"policy": params})
 
 
 def study_runs(study, b: Builder) -> list[Run]:
