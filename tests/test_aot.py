@@ -183,6 +183,17 @@ def test_the_side_by_side_samples_take_the_rows_the_study_rounds_up_to():
     assert compiled.memory_analysis().argument_size_in_bytes > 0
 
 
+def test_each_models_initialiser_is_a_program_of_its_own():
+    """A golden model wider than the proxy: two preference initialisers to prove (their one
+    argument is a key, so the report had kept the golden one and never compiled the proxy's)."""
+    study = study_configs.get_config("smoke")
+    study.golden_model.width, study.golden_model.mlp_dim = 128, 256
+    mesh = sharding.mesh_from_grid(topology.device_grid(topology.resolve("cpu:1"), (1, 1, 1)))
+    runs = programs.study_runs(study, programs.Builder(mesh, study.mesh.rules))
+    inits = {r.name: p.key for r in runs for p in r.programs if p.name == "init_preference"}
+    assert set(inits) == {"golden", "proxy"} and inits["golden"] != inits["proxy"]
+
+
 def _costs(config, mesh):
     (run,) = programs.build(config, mesh)
     variants = tuple(programs.build(depth_variant(config, n), mesh) for n in (1, 2))

@@ -52,13 +52,16 @@ class Program:
     decode_steps: int = 0  # Samplers: the decode loop's most iterations.
     prefill: Program | None = None  # Samplers: the prefill alone (see `report.py`, costs).
     layers: int = 1  # Depth of the models it runs (costs are extrapolated in depth).
+    # Initialisers: the abstract state they build. Their one argument is a key, so what they
+    # build is what tells two models' initialisers apart.
+    builds: Any = None
 
     @property
     def key(self) -> tuple:
         """Two programs with equal keys compile to the same program up to constants (the SFT
         and preference updates' learning rates): the report keeps one."""
         shapes = tuple((x.shape, str(x.dtype), str(x.sharding.spec))
-                       for x in jax.tree.leaves(self.args))
+                       for x in jax.tree.leaves((self.args, self.builds)))
         return self.name, self.detail, shapes
 
 
@@ -159,7 +162,8 @@ def sft_run(config, b: Builder, name: str = "sft") -> Run:
     update = make_update_step(graphdef, tx, sft.sft_loss, b.mesh, b.rules, shardings,
                               jax.tree.map(lambda x: x.sharding, batch), name="sft_update")
     return Run(name, [
-        Program("init_lm", init_lm, (b.key(),), outputs_resident=True),
+        Program("init_lm", init_lm, (b.key(),), outputs_resident=True,
+                detail=config.model.name, builds=params),
         init_state,
         Program("sft_update", update.jitted, (state, batch, None, None), resident_args=(0,),
                 layers=layers),
@@ -179,7 +183,8 @@ def preference_run(config, b: Builder, name: str = "preference") -> Run:
                               shardings, jax.tree.map(lambda x: x.sharding, batch),
                               {"key": sharding.replicated(b.mesh)}, name="preference_update")
     return Run(name, [
-        Program("init_preference", init_pm, (b.key(),), outputs_resident=True),
+        Program("init_preference", init_pm, (b.key(),), outputs_resident=True,
+                detail=config.model.name, builds=params),
         init_state,
         Program("preference_update", update.jitted, (state, batch, {"key": b.key()}, None),
                 resident_args=(0,), layers=layers),
