@@ -138,11 +138,11 @@ def remedies(program: dict, config, mesh_shape) -> list[str]:
 def main(argv):
     del argv
     topo_name = _TOPOLOGY.value
-    if topo_name.startswith("cpu:"):  # before anything initialises the CPU backend
-        jax.config.update("jax_num_cpu_devices", int(topo_name.split(":", 1)[1]))
     config = _CONFIG.value
     config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
     try:
+        if topo_name.startswith("cpu:"):  # before anything initialises the CPU backend
+            jax.config.update("jax_num_cpu_devices", topology.cpu_devices(topo_name))
         target = topology.resolve(topo_name, _SLICES.value)
         config_checks.validate(config, target.chips)
         mesh_shape = config_checks.mesh_shape(config.mesh, target.chips)

@@ -27,12 +27,25 @@ def test_slice_names_as_cloud_tpu_sells_them(name, chips, shape):
     assert count == chips and topology.slice_shape(generation, count) == shape
 
 
-@pytest.mark.parametrize("name,says", [("v5p-7", "two per chip"), ("v5e-12", "not 12"),
-                                        ("v5p-96", "multiple of 64"), ("tpu-8", "not a TPU")])
+@pytest.mark.parametrize("name,says", [
+    ("v5p-7", "two per chip"), ("v5e-12", "not 12"), ("v5p-96", "multiples of 64"),
+    ("tpu-8", "not a TPU"), ("v5p-4", "v5p slices are v5p-8, v5p-16, v5p-32, v5p-64 "),
+    ("v4-0", "not 0 chips"), ("cpu:abc", "cpu:N needs a device count N >= 1"),
+    ("cpu:0", "cpu:N needs a device count")])
 def test_names_that_are_not_slices_fail_in_one_line(name, says):
     with pytest.raises(topology.TopologyError, match=says) as e:
-        topology.slice_shape(*topology.parse(name))
+        if name.startswith("cpu:"):
+            topology.resolve(name)
+        else:
+            topology.slice_shape(*topology.parse(name))
     assert "\n" not in str(e.value) and str(e.value).startswith("--topology")
+
+
+@pytest.mark.parametrize("name,kind", [("v5e-1", "TPU v5 lite"), ("v6e-1", "TPU v6 lite")])
+def test_one_chip_slices_are_described(name, kind):
+    """libtpu's default host block (2x2x1) cannot hold a one-chip slice: it was refused."""
+    one = topology.resolve(name)
+    assert one.chips == 1 and one.devices[0].device_kind == kind
 
 
 def test_slices_are_described_without_a_tpu():

@@ -17,6 +17,7 @@ programs, with the compiler's own memory and cost analysis.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 
@@ -96,9 +97,12 @@ def slice_shape(generation: str, chips: int) -> tuple[int, ...]:
         return _SHAPES_2D[chips]
     if chips in _SMALL_3D:
         return _SMALL_3D[chips]
-    if chips % 64:
-        raise TopologyError(f"--topology: {generation} slices of more than 32 chips are whole "
-                            f"4x4x4 cubes (64 chips), not {chips} chips; use a multiple of 64")
+    if chips % 64 or chips == 0:
+        cores = _CORES_PER_CHIP[generation]
+        names = ", ".join(f"{generation}-{n * cores}" for n in sorted(_SMALL_3D))
+        raise TopologyError(f"--topology: {generation} slices are {names} ({sorted(_SMALL_3D)} "
+                            "chips) or whole 4x4x4 cubes (multiples of 64 chips), not "
+                            f"{chips} chips; use one of those")
     return tuple(4 * n for n in _balanced_3d(chips // 64))
 
 
@@ -118,6 +122,15 @@ def parse(name: str) -> tuple[str, int]:
     return generation, count // cores
 
 
+def cpu_devices(name: str) -> int:
+    """N of `cpu:N` (fake CPU devices)."""
+    count = name.split(":", 1)[1]
+    if not count.isdigit() or int(count) < 1:
+        raise TopologyError(f"--topology: {name!r}: cpu:N needs a device count N >= 1, e.g. "
+                            "cpu:8")
+    return int(count)
+
+
 def _prepare_libtpu():
     # Without these, libtpu (finding no TPU VM metadata) prints warnings and an error line
     # while it loads; the topology description does not read them.
@@ -133,7 +146,7 @@ def resolve(name: str, slices: int = 1) -> Target:
     if slices < 1:
         raise TopologyError(f"--slices: must be >= 1, got {slices}")
     if name.startswith("cpu:"):
-        count = int(name.split(":", 1)[1])
+        count = cpu_devices(name)
         if slices != 1:
             raise TopologyError("--slices: fake CPU devices form one slice; drop --slices")
         if jax.device_count("cpu") < count:
@@ -146,15 +159,19 @@ def resolve(name: str, slices: int = 1) -> Target:
     kwargs = {"chip_config_name": "megacore"} if _CORES_PER_CHIP[generation] == 2 else {}
     if slices > 1:
         kwargs["num_slices"] = slices
+    if chips == 1:  # one chip on its host (libtpu's default host block is 2x2x1)
+        kwargs["chips_per_host_bounds"] = (1, 1, 1)
     topology = f"{_LIBTPU_NAMES[generation]}:{'x'.join(map(str, shape))}"
     try:
         described = topologies.get_topology_desc(topology_name=topology, platform="tpu",
                                                  **kwargs)
     except Exception as e:  # libtpu missing or the name refused: say which
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fix = ("this libtpu does not describe that slice; try another name" if
+               importlib.util.find_spec("libtpu") else
+               "install it with `pip install -e '.[tpu]'` (or the test extra)")
         raise TopologyError(f"--topology: libtpu could not describe {topology} ({first}); "
-                            "install it with `pip install -e '.[tpu]'` (or the test extra)"
-                            ) from e
+                            f"{fix}") from e
     return Target(name, generation, shape, slices, tuple(described.devices),
                   CHIPS[generation])
 
