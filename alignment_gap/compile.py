@@ -117,17 +117,27 @@ def print_report(summary: dict, out=sys.stdout):
             print(f"  {path}: {nbytes / 2**20:.1f} MiB", file=out)
 
 
+def _trained_model(config, run: str) -> str:
+    """The config field of the model a run trains: a study's golden and proxy runs train
+    `golden_model` and `proxy_model`; every other run `model`."""
+    if config.get("task") == "study" and run in ("golden", "proxy"):
+        return f"{run}_model"
+    return "model"
+
+
 def remedies(program: dict, config, mesh_shape) -> list[str]:
     name, out = program["program"], []
     data, fsdp, tensor = mesh_shape
     if data > 1:
         out.append(f"move the data axis into fsdp (mesh.data={data} -> 1, mesh.fsdp=-1)")
     out.append(f"a larger slice (more chips for mesh.fsdp, now {fsdp})")
+    if name == "policy_update":  # the SFT and preference trainers have no micro-batches
+        field = "policy.microbatches" if config.get("task") == "study" else "microbatches"
+        out.append(f"more micro-batches ({field})")
     if name.endswith("update"):
-        out.append("more micro-batches (microbatches)")
-        models = [m for m in (config.get("model"), config.get("proxy_model")) if m]
-        if any(m.get("remat", "none") != "full" for m in models):
-            out.append("model.remat=full")
+        model = _trained_model(config, program.get("peak_run", ""))
+        if config[model].get("remat", "none") != "full":
+            out.append(f"{model}.remat=full")
     if name.endswith(("sample", "samples")):
         out.append("a smaller sampler batch (eval.prompts, batch_size)")
     if tensor == 1:

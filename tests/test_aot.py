@@ -10,7 +10,7 @@ import pytest
 
 from alignment_gap import config_checks, sharding
 from alignment_gap.aot import programs, report, topology
-from alignment_gap.compile import depth_variant
+from alignment_gap.compile import depth_variant, remedies
 from configs import meshes
 from configs import policy as policy_configs
 from configs import study as study_configs
@@ -253,6 +253,15 @@ def test_a_config_that_does_not_fit_fails_in_one_line_with_remedies(tmp_path):
     assert "exceeds available HBM" in last
     assert "model.remat=full" in last and "a larger slice" in last and "micro-batches" in last
     assert (tmp_path / "big.json").exists()  # the report is written all the same
+
+
+def test_remedies_name_the_fields_of_the_model_and_trainer_that_ran_out():
+    study = study_configs.get_config("smoke")
+    golden = remedies({"program": "preference_update", "peak_run": "golden"}, study, (1, 8, 1))
+    assert "golden_model.remat=full" in golden
+    assert not any("micro-batches" in r for r in golden)  # the preference trainer has none
+    policy = remedies({"program": "policy_update", "peak_run": "online-s0"}, study, (1, 8, 1))
+    assert {"more micro-batches (policy.microbatches)", "model.remat=full"} <= set(policy)
 
 
 def test_a_mesh_the_slice_cannot_hold_is_a_config_error():
