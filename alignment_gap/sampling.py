@@ -140,7 +140,7 @@ class _Loop(NamedTuple):
 
 
 def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache: bool = True,
-           samples_per_prompt: int = 1, predraw_noise_bytes: int = PREDRAW_NOISE_BYTES,
+           samples_per_prompt: int = 1, predraw_noise_bytes: int | None = None,
            group: tuple[jax.Array, int] | None = None, run_axis: str | None = None):
     """Sample up to `cfg.max_new_tokens` tokens per prompt. Traceable; see `Sampler`.
 
@@ -148,7 +148,8 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
     (prompt i's samples at rows `i * n .. i * n + n - 1`: on a data-parallel mesh they stay on
     their prompt's device; `per_sample` splits them); each prompt is prefilled once and its
     cache copied to its n rows. Every step's Gumbel noise is drawn before the loop when it fits in
-    `predraw_noise_bytes` (the same draws as one per step). `group` (first, total): these
+    `predraw_noise_bytes` (default `PREDRAW_NOISE_BYTES`, read as the sampler is traced; the
+    same draws as one per step). `group` (first, total): these
     prompts are prompts first .. of a batch of `total`, and draw the noise that batch's rows
     would (so a batch sampled in groups gives the tokens it gives whole). `run_axis`: the name
     of a `vmap` axis of stacked runs (`train/stacked.py`) that decode in one loop until every
@@ -180,6 +181,8 @@ def sample(lm, prompt_BxP, prompt_mask_BxP, key, cfg: SamplingConfig, use_cache:
     mine = lambda x, axis: x if group is None else jax.lax.dynamic_slice_in_dim(
         x, n * first, batch, axis)
     noise = None
+    if predraw_noise_bytes is None:
+        predraw_noise_bytes = PREDRAW_NOISE_BYTES
     if cfg.temperature != 0.0 and r * n * total * vocab * 4 <= predraw_noise_bytes:
         noise = mine(step_noise(key, r, n, total, vocab), 1)
 

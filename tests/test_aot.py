@@ -229,6 +229,21 @@ def test_costs_count_every_layer_and_slice_where_xla_counts_a_loop_once():
     assert scanned.flops == pytest.approx(unrolled.flops, rel=0.02)
 
 
+def test_a_samplers_costs_count_its_steps_once_each():
+    """Two new tokens: the prefill, one loop step, the last draw; the whole unrolled program
+    counts exactly that, so the estimate must equal it. (The estimate had multiplied the noise
+    drawn before the loop, and one step too many, by the steps: 2x here, 2.8x at mini.)"""
+    config, mesh = _build("online_tiny", "v5e-4", num_layers=3)
+    config.data.response_len = 2
+    (run,) = programs.build(config, mesh)
+    variants = tuple(programs.build(depth_variant(config, n), mesh) for n in (1, 2))
+    (result,) = [r for r in report.analyse([run], variants, mesh, config.mesh.rules,
+                                           log=lambda _: None)
+                 if r.program.name == "online_sample"]
+    direct = report.compiled_costs(result.program, mesh, config.mesh.rules)
+    assert result.costs.flops == pytest.approx(direct.flops, rel=0.02)
+
+
 def _compile_tool(*args, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "alignment_gap.compile", *args], cwd=ROOT,

@@ -49,7 +49,8 @@ class Program:
     resident_args: tuple[int, ...] = ()  # Which arguments are among the run's resident arrays.
     outputs_resident: bool = False  # Initialisers: their outputs become resident arrays.
     detail: str = ""  # What else tells two programs of one name apart (loss, slices, ...).
-    decode_steps: int = 0  # Samplers: the decode loop's most iterations.
+    decode_steps: int = 0  # Samplers: the decode loop's most iterations (the last token is
+    # drawn after it, with no forward pass).
     prefill: Program | None = None  # Samplers: the prefill alone (see `report.py`, costs).
     layers: int = 1  # Depth of the models it runs (costs are extrapolated in depth).
     # Initialisers: the abstract state they build. Their one argument is a key, so what they
@@ -124,7 +125,7 @@ class Builder:
         return Program(sampler.jitted.__name__, sampler.jitted, (params, prompt, mask,
                                                                  self.key()),
                        resident_args=(0,), detail=f"{samples_per_prompt} per prompt",
-                       decode_steps=r, prefill=prefill, layers=lm.cfg.num_layers)
+                       decode_steps=r - 1, prefill=prefill, layers=lm.cfg.num_layers)
 
 
 def _prefill_program(lm, mesh, rules, r: int):

@@ -23,7 +23,7 @@ import time
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from alignment_gap import sharding
+from alignment_gap import sampling, sharding
 from alignment_gap.aot.programs import Program, Run
 
 GIB = 1024**3
@@ -150,9 +150,23 @@ def _extrapolate(one: Costs, two: Costs, layers: int) -> Costs:
                  one.bytes + (layers - 1) * (two.bytes - one.bytes))
 
 
+@contextlib.contextmanager
+def _noise_drawn_per_step():
+    """Samplers traced inside draw each step's noise in the step: a sampler's step cost is
+    then its loop body's (noise drawn before the loop would be counted once per step)."""
+    before, sampling.PREDRAW_NOISE_BYTES = sampling.PREDRAW_NOISE_BYTES, -1
+    try:
+        yield
+    finally:
+        sampling.PREDRAW_NOISE_BYTES = before
+
+
 def program_costs(variants: tuple[Program, Program], layers: int, mesh, rules) -> Costs:
-    """Whole-program FLOPs and bytes per device from its 1- and 2-layer unrolled variants."""
-    costs = [compiled_costs(v, mesh, rules) for v in variants]
+    """Whole-program FLOPs and bytes per device from its 1- and 2-layer unrolled variants. A
+    sampler's: the prefill's, plus its loop body's (whole minus prefill: one step and the last
+    token's draw) once per decode step."""
+    with _noise_drawn_per_step():
+        costs = [compiled_costs(v, mesh, rules) for v in variants]
     total = _extrapolate(*costs, layers)
     if variants[0].decode_steps:
         prefill = _extrapolate(*(compiled_costs(v.prefill, mesh, rules) for v in variants), layers)
