@@ -207,6 +207,22 @@ def test_each_models_initialiser_is_a_program_of_its_own():
     assert set(inits) == {"golden", "proxy"} and inits["golden"] != inits["proxy"]
 
 
+def test_the_opponent_policy_counts_only_in_the_call_that_samples_it():
+    """The evaluator samples its opponent once and frees it: its parameters weigh on that call,
+    not on every program of the run (which had made marginal configs fail to fit)."""
+    peaks = {}
+    for opponent in ("", "/opponent"):
+        config, mesh = _build("online_tiny", "cpu:1")
+        config.eval.golden_checkpoint, config.eval.opponent_checkpoint = "/golden", opponent
+        (run,) = programs.build(config, mesh)
+        results = report.analyse([run], None, mesh, config.mesh.rules, log=lambda _: None)
+        peaks[opponent] = {r.program.name: r.peak for r in results}
+    policy = report.per_device_bytes(run.resident["policy train state"].params)
+    assert "opponent policy" not in run.resident
+    assert peaks["/opponent"]["eval_sample"] >= peaks[""]["eval_sample"] + policy
+    assert peaks["/opponent"]["policy_update"] == peaks[""]["policy_update"]
+
+
 def _costs(config, mesh):
     (run,) = programs.build(config, mesh)
     variants = tuple(programs.build(depth_variant(config, n), mesh) for n in (1, 2))

@@ -116,15 +116,17 @@ class Builder:
         return program, state, shardings, tx
 
     def sampler_program(self, sampler, lm, params, rows: int, p: int, r: int,
-                        samples_per_prompt: int = 1) -> Program:
-        """A `Sampler`'s program for `rows` prompts (`lm`: the abstract model it samples)."""
+                        samples_per_prompt: int = 1, params_resident: bool = True) -> Program:
+        """A `Sampler`'s program for `rows` prompts (`lm`: the abstract model it samples;
+        `params_resident`: its parameters are among the run's resident arrays)."""
         prompt, mask = self.prompts(rows, p)
+        resident = (0,) if params_resident else ()
         prefill = Program(f"{sampler.jitted.__name__}_prefill", _prefill_program(
-            lm, self.mesh, self.rules, r), (params, prompt, mask), resident_args=(0,),
+            lm, self.mesh, self.rules, r), (params, prompt, mask), resident_args=resident,
             layers=lm.cfg.num_layers)
         return Program(sampler.jitted.__name__, sampler.jitted, (params, prompt, mask,
                                                                  self.key()),
-                       resident_args=(0,), detail=f"{samples_per_prompt} per prompt",
+                       resident_args=resident, detail=f"{samples_per_prompt} per prompt",
                        decode_steps=r - 1, prefill=prefill, layers=lm.cfg.num_layers)
 
 
@@ -250,11 +252,13 @@ def evaluation_programs(config, b: Builder, lm, graphdef, params, sft_params):
     if e.opponent_checkpoint:
         opponent_model = e.get("opponent_model") or None  # absent: the policy's
         opponent_lm, _, opponent = b.model("lm", opponent_model or config.model)
-        resident["opponent policy"] = opponent
-        if opponent_model:  # another architecture samples with its own program, once
-            programs.append(b.sampler_program(
-                eval_sampler(opponent_lm, b.mesh, b.rules, sampling), opponent_lm, opponent,
-                e.prompts, p, r))
+        # Sampled once as the evaluator starts, then freed (`Evaluator` keeps the samples):
+        # its parameters count in that call, not among the run's resident arrays. Another
+        # architecture samples with its own program.
+        opponent_sampler = (eval_sampler(opponent_lm, b.mesh, b.rules, sampling)
+                            if opponent_model else sampler)
+        programs.append(b.sampler_program(opponent_sampler, opponent_lm, opponent, e.prompts,
+                                          p, r, params_resident=False))
     prompt, mask = b.prompts(e.prompts, p)
     ours = (b.rows(e.prompts, r), b.rows(e.prompts, r, dtype=jnp.bool_))
     theirs = (b.rows(e.prompts, r), b.rows(e.prompts, r, dtype=jnp.bool_))
