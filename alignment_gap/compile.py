@@ -87,19 +87,20 @@ def print_report(summary: dict, out=sys.stdout):
     for run, items in summary["runs"].items():
         parts = ", ".join(f"{k} {_size(v['per_device'])}" for k, v in items.items())
         print(f"  {run}: {parts}", file=out)
-    head = (f"{'program':<20} {'detail':<22} {'args':>8} {'out':>8} {'temp':>8} {'code':>8} "
-            f"{'peak':>8} {'of HBM':>6} {'GFLOP':>9} {'GB':>8} {'ideal ms':>9} {'bound':>7} "
-            f"{'MFU max':>7}")
+    head = (f"{'program':<20} {'peak in run':<18} {'detail':<22} {'args':>8} {'out':>8} "
+            f"{'temp':>8} {'code':>8} {'peak':>8} {'of HBM':>6} {'GFLOP':>9} {'GB':>8} "
+            f"{'ideal ms':>9} {'bound':>7} {'MFU max':>7}")
     print("\nper chip (out: not aliased to a donated input; peak: with the run's resident "
           "arrays)\n" + head, file=out)
     for p in summary["programs"]:
         if "failure" in p:
-            print(f"{p['program']:<20} {p['detail'][:22]:<22} does not compile: {p['failure']}",
-                  file=out)
+            print(f"{p['program']:<20} {p['peak_run'][:18]:<18} {p['detail'][:22]:<22} does "
+                  f"not compile: {p['failure']}", file=out)
             continue
         b = p["bytes_per_device"]
         share = f"{b['peak_with_resident'] / (chip['hbm_gib'] * 2**30):.0%}" if chip else "-"
-        row = (f"{p['program']:<20} {p['detail'][:22]:<22} {_size(b['arguments']):>8} "
+        row = (f"{p['program']:<20} {p['peak_run'][:18]:<18} {p['detail'][:22]:<22} "
+               f"{_size(b['arguments']):>8} "
                f"{_size(b['outputs'] - b['aliased']):>8} {_size(b['temporaries']):>8} "
                f"{_size(b['code']):>8} {_size(b['peak_with_resident']):>8} {share:>6}")
         if "flops_per_device" in p:

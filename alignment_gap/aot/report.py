@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 
@@ -129,12 +130,24 @@ def _persistent_cache_off_unless_local(mesh):
         yield
         return
     jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()  # JAX decides once per process whether the cache is used
+    _quiet_reset()  # JAX decides once per process whether the cache is used
     try:
         yield
     finally:
         jax.config.update("jax_enable_compilation_cache", True)
+        _quiet_reset()
+
+
+def _quiet_reset():
+    """`compilation_cache.reset_cache()` without its INFO line (two per TPU program, amid the
+    tool's progress lines)."""
+    logger = logging.getLogger("jax._src.compilation_cache")  # where the line is logged
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
         compilation_cache.reset_cache()
+    finally:
+        logger.setLevel(level)
 
 
 def compiled_costs(program: Program, mesh, rules) -> Costs:
