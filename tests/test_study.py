@@ -398,16 +398,17 @@ def test_stage_keys_do_not_depend_on_where_the_workdir_lies(variant, tmp_path, m
 
 def test_stage_keys_do_not_depend_on_the_process_settings(tmp_path):
     """Each process of one job is given its own process_id (local_multiprocess.py): they must
-    name the same stage directories. A stage an older study keyed with its process settings
-    is still found."""
+    name the same stage directories; grain's reader threads change no record either. A stage
+    an older study keyed with those settings is still found."""
     config = study_configs.get_config("smoke")
     one = {s.name: s.key for s in pipeline.build_plan(config, str(tmp_path)).stages}
     config.distributed.update(coordinator_address="127.0.0.1:1234", num_processes=2,
                               process_id=1, local_cpu_devices=1)
+    config.data.num_threads = 8
     plan = pipeline.build_plan(config, str(tmp_path))
     assert {s.name: s.key for s in plan.stages} == one
-    old = os.path.join(str(tmp_path), "stages", f"sft-{plan.sft.process_key}")
-    assert plan.sft.process_key != plan.sft.key
+    old = os.path.join(str(tmp_path), "stages", f"sft-{plan.sft.full_key}")
+    assert plan.sft.full_key != plan.sft.key
     os.makedirs(old)
     run_dir.finish(old, step=plan.sft.config.num_steps)
     plan = pipeline.build_plan(config, str(tmp_path))

@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 from alignment_gap import preemption, run_dir
 from alignment_gap.errors import StageFailed
 from alignment_gap.preemption import Preempted
+from alignment_gap.presets import common as common_presets
 from alignment_gap.presets import meshes
 
 
@@ -58,18 +59,19 @@ class Stage:
     def key(self) -> str:
         """Hashes the config and the inputs' keys. A path into an input's run directory counts
         as that input, not as where the workdir lies: a workdir moved or named another way
-        (relative, absolute, `./`) keeps its finished stages. How processes find each other
-        (`distributed`) is not hashed: each process of one job is given its own process_id,
-        and a study moved onto more processes is the same study."""
+        (relative, absolute, `./`) keeps its finished stages. Settings that change how the
+        work runs but not what it computes (`_unhashed_defaults`) are not hashed: each process
+        of one job is given its own process_id, and a study moved onto more processes is the
+        same study."""
         keys = [u.key for u in self.upstream]
-        config = _without_process_settings(self.config.to_dict())
+        config = _without_unhashed(self.config.to_dict())
         return _hash(_relocatable(config, self.upstream, keys), keys)
 
     @property
-    def process_key(self) -> str:
-        """The key as studies before 2026-12-07 wrote it (`distributed` hashed too): for one
-        run with other than the default process settings, its stages are still found."""
-        keys = [u.process_key for u in self.upstream]
+    def full_key(self) -> str:
+        """The key as studies before 2026-12-07 wrote it (every setting hashed): a study run
+        with other than the default `_unhashed_defaults` settings still finds its stages."""
+        keys = [u.full_key for u in self.upstream]
         return _hash(_relocatable(self.config.to_dict(), self.upstream, keys), keys)
 
     @property
@@ -90,7 +92,7 @@ class Stage:
         path = os.path.join(workdir, "stages", f"{self.name}-{self.key}")
         if os.path.isdir(path):
             return path
-        keys = [self.process_key, self.legacy_key] + [
+        keys = [self.full_key, self.legacy_key] + [
             self.legacy_key_as_if(workdir, previous) for previous in previous_names(workdir)]
         for key in keys:
             legacy = os.path.join(workdir, "stages", f"{self.name}-{key}")
@@ -103,11 +105,21 @@ class Stage:
         return os.path.basename(self.directory(workdir))[len(self.name) + 1:]
 
 
-def _without_process_settings(config: dict) -> dict:
-    """`config` with its `distributed` section (if any) at the defaults, one process."""
-    if "distributed" not in config:
-        return config
-    return {**config, "distributed": meshes.distributed_config().to_dict()}
+def _unhashed_defaults() -> dict:
+    """Section -> the settings of it a key leaves out, at their defaults: how processes find
+    each other, and grain's reader threads (its output order does not depend on them)."""
+    return {"distributed": meshes.distributed_config().to_dict(),
+            "data": {"num_threads": common_presets.data_config().num_threads}}
+
+
+def _without_unhashed(config: dict) -> dict:
+    """`config` with the `_unhashed_defaults` settings it has at their defaults."""
+    config = dict(config)
+    for section, defaults in _unhashed_defaults().items():
+        if isinstance(config.get(section), dict):
+            config[section] = {**config[section],
+                               **{k: v for k, v in defaults.items() if k in config[section]}}
+    return config
 
 
 def _hash(config: dict, upstream_keys: list[str]) -> str:
