@@ -608,3 +608,18 @@ def test_a_policy_steps_kl_per_token_is_the_whole_batchs_however_it_is_sliced(mi
     kl = {k: float(jax.jit(update_fn(graphdef, tx, loss_fn, k))(
         state, batch, {"reference": ref_params})[1]["kl_per_token"]) for k in (1, 2, 3)}
     assert kl[2] == pytest.approx(kl[1], rel=1e-5) and kl[3] == pytest.approx(kl[1], rel=1e-5)
+
+
+def test_the_policy_update_counts_pairs_of_two_equal_responses(mini_config):
+    """An online policy can draw the same response twice: such a pair has margin 0 and no
+    gradient under IPO, DPO or SLiC. The update reports their share."""
+    from alignment_gap.batches import PreferenceBatch
+
+    batch = _ragged_pairs(mini_config)
+    rejected, rejected_mask = np.array(batch.rejected), np.array(batch.rejected_mask)
+    rejected[:2], rejected_mask[:2] = batch.chosen[:2], batch.chosen_mask[:2]
+    batch = PreferenceBatch(batch.prompt, batch.prompt_mask, batch.chosen, batch.chosen_mask,
+                            rejected, rejected_mask)
+    step, state, ref_params, _, _ = _policy_update(mini_config, (1, 1, 1), 1, False)
+    _, metrics = step(state, batch, {"reference": ref_params})
+    assert float(metrics["identical_pairs"]) == 2 / 8

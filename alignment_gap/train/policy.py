@@ -77,6 +77,11 @@ def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
             "kl_sequence": jnp.mean(kl.sum(-1)),
             "response_length": jnp.mean(lengths),
             "eos_rate": jnp.mean((lengths > 0) & (last == eos_id)),
+            # Pairs of two equal responses (online: the policy drew the same twice): their
+            # margin h is 0, so IPO / DPO / SLiC take no gradient from them.
+            "identical_pairs": jnp.mean(jnp.all((batch.chosen == batch.rejected)
+                                                & (batch.chosen_mask == batch.rejected_mask),
+                                                axis=-1)),
             "tokens": (2 * batch.prompt_mask.sum() + masks.sum()).astype(jnp.float32),
         }
 
