@@ -220,15 +220,19 @@ def _post_id(record: dict, where: str) -> str:
 
 def split_hh_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str, str] | None:
     """(prompt, chosen response, rejected response) from two full HH dialogues; None when they
-    differ before the final assistant turn (see `AnthropicHh`)."""
+    differ before the final assistant turn (see `AnthropicHh`). Two dialogues that share no
+    assistant turn at all are not one comparison: a malformed record."""
     cut = chosen.rfind(ASSISTANT)
     if cut < 0:
         raise DataError(f"{where}: field 'chosen' has no '{ASSISTANT.strip()}' turn")
     prompt = chosen[: cut + len(ASSISTANT)]
     good, bad = chosen[len(prompt):], rejected[len(prompt):]
-    if not rejected.startswith(prompt) or HUMAN in good or HUMAN in bad:
-        return None
-    return prompt, response(good), response(bad)
+    if rejected.startswith(prompt) and HUMAN not in good and HUMAN not in bad:
+        return prompt, response(good), response(bad)
+    if ASSISTANT not in os.path.commonprefix([chosen, rejected]):
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' share no prompt ending in an "
+                        f"'{ASSISTANT.strip()}' turn")
+    return None
 
 
 @dataclasses.dataclass
