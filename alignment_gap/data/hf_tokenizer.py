@@ -12,6 +12,7 @@ pipelines add BOS where it belongs. The fingerprint hashes the `tokenizer.json` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -38,7 +39,7 @@ class HFTokenizer:
         self.add_bos = bool(add_bos) and self.bos_id is not None
         self.stop_ids = tuple(dict.fromkeys([self.eos_id, *(int(i) for i in stop_ids)]))
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
         """1 + the largest id this tokenizer can give: its model's pieces, added tokens that
         text can spell (`encode` reads no special token's string), the special ids in use.
@@ -56,8 +57,8 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         """Decode up to the first stop id (EOS); padding, special tokens (BOS) and ids past the
         vocabulary (a model's embedding table may be larger) are dropped."""
-        ids = [i for i in content_ids(ids, self.pad_id, self.stop_ids)
-               if 0 <= i < self.vocab_size]
+        size = self.vocab_size
+        ids = [i for i in content_ids(ids, self.pad_id, self.stop_ids) if 0 <= i < size]
         return self.tk.decode(ids, skip_special_tokens=True)
 
 
