@@ -11,6 +11,7 @@ import pytest
 from alignment_gap import config_checks, sharding
 from alignment_gap.aot import programs, report, topology
 from alignment_gap.compile import depth_variant, remedies
+from alignment_gap.study.hypotheses import probe
 from configs import meshes
 from configs import policy as policy_configs
 from configs import study as study_configs
@@ -194,6 +195,23 @@ def test_the_side_by_side_samples_take_the_rows_the_study_rounds_up_to():
     assert program.args[1].shape[0] == 16
     compiled, _ = report.compile_one(program, mesh, study.mesh.rules)
     assert compiled.memory_analysis().argument_size_in_bytes > 0
+
+
+def test_the_probe_stages_sample_rows_their_batch_shards_split():
+    """The hypotheses' probes sample 128 prompts a call: on 256 batch shards the call takes
+    256 (128 rows do not split over 256 devices), in the compiled program and the run alike."""
+    study = study_configs.get_config("smoke")
+    study.mesh.data, study.mesh.fsdp = 1, -1
+    target = topology.resolve("v5e-256")
+    mesh = sharding.mesh_from_grid(topology.device_grid(
+        target, config_checks.mesh_shape(study.mesh, target.chips)))
+    assert probe.chunk_rows(mesh, study.mesh.rules) == 256
+    run = programs.probe_run(study, programs.Builder(mesh, study.mesh.rules),
+                             "classification-stream")
+    sampler = next(p for p in run.programs if p.name == "probe_sample")
+    assert sampler.args[1].shape[0] == 256
+    one = sharding.mesh_from_grid(topology.device_grid(topology.resolve("cpu:1"), (1, 1, 1)))
+    assert probe.chunk_rows(one, study.mesh.rules) == probe.CHUNK  # unchanged on one device
 
 
 def test_each_models_initialiser_is_a_program_of_its_own():

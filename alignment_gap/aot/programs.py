@@ -32,7 +32,7 @@ from alignment_gap.models import KVCache
 from alignment_gap.sampling import SamplingConfig
 from alignment_gap.sources import online_sampler, rank_program
 from alignment_gap.study import pipeline, test_stage
-from alignment_gap.study.hypotheses.probe import CHUNK, margin_h_program, probe_sampler
+from alignment_gap.study.hypotheses.probe import chunk_rows, margin_h_program, probe_sampler
 from alignment_gap.study.run import SIDE_BY_SIDE, rows_for, side_by_side_sampler
 from alignment_gap.train import common, policy, preference, sft
 from alignment_gap.train.state import make_optimizer, make_update_step, train_state_program
@@ -321,18 +321,19 @@ def probe_run(study, b: Builder, name: str) -> Run:
     sampling = SamplingConfig(max_new_tokens=r, temperature=study.policy.temperature,
                               eos_id=EOS_ID, pad_id=PAD_ID)
     resident = {"SFT policy": sft, "two probed policies": (policy_a, policy_b)}
+    chunk = chunk_rows(b.mesh, b.rules)
     programs = [b.sampler_program(probe_sampler(lm, b.mesh, b.rules, sampling), lm, policy_a,
-                                  CHUNK, p, r)]
+                                  chunk, p, r)]
     if name == "quality-data":  # two policies' samples, relabelled by the golden judge
         program, resident["golden judge"] = margins(b, study.golden_model, RELABEL_BATCH, p, r)
         return Run(name, programs + [program], resident)
-    pair = b.pairs(CHUNK, p, r, place=b.replicated)
+    pair = b.pairs(chunk, p, r, place=b.replicated)
     programs.append(Program("probe_h", margin_h_program(graphdef, b.mesh),
                             (policy_a, sft, pair.prompt, pair.prompt_mask, pair.chosen,
                              pair.chosen_mask, pair.rejected, pair.rejected_mask),
                             resident_args=(0, 1), layers=m.num_layers))
     for judge, cfg in (("golden judge", study.golden_model), ("proxy", study.proxy_model)):
-        program, resident[judge] = margins(b, cfg, CHUNK, p, r)
+        program, resident[judge] = margins(b, cfg, chunk, p, r)
         programs.append(program)
     return Run(name, programs, resident)
 

@@ -45,11 +45,19 @@ def margin_h_program(graphdef, mesh):
     return probe_h
 
 
+def chunk_rows(mesh, rules) -> int:
+    """Rows per probe call: `CHUNK`, rounded up to a multiple of the mesh's batch shards (the
+    sampler splits its rows over them: 128 rows do not split over 256)."""
+    shards = sharding.batch_shards(mesh, rules)
+    return -(-CHUNK // shards) * shards
+
+
 class Probe:
-    def __init__(self, plan, out_dir: str, chunk: int = CHUNK):
+    def __init__(self, plan, out_dir: str):
         s = self.study = plan.study
-        self.plan, self.chunk = plan, chunk
+        self.plan = plan
         self.rt = rt = common.runtime(plan.sft.config, out_dir)
+        self.chunk = chunk_rows(rt.mesh, rt.rules)
         tok = rt.tokenizer
         self.world = datasets.world_config(s.data) if s.data.kind == "synthetic" else None
         self.lm = common.load_frozen("lm", plan.dir(plan.sft), s.model, rt)
