@@ -240,11 +240,20 @@ class ManualConfig(tfds.core.BuilderConfig):
     subsets: tuple[str, ...] = ()  # HH only: subset directories to read.
 
 
+class _RecordsRead(tfds.core.GeneratorBasedBuilder):
+    """A builder whose `_split_generators` reads every record first (to count what it drops
+    and carve splits) and hands each split its (key, example) rows; the key is the id."""
+
+    def _generate_examples(self, rows):
+        for key, example in rows:
+            yield key, {"id": key, **example}
+
+
 def tldr_files(root: str) -> list[str]:
     return sorted(glob.glob(os.path.join(root, "comparisons", "*.json")))
 
 
-class TldrComparisons(tfds.core.GeneratorBasedBuilder):
+class TldrComparisons(_RecordsRead):
     """OpenAI summarize-from-feedback comparisons (`comparisons/*.json` in the manual dir)."""
 
     VERSION = TLDR_VERSION
@@ -276,16 +285,12 @@ class TldrComparisons(tfds.core.GeneratorBasedBuilder):
         self.info.metadata.update(dropped_news=news)
         return {split: self._generate_examples(rows) for split, rows in by_split.items() if rows}
 
-    def _generate_examples(self, rows):
-        for key, example in rows:
-            yield key, {"id": key, **example}
-
 
 def hh_files(root: str, subsets, splits=("train", "test")) -> list[str]:
     return [os.path.join(root, s, f"{split}.jsonl.gz") for s in subsets for split in splits]
 
 
-class AnthropicHh(tfds.core.GeneratorBasedBuilder):
+class AnthropicHh(_RecordsRead):
     """Anthropic HH-RLHF (`<subset>/{train,test}.jsonl.gz` in the manual dir).
 
     A pair is the two dialogues' final assistant turns after their shared prompt. Pairs whose
@@ -346,10 +351,6 @@ class AnthropicHh(tfds.core.GeneratorBasedBuilder):
             raise DataError(f"{missing[0]}: file is missing; put the HH-RLHF "
                             f"{split}.jsonl.gz of that subset there")
         return paths
-
-    def _generate_examples(self, rows):
-        for key, example in rows:
-            yield key, {"id": key, **example}
 
 
 ARENA_WINNERS = ("model_a", "model_b")
@@ -433,7 +434,7 @@ def arena_files(root: str) -> list[str]:
                    for path in glob.glob(os.path.join(root, "**", pattern), recursive=True)})
 
 
-class ChatbotArena(tfds.core.GeneratorBasedBuilder):
+class ChatbotArena(_RecordsRead):
     """Chatbot Arena conversations (`*.jsonl`, `*.jsonl.gz`, `*.parquet` in the manual dir).
 
     Each record is one battle: `model_a`, `model_b`, `winner`, `conversation_a` and
@@ -496,10 +497,6 @@ class ChatbotArena(tfds.core.GeneratorBasedBuilder):
             raise DataError(f"{root}: no {', '.join(ARENA_PATTERNS)} files; put the Chatbot "
                             "Arena conversations there")
         return files
-
-    def _generate_examples(self, rows):
-        for key, example in rows:
-            yield key, {"id": key, **example}
 
 
 def source_files(kind: str, manual_dir: str, hh_subset: str = "helpful-base") -> list[str]:
