@@ -401,6 +401,7 @@ def test_stage_keys_do_not_depend_on_the_process_settings(tmp_path):
     name the same stage directories; grain's reader threads change no record either. A stage
     an older study keyed with those settings is still found."""
     config = study_configs.get_config("smoke")
+    config.data.dir = str(tmp_path / "data")
     one = {s.name: s.key for s in pipeline.build_plan(config, str(tmp_path)).stages}
     config.distributed.update(coordinator_address="127.0.0.1:1234", num_processes=2,
                               process_id=1, local_cpu_devices=1)
@@ -413,6 +414,16 @@ def test_stage_keys_do_not_depend_on_the_process_settings(tmp_path):
     run_dir.finish(old, step=plan.sft.config.num_steps)
     plan = pipeline.build_plan(config, str(tmp_path))
     assert plan.dir(plan.sft) == old and scheduler.finished(plan.sft, str(tmp_path))
+    # Relabel too, with the D_golden it wrote (named by its directory's key), so what reads it
+    # (the proxy) keeps its older key as well.
+    relabel = plan.relabel
+    run_dir.finish(os.path.join(str(tmp_path), "stages", f"relabel-{relabel.full_key}"))
+    info = tmp_path / "data" / "comparisons" / f"d_golden-{relabel.full_key}" / "1.0.0"
+    info.mkdir(parents=True)
+    (info / "dataset_info.json").write_text("{}")
+    plan = pipeline.build_plan(config, str(tmp_path))
+    assert plan.golden_data == f"d_golden-{relabel.full_key}"
+    assert scheduler.finished(plan.relabel, str(tmp_path))
 
 
 def test_a_study_written_with_legacy_keys_is_found_and_continued(tmp_path):

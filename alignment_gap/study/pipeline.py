@@ -88,13 +88,15 @@ class Plan:
         golden_cfg.init.checkpoint = s.golden_init
         self.golden = self.add(Stage("golden", golden_cfg, preference.run))
 
-        relabel = Stage("relabel", relabel_stage.config(s), None, (self.golden,))
-        self.golden_data = f"d_golden-{relabel.key}"
         golden_dir = self.dir(self.golden)
+        self.relabel = relabel = self.add(
+            Stage("relabel", relabel_stage.config(s), None, (self.golden,)))
+        # Named by the key of the directory in use: a study keyed the older way (`full_key`)
+        # named its D_golden so.
+        self.golden_data = f"d_golden-{relabel.directory_key(workdir)}"
         relabel.run = lambda cfg, out: relabel_stage.run(s, golden_dir, self.golden_data, out)
         relabel.outputs_present = functools.partial(builders.comparisons_built, s.data.dir,
                                                     self.golden_data)
-        self.relabel = self.add(relabel)
 
         proxy_cfg = _model_stage_config(preference_configs.get_config("proxy_mini"), s, s.proxy)
         proxy_cfg.model = ml_collections.ConfigDict(s.proxy_model.to_dict())
