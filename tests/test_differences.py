@@ -12,6 +12,7 @@ from alignment_gap.study import differences, report, results
 from configs import study as study_configs
 
 N = 64  # evaluation prompts: 32 selection (even positions), 32 test (odd)
+NUMBERS = ("kl", "online", "offline", "difference", "low", "high")  # of a budget's row
 
 
 def point(method, seed, kl, win, oracle=None, step=6):
@@ -71,17 +72,25 @@ def test_the_checkpoint_is_chosen_on_selection_prompts_and_scored_on_test_prompt
     assert row["online"] == 0.5
 
 
-def test_a_budget_counts_only_checkpoints_within_it():
-    points = [point("online", 0, 0.2, np.full(N, 0.6)), point("online", 0, 4.0, np.ones(N)),
-              point("offline", 0, 0.3, np.full(N, 0.7))]
+def test_a_budget_counts_only_checkpoints_within_it_and_says_where_a_method_ended():
+    rng = np.random.default_rng(3)
+    near, far, offline = noisy(rng, 0.1), noisy(rng, 0.95), noisy(rng, 0.55)
+    points = [point("online", 0, 0.2, near), point("online", 0, 4.0, far),
+              point("offline", 0, 0.3, offline)]
     c = differences.compare(points, budgets=[0.25, 0.3, 4.0], replicates=50)
     below, low, high = c["rows"]["golden"]
+    test = differences.split(N)[1]
     assert np.isnan(below["offline"]) and below["verdict"] == "undecided"  # none within 0.25
-    assert (low["online"], low["offline"]) == (pytest.approx(0.6), pytest.approx(0.7))
+    assert (low["online"], low["offline"]) == (pytest.approx(near[test].mean()),
+                                               pytest.approx(offline[test].mean()))
     assert low["verdict"] == "offline better"
-    assert (high["online"], high["offline"]) == (pytest.approx(1.0), pytest.approx(0.7))
-    assert high["verdict"] == "online better"
+    assert (high["online"], high["offline"]) == (pytest.approx(far[test].mean()),
+                                                 pytest.approx(offline[test].mean()))
+    # Past offline's last checkpoint its curve stays there: no longer a matched budget.
+    assert high["verdict"] == "online better; offline's runs end at 0.3 nats"
     assert c["headline_kl"] == pytest.approx(0.3)  # the most KL offline used
+    assert "runs end" not in low["verdict"] + below["verdict"]
+    assert "runs end at" in "\n".join(report.budget_table(c))
 
 
 def test_methods_that_share_no_budget_cannot_be_compared_and_say_why():
@@ -108,12 +117,15 @@ def test_seeds_that_agree_exactly_have_no_interval():
 
 
 def test_a_method_whose_runs_all_moved_past_a_budget_is_scored_there_by_its_start():
-    start = np.full(N, 0.5)
-    points = [point("online", 0, 0.0, start, step=0), point("online", 0, 0.05, np.ones(N)),
-              point("offline", 0, 0.0, start, step=0), point("offline", 0, 0.4, np.ones(N))]
+    rng = np.random.default_rng(4)
+    start, moved = noisy(rng, 0.2), noisy(rng, 0.9)
+    points = [point("online", 0, 0.0, start, step=0), point("online", 0, 0.05, moved),
+              point("offline", 0, 0.0, start, step=0), point("offline", 0, 0.4, moved)]
     row = differences.headline(differences.compare(points, replicates=50))
+    test = differences.split(N)[1]
     assert row["kl"] == pytest.approx(0.05)  # the most online used
-    assert (row["online"], row["offline"]) == (1.0, 0.5) and row["verdict"] == "online better"
+    assert (row["online"], row["offline"]) == (moved[test].mean(), start[test].mean())
+    assert row["verdict"] == "online better"
 
 
 def test_stream_accuracies_average_the_checkpoints_after_step_0():
@@ -343,6 +355,58 @@ def test_the_selection_prompts_spread_counts_what_moves_every_seed_alike():
     still, moving = (differences.interval(table, r, [0], 32)
                      for r in (np.zeros((1, 4)), 0.1 * resampled[:1]))
     assert moving["se"] ** 2 == pytest.approx(still["se"] ** 2 + 0.01 * 8 / 3)
+
+
+def test_checkpoints_rated_alike_share_the_choice_whatever_order_they_come_in():
+    """Outcomes of 0 / 0.5 / 1 tie often on a coarse grid of rates: the curve and the peak
+    take the tied checkpoints' mean, so listing the runs the other way round (plan order,
+    step order) changes nothing, where taking the first had flipped the difference's sign."""
+    rng = np.random.default_rng(5)
+    select, test = differences.split(N)
+    points = []
+    for seed in range(3):
+        good, bad = noisy(rng, 0.8), noisy(rng, 0.3)
+        bad[select] = good[select]  # the same selection rate, different test rates
+        points += [point("offline", seed, 0.5, good, step=6),
+                   point("offline", seed, 0.5, bad, step=12),
+                   point("online", seed, 0.6, noisy(rng, 0.55))]
+    forward, backward = (differences.compare(p, replicates=100) for p in (points, points[::-1]))
+    for one, other in zip(forward["rows"]["golden"], backward["rows"]["golden"], strict=True):
+        assert one["verdict"] == other["verdict"]
+        assert np.allclose([one[k] for k in NUMBERS], [other[k] for k in NUMBERS],
+                           rtol=0, atol=1e-12, equal_nan=True)
+    offline = [p for p in points if p["method"] == "offline"]
+    assert differences.headline(forward)["offline"] == pytest.approx(
+        np.mean([p["win"][test].mean() for p in offline]))
+    assert "(tied, averaged)" in forward["chosen"]["offline"][-1][0]
+    peaks = differences.peaks(points, "offline")
+    assert peaks == differences.peaks(points[::-1], "offline")
+    assert peaks["golden"][0, 0] == pytest.approx(np.mean([p["win"][test].mean()
+                                                           for p in offline[:2]]))
+
+
+def test_every_seed_and_prompt_alike_is_no_interval_and_no_winner():
+    """Online winning every test prompt of every seed against offline's ties is no spread to
+    estimate from: not a zero-width interval naming a winner (as `results.mean_ci`)."""
+    points = [point(m, seed, 1.0, np.full(16, 1.0 if m == "online" else 0.5))
+              for seed in range(2) for m in ("online", "offline")]
+    row = differences.headline(differences.compare(points, replicates=50))
+    assert row["difference"] == 0.5 and np.isnan(row["low"]) and row["verdict"] == "undecided"
+    text = results.verdict(differences.compare(points, replicates=50))
+    assert "(no interval: every seed and prompt gave the same difference), undecided" in text
+
+
+def test_an_evaluation_without_a_finite_kl_is_left_out_and_named():
+    """One nan KL had turned every budget nan (when listed first) or been silently skipped."""
+    rng = np.random.default_rng(6)
+    points = [point(m, seed, kl, noisy(rng, 0.6), step=6 if kl else 0) for seed in range(2)
+              for m, kl in (("online", 0.0), ("online", 0.5), ("offline", 0.0), ("offline", 0.8))]
+    diverged = point("offline", 1, float("nan"), noisy(rng, 0.1), step=18)
+    for listed in ([diverged] + points, points + [diverged]):
+        c = differences.compare(listed, replicates=50)
+        assert c["headline_kl"] == 0.5 and np.isfinite(c["budgets"]).all()
+        assert c["unplaced"] == ["offline seed 1 step 18"]
+        assert "Left out for want of a finite KL: offline seed 1 step 18." in results.verdict(c)
 
 
 def test_a_seed_whose_start_beats_its_checkpoints_keeps_its_peak():

@@ -74,11 +74,13 @@ def _stream(online_rate, aligned=False, pairs=96, seed=0):
 
 
 def _claims(final_online=0.45, pairs=256, online_stream=0.65, aligned=False, stream_pairs=96,
-            final_offline=0.65, offline_spread=0.0):
+            final_offline=0.65, offline_spread=0.0, offline_streamed=True):
     final = {"online": {0: final_online, 1: final_online},  # two seeds that agree
              "offline": {0: final_offline - offline_spread, 1: final_offline + offline_spread}}
     drift = {"online": {0: -1.0, 1: -1.1}, "offline": {0: -2.0, 1: -2.3}}
     points = _stream(online_stream, aligned, pairs=stream_pairs)
+    for q in points[1:] if not offline_streamed else ():  # offline scored at step 0 only
+        q["hits"].pop("offline/golden")
     stream, counts = classification.stream_means(points), classification.stream_pairs(points)
     verdicts = classification.claim_verdicts(final, pairs, drift, (0.1, (-0.3, 0.4), 24),
                                              stream, counts, points)
@@ -144,6 +146,10 @@ def test_classification_verdicts_decide_only_where_their_intervals_do():
     assert _claims(aligned=True)["On the"].agree is True
     assert _claims(online_stream=0.45)["On the"].agree is True
     assert _claims(online_stream=0.9)["On the"].agree is False
+    # "Both policies": online's lead alone cannot settle it (it can refute it).
+    alone = _claims(aligned=True, offline_streamed=False)["On the"]
+    assert alone.agree is None and "offline: no stream pairs scored after step 0" in alone.ours
+    assert _claims(online_stream=0.9, offline_streamed=False)["On the"].agree is False
     assert close["Win rate"].agree is True  # [-0.3, 0.4] inside (-0.5, 0.5)
     # Drift: every seed falls, offline more, but two seeds give a t-interval of 12.7 sd.
     assert close["The likelihood"].agree is None

@@ -138,21 +138,34 @@ def peaks(points: list[dict], method: str, key=unit) -> dict:
     """{judge: {group: test win rate}} of `method`'s peaks: per group of its points (`key`:
     each unit by default, or e.g. each run), the checkpoint past step 0 (the start where a
     group has no other) that the selection prompts rate best at any KL, scored on the test
-    prompts (`prompt_sets`). Chosen and scored on the same prompts, a best-of-many choice would
-    flatter a large sweep."""
+    prompts (`prompt_sets`); checkpoints rated alike share the choice (`tie_weights`). Chosen
+    and scored on the same prompts, a best-of-many choice would flatter a large sweep."""
     scored, select_at, test_at, test_key = prompt_sets(points) if points else ([], [], [], "")
-    mine = [p for p in scored if p["method"] == method]
+    groups = {}
+    for p in scored:
+        if p["method"] == method:
+            groups.setdefault(key(p), []).append(p)
     best = {}
-    for p in mine:  # past step 0 where a group has such a checkpoint, else its start
-        rate = float(np.mean(np.asarray(p["win"], float)[select_at]))
-        rank = (p["step"] > 0, rate)
-        if key(p) not in best or rank > best[key(p)][0]:
-            best[key(p)] = (rank, p)
+    for k, group in groups.items():  # past step 0 where a group has such a checkpoint
+        moved = [p for p in group if p["step"] > 0] or group
+        rates = [np.mean(np.asarray(p["win"], float)[select_at]) for p in moved]
+        share = tie_weights(np.array(rates)[:, None])[:, 0]
+        best[k] = [(w, p) for w, p in zip(share, moved, strict=True) if w > 0]
     judges = {"golden": "win", "oracle": "oracle_win"}
-    return {judge: {k: float(np.mean(np.asarray(p[test_key + name], float)[test_at]))
-                    for k, (_, p) in best.items() if test_key + name in p}
+    return {judge: {k: float(sum(w * np.mean(np.asarray(p[test_key + name], float)[test_at])
+                                 for w, p in tied))
+                    for k, tied in best.items() if all(test_key + name in p for _, p in tied)}
             for judge, name in judges.items()
-            if any(test_key + name in p for _, p in best.values())}
+            if any(test_key + name in p for tied in best.values() for _, p in tied)}
+
+
+def tie_weights(values: np.ndarray) -> np.ndarray:
+    """[M, K] -> [M, K] weights, per column an even share to each of its maxima (within
+    rounding): the expected outcome of breaking a tie at random, so that the order in which
+    the points came (the plan's, the steps') never picks among equally rated checkpoints."""
+    values = np.asarray(values, float)
+    top = np.isclose(values, values.max(0, keepdims=True), rtol=0.0, atol=1e-9)
+    return top / top.sum(0, keepdims=True)
 
 
 def _curves(points, budgets, select, scores, interpolate=False) -> tuple[dict, dict, dict]:
@@ -172,15 +185,16 @@ def _curves(points, budgets, select, scores, interpolate=False) -> tuple[dict, d
         for g, budget in enumerate(budgets):
             weights = mixtures(kl, budget, interpolate)
             if weights.size:
-                best = np.argmax(weights @ select[rows], axis=0)
+                best = tie_weights(weights @ select[rows])  # [M, R + 1]
                 for judge, score in scores.items():
                     policies = weights @ score[rows]  # [M, P]: each affordable policy's outcomes
-                    rates[key][judge][g] = policies.mean(1)[best]
-                    outcomes[key][judge][g] = policies[best[0]]
-                mix = weights[best[0]]  # as measured (column 0)
-                chosen[key][g] = " + ".join(
-                    label(points[rows[i]]) + (f" (x{mix[i]:.2f})" if mix[i] < 1 else "")
-                    for i in np.flatnonzero(mix))
+                    rates[key][judge][g] = policies.mean(1) @ best
+                    outcomes[key][judge][g] = best[:, 0] @ policies
+                tied = np.flatnonzero(best[:, 0])  # as measured (column 0)
+                chosen[key][g] = " or ".join(
+                    " + ".join(label(points[rows[i]]) + (f" (x{mix[i]:.2f})" if mix[i] < 1 else "")
+                               for i in np.flatnonzero(mix))
+                    for mix in weights[tied]) + (" (tied, averaged)" if tied.size > 1 else "")
     return rates, outcomes, chosen
 
 
@@ -216,10 +230,16 @@ def interval(table, resampled, chains, selection_prompts: int, level: float = LE
         if resampled.shape[1] > 1 and selection_prompts > 1:
             parts.append((_shared_choice_spread(resampled), float(selection_prompts - 1)))
         var, df = crossed.combine(parts)
-    if not (np.isfinite(center) and np.isfinite(var)):
+    # Every cell alike (each seed and prompt the same difference, e.g. one method winning
+    # every prompt of a small evaluation): no spread to estimate from, and a zero-width
+    # interval would name a winner on a handful of prompts (as `results.mean_ci` refuses).
+    alike = table.size > 1 and np.ptp(table) == 0
+    if alike or not (np.isfinite(center) and np.isfinite(var) and var > 0):
+        why = ("every seed and prompt gave the same difference" if alike else
+               "too few test prompts or seeds to estimate a spread")
         return {"difference": center, "low": np.nan, "high": np.nan, "se": np.nan,
-                "df": np.nan}
-    half = float(stdtrit(df, 0.5 + level / 2)) * np.sqrt(var) if var > 0 else 0.0
+                "df": np.nan, "no_interval": why}
+    half = float(stdtrit(df, 0.5 + level / 2)) * np.sqrt(var)
     return {"difference": center, "low": center - half, "high": center + half,
             "se": float(np.sqrt(var)), "df": df}
 
@@ -237,8 +257,9 @@ def _outside_share(points, budgets, select) -> float:
         for budget in budgets:
             within = rows[kl <= budget]
             if within.size:
-                best = within[np.argmax(select[within, 1:], axis=0)]
-                hits, total = hits + int((~scored[best]).sum()), total + best.size
+                share = tie_weights(select[within, 1:])  # [within, R]
+                hits += float((~scored[within]) @ share.sum(1))
+                total += share.shape[1]
     return hits / total if total else float("nan")
 
 
@@ -261,11 +282,16 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
     """
     a, b = methods
     points = [p for p in points if p["method"] in methods]
+    # A diverged evaluation can record no finite KL: no budget affords it (and one nan would
+    # turn every budget nan), so it is left out and named.
+    unplaced = [f"{p['method']} seed {p['seed']} {label(p)}" for p in points
+                if not np.isfinite(p["kl"])]
+    points = [p for p in points if np.isfinite(p["kl"])]
     groups = {m: [p for p in points if p["method"] == m] for m in methods}
     units = sorted({unit(p) for p in groups[a]} & {unit(p) for p in groups[b]})
     if not units:
         return {"seeds": [], "rows": {}, "budgets": [], "headline_kl": float("nan"),
-                "prompts": {}}
+                "prompts": {}, "unplaced": unplaced}
     seeds, chains = sorted({s for _, s in units}), sorted({c for c, _ in units})
     points = [p for p in points if unit(p) in units]
     groups = {m: [p for p in points if p["method"] == m] for m in methods}
@@ -297,7 +323,7 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
            "budgets": [float(x) for x in budgets], "headline_kl": headline,
            "reached": reached, "least": least, "replicates": replicates, "rows": {},
            "prompts": {"selection": len(select_at), "test": len(test_at)},
-           "interpolated": interpolate, "test_stage": tested}
+           "interpolated": interpolate, "test_stage": tested, "unplaced": unplaced}
     rates, outcomes = {}, {}
     for m in methods:
         def selection(group):  # [C, R + 1]: each point's win rate under its chain's weights
@@ -334,9 +360,12 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
         for g, budget in enumerate(budgets):
             row = interval(table[a][:, g] - table[b][:, g],
                            resampled[a][:, g] - resampled[b][:, g], chain_of, len(select_at))
+            verdict = verdict_of(row["low"], row["high"], a, b)
+            ended = [m for m in methods if reached[m] < budget]
+            if ended:  # its curve stays at its last checkpoint: not a matched budget
+                verdict += "".join(f"; {m}'s runs end at {reached[m]:.3g} nats" for m in ended)
             rows.append({"kl": float(budget), a: float(table[a][:, g].mean()),
-                         b: float(table[b][:, g].mean()), **row,
-                         "verdict": verdict_of(row["low"], row["high"], a, b)})
+                         b: float(table[b][:, g].mean()), **row, "verdict": verdict})
         out["rows"][judge] = rows
     return out
 
@@ -374,8 +403,9 @@ def sentence(comparison: dict, a: str = "online", b: str = "offline") -> str:
 
     def view(r, judge):
         df = f" ({r['df']:.3g} df)" if np.isfinite(r.get("df", np.nan)) else ""
-        return (f"{judge}: {a} minus {b} {r['difference']:+.3f} "
-                f"[{r['low']:+.3f}, {r['high']:+.3f}]{df}, {r['verdict']}")
+        interval = (f"[{r['low']:+.3f}, {r['high']:+.3f}]{df}" if np.isfinite(r["low"]) else
+                    f"(no interval: {r.get('no_interval', 'no spread to estimate')})")
+        return f"{judge}: {a} minus {b} {r['difference']:+.3f} {interval}, {r['verdict']}"
 
     text = (f"At a KL budget of {row['kl']:.3g} nats (the most both methods used), "
             f"{view(row, 'golden judge')}")
@@ -391,6 +421,8 @@ def sentence(comparison: dict, a: str = "online", b: str = "offline") -> str:
                     "resampled selection prompts that the seeds share")
     text = (f"{text}. (95% t-intervals over {over}{crossed_}; checkpoints chosen on "
             f"{comparison['prompts']['selection']} other prompts.)")
+    if comparison.get("unplaced"):
+        text += (f" Left out for want of a finite KL: {', '.join(comparison['unplaced'])}.")
     split_ = (comparison.get("variance") or {}).get("golden")
     if split_ is not None:
         text += (f" The upstream draws account for {split_['upstream share']:.0%} of the "

@@ -57,7 +57,7 @@ def frontier_plot(rows, path: str, methods=("online", "offline"), title: str = F
             ax.scatter(kl, value, s=14, alpha=0.35, color=color(method, index))
             edge = results.frontier(pts)
             ax.plot(*np.array(edge).T, "-o", ms=4, color=color(method, index),
-                    label=f"{method} (frontier)")
+                    label=f"{method} (frontier, in-sample)")
         ax.axhline(0.5, color="gray", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -148,6 +148,10 @@ def markdown(study, rows, comparison, timings: dict, extras: dict, findings=(),
     lines = ["# Online vs offline: the controlled study", "",
              f"**{results.verdict(comparison)}**", "",
              "![frontier](frontier.png)", "",
+             "The figure is descriptive: each frontier is the best of every checkpoint of every "
+             "run and seed on all the evaluation prompts, each panel by its own judge, so it "
+             "favours the method with more runs (offline's sweep); the table below chooses on "
+             "selection prompts and scores on others.", "",
              "## Online minus offline at matched KL budgets", "",
              "At each budget, each seed's checkpoint with KL at most the budget that the "
              f"{comparison.get('prompts', {}).get('selection', 0)} selection prompts rate best "

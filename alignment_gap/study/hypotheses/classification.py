@@ -345,10 +345,13 @@ def claim_verdicts(accuracy, pairs, drift, correlation, stream, counts,
                 True if drift_sides == [-1, -1, -1] else None),
         Verdict("On the online stream the proxy model out-classifies both policies",
                 "proxy minus " + "; ".join(beat_text(n) for n in beaten)
-                + " (95% paired t over the pairs both scored)" if beaten
+                + " (95% paired t over the pairs both scored)"
+                + "".join(f"; {n}: no stream pairs scored after step 0"
+                          for n in ("online", "offline") if n not in beaten) if beaten
                 else "no stream pairs scored",
+                # "both": one policy's lead alone can refute the claim but not settle it
                 None if not beat_sides else False if min(beat_sides) < 0
-                else True if min(beat_sides) > 0 else None),
+                else True if min(beat_sides) > 0 and len(beaten) == 2 else None),
         Verdict("The proxy's accuracy decays as the policy drifts",
                 f"first half of the run {share(early)[0]:.3f}, second half {share(late)[0]:.3f}: "
                 f"{share(early)[0] - share(late)[0]:+.3f} [{decay[0]:+.3f}, {decay[1]:+.3f}]",

@@ -161,8 +161,12 @@ def difference_text(rows: dict, a: str, b: str) -> str:
 
 def judges_text(rows: dict) -> str:
     """`golden +d [lo, hi] verdict; oracle ...` of {judge: matched-KL row}."""
-    return "; ".join(f"{judge} {r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] "
-                     f"{r['verdict']}" for judge, r in rows.items())
+    def interval(r):
+        return (f"[{r['low']:+.3f}, {r['high']:+.3f}]" if np.isfinite(r["low"]) else
+                f"(no interval: {r.get('no_interval', 'no spread to estimate')})")
+
+    return "; ".join(f"{judge} {r['difference']:+.3f} {interval(r)} {r['verdict']}"
+                     for judge, r in rows.items())
 
 
 def proportion_interval(p: float, n: int) -> tuple[float, float]:
