@@ -56,7 +56,7 @@ class OnlineDemo:
                          optax.adamw(learning_rate, b1=0.9, b2=0.95))
         self.graphdef, self.state, shardings = init_train_state(policy, tx, self.mesh, self.rules)
         ref_graphdef, self.reference = nnx.split(reference)
-        loss = make_policy_loss("ipo", beta, self.tokenizer.eos_id, ref_graphdef)
+        loss = make_policy_loss("ipo", beta, self.tokenizer.stop_ids, ref_graphdef)
         with sharding.use(self.mesh, self.rules):
             ref_shardings = sharding.state_shardings(self.reference, self.mesh)
         rows_sharding = sharding.batch_sharding(self.mesh, self.rules, 2)

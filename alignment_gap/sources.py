@@ -111,8 +111,12 @@ def stream_chunks(directory: str) -> list[str]:
     return sorted(glob.glob(os.path.join(directory, "steps-*.array_record")))
 
 
-def replay_iterator(directory: str, shape, order: str = "tandem", window: int = 1, seed: int = 0):
-    """Batches of a recorded stream: `tandem` (as recorded), `shuffle`, or `window` (k batches)."""
+def replay_iterator(directory: str, shape, order: str = "tandem", window: int = 1, seed: int = 0,
+                    num_steps: int | None = None):
+    """Batches of a recorded stream: `tandem` (as recorded), `shuffle`, or `window` (k batches).
+    `tandem` and `window` replay the stream once: `num_steps` past its end is refused (the
+    stream would start over at its first step, no longer the run it replays); `shuffle`
+    passes over it again in a new order."""
     chunks = stream_chunks(directory)
     if not chunks:
         raise ConfigError(f"config.replay.stream: {directory} holds no recorded stream chunks; "
@@ -129,6 +133,11 @@ def replay_iterator(directory: str, shape, order: str = "tandem", window: int = 
         raise ConfigError(f"config.batch_size: {b} does not match the recorded stream in "
                           f"{directory} (its first step holds {steps.count(steps[0])} pairs); "
                           "replay with the batch size it was recorded with")
+    if num_steps is not None and order != "shuffle" and num_steps * b > n:
+        raise ConfigError(f"config.num_steps: {num_steps} steps replay past the end of the "
+                          f"stream in {directory}, which holds {n // b} (its online run stopped "
+                          f"there); set num_steps <= {n // b}, or replay.order='shuffle' to "
+                          "pass over it again")
     first = records[0]
     if first["prompt"].shape[0] != shape.prompt_len or \
             first["chosen"].shape[0] != shape.response_len:

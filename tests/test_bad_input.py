@@ -21,13 +21,15 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 from array_record.python import array_record_module
 
+from alignment_gap.batches import PreferenceBatch
 from alignment_gap.data import builders, datasets, real_data, tokenizer
 from alignment_gap.data.pipelines import BatchShape, as_text, encode_prompt, encode_response
-from alignment_gap.errors import DataError
-from alignment_gap.sources import replay_iterator
+from alignment_gap.errors import ConfigError, DataError
+from alignment_gap.sources import StreamRecorder, replay_iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TLDR_SPLITS = ["train"] * 8 + ["valid1"] * 4 + ["valid2"] * 4
@@ -259,6 +261,28 @@ def test_a_damaged_stream_chunk_is_one_line_naming_the_run_to_redo(tmp_path):
     message = str(error.value)
     assert message.startswith(f"{chunk}: the file is damaged (") and "\n" not in message
     assert f"delete {stream.parent} (the online run that recorded it)" in message
+
+
+def test_a_replay_past_the_end_of_its_stream_is_one_line_not_the_stream_again(tmp_path):
+    """An online run that stopped early (KL cap, stop rule) recorded fewer steps than a replay
+    may ask for: in tandem or window order the stream had started over at its first step."""
+    recorder = StreamRecorder(str(tmp_path))
+    recorder.resume_from(0)
+    for step in (1, 2):
+        z, m = np.full((2, 3), step, np.int32), np.ones((2, 3), bool)
+        recorder.record(step, PreferenceBatch(z, m, z, m, z, m))
+    recorder.seal(2)
+    shape = BatchShape(2, 3, 3)
+    for order in ("tandem", "window"):
+        with pytest.raises(ConfigError) as error:
+            replay_iterator(str(tmp_path), shape, order, window=2, num_steps=3)
+        assert str(error.value).startswith("config.num_steps: 3 steps replay past the end")
+        assert "which holds 2" in str(error.value) and "\n" not in str(error.value)
+    tandem = replay_iterator(str(tmp_path), shape, "tandem", num_steps=2)
+    assert [int(next(tandem).chosen[0, 0]) for _ in range(2)] == [1, 2]
+    shuffled = replay_iterator(str(tmp_path), shape, "shuffle", num_steps=4)
+    drawn = np.concatenate([next(shuffled).chosen[:, 0] for _ in range(4)])
+    assert sorted(drawn) == [1] * 4 + [2] * 4  # two passes
 
 
 def test_a_damaged_shard_of_a_written_dataset_is_one_line_not_records_of_none(tmp_path):

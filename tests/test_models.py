@@ -623,3 +623,20 @@ def test_the_policy_update_counts_pairs_of_two_equal_responses(mini_config):
     step, state, ref_params, _, _ = _policy_update(mini_config, (1, 1, 1), 1, False)
     _, metrics = step(state, batch, {"reference": ref_params})
     assert float(metrics["identical_pairs"]) == 2 / 8
+
+
+def test_eos_rate_counts_a_response_ended_by_any_stop_id(mini_config):
+    """A chat tokenizer ends a turn at an id besides EOS (`tokenizer.stop_ids`): the sampler
+    stops there, and the metric counts it as ended."""
+    from alignment_gap.batches import PreferenceBatch
+    from alignment_gap.train.policy import make_policy_loss
+
+    policy, _, _ = language_model(mini_config, seed=0)
+    ref_graphdef, ref_params = nnx.split(language_model(mini_config, seed=1)[0])
+    prompt = jnp.full((2, 4), 5, jnp.int32)
+    chosen = jnp.array([[9, 9, 7, 0], [9, 1, 0, 0]], jnp.int32)  # end turn (7), EOS (1)
+    rejected = jnp.array([[9, 9, 9, 9], [9, 7, 0, 0]], jnp.int32)  # cut at the length, 7
+    batch = PreferenceBatch(prompt, prompt > 0, chosen, chosen > 0, rejected, rejected > 0)
+    rate = lambda stop_ids: float(make_policy_loss("ipo", 0.1, stop_ids, ref_graphdef)(
+        policy, batch, {"reference": ref_params})[1]["eos_rate"])
+    assert rate((1, 7)) == 3 / 4 and rate(1) == 1 / 4

@@ -49,8 +49,11 @@ def _pair_logits(model, batch: PreferenceBatch):
     return logits, responses, masks
 
 
-def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
-    """`loss_fn(policy, batch, extras)` for `make_update_step`; extras hold the reference."""
+def make_policy_loss(name: str, beta: float, stop_ids, reference_graphdef):
+    """`loss_fn(policy, batch, extras)` for `make_update_step`; extras hold the reference.
+    `stop_ids`: the id or ids that end a response (the tokenizer's `stop_ids`: EOS and, for a
+    chat model, its end of turn), for the `eos_rate` metric."""
+    stop_ids = (stop_ids,) if isinstance(stop_ids, int) else tuple(stop_ids)
 
     def loss_fn(policy, batch: PreferenceBatch, extras):
         reference = nnx.merge(reference_graphdef, extras["reference"])
@@ -76,7 +79,7 @@ def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
             "kl_total": kl.sum(), "response_tokens": masks.sum().astype(jnp.float32),
             "kl_sequence": jnp.mean(kl.sum(-1)),
             "response_length": jnp.mean(lengths),
-            "eos_rate": jnp.mean((lengths > 0) & (last == eos_id)),
+            "eos_rate": jnp.mean((lengths > 0) & jnp.isin(last, jnp.asarray(stop_ids))),
             # Pairs of two equal responses (online: the policy drew the same twice): their
             # margin h is 0, so IPO / DPO / SLiC take no gradient from them.
             "identical_pairs": jnp.mean(jnp.all((batch.chosen == batch.rejected)
@@ -88,13 +91,13 @@ def make_policy_loss(name: str, beta: float, eos_id: int, reference_graphdef):
     return loss_fn
 
 
-def make_policy_update(config, graphdef, ref_graphdef, eos_id: int, mesh, rules,
+def make_policy_update(config, graphdef, ref_graphdef, stop_ids, mesh, rules,
                        state_shardings, batch_shardings, ref_shardings):
     """The policy's update step, `update(state, batch, {"reference": params})`. Its learning
     rate and beta are inputs of the program, not constants: a study's runs that differ only
     in them (a sweep, online beside offline) compile it once, and in one process trace it
     once (`program_cache`)."""
-    update = _policy_update(graphdef, ref_graphdef, eos_id, schedule_fields(config),
+    update = _policy_update(graphdef, ref_graphdef, stop_ids, schedule_fields(config),
                             config.loss, config.microbatches, mesh,
                             program_cache.rules_key(rules), program_cache.shardings_key(
                                 (state_shardings, batch_shardings, ref_shardings)))
@@ -102,13 +105,13 @@ def make_policy_update(config, graphdef, ref_graphdef, eos_id: int, mesh, rules,
 
 
 @program_cache.cached
-def _policy_update(graphdef, ref_graphdef, eos_id: int, schedule: tuple, loss: str,
+def _policy_update(graphdef, ref_graphdef, stop_ids, schedule: tuple, loss: str,
                    microbatches: int, mesh, rules, shardings_key):
     optimizer = ConfigDict(dict(schedule))
     state_shardings, batch_shardings, ref_shardings = program_cache.shardings_of(shardings_key)
     return make_update_step(
         graphdef, lambda s: make_optimizer(optimizer, learning_rate=s["learning_rate"]),
-        lambda s: make_policy_loss(loss, s["beta"], eos_id, ref_graphdef), mesh, rules,
+        lambda s: make_policy_loss(loss, s["beta"], stop_ids, ref_graphdef), mesh, rules,
         state_shardings, batch_shardings, {"reference": ref_shardings},
         microbatches=microbatches, name="policy_update", row_mean_loss=True,
         settings={"learning_rate": 0.0, "beta": 1.0})  # placeholders: `bind` gives the values
@@ -132,7 +135,7 @@ def run(config, workdir: str):
         ref_shardings = sharding.state_shardings(ref_params, rt.mesh)
     tx = make_optimizer(config)
     graphdef, state, shardings = init_train_state(policy, tx, rt.mesh, rt.rules)
-    update = make_policy_update(config, graphdef, ref_graphdef, rt.tokenizer.eos_id, rt.mesh,
+    update = make_policy_update(config, graphdef, ref_graphdef, rt.tokenizer.stop_ids, rt.mesh,
                                 rt.rules, shardings, rt.batch_shardings(PreferenceBatch),
                                 ref_shardings)
 
@@ -217,7 +220,7 @@ def make_source(config, rt, policy, workdir):
     if config.source == "offline":
         if config.replay.stream:
             iterator = replay_iterator(config.replay.stream, rt.shape, config.replay.order,
-                                       config.replay.window, config.seed)
+                                       config.replay.window, config.seed, config.num_steps)
         else:
             comparisons = datasets.comparisons(config.data)
             iterator = dataset_iterator(comparisons["train"], rt.tokenizer, rt.shape,

@@ -119,7 +119,7 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
     batch_shardings = rt.batch_shardings(PreferenceBatch)
     settings = [stacked.RunSettings(x.learning_rate, x.beta, x.loss) for x in configs]
     update = stacked.make_stacked_policy_update(
-        c, settings, graphdef, ref_graphdef, rt.tokenizer.eos_id, rt.mesh, rt.rules, shardings,
+        c, settings, graphdef, ref_graphdef, rt.tokenizer.stop_ids, rt.mesh, rt.rules, shardings,
         batch_shardings, ref_shardings, c.microbatches, shared_batch=True)
     shared_batch_shardings = stacked.inner_shardings(batch_shardings)  # whole on each run
 

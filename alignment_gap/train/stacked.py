@@ -11,7 +11,7 @@ accelerator that one small run leaves idle is where a stack should pay; that is 
 yet. The study trains its offline sweeps this way with `sweep.stack_runs` (`policy_stack.py`).
 
     runs = [RunSettings(1e-3, 0.1, "ipo"), RunSettings(5e-4, 0.5, "dpo")]
-    update = make_stacked_policy_update(config, runs, graphdef, ref_graphdef, eos_id, mesh,
+    update = make_stacked_policy_update(config, runs, graphdef, ref_graphdef, stop_ids, mesh,
                                         rules, state_shardings, batch_shardings, ref_shardings)
     states = stack([state] * len(runs), state_shardings)  # all from the same SFT policy
     states, metrics = update(states, stack(batches, batch_shardings), {"reference": ref})
@@ -166,7 +166,7 @@ def make_stacked_update_step(graphdef, make_tx, make_loss, mesh, rules, state_sh
 
 
 def make_stacked_policy_update(config, runs: list[RunSettings], graphdef, ref_graphdef,
-                               eos_id: int, mesh, rules, state_shardings, batch_shardings,
+                               stop_ids, mesh, rules, state_shardings, batch_shardings,
                                ref_shardings, microbatches: int = 1, shared_batch: bool = False):
     """The policy trainer's update step over stacked runs, each with its own learning rate,
     beta and loss; `update(states, batches, {"reference": params})`. With `shared_batch`
@@ -176,7 +176,7 @@ def make_stacked_policy_update(config, runs: list[RunSettings], graphdef, ref_gr
     settings = settings_arrays(runs)
     step = make_stacked_update_step(
         graphdef, lambda s: make_optimizer(config, learning_rate=s["learning_rate"]),
-        lambda s: make_policy_loss(s["loss"], s["beta"], eos_id, ref_graphdef),
+        lambda s: make_policy_loss(s["loss"], s["beta"], stop_ids, ref_graphdef),
         mesh, rules, state_shardings, batch_shardings, {"reference": ref_shardings},
         microbatches, name="stacked_policy_update", shared_batch=shared_batch)
 
