@@ -2,6 +2,7 @@
 the run started with only where the difference changes nothing already trained.
 
     check(workdir, config)   # before the trainer writes config.json; ConfigError naming fields
+    check_inputs(workdir, {field: identity})   # the frozen runs it trains against (inputs.json)
 
 May change: where things are (data, tokenizer and checkpoint paths: workdirs move), how the
 work is laid out (mesh, processes, micro-batches, remat, the frozen models' dtype), how often it
@@ -33,6 +34,8 @@ _OPTIONAL = ("eval.opponent_model.", "eval.first_prompt")
 
 
 def _may_change(field: str) -> bool:
+    if field == "model.dtype":  # the trained model computes in it: steps of two precisions
+        return False
     if field.startswith(_FROZEN_MODELS):
         return field.rsplit(".", 1)[1] in checkpoint.NOT_ARCHITECTURE
     return (field in _FREE or field.startswith(_LAYOUT) or field.endswith("checkpoint")
@@ -65,11 +68,15 @@ def changes(started: dict, now: dict) -> list[tuple[str, object, object]]:
     return out
 
 
+def _resuming(workdir: str) -> bool:
+    saved = glob.glob(os.path.join(glob.escape(workdir), run_dir.CHECKPOINTS, "[0-9]*"))
+    return any(os.path.basename(p).isdigit() for p in saved)
+
+
 def check(workdir: str, config) -> None:
     """Refuse to resume a run in `workdir` under a config that changes what it trained."""
-    saved = glob.glob(os.path.join(glob.escape(workdir), run_dir.CHECKPOINTS, "[0-9]*"))
     started = run_dir.read_json(workdir, run_dir.CONFIG)
-    if started is None or not any(os.path.basename(p).isdigit() for p in saved):
+    if started is None or not _resuming(workdir):
         return
     found = changes(started, config.to_dict())
     if not found:
@@ -79,3 +86,22 @@ def check(workdir: str, config) -> None:
            "that can be extended)" if any(f == "num_steps" for f, _, _ in found) else "")
     raise ConfigError(f"{workdir}: this run resumes from its checkpoints but the config changed "
                       f"what it trains: {said}{why}; set it back, or start in a new workdir")
+
+
+INPUTS = "inputs.json"  # {config field: identity of the finished run it named}
+
+
+def check_inputs(workdir: str, identities: dict) -> None:
+    """Refuse to resume a run in `workdir` whose frozen inputs (SFT start, proxy, judge,
+    opponent, replayed stream: `{field: identity}`, `common.run_identity`) are other runs
+    than those it started with. Their paths may move; a run trained again in its place, or
+    another run named, would train the rest of the steps against another model."""
+    started = run_dir.read_json(workdir, INPUTS) if _resuming(workdir) else None
+    changed = sorted(f for f in identities.keys() & (started or {}).keys()
+                     if identities[f] != started[f])
+    if changed:
+        raise ConfigError(f"{workdir}: this run resumes from its checkpoints but "
+                          f"{', '.join('config.' + f for f in changed)} now "
+                          f"name{'s' * (len(changed) == 1)} another finished run than the one "
+                          "it started with; point back to that run, or start in a new workdir")
+    run_dir.write_json(workdir, INPUTS, {**(started or {}), **identities})

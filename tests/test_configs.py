@@ -4,6 +4,7 @@ documented studies hold the runs their presets plan."""
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -405,6 +406,33 @@ def test_a_resume_may_move_and_relayout_a_run_but_not_change_what_it_trains():
     now.end_lr_fraction = 0.1  # now the schedule decays towards num_steps
     assert "num_steps" in [f for f, _, _ in resume_guard.changes(started.to_dict(),
                                                                  now.to_dict())]
+    now = started.copy_and_resolve_references()
+    now.model.dtype = "bfloat16"  # the trained model's precision: steps of two kinds
+    assert [f for f, _, _ in resume_guard.changes(started.to_dict(), now.to_dict())] == [
+        "model.dtype"]
+
+
+def test_a_resume_against_another_finished_frozen_run_is_refused(tmp_path):
+    """Frozen inputs may move (their paths are free); another run named, or one trained again
+    in their place, would train the rest of the steps against another model."""
+    from alignment_gap.train.common import run_identity
+
+    sft, again, moved = (tmp_path / name for name in ("sft", "again", "moved"))
+    for run, loss in ((sft, 1.0), (again, 1.1)):
+        run_dir.finish(str(run), 400, metrics={"loss": loss})
+    shutil.copytree(sft, moved)
+    assert run_identity(str(sft)) == run_identity(str(moved)) != run_identity(str(again))
+    assert run_identity(str(tmp_path / "unfinished")) is None
+    workdir = tmp_path / "policy"
+    resume_guard.check_inputs(str(workdir), {"sft_checkpoint": run_identity(str(sft))})
+    (workdir / "checkpoints" / "6").mkdir(parents=True)  # it has trained since
+    resume_guard.check_inputs(str(workdir), {"sft_checkpoint": run_identity(str(moved))})
+    with pytest.raises(ConfigError) as error:
+        resume_guard.check_inputs(str(workdir), {"sft_checkpoint": run_identity(str(again))})
+    assert str(error.value) == (
+        f"{workdir}: this run resumes from its checkpoints but config.sft_checkpoint now names "
+        "another finished run than the one it started with; point back to that run, or start "
+        "in a new workdir")
 
 
 def test_fields_derived_from_the_run_length_and_batch_follow_command_line_overrides():

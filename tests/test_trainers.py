@@ -160,6 +160,15 @@ def test_missing_or_incompatible_frozen_checkpoints_fail_before_compiling(runs, 
     not_lm = main("policy.py:offline_tiny", tmp_path / "c", data,
                   f"--config.sft_checkpoint={root / 'proxy'}", expect=1)
     assert "holds a 'preference' model, not a 'lm' one" in not_lm.stderr
+    # A run still going (or stopped) would lend whatever step it had saved last.
+    unfinished = tmp_path / "unfinished_sft"
+    shutil.copytree(root / "sft", unfinished)
+    (unfinished / "DONE.json").unlink()
+    going = main("policy.py:offline_tiny", tmp_path / "d", data,
+                 f"--config.sft_checkpoint={unfinished}", expect=1)
+    assert going.stderr.strip().splitlines()[-1].startswith(
+        f"error: config.sft_checkpoint: {unfinished} has not finished (no DONE.json; its latest "
+        "checkpoint is step ")
 
 
 def test_resuming_with_another_model_stops_naming_the_field_and_keeps_the_checkpoints(runs,
@@ -205,6 +214,11 @@ def test_resuming_under_a_config_that_changes_what_was_trained_stops_naming_the_
         assert (run / "config.json").read_text() == started
     main("sft.py:tiny", run, f"--config.data.dir={tmp_path / 'moved_data'}")
     assert json.loads((run / "DONE.json").read_text())["step"] == steps
+    # Finished, it is "nothing to do" under its own config only: another one is refused, not
+    # taken for a finished run of it.
+    done = main("sft.py:tiny", run, f"--config.data.dir={tmp_path / 'moved_data'}",
+                "--config.model.dtype=bfloat16", expect=1)
+    assert "config changed what it trains: model.dtype 'float32' -> 'bfloat16'" in done.stderr
 
 
 def test_online_run_stops_once_its_kl_passes_the_cap(runs):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 
 import jax
@@ -12,7 +14,7 @@ from alignment_gap import checkpoint, pretrained, program_cache, resume_guard, r
 from alignment_gap.data import datasets
 from alignment_gap.data.pipelines import BatchShape
 from alignment_gap.data.tokenizer import Tokenizer, check_fits_model
-from alignment_gap.errors import ConfigError
+from alignment_gap.errors import ConfigError, IncompatibleCheckpoint
 from alignment_gap.models import LanguageModel, PreferenceModel, TransformerConfig
 
 MODEL_KINDS = {"lm": LanguageModel, "preference": PreferenceModel}
@@ -34,6 +36,13 @@ class Runtime:
 
     def replicated(self):
         return sharding.replicated(self.mesh)
+
+
+def finished(config, workdir: str) -> bool:
+    """True (and says so) when `workdir` holds a finished run; one finished under a config
+    that differs in what it trains is refused (`resume_guard`), not "nothing to do"."""
+    resume_guard.check(workdir, config)
+    return run_dir.already_finished(workdir, config.num_steps)
 
 
 def runtime(config, workdir: str) -> Runtime:
@@ -101,13 +110,34 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, run_dir.CHECKPOINTS)
 
 
-def check_frozen(kind: str, run_dir: str, model_cfg, rt: Runtime, what: str):
-    """Fail before any compile if `run_dir` cannot provide the configured frozen model."""
-    directory = checkpoint_dir(run_dir)
-    _, saved = checkpoint.read_meta(directory, what)
+def check_frozen(kind: str, frozen_dir: str, model_cfg, rt: Runtime, what: str) -> str:
+    """Fail before any compile if `frozen_dir` cannot provide the configured frozen model: a
+    finished run (its DONE.json: a run still going, or stopped, would lend whatever step it
+    had saved) of that model and tokenizer. Returns the run's identity (`run_identity`)."""
+    if not frozen_dir:
+        raise IncompatibleCheckpoint(f"{what} is empty; set it to the directory of a finished "
+                                     f"{kind} run")
+    directory = checkpoint_dir(frozen_dir)
+    step, saved = checkpoint.read_meta(directory, what)
     checkpoint.check_compatible(saved, what=what, directory=directory, kind=kind,
                                 model=model_cfg.to_dict(), tokenizer_fingerprint=rt.tokenizer
                                 .fingerprint)
+    identity = run_identity(frozen_dir)
+    if identity is None:
+        raise IncompatibleCheckpoint(
+            f"{what}: {frozen_dir} has not finished (no {run_dir.DONE}; its latest checkpoint "
+            f"is step {step}); run it to the end (the same command resumes it), or point to a "
+            "finished run")
+    return identity
+
+
+def run_identity(directory: str) -> str | None:
+    """A digest of a finished run's DONE.json (its step and final metrics): the same wherever
+    the run is moved, another for a run trained again in its place; None if unfinished."""
+    done = run_dir.read_json(directory, run_dir.DONE)
+    if done is None:
+        return None
+    return hashlib.sha256(json.dumps(done, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_resume(saved: dict, kind: str, model_cfg, rt: Runtime, workdir: str):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from alignment_gap import logprobs, losses, program_cache, run_dir, sharding
+from alignment_gap import logprobs, losses, program_cache, resume_guard, run_dir, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
@@ -125,10 +125,10 @@ def sampling_config(config, tokenizer) -> SamplingConfig:
 
 
 def run(config, workdir: str):
-    if run_dir.already_finished(workdir, config.num_steps):
+    if common.finished(config, workdir):
         return
     rt = common.runtime(config, workdir)
-    check_inputs(config, rt)  # every frozen input, before anything is built or compiled
+    check_inputs(config, rt, [workdir])  # every frozen input, before anything is compiled
     policy, reference = starting_models(config, rt)
     ref_graphdef, ref_params = nnx.split(reference)
     with sharding.use(rt.mesh, rt.rules):
@@ -185,22 +185,29 @@ def run(config, workdir: str):
     return state
 
 
-def check_inputs(config, rt):
+def check_inputs(config, rt, workdirs: list[str]):
     """Fail before any compile if a frozen input (SFT start, proxy, golden judge, opponent)
-    cannot provide the configured model."""
+    cannot provide the configured model, or (a resume) is another run than the one each of
+    `workdirs` started from."""
+    frozen = {}
     if not _pretrained_start(config):
-        common.check_frozen("lm", config.sft_checkpoint, config.model, rt,
-                            "config.sft_checkpoint")
+        frozen["sft_checkpoint"] = ("lm", config.sft_checkpoint, config.model)
     if config.source == "online":
-        common.check_frozen("preference", config.proxy_checkpoint, config.proxy_model, rt,
-                            "config.proxy_checkpoint")
+        frozen["proxy_checkpoint"] = ("preference", config.proxy_checkpoint, config.proxy_model)
     if config.eval.golden_checkpoint:
-        common.check_frozen("preference", config.eval.golden_checkpoint, config.eval.golden_model,
-                            rt, "config.eval.golden_checkpoint")
+        frozen["eval.golden_checkpoint"] = ("preference", config.eval.golden_checkpoint,
+                                            config.eval.golden_model)
     if config.eval.opponent_checkpoint:
-        common.check_frozen("lm", config.eval.opponent_checkpoint,
-                            config.eval.get("opponent_model") or config.model, rt,
-                            "config.eval.opponent_checkpoint")
+        frozen["eval.opponent_checkpoint"] = ("lm", config.eval.opponent_checkpoint,
+                                              config.eval.get("opponent_model") or config.model)
+    identities = {field: common.check_frozen(kind, path, model, rt, f"config.{field}")
+                  for field, (kind, path, model) in frozen.items()}
+    if config.replay.stream:  # the online run that recorded it (its workdir)
+        recorder = common.run_identity(os.path.dirname(os.path.abspath(config.replay.stream)))
+        if recorder is not None:
+            identities["replay.stream"] = recorder
+    for workdir in workdirs:
+        resume_guard.check_inputs(workdir, identities)
 
 
 def starting_models(config, rt):

@@ -59,7 +59,7 @@ def run(configs: list, workdirs: list[str]):
     resume from different steps (`resume_groups`) stack by step, and runs left over from a
     multiple of the mesh's run axis are trained one by one."""
     todo = [(c, w) for c, w in zip(configs, workdirs, strict=True)
-            if not run_dir.already_finished(w, c.num_steps)]
+            if not common.finished(c, w)]
     if not todo:
         return
     keys = {stack_key(c) for c, _ in todo}
@@ -110,7 +110,7 @@ def _run_stack(configs: list, workdirs: list[str], start: int):
     rt = common.runtime(c, workdirs[0])
     for config, workdir in zip(configs[1:], workdirs[1:], strict=True):
         run_dir.write_json(workdir, run_dir.CONFIG, config.to_dict())
-    policy.check_inputs(c, rt)
+    policy.check_inputs(c, rt, workdirs)
     sft, reference = policy.starting_models(c, rt)
     ref_graphdef, ref_params = nnx.split(reference)
     with sharding.use(rt.mesh, rt.rules):

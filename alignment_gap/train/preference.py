@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignment_gap import losses, run_dir, sharding
+from alignment_gap import losses, sharding
 from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
@@ -63,7 +63,7 @@ def init_from_lm(pm, lm_run_dir: str, config, rt) -> None:
 
 
 def run(config, workdir: str):
-    if run_dir.already_finished(workdir, config.num_steps):
+    if common.finished(config, workdir):
         return
     rt = common.runtime(config, workdir)
     sources = datasets.comparisons(config.data)

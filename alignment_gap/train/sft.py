@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignment_gap import logprobs, losses, run_dir, sharding
+from alignment_gap import logprobs, losses, sharding
 from alignment_gap.batches import SFTBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
@@ -41,7 +41,7 @@ def responses_field(d) -> tuple[str, ...]:
 
 
 def run(config, workdir: str):
-    if run_dir.already_finished(workdir, config.num_steps):
+    if common.finished(config, workdir):
         return
     rt = common.runtime(config, workdir)
     sources = datasets.demonstrations(config.data)
