@@ -109,7 +109,8 @@ class Checkpointer:
             if error is None:
                 try:
                     restored = self._read(reader, candidate, state, shardings,
-                                          data_iterator is not None)
+                                          data_iterator is not None,
+                                          os.path.isdir(os.path.join(self.path(candidate), "log")))
                 except Exception as e:  # noqa: BLE001
                     error = e
             failed = _processes_failing(error is not None)
@@ -154,7 +155,7 @@ class Checkpointer:
                 primary_host=me, active_processes={me})))
 
     @staticmethod
-    def _read(reader, step: int, state, shardings, with_data: bool) -> dict:
+    def _read(reader, step: int, state, shardings, with_data: bool, with_log: bool) -> dict:
         items = {"params": ocp.args.StandardRestore(abstract_like(state.params,
                                                                   shardings.params)),
                  "opt_state": ocp.args.StandardRestore(abstract_like(state.opt_state,
@@ -164,6 +165,8 @@ class Checkpointer:
                                                        jax.random.key(0)))})}
         if with_data:
             items["data"] = ocp.args.JsonRestore()
+        if with_log:  # read again by the loop (`log_record`): damaged, the step is passed over
+            items["log"] = ocp.args.JsonRestore()
         return reader.restore(step, args=ocp.args.Composite(**items))
 
     @staticmethod
@@ -265,9 +268,23 @@ def read_meta(directory: str, what: str) -> tuple[int, dict]:
     if step is None:
         raise IncompatibleCheckpoint(f"{what}: {directory} holds no finished checkpoint; "
                                      "train that model first or fix the path")
-    meta = _restore_meta(manager, step)
-    manager.close()
+    try:
+        meta = _restore_meta(manager, step)
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise _frozen_damaged(directory, step, e, what) from None
+    finally:
+        manager.close()
     return step, meta
+
+
+def _frozen_damaged(directory: str, step: int, error: Exception, what: str = "") -> Exception:
+    """A frozen model's checkpoint that cannot be read: not set aside for an earlier step (that
+    would be another model), named with the fix."""
+    run = os.path.dirname(directory)
+    return CheckpointDamaged(f"{what + ': ' if what else ''}{directory}/{step} cannot be read "
+                             f"({_first_line(error)}); rerun the run in {run} (it resumes from "
+                             "its last readable checkpoint and finishes again), or point to "
+                             "another run")
 
 
 # Model fields that do not change the parameters or what they compute.
@@ -306,7 +323,11 @@ def load_params(directory: str, params_like, shardings, step: int | None = None)
                                     options=ocp.CheckpointManagerOptions(create=False,
                                                                          read_only=True))
     step = manager.latest_step() if step is None else step
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_like(params_like, shardings))))
-    manager.close()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_like(params_like, shardings))))
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise _frozen_damaged(os.path.abspath(directory), step, e) from None
+    finally:
+        manager.close()
     return restored["params"]

@@ -174,6 +174,12 @@ def validate(config, num_devices: int) -> None:
             if config.eval.get(name, 0) % rows:
                 _fail(f"eval.{name}", f"{config.eval[name]} is not divisible by mesh "
                       f"data*fsdp={rows}", f"use a multiple of {rows}")
+    _check_optimizer(config, "")
+    for section in ("sft", "golden", "proxy", "policy"):  # a study's stages
+        if hasattr(config.get(section), "get"):
+            _check_optimizer(config[section], f"{section}.")
+    if "data" in config:
+        _check_data(config.data)
     if "beta" in config and config.beta <= 0:
         _fail("beta", f"must be positive, got {config.beta}", "the paper uses 0.1")
     if "sweep" in config:
@@ -229,6 +235,31 @@ def validate(config, num_devices: int) -> None:
         _check_max_len(config, "golden_model", lengths, 2)
         if "eval" in config:
             _check_max_len(config.eval, "golden_model", lengths, 2, prefix="eval.")
+
+
+def _check_optimizer(c, prefix: str):
+    if c.get("grad_clip", 0.0) < 0:  # optax would scale by a negative norm: gradient ascent
+        _fail(f"{prefix}grad_clip", f"must be >= 0, got {c.grad_clip}", "0 turns clipping off")
+    if not 0.0 <= c.get("end_lr_fraction", 0.0) <= 1.0:
+        _fail(f"{prefix}end_lr_fraction", f"must be in [0, 1], got {c.end_lr_fraction}",
+              "0 decays to zero, 1 keeps the rate after warm-up")
+
+
+SFT_SOURCES = ("comparisons", "demonstrations")
+
+
+def _check_data(d):
+    if d.get("sft_source", SFT_SOURCES[0]) not in SFT_SOURCES:
+        _fail("data.sft_source", f"{d.sft_source!r} is unknown", f"use one of {SFT_SOURCES}")
+    if d.get("kind") != "synthetic":
+        return
+    if d.get("label_temperature", 1.0) <= 0:  # below 0 the labels would flip
+        _fail("data.label_temperature", f"must be positive, got {d.label_temperature}",
+              "lower is less label noise, e.g. 0.25")
+    for split in ("train", "validation", "test"):
+        if d.get(f"{split}_pairs", 1) <= 0:
+            _fail(f"data.{split}_pairs", f"must be positive, got {d[f'{split}_pairs']}",
+                  "set it to at least one batch")
 
 
 def _check_demo(c, rows: int):

@@ -54,6 +54,44 @@ def test_the_same_step_damaged_twice_is_set_aside_twice(tmp_path):
         "2.damaged", "2.damaged-2"]
 
 
+def test_a_damaged_log_record_passes_the_step_over_like_any_other_item(tmp_path):
+    """The loop's record (`log`) is read after the restore: damaged, it had stopped the resume
+    with a JSON traceback instead of the step being set aside."""
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=5)
+    for step in (1, 2):
+        ckpt.save(_state(step), jax.random.key(0), {"kind": "test"}, log={"best": step})
+        ckpt.wait()
+    for item in (tmp_path / "2" / "log").iterdir():
+        item.write_text(item.read_text()[:5])
+    assert _restore(ckpt) == 1 and ckpt.log_record(1) == {"best": 1}
+    ckpt.close()
+    assert (tmp_path / "2.damaged").is_dir()
+
+
+def test_a_damaged_frozen_checkpoint_is_one_line_and_no_earlier_step(tmp_path):
+    """A frozen model (SFT start, proxy, judge) is the run's last step or nothing: an earlier
+    one would be another model. Damaged, it is one line naming the step and the fix."""
+    from alignment_gap.checkpoint import load_params, read_meta
+    from alignment_gap.errors import CheckpointDamaged
+
+    ckpt = Checkpointer(str(tmp_path), max_to_keep=5)
+    for step in (1, 2):
+        _save(ckpt, step)
+    ckpt.close()
+    _damage(tmp_path, 2)
+    like = _state(0).params
+    with pytest.raises(CheckpointDamaged) as error:
+        load_params(str(tmp_path), like, jax.tree.map(lambda x: x.sharding, like))
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path}/2 cannot be read (") and "\n" not in message
+    assert message.endswith(f"rerun the run in {tmp_path.parent} (it resumes from its last "
+                            "readable checkpoint and finishes again), or point to another run")
+    for item in (tmp_path / "2" / "meta").iterdir():
+        item.write_text("{")
+    with pytest.raises(CheckpointDamaged, match=rf"^config.x: {tmp_path}/2 cannot be read"):
+        read_meta(str(tmp_path), "config.x")
+
+
 def test_a_save_orbax_would_skip_is_an_error(tmp_path):
     ckpt = Checkpointer(str(tmp_path), max_to_keep=5)
     _save(ckpt, 3)

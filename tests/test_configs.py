@@ -87,6 +87,31 @@ def test_bad_values_name_the_field_and_the_fix(changes, devices, field):
     assert field in message and "\n" not in message and ";" in message  # field; problem; fix
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("grad_clip", -1.0, "config.grad_clip: must be >= 0, got -1.0; 0 turns clipping off"),
+    ("end_lr_fraction", -1.0, "config.end_lr_fraction: must be in [0, 1], got -1.0"),
+    ("data.label_temperature", 0.0, "config.data.label_temperature: must be positive, got 0.0"),
+    ("data.validation_pairs", 0, "config.data.validation_pairs: must be positive, got 0"),
+    ("data.sft_source", "demonstration", "config.data.sft_source: 'demonstration' is unknown; "
+     "use one of ('comparisons', 'demonstrations')"),
+])
+def test_a_trainers_bad_optimizer_or_data_field_is_one_line(field, value, message):
+    """Each had been accepted: a negative clip norm is gradient ascent (the loss rose), a
+    negative end fraction a negative learning rate, an unknown SFT source trained on
+    comparisons; a temperature or a split of 0 ended in a traceback."""
+    from configs import sft
+
+    c = sft.get_config("tiny")
+    _set(c, field, value)
+    with pytest.raises(ConfigError) as err:
+        config_checks.validate(c, 1)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    c = study.get_config("smoke")
+    c.policy.grad_clip = -1.0  # a study's stage section
+    with pytest.raises(ConfigError, match=r"^config\.policy\.grad_clip: must be >= 0"):
+        config_checks.validate(c, 1)
+
+
 def test_unknown_loss_is_a_clear_error():
     c = _demo()
     c.loss = "ppo"

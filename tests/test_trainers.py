@@ -145,6 +145,13 @@ def test_diverging_run_stops_naming_the_step_and_last_good_checkpoint(runs):
     saved = sorted(int(p) for p in os.listdir(run / "checkpoints") if p.isdigit())
     assert saved and max(saved) == bad_step - 1  # the bad state was never checkpointed
     assert not (run / "DONE.json").exists()
+    # Its advice holds: a lower rate here would make a run of two rates, which is refused.
+    assert "lower config.learning_rate (or check the data) and run in a new workdir" in message
+    lowered = main("sft.py:tiny", run, f"--config.data.dir={root / 'data'}",
+                   "--config.learning_rate=1e-3", "--config.grad_clip=0",
+                   "--config.warmup_steps=1", "--config.checkpoint_every=1",
+                   "--config.log_every=1", expect=1)
+    assert "learning_rate 1e+30 -> 0.001" in lowered.stderr
 
 
 def test_missing_or_incompatible_frozen_checkpoints_fail_before_compiling(runs, tmp_path):

@@ -153,7 +153,8 @@ class RunLog:
             raise NonFiniteLoss(f"step {step}{f' ({label})' if label else ''}: non-finite "
                                 f"{bad}; stopped without checkpointing this state; last good "
                                 f"checkpoint: {where}; lower config.learning_rate (or check the "
-                                "data) and rerun: the run resumes from that checkpoint")
+                                "data) and run in a new workdir (a rerun here resumes from that "
+                                "checkpoint under this run's config)")
         self.window.add(host)
         if step % self.config.log_every == 0 or step == self.config.num_steps:
             self.write_window(step, progress_keys, label)
