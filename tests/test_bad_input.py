@@ -246,6 +246,23 @@ def test_a_damaged_dataset_shard_is_one_line_naming_it_and_the_rebuild(tmp_path)
     assert len(_build("tldr", data, tmp_path / "manual")["train"]) == 8
 
 
+@pytest.mark.parametrize("lost", ["shard", "dataset_info.json"])
+def test_a_built_dataset_missing_a_file_is_one_line_naming_it_and_the_rebuild(tmp_path, lost):
+    write_tldr(tmp_path / "manual", KINDS["tldr"][1]())
+    data = tmp_path / "data"
+    _build("tldr", data, tmp_path / "manual")
+    (shard,) = data.rglob("*-train.array_record*")
+    gone = shard if lost == "shard" else shard.parent / "dataset_info.json"
+    gone.unlink()
+    with pytest.raises(DataError) as error:
+        _build("tldr", data, tmp_path / "manual")
+    message = str(error.value)
+    assert message == (f"{shard.parent}: the built dataset is incomplete ({gone} is missing); "
+                       f"delete {shard.parent} and run the same command: it is built again")
+    shutil.rmtree(shard.parent)  # the fix it names
+    assert len(_build("tldr", data, tmp_path / "manual")["train"]) == 8
+
+
 def test_a_damaged_stream_chunk_is_one_line_naming_the_run_to_redo(tmp_path):
     stream = tmp_path / "online-s0-abc" / "stream"
     stream.mkdir(parents=True)

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from alignment_gap.data import world as world_lib
 from alignment_gap.data.array_records import check_readable
+from alignment_gap.errors import DataError
 
 VERSION = tfds.core.Version("1.0.0")
 FILE_FORMAT = "array_record"  # Random access for grain; written without TensorFlow.
@@ -189,9 +190,22 @@ def prepare(builder, manual_dir: str | None = None):
         builder.download_and_prepare(download_config=config)  # finds it built
         # A builder made before process 0 built the dataset keeps its empty splits: read them.
         builder.info.read_from_directory(builder.data_dir)
-    check_readable(sorted(glob.glob(os.path.join(builder.data_dir, "*.array_record*"))),
-                   f"delete {builder.data_dir} and run the same command: it is built again")
+    rebuild = f"delete {builder.data_dir} and run the same command: it is built again"
+    _check_complete(builder, rebuild)
+    check_readable(sorted(glob.glob(os.path.join(builder.data_dir, "*.array_record*"))), rebuild)
     return builder.as_data_source()
+
+
+def _check_complete(builder, fix: str):
+    """Every split TFDS recorded, with every shard file it lists (a deleted shard, or a lost
+    dataset_info.json that TFDS takes for a dataset of no splits)."""
+    splits = builder.info.splits
+    info = os.path.join(builder.data_dir, "dataset_info.json")
+    missing = ([str(p) for split in splits.values() for p in split.filepaths
+                if not os.path.exists(p)] if splits and os.path.exists(info) else [info])
+    if missing:
+        raise DataError(f"{builder.data_dir}: the built dataset is incomplete ({missing[0]} "
+                        f"is missing); {fix}")
 
 
 def _build(builder, config):
