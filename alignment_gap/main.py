@@ -61,6 +61,30 @@ def use_compilation_cache(workdir: str, sweep_shard: int = 0):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, where a config file that does not load (a misspelt file or variant) or
+    an override naming no field exits with one line naming the flag, not a traceback."""
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # a file that failed to load raises here, not mid-run
+        return rest
+    except flags.Error as e:  # absl's own, with the config's traceback inside its text
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        problem = lines[0] if len(lines) == 1 else f"{lines[0].split(': ')[0]}: {lines[-1]}"
+    except (AttributeError, KeyError) as e:  # an override of a field the config lacks
+        unknown, *hint = str(e).strip("'\"").replace("\\'", "'").split("\\n")
+        unknown = unknown.strip("'\"")
+        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                     and a.split("=")[0].rsplit(".", 1)[-1] == unknown), f"--config.{unknown}")
+        problem = (f"{flag}: the config has no field {unknown!r}"
+                   + (f" ({hint[0].strip()})" if hint else "") + "; check its spelling "
+                   "(the config file lists its fields)")
+    except OSError as e:  # no such config file
+        problem = f"--config: {str(e).strip().splitlines()[-1].strip()}"
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     del argv
     console.route(verbose=_VERBOSE.value)
@@ -122,4 +146,4 @@ def _last_line(line: str):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

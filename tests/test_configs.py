@@ -382,6 +382,22 @@ def test_cli_bad_override_exits_with_one_line():
     assert done.stderr.strip().splitlines()[-1].startswith("error: config.model.num_heads: 5")
 
 
+def test_a_config_that_does_not_load_or_a_field_it_lacks_is_one_line():
+    """They had ended in 30-55 line tracebacks from the flag parser (a bare KeyError for a
+    misspelt policy variant)."""
+    for args, line in (
+            (["configs/sft.py:tiny", "--config.learnig_rate=1e-3"],
+             "error: --config.learnig_rate: the config has no field 'learnig_rate' (Did you "
+             'mean "learning_rate" instead of "learnig_rate"?); check its spelling'),
+            (["configs/policy.py:online_mni"], "error: flag --config=configs/policy.py:online_mni: "
+             "ValueError: policy variant 'online_mni' is unknown; use one of ['offline_mini', "),
+            (["configs/sftt.py:tiny"], "error: --config: [Errno 2] No such file or directory: "
+             "'configs/sftt.py'")):
+        done = _main("--config", *args, "--workdir", "/nonexistent")
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(line), done.stderr[-500:]
+
+
 def test_cli_overrides_sweep_lists_as_tuples():
     """The study's sweep fields are tuples, which config flags can override (lists cannot)."""
     done = _main("--config", "configs/study.py:smoke", "--workdir", "/nonexistent",

@@ -55,3 +55,15 @@ def add_runtime(c, model_size="mini", mesh="cpu"):
     c.distributed = meshes.distributed_config()  # jax.distributed start-up.
     c.data = data_config()
     return c
+
+
+def trainer_variant(variants: dict, variant: str, default: tuple, trainer: str) -> tuple:
+    """A trainer preset's settings: its own variant, else a model size (`presets/models.py`)
+    with `default`'s steps, batch and learning rate."""
+    if variant in variants:
+        return variants[variant]
+    if variant not in (*models.SIZES, *models.PRETRAINED):
+        raise ValueError(f"{trainer} variant {variant!r} is unknown; use one of "
+                         f"{sorted(variants)} or a model size, one of "
+                         f"{sorted(models.SIZES) + sorted(models.PRETRAINED)}")
+    return (variant, *default)

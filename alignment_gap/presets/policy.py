@@ -14,6 +14,8 @@ VARIANTS = {  # name: (source, steps, global batch, learning rate, microbatches)
 
 
 def get_config(variant: str = "online_mini") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"policy variant {variant!r} is unknown; use one of {sorted(VARIANTS)}")
     source, steps, batch, lr, microbatches = VARIANTS[variant]
     c = ml_collections.ConfigDict()
     c.task = "policy"  # Which trainer main.py runs.

@@ -13,7 +13,8 @@ VARIANTS = {  # name: (model size, steps, global batch, learning rate)
 
 
 def get_config(variant: str = "golden_mini") -> ml_collections.ConfigDict:
-    size, steps, batch, lr = VARIANTS.get(variant, (variant, 4000, 32, 1e-4))
+    size, steps, batch, lr = common.trainer_variant(VARIANTS, variant, (4000, 32, 1e-4),
+                                                    "preference_model")
     c = ml_collections.ConfigDict()
     c.task = "preference_model"  # Which trainer main.py runs.
     common.add_runtime(c, model_size=size)

@@ -11,7 +11,7 @@ VARIANTS = {  # name: (model size, steps, global batch, learning rate)
 
 
 def get_config(variant: str = "mini") -> ml_collections.ConfigDict:
-    size, steps, batch, lr = VARIANTS.get(variant, (variant, 4000, 64, 1e-4))
+    size, steps, batch, lr = common.trainer_variant(VARIANTS, variant, (4000, 64, 1e-4), "sft")
     c = ml_collections.ConfigDict()
     c.task = "sft"  # Which trainer main.py runs.
     common.add_runtime(c, model_size=size)
