@@ -36,6 +36,14 @@ def initialize_distributed(dist_cfg) -> None:
             heartbeat_timeout_seconds=dist_cfg.heartbeat_timeout_s,
         )
     elif dist_cfg.num_processes > 1:
+        if not dist_cfg.coordinator_address:
+            raise ConfigError("config.distributed.coordinator_address: empty, and num_processes="
+                              f"{dist_cfg.num_processes} needs one; set it to process 0's "
+                              "host:port (or distributed.from_environment=True on a TPU VM)")
+        if not 0 <= dist_cfg.process_id < dist_cfg.num_processes:
+            raise ConfigError(f"config.distributed.process_id: {dist_cfg.process_id} is not in "
+                              f"[0, num_processes={dist_cfg.num_processes}); number them 0 .. "
+                              f"{dist_cfg.num_processes - 1}")
         jax.distributed.initialize(
             coordinator_address=dist_cfg.coordinator_address,
             num_processes=dist_cfg.num_processes,

@@ -398,6 +398,20 @@ def test_a_config_that_does_not_load_or_a_field_it_lacks_is_one_line():
         assert done.stderr.strip().splitlines()[-1].startswith(line), done.stderr[-500:]
 
 
+def test_several_processes_need_a_coordinator_and_ids_in_range():
+    """jax.distributed had ended in 'ValueError: coordinator_address should be defined.'"""
+    from alignment_gap import sharding
+    from alignment_gap.presets import meshes as mesh_presets
+
+    d = mesh_presets.distributed_config()
+    d.num_processes = 2
+    with pytest.raises(ConfigError, match=r"^config\.distributed\.coordinator_address: empty"):
+        sharding.initialize_distributed(d)
+    d.coordinator_address, d.process_id = "localhost:1234", 2
+    with pytest.raises(ConfigError, match=r"^config\.distributed\.process_id: 2 is not in"):
+        sharding.initialize_distributed(d)
+
+
 def test_cli_overrides_sweep_lists_as_tuples():
     """The study's sweep fields are tuples, which config flags can override (lists cannot)."""
     done = _main("--config", "configs/study.py:smoke", "--workdir", "/nonexistent",
