@@ -22,18 +22,26 @@ from launch.local_multiprocess import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = r'''
-import sys, time
+import os, sys, time
 import ml_collections
 from alignment_gap import run_dir
-from alignment_gap.study.scheduler import Stage, run_stages, wait_for
+from alignment_gap.study.scheduler import Stage, failure_records, run_stages, wait_for
 
 workdir, shard, shards, fail = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 time.sleep(float(sys.argv[5]) if shard == 1 else 0)  # shard 1 starting late
+# Failure records already there when a shard starts are an earlier attempt's (it waits for
+# their retry): a failing stage below waits until every shard has looked, so a shard slow to
+# start (a loaded machine) does not take this attempt's failure for an earlier one.
+earlier = failure_records(workdir)
+open(os.path.join(workdir, f"looked-{shard}"), "w").close()
 
 def job(name):
     def run(cfg, out):
         start = time.time()
         if name == fail:
+            while not all(os.path.exists(os.path.join(workdir, f"looked-{k}"))
+                          for k in range(shards)):
+                time.sleep(0.05)
             raise RuntimeError(f"{name} broke")
         time.sleep(0.2)
         run_dir.finish(out, shard=shard, start=start, end=time.time())
@@ -49,7 +57,7 @@ analysis = stage("analysis", [runs[1], runs[2]])
 late = stage("late_base")  # a shared stage listed after work that other hosts wait for
 late_runs = [stage(f"late_run{i}", [late], run=True) for i in range(2)]
 stages = [base, *runs, analysis, late, *late_runs]
-run_stages(stages, workdir, shard, shards, poll_s=0.05, timeout_s=60)
+run_stages(stages, workdir, shard, shards, poll_s=0.05, timeout_s=60, earlier=earlier)
 if shard == 0:
     wait_for(stages, workdir, 0.05, 60, "the report")
 print("exit", shard)

@@ -360,12 +360,13 @@ def compare(points: list[dict], methods=("online", "offline"), *, budgets=None,
         for g, budget in enumerate(budgets):
             row = interval(table[a][:, g] - table[b][:, g],
                            resampled[a][:, g] - resampled[b][:, g], chain_of, len(select_at))
-            verdict = verdict_of(row["low"], row["high"], a, b)
-            ended = [m for m in methods if reached[m] < budget]
-            if ended:  # its curve stays at its last checkpoint: not a matched budget
-                verdict += "".join(f"; {m}'s runs end at {reached[m]:.3g} nats" for m in ended)
+            # Past a method's last checkpoint its curve stays there: not a matched budget.
+            ended = "; ".join(f"{m}'s runs end at {reached[m]:.3g} nats" for m in methods
+                              if reached[m] < budget)
             rows.append({"kl": float(budget), a: float(table[a][:, g].mean()),
-                         b: float(table[b][:, g].mean()), **row, "verdict": verdict})
+                         b: float(table[b][:, g].mean()), **row,
+                         "verdict": verdict_of(row["low"], row["high"], a, b),
+                         **({"unmatched": ended} if ended else {})})
         out["rows"][judge] = rows
     return out
 

@@ -133,8 +133,9 @@ def budget_table(comparison: dict, methods=("online", "offline")) -> list[str]:
                  for k, v in comparison["rows"][j][i].items()}
             interval = ("no interval" if not np.isfinite(r["low"]) else
                         f"[{r['low']:+.3f}, {r['high']:+.3f}]")
+            unmatched = f" ({r['unmatched']})" if r.get("unmatched") else ""
             cells.append(f" {r[a]:.3f} | {r[b]:.3f} | {r['difference']:+.3f} "
-                         f"{interval}: {r['verdict']} |")
+                         f"{interval}: {r['verdict']}{unmatched} |")
         lines.append(f"| {budget:.3g}{mark} |" + "".join(cells))
     return lines
 

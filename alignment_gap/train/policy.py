@@ -79,7 +79,9 @@ def make_policy_loss(name: str, beta: float, stop_ids, reference_graphdef):
             "kl_total": kl.sum(), "response_tokens": masks.sum().astype(jnp.float32),
             "kl_sequence": jnp.mean(kl.sum(-1)),
             "response_length": jnp.mean(lengths),
-            "eos_rate": jnp.mean((lengths > 0) & jnp.isin(last, jnp.asarray(stop_ids))),
+            # Compared id by id: jnp.isin flattens `last`, gathering the batch's rows.
+            "eos_rate": jnp.mean((lengths > 0) & (last[..., None] == jnp.asarray(stop_ids))
+                                 .any(-1)),
             # Pairs of two equal responses (online: the policy drew the same twice): their
             # margin h is 0, so IPO / DPO / SLiC take no gradient from them.
             "identical_pairs": jnp.mean(jnp.all((batch.chosen == batch.rejected)
