@@ -103,11 +103,21 @@ def kl_sampler(lm, mesh, rules, sampling: SamplingConfig) -> Sampler | None:
     return None if pure == sampling else Sampler(lm, mesh, rules, pure, name="eval_kl_sample")
 
 
+def evaluation_key(seed: int, first_prompt: int = 0):
+    """The key of an evaluation's draws over the prompts from `first_prompt`. The sampler
+    draws each row's noise from the key by row, so a window of prompts after the first under
+    the same key would repeat the first window's noise row by row (the test stage's test
+    prompts would share the draws their checkpoints were chosen on): each window has its own.
+    The first window's is `key(seed)`, as every run's evaluations have always drawn."""
+    key = jax.random.key(seed)
+    return jax.random.fold_in(key, first_prompt) if first_prompt else key
+
+
 class Evaluator:
     def __init__(self, *, lm, sft_params, golden, opponent_params, prompts: PromptBatch,
                  pairs: PreferenceBatch | None, mesh, rules, sampling: SamplingConfig,
                  kl_prompts: int, tokenizer=None, prompt_texts=None, world=None, seed: int = 0,
-                 opponent_lm=None):
+                 opponent_lm=None, first_prompt: int = 0):
         self.mesh, self.rules = mesh, rules
         self.graphdef, _ = nnx.split(lm)
         self.sft_params, self.prompts, self.pairs = sft_params, prompts, pairs
@@ -118,7 +128,7 @@ class Evaluator:
         # KL(policy || SFT) averages over the policy's own samples: where the run samples
         # otherwise (a temperature, top-k or top-p), they are drawn apart (`kl_sampling`).
         self.kl_sampler = kl_sampler(lm, mesh, rules, sampling)
-        self.key = jax.random.key(seed)
+        self.key = evaluation_key(seed, first_prompt)
         golden_graphdef, self.golden_state = nnx.split(golden)
         self._judge, self._kl, pair_logprobs, self._classify = eval_programs(
             self.graphdef, golden_graphdef, mesh, rules)

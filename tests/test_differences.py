@@ -437,3 +437,22 @@ def test_a_summary_with_undefined_numbers_is_strict_json_and_reads_back_into_the
     assert report.budget_table(read["comparison"]) == report.budget_table(comparison)
     assert ({m: report.format_interval(v["mean_ci"]) for m, v in read["peaks"].items()}
             == {m: report.format_interval(v["mean_ci"]) for m, v in peaks.items()})
+
+
+def test_the_test_prompts_draw_noise_of_their_own():
+    """The sampler draws each row's noise from the evaluation key by row: under the runs' key,
+    test prompt i would draw what selection prompt i drew (their outcomes correlated 0.4-0.5
+    in a mini study). The runs' own evaluations keep `key(seed)`."""
+    import jax
+
+    from alignment_gap.evaluation import evaluation_key
+    from alignment_gap.study import test_stage
+
+    noise = lambda key, rows: jax.random.gumbel(key, (rows, 8))
+    selection = noise(evaluation_key(3), 32)
+    assert np.array_equal(jax.random.key_data(evaluation_key(3)),
+                          jax.random.key_data(jax.random.key(3)))
+    assert np.array_equal(noise(evaluation_key(3, 0), 64)[:32], selection)  # rows repeat
+    test = noise(evaluation_key(3, 32), 32)
+    assert abs(np.corrcoef(np.asarray(test).ravel(), np.asarray(selection).ravel())[0, 1]) < 0.2
+    assert test_stage.config(study_configs.get_config("smoke"))["draws"]  # reruns old stages

@@ -4,7 +4,9 @@ Every policy run evaluates each of its checkpoints on the test split's first `ev
 prompts (KL, and the golden judge's and the oracle's verdicts against the opponent). With
 `eval.test_prompts > 0` those evaluations are the *selection* set: they measure KL and choose
 checkpoints and sweep points. This stage, after the main runs, scores the *candidates* on the
-next `eval.test_prompts` prompts of the split, which no choice has seen, and
+next `eval.test_prompts` prompts of the split, which no choice has seen, with sampling noise of
+their own (`evaluation.evaluation_key`: under the runs' key, row i of the test prompts had drawn
+the noise of selection prompt i, and their outcomes correlated 0.4-0.5), and
 `differences.compare` reports those scores (`tested`).
 
 Candidates (`candidates`): per method and seed, every checkpoint whose selection win rate is
@@ -38,9 +40,12 @@ from alignment_gap.train import policy as policy_trainer
 def config(study) -> ml_collections.ConfigDict:
     """What the stage adds to its upstream runs (their keys hash everything else)."""
     e = study.eval
+    # `draws`: the test prompts' sampling noise is their own (`evaluation.evaluation_key`);
+    # stages scored before, on the selection prompts' noise row by row, are not reused.
     return ml_collections.ConfigDict({"selection_prompts": e.prompts,
                                       "test_prompts": e.test_prompts,
-                                      "candidate_margin": e.candidate_margin})
+                                      "candidate_margin": e.candidate_margin,
+                                      "draws": "own key per prompt window"})
 
 
 def candidates(points: list[dict], margin: float) -> list[dict]:

@@ -282,4 +282,4 @@ def make_evaluator(config, rt, policy, sft_params) -> Evaluator:
                      prompts=rt.global_batch(prompts), pairs=pairs, mesh=rt.mesh, rules=rt.rules,
                      sampling=sampling_config(config, rt.tokenizer), kl_prompts=e.kl_prompts,
                      tokenizer=rt.tokenizer, prompt_texts=texts, world=world, seed=config.seed,
-                     opponent_lm=opponent_lm)
+                     opponent_lm=opponent_lm, first_prompt=first)
