@@ -441,8 +441,8 @@ def test_a_summary_with_undefined_numbers_is_strict_json_and_reads_back_into_the
 
 def test_the_test_prompts_draw_noise_of_their_own():
     """The sampler draws each row's noise from the evaluation key by row: under the runs' key,
-    test prompt i would draw what selection prompt i drew (their outcomes correlated 0.4-0.5
-    in a mini study). The runs' own evaluations keep `key(seed)`."""
+    test prompt i would draw what selection prompt i drew. The runs' own evaluations keep
+    `key(seed)`."""
     import jax
 
     from alignment_gap.evaluation import evaluation_key

@@ -6,7 +6,7 @@ prompts (KL, and the golden judge's and the oracle's verdicts against the oppone
 checkpoints and sweep points. This stage, after the main runs, scores the *candidates* on the
 next `eval.test_prompts` prompts of the split, which no choice has seen, with sampling noise of
 their own (`evaluation.evaluation_key`: under the runs' key, row i of the test prompts had drawn
-the noise of selection prompt i, and their outcomes correlated 0.4-0.5), and
+the noise of selection prompt i), and
 `differences.compare` reports those scores (`tested`).
 
 Candidates (`candidates`): per method and seed, every checkpoint whose selection win rate is
