@@ -319,6 +319,7 @@ def probe_run(study, b: Builder, name: str) -> Run:
     _, _, policy_a = b.model("lm", m)
     _, _, policy_b = b.model("lm", m)
     sampling = SamplingConfig(max_new_tokens=r, temperature=study.policy.temperature,
+                              top_k=study.policy.top_k, top_p=study.policy.top_p,
                               eos_id=EOS_ID, pad_id=PAD_ID)
     resident = {"SFT policy": sft, "two probed policies": (policy_a, policy_b)}
     chunk = chunk_rows(b.mesh, b.rules)

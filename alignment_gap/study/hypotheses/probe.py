@@ -64,6 +64,7 @@ class Probe:
         self.graphdef, self.sft_params = nnx.split(self.lm)
         self.sampler = probe_sampler(self.lm, rt.mesh, rt.rules, SamplingConfig(
             max_new_tokens=s.data.response_len, temperature=s.policy.temperature,
+            top_k=s.policy.top_k, top_p=s.policy.top_p,  # as the online runs sample
             eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stop_ids_beyond_eos(tok)))
         self._h = margin_h_program(self.graphdef, rt.mesh)
         self._judges = {}
