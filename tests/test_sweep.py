@@ -109,10 +109,17 @@ def test_a_failed_stage_stops_the_hosts_waiting_for_it(tmp_path):
         == "RuntimeError: run1 broke"
     # Both shards again, run1's owner starting late: the other waits for the retry instead of
     # stopping on the earlier attempt's record.
-    for rc, _, err in _sweep(tmp_path, 2, shard1_late_s=2.0):
+    retried = _sweep(tmp_path, 2, shard1_late_s=2.0)
+    for rc, _, err in retried:
         assert rc == 0, err[-2000:]
     assert not list(tmp_path.glob("stages/*/FAILED.json"))
     assert set(_done(tmp_path)) == {"base", "late_base", *UPSTREAM}
+    # The waiting shard says whose retry it waits for (once), and how long it would wait.
+    said = [line for line in retried[0][1].splitlines() if line.startswith("waiting for")]
+    assert said == ["waiting for stage run1, failed before this job started (RuntimeError: "
+                    "run1 broke): shard 1 retries it when it starts; if that shard stopped in "
+                    "this attempt already, stop this job (it would wait "
+                    "config.sweep.wait_timeout_s=60 s)"]
 
 
 @pytest.mark.parametrize("shard", [-1, 2])

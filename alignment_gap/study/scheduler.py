@@ -278,6 +278,23 @@ def _check_not_failed(stage: Stage, directory: str, earlier: dict):
         raise StageFailed(f"stage {stage.name} failed (see {path}): {why}")
 
 
+def _say_retry_awaited(stage: Stage, directory: str, earlier: dict, owners: dict,
+                       timeout_s: float, told: set):
+    """Once per stage: a shard waiting on a stage whose failure record predates this job
+    waits for its owner to retry it. A shard that already stopped in this attempt, before
+    this job started, left a record that looks the same, so the line says how long it waits."""
+    path = run_dir.failed_path(directory)
+    if stage.name in told or _identity(path) is None or \
+            _identity(path) != earlier.get(os.path.abspath(directory)):
+        return
+    told.add(stage.name)
+    if jax.process_index() == 0:
+        print(f"waiting for stage {stage.name}, failed before this job started "
+              f"({run_dir.failure(directory)}): shard {owners[stage.name]} retries it when it "
+              f"starts; if that shard stopped in this attempt already, stop this job (it would "
+              f"wait config.sweep.wait_timeout_s={timeout_s:g} s)", flush=True)
+
+
 def wait_for(stages: list[Stage], workdir: str, poll_s: float, timeout_s: float, why: str,
              earlier: dict | None = None):
     """Block until every stage is finished; a failed one raises, so does the timeout.
@@ -325,6 +342,7 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
     unit_of = {s.name: unit for unit in units(stages, stack_runs) for s in unit}
     mine = [s for s in stages if owners[s.name] == shard]
     waiting_since = None  # the timeout counts waiting for inputs, not this shard's own work
+    told = set()  # stages whose awaited retry has been announced
     where = _directories(workdir)
     watched = list({u.name: u for s in mine for u in (s, *s.upstream)}.values())
     while True:
@@ -339,6 +357,8 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
             for stage in pending:
                 for upstream in stage.upstream:
                     _check_not_failed(upstream, where(upstream), earlier)
+                    _say_retry_awaited(upstream, where(upstream), earlier, owners, timeout_s,
+                                       told)
             _stop_if_requested(f"while stage {pending[0].name} waited for its inputs")
             waiting_since = waiting_since or time.monotonic()
             if time.monotonic() - waiting_since > timeout_s:
