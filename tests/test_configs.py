@@ -383,8 +383,8 @@ def test_cli_bad_override_exits_with_one_line():
 
 
 def test_a_config_that_does_not_load_or_a_field_it_lacks_is_one_line():
-    """They had ended in 30-55 line tracebacks from the flag parser (a bare KeyError for a
-    misspelt policy variant)."""
+    """They had ended in tracebacks from the flag parser (a bare KeyError for a misspelt
+    policy variant)."""
     for args, line in (
             (["configs/sft.py:tiny", "--config.learnig_rate=1e-3"],
              "error: --config.learnig_rate: the config has no field 'learnig_rate' (Did you "

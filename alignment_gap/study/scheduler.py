@@ -270,29 +270,25 @@ def _identity(path: str) -> tuple | None:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def _check_not_failed(stage: Stage, directory: str, earlier: dict):
-    """Raise on a failure record written since this job started (`earlier`: the ones before)."""
+def _check_not_failed(stage: Stage, directory: str, earlier: dict) -> str | None:
+    """Raise on a failure record written since this job started (`earlier`: the ones before);
+    return the error of one from before (its retry is awaited), else None."""
     why = run_dir.failure(directory)
     path = run_dir.failed_path(directory)
     if why is not None and _identity(path) != earlier.get(os.path.abspath(directory)):
         raise StageFailed(f"stage {stage.name} failed (see {path}): {why}")
+    return why
 
 
-def _say_retry_awaited(stage: Stage, directory: str, earlier: dict, owners: dict,
-                       timeout_s: float, told: set):
-    """Once per stage: a shard waiting on a stage whose failure record predates this job
-    waits for its owner to retry it. A shard that already stopped in this attempt, before
-    this job started, left a record that looks the same, so the line says how long it waits."""
-    path = run_dir.failed_path(directory)
-    if stage.name in told or _identity(path) is None or \
-            _identity(path) != earlier.get(os.path.abspath(directory)):
-        return
-    told.add(stage.name)
+def _say_retry_awaited(name: str, why: str, owners: dict, timeout_s: float):
+    """A shard waiting on a stage whose failure record predates this job waits for its owner
+    to retry it. A shard that already stopped in this attempt, before this job started, left a
+    record that looks the same, so the line says how long it waits."""
     if jax.process_index() == 0:
-        print(f"waiting for stage {stage.name}, failed before this job started "
-              f"({run_dir.failure(directory)}): shard {owners[stage.name]} retries it when it "
-              f"starts; if that shard stopped in this attempt already, stop this job (it would "
-              f"wait config.sweep.wait_timeout_s={timeout_s:g} s)", flush=True)
+        print(f"waiting for stage {name}, failed before this job started ({why}): shard "
+              f"{owners[name]} retries it when it starts; if that shard stopped in this attempt "
+              f"already, stop this job (it would wait config.sweep.wait_timeout_s={timeout_s:g} "
+              "s)", flush=True)
 
 
 def wait_for(stages: list[Stage], workdir: str, poll_s: float, timeout_s: float, why: str,
@@ -356,9 +352,10 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
         if ready is None:
             for stage in pending:
                 for upstream in stage.upstream:
-                    _check_not_failed(upstream, where(upstream), earlier)
-                    _say_retry_awaited(upstream, where(upstream), earlier, owners, timeout_s,
-                                       told)
+                    why = _check_not_failed(upstream, where(upstream), earlier)
+                    if why is not None and upstream.name not in told:
+                        told.add(upstream.name)
+                        _say_retry_awaited(upstream.name, why, owners, timeout_s)
             _stop_if_requested(f"while stage {pending[0].name} waited for its inputs")
             waiting_since = waiting_since or time.monotonic()
             if time.monotonic() - waiting_since > timeout_s:
