@@ -185,6 +185,21 @@ def test_sign_rule_accuracy_counts_a_tie_half_as_the_win_rates_do(mini_config):
     assert sum(either) == pytest.approx(1.0)  # no ties: a swap turns each right into wrong
 
 
+def test_two_equal_responses_are_a_tie_whatever_the_orders_round_to():
+    class OrdersRoundApart:  # both orders of each pair, apart in the last bits
+        def both_orders(self, *args):
+            return jnp.full(4, 0.5), jnp.full(4, 0.5 - 2**-20)
+
+    y1 = np.array([[5, 6, 1, 0], [5, 6, 1, 0], [5, 6, 1, 0], [5, 6, 7, 1]])
+    y2 = np.array([[5, 6, 1, 9], [5, 6, 7, 1], [5, 6, 1, 0], [5, 6, 7, 1]])  # 9: padding
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]], bool)
+    mask2 = mask.copy()
+    mask2[1] = True
+    mask2[2, 2] = False  # same ids, one ends a token earlier
+    margin = both_order_margin(OrdersRoundApart(), None, None, y1, mask, y2, mask2)
+    np.testing.assert_array_equal(margin, [0.0, 2**-20, 2**-20, 0.0])
+
+
 def test_parameters_carry_logical_axes(mini_config):
     lm, mesh, rules = language_model(mini_config, (1, 4, 2))
     specs = nnx.get_partition_spec(nnx.state(lm))

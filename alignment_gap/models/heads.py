@@ -140,8 +140,17 @@ def _last_valid(mask_BxL, offset: int, fallback=None):
 
 def both_order_margin(model: PreferenceModel, prompt, prompt_mask, y1, y1_mask, y2, y2_mask):
     """A margin with the sign of `r(x, y1, y2) - r(x, y2, y1)` (probabilities); > 0 means y1
-    wins (the sign rule). It is the logits' difference, which has that sign (the sigmoid is
-    increasing) where the probabilities' own difference rounds to 0: both past ~17 in float32,
-    a clear preference read as a tie."""
+    wins (the sign rule), exactly 0 for two equal responses. It is the logits' difference,
+    which has that sign (the sigmoid is increasing) where the probabilities' own difference
+    rounds to 0: both past ~17 in float32, a clear preference read as a tie."""
     forward, backward = model.both_orders(prompt, prompt_mask, y1, y1_mask, y2, y2_mask)
-    return forward - backward
+    # With y1 = y2 the two orders are one sequence, a tie by definition; their branches sit in
+    # different places of the packed sequence and XLA:CPU may sum them in another order (on an
+    # Intel Xeon one pair in eight differed in the last bits and was read as a win).
+    return jnp.where(same_responses(y1, y1_mask, y2, y2_mask), 0.0, forward - backward)
+
+
+def same_responses(y1_BxR, y1_mask_BxR, y2_BxR, y2_mask_BxR):
+    """[B] bool: the two responses hold the same tokens (padding ignored)."""
+    y1_mask_BxR, y2_mask_BxR = y1_mask_BxR.astype(bool), y2_mask_BxR.astype(bool)
+    return jnp.all((y1_mask_BxR == y2_mask_BxR) & (~y1_mask_BxR | (y1_BxR == y2_BxR)), axis=-1)

@@ -22,6 +22,7 @@ from alignment_gap.batches import PreferenceBatch
 from alignment_gap.checkpoint import Checkpointer
 from alignment_gap.data import datasets, pipelines
 from alignment_gap.evaluation import Evaluator
+from alignment_gap.models.heads import same_responses
 from alignment_gap.sampling import SamplingConfig, stop_ids_beyond_eos
 from alignment_gap.sources import (
     OfflineSource,
@@ -84,9 +85,8 @@ def make_policy_loss(name: str, beta: float, stop_ids, reference_graphdef):
                                  .any(-1)),
             # Pairs of two equal responses (online: the policy drew the same twice): their
             # margin h is 0, so IPO / DPO / SLiC take no gradient from them.
-            "identical_pairs": jnp.mean(jnp.all((batch.chosen == batch.rejected)
-                                                & (batch.chosen_mask == batch.rejected_mask),
-                                                axis=-1)),
+            "identical_pairs": jnp.mean(same_responses(batch.chosen, batch.chosen_mask,
+                                                       batch.rejected, batch.rejected_mask)),
             "tokens": (2 * batch.prompt_mask.sum() + masks.sum()).astype(jnp.float32),
         }
 
