@@ -6,7 +6,8 @@ one place:
 
     DONE.json     {"step": last step, ...result}; a trainer's result: {"metrics": its last
                   metrics, "stopped_early": bool}
-    FAILED.json   {"error": "<ExceptionType>: <first line of the message>"}
+    FAILED.json   {"error": "<ExceptionType>: <first line of the message>", "launch": the sweep
+                  launch it failed in, if named}
     PREEMPTED.json  {"step": the step saved, "signal": "SIGTERM" | "SIGINT", "unlogged": the
                   metrics of the steps since the last logged line}: stopped on a preemption
                   signal with that step checkpointed; removed when the run resumes
@@ -167,9 +168,11 @@ def read_outcomes(directory: str) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
-def fail(directory: str, error: BaseException):
-    """Record that the run raised `error` (its type and the first line of its message)."""
-    write_json(directory, FAILED, {"error": f"{type(error).__name__}: {error}".splitlines()[0]})
+def fail(directory: str, error: BaseException, launch: str = ""):
+    """Record that the run raised `error` (its type and the first line of its message), in the
+    sweep launch `launch` if one is named (`config.sweep.launch`)."""
+    record = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    write_json(directory, FAILED, record | ({"launch": launch} if launch else {}))
 
 
 def failure(directory: str) -> str | None:

@@ -254,6 +254,10 @@ def _main(variant: str) -> ml_collections.ConfigDict:
     c.sweep.shards = 1  # out of this many jobs (launch/local_multiprocess.py --sweep, slurm_sweep).
     c.sweep.poll_s = 5.0  # How often a host looks for stages other hosts are finishing.
     c.sweep.wait_timeout_s = 86_400.0  # Give up (clear error) waiting this long for them.
+    # One id shared by the shards of one launch, new at each (the launchers set it): a stage
+    # failed in this launch stops the shards waiting for it even if they start after it
+    # failed; one failed in another launch is awaited (its shard retries it). "": unknown.
+    c.sweep.launch = ""
     # Train up to this many offline runs of one seed and length (they differ in learning rate,
     # beta or loss) as one stacked program (train/policy_stack.py); 1: each run alone.
     c.sweep.stack_runs = 1

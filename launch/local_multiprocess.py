@@ -20,6 +20,7 @@ to the launcher is passed to every process: they save the same step and exit wit
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import subprocess
@@ -38,11 +39,13 @@ def free_port() -> int:
 def launch(num_processes: int, devices_per_process: int, main_args: list[str],
            port: int | None = None, timeout_s: float | None = None, sweep: bool = False) -> int:
     address = f"127.0.0.1:{port or free_port()}"
+    launch_id = f"local-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
     procs = []
     for i in range(num_processes):
         cmd = [sys.executable, "-m", "alignment_gap.main", *main_args]
         if sweep:
-            cmd += [f"--config.sweep.shard={i}", f"--config.sweep.shards={num_processes}"]
+            cmd += [f"--config.sweep.shard={i}", f"--config.sweep.shards={num_processes}",
+                    f"--config.sweep.launch={launch_id}"]
         else:
             cmd += [f"--config.distributed.coordinator_address={address}",
                     f"--config.distributed.num_processes={num_processes}",

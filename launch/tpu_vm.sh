@@ -19,7 +19,8 @@
 #   default  one job over all workers: --config.distributed.from_environment=True
 #            (jax.distributed.initialize() reads the TPU environment);
 #   --sweep  one independent job per worker, each running its share of the study's runs
-#            (--config.sweep.shard = the worker's number, --config.sweep.shards = workers).
+#            (--config.sweep.shard = the worker's number, --config.sweep.shards = workers,
+#            --config.sweep.launch = this launch's UTC time and pid, the same on every worker).
 # --bucket mounts gs://BUCKET at /mnt/gcs/BUCKET on every worker with gcsfuse, so the workdir
 # (checkpoints, metrics, datasets, reports) is one shared path on all of them; orbax
 # checkpoints need a path every process sees. Not exercised by CI (no TPU here); the
@@ -63,7 +64,8 @@ if [[ $SWEEP == 1 ]]; then
   md="curl -sf -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes"
   roles="shard=\$($md/agent-worker-number || :); shards=\$($md/worker-network-endpoints | awk -F, '{print NF}')
   [ -n \"\$shard\" ] && [ -n \"\$shards\" ] || { echo \"error: the metadata server gave no worker number or count\" >&2; exit 2; }"
-  role='--config.sweep.shard=$shard --config.sweep.shards=$shards'
+  launch_id="tpu-$(date -u +%Y%m%dT%H%M%S)-$$"
+  role="--config.sweep.shard=\$shard --config.sweep.shards=\$shards --config.sweep.launch=$launch_id"
 else
   roles=":"
   role="--config.distributed.from_environment=True"

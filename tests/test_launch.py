@@ -7,6 +7,7 @@ workers' `python3` runs `-c` checks for real, installs nothing, and records what
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,12 +88,16 @@ def test_sweep_gives_each_worker_its_number_and_the_worker_count(tmp_path):
     seeds = "--config.seeds=(0, 1)"  # a space and parentheses: one argument on the worker too
     out = _launch(ROOT, env, "--sweep", main_args=("--workdir", "/mnt/gcs/b/s", seeds))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    launches = set()
     for worker in range(4):
         args = _main_args(tmp_path, worker)
-        assert args == ["--workdir", "/mnt/gcs/b/s", seeds, f"--config.sweep.shard={worker}",
-                        "--config.sweep.shards=4"], args
+        assert args[:-1] == ["--workdir", "/mnt/gcs/b/s", seeds, f"--config.sweep.shard={worker}",
+                             "--config.sweep.shards=4"], args
+        assert re.fullmatch(r"--config\.sweep\.launch=tpu-\d{8}T\d{6}-\d+", args[-1]), args
+        launches.add(args[-1])
         assert f"main on worker {worker}" in out.stdout  # the log, followed to the end
         assert (tmp_path / "slice" / f"w{worker}" / "alignment_gap.log").exists()
+    assert len(launches) == 1  # one launch: every shard names the same
 
 
 def test_one_job_over_all_workers_returns_the_runs_exit_status(tmp_path):

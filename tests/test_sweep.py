@@ -119,7 +119,8 @@ def test_a_failed_stage_stops_the_hosts_waiting_for_it(tmp_path):
     assert said == ["waiting for stage run1, failed before this job started (RuntimeError: "
                     "run1 broke): shard 1 retries it when it starts; if that shard stopped in "
                     "this attempt already, stop this job (it would wait "
-                    "config.sweep.wait_timeout_s=60 s)"]
+                    "config.sweep.wait_timeout_s=60 s; naming the launch, config.sweep.launch, "
+                    "tells them apart)"]
 
 
 @pytest.mark.parametrize("shard", [-1, 2])
@@ -265,6 +266,51 @@ def test_the_wait_timeout_counts_waiting_not_the_shards_own_work(tmp_path):
     finally:
         timer.cancel()
     assert run_dir.is_finished(later.directory(str(tmp_path)), 1)
+
+
+def test_a_stage_failed_in_this_launch_before_the_shard_started_stops_it_at_once(
+        tmp_path, capsys):
+    """A failure record naming this shard's launch (`sweep.launch`) is this attempt's, though
+    it was there when the shard started: it stops, naming the stage. Another launch's is an
+    earlier attempt's: the shard waits for its owner's retry."""
+    from alignment_gap import run_dir
+    from alignment_gap.errors import StageFailed
+    from alignment_gap.study.scheduler import run_stages
+
+    theirs = _stage("theirs")  # shard 0's
+    later = _stage("later", [theirs])  # shard 1's
+    directory = theirs.directory(str(tmp_path))
+    run_dir.fail(directory, RuntimeError("theirs broke"), launch="tpu-b")
+    start = time.monotonic()
+    with pytest.raises(StageFailed, match=r"stage theirs failed \(see .*\): RuntimeError: "
+                                          "theirs broke"):
+        run_stages([theirs, later], str(tmp_path), shard=1, shards=2, poll_s=0.05,
+                   timeout_s=30, launch="tpu-b")
+    assert time.monotonic() - start < 10  # not the wait timeout
+    retry = lambda: (run_dir.clear_failure(directory), run_dir.finish(directory))
+    timer = threading.Timer(1.0, retry)
+    timer.start()
+    try:
+        run_stages([theirs, later], str(tmp_path), shard=1, shards=2, poll_s=0.05,
+                   timeout_s=30, launch="tpu-c")
+    finally:
+        timer.cancel()
+    assert run_dir.is_finished(later.directory(str(tmp_path)), 1)
+    assert ("waiting for stage theirs, failed before this job started (RuntimeError: theirs "
+            "broke): shard 0 retries it when it starts (the failure is another launch's than "
+            "this one, tpu-c)") in capsys.readouterr().out
+
+
+def test_the_launch_id_moves_no_stage_directory(tmp_path):
+    """A relaunch names a new `sweep.launch`; every stage must stay where it was (resumed)."""
+    from alignment_gap.study import pipeline
+    from configs import study
+
+    named = study.get_config("smoke_hypotheses")
+    named.sweep.launch = "tpu-20261207T170000-1"
+    where = lambda c: [s.directory(str(tmp_path)) for s in pipeline.build_plan(
+        c, str(tmp_path)).stages]
+    assert where(named) == where(study.get_config("smoke_hypotheses"))
 
 
 def test_a_signal_while_a_shard_waits_stops_it_for_a_requeue(tmp_path, monkeypatch):

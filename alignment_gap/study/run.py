@@ -33,13 +33,14 @@ def run(config, workdir: str):
     if not pending and jax.process_index() == 0:
         print(f"{workdir}: every stage is already finished; rewriting the report only.")
     sweep = config.sweep
-    earlier = scheduler.failure_records(workdir)  # an earlier attempt's: their shards retry
+    launch = sweep.get("launch", "")
+    earlier = scheduler.failure_records(workdir, launch)  # an earlier attempt's: shards retry
     if earlier and jax.process_index() == 0:
         names = ", ".join(sorted(os.path.basename(d) for d in earlier))
         print(f"stages that failed in an earlier attempt, retried by their shards: {names}")
     scheduler.run_stages(stages, workdir, sweep.shard, sweep.shards, sweep.poll_s,
                          sweep.wait_timeout_s, sweep.get("stack_runs", 1), policy_stack.run,
-                         earlier)
+                         earlier, launch)
     if sweep.shard != 0:  # a sweep host: shard 0 writes the report once every run is done
         if jax.process_index() == 0:
             print(f"shard {sweep.shard} of {sweep.shards}: its stages are finished; shard 0 "

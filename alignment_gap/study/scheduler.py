@@ -11,7 +11,8 @@ With one shard, `run_stages` runs every unfinished stage in order. A sweep fans 
 over hosts sharing the workdir: shard k runs its share (`owner`) and waits for the upstream
 stages other shards run; a stage that raises leaves a failure record (`run_dir.fail`) that
 stops every shard waiting on it. A record already there when a shard starts is an earlier
-attempt's (`failure_records`): its owner retries that stage, so the shard waits for it.
+attempt's (`failure_records`): its owner retries that stage, so the shard waits for it, unless
+the record names this launch (`sweep.launch`: the shard started after the failure).
 Each shard keeps `{stage: seconds}` in its timings file.
 With `stack_runs` > 1, runs that share a `stack` (an offline sweep's runs of one seed and
 length) are trained together as one stacked program (`units`; `train/policy_stack.py`), and a
@@ -251,14 +252,19 @@ def _directories(workdir: str):
     return where
 
 
-def failure_records(workdir: str) -> dict[str, tuple]:
+def failure_records(workdir: str, launch: str = "") -> dict[str, tuple]:
     """{stage directory: identity of its failure record} for the records under `workdir` now:
-    taken when a job starts, these are an earlier attempt's."""
+    taken when a job starts, these are an earlier attempt's, except those of the sweep launch
+    `launch` if one is named (another shard of this launch failed before this one started)."""
     found = {}
     for path in glob.glob(os.path.join(os.path.abspath(workdir), "stages", "*", run_dir.FAILED)):
         identity = _identity(path)
-        if identity is not None:
-            found[os.path.dirname(path)] = identity
+        if identity is None:
+            continue
+        if launch and (run_dir.read_json(os.path.dirname(path), run_dir.FAILED) or {}).get(
+                "launch") == launch:
+            continue
+        found[os.path.dirname(path)] = identity
     return found
 
 
@@ -280,15 +286,21 @@ def _check_not_failed(stage: Stage, directory: str, earlier: dict) -> str | None
     return why
 
 
-def _say_retry_awaited(name: str, why: str, owners: dict, timeout_s: float):
+def _say_retry_awaited(name: str, why: str, owners: dict, timeout_s: float, launch: str):
     """A shard waiting on a stage whose failure record predates this job waits for its owner
-    to retry it. A shard that already stopped in this attempt, before this job started, left a
-    record that looks the same, so the line says how long it waits."""
-    if jax.process_index() == 0:
-        print(f"waiting for stage {name}, failed before this job started ({why}): shard "
-              f"{owners[name]} retries it when it starts; if that shard stopped in this attempt "
-              f"already, stop this job (it would wait config.sweep.wait_timeout_s={timeout_s:g} "
-              "s)", flush=True)
+    to retry it. With no launch named, a shard that already stopped in this attempt, before
+    this job started, left a record that looks the same, so the line says how long it waits."""
+    if jax.process_index() != 0:
+        return
+    line = (f"waiting for stage {name}, failed before this job started ({why}): shard "
+            f"{owners[name]} retries it when it starts")
+    if launch:
+        line += f" (the failure is another launch's than this one, {launch})"
+    else:
+        line += (f"; if that shard stopped in this attempt already, stop this job (it would "
+                 f"wait config.sweep.wait_timeout_s={timeout_s:g} s; naming the launch, "
+                 "config.sweep.launch, tells them apart)")
+    print(line, flush=True)
 
 
 def wait_for(stages: list[Stage], workdir: str, poll_s: float, timeout_s: float, why: str,
@@ -321,15 +333,16 @@ def timings_name(shard: int, shards: int) -> str:
 
 def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 1,
                poll_s: float = 5.0, timeout_s: float = 86_400.0, stack_runs: int = 1,
-               run_stacked=None, earlier: dict | None = None) -> dict:
+               run_stacked=None, earlier: dict | None = None, launch: str = "") -> dict:
     """Run this shard's unfinished stages, each once its upstream stages are finished; returns
     {stage name: seconds} for this shard's runs (kept in `timings_name(shard, shards)`).
 
     `stack_runs` > 1: runs of one `stack` go up to that many at a time to
     `run_stacked(configs, directories)` (`train/policy_stack.run`); each is timed at its share
     of the stack's seconds. `earlier`: `failure_records` as the job started (default: now);
-    a shard waits for the stages those name (their owners retry them) instead of stopping."""
-    earlier = failure_records(workdir) if earlier is None else earlier
+    a shard waits for the stages those name (their owners retry them) instead of stopping.
+    `launch`: the sweep launch (`config.sweep.launch`) this shard's failure records name."""
+    earlier = failure_records(workdir, launch) if earlier is None else earlier
     if stack_runs > 1 and run_stacked is None:
         raise ValueError("run_stages: stack_runs > 1 needs run_stacked (policy_stack.run)")
     name = timings_name(shard, shards)
@@ -355,7 +368,7 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
                     why = _check_not_failed(upstream, where(upstream), earlier)
                     if why is not None and upstream.name not in told:
                         told.add(upstream.name)
-                        _say_retry_awaited(upstream.name, why, owners, timeout_s)
+                        _say_retry_awaited(upstream.name, why, owners, timeout_s, launch)
             _stop_if_requested(f"while stage {pending[0].name} waited for its inputs")
             waiting_since = waiting_since or time.monotonic()
             if time.monotonic() - waiting_since > timeout_s:
@@ -371,14 +384,15 @@ def run_stages(stages: list[Stage], workdir: str, shard: int = 0, shards: int = 
         try:
             if len(group) > 1:
                 _run_stack(group, [where(s) for s in group], timings,
-                           f"{k}-{k + len(group) - 1} of {len(mine)}", run_stacked)
+                           f"{k}-{k + len(group) - 1} of {len(mine)}", run_stacked, launch)
             else:
-                _run_one(ready, where(ready), timings, f"{k} of {len(mine)}")
+                _run_one(ready, where(ready), timings, f"{k} of {len(mine)}", launch)
         except Preempted:
             raise
         except BaseException as e:
             # Shards waiting on this one's other stages stop at once instead of timing out.
-            _mark_not_run([s for s in pending if s not in group], where, shard, group[0], e)
+            _mark_not_run([s for s in pending if s not in group], where, shard, group[0], e,
+                          launch)
             raise
         run_dir.write_json(workdir, name, timings)
         done = _agreed_finished(group, where)
@@ -393,16 +407,17 @@ def _stop_if_requested(when: str):
         raise Preempted(f"stopped {when}; run the same command again to go on")
 
 
-def _mark_not_run(stages: list[Stage], where, shard: int, failed: Stage, error: BaseException):
+def _mark_not_run(stages: list[Stage], where, shard: int, failed: Stage, error: BaseException,
+                  launch: str):
     """A failure record in each of `stages` (a stopped shard's own, never to run in this
     attempt): the shards waiting for them stop naming the cause. Its retry clears them."""
     cause = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
     for stage in stages:
         run_dir.fail(where(stage), StageFailed(
-            f"not run: shard {shard} stopped at stage {failed.name} ({cause})"))
+            f"not run: shard {shard} stopped at stage {failed.name} ({cause})"), launch)
 
 
-def _run_one(stage: Stage, out: str, timings: dict, place: str):
+def _run_one(stage: Stage, out: str, timings: dict, place: str, launch: str = ""):
     """Run `stage` into `out`; `place` ("3 of 19": of this host's stages) goes on its line."""
     if jax.process_index() == 0:
         print(f"== stage {stage.name} -> {out}  ({place})", flush=True)
@@ -413,13 +428,14 @@ def _run_one(stage: Stage, out: str, timings: dict, place: str):
     except Preempted:  # saved, not failed
         raise
     except BaseException as e:
-        run_dir.fail(out, e)
+        run_dir.fail(out, e, launch)
         raise
     timings[stage.name] = time.perf_counter() - start
     run_dir.write_json(out, SECONDS, {"seconds": timings[stage.name]})
 
 
-def _run_stack(group: list[Stage], outs: list[str], timings: dict, place: str, run_stacked):
+def _run_stack(group: list[Stage], outs: list[str], timings: dict, place: str, run_stacked,
+               launch: str = ""):
     """`group` (runs of one stack, upstream finished) as one stacked program."""
     if jax.process_index() == 0:
         for i, (stage, out) in enumerate(zip(group, outs, strict=True)):
@@ -435,7 +451,7 @@ def _run_stack(group: list[Stage], outs: list[str], timings: dict, place: str, r
     except BaseException as e:
         for stage, out in zip(group, outs, strict=True):
             if not _finished(stage, out):  # a run the stack finished before it failed is done
-                run_dir.fail(out, e)
+                run_dir.fail(out, e, launch)
         raise
     seconds = (time.perf_counter() - start) / len(group)
     timings.update({s.name: seconds for s in group})

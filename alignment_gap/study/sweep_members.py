@@ -29,7 +29,8 @@ from alignment_gap.errors import ConfigError
 
 DIRECTORY = "sweep"
 FIRST = ("sweep.shards", "sweep.stack_runs")  # compared first: the usual mistake
-PER_HOST = ("sweep.shard", "sweep.poll_s", "sweep.wait_timeout_s", "distributed")
+PER_HOST = ("sweep.shard", "sweep.poll_s", "sweep.wait_timeout_s", "sweep.launch",
+            "distributed")
 
 
 def settings(config) -> dict:
