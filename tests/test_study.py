@@ -556,6 +556,22 @@ def test_offline_runs_of_one_seed_and_length_stack_and_a_stack_stays_on_one_shar
     assert {owners[u[0].name] for u in offline} == {0, 1, 2}
 
 
+def test_the_probes_sample_as_the_online_runs_do(tmp_path):
+    """The hypotheses' samples (quality datasets, coverage, classification) come from the
+    online runs' sampling: temperature, top-k and top-p."""
+    import types
+
+    from alignment_gap.study.hypotheses import probe
+
+    c = study_configs.get_config("smoke_hypotheses")
+    c.policy.temperature, c.policy.top_k, c.policy.top_p = 0.7, 5, 0.9
+    plan = pipeline.build_plan(c, str(tmp_path))
+    tokenizer = types.SimpleNamespace(eos_id=1, pad_id=0, stop_ids=(1, 7))
+    cfg = probe.probe_sampling(plan, tokenizer)
+    assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.eos_id,
+            cfg.stop_ids) == (0.7, 5, 0.9, c.data.response_len, 1, (7,))
+
+
 def test_hypothesis_variants_reuse_the_study_and_end_with_a_verdict_table(smoke):
     workdir, args, _ = smoke
     before = json.loads((workdir / "timings.json").read_text())

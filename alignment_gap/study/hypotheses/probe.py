@@ -19,8 +19,8 @@ from alignment_gap import logprobs, sharding
 from alignment_gap.data import datasets, pipelines
 from alignment_gap.data import world as world_lib
 from alignment_gap.data.relabel import margins_program
-from alignment_gap.sampling import Sampler, SamplingConfig, stop_ids_beyond_eos
-from alignment_gap.train import common
+from alignment_gap.sampling import Sampler, SamplingConfig
+from alignment_gap.train import common, policy
 
 CHUNK = 128  # Rows per call of every probe program.
 
@@ -31,6 +31,11 @@ def _host(x) -> np.ndarray:
 
 def probe_sampler(lm, mesh, rules, cfg: SamplingConfig) -> Sampler:
     return Sampler(lm, mesh, rules, cfg, name="probe_sample")
+
+
+def probe_sampling(plan, tokenizer) -> SamplingConfig:
+    """How the probes sample: as the study's online runs do (temperature, top-k, top-p)."""
+    return policy.sampling_config(plan.online(plan.study.seeds[0]).config, tokenizer)
 
 
 def margin_h_program(graphdef, mesh):
@@ -62,10 +67,7 @@ class Probe:
         self.world = datasets.world_config(s.data) if s.data.kind == "synthetic" else None
         self.lm = common.load_frozen("lm", plan.dir(plan.sft), s.model, rt)
         self.graphdef, self.sft_params = nnx.split(self.lm)
-        self.sampler = probe_sampler(self.lm, rt.mesh, rt.rules, SamplingConfig(
-            max_new_tokens=s.data.response_len, temperature=s.policy.temperature,
-            top_k=s.policy.top_k, top_p=s.policy.top_p,  # as the online runs sample
-            eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stop_ids_beyond_eos(tok)))
+        self.sampler = probe_sampler(self.lm, rt.mesh, rt.rules, probe_sampling(plan, tok))
         self._h = margin_h_program(self.graphdef, rt.mesh)
         self._judges = {}
 
