@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import os
 import struct
 
 import gguf
@@ -43,6 +44,10 @@ class GgufFile:
     def __init__(self, path: str):
         self.path = path
         self._offset = 0
+        if os.path.isdir(path):
+            inside = sorted(name for name in os.listdir(path) if name.endswith(".gguf"))
+            raise CheckpointError(f"{path}: a directory, not a GGUF file; name the .gguf file "
+                                  f"in it ({', '.join(inside) if inside else 'it holds none'})")
         try:
             with open(path, "rb") as f:  # an empty file (an interrupted copy) cannot be mapped
                 self._buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

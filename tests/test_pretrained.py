@@ -22,6 +22,7 @@ from alignment_gap.errors import CheckpointError
 from alignment_gap.logprobs import token_logprobs
 from alignment_gap.pretrained import (
     export_language_model,
+    hf,
     load_language_model,
     load_trunk,
     open_checkpoint,
@@ -183,6 +184,10 @@ def _broken_copy(tmp_path, change_tensors=None, change_config=None, damage=None,
         "sliding_attention"].update(rope_type="linear", factor=8.0)),
      "RoPE scaling 'linear' on the sliding-attention layers is not supported"),
     (dict(change_config=lambda c: c.pop("rms_norm_eps")), "config.json: rms_norm_eps is missing"),
+    (dict(family="gemma3", change_config=lambda c: c.update(sliding_window=None)),
+     "config.json: sliding_window is null; set it to the window the model was trained with"),
+    (dict(damage=("config.json", lambda b: b"[1, 2]")),
+     "config.json: holds a JSON list, not an object of settings"),
     (dict(damage=("config.json", lambda b: b[:24])), "config.json: not valid JSON (Expecting"),
     (dict(damage=("model.safetensors", lambda b: b[:len(b) // 2])),
      "model.safetensors: not a readable safetensors file (Error while deserializing header"),
@@ -277,7 +282,7 @@ def test_a_preset_option_the_checkpoint_leaves_at_its_default_is_caught():
         rope_low_freq_factor=2.0, max_len=64, dtype="bfloat16", num_segments=3))
 
 
-def _gemma3_gguf(path: str, layers: int, tokens: bool = True):
+def _gemma3_gguf(path: str, layers: int, tokens: bool = True, scaling_factor: bool = True):
     """A tensorless Gemma 3 GGUF's metadata (and its final norm), as llama.cpp writes it."""
     import gguf
 
@@ -293,7 +298,8 @@ def _gemma3_gguf(path: str, layers: int, tokens: bool = True):
     w.add_rope_freq_base(1e6)
     w.add_sliding_window(1024)
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-    w.add_rope_scaling_factor(8.0)
+    if scaling_factor:
+        w.add_rope_scaling_factor(8.0)
     w.add_tokenizer_model("llama")
     if tokens:
         w.add_token_list([f"t{i}" for i in range(16)])
@@ -320,6 +326,41 @@ def test_a_gemma3_gguf_without_its_vocabulary_names_the_missing_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"gemma3.gguf: GGUF metadata "
                                               r"tokenizer.ggml.tokens is missing; convert"):
         open_checkpoint(f"gguf:{path}").model_config()
+
+
+def test_a_bad_gemma3_gguf_or_its_directory_is_one_line_naming_the_fix(tmp_path):
+    path = _gemma3_gguf(str(tmp_path / "gemma3.gguf"), 2)
+    with pytest.raises(CheckpointError, match=r"gemma3.gguf: tensor blk.0.attn_k.weight "
+                                              r"\(model.layers.0.self_attn.k_proj.weight\) is "
+                                              r"missing \(expected shape \[16, 64\] as \[out, "
+                                              r"in\]\)$"):
+        _load(f"gguf:{path}")
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}: a directory, not a GGUF file; "
+                                              r"name the .gguf file in it \(gemma3.gguf\)"):
+        open_checkpoint(f"gguf:{tmp_path}")
+    unscaled = _gemma3_gguf(str(tmp_path / "no_factor.gguf"), 2, scaling_factor=False)
+    with pytest.raises(CheckpointError, match=r"no_factor.gguf: GGUF metadata "
+                                              r"gemma3.rope.scaling.factor is missing"):
+        open_checkpoint(f"gguf:{unscaled}").model_config()
+
+
+def test_rope_parameters_without_their_base_keep_their_scaling_as_transformers_reads_them():
+    """transformers 5 fills a `rope_parameters` missing `rope_theta` from the top level and
+    keeps its scaling (a Gemma 3 local layer's base: `rope_local_base_freq`, else 10,000)."""
+    read = lambda family: json.load(open(os.path.join(_fixture(family), "config.json")))
+    llama = read("llama3")
+    expected = hf.architecture(llama, "llama3")[1]
+    llama["rope_theta"] = llama["rope_parameters"].pop("rope_theta")
+    assert hf.architecture(llama, "mixed")[1] == expected
+    assert expected["rope_scaling"] == "llama3"
+    gemma = read("gemma3")
+    expected = hf.architecture(gemma, "gemma3")[1]
+    gemma["rope_parameters"] = {"full_attention": {"rope_type": "default"}}
+    gemma["rope_theta"] = 1_000_000.0
+    assert hf.architecture(gemma, "mixed")[1] == expected  # local layers at 10,000, not 1e6
+    qwen = read("qwen3")
+    del qwen["head_dim"]
+    assert hf.architecture(qwen, "no head_dim")[1]["head_dim"] == 128  # Qwen3Config's default
 
 
 def test_a_multimodal_gemma3_checkpoint_imports_its_language_model(tmp_path):

@@ -163,13 +163,16 @@ def _placed(checkpoint, names, spec, stacked, leaf, cfg, used: set):
               for i in range(cfg.num_layers)] if stacked else [spec]
     used.update(layer.name for layer in layers)
     for layer in layers:
+        tensor = checkpoint.source.stored_name(layer.name)
+        # Shapes as Hugging Face lists them (GGUF tools print them reversed).
+        order = " as [out, in]" if len(layer.stored_shape) == 2 else ""
         if layer.name not in names:
-            raise CheckpointError(f"{checkpoint.where}: tensor {layer.name} is missing (expected "
-                                  f"shape {list(layer.stored_shape)})")
+            raise CheckpointError(f"{checkpoint.where}: tensor {tensor} is missing (expected "
+                                  f"shape {list(layer.stored_shape)}{order})")
         found = checkpoint.source.shape(layer.name)
         if found != layer.stored_shape:
-            raise CheckpointError(f"{checkpoint.where}: tensor {layer.name} has shape "
-                                  f"{list(found)}, expected {list(layer.stored_shape)}")
+            raise CheckpointError(f"{checkpoint.where}: tensor {tensor} has shape "
+                                  f"{list(found)}, expected {list(layer.stored_shape)}{order}")
     read = checkpoint.source.read
     done = {}  # replicated shards ask for the same block once per device
 
@@ -214,7 +217,8 @@ def load_trunk(model, checkpoint: Checkpoint, field: str = "model"):
 def export_language_model(lm: LanguageModel, family: str, directory: str, tokenizer=None,
                           context_len: int | None = None):
     """`lm` as a Hugging Face directory of `family` (config.json + model.safetensors);
-    `tokenizer`: its special ids go into config.json (else transformers assumes its own);
+    `tokenizer`: its special ids go into config.json (without one it names none, and
+    transformers' `generate` then never stops at an end of sequence: pass it);
     `context_len`: config.json's max_position_embeddings, the context a server (vLLM) allows:
     pass the source checkpoint's (`Checkpoint.context_len`), else it is `lm`'s max_len, the
     length it was trained at. No tokenizer files are written: point transformers or vLLM at the

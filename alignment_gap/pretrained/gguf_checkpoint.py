@@ -64,6 +64,10 @@ class GgufSource:
                                   "model again with llama.cpp's convert_hf_to_gguf.py")
         return self.file.fields[key]
 
+    def stored_name(self, name: str) -> str:
+        """How the file names tensor `name`, and its Hugging Face name, for messages."""
+        return f"{gguf_name(name)} ({name})"
+
     def names(self) -> set[str]:
         hf = set(_TOP)
         for i in range(self.field("gemma3.block_count")):
@@ -113,4 +117,4 @@ def _rope_scaling(source: GgufSource) -> dict:
         raise CheckpointError(f"{source.path}: gemma3.rope.scaling.type {kind!r} is not "
                               "supported (linear)")
     return dict(rope_scaling="linear",
-                rope_scaling_factor=float(source.field("gemma3.rope.scaling.factor")))
+                rope_scaling_factor=float(source.required("gemma3.rope.scaling.factor")))

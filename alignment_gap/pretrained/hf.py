@@ -67,6 +67,10 @@ class SafetensorsSource:
         self.stored = {_text_name(name): name for name in files}  # our name -> the file's
         self.files = {_text_name(name): path for name, path in files.items()}
 
+    def stored_name(self, name: str) -> str:
+        """How the file names tensor `name` (its Hugging Face name), for messages."""
+        return name
+
     def names(self) -> set[str]:
         return set(self.files)
 
@@ -120,6 +124,9 @@ def read_config(directory: str) -> dict:
         raise CheckpointError(f"{path}: missing; a Hugging Face checkpoint directory holds "
                               "config.json beside its *.safetensors")
     config = _json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(config).__name__}, not an object of "
+                              "settings; copy the checkpoint's config.json again")
     # Multimodal Gemma 3 keeps the language model's settings under text_config. transformers
     # fills what a config leaves out from the class defaults (a multimodal one lists only what
     # differs): Gemma 3's are written out here; other families' missing keys are named.
@@ -143,17 +150,22 @@ GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_s
                             max_position_embeddings=131_072)
 
 
-def _rope(config: dict, kind: str | None = None) -> dict:
-    """RoPE settings in transformers 5's `rope_parameters` (per layer kind for Gemma 3) or
-    4's `rope_theta` / `rope_scaling` / `rope_local_base_freq` form."""
+def _rope(config: dict, kind: str) -> dict:
+    """RoPE settings of the layers of `kind` ("full_attention" or "sliding_attention": Gemma
+    3's local layers) in transformers 5's `rope_parameters` (one set, or one per layer kind)
+    or 4's `rope_theta` / `rope_scaling` / `rope_local_base_freq` form. Like transformers 5,
+    a `rope_parameters` without `rope_theta` keeps its scaling and takes the base from the
+    top level (a Gemma 3 local layer: `rope_local_base_freq`, default 10,000)."""
+    local = kind == "sliding_attention"
+    base = (config.get("rope_local_base_freq") or 10_000.0 if local else
+            config.get("rope_theta") or (1_000_000.0 if FAMILIES.get(config.get("model_type"))
+                                         == "gemma3" else 10_000.0))
     params = config.get("rope_parameters")
-    if isinstance(params, dict) and kind in params and isinstance(params[kind], dict):
-        return params[kind]
-    if isinstance(params, dict) and "rope_theta" in params:
-        return params
-    theta = config.get("rope_local_base_freq") if kind == "sliding_attention" else None
-    scaling = None if kind == "sliding_attention" else config.get("rope_scaling")
-    return {**(scaling or {}), "rope_theta": theta or config.get("rope_theta", 10_000.0)}
+    if isinstance(params, dict) and not any(isinstance(v, dict) for v in params.values()):
+        return {"rope_theta": base, **params}  # one set for every layer
+    if isinstance(params, dict) and isinstance(params.get(kind), dict):
+        return {"rope_theta": base, **params[kind]}
+    return {**({} if local else config.get("rope_scaling") or {}), "rope_theta": base}
 
 
 def architecture(config: dict, where: str) -> tuple[str, dict]:
@@ -168,7 +180,8 @@ def architecture(config: dict, where: str) -> tuple[str, dict]:
         fields = dict(vocab_size=config["vocab_size"], width=config["hidden_size"],
                       num_layers=config["num_hidden_layers"], num_heads=heads,
                       num_kv_heads=config.get("num_key_value_heads") or heads,
-                      head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                      head_dim=config.get("head_dim") or (
+                          128 if family == "qwen3" else config["hidden_size"] // heads),
                       mlp_dim=config["intermediate_size"], norm_eps=config["rms_norm_eps"],
                       tie_embeddings=config.get("tie_word_embeddings", family == "gemma3"))
         rope = _rope(config, "full_attention")
@@ -232,6 +245,9 @@ def _gemma3(config: dict, where: str) -> dict:
                  for i in range(layers)]:
         raise CheckpointError(f"{where}: layer_types is not one global layer every n; "
                               "only that pattern is supported")
+    if config["sliding_window"] is None:
+        raise CheckpointError(f"{where}: sliding_window is null; set it to the window the "
+                              "model was trained with (transformers' Gemma 3 default: 4096)")
     return dict(sliding_window=int(config["sliding_window"]), global_every=every,
                 local_rope_theta=float(local_rope["rope_theta"]),
                 query_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5)
