@@ -60,6 +60,13 @@ def check_model(m, prefix="model"):
     if m.get("sliding_window", 0) < 0:
         _fail(f"{prefix}.sliding_window", f"must be >= 0, got {m.sliding_window}",
               "0 turns it off")
+    if (m.get("sliding_window", 0) and not m.get("global_every", 0)
+            and m.get("rope_scaling", "none") != "none"):
+        # RoPE scaling applies to the global layers (as Gemma 3's): here there are none.
+        _fail(f"{prefix}.rope_scaling", f"{m.rope_scaling!r} would scale no layer: every layer "
+              f"is local ({prefix}.sliding_window={m.sliding_window}, {prefix}.global_every=0)",
+              f"set {prefix}.global_every to make every n-th layer global, or rope_scaling "
+              "'none'")
     if m.dtype not in DTYPES:
         _fail(f"{prefix}.dtype", f"{m.dtype!r} is not supported", f"use one of {DTYPES}")
     if m.get("remat", "none") not in REMAT:

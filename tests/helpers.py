@@ -25,9 +25,9 @@ def language_model(model_config, shape=(1, 1, 1), seed=0, **overrides):
     return lm, mesh, rules
 
 
-def preference_model(model_config, shape=(1, 1, 1), seed=0):
+def preference_model(model_config, shape=(1, 1, 1), seed=0, **overrides):
     mesh, rules = mesh_and_rules(shape)
-    cfg = TransformerConfig.from_config(model_config)
+    cfg = TransformerConfig.from_config(model_config, **overrides)
     pm = sharding.create_sharded(PreferenceModel, cfg, seed, mesh, rules)
     return pm, mesh, rules
 

@@ -242,6 +242,10 @@ def test_logits_window_is_the_same_rows_of_the_full_logits(mini_config):
     window, _ = lm(tokens, mask, logits_window=(3, 7))
     assert window.shape == (4, 4, full.shape[-1])
     np.testing.assert_allclose(window, full[:, 3:7], atol=1e-5)
+    for outside in ((-2, -1), (7, 11), (5, 5)):  # a negative start read no key, silently
+        with pytest.raises(ValueError, match=rf"logits_window \({outside[0]}, {outside[1]}\) "
+                                             "is not within the 10 positions given"):
+            lm(tokens, mask, logits_window=outside)
 
 
 def _two_responses(mini_config):
@@ -312,8 +316,12 @@ def test_an_empty_prompt_reads_no_later_slot(mini_config):
         np.testing.assert_array_equal(np.asarray(first(lm, y1)), np.asarray(first(lm, later)))
 
 
-def test_preference_model_scores_both_orders_in_one_pass(mini_config):
-    pm, mesh, rules = preference_model(mini_config, (2, 2, 2))
+@pytest.mark.parametrize("overrides", [
+    {}, {"num_kv_heads": 2, "sliding_window": 3, "global_every": 2, "num_layers": 3},
+    {"num_kv_heads": 2, "sliding_window": 3, "global_every": 2, "num_layers": 3,
+     "scan_layers": True, "remat": "full"}])
+def test_preference_model_scores_both_orders_in_one_pass(mini_config, overrides):
+    pm, mesh, rules = preference_model(mini_config, (2, 2, 2), **overrides)
     args = _two_responses(mini_config)
     prompt, prompt_mask, y1, y1_mask, y2, y2_mask = args
     with sharding.use(mesh, rules):
@@ -324,6 +332,9 @@ def test_preference_model_scores_both_orders_in_one_pass(mini_config):
                                                  y1_mask), atol=1e-5)
     assert not np.allclose(forward[:5], backward[:5])  # the orders really differ
     assert forward[5] == pytest.approx(float(backward[5]), abs=1e-6)  # both empty: one input
+    # Responses padded to two lengths: the orders' segments and read slots would be wrong.
+    with pytest.raises(ValueError, match="the responses are padded to 6 and 4 tokens"):
+        pm.both_orders(prompt, prompt_mask, y1, y1_mask, y2[:, :4], y2_mask[:, :4])
 
 
 @pytest.mark.parametrize("overrides", [

@@ -46,6 +46,13 @@ class LanguageModel(nnx.Module):
         `branches`: continuations sharing one sequence (`branched_layout`); pass their
         `positions_BxL` too.
         """
+        if logits_window is not None and not 0 <= logits_window[0] < logits_window[1] <= (
+                tokens_BxL.shape[1]):
+            # The window's slots are also the causal mask's query positions: counted from the
+            # start, within the chunk (a negative start read no key, silently).
+            raise ValueError(f"logits_window {tuple(logits_window)} is not within the "
+                             f"{tokens_BxL.shape[1]} positions given: use 0 <= start < stop "
+                             "<= length")
         if positions_BxL is None:
             positions_BxL = positions_from_mask(mask_BxL)
         key_mask = mask_BxL if cache is None else cache_mask_BxS
@@ -106,6 +113,9 @@ class PreferenceModel(nnx.Module):
         own `[prompt | . | .]` sequence, so the logits equal two `__call__`s.
         """
         p, r = prompt_BxP.shape[1], y1_BxR.shape[1]
+        if y2_BxR.shape[1] != r:  # the orders' segments and read slots assume one length
+            raise ValueError(f"both_orders: the responses are padded to {r} and "
+                             f"{y2_BxR.shape[1]} tokens; pad both to one length")
         forward_tokens, forward_mask, forward_segments = pair_sequence(
             prompt_BxP, prompt_mask_BxP, y1_BxR, y1_mask_BxR, y2_BxR, y2_mask_BxR)
         _, backward_mask, _ = pair_sequence(prompt_BxP, prompt_mask_BxP, y2_BxR, y2_mask_BxR,
