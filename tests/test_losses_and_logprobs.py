@@ -72,3 +72,29 @@ def test_sequence_logprobs_and_kl_on_models(mini_config):
     kl = np.asarray(logprobs.sequence_kl(policy, other, prompt, prompt_mask, response,
                                          response_mask))
     assert (kl > 0).all() and kl[0] > kl[2]  # more tokens, more KL (same prompt distribution)
+
+
+def test_sft_validation_loss_weighs_every_token_alike(mini_config):
+    """Over batches of 16 and 2 response tokens, the mean per token, not of batch means."""
+    from flax import nnx
+
+    from alignment_gap import sharding
+    from alignment_gap.batches import SFTBatch
+    from alignment_gap.train.sft import eval_loss_program, validation_loss
+
+    lm, mesh, rules = language_model(mini_config)
+    graphdef, params = nnx.split(lm)
+    rng = np.random.default_rng(0)
+    batches = []
+    for length in (8, 1):
+        mask = np.repeat(np.arange(8)[None] < length, 2, axis=0)
+        batches.append(SFTBatch(rng.integers(2, 500, (2, 5)), np.ones((2, 5), bool),
+                                np.where(mask, rng.integers(2, 500, (2, 8)), 0), mask))
+    program = eval_loss_program(graphdef, mesh)
+    with sharding.use(mesh, rules):
+        got = validation_loss([program(params, b) for b in batches])
+    nll = [-(np.asarray(logprobs.sequence_logprobs(lm, b.prompt, b.prompt_mask, b.response,
+                                                   b.response_mask)[0]) * b.response_mask).sum()
+           for b in batches]
+    assert got == pytest.approx(sum(nll) / 18, rel=1e-5)
+    assert abs(got - (nll[0] / 16 + nll[1] / 2) / 2) > 1e-3  # the mean of batch means differs

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from alignment_gap import logprobs, losses, sharding
@@ -27,11 +26,23 @@ def sft_loss(model, batch: SFTBatch, extras=None):
 
 
 def eval_loss_program(graphdef, mesh):
-    """Jitted `(params, batch) -> mean validation loss` (replicated)."""
+    """Jitted `(params, batch) -> (summed negative log-likelihood, response tokens)`
+    (replicated): the validation loss is their ratio over the whole split (`validation_loss`),
+    every token weighing alike whichever batch holds it."""
     def sft_eval_loss(params, batch: SFTBatch):
-        return sft_loss(nnx.merge(graphdef, params), batch)[0]
+        per_token, _ = logprobs.sequence_logprobs(nnx.merge(graphdef, params), batch.prompt,
+                                                  batch.prompt_mask, batch.response,
+                                                  batch.response_mask)
+        mask = batch.response_mask.astype(jnp.float32)
+        return -(per_token * mask).sum(), mask.sum()
 
     return jax.jit(sft_eval_loss, out_shardings=sharding.replicated(mesh))
+
+
+def validation_loss(parts) -> float:
+    """Mean negative log-likelihood per response token of `(summed NLL, tokens)` batches."""
+    nll, tokens = (sum(float(x) for x in column) for column in zip(*parts, strict=True))
+    return nll / max(tokens, 1.0)
 
 
 def responses_field(d) -> tuple[str, ...]:
@@ -71,8 +82,8 @@ def run(config, workdir: str):
         batches = pipeline("validation", 0, shuffle=False, num_epochs=1)
         batches = common.validation_batches(batches, config.eval_batches, rt.global_batch, "SFT")
         with sharding.use(rt.mesh, rt.rules):
-            values = [float(eval_loss(state.params, b)) for b in batches]
-        return {"loss": float(np.mean(values))}, False
+            parts = [eval_loss(state.params, b) for b in batches]
+        return {"loss": validation_loss(parts)}, False
 
     loop = Loop(config, workdir,
                 update=lambda s, b, key: update(s, b),

@@ -192,10 +192,10 @@ def _mean_of_parts(parts, k: int):
 class _GroupedUpdate:
     """The update of a small model on a one-device CPU mesh: the gradient of `cpu_groups`'
     side-by-side groups of rows, each group's from its own thread (in `microbatches` slices),
-    then one program averages them (as `microbatches` would: a ratio metric becomes the mean
-    of the groups' ratios) and applies the optimizer. Not where the extras hold a PRNG key,
-    which every group would draw the same bits from. `make_tx` and `make_loss` map the
-    settings input (or None) to the optimizer and the loss."""
+    then one program averages them (as `microbatches` would: totals are summed and each ratio
+    metric divided once, the whole batch's) and applies the optimizer. Not where the extras
+    hold a PRNG key, which every group would draw the same bits from. `make_tx` and
+    `make_loss` map the settings input (or None) to the optimizer and the loss."""
 
     def __init__(self, graphdef, make_tx, make_loss, microbatches: int, mesh, rules,
                  name: str, in_shardings: tuple):
@@ -247,7 +247,7 @@ def _per_device_gradient(graphdef, make_loss, microbatches: int, mesh, rules):
     """`(params, batch, extras, settings) -> ((loss, metrics), grads)` of a row-mean loss on
     several CPU devices holding the parameters whole: each device computes its rows' gradient
     (in `microbatches` slices, summed locally) and one all-reduce averages the devices' (as
-    `microbatches` would: a ratio metric becomes the mean of the devices' ratios). The
+    `microbatches` would: totals are summed and each ratio metric divided once). The
     partitioned program all-reduces every slice's gradient, each a rendezvous of the devices'
     threads."""
     axes, devices = sharding.batch_axes(rules), sharding.batch_shards(mesh, rules)
