@@ -65,7 +65,9 @@ def test_online_run_is_reproduced_exactly_by_tandem_replay(runs):
     stream = root / "online" / "stream"
     assert sorted(os.listdir(stream)) == ["steps-00000001-00000003.array_record",
                                           "steps-00000004-00000006.array_record"]
-    main("policy.py:offline_tiny", root / "tandem", *policy, f"--config.replay.stream={stream}")
+    done = main("policy.py:offline_tiny", root / "tandem", *policy,
+                f"--config.replay.stream={stream}")
+    assert "not a retrace" not in done.stdout  # the online run's settings: a retrace
     online = train_rows(root / "online")
     tandem = train_rows(root / "tandem")
     assert [r["step"] for r in online] == [r["step"] for r in tandem] == [2, 4, 6]
@@ -81,6 +83,20 @@ def test_online_run_is_reproduced_exactly_by_tandem_replay(runs):
     # Step 1 has lr 0 (warm-up), so both start at h = 0; after that the orders tell apart.
     assert any(s["h"] != pytest.approx(o["h"], rel=1e-6)
                for s, o in zip(shuffled[1:], online[1:], strict=True))
+
+
+def test_a_tandem_replay_under_other_settings_says_it_is_no_retrace():
+    """The README's tandem command once paired online_mini (learning rate 2e-4) with
+    offline_mini (5e-4): the replay ran the online run's pairs under another update."""
+    from alignment_gap.train.policy import retrace_differences
+    from configs import policy as presets
+
+    online = json.loads(json.dumps(presets.get_config("online_mini").to_dict()))
+    assert retrace_differences(presets.get_config("offline_mini"), online) == [
+        "learning_rate 0.0005 (the online run's 0.0002)"]
+    same = presets.get_config("offline_mini")
+    same.learning_rate = 2e-4
+    assert retrace_differences(same, online) == []
 
 
 def test_offline_dataset_run_and_every_loss(runs):

@@ -224,10 +224,34 @@ def _pretrained_start(config) -> bool:
     return not config.sft_checkpoint and bool(common.pretrained_checkpoint(config))
 
 
+# What a tandem replay must share with the online run it replays to retrace it.
+RETRACE_FIELDS = ("learning_rate", "beta", "loss", "num_steps", "warmup_steps",
+                  "end_lr_fraction", "weight_decay", "grad_clip")
+
+
+def retrace_differences(config, recorder_config) -> list[str]:
+    """`field ours (the online run's X)` for each `RETRACE_FIELDS` field a replay sets apart."""
+    return [f"{name} {config.get(name)} (the online run's {recorder_config.get(name)})"
+            for name in RETRACE_FIELDS if config.get(name) != recorder_config.get(name)]
+
+
+def _say_if_not_a_retrace(config):
+    """A tandem replay under other settings than its online run's is the same pairs under
+    another update, which may be the point (`coverage` replays at offline's learning rate)."""
+    recorder = run_dir.read_json(os.path.dirname(os.path.abspath(config.replay.stream)),
+                                 run_dir.CONFIG)
+    differ = retrace_differences(config, recorder or {}) if recorder else []
+    if differ and jax.process_index() == 0:
+        print(f"tandem replay of {config.replay.stream} with {', '.join(differ)}: the online "
+              "run's pairs under another update, not a retrace of it", flush=True)
+
+
 def make_source(config, rt, policy, workdir):
     """(source, checkpointable iterator, stream recorder or None)."""
     if config.source == "offline":
         if config.replay.stream:
+            if config.replay.order == "tandem":
+                _say_if_not_a_retrace(config)
             iterator = replay_iterator(config.replay.stream, rt.shape, config.replay.order,
                                        config.replay.window, config.seed, config.num_steps)
         else:
