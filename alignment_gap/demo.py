@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from alignment_gap import logprobs, losses, run_dir, sharding
+from alignment_gap import logprobs, losses, preemption, run_dir, sharding
 from alignment_gap.evaluation import kl_sampler
 from alignment_gap.models import LanguageModel, TransformerConfig
 from alignment_gap.sampling import Sampler, SamplingConfig
@@ -78,6 +78,10 @@ def run(config, workdir: str) -> dict:
                   f"grad_norm {float(metrics['grad_norm']):.3f}  {rate:.1f} steps/s  "
                   f"eta {(config.num_steps - step + 1) / rate:.0f}s", flush=True)
         metrics = new_metrics  # Read one step late: the next step is already dispatched.
+        if preemption.reached():  # Ctrl-C / SIGTERM: nothing to save, the demo keeps none
+            raise preemption.Preempted(f"stopped after step {step} of {config.num_steps}; the "
+                                       "demo keeps no checkpoint: the same command runs it "
+                                       "again from its first step")
     final_loss = float(metrics["loss"])
     train_s = time.perf_counter() - start
 

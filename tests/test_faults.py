@@ -171,3 +171,25 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(straigh
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     _main(run, root / "data")
     _assert_losses_as_straight(root, run)  # resumed from step 20's checkpoint
+
+
+def test_ctrl_c_stops_the_demo_naming_the_step(tmp_path):
+    """The demo keeps no checkpoint; its loop never asked, so a first SIGINT was caught and
+    ignored and the run went on to its end."""
+    proc = subprocess.Popen([sys.executable, "-m", "alignment_gap.main", "--config",
+                             os.path.join(ROOT, "configs", "demo.py:mini"), "--workdir",
+                             str(tmp_path), "--config.num_steps=100000", "--config.log_every=1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:  # a demo that goes on does not outlive the test
+        proc.kill()
+    assert proc.returncode == REQUEUE, err[-3000:]
+    assert re.fullmatch(r"preempted: stopped after step \d+ of 100000; the demo keeps no "
+                        r"checkpoint: the same command runs it again from its first step",
+                        err.strip().splitlines()[-1]), err[-3000:]
+    assert not (tmp_path / "DONE.json").exists()
