@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 
 import jax
@@ -18,7 +19,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from alignment_gap import logprobs, losses, preemption, run_dir, sharding
+from alignment_gap import logprobs, losses, preemption, resume_guard, run_dir, sharding
 from alignment_gap.evaluation import kl_sampler
 from alignment_gap.models import LanguageModel, TransformerConfig
 from alignment_gap.sampling import Sampler, SamplingConfig
@@ -47,8 +48,18 @@ def sft_loss(model, batch, extras):
 
 
 def run(config, workdir: str) -> dict:
-    if run_dir.already_finished(workdir, config.num_steps):
+    started = run_dir.read_json(workdir, run_dir.CONFIG)
+    changed = resume_guard.changes(started, config.to_dict()) if started else []
+    if changed:  # no checkpoint to resume: the demo runs again under the new config
+        if jax.process_index() == 0:
+            print(f"{workdir} holds a demo run of another config ("
+                  f"{'; '.join(f'{f} {old!r} -> {new!r}' for f, old, new in changed)}): "
+                  "running it again", flush=True)
+            if os.path.exists(done := os.path.join(workdir, run_dir.DONE)):
+                os.remove(done)  # the old run's result, until this one's
+    elif run_dir.already_finished(workdir, config.num_steps):
         return run_dir.result(workdir)
+    run_dir.write_json(workdir, run_dir.CONFIG, config.to_dict())
 
     mesh = sharding.make_mesh(config.mesh)
     rules = config.mesh.rules

@@ -438,6 +438,12 @@ def test_cli_overrides_apply_and_a_finished_workdir_is_left_alone(tmp_path):
     assert "steps: 6" in first.stdout and run_dir.result(str(tmp_path))["final_loss"] > 0
     again = _main(*args)
     assert again.returncode == 0 and "already holds a finished run" in again.stdout
+    # Under another config it runs again (it had said "nothing to do"; no checkpoint to resume).
+    other = _main(*args, "--config.learning_rate=0.01")
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert f"{tmp_path} holds a demo run of another config (learning_rate " in other.stdout
+    assert "steps: 6" in other.stdout
+    assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.01
 
 
 def test_the_studys_samples_take_rows_that_split_over_the_mesh():
