@@ -80,9 +80,7 @@ def _load_run(directory: str, max_len: int, dtype: str, mesh, rules):
             task, f"a {task!r} run" if task else "no trainer's run (its config names no task)")
         raise ConfigError(f"--checkpoint: {directory} is {what}; run:DIR takes an sft or policy "
                           "run's directory")
-    checkpoints = os.path.join(directory, run_dir.CHECKPOINTS)
-    if not any(name.isdigit() for name in (os.listdir(checkpoints) if os.path.isdir(
-            checkpoints) else ())):
+    if not run_dir.has_checkpoints(directory):
         raise ConfigError(f"--checkpoint: {directory} holds no checkpoint yet; run it (or wait "
                           "for its first save)")
     model_cfg = config.model
@@ -90,7 +88,7 @@ def _load_run(directory: str, max_len: int, dtype: str, mesh, rules):
     cfg = TransformerConfig.from_config(model_cfg)
     graphdef, abstract = sharding.abstract_model(lambda: LanguageModel(cfg, nnx.Rngs(0)), mesh,
                                                  rules)
-    params = checkpoint.load_params(checkpoints, abstract,
+    params = checkpoint.load_params(os.path.join(directory, run_dir.CHECKPOINTS), abstract,
                                     jax.tree.map(lambda x: x.sharding, abstract))
     tokenizer = (load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else
                  datasets.tokenizer(config.data, pretrained.checkpoint_path(

@@ -15,9 +15,7 @@ checkpoint's own check (`checkpoint.check_compatible`), which names them as it r
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 
 from alignment_gap import checkpoint, run_dir
 from alignment_gap.errors import ConfigError
@@ -69,8 +67,7 @@ def changes(started: dict, now: dict) -> list[tuple[str, object, object]]:
 
 
 def _resuming(workdir: str) -> bool:
-    saved = glob.glob(os.path.join(glob.escape(workdir), run_dir.CHECKPOINTS, "[0-9]*"))
-    return any(os.path.basename(p).isdigit() for p in saved)
+    return run_dir.has_checkpoints(workdir)
 
 
 def check(workdir: str, config) -> None:

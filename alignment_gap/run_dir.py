@@ -168,6 +168,12 @@ def read_outcomes(directory: str) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
+def has_checkpoints(directory: str) -> bool:
+    """Whether the run in `directory` has saved a step (`checkpoints/<step>`)."""
+    saved = glob.glob(os.path.join(glob.escape(directory), CHECKPOINTS, "[0-9]*"))
+    return any(os.path.basename(p).isdigit() for p in saved)
+
+
 def fail(directory: str, error: BaseException, launch: str = ""):
     """Record that the run raised `error` (its type and the first line of its message), in the
     sweep launch `launch` if one is named (`config.sweep.launch`)."""

@@ -240,7 +240,7 @@ def _say_if_not_a_retrace(config):
     another update, which may be the point (`coverage` replays at offline's learning rate)."""
     recorder = run_dir.read_json(os.path.dirname(os.path.abspath(config.replay.stream)),
                                  run_dir.CONFIG)
-    differ = retrace_differences(config, recorder or {}) if recorder else []
+    differ = retrace_differences(config, recorder) if recorder else []
     if differ and jax.process_index() == 0:
         print(f"tandem replay of {config.replay.stream} with {', '.join(differ)}: the online "
               "run's pairs under another update, not a retrace of it", flush=True)

@@ -30,11 +30,9 @@ def eval_loss_program(graphdef, mesh):
     (replicated): the validation loss is their ratio over the whole split (`validation_loss`),
     every token weighing alike whichever batch holds it."""
     def sft_eval_loss(params, batch: SFTBatch):
-        per_token, _ = logprobs.sequence_logprobs(nnx.merge(graphdef, params), batch.prompt,
-                                                  batch.prompt_mask, batch.response,
-                                                  batch.response_mask)
-        mask = batch.response_mask.astype(jnp.float32)
-        return -(per_token * mask).sum(), mask.sum()
+        mean, metrics = sft_loss(nnx.merge(graphdef, params), batch)
+        tokens = metrics["tokens"]
+        return mean * jnp.maximum(tokens, 1.0), tokens  # next_token_loss's own denominator
 
     return jax.jit(sft_eval_loss, out_shardings=sharding.replicated(mesh))
 
